@@ -1,0 +1,1263 @@
+"""nanoserve: a minimal, readable LLM inference server in the style of vLLM.
+
+Read top to bottom, this file is a tour of how a modern inference server works:
+
+    config -> weights loading -> tokenizer -> model -> paged KV cache -> sampling
+    -> scheduler -> engine -> speculative decoding -> server -> CLI
+
+The two phases of inference set the design. *Prefill* pushes a whole prompt through
+the model at once: many tokens per weight read, compute-bound. *Decode* makes one
+token per sequence per step: every weight is read for a single token, so a step costs
+what it takes to stream the weights from memory (memory-bound). Batching many
+sequences' decode steps together shares that weight read; the KV cache, paged into
+fixed-size blocks, is what makes it possible to hold many sequences at once, and the
+scheduler is what keeps the batch full.
+
+Usage:
+    python nanoserve.py --prompt "def fibonacci(n):"
+    from nanoserve import LLM, SamplingParams
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import math
+import os
+import sys
+import time
+from collections import OrderedDict, deque
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Iterator
+
+import numpy as np
+import torch
+import torch.nn as nn
+import torch.nn.functional as F
+from torch import Tensor
+
+import kernels
+
+HERE = Path(__file__).resolve().parent
+DEFAULT_MODEL = HERE / "models" / "nanocoder-5m"
+DEFAULT_DRAFT = HERE / "models" / "nanocoder-1m-draft"
+
+
+# ============================================================================ config
+
+@dataclass
+class ModelConfig:
+    """The subset of a Hugging Face Llama `config.json` that defines the network."""
+    hidden_size: int
+    intermediate_size: int
+    num_hidden_layers: int
+    num_attention_heads: int
+    num_key_value_heads: int
+    vocab_size: int
+    max_position_embeddings: int = 2048
+    rms_norm_eps: float = 1e-5
+    rope_theta: float = 10000.0
+    tie_word_embeddings: bool = False
+    head_dim: int | None = None
+    bos_token_id: int | None = 1
+    eos_token_id: int | list[int] | None = 2
+    sliding_window: int | None = None
+    torch_dtype: str = "float32"
+
+    def __post_init__(self) -> None:
+        for name in ("hidden_size", "intermediate_size", "num_hidden_layers",
+                     "num_attention_heads", "num_key_value_heads", "vocab_size",
+                     "max_position_embeddings"):
+            if not isinstance(getattr(self, name), int) or getattr(self, name) < 1:
+                raise ValueError(f"config.{name} must be a positive integer, got {getattr(self, name)!r}")
+        if self.num_attention_heads % self.num_key_value_heads:
+            raise ValueError(f"config.num_attention_heads ({self.num_attention_heads}) must be a "
+                             f"multiple of num_key_value_heads ({self.num_key_value_heads})")
+        if self.head_dim is None:
+            if self.hidden_size % self.num_attention_heads:
+                raise ValueError("config.hidden_size must be divisible by num_attention_heads "
+                                 "when head_dim is not given")
+            self.head_dim = self.hidden_size // self.num_attention_heads
+        if self.head_dim % 2:
+            raise ValueError(f"config.head_dim must be even for RoPE, got {self.head_dim}")
+        if self.rope_theta <= 0 or self.rms_norm_eps <= 0:
+            raise ValueError("config.rope_theta and config.rms_norm_eps must be positive")
+
+    @property
+    def eos_token_ids(self) -> set[int]:
+        eos = self.eos_token_id
+        return set() if eos is None else set(eos) if isinstance(eos, list) else {eos}
+
+    @classmethod
+    def from_dir(cls, model_dir: str | Path) -> "ModelConfig":
+        path = Path(model_dir) / "config.json"
+        if not Path(model_dir).is_dir():
+            raise FileNotFoundError(f"model directory not found: {model_dir}")
+        if not path.is_file():
+            raise FileNotFoundError(f"no config.json in model directory {model_dir}")
+        try:
+            raw = json.loads(path.read_text())
+        except (OSError, json.JSONDecodeError) as e:
+            raise ValueError(f"cannot read {path}: {e}") from None
+        if raw.get("model_type", "llama") not in ("llama", "mistral"):
+            raise ValueError(f"{path}: model_type {raw.get('model_type')!r} is not supported "
+                             "(nanoserve runs Llama-family decoders: llama, mistral)")
+        if raw.get("rope_scaling"):
+            raise ValueError(f"{path}: rope_scaling {raw['rope_scaling']} is not supported")
+        known = {f for f in cls.__dataclass_fields__}
+        try:
+            return cls(**{k: v for k, v in raw.items() if k in known})
+        except TypeError as e:
+            raise ValueError(f"{path}: {e}") from None
+
+
+@dataclass
+class EngineConfig:
+    """How the engine runs a model: device, KV cache size and scheduler limits.
+
+    block_size: tokens per KV block. num_blocks: fixes the pool size; when None it is
+    derived from memory (gpu_memory_utilization of free GPU memory, or kv_cache_bytes
+    on CPU). max_num_seqs / max_num_batched_tokens bound one step's batch.
+    """
+    device: str = "cpu"
+    dtype: str = "float32"
+    block_size: int = 16
+    num_blocks: int | None = None
+    kv_cache_bytes: int = 1 << 30
+    gpu_memory_utilization: float = 0.9
+    max_num_seqs: int = 256
+    max_num_batched_tokens: int = 2048
+    max_model_len: int | None = None
+    enable_prefix_caching: bool = True
+    enable_chunked_prefill: bool = True
+    num_speculative_tokens: int = 0
+    speculative_method: str | None = None
+    seed: int = 0
+
+    def __post_init__(self) -> None:
+        if self.dtype not in DTYPES:
+            raise ValueError(f"dtype must be one of {sorted(DTYPES)}, got {self.dtype!r}")
+        for name in ("block_size", "max_num_seqs", "max_num_batched_tokens", "kv_cache_bytes"):
+            if not isinstance(getattr(self, name), int) or getattr(self, name) < 1:
+                raise ValueError(f"{name} must be a positive integer, got {getattr(self, name)!r}")
+        if self.num_blocks is not None and (not isinstance(self.num_blocks, int) or self.num_blocks < 1):
+            raise ValueError(f"num_blocks must be a positive integer, got {self.num_blocks!r}")
+        if self.max_model_len is not None and self.max_model_len < 2:
+            raise ValueError(f"max_model_len must be at least 2, got {self.max_model_len}")
+        if not 0 < self.gpu_memory_utilization <= 1:
+            raise ValueError(f"gpu_memory_utilization must be in (0, 1], got {self.gpu_memory_utilization}")
+        if self.num_speculative_tokens < 0:
+            raise ValueError(f"num_speculative_tokens must be >= 0, got {self.num_speculative_tokens}")
+        if self.speculative_method not in (None, "draft", "ngram"):
+            raise ValueError(f"speculative_method must be 'draft' or 'ngram', got {self.speculative_method!r}")
+
+
+DTYPES = {"float32": torch.float32, "float16": torch.float16, "bfloat16": torch.bfloat16}
+
+
+@dataclass
+class SamplingParams:
+    """Per-request decoding settings, as in vLLM and the OpenAI API.
+
+    temperature 0 means greedy (argmax). top_k 0 and top_p 1 disable those filters.
+    seed makes the request's samples reproducible, alone or in any batch.
+    logprobs=N returns, per generated token, the sampled token's and the top N logprobs;
+    prompt_logprobs=N the same for each prompt token. Logprobs are of the model's own
+    distribution, before temperature, top-k and top-p.
+    """
+    temperature: float = 1.0
+    top_p: float = 1.0
+    top_k: int = 0
+    max_tokens: int = 16
+    seed: int | None = None
+    stop: list[str] | str | None = None
+    ignore_eos: bool = False
+    logprobs: int | None = None
+    prompt_logprobs: int | None = None
+
+    def __post_init__(self) -> None:
+        def number(name: str) -> float:
+            v = getattr(self, name)
+            if isinstance(v, bool) or not isinstance(v, (int, float)) or math.isnan(v):
+                raise ValueError(f"{name} must be a number, got {v!r}")
+            return v
+        if number("temperature") < 0:
+            raise ValueError(f"temperature must be >= 0, got {self.temperature}")
+        if not 0 < number("top_p") <= 1:
+            raise ValueError(f"top_p must be in (0, 1], got {self.top_p}")
+        for name, low in (("top_k", 0), ("max_tokens", 1)):
+            v = getattr(self, name)
+            if isinstance(v, bool) or not isinstance(v, int) or v < low:
+                raise ValueError(f"{name} must be an integer >= {low}, got {v!r}")
+        for name in ("logprobs", "prompt_logprobs"):
+            v = getattr(self, name)
+            if v is not None and (isinstance(v, bool) or not isinstance(v, int) or not 0 <= v <= 20):
+                raise ValueError(f"{name} must be an integer in [0, 20] or None, got {v!r}")
+        if self.seed is not None and (isinstance(self.seed, bool) or not isinstance(self.seed, int)):
+            raise ValueError(f"seed must be an integer or None, got {self.seed!r}")
+        if isinstance(self.stop, str):
+            self.stop = [self.stop]
+        self.stop = list(self.stop or [])
+        if not all(isinstance(s, str) and s for s in self.stop):
+            raise ValueError(f"stop must be a non-empty string or a list of them, got {self.stop!r}")
+
+
+# ============================================================================ weights loading
+# Safetensors is a tiny format: an 8-byte little-endian header length, a JSON header
+# {name: {dtype, shape, data_offsets}}, then raw bytes. Reading it needs no library:
+# numpy memory-maps the file and each tensor is a view of its byte range.
+
+SAFETENSORS_DTYPES = {
+    "F64": torch.float64, "F32": torch.float32, "F16": torch.float16, "BF16": torch.bfloat16,
+    "I64": torch.int64, "I32": torch.int32, "I16": torch.int16, "I8": torch.int8,
+    "U8": torch.uint8, "BOOL": torch.bool,
+}
+
+
+def load_safetensors(path: str | Path) -> dict[str, Tensor]:
+    """Every tensor of one .safetensors file, as CPU tensors backed by a memory map."""
+    path = Path(path)
+    try:
+        raw = np.memmap(path, dtype=np.uint8, mode="c")   # copy-on-write: file never modified
+        n = int(np.frombuffer(raw[:8].tobytes(), dtype="<u8")[0])
+        header = json.loads(raw[8:8 + n].tobytes())
+    except (OSError, ValueError) as e:
+        raise ValueError(f"cannot read safetensors file {path}: {e}") from None
+    data = torch.from_numpy(raw[8 + n:])
+    out = {}
+    for name, info in header.items():
+        if name == "__metadata__":
+            continue
+        if info["dtype"] not in SAFETENSORS_DTYPES:
+            raise ValueError(f"{path}: tensor {name} has unsupported dtype {info['dtype']}")
+        dtype = SAFETENSORS_DTYPES[info["dtype"]]
+        start, end = info["data_offsets"]
+        chunk = data[start:end]
+        itemsize = torch.empty((), dtype=dtype).element_size()
+        if (8 + n + start) % itemsize:                     # misaligned: copy, then view
+            chunk = chunk.clone()
+        out[name] = chunk.view(dtype).reshape(info["shape"])
+    return out
+
+
+def save_safetensors(tensors: dict[str, Tensor], path: str | Path,
+                     metadata: dict[str, str] | None = None) -> None:
+    """Write tensors in the safetensors layout (offsets 8-byte aligned)."""
+    names = {v: k for k, v in SAFETENSORS_DTYPES.items()}
+    header: dict = {"__metadata__": metadata or {}}
+    blobs, offset = [], 0
+    for name, t in tensors.items():
+        t = t.detach().contiguous().cpu()
+        b = t.view(torch.uint8).numpy().tobytes() if t.numel() else b""
+        header[name] = {"dtype": names[t.dtype], "shape": list(t.shape),
+                        "data_offsets": [offset, offset + len(b)]}
+        pad = (-len(b)) % 8
+        blobs.append(b + b"\0" * pad)
+        offset += len(b) + pad
+    h = json.dumps(header, separators=(",", ":")).encode()
+    h += b" " * ((-len(h)) % 8)
+    with open(path, "wb") as f:
+        f.write(len(h).to_bytes(8, "little"))
+        f.write(h)
+        for b in blobs:
+            f.write(b)
+
+
+def load_checkpoint(model_dir: str | Path) -> dict[str, Tensor]:
+    """All weights of a Hugging Face checkpoint directory: one file, or shards + index."""
+    model_dir = Path(model_dir)
+    index = model_dir / "model.safetensors.index.json"
+    if index.is_file():
+        weight_map = json.loads(index.read_text())["weight_map"]
+        files = sorted(set(weight_map.values()))
+    elif (model_dir / "model.safetensors").is_file():
+        files = ["model.safetensors"]
+    else:
+        files = sorted(p.name for p in model_dir.glob("*.safetensors"))
+    if not files:
+        raise FileNotFoundError(f"no *.safetensors weights in {model_dir}")
+    state = {}
+    for name in files:
+        if not (model_dir / name).is_file():
+            raise FileNotFoundError(f"weight shard {model_dir / name} is missing")
+        state.update(load_safetensors(model_dir / name))
+    return state
+
+
+# ============================================================================ tokenizer
+
+class Tokenizer:
+    """A sentencepiece model (byte fallback) with Llama's BOS convention."""
+
+    def __init__(self, path: str | Path):
+        import sentencepiece as spm
+        if not Path(path).is_file():
+            raise FileNotFoundError(f"tokenizer not found: {path}")
+        self.sp = spm.SentencePieceProcessor(model_file=str(path))
+        self.vocab_size = self.sp.vocab_size()
+        self.bos_id, self.eos_id = self.sp.bos_id(), self.sp.eos_id()
+
+    def encode(self, text: str, bos: bool = True) -> list[int]:
+        return ([self.bos_id] if bos and self.bos_id >= 0 else []) + self.sp.encode(text)
+
+    def decode(self, ids: list[int]) -> str:
+        return self.sp.decode(ids)
+
+
+class IncrementalDetokenizer:
+    """Turns a stream of token ids into a stream of text deltas.
+
+    Two sentencepiece details make naive per-token decoding wrong: a piece's leading
+    '▁' becomes a space only when something precedes it, and byte-fallback pieces
+    (<0xF0> <0x9F> ...) spell one character over several tokens. So each step decodes a
+    short window ending at the new token twice, with and without the new tokens, and
+    emits the difference; while that ends in U+FFFD (an unfinished UTF-8 character)
+    nothing is emitted and the window grows. This is vLLM's prefix/read-offset scheme.
+    """
+
+    def __init__(self, tokenizer: Tokenizer, prompt_ids: list[int]):
+        self.tok = tokenizer
+        self.ids = list(prompt_ids[-6:])      # a little prompt context for the first space
+        self.prefix_offset = 0
+        self.read_offset = len(self.ids)
+
+    def step(self, token_id: int, final: bool = False) -> str:
+        if token_id >= 0:
+            self.ids.append(token_id)
+        prefix = self.tok.decode(self.ids[self.prefix_offset:self.read_offset])
+        full = self.tok.decode(self.ids[self.prefix_offset:])
+        if full.endswith("\ufffd") and not final:
+            return ""
+        self.prefix_offset, self.read_offset = self.read_offset, len(self.ids)
+        return full[len(prefix):]
+
+
+# ============================================================================ model
+# A Llama decoder layer:  h = x + Attn(RMSNorm(x));  out = h + MLP(RMSNorm(h)).
+# The engine feeds a *flat* batch: the tokens of all scheduled sequences concatenated,
+# (T, hidden), with per-token positions. Attention alone needs to know where each
+# sequence starts and where its KV cache lives: that is AttentionMetadata.
+
+@dataclass
+class AttentionMetadata:
+    slot_mapping: Tensor      # (T,) int64 cache slot each new token's K/V is written to
+    block_tables: Tensor      # (S, max_blocks) int32 physical blocks of each sequence
+    query_start_loc: Tensor   # (S + 1,) int32 sequence s owns tokens [start[s], start[s+1])
+    context_lens: Tensor      # (S,) int32 cached tokens of s after this step's writes
+
+
+class LlamaAttention(nn.Module):
+    def __init__(self, cfg: ModelConfig):
+        super().__init__()
+        self.n_heads, self.n_kv, self.head_dim = cfg.num_attention_heads, cfg.num_key_value_heads, cfg.head_dim
+        self.scale = self.head_dim ** -0.5
+        D = cfg.hidden_size
+        self.q_proj = nn.Linear(D, self.n_heads * self.head_dim, bias=False)  # (H*hd, D)
+        self.k_proj = nn.Linear(D, self.n_kv * self.head_dim, bias=False)     # (Hkv*hd, D)
+        self.v_proj = nn.Linear(D, self.n_kv * self.head_dim, bias=False)     # (Hkv*hd, D)
+        self.o_proj = nn.Linear(self.n_heads * self.head_dim, D, bias=False)  # (D, H*hd)
+
+    def forward(self, x: Tensor, positions: Tensor, kv_cache: Tensor, meta: AttentionMetadata,
+                rope: tuple[Tensor, Tensor]) -> Tensor:
+        T = x.shape[0]
+        q = self.q_proj(x).view(T, self.n_heads, self.head_dim)          # (T, H, hd)
+        k = self.k_proj(x).view(T, self.n_kv, self.head_dim)             # (T, Hkv, hd)
+        v = self.v_proj(x).view(T, self.n_kv, self.head_dim)             # (T, Hkv, hd)
+        q, k = kernels.rotary_embedding(q, k, positions, *rope)
+        # Write first, then attend: the new tokens see themselves and everything cached.
+        kernels.reshape_and_cache(k, v, kv_cache[0], kv_cache[1], meta.slot_mapping)
+        o = kernels.paged_attention(q, kv_cache[0], kv_cache[1], meta.block_tables,
+                                    meta.query_start_loc, meta.context_lens, self.scale)
+        return self.o_proj(o.reshape(T, self.n_heads * self.head_dim))
+
+
+class LlamaMLP(nn.Module):
+    """SwiGLU: down(silu(gate(x)) * up(x))."""
+
+    def __init__(self, cfg: ModelConfig):
+        super().__init__()
+        self.gate_proj = nn.Linear(cfg.hidden_size, cfg.intermediate_size, bias=False)  # (F, D)
+        self.up_proj = nn.Linear(cfg.hidden_size, cfg.intermediate_size, bias=False)    # (F, D)
+        self.down_proj = nn.Linear(cfg.intermediate_size, cfg.hidden_size, bias=False)  # (D, F)
+
+    def forward(self, x: Tensor) -> Tensor:
+        return self.down_proj(kernels.silu_and_mul(self.gate_proj(x), self.up_proj(x)))
+
+
+class RMSNorm(nn.Module):
+    def __init__(self, dim: int, eps: float):
+        super().__init__()
+        self.weight = nn.Parameter(torch.ones(dim))
+        self.eps = eps
+
+    def forward(self, x: Tensor, residual: Tensor | None = None) -> Tensor | tuple[Tensor, Tensor]:
+        if residual is None:
+            return kernels.rms_norm(x, self.weight, self.eps)
+        return kernels.fused_add_rms_norm(x, residual, self.weight, self.eps)
+
+
+class LlamaDecoderLayer(nn.Module):
+    def __init__(self, cfg: ModelConfig):
+        super().__init__()
+        self.self_attn = LlamaAttention(cfg)
+        self.mlp = LlamaMLP(cfg)
+        self.input_layernorm = RMSNorm(cfg.hidden_size, cfg.rms_norm_eps)
+        self.post_attention_layernorm = RMSNorm(cfg.hidden_size, cfg.rms_norm_eps)
+
+    def forward(self, x: Tensor, residual: Tensor | None, positions: Tensor, kv_cache: Tensor,
+                meta: AttentionMetadata, rope: tuple[Tensor, Tensor]) -> tuple[Tensor, Tensor]:
+        # The residual stream is carried separately so that "add + norm" is one fused op.
+        if residual is None:
+            h, residual = self.input_layernorm(x), x
+        else:
+            h, residual = self.input_layernorm(x, residual)
+        h = self.self_attn(h, positions, kv_cache, meta, rope)
+        h, residual = self.post_attention_layernorm(h, residual)
+        return self.mlp(h), residual
+
+
+class LlamaModel(nn.Module):
+    def __init__(self, cfg: ModelConfig):
+        super().__init__()
+        self.embed_tokens = nn.Embedding(cfg.vocab_size, cfg.hidden_size)      # (V, D)
+        self.layers = nn.ModuleList(LlamaDecoderLayer(cfg) for _ in range(cfg.num_hidden_layers))
+        self.norm = RMSNorm(cfg.hidden_size, cfg.rms_norm_eps)
+
+
+class LlamaForCausalLM(nn.Module):
+    """The Llama family (Llama 2, TinyLlama, Mistral) under Hugging Face weight names."""
+
+    def __init__(self, cfg: ModelConfig):
+        super().__init__()
+        self.config = cfg
+        self.model = LlamaModel(cfg)
+        self.lm_head = nn.Linear(cfg.hidden_size, cfg.vocab_size, bias=False)   # (V, D)
+        self.rope: tuple[Tensor, Tensor] | None = None
+
+    def init_rope(self, max_positions: int, device: torch.device) -> None:
+        cfg = self.config
+        self.rope = kernels.rope_cos_sin(cfg.head_dim, max_positions, cfg.rope_theta, device)
+
+    def forward(self, input_ids: Tensor, positions: Tensor, kv_caches: Tensor,
+                meta: AttentionMetadata) -> Tensor:
+        """input_ids, positions: (T,); kv_caches: (L, 2, blocks, block_size, Hkv, hd) -> (T, D)."""
+        x, residual = self.model.embed_tokens(input_ids), None                # (T, D)
+        for i, layer in enumerate(self.model.layers):
+            x, residual = layer(x, residual, positions, kv_caches[i], meta, self.rope)
+        x, _ = self.model.norm(x, residual)
+        return x
+
+    def compute_logits(self, hidden: Tensor) -> Tensor:
+        return self.lm_head(hidden).float()                                  # (N, V)
+
+
+def load_model(model_dir: str | Path, dtype: torch.dtype, device: torch.device
+               ) -> tuple[LlamaForCausalLM, ModelConfig]:
+    """Build the module on the meta device (no memory), then assign the checkpoint's tensors."""
+    cfg = ModelConfig.from_dir(model_dir)
+    state = load_checkpoint(model_dir)
+    state = {k: v for k, v in state.items() if not k.endswith("rotary_emb.inv_freq")}
+    if "lm_head.weight" not in state:
+        if not cfg.tie_word_embeddings and "model.embed_tokens.weight" not in state:
+            raise ValueError(f"{model_dir}: checkpoint has neither lm_head.weight nor embeddings")
+        state["lm_head.weight"] = state["model.embed_tokens.weight"]
+    with torch.device("meta"):
+        model = LlamaForCausalLM(cfg)
+    quant_cfg = Path(model_dir) / "quantize_config.json"
+    if quant_cfg.is_file():
+        import quant                                        # a quantized checkpoint (quant.py)
+        quant.prepare_quantized_model(model, json.loads(quant_cfg.read_text()))
+    expected = model.state_dict()
+    missing = sorted(set(expected) - set(state))
+    unexpected = sorted(set(state) - set(expected))
+    if missing or unexpected:
+        raise ValueError(f"{model_dir}: checkpoint does not match config.json; "
+                         f"missing {missing[:4]}, unexpected {unexpected[:4]}")
+    for k, v in state.items():
+        if tuple(v.shape) != tuple(expected[k].shape):
+            raise ValueError(f"{model_dir}: {k} has shape {tuple(v.shape)}, config.json implies "
+                             f"{tuple(expected[k].shape)}")
+        state[k] = v.to(device=device, dtype=dtype if v.is_floating_point() else v.dtype)
+    if cfg.tie_word_embeddings:
+        state["lm_head.weight"] = state["model.embed_tokens.weight"]
+    model.load_state_dict(state, assign=True)
+    return model.eval(), cfg
+
+
+# ============================================================================ paged KV cache
+# PagedAttention (vLLM): the KV cache is one preallocated pool of fixed-size blocks. A
+# sequence owns a list of block ids (its block table) and takes a new block only when
+# its last one is full, so at most block_size - 1 slots per sequence are ever unused,
+# against max_model_len - length for a per-request max-length reservation.
+#
+# Prefix caching: a full block is named by a hash chained over its parent's hash and
+# its own token ids, so one hash stands for the entire prefix up to that block. Two
+# sequences with the same prefix share the same physical blocks (ref-counted, never
+# written again once full). A block whose ref count falls to 0 keeps its contents and
+# its hash in the free list: a later request can still hit it, until the allocator
+# needs the block and evicts it, least recently used first.
+
+class BlockManager:
+    def __init__(self, num_blocks: int, block_size: int, enable_prefix_caching: bool):
+        self.num_blocks, self.block_size = num_blocks, block_size
+        self.caching = enable_prefix_caching
+        self.ref_count = [0] * num_blocks
+        self.block_hash: list[int | None] = [None] * num_blocks
+        self.block_tokens: list[tuple[int, ...] | None] = [None] * num_blocks
+        self.free: OrderedDict[int, None] = OrderedDict.fromkeys(range(num_blocks))  # LRU first
+        self.hash_to_block: dict[int, int] = {}
+
+    @property
+    def num_free(self) -> int:
+        return len(self.free)
+
+    def blocks_needed(self, num_tokens: int) -> int:
+        return (num_tokens + self.block_size - 1) // self.block_size
+
+    def match_prefix(self, token_ids: list[int]) -> list[int]:
+        """Cached blocks holding the longest prefix of token_ids (not yet acquired).
+
+        The last token is never served from the cache: its logits are needed to sample.
+        """
+        if not self.caching:
+            return []
+        hits, h = [], None
+        for i in range((len(token_ids) - 1) // self.block_size):
+            tokens = tuple(token_ids[i * self.block_size:(i + 1) * self.block_size])
+            h = hash((h, tokens))
+            b = self.hash_to_block.get(h)
+            if b is None or self.block_tokens[b] != tokens:   # miss (or a hash collision)
+                break
+            hits.append(b)
+        return hits
+
+    def can_allocate(self, block_table: list[int], num_tokens: int, hits: list[int] = ()) -> bool:
+        new = self.blocks_needed(num_tokens) - len(block_table) - len(hits)
+        revived = sum(1 for b in hits if self.ref_count[b] == 0)   # cached but in the free list
+        return new + revived <= self.num_free
+
+    def allocate(self, block_table: list[int], num_tokens: int, hits: list[int] = ()) -> None:
+        """Grow block_table (in place) to hold num_tokens, sharing `hits` first."""
+        for b in hits:
+            if self.ref_count[b] == 0:
+                del self.free[b]
+            self.ref_count[b] += 1
+            block_table.append(b)
+        while len(block_table) < self.blocks_needed(num_tokens):
+            b, _ = self.free.popitem(last=False)                      # least recently used
+            if self.block_hash[b] is not None:                        # evict its cached prefix
+                if self.hash_to_block.get(self.block_hash[b]) == b:
+                    del self.hash_to_block[self.block_hash[b]]
+                self.block_hash[b] = self.block_tokens[b] = None
+            self.ref_count[b] = 1
+            block_table.append(b)
+
+    def release(self, block_table: list[int]) -> None:
+        """Drop a sequence's references. Tail blocks go first in line for eviction."""
+        for b in reversed(block_table):
+            self.ref_count[b] -= 1
+            assert self.ref_count[b] >= 0, f"block {b} freed twice"
+            if self.ref_count[b] == 0:
+                self.free[b] = None
+        block_table.clear()
+
+    def truncate(self, block_table: list[int], num_tokens: int) -> None:
+        """Give back blocks past the first num_tokens tokens (speculative rollback)."""
+        tail = block_table[self.blocks_needed(num_tokens):]
+        del block_table[len(block_table) - len(tail):]
+        self.release(tail)
+
+    def cache_full_blocks(self, block_table: list[int], block_hashes: list[int],
+                          token_ids: list[int], num_computed: int) -> None:
+        """Name every newly completed block by its chained hash so later requests can hit it."""
+        if not self.caching:
+            return
+        bs = self.block_size
+        for i in range(len(block_hashes), num_computed // bs):
+            tokens = tuple(token_ids[i * bs:(i + 1) * bs])
+            h = hash((block_hashes[-1] if block_hashes else None, tokens))
+            block_hashes.append(h)
+            b = block_table[i]
+            if h not in self.hash_to_block and self.block_hash[b] is None:
+                self.hash_to_block[h] = b
+                self.block_hash[b], self.block_tokens[b] = h, tokens
+
+
+# ============================================================================ sampling
+# temperature 0 -> argmax. Otherwise p = softmax(logits / T), restricted to the top-k
+# tokens and then to the smallest set of most likely tokens whose mass reaches top_p,
+# renormalised. A sample is drawn by the "exponential race": with E_i ~ Exp(1)
+# independent, argmax_i p_i / E_i is distributed exactly as p (it is the Gumbel-max
+# trick in another form), and needs no cumulative sum and no host sync.
+
+def filtered_probs(logits: Tensor, temperature: Tensor, top_k: Tensor, top_p: Tensor) -> Tensor:
+    """(B, V) logits -> (B, V) probabilities after temperature, top-k and top-p.
+
+    temperature, top_k, top_p: (B,). Rows with temperature 0 are treated as T = 1 here;
+    the caller takes the argmax for them.
+    """
+    t = torch.where(temperature > 0, temperature, torch.ones_like(temperature))
+    probs = (logits / t[:, None]).softmax(-1)
+    sorted_p, order = probs.sort(-1, descending=True)                  # (B, V)
+    rank = torch.arange(probs.shape[-1], device=probs.device)[None, :]
+    k = torch.where(top_k > 0, top_k, torch.full_like(top_k, probs.shape[-1]))
+    keep = rank < k[:, None]
+    sorted_p = sorted_p * keep
+    # top-p over what top-k left: keep a token if the mass strictly before it is < p.
+    before = sorted_p.cumsum(-1) - sorted_p
+    keep &= before < top_p[:, None] * sorted_p.sum(-1, keepdim=True)
+    keep[:, 0] = True
+    mask = torch.zeros_like(keep).scatter(-1, order, keep)
+    probs = probs * mask
+    return probs / probs.sum(-1, keepdim=True)
+
+
+def sample(logits: Tensor, params: list[SamplingParams],
+           generators: list[torch.Generator | None], default: torch.Generator) -> Tensor:
+    """One token per row of logits (B, V). A row with a generator draws its own noise."""
+    dev = logits.device
+    temperature = torch.tensor([p.temperature for p in params], device=dev, dtype=torch.float32)
+    top_k = torch.tensor([p.top_k for p in params], device=dev)
+    top_p = torch.tensor([p.top_p for p in params], device=dev, dtype=torch.float32)
+    greedy = logits.argmax(-1)
+    if all(p.temperature == 0 for p in params):
+        return greedy
+    probs = filtered_probs(logits, temperature, top_k, top_p)
+    noise = torch.empty_like(probs).exponential_(generator=default)
+    for i, g in enumerate(generators):
+        if g is not None:                                              # per-request seed
+            noise[i] = torch.empty_like(probs[i]).exponential_(generator=g)
+    sampled = (probs / noise).argmax(-1)
+    return torch.where(temperature == 0, greedy, sampled)
+
+
+def top_logprobs(logprobs: Tensor, chosen: Tensor, n: int) -> list[dict[int, float]]:
+    """(B, V) log-probabilities -> per row {token: logprob} with the chosen token and top n."""
+    top = logprobs.topk(n, dim=-1) if n else None
+    out = []
+    for i in range(logprobs.shape[0]):
+        d = {int(chosen[i]): float(logprobs[i, chosen[i]])}
+        if top is not None:
+            d.update(zip(top.indices[i].tolist(), top.values[i].tolist()))
+        out.append(d)
+    return out
+
+
+# ============================================================================ scheduler
+# Continuous batching (Orca): scheduling happens at every step, not every batch. A
+# finished sequence leaves at once and a waiting one takes its place in the next step,
+# so the GPU never idles on a batch's longest request.
+#
+# Every sequence is just token_ids plus num_computed (tokens whose K/V are cached).
+# A step computes num_tokens - num_computed tokens of it: the whole prompt (prefill),
+# a chunk of it (chunked prefill), one token (decode) or k + 1 (speculative verify).
+# When the step reaches the end of its tokens, a new token is sampled.
+
+WAITING, RUNNING, FINISHED = "waiting", "running", "finished"
+
+
+@dataclass
+class Metrics:
+    arrival_time: float
+    first_scheduled_time: float | None = None
+    first_token_time: float | None = None
+    finished_time: float | None = None
+    num_cached_prompt_tokens: int = 0
+    spec_proposed: int = 0
+    spec_accepted: int = 0
+
+    @property
+    def time_to_first_token(self) -> float | None:
+        return None if self.first_token_time is None else self.first_token_time - self.arrival_time
+
+    @property
+    def e2e_latency(self) -> float | None:
+        return None if self.finished_time is None else self.finished_time - self.arrival_time
+
+    def time_per_output_token(self, num_tokens: int) -> float | None:
+        if self.finished_time is None or self.first_token_time is None or num_tokens < 2:
+            return None
+        return (self.finished_time - self.first_token_time) / (num_tokens - 1)
+
+
+@dataclass(eq=False)                      # identity semantics: sequences are dict keys
+class Sequence:
+    request_id: str
+    prompt: str | None
+    token_ids: list[int]                  # prompt + generated so far
+    num_prompt_tokens: int
+    params: SamplingParams
+    generator: torch.Generator | None
+    metrics: Metrics
+    status: str = WAITING
+    num_computed: int = 0                 # tokens whose K/V sit in the cache
+    block_table: list[int] = field(default_factory=list)
+    block_hashes: list[int] = field(default_factory=list)
+    draft_block_table: list[int] = field(default_factory=list)   # speculative draft's cache
+    draft_num_computed: int = 0
+    spec_tokens: list[int] = field(default_factory=list)         # proposed, not yet verified
+    spec_probs: Tensor | None = None      # (k, V) draft distributions q of spec_tokens
+    finish_reason: str | None = None
+    text: str = ""
+    emitted: int = 0                      # characters of text already streamed
+    logprobs: list[dict[int, float]] | None = None
+    prompt_logprobs: list[dict[int, float] | None] | None = None
+    detok: IncrementalDetokenizer | None = None
+
+    @property
+    def num_tokens(self) -> int:
+        return len(self.token_ids)
+
+    @property
+    def output_ids(self) -> list[int]:
+        return self.token_ids[self.num_prompt_tokens:]
+
+
+class Scheduler:
+    """Chooses, every step, which sequences run and how many tokens each computes."""
+
+    def __init__(self, cfg: EngineConfig, block_manager: BlockManager, max_model_len: int):
+        self.cfg, self.bm, self.max_model_len = cfg, block_manager, max_model_len
+        self.waiting: deque[Sequence] = deque()
+        self.running: list[Sequence] = []       # in admission order
+        self.draft_bm: BlockManager | None = None    # the draft model's pool, if speculating
+        self.num_preemptions = 0
+        self.prompt_tokens = self.cached_prompt_tokens = 0
+
+    def add(self, seq: Sequence) -> None:
+        self.waiting.append(seq)
+
+    def schedule(self) -> dict[Sequence, int]:
+        """-> {sequence: tokens to compute this step}, within the step's token budget."""
+        budget = self.cfg.max_num_batched_tokens
+        scheduled: dict[Sequence, int] = {}
+        preempted = False
+        # 1. Running sequences; decodes first, prefill chunks fill the rest of the budget.
+        for seq in sorted(self.running, key=lambda s: s.num_tokens - s.num_computed > 1):
+            if seq.status != RUNNING or budget == 0:
+                continue
+            n = min(seq.num_tokens + len(seq.spec_tokens) - seq.num_computed, budget)
+            while not self.bm.can_allocate(seq.block_table, seq.num_computed + n):
+                # Out of blocks: preempt the most recently admitted sequence (recompute
+                # later). If that is this sequence itself, it waits.
+                victim = self.running[-1]
+                self.preempt(victim)
+                preempted = True
+                budget += scheduled.pop(victim, 0)
+                if victim is seq:
+                    break
+            if seq.status == RUNNING:
+                self.bm.allocate(seq.block_table, seq.num_computed + n)
+                scheduled[seq] = n
+                budget -= n
+        # 2. Admit waiting sequences in arrival order while blocks and budget last.
+        while self.waiting and not preempted and budget > 0 and len(self.running) < self.cfg.max_num_seqs:
+            seq = self.waiting[0]
+            hits = [] if seq.params.prompt_logprobs is not None else self.bm.match_prefix(seq.token_ids)
+            num_cached = len(hits) * self.bm.block_size
+            n = seq.num_tokens - num_cached
+            if n > budget:
+                if not self.cfg.enable_chunked_prefill and scheduled:
+                    break               # the whole prompt goes in one step, a later one
+                n = budget if self.cfg.enable_chunked_prefill else n
+            if not self.bm.can_allocate(seq.block_table, num_cached + n, hits):
+                break
+            self.bm.allocate(seq.block_table, num_cached + n, hits)
+            if seq.metrics.first_scheduled_time is None:     # count each prompt once
+                seq.metrics.first_scheduled_time = time.perf_counter()
+                seq.metrics.num_cached_prompt_tokens = min(num_cached, seq.num_prompt_tokens)
+                self.prompt_tokens += seq.num_prompt_tokens
+                self.cached_prompt_tokens += seq.metrics.num_cached_prompt_tokens
+            seq.num_computed = num_cached
+            seq.status = RUNNING
+            self.waiting.popleft()
+            self.running.append(seq)
+            scheduled[seq] = n
+            budget -= n
+        return scheduled
+
+    def preempt(self, seq: Sequence) -> None:
+        """Free all of seq's blocks; it will recompute its tokens (prefix cache permitting)."""
+        self.running.remove(seq)
+        self.release(seq)
+        seq.status = WAITING
+        seq.num_computed = 0
+        seq.spec_tokens, seq.spec_probs = [], None
+        self.waiting.appendleft(seq)
+        self.num_preemptions += 1
+
+    def release(self, seq: Sequence) -> None:
+        self.bm.release(seq.block_table)
+        seq.block_hashes.clear()
+        if seq.draft_block_table:
+            self.draft_bm.release(seq.draft_block_table)
+        seq.draft_num_computed = 0
+
+    def finish(self, seq: Sequence, reason: str) -> None:
+        if seq.status == RUNNING:
+            self.running.remove(seq)
+        elif seq.status == WAITING:
+            self.waiting.remove(seq)
+        self.release(seq)
+        seq.status, seq.finish_reason = FINISHED, reason
+        seq.metrics.finished_time = time.perf_counter()
+
+
+# ============================================================================ engine
+
+@dataclass
+class RequestOutput:
+    """What generate() returns per prompt, and what the stream yields per step."""
+    request_id: str
+    prompt: str | None
+    prompt_token_ids: list[int]
+    token_ids: list[int]                  # generated ids only
+    text: str
+    delta: str                            # text new since the previous output of this request
+    logprobs: list[dict[int, float]] | None
+    prompt_logprobs: list[dict[int, float] | None] | None
+    finish_reason: str | None
+    metrics: dict
+
+    @property
+    def finished(self) -> bool:
+        return self.finish_reason is not None
+
+
+class LLMEngine:
+    """Owns the model, the KV cache pool and the scheduler; `step()` runs one batch."""
+
+    def __init__(self, model_dir: str | Path, cfg: EngineConfig, tokenizer: str | Path | None = None,
+                 draft_model: str | Path | None = None):
+        self.cfg = cfg
+        self.device = torch.device(cfg.device)
+        if self.device.type == "cuda" and not torch.cuda.is_available():
+            raise ValueError("device 'cuda' requested but CUDA is not available; use device='cpu'")
+        self.dtype = DTYPES[cfg.dtype]
+        self.model, self.model_config = load_model(model_dir, self.dtype, self.device)
+        mc = self.model_config
+        self.max_model_len = cfg.max_model_len or mc.max_position_embeddings
+        if mc.sliding_window:
+            # Mistral-style sliding-window attention equals full attention while every
+            # sequence fits in the window, so the context is capped there.
+            self.max_model_len = min(self.max_model_len, mc.sliding_window)
+        if self.max_model_len > mc.max_position_embeddings:
+            raise ValueError(f"max_model_len {self.max_model_len} exceeds the model's "
+                             f"max_position_embeddings {mc.max_position_embeddings}")
+        self.model.init_rope(self.max_model_len + cfg.num_speculative_tokens + 1, self.device)
+        tok_path = Path(tokenizer) if tokenizer else Path(model_dir) / "tokenizer.model"
+        self.tokenizer = Tokenizer(tok_path) if tok_path.is_file() or tokenizer else None
+        if self.tokenizer and self.tokenizer.vocab_size > mc.vocab_size:
+            raise ValueError(f"tokenizer {tok_path} has {self.tokenizer.vocab_size} pieces but the "
+                             f"model's vocab_size is {mc.vocab_size}")
+        self.speculator = None
+        if draft_model is not None or cfg.speculative_method == "ngram":
+            self.speculator = Speculator(self, draft_model)
+        self.kv_bytes_per_token = self._kv_bytes_per_token()
+        self.num_blocks = cfg.num_blocks or self._blocks_from_memory()
+        if self.num_blocks * cfg.block_size < self.max_model_len:
+            raise ValueError(f"num_blocks={self.num_blocks} x block_size={cfg.block_size} tokens "
+                             f"cannot hold one sequence of max_model_len={self.max_model_len}; "
+                             "raise num_blocks or lower max_model_len")
+        if not cfg.enable_chunked_prefill and cfg.max_num_batched_tokens < self.max_model_len:
+            raise ValueError("without chunked prefill, max_num_batched_tokens must be >= max_model_len "
+                             f"({cfg.max_num_batched_tokens} < {self.max_model_len})")
+        # The pool: (layers, K/V, blocks, block_size, kv_heads, head_dim), allocated once.
+        self.kv_cache = torch.zeros(mc.num_hidden_layers, 2, self.num_blocks, cfg.block_size,
+                                    mc.num_key_value_heads, mc.head_dim, dtype=self.dtype, device=self.device)
+        self.block_manager = BlockManager(self.num_blocks, cfg.block_size, cfg.enable_prefix_caching)
+        self.scheduler = Scheduler(cfg, self.block_manager, self.max_model_len)
+        if self.speculator:
+            self.speculator.init_cache(self.num_blocks)
+        self.generator = torch.Generator(self.device).manual_seed(cfg.seed)
+        self.requests: dict[str, Sequence] = {}
+        self._next_id = 0
+        self.num_steps = 0
+        self.num_generated = 0
+        self.peak_blocks_used = 0
+
+    def _kv_bytes_per_token(self) -> int:
+        mc = self.model_config
+        per = 2 * mc.num_hidden_layers * mc.num_key_value_heads * mc.head_dim * self.dtype.itemsize
+        if self.speculator and self.speculator.draft:
+            per += self.speculator.kv_bytes_per_token()
+        return per
+
+    def _blocks_from_memory(self) -> int:
+        if self.device.type == "cuda":
+            free, _ = torch.cuda.mem_get_info(self.device)
+            mc = self.model_config
+            # Leave room for activations of the largest step and the logits.
+            act = self.cfg.max_num_batched_tokens * (4 * mc.hidden_size + 3 * mc.intermediate_size) * 4 \
+                + self.cfg.max_num_seqs * mc.vocab_size * 4 * 4
+            budget = int(free * self.cfg.gpu_memory_utilization) - act
+        else:
+            budget = self.cfg.kv_cache_bytes
+        return max(1, budget // (self.kv_bytes_per_token * self.cfg.block_size))
+
+    # -------------------------------------------------------------- requests
+
+    def make_sequence(self, prompt: str | list[int], params: SamplingParams,
+                      request_id: str | None = None) -> Sequence:
+        """Validate a request and build its sequence (nothing is queued yet)."""
+        if not isinstance(params, SamplingParams):
+            raise ValueError(f"sampling_params must be a SamplingParams, got {type(params).__name__}")
+        text = None
+        if isinstance(prompt, str):
+            if self.tokenizer is None:
+                raise ValueError("this model directory has no tokenizer.model: pass the prompt as token ids")
+            if not prompt:
+                raise ValueError("prompt is empty")
+            text, ids = prompt, self.tokenizer.encode(prompt)
+        elif isinstance(prompt, (list, tuple)):
+            ids = list(prompt)
+            if not ids:
+                raise ValueError("prompt is empty")
+            if not all(isinstance(t, int) and not isinstance(t, bool) for t in ids):
+                raise ValueError("prompt token ids must be integers")
+            bad = [t for t in ids if not 0 <= t < self.model_config.vocab_size]
+            if bad:
+                raise ValueError(f"prompt token id {bad[0]} is outside the vocabulary "
+                                 f"[0, {self.model_config.vocab_size})")
+        else:
+            raise ValueError(f"prompt must be a string or a list of token ids, got {type(prompt).__name__}")
+        if len(ids) >= self.max_model_len:
+            raise ValueError(f"prompt is {len(ids)} tokens; max_model_len is {self.max_model_len} "
+                             "(prompt plus at least one generated token)")
+        if request_id is None:
+            request_id = f"req-{self._next_id}"
+            self._next_id += 1
+        if request_id in self.requests:
+            raise ValueError(f"request_id {request_id!r} is already in use")
+        gen = None
+        if params.seed is not None:
+            gen = torch.Generator(self.device).manual_seed(params.seed)
+        seq = Sequence(request_id, text, ids, len(ids), params, gen, Metrics(time.perf_counter()))
+        if params.logprobs is not None:
+            seq.logprobs = []
+        if self.tokenizer:
+            seq.detok = IncrementalDetokenizer(self.tokenizer, ids)
+        return seq
+
+    def add_sequence(self, seq: Sequence) -> None:
+        self.requests[seq.request_id] = seq
+        self.scheduler.add(seq)
+
+    def add_request(self, prompt: str | list[int], params: SamplingParams,
+                    request_id: str | None = None) -> str:
+        seq = self.make_sequence(prompt, params, request_id)
+        self.add_sequence(seq)
+        return seq.request_id
+
+    def abort(self, request_id: str) -> None:
+        """Stop a request now (a client went away); its blocks go back to the pool."""
+        seq = self.requests.pop(request_id, None)
+        if seq is not None and seq.status != FINISHED:
+            self.scheduler.finish(seq, "abort")
+
+    def has_unfinished(self) -> bool:
+        return bool(self.scheduler.waiting or self.scheduler.running)
+
+    # -------------------------------------------------------------- one step
+
+    def step(self) -> list[RequestOutput]:
+        """Schedule, run the model once over the whole batch, sample, return progress."""
+        if self.speculator:
+            self.speculator.propose(self.scheduler.running)
+        scheduled = self.scheduler.schedule()
+        if not scheduled:
+            return []
+        self.num_steps += 1
+        seqs = list(scheduled)
+        hidden, starts = self.run_model(self.model, self.kv_cache, seqs,
+                                        [s.num_computed for s in seqs], [scheduled[s] for s in seqs],
+                                        [s.block_table for s in seqs])
+        sample_rows, sample_seqs = [], []
+        for seq, start in zip(seqs, starts):
+            n = scheduled[seq]
+            if seq.params.prompt_logprobs is not None and seq.num_computed < seq.num_prompt_tokens:
+                self._prompt_logprobs(seq, hidden[start:start + n])
+            seq.num_computed += n
+            if seq.num_computed >= seq.num_tokens:        # reached the end: sample next token
+                sample_rows.append(start + n - 1 - len(seq.spec_tokens))
+                sample_seqs.append(seq)
+        outputs = []
+        if sample_seqs:
+            if self.speculator:
+                new_tokens = self.speculator.verify(sample_seqs, hidden, sample_rows)
+            else:
+                logits = self.model.compute_logits(hidden[sample_rows])           # (B, V)
+                tokens = sample(logits, [s.params for s in sample_seqs],
+                                [s.generator for s in sample_seqs], self.generator)
+                lp = None
+                if any(s.params.logprobs is not None for s in sample_seqs):
+                    lp = logits.log_softmax(-1)
+                new_tokens = []
+                for i, seq in enumerate(sample_seqs):
+                    if seq.logprobs is not None:
+                        seq.logprobs += top_logprobs(lp[i:i + 1], tokens[i:i + 1], seq.params.logprobs)
+                    new_tokens.append([int(tokens[i])])
+            now = time.perf_counter()
+            for seq, toks in zip(sample_seqs, new_tokens):
+                if seq.metrics.first_token_time is None:
+                    seq.metrics.first_token_time = now
+                self.block_manager.cache_full_blocks(seq.block_table, seq.block_hashes,
+                                                     seq.token_ids, seq.num_computed)
+                for t in toks:
+                    self._append_token(seq, t)
+                    if seq.status == FINISHED:
+                        break
+                outputs.append(self._output(seq))
+        for seq in seqs:                                   # partial prefills: cache progress
+            if seq.status == RUNNING and seq not in sample_seqs:
+                self.block_manager.cache_full_blocks(seq.block_table, seq.block_hashes,
+                                                     seq.token_ids, seq.num_computed)
+        self.peak_blocks_used = max(self.peak_blocks_used, self.num_blocks - self.block_manager.num_free)
+        return outputs
+
+    def run_model(self, model: LlamaForCausalLM, kv_cache: Tensor, seqs: list[Sequence],
+                  num_computed: list[int], num_new: list[int], tables: list[list[int]],
+                  token_source: list[list[int]] | None = None) -> tuple[Tensor, list[int]]:
+        """One forward pass over a flat batch. Sequence i computes tokens
+        [num_computed[i], num_computed[i] + num_new[i]) of token_source[i] (default:
+        token_ids followed by its unverified speculative tokens). -> (hidden (T, D), starts)."""
+        bs = self.cfg.block_size
+        ids, pos, slots, starts = [], [], [], [0]
+        for i, seq in enumerate(seqs):
+            src = token_source[i] if token_source else seq.token_ids + seq.spec_tokens
+            c, n, table = num_computed[i], num_new[i], tables[i]
+            ids += src[c:c + n]
+            pos += range(c, c + n)
+            slots += [table[p // bs] * bs + p % bs for p in range(c, c + n)]
+            starts.append(starts[-1] + n)
+        width = max(len(t) for t in tables)
+        block_tables = torch.tensor([t + [0] * (width - len(t)) for t in tables], dtype=torch.int32)
+        dev = self.device
+        meta = AttentionMetadata(
+            slot_mapping=torch.tensor(slots, dtype=torch.int64, device=dev),
+            block_tables=block_tables.to(dev),
+            query_start_loc=torch.tensor(starts, dtype=torch.int32, device=dev),
+            context_lens=torch.tensor([c + n for c, n in zip(num_computed, num_new)],
+                                      dtype=torch.int32, device=dev))
+        with torch.inference_mode():
+            hidden = model(torch.tensor(ids, device=dev), torch.tensor(pos, device=dev), kv_cache, meta)
+        return hidden, starts[:-1]
+
+    def _prompt_logprobs(self, seq: Sequence, hidden: Tensor) -> None:
+        """Logprob of each prompt token given those before it (position 0 has none)."""
+        if seq.prompt_logprobs is None:
+            seq.prompt_logprobs = [None]
+        c = seq.num_computed
+        n = min(hidden.shape[0], seq.num_prompt_tokens - 1 - c)     # rows predicting a prompt token
+        if n <= 0:
+            return
+        lp = self.model.compute_logits(hidden[:n]).log_softmax(-1)
+        targets = torch.tensor(seq.token_ids[c + 1:c + 1 + n], device=lp.device)
+        seq.prompt_logprobs += top_logprobs(lp, targets, seq.params.prompt_logprobs)
+
+    def _append_token(self, seq: Sequence, token: int) -> None:
+        """Add a sampled token, update the text, and check every stop condition."""
+        seq.token_ids.append(token)
+        self.num_generated += 1
+        p = seq.params
+        is_eos = token in self.model_config.eos_token_ids or (
+            self.tokenizer is not None and token == self.tokenizer.eos_id)
+        if seq.detok and not is_eos:
+            before = len(seq.text)
+            seq.text += seq.detok.step(token)
+            for s in p.stop:
+                i = seq.text.find(s, max(0, before - len(s) + 1))
+                if i >= 0:
+                    seq.text = seq.text[:i]
+                    return self.scheduler.finish(seq, "stop")
+        if is_eos and not p.ignore_eos:
+            reason = "stop"
+        elif len(seq.output_ids) >= p.max_tokens or seq.num_tokens >= self.max_model_len:
+            reason = "length"
+        else:
+            return
+        if seq.detok:
+            seq.text += seq.detok.step(-1, final=True)    # flush an unfinished character
+        self.scheduler.finish(seq, reason)
+
+    def _output(self, seq: Sequence) -> RequestOutput:
+        # While running, hold back text that might be the start of a stop string.
+        hold = 0 if seq.status == FINISHED else max((len(s) - 1 for s in seq.params.stop), default=0)
+        end = max(seq.emitted, len(seq.text) - hold)
+        delta, seq.emitted = seq.text[seq.emitted:end], end
+        m = seq.metrics
+        metrics = {"time_to_first_token": m.time_to_first_token, "e2e_latency": m.e2e_latency,
+                   "time_per_output_token": m.time_per_output_token(len(seq.output_ids)),
+                   "num_cached_prompt_tokens": m.num_cached_prompt_tokens}
+        if m.spec_proposed:
+            metrics["spec_acceptance_rate"] = m.spec_accepted / m.spec_proposed
+        if seq.status == FINISHED:
+            self.requests.pop(seq.request_id, None)
+        return RequestOutput(seq.request_id, seq.prompt, seq.token_ids[:seq.num_prompt_tokens],
+                             list(seq.output_ids), seq.text, delta, seq.logprobs,
+                             seq.prompt_logprobs, seq.finish_reason, metrics)
+
+    def stats(self) -> dict:
+        s, bm = self.scheduler, self.block_manager
+        spec = self.speculator
+        return {
+            "kv_blocks_total": self.num_blocks,
+            "kv_blocks_free": bm.num_free,
+            "kv_blocks_used": self.num_blocks - bm.num_free,
+            "kv_blocks_peak": self.peak_blocks_used,
+            "block_size": self.cfg.block_size,
+            "kv_bytes_per_token": self.kv_bytes_per_token,
+            "num_running": len(s.running),
+            "num_waiting": len(s.waiting),
+            "preemptions": s.num_preemptions,
+            "generated_tokens": self.num_generated,
+            "steps": self.num_steps,
+            "prefix_cache_hit_rate": (s.cached_prompt_tokens / s.prompt_tokens
+                                      if self.cfg.enable_prefix_caching and s.prompt_tokens else None),
+            "spec_acceptance_rate": spec.acceptance_rate() if spec else None,
+            "spec_tokens_per_step": spec.tokens_per_step() if spec else None,
+        }
+
+
+class LLM:
+    """The offline API, as in vLLM: `LLM(model_dir).generate(prompts, SamplingParams())`."""
+
+    def __init__(self, model: str | Path = DEFAULT_MODEL, *, device: str | None = None,
+                 dtype: str = "float32", tokenizer: str | Path | None = None,
+                 draft_model: str | Path | None = None, **engine_kwargs):
+        device = device or ("cuda" if torch.cuda.is_available() else "cpu")
+        if draft_model is not None:
+            engine_kwargs.setdefault("speculative_method", "draft")
+        cfg = EngineConfig(device=device, dtype=dtype, **engine_kwargs)
+        self.engine = LLMEngine(model, cfg, tokenizer=tokenizer, draft_model=draft_model)
+
+    @property
+    def tokenizer(self) -> Tokenizer | None:
+        return self.engine.tokenizer
+
+    def _sequences(self, prompts, sampling_params) -> list[Sequence]:
+        single = isinstance(prompts, str) or (isinstance(prompts, list) and prompts
+                                              and isinstance(prompts[0], int))
+        prompts = [prompts] if single else list(prompts)
+        if sampling_params is None:
+            sampling_params = SamplingParams()
+        if isinstance(sampling_params, SamplingParams):
+            sampling_params = [sampling_params] * len(prompts)
+        if len(sampling_params) != len(prompts):
+            raise ValueError(f"got {len(sampling_params)} sampling_params for {len(prompts)} prompts")
+        # Validate everything before queueing anything: a bad prompt rejects the call whole.
+        return [self.engine.make_sequence(p, sp) for p, sp in zip(prompts, sampling_params)]
+
+    def generate(self, prompts: str | list[int] | list[str] | list[list[int]],
+                 sampling_params: SamplingParams | list[SamplingParams] | None = None
+                 ) -> list[RequestOutput]:
+        """Run prompts to completion with continuous batching; outputs in prompt order."""
+        seqs = self._sequences(prompts, sampling_params)
+        for seq in seqs:
+            self.engine.add_sequence(seq)
+        done: dict[str, RequestOutput] = {}
+        try:
+            while len(done) < len(seqs):
+                for out in self.engine.step():
+                    if out.finished:
+                        done[out.request_id] = out
+        except BaseException:
+            for seq in seqs:
+                self.engine.abort(seq.request_id)
+            raise
+        return [done[s.request_id] for s in seqs]
+
+    def stream(self, prompts, sampling_params=None) -> Iterator[RequestOutput]:
+        """Like generate, but yield each request's progress (with its text delta) per step."""
+        seqs = self._sequences(prompts, sampling_params)
+        for seq in seqs:
+            self.engine.add_sequence(seq)
+        ids = {s.request_id for s in seqs}
+        try:
+            while ids:
+                for out in self.engine.step():
+                    if out.request_id in ids:
+                        if out.finished:
+                            ids.discard(out.request_id)
+                        yield out
+        finally:
+            for rid in ids:
+                self.engine.abort(rid)
+
+    def stats(self) -> dict:
+        return self.engine.stats()
+
+
+# ============================================================================ speculative decoding
+
+class Speculator:
+    """Placeholder until speculative decoding lands (see issue 5)."""
+
+    def __init__(self, engine: LLMEngine, draft_dir: str | Path | None):
+        raise ValueError("speculative decoding is not implemented yet")
+
+
+# ============================================================================ CLI
+
+def build_parser() -> argparse.ArgumentParser:
+    p = argparse.ArgumentParser(description="nanoserve: a minimal LLM inference server")
+    p.add_argument("--model", default=str(DEFAULT_MODEL), help="Hugging Face checkpoint directory")
+    p.add_argument("--tokenizer", default=None, help="tokenizer.model (default: the model's)")
+    p.add_argument("--prompt", help="generate a continuation of this text and stream it")
+    p.add_argument("--max-tokens", type=int, default=128)
+    p.add_argument("--temperature", type=float, default=0.8)
+    p.add_argument("--top-p", type=float, default=0.95)
+    p.add_argument("--top-k", type=int, default=0)
+    p.add_argument("--seed", type=int, default=None)
+    p.add_argument("--stop", action="append", default=None, help="stop string (repeatable)")
+    p.add_argument("--device", default=None, choices=["cpu", "cuda"])
+    p.add_argument("--dtype", default="float32", choices=sorted(DTYPES))
+    p.add_argument("--block-size", type=int, default=16)
+    p.add_argument("--num-blocks", type=int, default=None)
+    p.add_argument("--max-num-seqs", type=int, default=256)
+    p.add_argument("--max-num-batched-tokens", type=int, default=2048)
+    p.add_argument("--max-model-len", type=int, default=None)
+    p.add_argument("--no-prefix-caching", action="store_true")
+    p.add_argument("--no-chunked-prefill", action="store_true")
+    return p
+
+
+def engine_kwargs(args: argparse.Namespace) -> dict:
+    return dict(device=args.device, dtype=args.dtype, tokenizer=args.tokenizer,
+                block_size=args.block_size, num_blocks=args.num_blocks,
+                max_num_seqs=args.max_num_seqs, max_num_batched_tokens=args.max_num_batched_tokens,
+                max_model_len=args.max_model_len, enable_prefix_caching=not args.no_prefix_caching,
+                enable_chunked_prefill=not args.no_chunked_prefill)
+
+
+def main(argv: list[str] | None = None) -> int:
+    args = build_parser().parse_args(argv)
+    try:
+        if args.prompt is None:
+            raise ValueError("nothing to do: pass --prompt TEXT")
+        params = SamplingParams(temperature=args.temperature, top_p=args.top_p, top_k=args.top_k,
+                                max_tokens=args.max_tokens, seed=args.seed, stop=args.stop)
+        llm = LLM(args.model, **engine_kwargs(args))
+        out = None
+        for out in llm.stream(args.prompt, params):
+            sys.stdout.write(out.delta)
+            sys.stdout.flush()
+        sys.stdout.write("\n")
+        m, st = out.metrics, llm.stats()
+        tpot = m["time_per_output_token"]
+        print(f"[nanoserve] {len(out.token_ids)} tokens, finish={out.finish_reason}, "
+              f"TTFT {m['time_to_first_token'] * 1000:.1f} ms, decode "
+              f"{(1 / tpot) if tpot else float('nan'):.1f} tok/s, KV blocks used "
+              f"{st['kv_blocks_peak']}/{st['kv_blocks_total']} (peak)",
+              file=sys.stderr)
+        return 0
+    except (ValueError, FileNotFoundError) as e:
+        print(f"nanoserve: error: {e}", file=sys.stderr)
+        return 2
+    except KeyboardInterrupt:
+        return 130
+
+
+if __name__ == "__main__":
+    sys.exit(main())
