@@ -482,6 +482,7 @@ def load_model(model_dir: str | Path, dtype: torch.dtype, device: torch.device
     if cfg.tie_word_embeddings:
         state["lm_head.weight"] = state["model.embed_tokens.weight"]
     model.load_state_dict(state, assign=True)
+    model.requires_grad_(False)
     return model.eval(), cfg
 
 
@@ -961,6 +962,7 @@ class LLMEngine:
 
     # -------------------------------------------------------------- one step
 
+    @torch.inference_mode()
     def step(self) -> list[RequestOutput]:
         """Schedule, run the model once over the whole batch, sample, return progress."""
         if self.speculator:
@@ -1040,8 +1042,7 @@ class LLMEngine:
             query_start_loc=torch.tensor(starts, dtype=torch.int32, device=dev),
             context_lens=torch.tensor([c + n for c, n in zip(num_computed, num_new)],
                                       dtype=torch.int32, device=dev))
-        with torch.inference_mode():
-            hidden = model(torch.tensor(ids, device=dev), torch.tensor(pos, device=dev), kv_cache, meta)
+        hidden = model(torch.tensor(ids, device=dev), torch.tensor(pos, device=dev), kv_cache, meta)
         return hidden, starts[:-1]
 
     def _prompt_logprobs(self, seq: Sequence, hidden: Tensor) -> None:

@@ -1,0 +1,315 @@
+"""The core engine: model correctness, paged KV cache, continuous batching, API, CLI."""
+
+import json
+import random
+import subprocess
+import sys
+
+import pytest
+import torch
+import torch.nn.functional as F
+
+import kernels
+import nanoserve
+from nanoserve import LLM, SamplingParams
+from conftest import ROOT, STORIES, TINY_CONFIG, needs_stories, write_random_checkpoint
+
+
+# ----------------------------------------------------------------------------- model
+
+@needs_stories
+def test_greedy_matches_llama2c_reference():
+    golden = json.loads((STORIES / "golden_greedy.json").read_text())
+    llm = LLM(STORIES, device="cpu", dtype="float32")
+    for case in golden["cases"]:
+        params = SamplingParams(temperature=0, max_tokens=len(case["greedy_ids"]), ignore_eos=True)
+        out = llm.generate(case["prompt_ids"], params)[0]
+        assert out.token_ids == case["greedy_ids"]
+
+
+def dense_logits(model: nanoserve.LlamaForCausalLM, ids: list[int]) -> torch.Tensor:
+    """The same network with plain causal attention and no cache: the oracle for paging."""
+    cfg = model.config
+    x = model.model.embed_tokens(torch.tensor(ids))
+    pos = torch.arange(len(ids))
+    cos, sin = kernels.rope_cos_sin(cfg.head_dim, len(ids), cfg.rope_theta)
+    for layer in model.model.layers:
+        a = layer.self_attn
+        h = kernels.rms_norm_ref(x, layer.input_layernorm.weight, cfg.rms_norm_eps)
+        q = a.q_proj(h).view(len(ids), a.n_heads, a.head_dim)
+        k = a.k_proj(h).view(len(ids), a.n_kv, a.head_dim)
+        v = a.v_proj(h).view(len(ids), a.n_kv, a.head_dim)
+        q, k = kernels.rotary_embedding_ref(q, k, pos, cos, sin)
+        rep = a.n_heads // a.n_kv
+        o = F.scaled_dot_product_attention(q.transpose(0, 1), k.repeat_interleave(rep, 1).transpose(0, 1),
+                                           v.repeat_interleave(rep, 1).transpose(0, 1), is_causal=True)
+        x = x + a.o_proj(o.transpose(0, 1).reshape(len(ids), -1))
+        h = kernels.rms_norm_ref(x, layer.post_attention_layernorm.weight, cfg.rms_norm_eps)
+        x = x + layer.mlp(h)
+    x = kernels.rms_norm_ref(x, model.model.norm.weight, cfg.rms_norm_eps)
+    return model.lm_head(x).float()
+
+
+def test_prompt_logprobs_match_dense_forward(model_dirs):
+    for model_dir in model_dirs:
+        llm = LLM(model_dir, device="cpu", block_size=4, max_num_batched_tokens=16)
+        vocab = llm.engine.model_config.vocab_size
+        ids = [1] + [random.Random(3).randrange(3, vocab) for _ in range(40)]
+        out = llm.generate(ids, SamplingParams(temperature=0, max_tokens=3, prompt_logprobs=2, logprobs=1,
+                                               ignore_eos=True))[0]
+        with torch.inference_mode():
+            ref = dense_logits(llm.engine.model, ids + out.token_ids).log_softmax(-1)
+        assert out.prompt_logprobs[0] is None and len(out.prompt_logprobs) == len(ids)
+        for i in range(1, len(ids)):
+            d = out.prompt_logprobs[i]
+            assert ids[i] in d and len(d) <= 3
+            assert d[ids[i]] == pytest.approx(ref[i - 1, ids[i]].item(), abs=1e-4)
+            top2 = ref[i - 1].topk(2).indices.tolist()
+            assert set(top2) <= set(d)
+        for j, t in enumerate(out.token_ids):        # generated logprobs: sampled + top 1
+            assert out.logprobs[j][t] == pytest.approx(ref[len(ids) - 1 + j, t].item(), abs=1e-4)
+            assert t == ref[len(ids) - 1 + j].argmax().item()     # greedy
+
+
+def test_configs_of_real_models_build_with_expected_sizes(tmp_path):
+    shapes = {  # config.json fields as published; expected parameter counts
+        "tinyllama-1.1b": (dict(hidden_size=2048, intermediate_size=5632, num_hidden_layers=22,
+                                num_attention_heads=32, num_key_value_heads=4, vocab_size=32000,
+                                max_position_embeddings=2048, rms_norm_eps=1e-5, model_type="llama",
+                                torch_dtype="bfloat16"), 1.100e9),
+        "llama-2-7b": (dict(hidden_size=4096, intermediate_size=11008, num_hidden_layers=32,
+                            num_attention_heads=32, num_key_value_heads=32, vocab_size=32000,
+                            max_position_embeddings=4096, rms_norm_eps=1e-5, model_type="llama"), 6.738e9),
+        "mistral-7b": (dict(hidden_size=4096, intermediate_size=14336, num_hidden_layers=32,
+                            num_attention_heads=32, num_key_value_heads=8, vocab_size=32000,
+                            max_position_embeddings=32768, rope_theta=1e6, sliding_window=4096,
+                            model_type="mistral", architectures=["MistralForCausalLM"]), 7.242e9),
+    }
+    for name, (cfg, params) in shapes.items():
+        (tmp_path / name).mkdir()
+        (tmp_path / name / "config.json").write_text(json.dumps(cfg))
+        mc = nanoserve.ModelConfig.from_dir(tmp_path / name)
+        with torch.device("meta"):
+            model = nanoserve.LlamaForCausalLM(mc)
+        n = sum(p.numel() for p in model.parameters())
+        assert n == pytest.approx(params, rel=2e-3), name
+
+
+@pytest.mark.parametrize("heads,kv_heads,tied", [(4, 4, True), (8, 1, False), (6, 2, False)])
+def test_mha_mqa_gqa_and_tied_embeddings_match_dense(tmp_path, heads, kv_heads, tied):
+    cfg = dict(TINY_CONFIG, num_attention_heads=heads, num_key_value_heads=kv_heads, hidden_size=48,
+               tie_word_embeddings=tied, head_dim=16, rope_theta=500000.0)
+    d = write_random_checkpoint(tmp_path / "m", cfg)
+    llm = LLM(d, device="cpu", block_size=16)
+    ids = list(range(5, 42))
+    out = llm.generate(ids, SamplingParams(temperature=0, max_tokens=8, ignore_eos=True))[0]
+    with torch.inference_mode():
+        ref = dense_logits(llm.engine.model, ids + out.token_ids)
+    assert out.token_ids == ref[len(ids) - 1:-1].argmax(-1).tolist()
+    if tied:
+        assert llm.engine.model.lm_head.weight.data_ptr() == llm.engine.model.model.embed_tokens.weight.data_ptr()
+
+
+@pytest.mark.parametrize("dtype", ["float16", "bfloat16"])
+def test_half_precision_logprobs_close_to_fp32(tiny_model_dir, dtype):
+    ids = list(range(10, 60))
+    p = SamplingParams(temperature=0, max_tokens=1, prompt_logprobs=0)
+    ref = LLM(tiny_model_dir, device="cpu").generate(ids, p)[0].prompt_logprobs
+    out = LLM(tiny_model_dir, device="cpu", dtype=dtype).generate(ids, p)[0].prompt_logprobs
+    err = max(abs(out[i][ids[i]] - ref[i][ids[i]]) for i in range(1, len(ids)))
+    assert err < 0.15        # 8 (bf16) or 11 (fp16) mantissa bits through 2 layers
+
+
+# ----------------------------------------------------------------------------- paged attention
+
+@pytest.mark.parametrize("group", [1, 2, 4, 8])
+@pytest.mark.parametrize("block_size", [1, 16])
+def test_paged_attention_reference_equals_dense_causal(group, block_size):
+    torch.manual_seed(group * 100 + block_size)
+    n_kv, hd = 2, 16
+    n_heads = n_kv * group
+    # (context length, new queries): decodes, a whole prompt, chunks ending mid-block.
+    seqs = [(37, 1), (5, 5), (50, 13), (1, 1), (33, 33), (70, 1)]
+    num_blocks = sum((c + block_size - 1) // block_size for c, _ in seqs) + 3
+    k_cache = torch.randn(num_blocks, block_size, n_kv, hd)
+    v_cache = torch.randn(num_blocks, block_size, n_kv, hd)
+    free = torch.randperm(num_blocks).tolist()                  # scattered, non-contiguous blocks
+    tables, ks, vs, qs = [], [], [], []
+    for ctx, _ in seqs:
+        nb = (ctx + block_size - 1) // block_size
+        tables.append([free.pop() for _ in range(nb)])
+        k, v = torch.randn(ctx, n_kv, hd), torch.randn(ctx, n_kv, hd)
+        slots = torch.tensor([tables[-1][p // block_size] * block_size + p % block_size for p in range(ctx)])
+        kernels.reshape_and_cache_ref(k, v, k_cache, v_cache, slots)
+        ks.append(k), vs.append(v)
+    width = max(map(len, tables))
+    bt = torch.tensor([t + [0] * (width - len(t)) for t in tables], dtype=torch.int32)
+    starts = [0]
+    for _, n in seqs:
+        qs.append(torch.randn(n, n_heads, hd))
+        starts.append(starts[-1] + n)
+    out = kernels.paged_attention_ref(torch.cat(qs), k_cache, v_cache, bt, torch.tensor(starts),
+                                      torch.tensor([c for c, _ in seqs]), hd ** -0.5)
+    for i, (ctx, n) in enumerate(seqs):
+        # Dense reference: the n queries are the last n positions of a ctx-long sequence.
+        q = qs[i].transpose(0, 1)                                          # (H, n, hd)
+        k = ks[i].repeat_interleave(group, 1).transpose(0, 1)              # (H, ctx, hd)
+        v = vs[i].repeat_interleave(group, 1).transpose(0, 1)
+        mask = torch.arange(ctx)[None, :] <= torch.arange(ctx - n, ctx)[:, None]
+        ref = F.scaled_dot_product_attention(q, k, v, attn_mask=mask).transpose(0, 1)
+        torch.testing.assert_close(out[starts[i]:starts[i + 1]], ref, atol=1e-5, rtol=1e-5)
+
+
+# ----------------------------------------------------------------------------- continuous batching
+
+def _workload(vocab: int, n: int, seed: int = 0):
+    rng = random.Random(seed)
+    prompts = [[1] + [rng.randrange(3, vocab) for _ in range(rng.randrange(1, 70))] for _ in range(n)]
+    params = [SamplingParams(temperature=0 if i % 2 == 0 else 0.9, top_p=0.95 if i % 3 else 1.0,
+                             seed=1000 + i, max_tokens=rng.randrange(4, 60), ignore_eos=True)
+              for i in range(n)]
+    return prompts, params
+
+
+def test_batched_equals_sequential_under_preemption(model_dirs):
+    for model_dir in model_dirs:
+        llm = LLM(model_dir, device="cpu")
+        prompts, params = _workload(llm.engine.model_config.vocab_size, 20)
+        alone = [llm.generate(p, sp)[0].token_ids for p, sp in zip(prompts, params)]
+        # A pool of 40 blocks of 4 tokens cannot hold 20 sequences of up to 130 tokens.
+        small = LLM(model_dir, device="cpu", num_blocks=40, block_size=4, max_model_len=150,
+                    max_num_batched_tokens=64)
+        outs = small.generate(prompts, params)
+        assert [o.token_ids for o in outs] == alone, model_dir
+        stats = small.stats()
+        assert stats["preemptions"] > 0
+        assert stats["kv_blocks_free"] == stats["kv_blocks_total"] == 40
+        assert small.engine.block_manager.ref_count == [0] * 40
+
+
+def test_requests_join_and_leave_the_running_batch_every_step(tiny_model_dir):
+    llm = LLM(tiny_model_dir, device="cpu", max_num_seqs=4)
+    eng = llm.engine
+    short = SamplingParams(temperature=0, max_tokens=2, ignore_eos=True)
+    long = SamplingParams(temperature=0, max_tokens=30, ignore_eos=True)
+    eng.add_request([5, 6, 7], long)
+    eng.add_request([8, 9], short)
+    eng.step()
+    assert len(eng.scheduler.running) == 2
+    finished_at = None
+    for step in range(5):
+        outs = eng.step()
+        if any(o.finished for o in outs):
+            finished_at = step
+            break
+    assert finished_at is not None and len(eng.scheduler.running) == 1
+    eng.add_request([10, 11, 12], short)              # joins while the long one runs
+    eng.step()
+    assert len(eng.scheduler.running) == 2
+    # max_num_seqs bounds the batch: six more requests, at most 4 running at once.
+    for i in range(6):
+        eng.add_request([20 + i], short)
+    while eng.has_unfinished():
+        eng.step()
+        assert len(eng.scheduler.running) <= 4
+
+
+def test_kv_pool_is_sized_from_the_memory_budget(tiny_model_dir):
+    llm = LLM(tiny_model_dir, device="cpu", kv_cache_bytes=1 << 20, block_size=16)
+    per_token = 2 * 2 * 2 * 8 * 4            # K and V, 2 layers, 2 KV heads, head_dim 8, fp32
+    assert llm.stats()["kv_bytes_per_token"] == per_token
+    assert llm.stats()["kv_blocks_total"] == (1 << 20) // (per_token * 16)
+    with pytest.raises(ValueError, match="num_blocks"):
+        LLM(tiny_model_dir, device="cpu", num_blocks=3, block_size=16)   # < one max-length sequence
+
+
+def test_stats_keys(tiny_model_dir):
+    stats = LLM(tiny_model_dir, device="cpu").stats()
+    for key in ("kv_blocks_total", "kv_blocks_free", "preemptions", "prefix_cache_hit_rate",
+                "spec_acceptance_rate"):
+        assert key in stats
+    assert stats["spec_acceptance_rate"] is None
+
+
+# ----------------------------------------------------------------------------- outputs and stopping
+
+def test_outputs_carry_metrics_and_finish_reasons(tiny_model_dir):
+    llm = LLM(tiny_model_dir, device="cpu")
+    out = llm.generate([3, 4, 5], SamplingParams(temperature=0, max_tokens=7, ignore_eos=True))[0]
+    assert len(out.token_ids) == 7 and out.finish_reason == "length"
+    m = out.metrics
+    assert 0 < m["time_to_first_token"] <= m["e2e_latency"] and m["time_per_output_token"] > 0
+    # EOS stops unless ignore_eos: force it by picking the greedy token as "EOS".
+    first = out.token_ids[0]
+    llm.engine.model_config.eos_token_id = first
+    out = llm.generate([3, 4, 5], SamplingParams(temperature=0, max_tokens=7))[0]
+    assert out.token_ids == [first] and out.finish_reason == "stop"
+
+
+def test_max_model_len_ends_a_sequence(tiny_model_dir):
+    llm = LLM(tiny_model_dir, device="cpu", max_model_len=20)
+    out = llm.generate(list(range(3, 18)), SamplingParams(temperature=0, max_tokens=100, ignore_eos=True))[0]
+    assert len(out.token_ids) == 5 and out.finish_reason == "length"
+
+
+def test_seeded_request_is_reproducible_and_seeds_differ(tiny_model_dir):
+    llm = LLM(tiny_model_dir, device="cpu")
+    p = lambda s: SamplingParams(temperature=1.0, max_tokens=20, seed=s, ignore_eos=True)  # noqa: E731
+    a = llm.generate([7, 8, 9], p(1))[0].token_ids
+    assert llm.generate([7, 8, 9], p(1))[0].token_ids == a
+    assert llm.generate([7, 8, 9], p(2))[0].token_ids != a
+
+
+# ----------------------------------------------------------------------------- bad input
+
+def test_sampling_params_name_the_bad_field():
+    for kwargs, field in [({"temperature": -0.1}, "temperature"), ({"top_p": 0}, "top_p"),
+                          ({"top_p": 1.5}, "top_p"), ({"top_k": -1}, "top_k"),
+                          ({"max_tokens": 0}, "max_tokens"), ({"logprobs": -1}, "logprobs"),
+                          ({"temperature": "hot"}, "temperature"), ({"stop": [""]}, "stop"),
+                          ({"seed": 1.5}, "seed"), ({"prompt_logprobs": 99}, "prompt_logprobs")]:
+        with pytest.raises(ValueError, match=field):
+            SamplingParams(**kwargs)
+
+
+def test_bad_prompts_are_refused_before_queueing_and_engine_keeps_serving(tiny_model_dir):
+    llm = LLM(tiny_model_dir, device="cpu", max_model_len=64)
+    ok = SamplingParams(temperature=0, max_tokens=3, ignore_eos=True)
+    expected = llm.generate([5, 6], ok)[0].token_ids
+    for prompt, msg in [([], "empty"), (list(range(3, 70)), "max_model_len"), ([5, 300], "vocabulary"),
+                        ([5, -1], "vocabulary"), ("text", "tokenizer"), ([5, "x"], "integers"),
+                        (3.5, "prompt")]:
+        with pytest.raises(ValueError, match=msg):
+            llm.generate([[5, 6], prompt], ok)        # the good prompt is not queued either
+        assert not llm.engine.has_unfinished()
+    assert llm.generate([5, 6], ok)[0].token_ids == expected
+    assert llm.stats()["kv_blocks_free"] == llm.stats()["kv_blocks_total"]
+
+
+def test_missing_or_broken_model_dirs_name_the_path(tmp_path):
+    with pytest.raises(FileNotFoundError, match="nowhere"):
+        LLM(tmp_path / "nowhere", device="cpu")
+    (tmp_path / "bad").mkdir()
+    (tmp_path / "bad" / "config.json").write_text("{not json")
+    with pytest.raises(ValueError, match="config.json"):
+        LLM(tmp_path / "bad", device="cpu")
+    (tmp_path / "noweights").mkdir()
+    (tmp_path / "noweights" / "config.json").write_text(json.dumps(TINY_CONFIG))
+    with pytest.raises(FileNotFoundError, match="safetensors"):
+        LLM(tmp_path / "noweights", device="cpu")
+
+
+def run_cli(*args: str, timeout: float = 120) -> subprocess.CompletedProcess:
+    return subprocess.run([sys.executable, str(ROOT / "nanoserve.py"), *args], capture_output=True,
+                          text=True, timeout=timeout, cwd=ROOT)
+
+
+@pytest.mark.parametrize("args,msg", [(["--temperature", "-1"], "temperature"),
+                                      (["--top-p", "2"], "top_p"),
+                                      (["--max-tokens", "0"], "max_tokens"),
+                                      (["--model", "/no/such/dir"], "/no/such/dir")])
+def test_cli_bad_input_is_one_line_and_exit_2(args, msg):
+    r = run_cli("--prompt", "hi", *args)
+    assert r.returncode == 2
+    assert "Traceback" not in r.stderr and len(r.stderr.strip().splitlines()) == 1
+    assert msg in r.stderr
