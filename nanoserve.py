@@ -29,7 +29,7 @@ import time
 from collections import OrderedDict, deque
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Iterator
+from typing import Callable, Iterator
 
 import numpy as np
 import torch
@@ -151,6 +151,8 @@ class EngineConfig:
             raise ValueError(f"num_speculative_tokens must be >= 0, got {self.num_speculative_tokens}")
         if self.speculative_method not in (None, "draft", "ngram"):
             raise ValueError(f"speculative_method must be 'draft' or 'ngram', got {self.speculative_method!r}")
+        if self.speculative_method and not self.num_speculative_tokens:
+            self.num_speculative_tokens = 4
 
 
 DTYPES = {"float32": torch.float32, "float16": torch.float16, "bfloat16": torch.bfloat16}
@@ -640,23 +642,49 @@ def filtered_probs(logits: Tensor, temperature: Tensor, top_k: Tensor, top_p: Te
     return probs / probs.sum(-1, keepdim=True)
 
 
-def sample(logits: Tensor, params: list[SamplingParams],
-           generators: list[torch.Generator | None], default: torch.Generator) -> Tensor:
-    """One token per row of logits (B, V). A row with a generator draws its own noise."""
+def sampling_probs(logits: Tensor, params: list[SamplingParams]) -> Tensor:
+    """(B, V) logits -> the (B, V) distribution each request samples from.
+
+    Greedy rows (temperature 0) become one-hot on the argmax, so that speculative
+    decoding's acceptance rule below treats greedy and sampled requests alike.
+    """
     dev = logits.device
     temperature = torch.tensor([p.temperature for p in params], device=dev, dtype=torch.float32)
     top_k = torch.tensor([p.top_k for p in params], device=dev)
     top_p = torch.tensor([p.top_p for p in params], device=dev, dtype=torch.float32)
-    greedy = logits.argmax(-1)
-    if all(p.temperature == 0 for p in params):
-        return greedy
     probs = filtered_probs(logits, temperature, top_k, top_p)
+    greedy = F.one_hot(logits.argmax(-1), logits.shape[-1]).to(probs.dtype)
+    return torch.where((temperature == 0)[:, None], greedy, probs)
+
+
+def draw(probs: Tensor, generators: list[torch.Generator | None], default: torch.Generator) -> Tensor:
+    """One sample per row of probs (B, V) by the exponential race; seeded rows use their own noise."""
     noise = torch.empty_like(probs).exponential_(generator=default)
     for i, g in enumerate(generators):
         if g is not None:                                              # per-request seed
             noise[i] = torch.empty_like(probs[i]).exponential_(generator=g)
-    sampled = (probs / noise).argmax(-1)
-    return torch.where(temperature == 0, greedy, sampled)
+    return (probs / noise).argmax(-1)
+
+
+# A seeded request draws the noise of each sampling event from a generator keyed by
+# (seed, position of the token, purpose). Its output is then a function of its seed and
+# its own tokens only: the same alone or in any batch, and after a preemption.
+SAMPLE, DRAFT, ACCEPT, RESIDUAL = range(4)
+
+
+def seeded_generator(seed: int | None, position: int, purpose: int,
+                     device: torch.device) -> torch.Generator | None:
+    if seed is None:
+        return None                                   # the engine's shared generator is used
+    return torch.Generator(device).manual_seed((seed * 0x9E3779B1 + position * 4 + purpose) % 2**63)
+
+
+def sample(logits: Tensor, params: list[SamplingParams],
+           generators: list[torch.Generator | None], default: torch.Generator) -> Tensor:
+    """One token per row of logits (B, V). Temperature 0 is a plain argmax."""
+    if all(p.temperature == 0 for p in params):
+        return logits.argmax(-1)
+    return draw(sampling_probs(logits, params), generators, default)
 
 
 def top_logprobs(logprobs: Tensor, chosen: Tensor, n: int) -> list[dict[int, float]]:
@@ -715,7 +743,6 @@ class Sequence:
     token_ids: list[int]                  # prompt + generated so far
     num_prompt_tokens: int
     params: SamplingParams
-    generator: torch.Generator | None
     metrics: Metrics
     status: str = WAITING
     num_computed: int = 0                 # tokens whose K/V sit in the cache
@@ -723,6 +750,7 @@ class Sequence:
     block_hashes: list[int] = field(default_factory=list)
     draft_block_table: list[int] = field(default_factory=list)   # speculative draft's cache
     draft_num_computed: int = 0
+    spec_k: int = 0                       # speculative tokens planned for this step
     spec_tokens: list[int] = field(default_factory=list)         # proposed, not yet verified
     spec_probs: Tensor | None = None      # (k, V) draft distributions q of spec_tokens
     finish_reason: str | None = None
@@ -748,7 +776,8 @@ class Scheduler:
         self.cfg, self.bm, self.max_model_len = cfg, block_manager, max_model_len
         self.waiting: deque[Sequence] = deque()
         self.running: list[Sequence] = []       # in admission order
-        self.draft_bm: BlockManager | None = None    # the draft model's pool, if speculating
+        self.draft_bm: BlockManager | None = None    # the draft model's pool, if any
+        self.spec_budget: Callable[[Sequence], int] | None = None   # speculative tokens allowed
         self.num_preemptions = 0
         self.prompt_tokens = self.cached_prompt_tokens = 0
 
@@ -764,8 +793,11 @@ class Scheduler:
         for seq in sorted(self.running, key=lambda s: s.num_tokens - s.num_computed > 1):
             if seq.status != RUNNING or budget == 0:
                 continue
-            n = min(seq.num_tokens + len(seq.spec_tokens) - seq.num_computed, budget)
-            while not self.bm.can_allocate(seq.block_table, seq.num_computed + n):
+            remaining = seq.num_tokens - seq.num_computed
+            # A decoding sequence may verify k speculative tokens, never a partial window.
+            seq.spec_k = min(self.spec_budget(seq), budget - 1) if self.spec_budget and remaining == 1 else 0
+            n = min(remaining + seq.spec_k, budget)
+            while not self.can_allocate(seq, n):
                 # Out of blocks: preempt the most recently admitted sequence (recompute
                 # later). If that is this sequence itself, it waits.
                 victim = self.running[-1]
@@ -775,15 +807,21 @@ class Scheduler:
                 if victim is seq:
                     break
             if seq.status == RUNNING:
-                self.bm.allocate(seq.block_table, seq.num_computed + n)
+                self.allocate(seq, n)
                 scheduled[seq] = n
                 budget -= n
         # 2. Admit waiting sequences in arrival order while blocks and budget last.
         while self.waiting and not preempted and budget > 0 and len(self.running) < self.cfg.max_num_seqs:
             seq = self.waiting[0]
+            # A new prompt is prefilled to its end and samples its first token. A preempted
+            # sequence recomputes all but its last token and then decodes on as before, so
+            # that what it samples next does not depend on having been preempted.
+            target = seq.num_tokens - (1 if seq.output_ids else 0)
             hits = [] if seq.params.prompt_logprobs is not None else self.bm.match_prefix(seq.token_ids)
+            while hits and len(hits) * self.bm.block_size >= target:
+                hits.pop()
             num_cached = len(hits) * self.bm.block_size
-            n = seq.num_tokens - num_cached
+            n = target - num_cached
             if n > budget:
                 if not self.cfg.enable_chunked_prefill and scheduled:
                     break               # the whole prompt goes in one step, a later one
@@ -804,13 +842,24 @@ class Scheduler:
             budget -= n
         return scheduled
 
+    def can_allocate(self, seq: Sequence, n: int) -> bool:
+        ok = self.bm.can_allocate(seq.block_table, seq.num_computed + n)
+        if seq.spec_k and self.draft_bm:   # the draft cache: catch-up tokens and k - 1 drafts
+            ok = ok and self.draft_bm.can_allocate(seq.draft_block_table, seq.num_tokens + seq.spec_k - 1)
+        return ok
+
+    def allocate(self, seq: Sequence, n: int) -> None:
+        self.bm.allocate(seq.block_table, seq.num_computed + n)
+        if seq.spec_k and self.draft_bm:
+            self.draft_bm.allocate(seq.draft_block_table, seq.num_tokens + seq.spec_k - 1)
+
     def preempt(self, seq: Sequence) -> None:
         """Free all of seq's blocks; it will recompute its tokens (prefix cache permitting)."""
         self.running.remove(seq)
         self.release(seq)
         seq.status = WAITING
         seq.num_computed = 0
-        seq.spec_tokens, seq.spec_probs = [], None
+        seq.spec_tokens, seq.spec_probs, seq.spec_k = [], None, 0
         self.waiting.appendleft(seq)
         self.num_preemptions += 1
 
@@ -897,6 +946,7 @@ class LLMEngine:
         self.scheduler = Scheduler(cfg, self.block_manager, self.max_model_len)
         if self.speculator:
             self.speculator.init_cache(self.num_blocks)
+            self.speculator.attach(self.scheduler)
         self.generator = torch.Generator(self.device).manual_seed(cfg.seed)
         self.requests: dict[str, Sequence] = {}
         self._next_id = 0
@@ -957,10 +1007,7 @@ class LLMEngine:
             self._next_id += 1
         if request_id in self.requests:
             raise ValueError(f"request_id {request_id!r} is already in use")
-        gen = None
-        if params.seed is not None:
-            gen = torch.Generator(self.device).manual_seed(params.seed)
-        seq = Sequence(request_id, text, ids, len(ids), params, gen, Metrics(time.perf_counter()))
+        seq = Sequence(request_id, text, ids, len(ids), params, Metrics(time.perf_counter()))
         if params.logprobs is not None:
             seq.logprobs = []
         if self.tokenizer:
@@ -991,56 +1038,54 @@ class LLMEngine:
     @torch.inference_mode()
     def step(self) -> list[RequestOutput]:
         """Schedule, run the model once over the whole batch, sample, return progress."""
-        if self.speculator:
-            self.speculator.propose(self.scheduler.running)
         scheduled = self.scheduler.schedule()
         if not scheduled:
             return []
+        if self.speculator:
+            self.speculator.propose([s for s in scheduled if s.spec_k])
+            for s in scheduled:                            # a proposal may come up short
+                if s.spec_k:
+                    scheduled[s] = 1 + len(s.spec_tokens)
         self.num_steps += 1
         seqs = list(scheduled)
         hidden, starts = self.run_model(self.model, self.kv_cache, seqs,
                                         [s.num_computed for s in seqs], [scheduled[s] for s in seqs],
                                         [s.block_table for s in seqs])
-        sample_rows, sample_seqs = [], []
+        plain, verify = [], []                             # (seq, row of its last token)
         for seq, start in zip(seqs, starts):
             n = scheduled[seq]
             if seq.params.prompt_logprobs is not None and seq.num_computed < seq.num_prompt_tokens:
                 self._prompt_logprobs(seq, hidden[start:start + n])
             seq.num_computed += n
-            if seq.num_computed >= seq.num_tokens:        # reached the end: sample next token
-                sample_rows.append(start + n - 1 - len(seq.spec_tokens))
-                sample_seqs.append(seq)
+            if seq.num_computed < seq.num_tokens:        # a prefill chunk, more to come
+                self.block_manager.cache_full_blocks(seq.block_table, seq.block_hashes,
+                                                     seq.token_ids, seq.num_computed)
+            elif seq.spec_tokens:                         # a speculative window to verify
+                verify.append((seq, start + n - 1 - len(seq.spec_tokens)))
+            else:                                         # reached the end: sample next token
+                plain.append((seq, start + n - 1))
+        new_tokens: dict[Sequence, list[int]] = {}
+        if plain:
+            logits = self.model.compute_logits(hidden[[r for _, r in plain]])      # (B, V)
+            gens = [seeded_generator(s.params.seed, s.num_tokens, SAMPLE, self.device) for s, _ in plain]
+            tokens = sample(logits, [s.params for s, _ in plain], gens, self.generator)
+            lp = logits.log_softmax(-1) if any(s.logprobs is not None for s, _ in plain) else None
+            for i, (seq, _) in enumerate(plain):
+                if seq.logprobs is not None:
+                    seq.logprobs += top_logprobs(lp[i:i + 1], tokens[i:i + 1], seq.params.logprobs)
+                new_tokens[seq] = [int(tokens[i])]
+        if verify:
+            new_tokens.update(self.speculator.verify(verify, hidden))
+        now = time.perf_counter()
         outputs = []
-        if sample_seqs:
-            if self.speculator:
-                new_tokens = self.speculator.verify(sample_seqs, hidden, sample_rows)
-            else:
-                logits = self.model.compute_logits(hidden[sample_rows])           # (B, V)
-                tokens = sample(logits, [s.params for s in sample_seqs],
-                                [s.generator for s in sample_seqs], self.generator)
-                lp = None
-                if any(s.params.logprobs is not None for s in sample_seqs):
-                    lp = logits.log_softmax(-1)
-                new_tokens = []
-                for i, seq in enumerate(sample_seqs):
-                    if seq.logprobs is not None:
-                        seq.logprobs += top_logprobs(lp[i:i + 1], tokens[i:i + 1], seq.params.logprobs)
-                    new_tokens.append([int(tokens[i])])
-            now = time.perf_counter()
-            for seq, toks in zip(sample_seqs, new_tokens):
-                if seq.metrics.first_token_time is None:
-                    seq.metrics.first_token_time = now
-                self.block_manager.cache_full_blocks(seq.block_table, seq.block_hashes,
-                                                     seq.token_ids, seq.num_computed)
-                for t in toks:
-                    self._append_token(seq, t)
-                    if seq.status == FINISHED:
-                        break
-                outputs.append(self._output(seq))
-        for seq in seqs:                                   # partial prefills: cache progress
-            if seq.status == RUNNING and seq not in sample_seqs:
-                self.block_manager.cache_full_blocks(seq.block_table, seq.block_hashes,
-                                                     seq.token_ids, seq.num_computed)
+        for seq, toks in new_tokens.items():
+            if seq.metrics.first_token_time is None:
+                seq.metrics.first_token_time = now
+            for t in toks:
+                self._append_token(seq, t)
+                if seq.status == FINISHED:
+                    break
+            outputs.append(self._output(seq))
         self.peak_blocks_used = max(self.peak_blocks_used, self.num_blocks - self.block_manager.num_free)
         return outputs
 
@@ -1087,6 +1132,8 @@ class LLMEngine:
         """Add a sampled token, update the text, and check every stop condition."""
         seq.token_ids.append(token)
         self.num_generated += 1
+        self.block_manager.cache_full_blocks(seq.block_table, seq.block_hashes, seq.token_ids,
+                                             seq.num_computed)
         p = seq.params
         is_eos = token in self.model_config.eos_token_ids or (
             self.tokenizer is not None and token == self.tokenizer.eos_id)
@@ -1218,11 +1265,175 @@ class LLM:
 
 # ============================================================================ speculative decoding
 
+def rejection_sample(p: Tensor, q: Tensor | None, draft: list[int],
+                     rng: Callable[[int, int], torch.Generator | None],
+                     default: torch.Generator) -> list[int]:
+    """Speculative sampling (Leviathan et al. 2023; Chen et al. 2023), for one sequence.
+
+    p: (k + 1, V) the target's distributions at the k draft positions and one past them.
+    q: (k, V) the draft's distributions the k draft tokens were sampled from; None for a
+       deterministic proposal (n-gram lookup), which is a point mass: q = one_hot(draft).
+    rng(j, purpose): the generator for window position j (None: use default).
+    Returns the accepted prefix of draft plus one more token, 1 to k + 1 tokens.
+
+    For each draft token x in order:
+        accept with probability min(1, p(x) / q(x));
+        on the first rejection, sample from normalize(max(0, p - q)) and stop.
+    If all k are accepted, sample a bonus token from p[k].
+    Each emitted token is then distributed exactly as the target alone would sample it:
+    P(x) = q(x) min(1, p(x)/q(x)) + (1 - sum_y min(p(y), q(y))) * max(0, p(x) - q(x)) / Z
+         = min(q(x), p(x)) + max(0, p(x) - q(x)) = p(x),
+    because the rejection mass 1 - sum min(p, q) equals Z = sum max(0, p - q).
+    """
+    def one(probs: Tensor, gen: torch.Generator | None) -> int:
+        return int(draw(probs[None], [gen], default)[0])
+
+    out = []
+    for j, x in enumerate(draft):
+        qj = q[j] if q is not None else F.one_hot(torch.tensor(x, device=p.device), p.shape[-1]).to(p.dtype)
+        u = torch.rand((), generator=rng(j, ACCEPT) or default, device=p.device)
+        if u * qj[x] <= p[j, x]:                     # accept with prob min(1, p(x)/q(x))
+            out.append(x)
+            continue
+        residual = (p[j] - qj).clamp(min=0)
+        out.append(one(residual / residual.sum() if residual.sum() > 0 else p[j], rng(j, RESIDUAL)))
+        return out
+    out.append(one(p[len(draft)], rng(len(draft), SAMPLE)))   # the bonus token
+    return out
+
+
+def ngram_propose(tokens: list[int], k: int, max_n: int = 3) -> list[int]:
+    """Prompt lookup: find the latest earlier occurrence of the last n tokens (n = max_n
+    down to 1) and propose the k tokens that followed it. Free, and strong when the
+    output copies from the prompt (code edits, summaries, retrieval answers)."""
+    for n in range(min(max_n, len(tokens) - 1), 0, -1):
+        tail = tokens[-n:]
+        for i in range(len(tokens) - n - 1, -1, -1):
+            if tokens[i:i + n] == tail:
+                return tokens[i + n:i + n + k]
+    return []
+
+
 class Speculator:
-    """Placeholder until speculative decoding lands (see issue 5)."""
+    """Proposes k tokens per running sequence each step; the engine's one target pass
+    scores all k + 1 positions, and `verify` applies the acceptance rule above.
+
+    With a draft model the draft keeps its own paged KV cache (same block size and number
+    of blocks as the target's, its own block manager). Each step it first catches up on
+    tokens it has not seen (the whole prompt the first time), then runs k single-token
+    steps, all sequences batched. Rejected positions are rolled back in both caches.
+    """
 
     def __init__(self, engine: LLMEngine, draft_dir: str | Path | None):
-        raise ValueError("speculative decoding is not implemented yet")
+        self.engine = engine
+        cfg = engine.cfg
+        self.method = cfg.speculative_method or "draft"
+        self.k = cfg.num_speculative_tokens
+        self.draft = None
+        if self.method == "draft":
+            if draft_dir is None:
+                raise ValueError("speculative_method='draft' needs draft_model=DIR")
+            self.draft, dcfg = load_model(draft_dir, engine.dtype, engine.device)
+            if dcfg.vocab_size != engine.model_config.vocab_size:
+                raise ValueError(f"draft model {draft_dir} has vocab_size {dcfg.vocab_size}, the target "
+                                 f"{engine.model_config.vocab_size}: they must share a vocabulary")
+            need = engine.max_model_len + self.k
+            if dcfg.max_position_embeddings < engine.max_model_len:
+                raise ValueError(f"draft model {draft_dir} supports {dcfg.max_position_embeddings} "
+                                 f"positions, fewer than max_model_len {engine.max_model_len}")
+            self.draft.init_rope(need + 1, engine.device)
+        self.proposed = self.accepted = self.verify_steps = self.emitted = 0
+
+    def kv_bytes_per_token(self) -> int:
+        c = self.draft.config
+        return 2 * c.num_hidden_layers * c.num_key_value_heads * c.head_dim * self.engine.dtype.itemsize
+
+    def init_cache(self, num_blocks: int) -> None:
+        if self.draft is None:
+            return
+        c, bs = self.draft.config, self.engine.cfg.block_size
+        self.kv_cache = torch.zeros(c.num_hidden_layers, 2, num_blocks, bs, c.num_key_value_heads,
+                                    c.head_dim, dtype=self.engine.dtype, device=self.engine.device)
+        self.bm = BlockManager(num_blocks, bs, enable_prefix_caching=False)
+        self.engine.scheduler.draft_bm = self.bm
+
+    def attach(self, scheduler: "Scheduler") -> None:
+        scheduler.spec_budget = self.budget
+
+    def budget(self, seq: Sequence) -> int:
+        """Draft no further than the request (max_tokens) or the context can go."""
+        left = min(seq.params.max_tokens - len(seq.output_ids), self.engine.max_model_len - seq.num_tokens)
+        return max(0, min(self.k, left - 1))
+
+    def propose(self, seqs: list[Sequence]) -> None:
+        """Fill seq.spec_tokens (up to seq.spec_k) for each decoding sequence scheduled."""
+        if self.method == "ngram":
+            for s in seqs:
+                s.spec_tokens, s.spec_probs = ngram_propose(s.token_ids, s.spec_k), None
+            return
+        ks = {s: s.spec_k for s in seqs}          # the scheduler already allocated draft blocks
+        drafts: dict[Sequence, list[int]] = {s: [] for s in ks}
+        probs: dict[Sequence, list[Tensor]] = {s: [] for s in ks}
+        for j in range(self.k):
+            active = [s for s in ks if j < ks[s]]
+            if not active:
+                break
+            num_new = [s.num_tokens + j - s.draft_num_computed for s in active]
+            hidden, starts = self.engine.run_model(
+                self.draft, self.kv_cache, active, [s.draft_num_computed for s in active], num_new,
+                [s.draft_block_table for s in active], [s.token_ids + drafts[s] for s in active])
+            rows = [st + n - 1 for st, n in zip(starts, num_new)]
+            q = sampling_probs(self.draft.compute_logits(hidden[rows]), [s.params for s in active])
+            gens = [seeded_generator(s.params.seed, s.num_tokens + j, DRAFT, self.engine.device)
+                    for s in active]
+            x = draw(q, gens, self.engine.generator)
+            for i, s in enumerate(active):
+                s.draft_num_computed += num_new[i]
+                drafts[s].append(int(x[i]))
+                probs[s].append(q[i])
+        for s in ks:
+            s.spec_tokens, s.spec_probs = drafts[s], torch.stack(probs[s])
+
+    def verify(self, items: list[tuple[Sequence, int]], hidden: Tensor) -> dict[Sequence, list[int]]:
+        """items: (sequence, row of its last real token); rows row..row+k hold the target's
+        view of the k draft positions and the bonus position. -> tokens to append."""
+        eng = self.engine
+        k_of = [len(s.spec_tokens) for s, _ in items]
+        rows = [r + j for (_, r), k in zip(items, k_of) for j in range(k + 1)]
+        logits = eng.model.compute_logits(hidden[rows])                         # (sum(k+1), V)
+        params = [s.params for (s, _), k in zip(items, k_of) for _ in range(k + 1)]
+        p_all = sampling_probs(logits, params)
+        out, at = {}, 0
+        for (seq, _), k in zip(items, k_of):
+            p, at0 = p_all[at:at + k + 1], at
+            at += k + 1
+            rng = lambda j, purpose, s=seq: seeded_generator(s.params.seed, s.num_tokens + j, purpose, eng.device)  # noqa: E731
+            toks = rejection_sample(p, seq.spec_probs, seq.spec_tokens, rng, eng.generator)
+            acc = len(toks) - 1
+            self.proposed += k
+            self.accepted += acc
+            self.verify_steps += 1
+            self.emitted += len(toks)
+            seq.metrics.spec_proposed += k
+            seq.metrics.spec_accepted += acc
+            if seq.logprobs is not None:
+                lp = logits[at0:at0 + len(toks)].log_softmax(-1)
+                seq.logprobs += top_logprobs(lp, torch.tensor(toks), seq.params.logprobs)
+            # Roll back: the cache keeps the last real token and the accepted drafts.
+            seq.num_computed += acc - k
+            eng.block_manager.truncate(seq.block_table, seq.num_computed)
+            if self.draft is not None:
+                seq.draft_num_computed = min(seq.draft_num_computed, seq.num_computed)
+                self.bm.truncate(seq.draft_block_table, seq.draft_num_computed)
+            seq.spec_tokens, seq.spec_probs, seq.spec_k = [], None, 0
+            out[seq] = toks
+        return out
+
+    def acceptance_rate(self) -> float | None:
+        return self.accepted / self.proposed if self.proposed else None
+
+    def tokens_per_step(self) -> float | None:
+        return self.emitted / self.verify_steps if self.verify_steps else None
 
 
 # ============================================================================ CLI
