@@ -911,6 +911,7 @@ class LLMEngine:
         if self.device.type == "cuda" and not torch.cuda.is_available():
             raise ValueError("device 'cuda' requested but CUDA is not available; use device='cpu'")
         self.dtype = DTYPES[cfg.dtype]
+        self.model_dir = Path(model_dir)
         self.model, self.model_config = load_model(model_dir, self.dtype, self.device)
         mc = self.model_config
         self.max_model_len = cfg.max_model_len or mc.max_position_embeddings
@@ -1201,8 +1202,8 @@ class LLM:
                  dtype: str = "float32", tokenizer: str | Path | None = None,
                  draft_model: str | Path | None = None, **engine_kwargs):
         device = device or ("cuda" if torch.cuda.is_available() else "cpu")
-        if draft_model is not None:
-            engine_kwargs.setdefault("speculative_method", "draft")
+        if draft_model is not None and not engine_kwargs.get("speculative_method"):
+            engine_kwargs["speculative_method"] = "draft"
         cfg = EngineConfig(device=device, dtype=dtype, **engine_kwargs)
         self.engine = LLMEngine(model, cfg, tokenizer=tokenizer, draft_model=draft_model)
 
@@ -1436,6 +1437,334 @@ class Speculator:
         return self.emitted / self.verify_steps if self.verify_steps else None
 
 
+# ============================================================================ server
+# An OpenAI-compatible HTTP server on the standard library. One background thread owns
+# the engine and steps it whenever there is work: requests from all connections share
+# that one continuous batch, so concurrent clients interleave token by token. Handler
+# threads only validate, enqueue, and wait on their request's output queue.
+
+class ServingError(Exception):
+    def __init__(self, status: int, message: str, param: str | None = None, kind: str = "invalid_request_error"):
+        super().__init__(message)
+        self.status, self.message, self.param, self.kind = status, message, param, kind
+
+
+class AsyncEngine:
+    """Runs LLMEngine.step() in its own thread. Other threads never touch the engine: they
+    validate a request (read-only), then hand it over through a command queue that the
+    loop drains between steps, and read results from a per-request output queue."""
+
+    TTFT_BUCKETS = (0.005, 0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1.0, 2.5, 5.0, 10.0)
+
+    def __init__(self, engine: LLMEngine, max_waiting: int = 256):
+        import queue
+        import threading
+        self.engine, self.max_waiting = engine, max_waiting
+        self.commands: queue.SimpleQueue = queue.SimpleQueue()
+        self.pending = 0                              # added, not yet seen by the loop
+        self.wake = threading.Event()
+        self.queues: dict[str, queue.Queue] = {}
+        self.ttft_counts = [0] * (len(self.TTFT_BUCKETS) + 1)
+        self.ttft_sum, self.finished, self.errors = 0.0, {}, 0
+        self.prompt_tokens = 0
+        self.seen: set[str] = set()
+        self._stop = False
+        self.thread = threading.Thread(target=self._loop, name="nanoserve-engine", daemon=True)
+        self.thread.start()
+
+    def add(self, prompt: str | list[int], params: SamplingParams):
+        """Validate and enqueue; -> (request_id, prompt length, queue of RequestOutput).
+        Raises ValueError for a bad request, ServingError(429) when the queue is full."""
+        import queue
+        import uuid
+        if len(self.engine.scheduler.waiting) + self.pending >= self.max_waiting:
+            raise ServingError(429, f"server overloaded: {self.max_waiting} requests already waiting; "
+                               "retry later", kind="rate_limit_error")
+        seq = self.engine.make_sequence(prompt, params, request_id=f"srv-{uuid.uuid4().hex}")
+        q: queue.Queue = queue.Queue()
+        self.queues[seq.request_id] = q
+        self.pending += 1
+        self.commands.put(("add", seq))
+        self.wake.set()
+        return seq.request_id, seq.num_prompt_tokens, q
+
+    def abort(self, request_id: str) -> None:
+        self.commands.put(("abort", request_id))
+        self.wake.set()
+
+    def _loop(self) -> None:
+        import queue
+        while not self._stop:
+            while True:                                  # apply what the handlers asked for
+                try:
+                    op, arg = self.commands.get_nowait()
+                except queue.Empty:
+                    break
+                if op == "add":
+                    self.pending -= 1
+                    self.prompt_tokens += arg.num_prompt_tokens
+                    self.engine.add_sequence(arg)
+                elif arg in self.engine.requests:        # abort a request still in flight
+                    self.engine.abort(arg)
+                    self.finished["abort"] = self.finished.get("abort", 0) + 1
+                    self.queues.pop(arg, None)
+            if not self.engine.has_unfinished():
+                self.wake.wait(0.05)
+                self.wake.clear()
+                continue
+            for out in self.engine.step():
+                self._record(out)
+                q = self.queues.get(out.request_id)
+                if q is not None:
+                    q.put(out)
+                    if out.finished:
+                        del self.queues[out.request_id]
+
+    def _record(self, out: RequestOutput) -> None:
+        ttft = out.metrics["time_to_first_token"]
+        if ttft is not None and out.request_id not in self.seen:      # its first output
+            self.seen.add(out.request_id)
+            i = next((i for i, b in enumerate(self.TTFT_BUCKETS) if ttft <= b), len(self.TTFT_BUCKETS))
+            self.ttft_counts[i] += 1
+            self.ttft_sum += ttft
+        if out.finished:
+            self.seen.discard(out.request_id)
+            self.finished[out.finish_reason] = self.finished.get(out.finish_reason, 0) + 1
+
+    def close(self) -> None:
+        self._stop = True
+        self.wake.set()
+        self.thread.join(timeout=5)
+
+    def metrics_text(self) -> str:
+        st = self.engine.stats()                          # plain reads, safe from another thread
+        lines = [
+            "# HELP nanoserve_kv_blocks_total KV cache blocks in the pool.",
+            "# TYPE nanoserve_kv_blocks_total gauge", f"nanoserve_kv_blocks_total {st['kv_blocks_total']}",
+            "# HELP nanoserve_kv_blocks_free KV cache blocks a new request could take.",
+            "# TYPE nanoserve_kv_blocks_free gauge", f"nanoserve_kv_blocks_free {st['kv_blocks_free']}",
+            "# TYPE nanoserve_requests_running gauge", f"nanoserve_requests_running {st['num_running']}",
+            "# TYPE nanoserve_requests_waiting gauge", f"nanoserve_requests_waiting {st['num_waiting']}",
+            "# TYPE nanoserve_generation_tokens_total counter",
+            f"nanoserve_generation_tokens_total {st['generated_tokens']}",
+            "# TYPE nanoserve_prompt_tokens_total counter", f"nanoserve_prompt_tokens_total {self.prompt_tokens}",
+            "# TYPE nanoserve_preemptions_total counter", f"nanoserve_preemptions_total {st['preemptions']}",
+            "# TYPE nanoserve_request_errors_total counter", f"nanoserve_request_errors_total {self.errors}",
+            "# TYPE nanoserve_requests_finished_total counter",
+        ]
+        lines += [f'nanoserve_requests_finished_total{{finish_reason="{r}"}} {n}'
+                  for r, n in sorted(self.finished.items())]
+        for key in ("prefix_cache_hit_rate", "spec_acceptance_rate"):
+            if st[key] is not None:
+                lines += [f"# TYPE nanoserve_{key} gauge", f"nanoserve_{key} {st[key]:.6f}"]
+        lines += ["# HELP nanoserve_time_to_first_token_seconds Time from arrival to first token.",
+                  "# TYPE nanoserve_time_to_first_token_seconds histogram"]
+        cum = 0
+        for b, c in zip(self.TTFT_BUCKETS, self.ttft_counts):
+            cum += c
+            lines.append(f'nanoserve_time_to_first_token_seconds_bucket{{le="{b}"}} {cum}')
+        cum += self.ttft_counts[-1]
+        lines += [f'nanoserve_time_to_first_token_seconds_bucket{{le="+Inf"}} {cum}',
+                  f"nanoserve_time_to_first_token_seconds_sum {self.ttft_sum:.6f}",
+                  f"nanoserve_time_to_first_token_seconds_count {cum}"]
+        return "\n".join(lines) + "\n"
+
+
+def parse_completion_request(body: dict) -> tuple[str | list[int], SamplingParams, bool]:
+    """OpenAI /v1/completions fields -> (prompt, SamplingParams, stream). Raises ServingError."""
+    if not isinstance(body, dict):
+        raise ServingError(400, "request body must be a JSON object")
+    if "prompt" not in body:
+        raise ServingError(400, "missing required field 'prompt'", "prompt")
+    prompt = body["prompt"]
+    if isinstance(prompt, list) and len(prompt) == 1 and isinstance(prompt[0], (str, list)):
+        prompt = prompt[0]                           # a batch of one
+    if not (isinstance(prompt, str) or (isinstance(prompt, list) and all(
+            isinstance(t, int) and not isinstance(t, bool) for t in prompt))):
+        raise ServingError(400, "'prompt' must be a string or a list of token ids (one prompt per request)",
+                           "prompt")
+    for name, allowed in (("n", (1,)), ("best_of", (1, None)), ("echo", (False, None)),
+                          ("suffix", (None,))):
+        if name in body and body[name] not in allowed:
+            raise ServingError(400, f"'{name}' = {body[name]!r} is not supported", name)
+    stream = body.get("stream", False)
+    if not isinstance(stream, bool):
+        raise ServingError(400, "'stream' must be a boolean", "stream")
+    fields = {"max_tokens": 16, "temperature": 1.0, "top_p": 1.0, "top_k": 0, "seed": None,
+              "stop": None, "logprobs": None, "ignore_eos": False}
+    kwargs = {}
+    for name, default in fields.items():
+        v = body.get(name, default)
+        kwargs[name] = default if v is None and name in ("max_tokens", "temperature", "top_p", "top_k") else v
+    if not isinstance(kwargs["ignore_eos"], bool):
+        raise ServingError(400, "'ignore_eos' must be a boolean", "ignore_eos")
+    if kwargs["top_k"] == -1:                         # vLLM's spelling of "disabled"
+        kwargs["top_k"] = 0
+    try:
+        params = SamplingParams(**kwargs)
+    except ValueError as e:
+        raise ServingError(400, str(e), str(e).split(" ")[0]) from None
+    return prompt, params, stream
+
+
+def make_server(llm: "LLM", host: str = "127.0.0.1", port: int = 8000, model_name: str | None = None,
+                max_waiting: int = 256, max_body_bytes: int = 1 << 20):
+    """Build (not start) a ThreadingHTTPServer; `.serve_forever()` runs it, `.async_engine` is its loop."""
+    import http.server
+    import select
+    import queue
+    import uuid
+
+    engine = AsyncEngine(llm.engine, max_waiting)
+    name = model_name or Path(str(llm.engine.model_dir)).name
+    tok = llm.engine.tokenizer
+
+    def token_str(t: int) -> str:
+        return tok.sp.id_to_piece(t) if tok else f"token_id:{t}"
+
+    class Handler(http.server.BaseHTTPRequestHandler):
+        protocol_version = "HTTP/1.1"
+        server_version = "nanoserve"
+
+        def log_message(self, fmt, *args):                # quiet; errors go to /metrics
+            pass
+
+        def send_json(self, status: int, obj: dict) -> None:
+            data = json.dumps(obj).encode()
+            self.send_response(status)
+            self.send_header("Content-Type", "application/json")
+            self.send_header("Content-Length", str(len(data)))
+            self.end_headers()
+            self.wfile.write(data)
+
+        def send_error_json(self, e: ServingError) -> None:
+            engine.errors += 1
+            self.send_json(e.status, {"error": {"message": e.message, "type": e.kind,
+                                                "param": e.param, "code": e.status}})
+
+        def do_GET(self) -> None:
+            try:
+                if self.path == "/health":
+                    self.send_json(200, {"status": "ok"})
+                elif self.path == "/v1/models":
+                    self.send_json(200, {"object": "list", "data": [{
+                        "id": name, "object": "model", "owned_by": "nanoserve", "created": 0,
+                        "max_model_len": llm.engine.max_model_len}]})
+                elif self.path == "/metrics":
+                    data = engine.metrics_text().encode()
+                    self.send_response(200)
+                    self.send_header("Content-Type", "text/plain; version=0.0.4")
+                    self.send_header("Content-Length", str(len(data)))
+                    self.end_headers()
+                    self.wfile.write(data)
+                else:
+                    raise ServingError(404, f"no route GET {self.path}", kind="not_found_error")
+            except ServingError as e:
+                self.send_error_json(e)
+
+        def do_POST(self) -> None:
+            try:
+                if self.path != "/v1/completions":
+                    raise ServingError(404, f"no route POST {self.path}", kind="not_found_error")
+                length = self.headers.get("Content-Length")
+                if length is None or not length.isdigit():
+                    raise ServingError(411, "a Content-Length header is required")
+                if int(length) > max_body_bytes:
+                    self.close_connection = True
+                    raise ServingError(413, f"request body of {length} bytes exceeds {max_body_bytes}")
+                try:
+                    body = json.loads(self.rfile.read(int(length)) or b"null")
+                except (json.JSONDecodeError, UnicodeDecodeError) as e:
+                    raise ServingError(400, f"invalid JSON: {e}") from None
+                prompt, params, stream = parse_completion_request(body)
+                if body.get("model") not in (None, name):
+                    raise ServingError(404, f"model {body['model']!r} does not exist; this server has {name!r}",
+                                       "model", "not_found_error")
+                try:
+                    rid, n_prompt, q = engine.add(prompt, params)
+                except ValueError as e:
+                    raise ServingError(400, str(e), "prompt" if "prompt" in str(e) else None) from None
+            except ServingError as e:
+                return self.send_error_json(e)
+            head = {"id": f"cmpl-{uuid.uuid4().hex[:16]}", "object": "text_completion",
+                    "created": int(time.time()), "model": name}
+            try:
+                if stream:
+                    self._stream(rid, q, head, params)
+                else:
+                    out = self._wait(rid, q, until_finished=True)
+                    self.send_json(200, dict(head, choices=[self._choice(out, out.text, params)],
+                                             usage=self._usage(n_prompt, out)))
+            except (BrokenPipeError, ConnectionResetError, TimeoutError):
+                engine.abort(rid)                     # the client went away: free its blocks
+                self.close_connection = True
+
+        def _client_gone(self) -> bool:
+            r, _, _ = select.select([self.connection], [], [], 0)
+            return bool(r) and not self.connection.recv(1, __import__("socket").MSG_PEEK)
+
+        def _wait(self, rid: str, q: "queue.Queue", until_finished: bool) -> RequestOutput:
+            checked = time.monotonic()
+            while True:
+                try:
+                    out = q.get(timeout=0.25)
+                except queue.Empty:
+                    out = None
+                if time.monotonic() - checked > 0.25:    # is anyone still listening?
+                    if self._client_gone():
+                        raise BrokenPipeError
+                    checked = time.monotonic()
+                if out is not None and (out.finished or not until_finished):
+                    return out
+
+        def _choice(self, out: RequestOutput, text: str, params: SamplingParams, first: int = 0) -> dict:
+            logprobs = None
+            if params.logprobs is not None and out.logprobs is not None:
+                ids = out.token_ids[first:len(out.logprobs)]
+                lps = out.logprobs[first:first + len(ids)]
+                logprobs = {"tokens": [token_str(t) for t in ids],
+                            "token_logprobs": [d[t] for t, d in zip(ids, lps)],
+                            "top_logprobs": [{token_str(k): v for k, v in d.items()} for d in lps]}
+            return {"index": 0, "text": text, "logprobs": logprobs, "finish_reason": out.finish_reason}
+
+        @staticmethod
+        def _usage(n_prompt: int, out: RequestOutput) -> dict:
+            return {"prompt_tokens": n_prompt, "completion_tokens": len(out.token_ids),
+                    "total_tokens": n_prompt + len(out.token_ids)}
+
+        def _stream(self, rid: str, q: "queue.Queue", head: dict, params: SamplingParams) -> None:
+            self.send_response(200)
+            self.send_header("Content-Type", "text/event-stream")
+            self.send_header("Cache-Control", "no-cache")
+            self.send_header("Connection", "close")
+            self.end_headers()
+            self.close_connection = True
+            sent = 0
+            while True:
+                out = self._wait(rid, q, until_finished=False)
+                chunk = dict(head, choices=[self._choice(out, out.delta, params, sent)])
+                sent = len(out.token_ids)
+                if out.finished:
+                    chunk["usage"] = self._usage(len(out.prompt_token_ids), out)
+                self.wfile.write(f"data: {json.dumps(chunk)}\n\n".encode())
+                self.wfile.flush()
+                if out.finished:
+                    break
+            self.wfile.write(b"data: [DONE]\n\n")
+            self.wfile.flush()
+
+    class Server(http.server.ThreadingHTTPServer):
+        daemon_threads = True
+        request_queue_size = 1024                      # listen backlog (the default of 5 resets bursts)
+        async_engine = engine
+
+        def server_close(self) -> None:
+            super().server_close()
+            engine.close()
+
+    return Server((host, port), Handler)
+
+
 # ============================================================================ CLI
 
 def build_parser() -> argparse.ArgumentParser:
@@ -1443,6 +1772,13 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--model", default=str(DEFAULT_MODEL), help="Hugging Face checkpoint directory")
     p.add_argument("--tokenizer", default=None, help="tokenizer.model (default: the model's)")
     p.add_argument("--prompt", help="generate a continuation of this text and stream it")
+    p.add_argument("--serve", action="store_true", help="run the OpenAI-compatible HTTP server")
+    p.add_argument("--host", default="127.0.0.1")
+    p.add_argument("--port", type=int, default=8000)
+    p.add_argument("--max-waiting", type=int, default=256, help="queued requests before answering 429")
+    p.add_argument("--draft", default=None, help="draft model directory for speculative decoding")
+    p.add_argument("--speculative-method", default=None, choices=["draft", "ngram"])
+    p.add_argument("--num-speculative-tokens", type=int, default=0)
     p.add_argument("--max-tokens", type=int, default=128)
     p.add_argument("--temperature", type=float, default=0.8)
     p.add_argument("--top-p", type=float, default=0.95)
@@ -1466,14 +1802,33 @@ def engine_kwargs(args: argparse.Namespace) -> dict:
                 block_size=args.block_size, num_blocks=args.num_blocks,
                 max_num_seqs=args.max_num_seqs, max_num_batched_tokens=args.max_num_batched_tokens,
                 max_model_len=args.max_model_len, enable_prefix_caching=not args.no_prefix_caching,
-                enable_chunked_prefill=not args.no_chunked_prefill)
+                enable_chunked_prefill=not args.no_chunked_prefill, draft_model=args.draft,
+                speculative_method=args.speculative_method,
+                num_speculative_tokens=args.num_speculative_tokens)
+
+
+def serve(args: argparse.Namespace) -> int:
+    llm = LLM(args.model, **engine_kwargs(args))
+    server = make_server(llm, args.host, args.port, max_waiting=args.max_waiting)
+    host, port = server.server_address[:2]
+    print(f"[nanoserve] serving {args.model} on http://{host}:{port}/v1 "
+          f"({llm.engine.device}, {llm.stats()['kv_blocks_total']} KV blocks)", file=sys.stderr)
+    try:
+        server.serve_forever()
+    except KeyboardInterrupt:
+        pass
+    finally:
+        server.server_close()
+    return 0
 
 
 def main(argv: list[str] | None = None) -> int:
     args = build_parser().parse_args(argv)
     try:
+        if args.serve:
+            return serve(args)
         if args.prompt is None:
-            raise ValueError("nothing to do: pass --prompt TEXT")
+            raise ValueError("nothing to do: pass --prompt TEXT, --serve or --bench")
         params = SamplingParams(temperature=args.temperature, top_p=args.top_p, top_k=args.top_k,
                                 max_tokens=args.max_tokens, seed=args.seed, stop=args.stop)
         llm = LLM(args.model, **engine_kwargs(args))
@@ -1490,7 +1845,7 @@ def main(argv: list[str] | None = None) -> int:
               f"{st['kv_blocks_peak']}/{st['kv_blocks_total']} (peak)",
               file=sys.stderr)
         return 0
-    except (ValueError, FileNotFoundError) as e:
+    except (ValueError, FileNotFoundError, OSError) as e:
         print(f"nanoserve: error: {e}", file=sys.stderr)
         return 2
     except KeyboardInterrupt:

@@ -1,0 +1,252 @@
+"""The OpenAI-compatible server, exercised over real HTTP on a free loopback port."""
+
+import http.client
+import json
+import re
+import socket
+import threading
+import time
+
+import pytest
+
+import nanoserve
+from nanoserve import LLM
+from conftest import LLAMA2_TOKENIZER, TINY_CONFIG, write_random_checkpoint
+
+
+@pytest.fixture(scope="module")
+def model(tmp_path_factory):
+    """The bundled model when present (it has a tokenizer), else a random one with Llama 2's."""
+    if (nanoserve.DEFAULT_MODEL / "model.safetensors").is_file():
+        return nanoserve.DEFAULT_MODEL, None
+    if LLAMA2_TOKENIZER.is_file():
+        cfg = dict(TINY_CONFIG, vocab_size=32000, hidden_size=32, num_attention_heads=4, num_key_value_heads=2)
+        return write_random_checkpoint(tmp_path_factory.mktemp("srv") / "m", cfg), LLAMA2_TOKENIZER
+    pytest.skip("no model with a tokenizer: neither models/ nor ../shared is here")
+
+
+def start(model, **kwargs):
+    path, tok = model
+    server_kw = {k: kwargs.pop(k) for k in ("max_waiting",) if k in kwargs}
+    llm = LLM(path, device="cpu", tokenizer=tok, max_model_len=256, **kwargs)
+    server = nanoserve.make_server(llm, "127.0.0.1", 0, **server_kw)
+    threading.Thread(target=server.serve_forever, daemon=True).start()
+    return server, server.server_address[1], llm
+
+
+@pytest.fixture(scope="module")
+def served(model):
+    server, port, llm = start(model)
+    yield port, llm, server
+    server.shutdown()
+    server.server_close()
+
+
+def request(port, method, path, body=None, raw: bytes | None = None, timeout=60):
+    conn = http.client.HTTPConnection("127.0.0.1", port, timeout=timeout)
+    data = raw if raw is not None else (json.dumps(body).encode() if body is not None else None)
+    conn.request(method, path, body=data, headers={"Content-Type": "application/json"})
+    resp = conn.getresponse()
+    text = resp.read().decode()
+    conn.close()
+    return resp.status, text
+
+
+def completion(port, **body):
+    status, text = request(port, "POST", "/v1/completions", body)
+    return status, json.loads(text)
+
+
+def stream(port, **body):
+    """-> list of parsed SSE chunks (the final [DONE] checked and dropped)."""
+    status, text = request(port, "POST", "/v1/completions", dict(body, stream=True))
+    assert status == 200
+    events = [line[len("data: "):] for line in text.split("\n\n") if line.startswith("data: ")]
+    assert events[-1] == "[DONE]"
+    return [json.loads(e) for e in events[:-1]]
+
+
+def wait_idle(llm, timeout=10.0):
+    end = time.time() + timeout
+    while time.time() < end:
+        st = llm.stats()
+        if st["num_running"] == 0 and st["num_waiting"] == 0 and st["kv_blocks_free"] == st["kv_blocks_total"]:
+            return st
+        time.sleep(0.05)
+    raise AssertionError(f"engine not idle: {llm.stats()}")
+
+
+def test_plain_completion_has_openai_shape(served):
+    port, llm, _ = served
+    status, out = completion(port, prompt="def add(a, b):", max_tokens=12, temperature=0, logprobs=2)
+    assert status == 200
+    assert out["object"] == "text_completion" and out["id"].startswith("cmpl-")
+    choice = out["choices"][0]
+    assert choice["finish_reason"] in ("length", "stop") and isinstance(choice["text"], str)
+    assert out["usage"]["completion_tokens"] == len(choice["logprobs"]["tokens"])
+    assert out["usage"]["total_tokens"] == out["usage"]["prompt_tokens"] + out["usage"]["completion_tokens"]
+    ref = llm.engine.tokenizer
+    assert out["usage"]["prompt_tokens"] == len(ref.encode("def add(a, b):"))
+    assert all(len(d) >= 1 for d in choice["logprobs"]["top_logprobs"])
+    wait_idle(llm)
+
+
+def test_streamed_completion_concatenates_to_the_plain_one(served):
+    port, llm, _ = served
+    body = dict(prompt="import os\n", max_tokens=20, temperature=0.8, seed=7, ignore_eos=True)
+    _, plain = completion(port, **body)
+    chunks = stream(port, **body)
+    assert "".join(c["choices"][0]["text"] for c in chunks) == plain["choices"][0]["text"]
+    assert chunks[-1]["choices"][0]["finish_reason"] == "length"
+    assert chunks[-1]["usage"]["completion_tokens"] == 20
+    assert all(c["choices"][0]["finish_reason"] is None for c in chunks[:-1])
+
+
+def test_token_id_prompts_and_stop_strings(served):
+    port, llm, _ = served
+    _, free = completion(port, prompt=[1, 100, 200, 300], max_tokens=24, temperature=0, ignore_eos=True)
+    text = free["choices"][0]["text"]
+    stop = text[5:7]
+    _, stopped = completion(port, prompt=[1, 100, 200, 300], max_tokens=24, temperature=0, stop=stop,
+                            ignore_eos=True)
+    assert stopped["choices"][0]["finish_reason"] == "stop"
+    assert stopped["choices"][0]["text"] == text[:text.find(stop)]
+
+
+def test_fifty_concurrent_streams_interleave(served):
+    port, llm, _ = served
+    results, errors = {}, []
+
+    def client(i):
+        try:
+            t0 = time.perf_counter()
+            conn = http.client.HTTPConnection("127.0.0.1", port, timeout=120)
+            conn.request("POST", "/v1/completions", json.dumps(dict(
+                prompt=f"x = {i}\n", max_tokens=16, temperature=1.0, seed=i, ignore_eos=True, stream=True)))
+            resp = conn.getresponse()
+            times, text = [], ""
+            for line in resp:
+                line = line.decode().strip()
+                if line.startswith("data: {"):
+                    times.append(time.perf_counter() - t0)
+                    text += json.loads(line[6:])["choices"][0]["text"]
+            results[i] = (times, text)
+        except Exception as e:  # noqa: BLE001  (collected and reported below)
+            errors.append(repr(e))
+
+    threads = [threading.Thread(target=client, args=(i,)) for i in range(50)]
+    for t in threads:
+        t.start()
+    for t in threads:
+        t.join()
+    assert not errors and len(results) == 50
+    assert all(len(times) >= 2 for times, _ in results.values())
+    # Interleaved: some stream got its first token before another one had finished.
+    firsts = [times[0] for times, _ in results.values()]
+    lasts = [times[-1] for times, _ in results.values()]
+    assert min(lasts) > sorted(firsts)[len(firsts) // 2]
+    wait_idle(llm)
+
+
+def test_client_disconnect_aborts_the_request_and_frees_its_blocks(model):
+    server, port, llm = start(model)
+    step = llm.engine.step
+    llm.engine.step = lambda: (time.sleep(0.02), step())[1]     # 200 tokens take 4 s or more
+    before = server.async_engine.finished.get("abort", 0)
+    for is_stream in (True, False):
+        sock = socket.create_connection(("127.0.0.1", port))
+        body = json.dumps(dict(prompt="while True:", max_tokens=200, ignore_eos=True, stream=is_stream)).encode()
+        sock.sendall(b"POST /v1/completions HTTP/1.1\r\nHost: x\r\nContent-Type: application/json\r\n"
+                     b"Content-Length: " + str(len(body)).encode() + b"\r\n\r\n" + body)
+        if is_stream:
+            assert sock.recv(100).startswith(b"HTTP/1.1 200")
+        else:
+            time.sleep(0.3)
+        sock.close()
+        st = wait_idle(llm, timeout=3)
+        assert st["kv_blocks_free"] == st["kv_blocks_total"]
+    assert server.async_engine.finished.get("abort", 0) == before + 2
+    server.shutdown()
+    server.server_close()
+
+
+@pytest.mark.parametrize("body,status,param", [
+    (b"{not json", 400, None),
+    (json.dumps({"max_tokens": 5}).encode(), 400, "prompt"),
+    (json.dumps({"prompt": "x", "max_tokens": "ten"}).encode(), 400, "max_tokens"),
+    (json.dumps({"prompt": "x", "temperature": -1}).encode(), 400, "temperature"),
+    (json.dumps({"prompt": "x", "top_p": 0}).encode(), 400, "top_p"),
+    (json.dumps({"prompt": "x", "stream": "yes"}).encode(), 400, "stream"),
+    (json.dumps({"prompt": "x", "n": 3}).encode(), 400, "n"),
+    (json.dumps({"prompt": 12}).encode(), 400, "prompt"),
+    (json.dumps({"prompt": [1, 10 ** 7]}).encode(), 400, "prompt"),
+    (json.dumps({"prompt": list(range(1, 300))}).encode(), 400, "prompt"),
+    (json.dumps({"prompt": ""}).encode(), 400, "prompt"),
+    (json.dumps({"prompt": "x", "model": "gpt-9"}).encode(), 404, "model"),
+    (json.dumps([1, 2]).encode(), 400, None),
+])
+def test_bad_requests_get_openai_errors_and_the_server_keeps_serving(served, body, status, param):
+    port, llm, _ = served
+    got, text = request(port, "POST", "/v1/completions", raw=body)
+    assert got == status
+    err = json.loads(text)["error"]
+    assert err["message"] and err["type"]
+    if param:
+        assert err["param"] == param
+    assert completion(port, prompt="ok", max_tokens=2)[0] == 200
+    wait_idle(llm)
+
+
+def test_oversized_bodies_and_unknown_routes(served):
+    port, _, _ = served
+    status, text = request(port, "POST", "/v1/completions", raw=b"{" + b" " * (2 << 20) + b"}")
+    assert status == 413 and "error" in json.loads(text)
+    assert request(port, "GET", "/v2/nothing")[0] == 404
+    assert request(port, "POST", "/v1/chat/nothing", {"prompt": "x"})[0] == 404
+    assert completion(port, prompt="ok", max_tokens=2)[0] == 200
+
+
+def test_models_health_and_metrics(served):
+    port, llm, server = served
+    status, text = request(port, "GET", "/health")
+    assert status == 200 and json.loads(text)["status"] == "ok"
+    models = json.loads(request(port, "GET", "/v1/models")[1])
+    assert models["data"][0]["id"]
+    completion(port, prompt="a", max_tokens=3)
+    wait_idle(llm)
+    status, text = request(port, "GET", "/metrics")
+    assert status == 200
+    values = dict(re.findall(r"^(nanoserve_[a-z_]+(?:\{[^}]*\})?) (\S+)$", text, re.M))
+    st = llm.stats()
+    assert int(values["nanoserve_kv_blocks_total"]) == st["kv_blocks_total"]
+    assert int(values["nanoserve_kv_blocks_free"]) == st["kv_blocks_total"]
+    assert int(values["nanoserve_requests_running"]) == 0 and int(values["nanoserve_requests_waiting"]) == 0
+    assert int(values["nanoserve_generation_tokens_total"]) == st["generated_tokens"]
+    finished = sum(int(v) for k, v in values.items() if k.startswith("nanoserve_requests_finished_total"))
+    aborted = int(values.get('nanoserve_requests_finished_total{finish_reason="abort"}', 0))
+    # Every request that produced a token is in the TTFT histogram, once.
+    assert int(values['nanoserve_time_to_first_token_seconds_bucket{le="+Inf"}']) >= finished - aborted
+    assert int(values["nanoserve_time_to_first_token_seconds_count"]) == \
+        int(values['nanoserve_time_to_first_token_seconds_bucket{le="+Inf"}'])
+
+
+def test_overload_beyond_the_waiting_queue_answers_429(model):
+    server, port, llm = start(model, max_num_seqs=1, max_waiting=2)
+    try:
+        long = dict(prompt="x", max_tokens=150, ignore_eos=True)
+        threads = [threading.Thread(target=completion, args=(port,), kwargs=long) for _ in range(3)]
+        threads[0].start()
+        time.sleep(0.5)                                   # the first one is running
+        threads[1].start(), threads[2].start()
+        end = time.time() + 10
+        while llm.stats()["num_waiting"] < 2 and time.time() < end:
+            time.sleep(0.02)
+        status, out = completion(port, prompt="y", max_tokens=2)
+        assert status == 429 and out["error"]["type"] == "rate_limit_error"
+        for t in threads:
+            t.join()
+        assert completion(port, prompt="y", max_tokens=2)[0] == 200
+        wait_idle(llm)
+    finally:
+        server.shutdown()
+        server.server_close()
