@@ -480,9 +480,47 @@ class LlamaForCausalLM(nn.Module):
         return self.lm_head(self.model.norm(x)).float()                      # (B, T, V)
 
 
+# Real model shapes with random weights, for benchmarks where no checkpoint is at hand
+# (`--model random:llama-2-7b`). Timings depend on shapes, not on what the weights say.
+PRESETS = {
+    "tinyllama-1.1b": dict(hidden_size=2048, intermediate_size=5632, num_hidden_layers=22,
+                           num_attention_heads=32, num_key_value_heads=4, vocab_size=32000,
+                           max_position_embeddings=2048),
+    "llama-2-7b": dict(hidden_size=4096, intermediate_size=11008, num_hidden_layers=32,
+                       num_attention_heads=32, num_key_value_heads=32, vocab_size=32000,
+                       max_position_embeddings=4096),
+    "mistral-7b": dict(hidden_size=4096, intermediate_size=14336, num_hidden_layers=32,
+                       num_attention_heads=32, num_key_value_heads=8, vocab_size=32000,
+                       max_position_embeddings=32768, rope_theta=1e6),
+    # The bundled target's shape with a long context (for the chunked-prefill benchmark).
+    "nanocoder-5m-8k": dict(hidden_size=256, intermediate_size=640, num_hidden_layers=6,
+                            num_attention_heads=8, num_key_value_heads=2, vocab_size=2048,
+                            max_position_embeddings=8192, tie_word_embeddings=True),
+}
+
+
+def random_model(preset: str, dtype: torch.dtype, device: torch.device, seed: int = 0
+                 ) -> tuple[LlamaForCausalLM, ModelConfig]:
+    if preset not in PRESETS:
+        raise ValueError(f"unknown preset {preset!r}; choose from {sorted(PRESETS)}")
+    cfg = ModelConfig(**PRESETS[preset])
+    torch.manual_seed(seed)
+    with torch.device(device):
+        model = LlamaForCausalLM(cfg).to(dtype)
+    for p in model.parameters():
+        if p.dim() == 2:
+            p.data.normal_(0, 0.02)
+    if cfg.tie_word_embeddings:
+        model.lm_head.weight = model.model.embed_tokens.weight
+    model.requires_grad_(False)
+    return model.eval(), cfg
+
+
 def load_model(model_dir: str | Path, dtype: torch.dtype, device: torch.device
                ) -> tuple[LlamaForCausalLM, ModelConfig]:
     """Build the module on the meta device (no memory), then assign the checkpoint's tensors."""
+    if str(model_dir).startswith("random:"):
+        return random_model(str(model_dir)[len("random:"):], dtype, device)
     cfg = ModelConfig.from_dir(model_dir)
     state = load_checkpoint(model_dir)
     state = {k: v for k, v in state.items() if not k.endswith("rotary_emb.inv_freq")}
@@ -923,7 +961,7 @@ class LLMEngine:
             raise ValueError(f"max_model_len {self.max_model_len} exceeds the model's "
                              f"max_position_embeddings {mc.max_position_embeddings}")
         self.model.init_rope(self.max_model_len + cfg.num_speculative_tokens + 1, self.device)
-        tok_path = Path(tokenizer) if tokenizer else Path(model_dir) / "tokenizer.model"
+        tok_path = Path(tokenizer) if tokenizer else self.model_dir / "tokenizer.model"
         self.tokenizer = Tokenizer(tok_path) if tok_path.is_file() or tokenizer else None
         if self.tokenizer and self.tokenizer.vocab_size > mc.vocab_size:
             raise ValueError(f"tokenizer {tok_path} has {self.tokenizer.vocab_size} pieces but the "
@@ -1765,6 +1803,400 @@ def make_server(llm: "LLM", host: str = "127.0.0.1", port: int = 8000, model_nam
     return Server((host, port), Handler)
 
 
+# ============================================================================ benchmarks
+# `python nanoserve.py --bench [suite ...]` measures the claims this file implements and
+# prints one Markdown table per suite; --bench-out writes every number as JSON. Timings
+# on a shared or small machine are noisy: compare figures measured in the same run.
+
+def _sync(device: torch.device) -> None:
+    if device.type == "cuda":
+        torch.cuda.synchronize(device)
+
+
+def _percentile(xs: list[float], q: float) -> float:
+    if not xs:
+        return float("nan")
+    xs = sorted(xs)
+    return xs[min(len(xs) - 1, int(round(q / 100 * (len(xs) - 1))))]
+
+
+def _progress(label: str, done: int, total: int) -> None:
+    if sys.stderr.isatty() or os.environ.get("NANOSERVE_PROGRESS"):
+        print(f"\r[bench] {label}: {done}/{total}", end="" if done < total else "\n",
+              file=sys.stderr, flush=True)
+
+
+def measure_copy_bandwidth(device: torch.device, nbytes: int = 256 << 20) -> float:
+    """Device-to-device copy, bytes read + written per second: the practical bandwidth ceiling."""
+    a = torch.empty(nbytes // 4, dtype=torch.float32, device=device).uniform_()
+    b = torch.empty_like(a)
+    b.copy_(a)
+    times = []
+    for _ in range(5):
+        _sync(device)
+        t = time.perf_counter()
+        b.copy_(a)
+        _sync(device)
+        times.append(time.perf_counter() - t)
+    return 2 * nbytes / min(times)
+
+
+def measure_matmul_flops(device: torch.device, dtype: torch.dtype, n: int = 1024) -> float:
+    a = torch.randn(n, n, device=device).to(dtype)
+    b = torch.randn(n, n, device=device).to(dtype)
+    a @ b
+    times = []
+    for _ in range(5):
+        _sync(device)
+        t = time.perf_counter()
+        a @ b
+        _sync(device)
+        times.append(time.perf_counter() - t)
+    return 2 * n ** 3 / min(times)
+
+
+def run_timed(llm: LLM, prompts: list, params: list[SamplingParams],
+              arrivals: list[float] | None = None) -> dict:
+    """Run requests to completion, arriving at the given offsets (default: all at once);
+    -> per-request TTFT, token times and totals."""
+    eng = llm.engine
+    arrivals = arrivals or [0.0] * len(prompts)
+    order = sorted(range(len(prompts)), key=lambda i: arrivals[i])
+    t0 = time.perf_counter()
+    ids: dict[str, int] = {}
+    token_times: dict[int, list[float]] = {i: [] for i in range(len(prompts))}
+    ttft: dict[int, float] = {}
+    nxt, done = 0, 0
+    while done < len(prompts):
+        now = time.perf_counter() - t0
+        while nxt < len(order) and arrivals[order[nxt]] <= now:
+            i = order[nxt]
+            ids[eng.add_request(prompts[i], params[i])] = i
+            nxt += 1
+        if not eng.has_unfinished():
+            time.sleep(max(0.0, arrivals[order[nxt]] - now))
+            continue
+        outs = eng.step()
+        _sync(eng.device)
+        now = time.perf_counter() - t0
+        for out in outs:
+            i = ids[out.request_id]
+            if i not in ttft:
+                ttft[i] = now - arrivals[i]
+            token_times[i] += [now] * (len(out.token_ids) - len(token_times[i]))
+            if out.finished:
+                done += 1
+                _progress("requests", done, len(prompts))
+    elapsed = time.perf_counter() - t0
+    itl = [b - a for ts in token_times.values() for a, b in zip(ts, ts[1:])]
+    return {"elapsed": elapsed, "ttft": [ttft[i] for i in range(len(prompts))], "itl": itl,
+            "output_tokens": sum(len(t) for t in token_times.values()), "token_times": token_times}
+
+
+def bench_latency(llm: LLM, prompt_len: int = 128, new_tokens: int = 64) -> dict:
+    """Batch-1 prefill and decode, against the roofline of this machine."""
+    eng, mc = llm.engine, llm.engine.model_config
+    dev = eng.device
+    vocab = mc.vocab_size
+    rng = np.random.default_rng(0)
+    prompt = [1] + rng.integers(3, vocab, prompt_len - 1).tolist()
+    p = SamplingParams(temperature=0, max_tokens=new_tokens, ignore_eos=True)
+    llm.generate(prompt[:16], SamplingParams(temperature=0, max_tokens=4, ignore_eos=True))   # warm-up
+    out = llm.generate(prompt, p)[0]
+    m = out.metrics
+    # Bytes a decode step reads: every weight once; of the embedding table only one row,
+    # unless it is tied to the LM head, which reads it all.
+    unique = {t.data_ptr(): t for name, t in eng.model.state_dict().items()
+              if name != "model.embed_tokens.weight" or mc.tie_word_embeddings}
+    weight_bytes = sum(t.numel() * t.element_size() for t in unique.values())
+    n_params = sum(t.numel() for t in unique.values())
+    decode_tps = 1 / m["time_per_output_token"]
+    bw = measure_copy_bandwidth(dev)
+    flops = measure_matmul_flops(dev, eng.dtype)
+    # A decode step at batch B does ~2 * params * B FLOPs and reads every weight once:
+    # intensity = 2 * B / bytes_per_param FLOPs/byte. Prefill of T tokens: 2 * T / bytes.
+    bpp = weight_bytes / n_params
+    ridge = flops / bw                      # FLOPs per byte where a kernel stops being memory-bound
+    decode_ai, prefill_ai = 2 / bpp, 2 * prompt_len / bpp
+    return {
+        "prompt_tokens": prompt_len, "ttft_s": m["time_to_first_token"],
+        "prefill_tok_s": prompt_len / m["time_to_first_token"], "decode_tok_s": decode_tps,
+        "weight_bytes": weight_bytes, "achieved_weight_GBps": weight_bytes * decode_tps / 1e9,
+        "copy_bandwidth_GBps": bw / 1e9, "fraction_of_copy_bandwidth": weight_bytes * decode_tps / bw,
+        "matmul_TFLOPs": flops / 1e12, "ridge_flops_per_byte": ridge,
+        "decode_flops_per_byte": decode_ai, "prefill_flops_per_byte": prefill_ai,
+        "decode_verdict": "memory-bound" if decode_ai < ridge else "compute-bound",
+        "prefill_verdict": "memory-bound" if prefill_ai < ridge else "compute-bound",
+    }
+
+
+def nano_vllm_workload(vocab: int, n: int, lo: int, hi: int, seed: int = 0):
+    """nano-vllm's benchmark: random prompt ids, prompt and output lengths uniform in [lo, hi]."""
+    rng = np.random.default_rng(seed)
+    prompts = [rng.integers(3, vocab, int(rng.integers(lo, hi + 1))).tolist() for _ in range(n)]
+    params = [SamplingParams(temperature=0.6, max_tokens=int(rng.integers(lo, hi + 1)), ignore_eos=True,
+                             seed=i) for i in range(n)]
+    return prompts, params
+
+
+def bench_throughput(llm: LLM, n: int, lo: int, hi: int, static_batch: int) -> dict:
+    """Continuous batching against static batching on the same engine and workload.
+
+    Static batching (the pre-Orca way): a batch of requests starts together, every one is
+    padded to the longest output (here: made to generate that many tokens, the extra ones
+    discarded), and the next batch starts only when the whole batch is done."""
+    prompts, params = nano_vllm_workload(llm.engine.model_config.vocab_size, n, lo, hi)
+    useful = sum(p.max_tokens for p in params)
+    cont = run_timed(llm, prompts, params)
+    t = time.perf_counter()
+    for b in range(0, n, static_batch):
+        group = params[b:b + static_batch]
+        longest = max(p.max_tokens for p in group)
+        padded = [SamplingParams(temperature=p.temperature, max_tokens=longest, ignore_eos=True, seed=p.seed)
+                  for p in group]
+        llm.generate(prompts[b:b + static_batch], padded)
+        _progress("static batches", b // static_batch + 1, -(-n // static_batch))
+    static_s = time.perf_counter() - t
+    return {"requests": n, "lengths": [lo, hi], "useful_output_tokens": useful,
+            "continuous_s": cont["elapsed"], "continuous_tok_s": useful / cont["elapsed"],
+            "static_batch": static_batch, "static_s": static_s, "static_tok_s": useful / static_s,
+            "speedup": static_s / cont["elapsed"]}
+
+
+def bench_memory(llm: LLM, n: int, lo: int, hi: int) -> dict:
+    """KV bytes per token, GQA's saving, and what paging saves against max-length reservation."""
+    eng, mc = llm.engine, llm.engine.model_config
+    per_token = 2 * mc.num_hidden_layers * mc.num_key_value_heads * mc.head_dim * eng.dtype.itemsize
+    mha = per_token * mc.num_attention_heads // mc.num_key_value_heads
+    prompts, params = nano_vllm_workload(mc.vocab_size, n, lo, hi, seed=1)
+    lengths = [len(p) + sp.max_tokens for p, sp in zip(prompts, params)]
+    bs = eng.cfg.block_size
+    max_len = eng.max_model_len
+    # At the moment every request holds its full length: paged allocation reserves whole
+    # blocks (waste < one block each), static reservation max_model_len per request.
+    paged_slots = sum(-(-L // bs) * bs for L in lengths)
+    used = sum(lengths)
+    budget = eng.num_blocks * bs * per_token
+    return {
+        "kv_bytes_per_token": per_token, "kv_bytes_per_token_if_mha": mha,
+        "gqa_saving": mc.num_attention_heads / mc.num_key_value_heads,
+        "paged_waste_fraction": 1 - used / paged_slots,
+        "max_len_reservation_waste_fraction": 1 - used / (max_len * n),
+        "kv_budget_bytes": budget,
+        "max_concurrent_seqs_paged": int(budget // (per_token * paged_slots / n)),
+        "max_concurrent_seqs_reserved": int(budget // (per_token * max_len)),
+        "mean_sequence_tokens": used / n, "max_model_len": max_len,
+    }
+
+
+def bench_prefix(llm: LLM, system_len: int, n: int) -> dict:
+    """TTFT of requests that share a long system prompt, prefix caching on vs off."""
+    vocab = llm.engine.model_config.vocab_size
+    rng = np.random.default_rng(2)
+    system = [1] + rng.integers(3, vocab, system_len - 1).tolist()
+    out = {}
+    for caching in (False, True):
+        llm.engine.block_manager.caching = caching
+        llm.engine.block_manager.hash_to_block.clear()
+        prompts = [system + rng.integers(3, vocab, 20).tolist() for _ in range(n)]
+        params = [SamplingParams(temperature=0, max_tokens=8, ignore_eos=True)] * n
+        r = run_timed(llm, prompts, params, arrivals=[0.25 * i for i in range(n)])   # one after another
+        out["on" if caching else "off"] = {"ttft_p50_s": _percentile(r["ttft"], 50),
+                                           "ttft_mean_s": sum(r["ttft"]) / n}
+    llm.engine.block_manager.caching = llm.engine.cfg.enable_prefix_caching
+    out["system_prompt_tokens"] = system_len
+    out["ttft_speedup"] = out["off"]["ttft_mean_s"] / out["on"]["ttft_mean_s"]
+    return out
+
+
+def bench_chunked(model: str, engine_kw: dict, long_len: int, chunk_budget: int) -> dict:
+    """While 8 requests decode, a long prompt arrives: their inter-token latency, chunked
+    prefill on vs off. Without chunking one step computes the whole prompt and every
+    running request stalls for it; with chunking each step adds at most a budget's worth."""
+    out = {}
+    for chunked in (False, True):
+        kw = dict(engine_kw, enable_chunked_prefill=chunked, enable_prefix_caching=False,
+                  max_model_len=long_len + 64, max_num_batched_tokens=chunk_budget if chunked else long_len + 64)
+        llm = LLM(model, **kw)
+        vocab = llm.engine.model_config.vocab_size
+        rng = np.random.default_rng(3)
+        prompts = [[1] + rng.integers(3, vocab, 16).tolist() for _ in range(8)]
+        prompts.append([1] + rng.integers(3, vocab, long_len - 1).tolist())
+        params = [SamplingParams(temperature=0, max_tokens=60, ignore_eos=True)] * 8 + \
+                 [SamplingParams(temperature=0, max_tokens=4, ignore_eos=True)]
+        llm.generate(prompts[0], SamplingParams(temperature=0, max_tokens=4))              # warm-up
+        r = run_timed(llm, prompts, params, arrivals=[0.0] * 8 + [0.3])
+        itl = [b - a for i in range(8) for a, b in zip(r["token_times"][i], r["token_times"][i][1:])]
+        out["chunked" if chunked else "unchunked"] = {
+            "itl_max_s": max(itl), "itl_p99_s": _percentile(itl, 99), "itl_p50_s": _percentile(itl, 50),
+            "long_prompt_ttft_s": r["ttft"][8]}
+    out.update(long_prompt_tokens=long_len, chunk_budget=chunk_budget)
+    return out
+
+
+def bench_spec(model: str, draft: str, engine_kw: dict, ks: tuple[int, ...], n_tokens: int,
+               label: str = "draft") -> dict:
+    """Batch-1 speedup of speculative decoding against the measured acceptance rate a and
+    cost ratio c, beside the expected (1 - a^(k+1)) / ((1 - a)(k c + 1))."""
+    base = LLM(model, **engine_kw)
+    vocab = base.engine.model_config.vocab_size
+    prompts = [[1] + np.random.default_rng(s).integers(3, vocab, 24).tolist() for s in range(3)]
+    if base.tokenizer is not None:
+        prompts = ["def main():\n", "import os\nimport sys\n\n", "class Config:\n    def __init__(self"]
+    p = SamplingParams(temperature=0, max_tokens=n_tokens, ignore_eos=True)
+    base.generate(prompts[0], SamplingParams(temperature=0, max_tokens=8))
+    t = time.perf_counter()
+    for pr in prompts:
+        base.generate(pr, p)
+    base_s = time.perf_counter() - t
+    drafter = LLM(draft, **engine_kw)
+    drafter.generate(prompts[0], SamplingParams(temperature=0, max_tokens=8))
+    t = time.perf_counter()
+    for pr in prompts:
+        drafter.generate(pr, p)
+    c = (time.perf_counter() - t) / base_s            # per-token cost, draft / target
+    rows = []
+    for k in ks:
+        llm = LLM(model, draft_model=draft, num_speculative_tokens=k, **engine_kw)
+        llm.generate(prompts[0], SamplingParams(temperature=0, max_tokens=8))
+        llm.engine.speculator.proposed = llm.engine.speculator.accepted = 0
+        t = time.perf_counter()
+        for pr in prompts:
+            llm.generate(pr, p)
+        s = time.perf_counter() - t
+        a = llm.stats()["spec_acceptance_rate"]
+        expected = (1 - a ** (k + 1)) / ((1 - a) * (k * c + 1)) if a < 1 else (k + 1) / (k * c + 1)
+        rows.append({"k": k, "acceptance": a, "measured_speedup": base_s / s, "expected_speedup": expected})
+    return {"draft": label, "cost_ratio_c": c, "target_tok_s": len(prompts) * n_tokens / base_s, "rows": rows}
+
+
+def bench_sla(llm: LLM, levels: tuple[int, ...], gpu_hour_usd: float, api_usd_per_mtok: float,
+              lo: int, hi: int) -> dict:
+    """Per concurrency level: TTFT, per-user decode speed, the SLA verdict, and economics."""
+    rows = []
+    for c in levels:
+        prompts, params = nano_vllm_workload(llm.engine.model_config.vocab_size, c, lo, hi, seed=c)
+        r = run_timed(llm, prompts, params)
+        per_user = [len(ts) / (ts[-1] - ts[0] + 1e-9) if len(ts) > 1 else float("nan")
+                    for ts in r["token_times"].values()]
+        tps = r["output_tokens"] / r["elapsed"]
+        rows.append({"concurrency": c, "ttft_p50_s": _percentile(r["ttft"], 50),
+                     "ttft_p99_s": _percentile(r["ttft"], 99), "per_user_tok_s_p50": _percentile(per_user, 50),
+                     "throughput_tok_s": tps,
+                     "sla_ok": _percentile(r["ttft"], 99) < 0.5 and _percentile(per_user, 10) >= 30,
+                     "usd_per_mtok": gpu_hour_usd / (tps * 3600) * 1e6})
+    best = max(rows, key=lambda r: r["throughput_tok_s"])
+    daily_cost = gpu_hour_usd * 24
+    return {"rows": rows, "gpu_hour_usd": gpu_hour_usd, "api_usd_per_mtok": api_usd_per_mtok,
+            "daily_cost_usd": daily_cost,
+            "break_even_tokens_per_day": daily_cost / api_usd_per_mtok * 1e6,
+            "capacity_tokens_per_day": best["throughput_tok_s"] * 86400}
+
+
+def _table(title: str, rows: list[tuple[str, str]]) -> str:
+    return "\n".join([f"\n### {title}\n", "| figure | value |", "| --- | --- |"] +
+                     [f"| {k} | {v} |" for k, v in rows])
+
+
+def run_benchmarks(args: argparse.Namespace) -> int:
+    suites = args.bench or ["latency", "throughput", "memory", "prefix", "chunked", "spec", "sla"]
+    kw = engine_kwargs(args)
+    kw.pop("draft_model"), kw.pop("speculative_method"), kw.pop("num_speculative_tokens")
+    dev = kw["device"] or ("cuda" if torch.cuda.is_available() else "cpu")
+    kw["device"] = dev
+    machine = torch.cuda.get_device_name() if dev == "cuda" else \
+        f"CPU ({os.cpu_count()} cores, {torch.get_num_threads()} threads)"
+    results: dict = {"machine": machine, "torch": torch.__version__, "model": args.model,
+                     "dtype": args.dtype, "random_weights": str(args.model).startswith("random:")}
+    small = dev == "cpu"
+    n, lo, hi = (args.bench_requests or (48 if small else 256)), *((32, 256) if small else (100, 1024))
+    print(f"# nanoserve benchmarks: {args.model} ({'random weights' if results['random_weights'] else 'trained'}),"
+          f" {args.dtype}, {machine}")
+    llm = LLM(args.model, **kw)
+    for suite in suites:
+        print(f"[bench] {suite} ...", file=sys.stderr, flush=True)
+        if suite == "latency":
+            r = bench_latency(llm)
+            print(_table("Latency, batch 1", [
+                ("time to first token (128-token prompt)", f"{r['ttft_s'] * 1e3:.1f} ms"),
+                ("prefill", f"{r['prefill_tok_s']:.0f} tok/s"),
+                ("decode", f"{r['decode_tok_s']:.1f} tok/s"),
+                ("weights read per token", f"{r['weight_bytes'] / 1e6:.1f} MB"),
+                ("achieved weight bandwidth", f"{r['achieved_weight_GBps']:.2f} GB/s = "
+                                              f"{100 * r['fraction_of_copy_bandwidth']:.1f}% of copy bandwidth "
+                                              f"({r['copy_bandwidth_GBps']:.1f} GB/s)"),
+                ("matmul peak measured", f"{r['matmul_TFLOPs'] * 1e3:.1f} GFLOP/s; ridge point "
+                                         f"{r['ridge_flops_per_byte']:.1f} FLOP/byte"),
+                ("decode arithmetic intensity", f"{r['decode_flops_per_byte']:.2f} FLOP/byte: {r['decode_verdict']}"),
+                ("prefill arithmetic intensity", f"{r['prefill_flops_per_byte']:.0f} FLOP/byte: "
+                                                 f"{r['prefill_verdict']}")]))
+        elif suite == "throughput":
+            r = bench_throughput(llm, n, lo, hi, static_batch=min(64, n))
+            print(_table(f"Throughput: {n} requests, prompt and output lengths uniform in [{lo}, {hi}]", [
+                ("continuous batching", f"{r['continuous_tok_s']:.0f} output tok/s ({r['continuous_s']:.1f} s)"),
+                (f"static batching (batch {r['static_batch']}, padded)",
+                 f"{r['static_tok_s']:.0f} output tok/s ({r['static_s']:.1f} s)"),
+                ("continuous / static", f"{r['speedup']:.2f}x"),
+                ("Hugging Face transformers", "not installed" if __import__("importlib").util.find_spec(
+                    "transformers") is None else "see README")]))
+        elif suite == "memory":
+            r = bench_memory(llm, n, lo, hi)
+            print(_table("KV cache memory", [
+                ("KV bytes per token", f"{r['kv_bytes_per_token']:,} (MHA would need "
+                                       f"{r['kv_bytes_per_token_if_mha']:,}: GQA saves {r['gqa_saving']:.0f}x)"),
+                ("waste, paged blocks", f"{100 * r['paged_waste_fraction']:.1f}%"),
+                ("waste, max-length reservation", f"{100 * r['max_len_reservation_waste_fraction']:.1f}%"),
+                ("concurrent sequences in the same KV budget",
+                 f"paged {r['max_concurrent_seqs_paged']:,} vs reserved {r['max_concurrent_seqs_reserved']:,}")]))
+        elif suite == "prefix":
+            r = bench_prefix(llm, system_len=min(1024, llm.engine.max_model_len - 64), n=8)
+            print(_table(f"Prefix caching: 8 requests sharing a {r['system_prompt_tokens']}-token system prompt", [
+                ("TTFT, caching off", f"{r['off']['ttft_mean_s'] * 1e3:.1f} ms mean"),
+                ("TTFT, caching on", f"{r['on']['ttft_mean_s'] * 1e3:.1f} ms mean"),
+                ("speedup", f"{r['ttft_speedup']:.1f}x")]))
+        elif suite == "chunked":
+            model = args.model if str(args.model).startswith("random:") else "random:nanocoder-5m-8k"
+            r = bench_chunked(model, kw, long_len=4000, chunk_budget=512)
+            print(_table(f"Chunked prefill: a {r['long_prompt_tokens']}-token prompt arrives while 8 requests "
+                         f"decode ({model})", [
+                (f"{name}: running requests' inter-token latency",
+                 f"max {v['itl_max_s'] * 1e3:.0f} ms, p99 {v['itl_p99_s'] * 1e3:.0f} ms, "
+                 f"p50 {v['itl_p50_s'] * 1e3:.1f} ms; long prompt TTFT {v['long_prompt_ttft_s']:.2f} s")
+                for name, v in (("without chunking", r["unchunked"]),
+                                (f"chunked (budget {r['chunk_budget']})", r["chunked"]))]))
+        elif suite == "spec":
+            draft = args.draft or (str(DEFAULT_DRAFT) if Path(args.model) == DEFAULT_MODEL else None)
+            if draft is None:
+                print("\n(spec: pass --draft DIR)")
+                continue
+            r = bench_spec(args.model, draft, kw, (2, 4, 8), n_tokens=96)
+            print(_table(f"Speculative decoding, batch 1, greedy (draft {Path(draft).name}, "
+                         f"cost ratio c = {r['cost_ratio_c']:.2f}, target alone {r['target_tok_s']:.0f} tok/s)", [
+                (f"k = {row['k']}", f"acceptance a = {row['acceptance']:.2f}, speedup measured "
+                                    f"{row['measured_speedup']:.2f}x, expected {row['expected_speedup']:.2f}x")
+                for row in r["rows"]]))
+        elif suite == "sla":
+            r = bench_sla(llm, (1, 4, 16, 64) if small else (1, 16, 64, 256), args.gpu_hour_usd,
+                          args.api_usd_per_mtok, lo, hi)
+            print(_table(f"SLA (TTFT p99 < 500 ms, >= 30 tok/s per user) and cost at ${args.gpu_hour_usd}/hour", [
+                (f"concurrency {row['concurrency']}",
+                 f"TTFT p50 {row['ttft_p50_s'] * 1e3:.0f} ms / p99 {row['ttft_p99_s'] * 1e3:.0f} ms, "
+                 f"{row['per_user_tok_s_p50']:.0f} tok/s per user, {row['throughput_tok_s']:.0f} tok/s total, "
+                 f"SLA {'met' if row['sla_ok'] else 'missed'}, ${row['usd_per_mtok']:.2f} per 1M tokens")
+                for row in r["rows"]] + [
+                ("self-hosting beats the API above", f"{r['break_even_tokens_per_day'] / 1e6:.0f}M tokens/day "
+                 f"(API ${r['api_usd_per_mtok']}/1M; this machine serves at most "
+                 f"{r['capacity_tokens_per_day'] / 1e6:.0f}M/day)")]))
+        else:
+            raise ValueError(f"unknown benchmark suite {suite!r}")
+        results[suite] = r
+        sys.stdout.flush()
+    if args.bench_out:
+        Path(args.bench_out).write_text(json.dumps(results, indent=2, default=float) + "\n")
+        print(f"\n[bench] wrote {args.bench_out}", file=sys.stderr)
+    return 0
+
+
 # ============================================================================ CLI
 
 def build_parser() -> argparse.ArgumentParser:
@@ -1779,6 +2211,12 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--draft", default=None, help="draft model directory for speculative decoding")
     p.add_argument("--speculative-method", default=None, choices=["draft", "ngram"])
     p.add_argument("--num-speculative-tokens", type=int, default=0)
+    p.add_argument("--bench", nargs="*", default=None, metavar="SUITE",
+                   help="run benchmarks: latency throughput memory prefix chunked spec sla (default: all)")
+    p.add_argument("--bench-out", default=None, help="write benchmark numbers to this JSON file")
+    p.add_argument("--bench-requests", type=int, default=None, help="requests in the throughput workload")
+    p.add_argument("--gpu-hour-usd", type=float, default=8.0)
+    p.add_argument("--api-usd-per-mtok", type=float, default=0.5, help="API price per 1M output tokens")
     p.add_argument("--max-tokens", type=int, default=128)
     p.add_argument("--temperature", type=float, default=0.8)
     p.add_argument("--top-p", type=float, default=0.95)
@@ -1827,6 +2265,8 @@ def main(argv: list[str] | None = None) -> int:
     try:
         if args.serve:
             return serve(args)
+        if args.bench is not None:
+            return run_benchmarks(args)
         if args.prompt is None:
             raise ValueError("nothing to do: pass --prompt TEXT, --serve or --bench")
         params = SamplingParams(temperature=args.temperature, top_p=args.top_p, top_k=args.top_k,
