@@ -967,7 +967,7 @@ class LLMEngine:
             raise ValueError(f"tokenizer {tok_path} has {self.tokenizer.vocab_size} pieces but the "
                              f"model's vocab_size is {mc.vocab_size}")
         self.speculator = None
-        if draft_model is not None or cfg.speculative_method == "ngram":
+        if draft_model is not None or cfg.speculative_method is not None:
             self.speculator = Speculator(self, draft_model)
         self.kv_bytes_per_token = self._kv_bytes_per_token()
         self.num_blocks = cfg.num_blocks or self._blocks_from_memory()
