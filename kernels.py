@@ -150,6 +150,31 @@ def paged_attention_ref(q: Tensor, k_cache: Tensor, v_cache: Tensor, block_table
     return out
 
 
+# ----------------------------------------------------------------------------- quantized linear
+
+def dequantize_ref(codes: Tensor, scales: Tensor, zeros: Tensor | None, group_size: int) -> Tensor:
+    """Integer codes (out, in), any integer dtype -> weights (out, in) in scales' dtype:
+    s * q, or s * (q - z).
+
+    scales, zeros: (out, n_groups); group g covers input channels [g*G, (g+1)*G).
+    """
+    G = group_size or codes.shape[1]
+    s = scales.repeat_interleave(G, dim=1)[:, :codes.shape[1]]              # (out, in)
+    if zeros is None:
+        return codes.to(scales.dtype) * s
+    z = zeros.repeat_interleave(G, dim=1)[:, :codes.shape[1]]
+    return (codes.to(scales.dtype) - z) * s
+
+
+def quant_linear_ref(x: Tensor, codes: Tensor, scales: Tensor, zeros: Tensor | None,
+                     group_size: int) -> Tensor:
+    """y = x W_hat^T with W_hat dequantized on the fly: (..., in) -> (..., out).
+
+    A W4A16 kernel does the same while reading only the packed 4-bit codes from memory,
+    which is why int4 speeds up memory-bound decode."""
+    return F.linear(x, dequantize_ref(codes, scales, zeros, group_size).to(x.dtype))
+
+
 # ----------------------------------------------------------------------------- dispatch
 # The model calls only these names. Today every one of them is the reference twin: the
 # CUDA kernels that will replace them on a GPU are checked against these functions.
@@ -160,6 +185,7 @@ silu_and_mul = silu_and_mul_ref
 rotary_embedding = rotary_embedding_ref
 reshape_and_cache = reshape_and_cache_ref
 paged_attention = paged_attention_ref
+quant_linear = quant_linear_ref
 
 
 if __name__ == "__main__":

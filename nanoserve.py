@@ -419,6 +419,23 @@ class LlamaDecoderLayer(nn.Module):
         return self.mlp(h), residual
 
 
+    def forward_dense(self, x: Tensor, rope: tuple[Tensor, Tensor]) -> Tensor:
+        """(B, T, D) -> (B, T, D): the same layer on whole sequences, SDPA instead of the cache."""
+        B, T, _ = x.shape
+        a = self.self_attn
+        h = self.input_layernorm(x)
+        q = a.q_proj(h).view(B, T, a.n_heads, a.head_dim)
+        k = a.k_proj(h).view(B, T, a.n_kv, a.head_dim)
+        v = a.v_proj(h).view(B, T, a.n_kv, a.head_dim)
+        q, k = kernels.rotary_embedding_ref(q, k, torch.arange(T, device=x.device), *rope)
+        rep = a.n_heads // a.n_kv                                            # GQA: share K/V heads
+        o = F.scaled_dot_product_attention(
+            q.transpose(1, 2), k.repeat_interleave(rep, 2).transpose(1, 2),
+            v.repeat_interleave(rep, 2).transpose(1, 2), is_causal=True)      # (B, H, T, hd)
+        x = x + a.o_proj(o.transpose(1, 2).reshape(B, T, -1))
+        return x + self.mlp(self.post_attention_layernorm(x))
+
+
 class LlamaModel(nn.Module):
     def __init__(self, cfg: ModelConfig):
         super().__init__()
@@ -453,30 +470,21 @@ class LlamaForCausalLM(nn.Module):
     def compute_logits(self, hidden: Tensor) -> Tensor:
         return self.lm_head(hidden).float()                                  # (N, V)
 
+    def dense_rope(self, T: int, device: torch.device) -> tuple[Tensor, Tensor]:
+        if self.rope is not None and self.rope[0].shape[0] >= T:
+            return self.rope
+        return kernels.rope_cos_sin(self.config.head_dim, T, self.config.rope_theta, device)
+
     def forward_dense(self, input_ids: Tensor) -> Tensor:
         """(B, T) ids -> (B, T, V) logits with plain causal attention and no KV cache.
 
         For training, calibration (quant.py) and perplexity, where whole sequences are
         known up front. Differentiable; serving never uses it.
         """
-        B, T = input_ids.shape
-        cos, sin = self.rope if self.rope is not None and self.rope[0].shape[0] >= T else \
-            kernels.rope_cos_sin(self.config.head_dim, T, self.config.rope_theta, input_ids.device)
-        positions = torch.arange(T, device=input_ids.device)
+        rope = self.dense_rope(input_ids.shape[1], input_ids.device)
         x = self.model.embed_tokens(input_ids)                               # (B, T, D)
         for layer in self.model.layers:
-            a = layer.self_attn
-            h = layer.input_layernorm(x)
-            q = a.q_proj(h).view(B, T, a.n_heads, a.head_dim)
-            k = a.k_proj(h).view(B, T, a.n_kv, a.head_dim)
-            v = a.v_proj(h).view(B, T, a.n_kv, a.head_dim)
-            q, k = kernels.rotary_embedding_ref(q, k, positions, cos, sin)
-            rep = a.n_heads // a.n_kv                                        # GQA: share K/V heads
-            o = F.scaled_dot_product_attention(
-                q.transpose(1, 2), k.repeat_interleave(rep, 2).transpose(1, 2),
-                v.repeat_interleave(rep, 2).transpose(1, 2), is_causal=True)  # (B, H, T, hd)
-            x = x + a.o_proj(o.transpose(1, 2).reshape(B, T, -1))
-            x = x + layer.mlp(layer.post_attention_layernorm(x))
+            x = layer.forward_dense(x, rope)
         return self.lm_head(self.model.norm(x)).float()                      # (B, T, V)
 
 

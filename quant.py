@@ -1,0 +1,430 @@
+"""quant.py: post-training weight quantization for nanoserve: RTN, GPTQ and AWQ.
+
+Quantization is two steps (as in gpt-fast): compute quantized tensors from a float
+model, then swap each nn.Linear for a QuantLinear that holds them. Weights only: the
+activations stay in floating point (W8A16, W4A16, W3A16). At batch 1 decode reads every
+weight once per token, so 4-bit weights move 4x fewer bytes than bf16: the gain is large
+for memory-bound decode and small for compute-bound prefill.
+
+    python quant.py --model models/nanocoder-5m --method gptq --bits 4 --group-size 32 --out /tmp/q4
+
+This module works on modules and calibration batches handed to it; only the command-line
+entry point imports nanoserve, to load a model (imports point one way).
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import math
+import shutil
+import sys
+from pathlib import Path
+from typing import Callable
+
+import torch
+import torch.nn as nn
+from torch import Tensor
+
+import kernels
+
+LINEARS = ("self_attn.q_proj", "self_attn.k_proj", "self_attn.v_proj", "self_attn.o_proj",
+           "mlp.gate_proj", "mlp.up_proj", "mlp.down_proj")
+
+
+# ============================================================================ round to nearest
+# Symmetric: s = max|w| / (2^(b-1) - 1), q = round(w / s) in [-(2^(b-1) - 1), 2^(b-1) - 1],
+# w ~ s * q. Asymmetric: s = (max - min) / (2^b - 1), z = round(-min / s),
+# q = round(w / s) + z in [0, 2^b - 1], w ~ s * (q - z). Either way |w - w_hat| <= s / 2.
+# Scales are per output channel (group_size 0) or per group of group_size input channels;
+# an in_features that is not a multiple of group_size gets a smaller last group.
+
+def _grouped(W: Tensor, group_size: int) -> tuple[Tensor, int]:
+    """(out, in) -> (out, n_groups, G), the last group padded by repeating its last column
+    (which changes neither its max|w| nor its min and max)."""
+    out, inp = W.shape
+    G = group_size or inp
+    n = math.ceil(inp / G)
+    if n * G > inp:
+        W = torch.cat([W, W[:, -1:].expand(out, n * G - inp)], dim=1)
+    return W.view(out, n, G), G
+
+
+def find_params(W: Tensor, bits: int, group_size: int, symmetric: bool) -> tuple[Tensor, Tensor | None]:
+    """Scales (out, n_groups) and zero points (or None) for W (out, in)."""
+    Wg, _ = _grouped(W.float(), group_size)
+    if symmetric:
+        scale = Wg.abs().amax(-1) / (2 ** (bits - 1) - 1)
+        return scale.clamp(min=1e-10), None
+    lo, hi = Wg.amin(-1).clamp(max=0), Wg.amax(-1).clamp(min=0)
+    scale = ((hi - lo) / (2 ** bits - 1)).clamp(min=1e-10)
+    return scale, torch.round(-lo / scale)
+
+
+def quantize_with(W: Tensor, scale: Tensor, zero: Tensor | None, bits: int, group_size: int) -> Tensor:
+    """Integer codes (out, in) int16 for W given per-group scale/zero (out, n_groups)."""
+    G = group_size or W.shape[1]
+    s = scale.repeat_interleave(G, dim=1)[:, :W.shape[1]]                   # (out, in)
+    if zero is None:
+        qmax = 2 ** (bits - 1) - 1
+        return torch.clamp(torch.round(W.float() / s), -qmax, qmax).to(torch.int16)
+    z = zero.repeat_interleave(G, dim=1)[:, :W.shape[1]]
+    return torch.clamp(torch.round(W.float() / s) + z, 0, 2 ** bits - 1).to(torch.int16)
+
+
+def quantize_rtn(W: Tensor, bits: int, group_size: int = 0, symmetric: bool = True
+                 ) -> tuple[Tensor, Tensor, Tensor | None]:
+    """Round to nearest: -> (codes int16 (out, in), scale (out, n_groups), zero or None)."""
+    _check(W, bits, group_size)
+    scale, zero = find_params(W, bits, group_size, symmetric)
+    return quantize_with(W, scale, zero, bits, group_size), scale, zero
+
+
+def _check(W: Tensor, bits: int, group_size: int) -> None:
+    if bits not in (2, 3, 4, 8):
+        raise ValueError(f"bits must be 2, 3, 4 or 8, got {bits}")
+    if group_size < 0:
+        raise ValueError(f"group_size must be >= 0 (0: per output channel), got {group_size}")
+    if W.dim() != 2:
+        raise ValueError(f"expected a 2-D weight, got shape {tuple(W.shape)}")
+
+
+# ============================================================================ packing
+# Codes of 4 bits or fewer are stored two per byte: byte = low | high << 4, with signed
+# codes offset by 8 into [0, 15]. 8-bit codes are stored as int8 (symmetric) or uint8.
+
+def pack_int4(codes: Tensor, signed: bool) -> Tensor:
+    """(out, in) integer codes -> (out, ceil(in / 2)) uint8."""
+    u = (codes.to(torch.int16) + (8 if signed else 0)).to(torch.uint8)
+    if u.shape[1] % 2:
+        u = torch.cat([u, torch.zeros_like(u[:, :1])], dim=1)
+    return u[:, 0::2] | (u[:, 1::2] << 4)
+
+
+def unpack_int4(packed: Tensor, in_features: int, signed: bool) -> Tensor:
+    """Inverse of pack_int4: -> (out, in_features) int8."""
+    lo, hi = packed & 0xF, packed >> 4
+    u = torch.stack([lo, hi], dim=-1).flatten(1)[:, :in_features].to(torch.int8)
+    return u - 8 if signed else u
+
+
+# ============================================================================ the module
+
+class QuantLinear(nn.Module):
+    """A bias-free linear layer with integer weights and per-group scales.
+
+    Buffers (names as saved in a quantized checkpoint):
+        qweight (out, ceil(in / 2)) uint8 for bits <= 4; (out, in) int8 (uint8 with zeros) for 8
+        scales  (out, n_groups) float
+        zeros   (out, n_groups) float, asymmetric only
+    The forward pass is kernels.quant_linear: dequantize, then multiply (the reference
+    path; a fused CUDA kernel reads the packed weights directly).
+    """
+
+    def __init__(self, in_features: int, out_features: int, bits: int, group_size: int,
+                 symmetric: bool, device: torch.device | str | None = None, dtype: torch.dtype = torch.float32):
+        super().__init__()
+        self.in_features, self.out_features = in_features, out_features
+        self.bits, self.group_size, self.symmetric = bits, group_size, symmetric
+        n_groups = math.ceil(in_features / (group_size or in_features))
+        packed = bits <= 4
+        self.register_buffer("qweight", torch.empty(out_features, (in_features + 1) // 2 if packed else in_features,
+                                                    dtype=torch.int8 if symmetric and not packed else torch.uint8,
+                                                    device=device))
+        self.register_buffer("scales", torch.empty(out_features, n_groups, dtype=dtype, device=device))
+        if not symmetric:
+            self.register_buffer("zeros", torch.empty(out_features, n_groups, dtype=dtype, device=device))
+        else:
+            self.zeros = None
+
+    @classmethod
+    def from_codes(cls, codes: Tensor, scale: Tensor, zero: Tensor | None, bits: int, group_size: int,
+                   dtype: torch.dtype) -> "QuantLinear":
+        m = cls(codes.shape[1], codes.shape[0], bits, group_size, zero is None, codes.device, dtype)
+        m.qweight = pack_int4(codes, zero is None) if bits <= 4 else codes.to(m.qweight.dtype)
+        m.scales = scale.to(dtype)
+        if zero is not None:
+            m.zeros = zero.to(dtype)
+        return m
+
+    def codes(self) -> Tensor:
+        if self.bits <= 4:
+            return unpack_int4(self.qweight, self.in_features, self.symmetric)
+        return self.qweight
+
+    def dequantize(self) -> Tensor:
+        return kernels.dequantize_ref(self.codes(), self.scales, self.zeros, self.group_size)
+
+    def forward(self, x: Tensor) -> Tensor:
+        return kernels.quant_linear(x, self.codes(), self.scales, self.zeros, self.group_size)
+
+    def extra_repr(self) -> str:
+        return (f"in={self.in_features}, out={self.out_features}, bits={self.bits}, "
+                f"group_size={self.group_size}, symmetric={self.symmetric}")
+
+
+def _set_module(root: nn.Module, name: str, module: nn.Module) -> None:
+    parent, _, child = name.rpartition(".")
+    setattr(root.get_submodule(parent) if parent else root, child, module)
+
+
+def linear_names(model: nn.Module) -> list[str]:
+    """Quantized layers: every projection of every decoder layer (not embeddings or lm_head)."""
+    return [f"model.layers.{i}.{n}" for i in range(len(model.model.layers)) for n in LINEARS]
+
+
+def prepare_quantized_model(model: nn.Module, quant_config: dict) -> None:
+    """Swap nn.Linear for empty QuantLinear modules so a quantized state dict can be loaded."""
+    bits, G, sym = quant_config["bits"], quant_config["group_size"], quant_config.get("symmetric", True)
+    for name in linear_names(model):
+        lin = model.get_submodule(name)
+        _set_module(model, name, QuantLinear(lin.in_features, lin.out_features, bits, G, sym,
+                                             device=lin.weight.device, dtype=lin.weight.dtype))
+
+
+# ============================================================================ GPTQ
+# GPTQ (Frantar et al. 2022) minimises the layer's output error ||W X - W_hat X||^2 over
+# calibration inputs X, one column (input channel) at a time. With H = 2 X X^T, after
+# column i is rounded, the error it leaves is best compensated by moving the columns not
+# yet quantized:  W[:, i:] -= (w_i - q_i) / [H^-1]_ii * [H^-1]_i,i:   (Optimal Brain Surgeon).
+# Taking the Cholesky factor U of H^-1 (upper) gives every needed row [H^-1]_i,i: with the
+# eliminations of earlier columns already applied, so the loop needs no matrix inverse
+# per step. "Lazy batch" updates apply the correction inside a block of columns first and
+# to the rest of the matrix once per block (memory-bound -> compute-bound).
+
+def gptq_quantize(W: Tensor, H: Tensor, bits: int, group_size: int = 0, symmetric: bool = True,
+                  damp: float = 0.01, block_size: int = 128, act_order: bool = False
+                  ) -> tuple[Tensor, Tensor, Tensor | None]:
+    """W (out, in), H (in, in) = 2 X X^T / N -> (codes (out, in) int16, scale, zero)."""
+    _check(W, bits, group_size)
+    W = W.detach().float().clone()
+    H = H.detach().float().clone()
+    n = W.shape[1]
+    dead = torch.diag(H) == 0                        # inputs never active: weight irrelevant
+    H[dead, dead] = 1
+    W[:, dead] = 0
+    G = group_size or n
+    if act_order or not group_size:
+        # Scales fixed up front from the original weights ("static groups"), so that with
+        # act_order the columns can go in any order and still share their group's scale.
+        scale, zero = find_params(W, bits, group_size, symmetric)
+    else:
+        scale = torch.zeros(W.shape[0], math.ceil(n / G), device=W.device)
+        zero = None if symmetric else torch.zeros_like(scale)
+    perm = torch.argsort(torch.diag(H), descending=True) if act_order else torch.arange(n, device=W.device)
+    W, H = W[:, perm], H[perm][:, perm]
+    H += damp * torch.mean(torch.diag(H)) * torch.eye(n, device=W.device)    # dampening
+    U = torch.linalg.cholesky(torch.cholesky_inverse(torch.linalg.cholesky(H)), upper=True)
+    Q = torch.zeros_like(W)
+    codes = torch.zeros_like(W, dtype=torch.int16)
+    for i1 in range(0, n, block_size):
+        i2 = min(i1 + block_size, n)
+        W1, Err = W[:, i1:i2].clone(), torch.zeros(W.shape[0], i2 - i1, device=W.device)
+        for i in range(i2 - i1):
+            col = int(perm[i1 + i])                                  # original column index
+            g = col // G
+            if not act_order and group_size and col % G == 0:
+                # A new group: its scale from the weights as the updates have left them.
+                rest = torch.cat([W1[:, i:], W[:, i2:]], dim=1)[:, :min(G, n - col)]
+                s, z = find_params(rest, bits, 0, symmetric)
+                scale[:, g] = s[:, 0]
+                if zero is not None:
+                    zero[:, g] = z[:, 0]
+            w = W1[:, i]
+            q = quantize_with(w[:, None], scale[:, g:g + 1], None if zero is None else zero[:, g:g + 1], bits, 0)
+            codes[:, i1 + i] = q[:, 0]
+            Q[:, i1 + i] = kernels.dequantize_ref(q, scale[:, g:g + 1], None if zero is None else zero[:, g:g + 1], 0)[:, 0]
+            err = (w - Q[:, i1 + i]) / U[i1 + i, i1 + i]
+            W1[:, i:] -= err[:, None] * U[i1 + i, i1 + i:i2][None, :]  # compensate inside block
+            Err[:, i] = err
+        W[:, i2:] -= Err @ U[i1:i2, i2:]                              # lazy batch update
+    inv = torch.argsort(perm)
+    return codes[:, inv], scale, zero
+
+
+# ============================================================================ AWQ
+# AWQ (Lin et al. 2023): a few input channels see much larger activations than the rest,
+# and their weights matter most. Scaling such a channel's weights up by s before rounding
+# (and its input down by s) shrinks their relative rounding error. Per input channel
+# s = mean|x|^alpha, alpha searched on a grid to minimise the output error
+# ||W X - Q(W diag(s)) diag(s)^-1 X||; the 1/s is folded into the operation that produces
+# X (an RMSNorm weight, or the rows of the preceding projection), so inference is unchanged.
+
+def awq_search_scale(weights: list[Tensor], X: Tensor, bits: int, group_size: int, symmetric: bool,
+                     grid: int = 20) -> tuple[Tensor, float]:
+    """weights: linears sharing the input X (N, in) -> (s (in,), best alpha)."""
+    x_mean = X.abs().float().mean(0)                                  # (in,)
+    ref = [X @ W.float().T for W in weights]
+    best, best_s, best_a = float("inf"), torch.ones_like(x_mean), 0.0
+    for k in range(grid + 1):
+        a = k / grid
+        s = x_mean.pow(a).clamp(min=1e-4)
+        s = s / (s.max() * s.min()).sqrt()                            # keep the scales centred
+        err = 0.0
+        for W, r in zip(weights, ref):
+            c, sc, z = quantize_rtn(W.float() * s, bits, group_size, symmetric)
+            Wq = kernels.dequantize_ref(c, sc, z, group_size) / s
+            err += (X @ Wq.T - r).pow(2).mean().item()
+        if err < best:
+            best, best_s, best_a = err, s, a
+    return best_s, best_a
+
+
+# ============================================================================ calibration
+# Layer by layer, in order: the calibration batch's hidden states go through the layers
+# already quantized, so each layer is calibrated on what it will really see. Within a
+# layer the projections go in four stages (q/k/v, o, gate/up, down); for GPTQ each
+# stage's inputs are recorded by forward hooks with the earlier stages already quantized.
+
+STAGES = (("self_attn.q_proj", "self_attn.k_proj", "self_attn.v_proj"), ("self_attn.o_proj",),
+          ("mlp.gate_proj", "mlp.up_proj"), ("mlp.down_proj",))
+
+
+def _record_inputs(layer: nn.Module, names: tuple[str, ...], run: Callable[[], None]) -> dict[str, Tensor]:
+    seen: dict[str, list[Tensor]] = {n: [] for n in names}
+    hooks = [layer.get_submodule(n).register_forward_hook(
+        lambda mod, inp, out, n=n: seen[n].append(inp[0].detach().reshape(-1, inp[0].shape[-1])))
+        for n in names]
+    try:
+        run()
+    finally:
+        for h in hooks:
+            h.remove()
+    return {n: torch.cat(v) for n, v in seen.items()}
+
+
+@torch.no_grad()
+def quantize_model(model: nn.Module, calib: Tensor, method: str, bits: int, group_size: int,
+                   symmetric: bool = True, act_order: bool = False,
+                   progress: Callable[[str], None] = lambda s: None) -> dict:
+    """Quantize every decoder projection of `model` in place (nn.Linear -> QuantLinear).
+
+    model: a nanoserve LlamaForCausalLM (uses .model.embed_tokens, .model.layers[i].forward_dense,
+    .dense_rope). calib: (B, T) token ids. method: rtn | gptq | awq. -> quantize_config dict.
+    """
+    if method not in ("rtn", "gptq", "awq"):
+        raise ValueError(f"method must be rtn, gptq or awq, got {method!r}")
+    dtype = model.model.embed_tokens.weight.dtype
+    layers = model.model.layers
+    rope = model.dense_rope(calib.shape[1], calib.device)
+    x = model.model.embed_tokens(calib).float() if method != "rtn" else None
+    for li, layer in enumerate(layers):
+        if method != "rtn":
+            layer.float()
+        if method == "awq":
+            # All scales first (each stage sees the already-scaled float layer), folded into
+            # the operations before them while those are still float; then round.
+            for stage in STAGES:
+                inputs = _record_inputs(layer, stage[:1], lambda: layer.forward_dense(x, rope))
+                _awq_stage(layer, stage, inputs[stage[0]], bits, group_size, symmetric)
+        for stage in STAGES:
+            if method == "gptq":
+                inputs = _record_inputs(layer, stage, lambda: layer.forward_dense(x, rope))
+            for name in stage:
+                lin = layer.get_submodule(name)
+                W = lin.weight.float()
+                if method == "gptq":
+                    X = inputs[name].float()
+                    H = 2 * X.T @ X / X.shape[0]
+                    codes, scale, zero = gptq_quantize(W, H, bits, group_size, symmetric, act_order=act_order)
+                else:
+                    codes, scale, zero = quantize_rtn(W, bits, group_size, symmetric)
+                _set_module(layer, name, QuantLinear.from_codes(codes, scale, zero, bits, group_size,
+                                                                torch.float32))
+        if method != "rtn":
+            x = layer.forward_dense(x, rope)            # the next layer sees quantized outputs
+        layer.to(dtype)
+        progress(f"layer {li + 1}/{len(layers)} quantized ({method}, {bits} bits, group {group_size})")
+    return {"method": method, "bits": bits, "group_size": group_size, "symmetric": symmetric,
+            "act_order": act_order}
+
+
+def _awq_stage(layer: nn.Module, stage: tuple[str, ...], X: Tensor, bits: int, group_size: int,
+               symmetric: bool) -> None:
+    """Search the AWQ scale for one stage and fold it into the operation before it."""
+    a = layer.self_attn
+    if stage[0] == "self_attn.o_proj" and a.n_heads != a.n_kv:
+        return           # with GQA a v_proj row feeds several o_proj inputs: no exact fold (as AutoAWQ)
+    weights = [layer.get_submodule(n).weight for n in stage]
+    s, _ = awq_search_scale(weights, X, bits, group_size, symmetric)
+    for n in stage:
+        layer.get_submodule(n).weight.mul_(s)                         # W diag(s)
+    prev = {"self_attn.q_proj": layer.input_layernorm.weight, "self_attn.o_proj": a.v_proj.weight,
+            "mlp.gate_proj": layer.post_attention_layernorm.weight, "mlp.down_proj": layer.mlp.up_proj.weight}
+    p = prev[stage[0]]
+    if p.dim() == 1:
+        p.div_(s)                                                     # RMSNorm weight
+    else:
+        p.div_(s[:, None])                                            # rows of the producer
+
+
+# ============================================================================ checkpoints
+
+def save_quantized(model: nn.Module, src_dir: Path, out_dir: Path, quant_config: dict,
+                   save_safetensors: Callable) -> None:
+    """config.json, tokenizer.model, quantize_config.json and model.safetensors (qweight/scales/zeros)."""
+    out_dir.mkdir(parents=True, exist_ok=True)
+    for f in ("config.json", "tokenizer.model"):
+        if (src_dir / f).is_file():
+            shutil.copy(src_dir / f, out_dir / f)
+    state = {k: v for k, v in model.state_dict().items()
+             if not (k == "lm_head.weight" and model.config.tie_word_embeddings)}
+    save_safetensors(state, out_dir / "model.safetensors", {"format": "pt", "quantization": json.dumps(quant_config)})
+    (out_dir / "quantize_config.json").write_text(json.dumps(quant_config, indent=2) + "\n")
+
+
+def read_calibration(path: str | None, tokenizer, sample: Callable[[int, int], list[list[int]]],
+                     n: int, seq_len: int) -> Tensor:
+    """(n, seq_len) token ids: windows of a text file, or sequences the model samples itself."""
+    if path:
+        if tokenizer is None:
+            raise ValueError("--calib needs a model with a tokenizer.model")
+        ids = tokenizer.encode(Path(path).read_text(encoding="utf-8", errors="replace"))
+        if len(ids) < seq_len + 1:
+            raise ValueError(f"{path}: {len(ids)} tokens, need at least {seq_len + 1}")
+        starts = torch.linspace(0, len(ids) - seq_len - 1, n).long().tolist()
+        return torch.tensor([ids[s:s + seq_len] for s in starts])
+    return torch.tensor(sample(n, seq_len))
+
+
+def main(argv: list[str] | None = None) -> int:
+    ap = argparse.ArgumentParser(description="Quantize a nanoserve checkpoint (weights only).")
+    ap.add_argument("--model", required=True)
+    ap.add_argument("--method", choices=["rtn", "gptq", "awq"], default="gptq")
+    ap.add_argument("--bits", type=int, choices=[8, 4, 3], default=4)
+    ap.add_argument("--group-size", type=int, default=0, help="input channels per scale; 0: per channel")
+    ap.add_argument("--asymmetric", action="store_true", help="zero points (asymmetric quantization)")
+    ap.add_argument("--act-order", action="store_true", help="GPTQ: columns in order of decreasing H_ii")
+    ap.add_argument("--out", required=True)
+    ap.add_argument("--calib", default=None, help="text file for calibration (default: model samples)")
+    ap.add_argument("--calib-samples", type=int, default=32)
+    ap.add_argument("--calib-len", type=int, default=256)
+    args = ap.parse_args(argv)
+    import nanoserve
+    try:
+        if args.group_size < 0:
+            raise ValueError(f"--group-size must be >= 0, got {args.group_size}")
+        llm = nanoserve.LLM(args.model, device="cpu", dtype="float32")
+        model, tok = llm.engine.model, llm.engine.tokenizer
+        L = min(args.calib_len, llm.engine.max_model_len - 1)
+
+        def sample(n: int, length: int) -> list[list[int]]:
+            bos = model.config.bos_token_id or 0
+            outs = llm.generate([[bos]] * n, [nanoserve.SamplingParams(temperature=1.0, max_tokens=length - 1,
+                                                                       ignore_eos=True, seed=i) for i in range(n)])
+            return [[bos] + o.token_ids for o in outs]
+
+        print(f"[quant] calibration: {args.calib or 'samples from the model'}", file=sys.stderr)
+        calib = read_calibration(args.calib, tok, sample, args.calib_samples, L)
+        cfg = quantize_model(model, calib, args.method, args.bits, args.group_size, not args.asymmetric,
+                             args.act_order, progress=lambda s: print(f"[quant] {s}", file=sys.stderr))
+        save_quantized(model, Path(args.model), Path(args.out), cfg, nanoserve.save_safetensors)
+        print(f"[quant] wrote {args.out}", file=sys.stderr)
+        return 0
+    except (ValueError, FileNotFoundError) as e:
+        print(f"quant: error: {e}", file=sys.stderr)
+        return 2
+
+
+if __name__ == "__main__":
+    sys.exit(main())

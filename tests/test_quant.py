@@ -1,0 +1,123 @@
+"""quant.py: RTN, packing, GPTQ, AWQ, quantized checkpoints."""
+
+import json
+import subprocess
+import sys
+
+import pytest
+import torch
+
+import nanoserve
+import kernels
+import quant
+from nanoserve import LLM, SamplingParams
+from conftest import ROOT, STORIES, TINY_CONFIG, write_random_checkpoint
+
+
+@pytest.mark.parametrize("bits", [8, 4, 3])
+@pytest.mark.parametrize("group_size", [0, 32, 64, 128])
+@pytest.mark.parametrize("symmetric", [True, False])
+def test_rtn_error_is_at_most_half_a_step(bits, group_size, symmetric):
+    torch.manual_seed(bits * 1000 + group_size)
+    W = torch.randn(48, 172) * torch.rand(48, 1) * 3           # 172: not a multiple of the group
+    codes, scale, zero = quant.quantize_rtn(W, bits, group_size, symmetric)
+    W_hat = kernels.dequantize_ref(codes, scale, zero, group_size)
+    G = group_size or 172
+    s = scale.repeat_interleave(G, 1)[:, :172]
+    assert ((W - W_hat).abs() <= s / 2 + 1e-6).all()
+    if symmetric:
+        qmax = 2 ** (bits - 1) - 1
+        assert codes.abs().max() <= qmax
+        torch.testing.assert_close(scale[:, 0], W[:, :G].abs().amax(1) / qmax)   # s = max|w| / (2^(b-1) - 1)
+    else:
+        assert codes.min() >= 0 and codes.max() <= 2 ** bits - 1
+
+
+@pytest.mark.parametrize("signed", [True, False])
+def test_int4_pack_unpack_round_trip(signed):
+    lo, hi = (-8, 7) if signed else (0, 15)
+    codes = torch.randint(lo, hi + 1, (16, 37), dtype=torch.int8)
+    packed = quant.pack_int4(codes, signed)
+    assert packed.dtype == torch.uint8 and packed.shape == (16, 19)   # two per byte
+    assert torch.equal(quant.unpack_int4(packed, 37, signed), codes)
+
+
+def test_gptq_output_error_is_lower_than_rtn_on_calibration_inputs():
+    torch.manual_seed(0)
+    # Correlated inputs with a few large channels, as in real activations.
+    X = torch.randn(2048, 128) @ (torch.randn(128, 128) / 8 + torch.eye(128))
+    X[:, :4] *= 10
+    W = torch.randn(64, 128)
+    H = 2 * X.T @ X / X.shape[0]
+    import kernels
+    for bits, G in [(4, 0), (3, 0), (4, 32), (3, 32)]:
+        rtn = kernels.dequantize_ref(*quant.quantize_rtn(W, bits, G), G)
+        gptq = kernels.dequantize_ref(*quant.gptq_quantize(W, H, bits, G), G)
+        e_rtn = (X @ (W - rtn).T).norm()
+        e_gptq = (X @ (W - gptq).T).norm()
+        assert e_gptq < 0.8 * e_rtn, (bits, G)
+        act = kernels.dequantize_ref(*quant.gptq_quantize(W, H, bits, G, act_order=True), G)
+        assert (X @ (W - act).T).norm() < e_rtn
+
+
+def test_awq_scale_search_lowers_output_error_with_salient_channels():
+    torch.manual_seed(1)
+    X = torch.randn(1024, 96)
+    X[:, :3] *= 30                                             # salient input channels
+    W = torch.randn(64, 96)
+    import kernels
+    rtn = kernels.dequantize_ref(*quant.quantize_rtn(W, 3, 32), 32)
+    s, alpha = quant.awq_search_scale([W], X, 3, 32, True)
+    awq = kernels.dequantize_ref(*quant.quantize_rtn(W * s, 3, 32), 32) / s
+    assert alpha > 0
+    assert (X @ (W - awq).T).norm() < (X @ (W - rtn).T).norm()
+
+
+@pytest.fixture(scope="module")
+def small_model(tmp_path_factory):
+    if (STORIES / "model.safetensors").is_file():
+        return STORIES
+    return write_random_checkpoint(tmp_path_factory.mktemp("q") / "m", dict(TINY_CONFIG, intermediate_size=172))
+
+
+@pytest.mark.parametrize("method,bits,group", [("rtn", 8, 0), ("rtn", 4, 32), ("gptq", 4, 32),
+                                               ("awq", 4, 32), ("gptq", 3, 0)])
+def test_quantized_checkpoint_round_trips_bit_exactly_and_the_engine_runs_it(small_model, tmp_path,
+                                                                               method, bits, group):
+    llm = LLM(small_model, device="cpu")
+    model = llm.engine.model
+    vocab = model.config.vocab_size
+    calib = torch.randint(3, vocab, (8, 64), generator=torch.Generator().manual_seed(0))
+    cfg = quant.quantize_model(model, calib, method, bits, group)
+    out = tmp_path / "q"
+    quant.save_quantized(model, small_model, out, cfg, nanoserve.save_safetensors)
+    qllm = LLM(out, device="cpu", max_num_batched_tokens=32)
+    for name, t in model.state_dict().items():
+        assert torch.equal(qllm.engine.model.state_dict()[name], t), name
+    assert isinstance(qllm.engine.model.model.layers[0].mlp.down_proj, quant.QuantLinear)
+    prompts = [[1, 20, 30, 40] * k for k in range(1, 6)]
+    p = SamplingParams(temperature=0, max_tokens=12, ignore_eos=True)
+    outs = qllm.generate(prompts, p)
+    # Every engine feature on the quantized model: batching, chunking, prefix caching, spec.
+    assert all(len(o.token_ids) == 12 for o in outs)
+    spec = LLM(out, device="cpu", speculative_method="ngram", num_speculative_tokens=3, max_num_batched_tokens=32)
+    assert [o.token_ids for o in spec.generate(prompts, p)] == [o.token_ids for o in outs]
+    if bits == 8:     # int8 stays close to the float model
+        ref = llm.generate(prompts, p)
+        same = sum(a.token_ids == b.token_ids for a, b in zip(ref, outs))
+        assert same >= 3
+
+
+def test_quant_cli_writes_a_checkpoint_the_cli_runs(small_model, tmp_path):
+    out = tmp_path / "cli"
+    r = subprocess.run([sys.executable, str(ROOT / "quant.py"), "--model", str(small_model), "--method", "gptq",
+                        "--bits", "4", "--group-size", "32", "--out", str(out), "--calib-samples", "4",
+                        "--calib-len", "32"], capture_output=True, text=True, timeout=300)
+    assert r.returncode == 0, r.stderr
+    assert "layer 1/" in r.stderr                               # progress is shown
+    assert json.loads((out / "quantize_config.json").read_text())["bits"] == 4
+    llm = LLM(out, device="cpu")
+    assert len(llm.generate([1, 5, 6], SamplingParams(max_tokens=5, ignore_eos=True))[0].token_ids) == 5
+    bad = subprocess.run([sys.executable, str(ROOT / "quant.py"), "--model", str(small_model), "--group-size",
+                          "-3", "--out", str(out)], capture_output=True, text=True, timeout=120)
+    assert bad.returncode == 2 and "group-size" in bad.stderr and "Traceback" not in bad.stderr
