@@ -2078,6 +2078,32 @@ def bench_spec(model: str, draft: str, engine_kw: dict, ks: tuple[int, ...], n_t
     return {"draft": label, "cost_ratio_c": c, "target_tok_s": len(prompts) * n_tokens / base_s, "rows": rows}
 
 
+def bench_quant(model: str, engine_kw: dict, prompt_len: int = 256, new_tokens: int = 32) -> dict:
+    """Decode and prefill speed of int8 and int4 weights (RTN, per channel) against bf16.
+
+    Weight-only quantization cuts the bytes a decode step must read; prefill is bound by
+    arithmetic, which dequantized weights do not reduce. On a GPU the fused W4A16/W8A16
+    kernels read packed weights; the CPU path dequantizes in PyTorch (kernels.py twin)."""
+    import quant
+    rows = []
+    for label, bits in (("bf16", None), ("int8", 8), ("int4", 4)):
+        llm = LLM(model, **dict(engine_kw, dtype="bfloat16"))
+        eng = llm.engine
+        if bits:
+            quant.quantize_model(eng.model, torch.zeros(1, 1, dtype=torch.long), "rtn", bits, 0)
+            eng.model.to(eng.device)
+        vocab = eng.model_config.vocab_size
+        prompt = [1] + np.random.default_rng(0).integers(3, vocab, prompt_len - 1).tolist()
+        llm.generate(prompt[:8], SamplingParams(temperature=0, max_tokens=4, ignore_eos=True))
+        out = llm.generate(prompt, SamplingParams(temperature=0, max_tokens=new_tokens, ignore_eos=True))[0]
+        rows.append({"weights": label, "prefill_tok_s": prompt_len / out.metrics["time_to_first_token"],
+                     "decode_tok_s": 1 / out.metrics["time_per_output_token"]})
+    for r in rows:
+        r["decode_speedup"] = r["decode_tok_s"] / rows[0]["decode_tok_s"]
+        r["prefill_speedup"] = r["prefill_tok_s"] / rows[0]["prefill_tok_s"]
+    return {"rows": rows, "prompt_tokens": prompt_len}
+
+
 def bench_sla(llm: LLM, levels: tuple[int, ...], gpu_hour_usd: float, api_usd_per_mtok: float,
               lo: int, hi: int) -> dict:
     """Per concurrency level: TTFT, per-user decode speed, the SLA verdict, and economics."""
@@ -2101,17 +2127,81 @@ def bench_sla(llm: LLM, levels: tuple[int, ...], gpu_hour_usd: float, api_usd_pe
             "capacity_tokens_per_day": best["throughput_tok_s"] * 86400}
 
 
+def bench_server(llm: LLM, levels: tuple[int, ...], requests_per_client: int, max_tokens: int) -> dict:
+    """N concurrent streaming clients against the HTTP server on a loopback port."""
+    import http.client
+    import threading
+    server = make_server(llm, "127.0.0.1", 0)
+    port = server.server_address[1]
+    threading.Thread(target=server.serve_forever, daemon=True).start()
+    prompt = "def main():\n" if llm.tokenizer else [1, 10, 20, 30]
+    rows = []
+    try:
+        for n in levels:
+            ttft, itl, errors, tokens = [], [], [], [0]
+
+            def client(c: int) -> None:
+                for r in range(requests_per_client):
+                    try:
+                        conn = http.client.HTTPConnection("127.0.0.1", port, timeout=600)
+                        t0 = time.perf_counter()
+                        conn.request("POST", "/v1/completions", json.dumps(
+                            {"prompt": prompt, "max_tokens": max_tokens, "temperature": 0.8, "seed": c * 1000 + r,
+                             "ignore_eos": True, "stream": True}))
+                        resp = conn.getresponse()
+                        if resp.status != 200:
+                            errors.append(resp.status)
+                            continue
+                        last = None
+                        for line in resp:
+                            if line.startswith(b"data: {"):
+                                now = time.perf_counter()
+                                if last is None:
+                                    ttft.append(now - t0)
+                                else:
+                                    itl.append(now - last)
+                                last = now
+                                chunk = json.loads(line[6:])
+                                if chunk.get("usage"):
+                                    tokens[0] += chunk["usage"]["completion_tokens"]
+                        conn.close()
+                    except OSError as e:
+                        errors.append(repr(e))
+
+            t = time.perf_counter()
+            threads = [threading.Thread(target=client, args=(c,)) for c in range(n)]
+            for th in threads:
+                th.start()
+            for th in threads:
+                th.join()
+            elapsed = time.perf_counter() - t
+            rows.append({"clients": n, "requests": n * requests_per_client, "errors": len(errors),
+                         "ttft_p50_s": _percentile(ttft, 50), "ttft_p99_s": _percentile(ttft, 99),
+                         "itl_p50_s": _percentile(itl, 50), "itl_p99_s": _percentile(itl, 99),
+                         "throughput_tok_s": tokens[0] / elapsed})
+            _progress("server levels", len(rows), len(levels))
+    finally:
+        server.shutdown()
+        server.server_close()
+    return {"max_tokens": max_tokens, "rows": rows}
+
+
 def _table(title: str, rows: list[tuple[str, str]]) -> str:
     return "\n".join([f"\n### {title}\n", "| figure | value |", "| --- | --- |"] +
                      [f"| {k} | {v} |" for k, v in rows])
 
 
 def run_benchmarks(args: argparse.Namespace) -> int:
-    suites = args.bench or ["latency", "throughput", "memory", "prefix", "chunked", "spec", "sla"]
+    suites = args.bench or ["latency", "throughput", "memory", "prefix", "chunked", "spec", "quant", "sla",
+                            "server"]
     kw = engine_kwargs(args)
     kw.pop("draft_model"), kw.pop("speculative_method"), kw.pop("num_speculative_tokens")
     dev = kw["device"] or ("cuda" if torch.cuda.is_available() else "cpu")
     kw["device"] = dev
+    shared_tok = HERE.parent / "shared" / "models" / "tokenizers" / "llama2" / "tokenizer.model"
+    preset = str(args.model)[len("random:"):] if str(args.model).startswith("random:") else None
+    if preset in PRESETS and PRESETS[preset]["vocab_size"] == 32000 and not kw["tokenizer"] and shared_tok.is_file():
+        kw["tokenizer"] = str(shared_tok)             # a real vocabulary for random weights
     machine = torch.cuda.get_device_name() if dev == "cuda" else \
         f"CPU ({os.cpu_count()} cores, {torch.get_num_threads()} threads)"
     results: dict = {"machine": machine, "torch": torch.__version__, "model": args.model,
@@ -2195,6 +2285,19 @@ def run_benchmarks(args: argparse.Namespace) -> int:
                 ("self-hosting beats the API above", f"{r['break_even_tokens_per_day'] / 1e6:.0f}M tokens/day "
                  f"(API ${r['api_usd_per_mtok']}/1M; this machine serves at most "
                  f"{r['capacity_tokens_per_day'] / 1e6:.0f}M/day)")]))
+        elif suite == "quant":
+            r = bench_quant(args.model, kw)
+            print(_table("Weight-only quantization (RTN, per channel) against bf16, batch 1", [
+                (row["weights"], f"decode {row['decode_tok_s']:.1f} tok/s ({row['decode_speedup']:.2f}x), "
+                                 f"prefill {row['prefill_tok_s']:.0f} tok/s ({row['prefill_speedup']:.2f}x)")
+                for row in r["rows"]]))
+        elif suite == "server":
+            r = bench_server(llm, (1, 8, 32, 64), requests_per_client=4, max_tokens=64)
+            print(_table(f"Server load: N streaming clients, 4 requests each, {r['max_tokens']} tokens per request", [
+                (f"{row['clients']} clients", f"TTFT p50 {row['ttft_p50_s'] * 1e3:.0f} ms / p99 "
+                 f"{row['ttft_p99_s'] * 1e3:.0f} ms, inter-token p50 {row['itl_p50_s'] * 1e3:.1f} ms / p99 "
+                 f"{row['itl_p99_s'] * 1e3:.1f} ms, {row['throughput_tok_s']:.0f} tok/s, {row['errors']} errors")
+                for row in r["rows"]]))
         else:
             raise ValueError(f"unknown benchmark suite {suite!r}")
         results[suite] = r
@@ -2220,7 +2323,8 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--speculative-method", default=None, choices=["draft", "ngram"])
     p.add_argument("--num-speculative-tokens", type=int, default=0)
     p.add_argument("--bench", nargs="*", default=None, metavar="SUITE",
-                   help="run benchmarks: latency throughput memory prefix chunked spec sla (default: all)")
+                   help="run benchmarks: latency throughput memory prefix chunked spec quant sla server "
+                        "(default: all)")
     p.add_argument("--bench-out", default=None, help="write benchmark numbers to this JSON file")
     p.add_argument("--bench-requests", type=int, default=None, help="requests in the throughput workload")
     p.add_argument("--gpu-hour-usd", type=float, default=8.0)

@@ -1,0 +1,90 @@
+"""Quality of RTN, GPTQ and AWQ on the bundled model: held-out perplexity and KL(fp || quantized).
+
+    python tools/quant_eval.py [--model models/nanocoder-5m] [--out runs/quant_eval.json]
+
+Held-out data: the standard-library files tools/train_tiny.py held out from training.
+Calibration: sequences sampled from the model itself (quant.py's default), so no data
+set is needed; the same calibration batch serves every method.
+"""
+
+from __future__ import annotations
+
+import argparse
+import copy
+import json
+import math
+import sys
+import time
+from pathlib import Path
+
+import torch
+import torch.nn.functional as F
+
+ROOT = Path(__file__).resolve().parent.parent
+sys.path.insert(0, str(ROOT))
+sys.path.insert(0, str(ROOT / "tools"))
+import nanoserve  # noqa: E402
+import quant  # noqa: E402
+from train_tiny import corpus, encode  # noqa: E402
+
+CONFIGS = [("int8 RTN", "rtn", 8), ("int4 RTN", "rtn", 4), ("int4 GPTQ", "gptq", 4), ("int4 AWQ", "awq", 4),
+           ("int3 RTN", "rtn", 3), ("int3 GPTQ", "gptq", 3), ("int3 AWQ", "awq", 3)]
+
+
+@torch.no_grad()
+def evaluate(model, ref_logprobs: list[torch.Tensor] | None, windows: torch.Tensor):
+    """-> (perplexity, mean KL(fp || model) per token, this model's log-probs per window)."""
+    nll, kl, n, lps = 0.0, 0.0, 0, []
+    for i, w in enumerate(windows):
+        lp = model.forward_dense(w[None, :-1])[0].log_softmax(-1)              # (T, V)
+        nll += F.nll_loss(lp, w[1:], reduction="sum").item()
+        n += lp.shape[0]
+        if ref_logprobs is not None:
+            p = ref_logprobs[i]
+            kl += (p.exp() * (p - lp)).sum().item()
+        lps.append(lp)
+    return math.exp(nll / n), kl / n, lps
+
+
+def main() -> None:
+    ap = argparse.ArgumentParser()
+    ap.add_argument("--model", default=str(nanoserve.DEFAULT_MODEL))
+    ap.add_argument("--windows", type=int, default=48)
+    ap.add_argument("--seq-len", type=int, default=256)
+    ap.add_argument("--calib-samples", type=int, default=32)
+    ap.add_argument("--out", default=None)
+    args = ap.parse_args()
+    torch.manual_seed(0)
+    llm = nanoserve.LLM(args.model, device="cpu", dtype="float32")
+    base = llm.engine.model
+    _, held = corpus()
+    data = encode(llm.tokenizer, held)
+    starts = torch.linspace(0, len(data) - args.seq_len - 2, args.windows).long().tolist()
+    windows = torch.stack([data[s:s + args.seq_len + 1] for s in starts])
+    bos = base.config.bos_token_id
+    outs = llm.generate([[bos]] * args.calib_samples,
+                        [nanoserve.SamplingParams(temperature=1.0, max_tokens=args.seq_len - 1, ignore_eos=True,
+                                                  seed=i) for i in range(args.calib_samples)])
+    calib = torch.tensor([[bos] + o.token_ids for o in outs])
+    ppl_fp, _, ref = evaluate(base, None, windows)
+    rows = [{"config": "fp32", "group_size": None, "ppl": ppl_fp, "kl": 0.0}]
+    print(f"| weights | per channel: ppl | KL | group 32: ppl | KL |\n| --- | --- | --- | --- | --- |\n"
+          f"| fp32 | {ppl_fp:.3f} | 0 | {ppl_fp:.3f} | 0 |", flush=True)
+    for label, method, bits in CONFIGS:
+        cells = []
+        for G in (0, 32):
+            t = time.time()
+            model = copy.deepcopy(base)
+            quant.quantize_model(model, calib, method, bits, G)
+            ppl, kl, _ = evaluate(model, ref, windows)
+            rows.append({"config": label, "group_size": G, "ppl": ppl, "kl": kl, "seconds": time.time() - t})
+            cells += [f"{ppl:.3f}", f"{kl:.4f}"]
+        print(f"| {label} | " + " | ".join(cells) + " |", flush=True)
+    if args.out:
+        Path(args.out).write_text(json.dumps({"model": args.model, "windows": args.windows, "seq_len": args.seq_len,
+                                              "calibration": f"{args.calib_samples} model samples",
+                                              "rows": rows}, indent=2) + "\n")
+
+
+if __name__ == "__main__":
+    main()
