@@ -1167,12 +1167,15 @@ class LLMEngine:
         """Logprob of each prompt token given those before it (position 0 has none)."""
         if seq.prompt_logprobs is None:
             seq.prompt_logprobs = [None]
-        c = seq.num_computed
-        n = min(hidden.shape[0], seq.num_prompt_tokens - 1 - c)     # rows predicting a prompt token
-        if n <= 0:
+        # Row j of this chunk predicts position num_computed + 1 + j. Positions already
+        # recorded (before a preemption made the prompt be recomputed) are skipped.
+        first = len(seq.prompt_logprobs) - 1 - seq.num_computed           # first row still needed
+        last = min(hidden.shape[0], seq.num_prompt_tokens - 1 - seq.num_computed)
+        if last <= first:
             return
-        lp = self.model.compute_logits(hidden[:n]).log_softmax(-1)
-        targets = torch.tensor(seq.token_ids[c + 1:c + 1 + n], device=lp.device)
+        lp = self.model.compute_logits(hidden[first:last]).log_softmax(-1)
+        pos = seq.num_computed + 1
+        targets = torch.tensor(seq.token_ids[pos + first:pos + last], device=lp.device)
         seq.prompt_logprobs += top_logprobs(lp, targets, seq.params.prompt_logprobs)
 
     def _append_token(self, seq: Sequence, token: int) -> None:

@@ -71,6 +71,20 @@ def test_prompt_logprobs_match_dense_forward(model_dirs):
             assert t == ref[len(ids) - 1 + j].argmax().item()     # greedy
 
 
+def test_prompt_logprobs_survive_preemption(tiny_model_dir):
+    prompts = [list(range(3 + i, 60 + i)) for i in range(6)]
+    p = SamplingParams(temperature=0, max_tokens=30, prompt_logprobs=1, ignore_eos=True)
+    ref = [o.prompt_logprobs for o in LLM(tiny_model_dir, device="cpu").generate(prompts, p)]
+    small = LLM(tiny_model_dir, device="cpu", num_blocks=30, block_size=4, max_model_len=100,
+                max_num_batched_tokens=24)
+    outs = small.generate(prompts, p)
+    assert small.stats()["preemptions"] > 0
+    for o, r in zip(outs, ref):
+        assert len(o.prompt_logprobs) == len(r) == 57
+        for a, b in zip(o.prompt_logprobs[1:], r[1:]):
+            assert a.keys() == b.keys() and all(abs(a[k] - b[k]) < 1e-4 for k in a)
+
+
 def test_configs_of_real_models_build_with_expected_sizes(tmp_path):
     shapes = {  # config.json fields as published; expected parameter counts
         "tinyllama-1.1b": (dict(hidden_size=2048, intermediate_size=5632, num_hidden_layers=22,
