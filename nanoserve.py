@@ -1000,6 +1000,7 @@ class LLMEngine:
         self.num_steps = 0
         self.num_generated = 0
         self.peak_blocks_used = 0
+        self.step_time = dict.fromkeys(("schedule", "draft", "model", "sample_and_output"), 0.0)
 
     def _kv_bytes_per_token(self) -> int:
         mc = self.model_config
@@ -1085,19 +1086,23 @@ class LLMEngine:
     @torch.inference_mode()
     def step(self) -> list[RequestOutput]:
         """Schedule, run the model once over the whole batch, sample, return progress."""
+        t0 = time.perf_counter()
         scheduled = self.scheduler.schedule()
         if not scheduled:
             return []
+        t1 = time.perf_counter()
         if self.speculator:
             self.speculator.propose([s for s in scheduled if s.spec_k])
             for s in scheduled:                            # a proposal may come up short
                 if s.spec_k:
                     scheduled[s] = 1 + len(s.spec_tokens)
+        t2 = time.perf_counter()
         self.num_steps += 1
         seqs = list(scheduled)
         hidden, starts = self.run_model(self.model, self.kv_cache, seqs,
                                         [s.num_computed for s in seqs], [scheduled[s] for s in seqs],
                                         [s.block_table for s in seqs])
+        t3 = time.perf_counter()
         plain, verify = [], []                             # (seq, row of its last token)
         for seq, start in zip(seqs, starts):
             n = scheduled[seq]
@@ -1134,6 +1139,10 @@ class LLMEngine:
                     break
             outputs.append(self._output(seq))
         self.peak_blocks_used = max(self.peak_blocks_used, self.num_blocks - self.block_manager.num_free)
+        # Where a step's time goes (on a GPU "model" is launch time; sampling waits for it).
+        for key, dt in (("schedule", t1 - t0), ("draft", t2 - t1), ("model", t3 - t2),
+                        ("sample_and_output", time.perf_counter() - t3)):
+            self.step_time[key] += dt
         return outputs
 
     def run_model(self, model: LlamaForCausalLM, kv_cache: Tensor, seqs: list[Sequence],
@@ -1974,6 +1983,26 @@ def bench_throughput(llm: LLM, n: int, lo: int, hi: int, static_batch: int) -> d
             "speedup": static_s / cont["elapsed"]}
 
 
+def bench_overhead(llm: LLM, batches: tuple[int, ...] = (1, 64), new_tokens: int = 64) -> dict:
+    """Decode tokens/s and where a decode step's time goes, at several batch sizes."""
+    vocab = llm.engine.model_config.vocab_size
+    rows = []
+    for b in batches:
+        prompts = [[1] + np.random.default_rng(i).integers(3, vocab, 16).tolist() for i in range(b)]
+        p = SamplingParams(temperature=0, max_tokens=new_tokens, ignore_eos=True)
+        llm.generate(prompts, SamplingParams(temperature=0, max_tokens=2, ignore_eos=True))     # warm-up
+        eng = llm.engine
+        eng.step_time = dict.fromkeys(eng.step_time, 0.0)
+        steps = eng.num_steps
+        t = time.perf_counter()
+        llm.generate(prompts, p)
+        elapsed = time.perf_counter() - t
+        n = eng.num_steps - steps
+        rows.append({"batch": b, "decode_tok_s": b * new_tokens / elapsed, "steps": n,
+                     **{f"{k}_ms_per_step": 1e3 * v / n for k, v in eng.step_time.items()}})
+    return {"rows": rows}
+
+
 def bench_memory(llm: LLM, n: int, lo: int, hi: int) -> dict:
     """KV bytes per token, GQA's saving, and what paging saves against max-length reservation."""
     eng, mc = llm.engine, llm.engine.model_config
@@ -2195,7 +2224,7 @@ def _table(title: str, rows: list[tuple[str, str]]) -> str:
 
 
 def run_benchmarks(args: argparse.Namespace) -> int:
-    suites = args.bench or ["latency", "throughput", "memory", "prefix", "chunked", "spec", "quant", "sla",
+    suites = args.bench or ["latency", "overhead", "throughput", "memory", "prefix", "chunked", "spec", "quant", "sla",
                             "server"]
     kw = engine_kwargs(args)
     kw.pop("draft_model"), kw.pop("speculative_method"), kw.pop("num_speculative_tokens")
@@ -2288,6 +2317,13 @@ def run_benchmarks(args: argparse.Namespace) -> int:
                 ("self-hosting beats the API above", f"{r['break_even_tokens_per_day'] / 1e6:.0f}M tokens/day "
                  f"(API ${r['api_usd_per_mtok']}/1M; this machine serves at most "
                  f"{r['capacity_tokens_per_day'] / 1e6:.0f}M/day)")]))
+        elif suite == "overhead":
+            r = bench_overhead(llm)
+            print(_table("Decode speed and scheduler overhead per step", [
+                (f"batch {row['batch']}", f"{row['decode_tok_s']:.0f} tok/s; per step: schedule "
+                 f"{row['schedule_ms_per_step']:.2f} ms, model {row['model_ms_per_step']:.2f} ms (incl. batch "
+                 f"preparation), sampling and outputs {row['sample_and_output_ms_per_step']:.2f} ms")
+                for row in r["rows"]]))
         elif suite == "quant":
             r = bench_quant(args.model, kw)
             print(_table("Weight-only quantization (RTN, per channel) against bf16, batch 1", [
@@ -2326,7 +2362,7 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--speculative-method", default=None, choices=["draft", "ngram"])
     p.add_argument("--num-speculative-tokens", type=int, default=0)
     p.add_argument("--bench", nargs="*", default=None, metavar="SUITE",
-                   help="run benchmarks: latency throughput memory prefix chunked spec quant sla server "
+                   help="run benchmarks: latency overhead throughput memory prefix chunked spec quant sla server "
                         "(default: all)")
     p.add_argument("--bench-out", default=None, help="write benchmark numbers to this JSON file")
     p.add_argument("--bench-requests", type=int, default=None, help="requests in the throughput workload")
