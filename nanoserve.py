@@ -347,6 +347,7 @@ class AttentionMetadata:
     block_tables: Tensor      # (S, max_blocks) int32 physical blocks of each sequence
     query_start_loc: Tensor   # (S + 1,) int32 sequence s owns tokens [start[s], start[s+1])
     context_lens: Tensor      # (S,) int32 cached tokens of s after this step's writes
+    max_context_len: int      # max of context_lens, known on the host (no device sync)
 
 
 class LlamaAttention(nn.Module):
@@ -366,11 +367,10 @@ class LlamaAttention(nn.Module):
         q = self.q_proj(x).view(T, self.n_heads, self.head_dim)          # (T, H, hd)
         k = self.k_proj(x).view(T, self.n_kv, self.head_dim)             # (T, Hkv, hd)
         v = self.v_proj(x).view(T, self.n_kv, self.head_dim)             # (T, Hkv, hd)
-        q, k = kernels.rotary_embedding(q, k, positions, *rope)
-        # Write first, then attend: the new tokens see themselves and everything cached.
-        kernels.reshape_and_cache(k, v, kv_cache[0], kv_cache[1], meta.slot_mapping)
-        o = kernels.paged_attention(q, kv_cache[0], kv_cache[1], meta.block_tables,
-                                    meta.query_start_loc, meta.context_lens, self.scale)
+        # RoPE, and K/V written to the cache first: the new tokens attend to themselves too.
+        q = kernels.rope_and_cache(q, k, v, positions, *rope, kv_cache[0], kv_cache[1], meta.slot_mapping)
+        o = kernels.paged_attention(q, kv_cache[0], kv_cache[1], meta.block_tables, meta.query_start_loc,
+                                    meta.context_lens, self.scale, meta.max_context_len)
         return self.o_proj(o.reshape(T, self.n_heads * self.head_dim))
 
 
@@ -1163,12 +1163,13 @@ class LLMEngine:
         width = max(len(t) for t in tables)
         block_tables = torch.tensor([t + [0] * (width - len(t)) for t in tables], dtype=torch.int32)
         dev = self.device
+        lens = [c + n for c, n in zip(num_computed, num_new)]
         meta = AttentionMetadata(
             slot_mapping=torch.tensor(slots, dtype=torch.int64, device=dev),
             block_tables=block_tables.to(dev),
             query_start_loc=torch.tensor(starts, dtype=torch.int32, device=dev),
-            context_lens=torch.tensor([c + n for c, n in zip(num_computed, num_new)],
-                                      dtype=torch.int32, device=dev))
+            context_lens=torch.tensor(lens, dtype=torch.int32, device=dev),
+            max_context_len=max(lens))
         hidden = model(torch.tensor(ids, device=dev), torch.tensor(pos, device=dev), kv_cache, meta)
         return hidden, starts[:-1]
 

@@ -91,7 +91,8 @@ def _check(W: Tensor, bits: int, group_size: int) -> None:
 
 # ============================================================================ packing
 # Codes of 4 bits or fewer are stored two per byte: byte = low | high << 4, with signed
-# codes offset by 8 into [0, 15]. 8-bit codes are stored as int8 (symmetric) or uint8.
+# codes offset by 8 into [0, 15] (kernels.unpack_int4 is the inverse, next to the kernels
+# that read this layout). 8-bit codes are stored as int8 (symmetric) or uint8.
 
 def pack_int4(codes: Tensor, signed: bool) -> Tensor:
     """(out, in) integer codes -> (out, ceil(in / 2)) uint8."""
@@ -99,13 +100,6 @@ def pack_int4(codes: Tensor, signed: bool) -> Tensor:
     if u.shape[1] % 2:
         u = torch.cat([u, torch.zeros_like(u[:, :1])], dim=1)
     return u[:, 0::2] | (u[:, 1::2] << 4)
-
-
-def unpack_int4(packed: Tensor, in_features: int, signed: bool) -> Tensor:
-    """Inverse of pack_int4: -> (out, in_features) int8."""
-    lo, hi = packed & 0xF, packed >> 4
-    u = torch.stack([lo, hi], dim=-1).flatten(1)[:, :in_features].to(torch.int8)
-    return u - 8 if signed else u
 
 
 # ============================================================================ the module
@@ -117,8 +111,8 @@ class QuantLinear(nn.Module):
         qweight (out, ceil(in / 2)) uint8 for bits <= 4; (out, in) int8 (uint8 with zeros) for 8
         scales  (out, n_groups) float
         zeros   (out, n_groups) float, asymmetric only
-    The forward pass is kernels.quant_linear: dequantize, then multiply (the reference
-    path; a fused CUDA kernel reads the packed weights directly).
+    The forward pass is kernels.quant_linear: the reference twin dequantizes, then
+    multiplies; the CUDA kernel reads the packed weights directly (batches up to 16 rows).
     """
 
     def __init__(self, in_features: int, out_features: int, bits: int, group_size: int,
@@ -149,14 +143,14 @@ class QuantLinear(nn.Module):
 
     def codes(self) -> Tensor:
         if self.bits <= 4:
-            return unpack_int4(self.qweight, self.in_features, self.symmetric)
+            return kernels.unpack_int4(self.qweight, self.in_features, self.symmetric)
         return self.qweight
 
     def dequantize(self) -> Tensor:
         return kernels.dequantize_ref(self.codes(), self.scales, self.zeros, self.group_size)
 
     def forward(self, x: Tensor) -> Tensor:
-        return kernels.quant_linear(x, self.codes(), self.scales, self.zeros, self.group_size)
+        return kernels.quant_linear(x, self.qweight, self.scales, self.zeros, self.bits, self.group_size)
 
     def extra_repr(self) -> str:
         return (f"in={self.in_features}, out={self.out_features}, bits={self.bits}, "
