@@ -186,6 +186,7 @@ def main() -> None:
     ap.add_argument("--seq-len", type=int, default=256)
     ap.add_argument("--batch", type=int, default=16)
     ap.add_argument("--threads", type=int, default=2)
+    ap.add_argument("--eval-windows", type=int, default=64, help="held-out windows for the figures")
     ap.add_argument("--quick", action="store_true", help="a few steps, to check the pipeline")
     args = ap.parse_args()
     if args.quick:
@@ -216,7 +217,7 @@ def main() -> None:
           teacher=target)
     train(control, train_ids, args.draft_steps, args.seq_len, args.batch, 3e-3, args.seed + 2, "draft-ce")
     draft.eval(), control.eval()
-    windows = 8 if args.quick else 64
+    windows = 8 if args.quick else args.eval_windows
     metrics = {
         "seed": args.seed, "train_tokens": len(train_ids), "heldout_tokens": len(held_ids),
         "target_params": n_t, "draft_params": n_d,
