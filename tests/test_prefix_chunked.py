@@ -4,6 +4,7 @@ import random
 
 import pytest
 
+import nanoserve
 from nanoserve import LLM, SamplingParams
 
 GREEDY = dict(temperature=0, ignore_eos=True)
@@ -51,7 +52,7 @@ def shared_prefix_workload(vocab: int, n: int = 16, seed: int = 0):
 
 def test_outputs_identical_with_chunking_and_caching_on_or_off_and_under_eviction(model_dirs):
     for model_dir in model_dirs:
-        vocab = LLM(model_dir, device="cpu", num_blocks=64).engine.model_config.vocab_size
+        vocab = nanoserve.ModelConfig.from_dir(model_dir).vocab_size
         prompts, params = shared_prefix_workload(vocab)
         results = {}
         for chunked in (False, True):

@@ -81,7 +81,7 @@ def test_draft_equal_to_target_accepts_every_token_at_temperature_1(pair):
 
 def test_speculation_with_preemption_chunking_prefix_caching_and_seeds(pair):
     target, draft = pair
-    vocab = LLM(target, device="cpu", num_blocks=64).engine.model_config.vocab_size
+    vocab = nanoserve.ModelConfig.from_dir(target).vocab_size
     rng = random.Random(1)
     system = [1] + [rng.randrange(3, vocab) for _ in range(50)]
     prompts = [system + [rng.randrange(3, vocab) for _ in range(rng.randrange(1, 40))] for _ in range(14)]
