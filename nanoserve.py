@@ -1250,6 +1250,7 @@ class LLMEngine:
             "prefix_cache_hit_rate": (s.cached_prompt_tokens / s.prompt_tokens
                                       if self.cfg.enable_prefix_caching and s.prompt_tokens else None),
             "spec_acceptance_rate": spec.acceptance_rate() if spec else None,
+            "spec_token_acceptance": spec.token_acceptance() if spec else None,
             "spec_tokens_per_step": spec.tokens_per_step() if spec else None,
         }
 
@@ -1402,7 +1403,7 @@ class Speculator:
                 raise ValueError(f"draft model {draft_dir} supports {dcfg.max_position_embeddings} "
                                  f"positions, fewer than max_model_len {engine.max_model_len}")
             self.draft.init_rope(need + 1, engine.device)
-        self.proposed = self.accepted = self.verify_steps = self.emitted = 0
+        self.proposed = self.accepted = self.judged = self.verify_steps = self.emitted = 0
 
     def kv_bytes_per_token(self) -> int:
         c = self.draft.config
@@ -1472,6 +1473,7 @@ class Speculator:
             acc = len(toks) - 1
             self.proposed += k
             self.accepted += acc
+            self.judged += acc + (acc < k)            # draft tokens the rule was applied to
             self.verify_steps += 1
             self.emitted += len(toks)
             seq.metrics.spec_proposed += k
@@ -1490,7 +1492,13 @@ class Speculator:
         return out
 
     def acceptance_rate(self) -> float | None:
+        """Accepted / proposed draft tokens (tokens after a rejection count as proposed)."""
         return self.accepted / self.proposed if self.proposed else None
+
+    def token_acceptance(self) -> float | None:
+        """Per-token acceptance probability a: accepted / draft tokens that were judged.
+        This is the a of the expected-speedup formula (1 - a^(k+1)) / ((1 - a)(k c + 1))."""
+        return self.accepted / self.judged if self.judged else None
 
     def tokens_per_step(self) -> float | None:
         return self.emitted / self.verify_steps if self.verify_steps else None
@@ -2076,65 +2084,39 @@ def bench_chunked(model: str, engine_kw: dict, long_len: int, chunk_budget: int)
 
 
 def bench_spec(model: str, draft: str, engine_kw: dict, ks: tuple[int, ...], n_tokens: int,
-               label: str = "draft") -> dict:
-    """Batch-1 speedup of speculative decoding against the measured acceptance rate a and
-    cost ratio c, beside the expected (1 - a^(k+1)) / ((1 - a)(k c + 1))."""
+               temperature: float = 0.0) -> dict:
+    """Batch-1 speedup of speculative decoding against the measured per-token acceptance
+    a and cost ratio c, beside the expected (1 - a^(k+1)) / ((1 - a)(k c + 1))."""
     base = LLM(model, **engine_kw)
     vocab = base.engine.model_config.vocab_size
-    prompts = [[1] + np.random.default_rng(s).integers(3, vocab, 24).tolist() for s in range(3)]
+    prompts = [[1] + np.random.default_rng(s).integers(3, vocab, 24).tolist() for s in range(4)]
     if base.tokenizer is not None:
-        prompts = ["def main():\n", "import os\nimport sys\n\n", "class Config:\n    def __init__(self"]
-    p = SamplingParams(temperature=0, max_tokens=n_tokens, ignore_eos=True)
-    base.generate(prompts[0], SamplingParams(temperature=0, max_tokens=8))
-    t = time.perf_counter()
-    for pr in prompts:
-        base.generate(pr, p)
-    base_s = time.perf_counter() - t
-    drafter = LLM(draft, **engine_kw)
-    drafter.generate(prompts[0], SamplingParams(temperature=0, max_tokens=8))
-    t = time.perf_counter()
-    for pr in prompts:
-        drafter.generate(pr, p)
-    c = (time.perf_counter() - t) / base_s            # per-token cost, draft / target
+        prompts = ["def main():\n", "import os\nimport sys\n\n", "class Config:\n    def __init__(self",
+                   "    for i in range("]
+    params = [SamplingParams(temperature=temperature, max_tokens=n_tokens, ignore_eos=True, seed=i)
+              for i in range(len(prompts))]
+
+    def timed(llm: LLM) -> float:
+        llm.generate(prompts[0], SamplingParams(temperature=0, max_tokens=8))          # warm-up
+        t = time.perf_counter()
+        for pr, p in zip(prompts, params):                                           # batch 1
+            llm.generate(pr, p)
+        return time.perf_counter() - t
+
+    base_s = timed(base)
+    c = timed(LLM(draft, **engine_kw)) / base_s              # per-token cost, draft / target
     rows = []
     for k in ks:
         llm = LLM(model, draft_model=draft, num_speculative_tokens=k, **engine_kw)
-        llm.generate(prompts[0], SamplingParams(temperature=0, max_tokens=8))
-        llm.engine.speculator.proposed = llm.engine.speculator.accepted = 0
-        t = time.perf_counter()
-        for pr in prompts:
-            llm.generate(pr, p)
-        s = time.perf_counter() - t
-        a = llm.stats()["spec_acceptance_rate"]
+        s = timed(llm)
+        st = llm.stats()
+        a = st["spec_token_acceptance"]
         expected = (1 - a ** (k + 1)) / ((1 - a) * (k * c + 1)) if a < 1 else (k + 1) / (k * c + 1)
-        rows.append({"k": k, "acceptance": a, "measured_speedup": base_s / s, "expected_speedup": expected})
-    return {"draft": label, "cost_ratio_c": c, "target_tok_s": len(prompts) * n_tokens / base_s, "rows": rows}
-
-
-def bench_quant(model: str, engine_kw: dict, prompt_len: int = 256, new_tokens: int = 32) -> dict:
-    """Decode and prefill speed of int8 and int4 weights (RTN, per channel) against bf16.
-
-    Weight-only quantization cuts the bytes a decode step must read; prefill is bound by
-    arithmetic, which dequantized weights do not reduce. On a GPU the fused W4A16/W8A16
-    kernels read packed weights; the CPU path dequantizes in PyTorch (kernels.py twin)."""
-    import quant
-    rows = []
-    for label, bits in (("bf16", None), ("int8", 8), ("int4", 4)):
-        llm = LLM(model, **dict(engine_kw, dtype="bfloat16"))
-        eng = llm.engine
-        if bits:
-            quant.quantize_model(eng.model, torch.zeros(1, 1, dtype=torch.long), "rtn", bits, 0)
-            eng.model.to(eng.device)
-        vocab = eng.model_config.vocab_size
-        prompt = [1] + np.random.default_rng(0).integers(3, vocab, prompt_len - 1).tolist()
-        llm.generate(prompt[:8], SamplingParams(temperature=0, max_tokens=4, ignore_eos=True))
-        out = llm.generate(prompt, SamplingParams(temperature=0, max_tokens=new_tokens, ignore_eos=True))[0]
-        rows.append({"weights": label, "prefill_tok_s": prompt_len / out.metrics["time_to_first_token"],
-                     "decode_tok_s": 1 / out.metrics["time_per_output_token"]})
-    for r in rows:
-        r["decode_speedup"] = r["decode_tok_s"] / rows[0]["decode_tok_s"]
-        r["prefill_speedup"] = r["prefill_tok_s"] / rows[0]["prefill_tok_s"]
-    return {"rows": rows, "prompt_tokens": prompt_len}
+        rows.append({"k": k, "token_acceptance": a, "acceptance_rate": st["spec_acceptance_rate"],
+                     "tokens_per_step": st["spec_tokens_per_step"], "measured_speedup": base_s / s,
+                     "expected_speedup": expected})
+    return {"draft": str(draft), "temperature": temperature, "cost_ratio_c": c,
+            "target_tok_s": len(prompts) * n_tokens / base_s, "rows": rows}
 
 
 def bench_sla(llm: LLM, levels: tuple[int, ...], gpu_hour_usd: float, api_usd_per_mtok: float,
@@ -2296,16 +2278,24 @@ def run_benchmarks(args: argparse.Namespace) -> int:
                 for name, v in (("without chunking", r["unchunked"]),
                                 (f"chunked (budget {r['chunk_budget']})", r["chunked"]))]))
         elif suite == "spec":
-            draft = args.draft or (str(DEFAULT_DRAFT) if Path(args.model) == DEFAULT_MODEL else None)
-            if draft is None:
+            drafts = [args.draft] if args.draft else \
+                [str(d) for d in (DEFAULT_DRAFT, HERE / "models" / "nanocoder-1m-nokd")
+                 if Path(args.model).resolve() == DEFAULT_MODEL.resolve() and d.is_dir()]
+            if not drafts:
                 print("\n(spec: pass --draft DIR)")
                 continue
-            r = bench_spec(args.model, draft, kw, (2, 4, 8), n_tokens=96)
-            print(_table(f"Speculative decoding, batch 1, greedy (draft {Path(draft).name}, "
-                         f"cost ratio c = {r['cost_ratio_c']:.2f}, target alone {r['target_tok_s']:.0f} tok/s)", [
-                (f"k = {row['k']}", f"acceptance a = {row['acceptance']:.2f}, speedup measured "
-                                    f"{row['measured_speedup']:.2f}x, expected {row['expected_speedup']:.2f}x")
-                for row in r["rows"]]))
+            r = {}
+            for draft in drafts:
+                for temperature in (0.0, 1.0):
+                    res = bench_spec(args.model, draft, kw, (2, 4, 8), n_tokens=96, temperature=temperature)
+                    r[f"{Path(draft).name}@T={temperature:g}"] = res
+                    print(_table(f"Speculative decoding, batch 1, temperature {temperature:g}, draft "
+                                 f"{Path(draft).name} (cost ratio c = {res['cost_ratio_c']:.2f}, target alone "
+                                 f"{res['target_tok_s']:.0f} tok/s)", [
+                        (f"k = {row['k']}", f"per-token acceptance a = {row['token_acceptance']:.2f} "
+                         f"(accepted/proposed {row['acceptance_rate']:.2f}, {row['tokens_per_step']:.2f} tokens "
+                         f"per target step); speedup measured {row['measured_speedup']:.2f}x, expected "
+                         f"{row['expected_speedup']:.2f}x") for row in res["rows"]]))
         elif suite == "sla":
             r = bench_sla(llm, (1, 4, 16, 64) if small else (1, 16, 64, 256), args.gpu_hour_usd,
                           args.api_usd_per_mtok, lo, hi)
