@@ -302,6 +302,7 @@ def quantize_model(model: nn.Module, calib: Tensor, method: str, bits: int, grou
     layers = model.model.layers
     rope = model.dense_rope(calib.shape[1], calib.device)
     x = model.model.embed_tokens(calib).float() if method != "rtn" else None
+    alphas: list[float | None] = []                   # AWQ's chosen alpha per stage
     for li, layer in enumerate(layers):
         if method != "rtn":
             layer.float()
@@ -310,7 +311,7 @@ def quantize_model(model: nn.Module, calib: Tensor, method: str, bits: int, grou
             # the operations before them while those are still float; then round.
             for stage in STAGES:
                 inputs = _record_inputs(layer, stage[:1], lambda: layer.forward_dense(x, rope))
-                _awq_stage(layer, stage, inputs[stage[0]], bits, group_size, symmetric)
+                alphas.append(_awq_stage(layer, stage, inputs[stage[0]], bits, group_size, symmetric))
         for stage in STAGES:
             if method == "gptq":
                 inputs = _record_inputs(layer, stage, lambda: layer.forward_dense(x, rope))
@@ -329,18 +330,21 @@ def quantize_model(model: nn.Module, calib: Tensor, method: str, bits: int, grou
             x = layer.forward_dense(x, rope)            # the next layer sees quantized outputs
         layer.to(dtype)
         progress(f"layer {li + 1}/{len(layers)} quantized ({method}, {bits} bits, group {group_size})")
-    return {"method": method, "bits": bits, "group_size": group_size, "symmetric": symmetric,
-            "act_order": act_order}
+    cfg = {"method": method, "bits": bits, "group_size": group_size, "symmetric": symmetric,
+           "act_order": act_order}
+    if method == "awq":
+        cfg["awq_alpha"] = alphas
+    return cfg
 
 
 def _awq_stage(layer: nn.Module, stage: tuple[str, ...], X: Tensor, bits: int, group_size: int,
-               symmetric: bool) -> None:
-    """Search the AWQ scale for one stage and fold it into the operation before it."""
+               symmetric: bool) -> float | None:
+    """Search the AWQ scale for one stage, fold it into the operation before it; -> alpha."""
     a = layer.self_attn
     if stage[0] == "self_attn.o_proj" and a.n_heads != a.n_kv:
-        return           # with GQA a v_proj row feeds several o_proj inputs: no exact fold (as AutoAWQ)
+        return None      # with GQA a v_proj row feeds several o_proj inputs: no exact fold (as AutoAWQ)
     weights = [layer.get_submodule(n).weight for n in stage]
-    s, _ = awq_search_scale(weights, X, bits, group_size, symmetric)
+    s, alpha = awq_search_scale(weights, X, bits, group_size, symmetric)
     for n in stage:
         layer.get_submodule(n).weight.mul_(s)                         # W diag(s)
     prev = {"self_attn.q_proj": layer.input_layernorm.weight, "self_attn.o_proj": a.v_proj.weight,
@@ -350,6 +354,7 @@ def _awq_stage(layer: nn.Module, stage: tuple[str, ...], X: Tensor, bits: int, g
         p.div_(s)                                                     # RMSNorm weight
     else:
         p.div_(s[:, None])                                            # rows of the producer
+    return alpha
 
 
 # ============================================================================ checkpoints
