@@ -2012,6 +2012,33 @@ def bench_overhead(llm: LLM, batches: tuple[int, ...] = (1, 64), new_tokens: int
     return {"rows": rows}
 
 
+def bench_hf_static(model_dir: str, device: str, dtype: str, n: int, lo: int, hi: int, batch: int) -> dict | None:
+    """The same workload through Hugging Face transformers' `generate`, statically batched
+    (left padding, every request runs to its batch's longest output). None when transformers
+    is not installed or the model is not a checkpoint directory."""
+    import importlib.util
+    if importlib.util.find_spec("transformers") is None or str(model_dir).startswith("random:"):
+        return None
+    from transformers import AutoModelForCausalLM
+    hf = AutoModelForCausalLM.from_pretrained(model_dir, torch_dtype=DTYPES[dtype]).to(device).eval()
+    prompts, params = nano_vllm_workload(hf.config.vocab_size, n, lo, hi)
+    t = time.perf_counter()
+    for b in range(0, n, batch):
+        group, gp = prompts[b:b + batch], params[b:b + batch]
+        width = max(map(len, group))
+        ids = torch.tensor([[0] * (width - len(p)) + p for p in group], device=device)
+        mask = torch.tensor([[0] * (width - len(p)) + [1] * len(p) for p in group], device=device)
+        longest = max(p.max_tokens for p in gp)
+        with torch.inference_mode():
+            hf.generate(input_ids=ids, attention_mask=mask, max_new_tokens=longest, min_new_tokens=longest,
+                        do_sample=True, temperature=0.6, top_k=0, pad_token_id=0)
+        _progress("transformers batches", b // batch + 1, -(-n // batch))
+    elapsed = time.perf_counter() - t
+    useful = sum(p.max_tokens for p in params)
+    return {"transformers": __import__("transformers").__version__, "batch": batch, "seconds": elapsed,
+            "tok_s": useful / elapsed}
+
+
 def bench_memory(llm: LLM, n: int, lo: int, hi: int) -> dict:
     """KV bytes per token, GQA's saving, and what paging saves against max-length reservation."""
     eng, mc = llm.engine, llm.engine.model_config
@@ -2245,12 +2272,16 @@ def run_benchmarks(args: argparse.Namespace) -> int:
                                                  f"{r['prefill_verdict']}")]))
         elif suite == "throughput":
             r = bench_throughput(llm, n, lo, hi, static_batch=min(64, n))
+            r["transformers_static"] = bench_hf_static(args.model, dev, args.dtype, n, lo, hi, min(64, n))
+            hf = r["transformers_static"]
             print(_table(f"Throughput: {n} requests, prompt and output lengths uniform in [{lo}, {hi}]", [
                 ("continuous batching", f"{r['continuous_tok_s']:.0f} output tok/s ({r['continuous_s']:.1f} s)"),
                 (f"static batching (batch {r['static_batch']}, padded)",
                  f"{r['static_tok_s']:.0f} output tok/s ({r['static_s']:.1f} s)"),
                 ("continuous / static", f"{r['speedup']:.2f}x"),
-                ("Hugging Face transformers generate", "not measured (the comparison is not written yet)")]))
+                ("Hugging Face transformers generate (static batch, padded)",
+                 "not installed" if hf is None else f"{hf['tok_s']:.0f} output tok/s ({hf['seconds']:.1f} s, "
+                 f"transformers {hf['transformers']})")]))
         elif suite == "memory":
             r = bench_memory(llm, n, lo, hi)
             print(_table("KV cache memory", [

@@ -327,3 +327,17 @@ def test_cli_bad_input_is_one_line_and_exit_2(args, msg):
     assert r.returncode == 2
     assert "Traceback" not in r.stderr and len(r.stderr.strip().splitlines()) == 1
     assert msg in r.stderr
+
+
+def test_benchmark_mode_runs_and_writes_json(tmp_path):
+    """A smoke test of --bench on small settings (benchmarks are not timed tests)."""
+    out = tmp_path / "bench.json"
+    r = run_cli("--bench", "latency", "overhead", "memory", "throughput", "--bench-requests", "4",
+                "--bench-out", str(out), timeout=600)
+    assert r.returncode == 0, r.stderr
+    data = json.loads(out.read_text())
+    assert data["latency"]["decode_verdict"] == "memory-bound"
+    assert data["latency"]["prefill_verdict"] == "compute-bound"
+    assert data["memory"]["gqa_saving"] == 4
+    assert data["memory"]["paged_waste_fraction"] < data["memory"]["max_len_reservation_waste_fraction"]
+    assert "| continuous batching |" in r.stdout
