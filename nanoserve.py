@@ -818,8 +818,8 @@ class Sequence:
 class Scheduler:
     """Chooses, every step, which sequences run and how many tokens each computes."""
 
-    def __init__(self, cfg: EngineConfig, block_manager: BlockManager, max_model_len: int):
-        self.cfg, self.bm, self.max_model_len = cfg, block_manager, max_model_len
+    def __init__(self, cfg: EngineConfig, block_manager: BlockManager):
+        self.cfg, self.bm = cfg, block_manager
         self.waiting: deque[Sequence] = deque()
         self.running: list[Sequence] = []       # in admission order
         self.draft_bm: BlockManager | None = None    # the draft model's pool, if any
@@ -990,7 +990,7 @@ class LLMEngine:
         self.kv_cache = torch.zeros(mc.num_hidden_layers, 2, self.num_blocks, cfg.block_size,
                                     mc.num_key_value_heads, mc.head_dim, dtype=self.dtype, device=self.device)
         self.block_manager = BlockManager(self.num_blocks, cfg.block_size, cfg.enable_prefix_caching)
-        self.scheduler = Scheduler(cfg, self.block_manager, self.max_model_len)
+        self.scheduler = Scheduler(cfg, self.block_manager)
         if self.speculator:
             self.speculator.init_cache(self.num_blocks)
             self.speculator.attach(self.scheduler)
@@ -2146,6 +2146,32 @@ def bench_spec(model: str, draft: str, engine_kw: dict, ks: tuple[int, ...], n_t
             "target_tok_s": len(prompts) * n_tokens / base_s, "rows": rows}
 
 
+def bench_quant(model: str, engine_kw: dict, prompt_len: int = 256, new_tokens: int = 32) -> dict:
+    """Decode and prefill speed of int8 and int4 weights (RTN, per channel) against bf16.
+
+    Weight-only quantization cuts the bytes a decode step must read; prefill is bound by
+    arithmetic, which dequantized weights do not reduce. On a GPU the fused W4A16/W8A16
+    kernels read packed weights; the CPU path dequantizes in PyTorch (kernels.py twin)."""
+    import quant
+    rows = []
+    for label, bits in (("bf16", None), ("int8", 8), ("int4", 4)):
+        llm = LLM(model, **dict(engine_kw, dtype="bfloat16"))
+        eng = llm.engine
+        if bits:
+            quant.quantize_model(eng.model, torch.zeros(1, 1, dtype=torch.long), "rtn", bits, 0)
+            eng.model.to(eng.device)
+        vocab = eng.model_config.vocab_size
+        prompt = [1] + np.random.default_rng(0).integers(3, vocab, prompt_len - 1).tolist()
+        llm.generate(prompt[:8], SamplingParams(temperature=0, max_tokens=4, ignore_eos=True))
+        out = llm.generate(prompt, SamplingParams(temperature=0, max_tokens=new_tokens, ignore_eos=True))[0]
+        rows.append({"weights": label, "prefill_tok_s": prompt_len / out.metrics["time_to_first_token"],
+                     "decode_tok_s": 1 / out.metrics["time_per_output_token"]})
+    for r in rows:
+        r["decode_speedup"] = r["decode_tok_s"] / rows[0]["decode_tok_s"]
+        r["prefill_speedup"] = r["prefill_tok_s"] / rows[0]["prefill_tok_s"]
+    return {"rows": rows, "prompt_tokens": prompt_len}
+
+
 def bench_sla(llm: LLM, levels: tuple[int, ...], gpu_hour_usd: float, api_usd_per_mtok: float,
               lo: int, hi: int) -> dict:
     """Per concurrency level: TTFT, per-user decode speed, the SLA verdict, and economics."""
@@ -2249,7 +2275,8 @@ def run_benchmarks(args: argparse.Namespace) -> int:
     results: dict = {"machine": machine, "torch": torch.__version__, "model": args.model,
                      "dtype": args.dtype, "random_weights": str(args.model).startswith("random:")}
     small = dev == "cpu"
-    n, lo, hi = (args.bench_requests or (48 if small else 256)), *((32, 256) if small else (100, 1024))
+    n = args.bench_requests or (48 if small else 256)
+    lo, hi = args.bench_lengths or ((32, 256) if small else (100, 1024))
     print(f"# nanoserve benchmarks: {args.model} ({'random weights' if results['random_weights'] else 'trained'}),"
           f" {args.dtype}, {machine}")
     llm = LLM(args.model, **kw)
@@ -2387,6 +2414,8 @@ def build_parser() -> argparse.ArgumentParser:
                         "(default: all)")
     p.add_argument("--bench-out", default=None, help="write benchmark numbers to this JSON file")
     p.add_argument("--bench-requests", type=int, default=None, help="requests in the throughput workload")
+    p.add_argument("--bench-lengths", type=int, nargs=2, default=None, metavar=("LO", "HI"),
+                   help="prompt and output lengths, uniform in [LO, HI] (default: 32 256 on CPU, 100 1024)")
     p.add_argument("--gpu-hour-usd", type=float, default=8.0)
     p.add_argument("--api-usd-per-mtok", type=float, default=0.5, help="API price per 1M output tokens")
     p.add_argument("--max-tokens", type=int, default=128)

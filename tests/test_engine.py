@@ -332,7 +332,7 @@ def test_cli_bad_input_is_one_line_and_exit_2(args, msg):
 def test_benchmark_mode_runs_and_writes_json(tmp_path):
     """A smoke test of --bench on small settings (benchmarks are not timed tests)."""
     out = tmp_path / "bench.json"
-    r = run_cli("--bench", "latency", "overhead", "memory", "throughput", "--bench-requests", "4",
+    r = run_cli("--bench", "latency", "overhead", "memory", "throughput", "quant", "--bench-requests", "4",
                 "--bench-out", str(out), timeout=600)
     assert r.returncode == 0, r.stderr
     data = json.loads(out.read_text())
@@ -340,4 +340,4 @@ def test_benchmark_mode_runs_and_writes_json(tmp_path):
     assert data["latency"]["prefill_verdict"] == "compute-bound"
     assert data["memory"]["gqa_saving"] == 4
     assert data["memory"]["paged_waste_fraction"] < data["memory"]["max_len_reservation_waste_fraction"]
-    assert "| continuous batching |" in r.stdout
+    assert "| continuous batching |" in r.stdout and "| int4 |" in r.stdout

@@ -7,7 +7,6 @@ import torch
 
 import kernels
 from nanoserve import LLM, SamplingParams
-from conftest import STORIES
 
 cuda = pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a CUDA GPU")
 
