@@ -1093,9 +1093,10 @@ class LLMEngine:
         t1 = time.perf_counter()
         if self.speculator:
             self.speculator.propose([s for s in scheduled if s.spec_k])
-            for s in scheduled:                            # a proposal may come up short
-                if s.spec_k:
+            for s in scheduled:                            # a proposal may come up short:
+                if s.spec_k and len(s.spec_tokens) < s.spec_k:  # give back the unused slots
                     scheduled[s] = 1 + len(s.spec_tokens)
+                    self.block_manager.truncate(s.block_table, s.num_computed + scheduled[s])
         t2 = time.perf_counter()
         self.num_steps += 1
         seqs = list(scheduled)
