@@ -1679,8 +1679,9 @@ def make_server(llm: "LLM", host: str = "127.0.0.1", port: int = 8000, model_nam
                 max_waiting: int = 256, max_body_bytes: int = 1 << 20):
     """Build (not start) a ThreadingHTTPServer; `.serve_forever()` runs it, `.async_engine` is its loop."""
     import http.server
-    import select
     import queue
+    import select
+    import socket
     import uuid
 
     engine = AsyncEngine(llm.engine, max_waiting)
@@ -1769,7 +1770,7 @@ def make_server(llm: "LLM", host: str = "127.0.0.1", port: int = 8000, model_nam
 
         def _client_gone(self) -> bool:
             r, _, _ = select.select([self.connection], [], [], 0)
-            return bool(r) and not self.connection.recv(1, __import__("socket").MSG_PEEK)
+            return bool(r) and not self.connection.recv(1, socket.MSG_PEEK)
 
         def _wait(self, rid: str, q: "queue.Queue", until_finished: bool) -> RequestOutput:
             checked = time.monotonic()
@@ -2020,6 +2021,7 @@ def bench_hf_static(model_dir: str, device: str, dtype: str, n: int, lo: int, hi
     import importlib.util
     if importlib.util.find_spec("transformers") is None or str(model_dir).startswith("random:"):
         return None
+    import transformers
     from transformers import AutoModelForCausalLM
     hf = AutoModelForCausalLM.from_pretrained(model_dir, torch_dtype=DTYPES[dtype]).to(device).eval()
     prompts, params = nano_vllm_workload(hf.config.vocab_size, n, lo, hi)
@@ -2036,7 +2038,7 @@ def bench_hf_static(model_dir: str, device: str, dtype: str, n: int, lo: int, hi
         _progress("transformers batches", b // batch + 1, -(-n // batch))
     elapsed = time.perf_counter() - t
     useful = sum(p.max_tokens for p in params)
-    return {"transformers": __import__("transformers").__version__, "batch": batch, "seconds": elapsed,
+    return {"transformers": transformers.__version__, "batch": batch, "seconds": elapsed,
             "tok_s": useful / elapsed}
 
 
