@@ -93,8 +93,12 @@ def reshape_and_cache_ref(k: Tensor, v: Tensor, k_cache: Tensor, v_cache: Tensor
     """Write this step's K and V into their slots of the paged cache (in place).
 
     k, v: (T, n_kv_heads, head_dim); caches: (num_blocks, block_size, n_kv, head_dim).
+    A negative slot marks a padding token (a CUDA-graph batch padded to its bucket).
     """
     num_blocks, block_size = k_cache.shape[:2]
+    if slot_mapping.numel() and int(slot_mapping.min()) < 0:     # slot -1: a padding token, not written
+        keep = slot_mapping >= 0
+        k, v, slot_mapping = k[keep], v[keep], slot_mapping[keep]
     k_cache.view(num_blocks * block_size, *k_cache.shape[2:])[slot_mapping] = k
     v_cache.view(num_blocks * block_size, *v_cache.shape[2:])[slot_mapping] = v
 
@@ -196,6 +200,42 @@ def quant_linear_ref(x: Tensor, qweight: Tensor, scales: Tensor, zeros: Tensor |
     which is why int4 speeds up memory-bound decode."""
     codes = unpack_int4(qweight, x.shape[-1], zeros is None) if bits <= 4 else qweight
     return F.linear(x, dequantize_ref(codes, scales, zeros, group_size).to(x.dtype))
+
+
+def pack_for_cpu(qweight: Tensor, scales: Tensor, zeros: Tensor | None, bits: int, group_size: int,
+                 in_features: int, dtype: torch.dtype) -> tuple | None:
+    """Repack a quantized weight for PyTorch's own CPU weight-only kernels (the ones
+    gpt-fast uses), or None where they do not take this layout and the twin runs.
+
+    int8, symmetric, per channel: torch._weight_int8pack_mm(x, codes (N, K) int8, scales (N,)).
+    int4, groups of 32/64/128/256: torch._weight_int4pack_mm_for_cpu(x, packed, G, sz),
+      sz (K / G, N, 2) = (scale, zero) per group and channel, computing w = (q - 8) scale + zero
+      for q in 0..15. Our symmetric codes are stored offset by 8 (w = (q - 8) s): zero = 0;
+      asymmetric ones mean w = (q - z) s = (q - 8) s + (8 - z) s: zero = (8 - z) s.
+    Shapes: N a multiple of 16 and K of 64 (the kernels' tiling; other K gave wrong
+    results or crashed in torch 2.13), so e.g. stories260K's FFN (172) stays on the twin.
+    """
+    N, K = qweight.shape[0], in_features
+    if qweight.is_cuda or N % 16 or K % 64:
+        return None
+    if bits == 8 and zeros is None and scales.shape[1] == 1 and hasattr(torch, "_weight_int8pack_mm"):
+        return ("int8", qweight.to(torch.int8).contiguous(), scales[:, 0].to(dtype).contiguous())
+    if bits == 4 and group_size in (32, 64, 128, 256) and hasattr(torch, "_weight_int4pack_mm_for_cpu"):
+        codes = unpack_int4(qweight, K, signed=False).to(torch.int32)                # (N, K) in 0..15
+        zero = torch.zeros_like(scales) if zeros is None else (8 - zeros) * scales     # (N, K / G)
+        sz = torch.stack([scales.t(), zero.t()], dim=-1).to(dtype).contiguous()       # (K / G, N, 2)
+        return ("int4", torch._convert_weight_to_int4pack_for_cpu(codes, 8), sz, group_size)
+    return None
+
+
+def quant_linear_cpu(x: Tensor, packed: tuple) -> Tensor:
+    """(..., K) -> (..., N) through PyTorch's CPU weight-only kernels (pack_for_cpu)."""
+    x2 = x.reshape(-1, x.shape[-1])                                                    # (rows, K)
+    if packed[0] == "int8":
+        y = torch._weight_int8pack_mm(x2, packed[1], packed[2])
+    else:
+        y = torch._weight_int4pack_mm_for_cpu(x2, packed[1], packed[3], packed[2])
+    return y.view(*x.shape[:-1], y.shape[-1])
 
 
 # ----------------------------------------------------------------------------- CUDA kernels
@@ -470,7 +510,7 @@ __global__ void merge_splits_kernel(T* __restrict__ out, const float* __restrict
       float w = l_part[sh * splits + j];
       if (w > 0.f) acc += o_part[(sh * splits + j) * hd + d] * w * __expf(m_part[sh * splits + j] - m);
     }
-    out[sh * hd + d] = from_f<T>(acc / l);
+    out[sh * hd + d] = from_f<T>(l > 0.f ? acc / l : 0.f);   // l = 0: an empty (padding) sequence
   }
 }
 
@@ -506,6 +546,143 @@ torch::Tensor paged_decode(torch::Tensor q, torch::Tensor k_cache, torch::Tensor
     merge_splits_kernel<scalar_t><<<S * H, std::min(hd, 256), 0, stream>>>(
         out.data_ptr<scalar_t>(), o_part.data_ptr<float>(), m_part.data_ptr<float>(), l_part.data_ptr<float>(),
         splits, hd);
+  });
+  return out;
+}
+
+// ---------------------------------------------------------------- paged prefill / verification attention
+// Several queries per sequence (a prefill chunk, or the k + 1 positions of a speculative
+// window) against the paged cache, causal, FlashAttention style: the block keeps a tile
+// of queries on chip and streams K/V tiles past it, keeping per row a running max m, a
+// running sum l and an unnormalised output o (online softmax):
+//   m' = max(m, max_j s_j),  l' = l e^(m - m') + sum_j e^(s_j - m'),  o' = o e^(m - m') + sum_j e^(s_j - m') v_j
+// so the (queries x context) score matrix never exists in memory.
+// Grid (sequence, query tile, KV head). A tile holds PF_ROWS rows = (query token, head)
+// pairs of one KV head's group: PF_ROWS / G tokens x the G heads sharing that K/V head,
+// so each K/V tile is read once for the whole group (GQA). Each warp owns PF_RPW rows;
+// for a row, lane j scores key j of the tile, then the lanes share p_j by shuffles and
+// each accumulates its own slice of head_dim. CUDA cores only (no tensor cores): readable
+// first; prefill is compute-bound and a production kernel would use WGMMA here.
+constexpr int PF_ROWS = 64, PF_BK = 32, PF_WARPS = 8, PF_RPW = PF_ROWS / PF_WARPS, PF_MAXC = 8;
+
+template <typename T>
+__global__ void paged_prefill_kernel(T* __restrict__ out,              // [T, H, hd]
+                                     const T* __restrict__ q,          // [T, H, hd]
+                                     const T* __restrict__ k_cache,    // [blocks, block_size, Hkv, hd]
+                                     const T* __restrict__ v_cache,    // [blocks, block_size, Hkv, hd]
+                                     const int* __restrict__ tables,   // [S, max_blocks]
+                                     const int* __restrict__ q_start,  // [S + 1]
+                                     const int* __restrict__ ctx_lens,  // [S]
+                                     int H, int Hkv, int hd, int block_size, int max_blocks,
+                                     int tile_tokens, float scale) {
+  extern __shared__ float smem[];
+  const int s = blockIdx.x, kvh = blockIdx.z, G = H / Hkv;
+  const int q0 = q_start[s], q_len = q_start[s + 1] - q0;
+  const int t0 = blockIdx.y * tile_tokens;           // first query of the tile, within the sequence
+  if (t0 >= q_len) return;                           // this sequence has fewer tiles
+  const int n_tok = min(tile_tokens, q_len - t0), rows = n_tok * G;
+  const int past = ctx_lens[s] - q_len;              // query i sits at position past + i
+  const int ld = hd + 1;                             // padded K rows: lane j reads row j without bank conflicts
+  float* q_sh = smem;                                // [PF_ROWS, hd], row r = (token r / G, head r % G)
+  float* k_sh = q_sh + PF_ROWS * hd;                 // [PF_BK, hd + 1]
+  float* v_sh = k_sh + PF_BK * ld;                   // [PF_BK, hd]
+  for (int i = threadIdx.x; i < rows * hd; i += blockDim.x) {
+    int r = i / hd, d = i % hd;
+    int64_t tok = q0 + t0 + r / G, h = (int64_t)kvh * G + r % G;
+    q_sh[i] = to_f(q[(tok * H + h) * hd + d]) * scale;
+  }
+  const int lane = threadIdx.x & 31, wid = threadIdx.x >> 5;
+  float m[PF_RPW], l[PF_RPW], acc[PF_RPW][PF_MAXC];
+#pragma unroll
+  for (int i = 0; i < PF_RPW; ++i) {
+    m[i] = -INFINITY; l[i] = 0.f;
+#pragma unroll
+    for (int c = 0; c < PF_MAXC; ++c) acc[i][c] = 0.f;
+  }
+  const int kv_end = past + t0 + n_tok;              // keys [0, kv_end) are visible to some row
+  for (int kb = 0; kb < kv_end; kb += PF_BK) {
+    __syncthreads();                                 // Q is loaded; the last K/V tile is consumed
+    for (int i = threadIdx.x; i < PF_BK * hd; i += blockDim.x) {
+      int j = i / hd, d = i % hd, t = kb + j;
+      float kx = 0.f, vx = 0.f;
+      if (t < kv_end) {
+        int blk = tables[(int64_t)s * max_blocks + t / block_size];
+        int64_t off = (((int64_t)blk * block_size + t % block_size) * Hkv + kvh) * hd + d;
+        kx = to_f(k_cache[off]);
+        vx = to_f(v_cache[off]);
+      }
+      k_sh[j * ld + d] = kx;
+      v_sh[j * hd + d] = vx;
+    }
+    __syncthreads();
+    const int key = kb + lane;
+#pragma unroll
+    for (int i = 0; i < PF_RPW; ++i) {
+      const int r = wid * PF_RPW + i;                // the same for the whole warp
+      if (r >= rows) break;
+      const int qpos = past + t0 + r / G;
+      float sc = -INFINITY;                          // causal mask: key j visible iff j <= qpos
+      if (key <= qpos) {
+        float a = 0.f;
+        for (int d = 0; d < hd; ++d) a += q_sh[r * hd + d] * k_sh[lane * ld + d];
+        sc = a;
+      }
+      const float m_new = fmaxf(m[i], warp_max(sc));
+      if (m_new == -INFINITY) continue;              // every key of this tile is in the row's future
+      const float p = __expf(sc - m_new);            // 0 for masked keys
+      const float alpha = __expf(m[i] - m_new);      // rescales what was accumulated under the old max
+      l[i] = l[i] * alpha + warp_sum(p);
+      m[i] = m_new;
+#pragma unroll
+      for (int c = 0; c < PF_MAXC; ++c) acc[i][c] *= alpha;
+      for (int j = 0; j < PF_BK; ++j) {
+        const float pj = __shfl_sync(0xffffffff, p, j);
+#pragma unroll
+        for (int c = 0; c < PF_MAXC; ++c) {
+          int d = lane + 32 * c;
+          if (d < hd) acc[i][c] += pj * v_sh[j * hd + d];
+        }
+      }
+    }
+  }
+#pragma unroll
+  for (int i = 0; i < PF_RPW; ++i) {
+    const int r = wid * PF_RPW + i;
+    if (r >= rows) break;
+    int64_t tok = q0 + t0 + r / G, h = (int64_t)kvh * G + r % G;
+#pragma unroll
+    for (int c = 0; c < PF_MAXC; ++c) {
+      int d = lane + 32 * c;
+      if (d < hd) out[(tok * H + h) * hd + d] = from_f<T>(acc[i][c] / l[i]);
+    }
+  }
+}
+
+torch::Tensor paged_prefill(torch::Tensor q, torch::Tensor k_cache, torch::Tensor v_cache,
+                            torch::Tensor block_tables, torch::Tensor query_start_loc,
+                            torch::Tensor context_lens, int64_t max_query_len, double scale) {
+  TORCH_CHECK(q.dim() == 3, "paged_prefill: q must be [T, H, hd]");
+  TORCH_CHECK(k_cache.is_contiguous() && v_cache.is_contiguous(), "paged_prefill: caches must be contiguous");
+  const at::cuda::OptionalCUDAGuard guard(device_of(q));
+  q = q.contiguous();
+  auto tables = block_tables.to(torch::kInt32).contiguous();
+  auto starts = query_start_loc.to(torch::kInt32).contiguous();
+  auto lens = context_lens.to(torch::kInt32).contiguous();
+  int S = tables.size(0), H = q.size(1), hd = q.size(2);
+  int block_size = k_cache.size(1), Hkv = k_cache.size(2);
+  TORCH_CHECK(H % Hkv == 0 && H / Hkv <= PF_ROWS, "paged_prefill: H must be a multiple of Hkv, G <= 64");
+  TORCH_CHECK(hd <= 32 * PF_MAXC, "paged_prefill: head_dim must be <= 256");
+  auto out = torch::empty_like(q);
+  if (q.size(0) == 0 || S == 0) return out;
+  int tile_tokens = PF_ROWS / (H / Hkv);
+  dim3 grid(S, (std::max<int64_t>(max_query_len, 1) + tile_tokens - 1) / tile_tokens, Hkv);
+  size_t smem = (size_t)(PF_ROWS * hd + PF_BK * (hd + 1) + PF_BK * hd) * sizeof(float);
+  DISPATCH(q.scalar_type(), "paged_prefill", [&] {
+    cudaFuncSetAttribute(paged_prefill_kernel<scalar_t>, cudaFuncAttributeMaxDynamicSharedMemorySize, (int)smem);
+    paged_prefill_kernel<scalar_t><<<grid, PF_WARPS * 32, smem, at::cuda::getCurrentCUDAStream()>>>(
+        out.data_ptr<scalar_t>(), q.data_ptr<scalar_t>(), k_cache.data_ptr<scalar_t>(),
+        v_cache.data_ptr<scalar_t>(), tables.data_ptr<int>(), starts.data_ptr<int>(), lens.data_ptr<int>(),
+        H, Hkv, hd, block_size, (int)tables.size(1), tile_tokens, (float)scale);
   });
   return out;
 }
@@ -599,6 +776,9 @@ torch::Tensor rope_and_cache(torch::Tensor q, torch::Tensor k, torch::Tensor v, 
 torch::Tensor paged_decode(torch::Tensor q, torch::Tensor k_cache, torch::Tensor v_cache,
                            torch::Tensor block_tables, torch::Tensor context_lens, int64_t max_context,
                            double scale, int64_t part);
+torch::Tensor paged_prefill(torch::Tensor q, torch::Tensor k_cache, torch::Tensor v_cache,
+                            torch::Tensor block_tables, torch::Tensor query_start_loc,
+                            torch::Tensor context_lens, int64_t max_query_len, double scale);
 torch::Tensor quant_gemv(torch::Tensor x, torch::Tensor qweight, torch::Tensor scales,
                          c10::optional<torch::Tensor> zeros, int64_t bits, int64_t group_size);
 """
@@ -612,17 +792,20 @@ def cuda_extension():
         os.environ["TORCH_CUDA_ARCH_LIST"] = f"{major}.{minor}"         # build for this device only
     return load_inline(
         name="nanoserve_kernels", cpp_sources=CPP_SOURCE, cuda_sources=CUDA_SOURCE,
-        functions=["rms_norm", "silu_and_mul", "rope_and_cache", "paged_decode", "quant_gemv"],
+        functions=["rms_norm", "silu_and_mul", "rope_and_cache", "paged_decode", "paged_prefill", "quant_gemv"],
         extra_cuda_cflags=["-O3", "--use_fast_math"], verbose=False)
 
 
 # ----------------------------------------------------------------------------- dispatch
 # The model calls only these functions. CUDA tensors take the kernels above, all others
-# the reference twins; NANOSERVE_KERNELS=ref makes a GPU run the references too. Cases a
-# kernel does not cover (several queries per sequence, batches over 16 rows for the
-# quantized GEMV) take the reference path, by the conditions written here.
+# the reference twins, except quantized linears on the CPU, which take PyTorch's own
+# weight-only int8/int4 kernels where the layout allows; NANOSERVE_KERNELS=ref makes
+# every device run the references. Cases a
+# kernel does not cover (batches over 16 rows for the quantized GEMV) take the reference
+# path, by the conditions written here.
 
 USE_CUDA_KERNELS = os.environ.get("NANOSERVE_KERNELS", "cuda") != "ref"
+USE_CPU_QUANT_KERNELS = USE_CUDA_KERNELS   # PyTorch's int8/int4 CPU kernels (pack_for_cpu)
 DECODE_PARTITION = 512            # keys per Flash-Decoding split
 
 
@@ -658,22 +841,38 @@ def rope_and_cache(q: Tensor, k: Tensor, v: Tensor, positions: Tensor, cos: Tens
 
 def paged_attention(q: Tensor, k_cache: Tensor, v_cache: Tensor, block_tables: Tensor,
                     query_start_loc: Tensor, context_lens: Tensor, scale: float,
-                    max_context_len: int | None = None) -> Tensor:
-    if _cuda(q) and q.shape[0] == block_tables.shape[0]:          # one query per sequence: decode
+                    max_context_len: int | None = None, max_query_len: int | None = None) -> Tensor:
+    """max_context_len / max_query_len: host-side maxima (they size the grid); computed
+    from the tensors, with a device sync, when not given."""
+    if not _cuda(q):
+        return paged_attention_ref(q, k_cache, v_cache, block_tables, query_start_loc, context_lens, scale)
+    if q.shape[0] == block_tables.shape[0]:                     # one query per sequence: decode
         max_len = max_context_len if max_context_len is not None else int(context_lens.max())
         return cuda_extension().paged_decode(q, k_cache, v_cache, block_tables, context_lens, max_len,
                                              scale, DECODE_PARTITION)
-    return paged_attention_ref(q, k_cache, v_cache, block_tables, query_start_loc, context_lens, scale)
+    if max_query_len is None:
+        max_query_len = int((query_start_loc[1:] - query_start_loc[:-1]).max())
+    return cuda_extension().paged_prefill(q, k_cache, v_cache, block_tables, query_start_loc, context_lens,
+                                          max_query_len, scale)
 
 
 def quant_linear(x: Tensor, qweight: Tensor, scales: Tensor, zeros: Tensor | None, bits: int,
-                 group_size: int) -> Tensor:
+                 group_size: int, cpu_cache: dict | None = None) -> Tensor:
+    """cpu_cache: a dict the caller keeps per layer, holding the CPU repacking (made on
+    first use, keyed by dtype and the buffers' addresses so a reloaded weight repacks)."""
     K = x.shape[-1]
     rows = x.numel() // K
     if _cuda(x) and rows <= 16 and K % 8 == 0 and (group_size or K) % 8 == 0:
         y = cuda_extension().quant_gemv(x.reshape(rows, K), qweight, scales, zeros, 4 if bits <= 4 else 8,
                                         group_size)
         return y.view(*x.shape[:-1], -1)
+    if USE_CPU_QUANT_KERNELS and cpu_cache is not None and not x.is_cuda:
+        key = (x.dtype, qweight.data_ptr(), scales.data_ptr())
+        if key not in cpu_cache:
+            cpu_cache.clear()
+            cpu_cache[key] = pack_for_cpu(qweight, scales, zeros, bits, group_size, K, x.dtype)
+        if cpu_cache[key] is not None:
+            return quant_linear_cpu(x, cpu_cache[key])
     return quant_linear_ref(x, qweight, scales, zeros, bits, group_size)
 
 
@@ -745,6 +944,18 @@ def self_check() -> list[tuple[str, float, float]]:
                     t = _bench(lambda: ext.paged_decode(q, kc, vc, bt, lens, max(ctx), hd ** -0.5, DECODE_PARTITION))
                     gbs = 2 * sum(ctx) * Hkv * hd * kc.element_size() / t / 1e9
                     rows.append((f"paged decode {dn} G={G} bs={bs} ctx={ctx} ({gbs:.0f} GB/s)", rel(out, ref), 1e3 * t))
+                # Several queries per sequence: a new prompt, a decode, a chunk after cached
+                # context, a k = 8 verification window over a long context.
+                for q_lens, ctx in (([5, 1, 37], [5, 100, 300]), ([9, 6], [4097, 6]), ([509], [1200])):
+                    _, kc, vc, bt, lens = _random_paged(len(ctx), ctx, Hkv, G, hd, bs, dtype, dev)
+                    q = torch.randn(sum(q_lens), Hkv * G, hd, device=dev, dtype=dtype)
+                    starts = torch.tensor([0] + q_lens, device=dev).cumsum(0).to(torch.int32)
+                    out = ext.paged_prefill(q, kc, vc, bt, starts, lens, max(q_lens), hd ** -0.5)
+                    ref = paged_attention_ref(q, kc, vc, bt, starts, lens, hd ** -0.5)
+                    t = _bench(lambda: ext.paged_prefill(q, kc, vc, bt, starts, lens, max(q_lens), hd ** -0.5))
+                    flops = 4 * sum(n * (c - n / 2) for n, c in zip(q_lens, ctx)) * Hkv * G * hd
+                    rows.append((f"paged prefill {dn} G={G} bs={bs} q={q_lens} ctx={ctx} ({flops / t / 1e12:.1f} TFLOP/s)",
+                                 rel(out, ref), 1e3 * t))
         for bits, G in ((4, 128), (4, 32), (8, 0)):
             N, K = 4096, 4096
             for M in (1, 16):

@@ -118,7 +118,8 @@ class EngineConfig:
 
     block_size: tokens per KV block. num_blocks: fixes the pool size; when None it is
     derived from memory (gpu_memory_utilization of free GPU memory, or kv_cache_bytes
-    on CPU). max_num_seqs / max_num_batched_tokens bound one step's batch.
+    on CPU). max_num_seqs / max_num_batched_tokens bound one step's batch. On CUDA,
+    decode steps replay captured CUDA graphs unless enforce_eager (vLLM's name for it).
     """
     device: str = "cpu"
     dtype: str = "float32"
@@ -133,6 +134,7 @@ class EngineConfig:
     enable_chunked_prefill: bool = True
     num_speculative_tokens: int = 0
     speculative_method: str | None = None
+    enforce_eager: bool = False
     seed: int = 0
 
     def __post_init__(self) -> None:
@@ -348,6 +350,7 @@ class AttentionMetadata:
     query_start_loc: Tensor   # (S + 1,) int32 sequence s owns tokens [start[s], start[s+1])
     context_lens: Tensor      # (S,) int32 cached tokens of s after this step's writes
     max_context_len: int      # max of context_lens, known on the host (no device sync)
+    max_query_len: int        # most tokens any one sequence computes this step
 
 
 class LlamaAttention(nn.Module):
@@ -370,7 +373,7 @@ class LlamaAttention(nn.Module):
         # RoPE, and K/V written to the cache first: the new tokens attend to themselves too.
         q = kernels.rope_and_cache(q, k, v, positions, *rope, kv_cache[0], kv_cache[1], meta.slot_mapping)
         o = kernels.paged_attention(q, kv_cache[0], kv_cache[1], meta.block_tables, meta.query_start_loc,
-                                    meta.context_lens, self.scale, meta.max_context_len)
+                                    meta.context_lens, self.scale, meta.max_context_len, meta.max_query_len)
         return self.o_proj(o.reshape(T, self.n_heads * self.head_dim))
 
 
@@ -947,6 +950,85 @@ class RequestOutput:
         return self.finish_reason is not None
 
 
+class DecodeGraphs:
+    """Decode steps replayed as CUDA graphs, one graph per bucketed batch size.
+
+    A decode step launches about ten kernels per layer, hundreds in all, and each launch
+    costs the CPU a few microseconds: for a small model, or at batch 1, the GPU finishes
+    the work faster than Python can launch it. A CUDA graph records the launches of one
+    forward pass once and replays them with a single call. A graph reads and writes fixed
+    addresses, so each step copies its inputs into static buffers, and a graph exists
+    per batch size: a batch is padded up to the next bucket (padding rows write their K/V
+    to slot -1, which the cache write skips, and attend over a context of 0 tokens), and
+    attention's Flash-Decoding split count is fixed at what the longest context needs.
+    Graphs are captured on first use of a bucket and share one memory pool (vLLM captures
+    every bucket at start-up instead). capture=False runs the same padded static-buffer
+    path eagerly: the CPU tests check it, a GPU captures it.
+    """
+
+    def __init__(self, model: "LlamaForCausalLM", kv_cache: Tensor, max_batch: int, max_blocks: int,
+                 max_context_len: int, capture: bool = True):
+        self.model, self.kv_cache, self.capture = model, kv_cache, capture
+        top = min(max_batch, 256)                      # larger decode batches run eagerly
+        self.buckets = [b for b in (1, 2, 4, *range(8, 257, 8)) if b < top] + [top]
+        self.max_blocks, self.max_context_len = max_blocks, max_context_len
+        dev = kv_cache.device
+        self.input_ids = torch.zeros(top, dtype=torch.int64, device=dev)                 # (B,)
+        self.positions = torch.zeros(top, dtype=torch.int64, device=dev)                 # (B,)
+        self.slot_mapping = torch.full((top,), -1, dtype=torch.int64, device=dev)        # (B,)
+        self.block_tables = torch.zeros(top, max_blocks, dtype=torch.int32, device=dev)  # (B, max_blocks)
+        self.context_lens = torch.zeros(top, dtype=torch.int32, device=dev)              # (B,)
+        self.query_start_loc = torch.arange(top + 1, dtype=torch.int32, device=dev)      # one token each
+        self.graphs: dict[int, tuple[torch.cuda.CUDAGraph, Tensor]] = {}
+        self.pool = None
+        self.replays = 0
+
+    def fits(self, num_seqs: int, width: int) -> bool:
+        return num_seqs <= self.buckets[-1] and width <= self.max_blocks
+
+    def _forward(self, b: int) -> Tensor:
+        meta = AttentionMetadata(self.slot_mapping[:b], self.block_tables[:b], self.query_start_loc[:b + 1],
+                                 self.context_lens[:b], max_context_len=self.max_context_len, max_query_len=1)
+        return self.model(self.input_ids[:b], self.positions[:b], self.kv_cache, meta)   # (b, D)
+
+    def run(self, ids: list[int], positions: list[int], slots: list[int], tables: list[list[int]]) -> Tensor:
+        """One decode step of n sequences (token ids, their positions, cache slots and
+        block tables) -> hidden states (n, D)."""
+        n = len(ids)
+        b = next(x for x in self.buckets if x >= n)
+        pad = b - n
+        table = torch.zeros(b, self.max_blocks, dtype=torch.int32)                      # (b, max_blocks)
+        for i, t in enumerate(tables):
+            table[i, :len(t)] = torch.tensor(t, dtype=torch.int32)
+        self.input_ids[:b].copy_(torch.tensor(ids + [0] * pad))
+        self.positions[:b].copy_(torch.tensor(positions + [0] * pad))
+        self.slot_mapping[:b].copy_(torch.tensor(slots + [-1] * pad))
+        self.context_lens[:b].copy_(torch.tensor([p + 1 for p in positions] + [0] * pad, dtype=torch.int32))
+        self.block_tables[:b].copy_(table)
+        self.replays += 1
+        if not self.capture:
+            return self._forward(b)[:n]
+        if b not in self.graphs:
+            self.graphs[b] = self._capture(b)
+        graph, out = self.graphs[b]
+        graph.replay()
+        return out[:n]
+
+    def _capture(self, b: int) -> tuple[torch.cuda.CUDAGraph, Tensor]:
+        # Warm up on a side stream first (lazy initialisation must not be recorded); the
+        # warm-up writes the same K/V the replay will write, so it changes nothing.
+        stream = torch.cuda.Stream()
+        stream.wait_stream(torch.cuda.current_stream())
+        with torch.cuda.stream(stream):
+            self._forward(b)
+        torch.cuda.current_stream().wait_stream(stream)
+        graph = torch.cuda.CUDAGraph()
+        with torch.cuda.graph(graph, pool=self.pool):
+            out = self._forward(b)                      # (b, D), lives in the graph's pool
+        self.pool = graph.pool()
+        return graph, out
+
+
 class LLMEngine:
     """Owns the model, the KV cache pool and the scheduler; `step()` runs one batch."""
 
@@ -1001,6 +1083,11 @@ class LLMEngine:
         self.num_generated = 0
         self.peak_blocks_used = 0
         self.step_time = dict.fromkeys(("schedule", "draft", "model", "sample_and_output"), 0.0)
+        # CUDA graphs for decode steps, per model (target and draft), made on first use.
+        # Only with the CUDA kernels: the reference attention syncs with the host, which a
+        # graph cannot record.
+        self.use_graphs = self.device.type == "cuda" and not cfg.enforce_eager and kernels.USE_CUDA_KERNELS
+        self.decode_graphs: dict[int, DecodeGraphs] = {}
 
     def _kv_bytes_per_token(self) -> int:
         mc = self.model_config
@@ -1162,6 +1249,15 @@ class LLMEngine:
             slots += [table[p // bs] * bs + p % bs for p in range(c, c + n)]
             starts.append(starts[-1] + n)
         width = max(len(t) for t in tables)
+        if self.use_graphs and len(ids) == len(seqs):              # a pure decode step
+            graphs = self.decode_graphs.get(id(model))
+            if graphs is None:
+                longest = self.max_model_len + self.cfg.num_speculative_tokens + 1
+                graphs = self.decode_graphs[id(model)] = DecodeGraphs(
+                    model, kv_cache, self.cfg.max_num_seqs, -(-longest // bs), longest,
+                    capture=self.device.type == "cuda")
+            if graphs.fits(len(seqs), width):
+                return graphs.run(ids, pos, slots, tables), starts[:-1]
         block_tables = torch.tensor([t + [0] * (width - len(t)) for t in tables], dtype=torch.int32)
         dev = self.device
         lens = [c + n for c, n in zip(num_computed, num_new)]
@@ -1170,7 +1266,7 @@ class LLMEngine:
             block_tables=block_tables.to(dev),
             query_start_loc=torch.tensor(starts, dtype=torch.int32, device=dev),
             context_lens=torch.tensor(lens, dtype=torch.int32, device=dev),
-            max_context_len=max(lens))
+            max_context_len=max(lens), max_query_len=max(num_new))
         hidden = model(torch.tensor(ids, device=dev), torch.tensor(pos, device=dev), kv_cache, meta)
         return hidden, starts[:-1]
 
@@ -1949,7 +2045,12 @@ def bench_latency(llm: LLM, prompt_len: int = 128, new_tokens: int = 64) -> dict
     bpp = weight_bytes / n_params
     ridge = flops / bw                      # FLOPs per byte where a kernel stops being memory-bound
     decode_ai, prefill_ai = 2 / bpp, 2 * prompt_len / bpp
-    return {
+    eager_tps = None
+    if eng.use_graphs:                      # the same decode without CUDA graphs
+        eng.use_graphs = False
+        eager_tps = 1 / llm.generate(prompt, p)[0].metrics["time_per_output_token"]
+        eng.use_graphs = True
+    return {"decode_tok_s_eager": eager_tps,
         "prompt_tokens": prompt_len, "ttft_s": m["time_to_first_token"],
         "prefill_tok_s": prompt_len / m["time_to_first_token"], "decode_tok_s": decode_tps,
         "weight_bytes": weight_bytes, "achieved_weight_GBps": weight_bytes * decode_tps / 1e9,
@@ -2150,18 +2251,21 @@ def bench_spec(model: str, draft: str, engine_kw: dict, ks: tuple[int, ...], n_t
 
 
 def bench_quant(model: str, engine_kw: dict, prompt_len: int = 256, new_tokens: int = 32) -> dict:
-    """Decode and prefill speed of int8 and int4 weights (RTN, per channel) against bf16.
+    """Decode and prefill speed of int8 (per channel) and int4 (groups of 128) weights,
+    RTN, against bf16.
 
     Weight-only quantization cuts the bytes a decode step must read; prefill is bound by
-    arithmetic, which dequantized weights do not reduce. On a GPU the fused W4A16/W8A16
-    kernels read packed weights; the CPU path dequantizes in PyTorch (kernels.py twin)."""
+    arithmetic, which dequantized weights do not reduce (the dequantization adds to it).
+    On a GPU the fused W4A16/W8A16 kernels read packed weights; on the CPU PyTorch's
+    weight-only int8/int4 kernels do (kernels.pack_for_cpu). The speedup shows only when
+    the weights do not fit in the CPU's caches: use a large model (random:tinyllama-1.1b)."""
     import quant
     rows = []
-    for label, bits in (("bf16", None), ("int8", 8), ("int4", 4)):
+    for label, bits, group in (("bf16", None, 0), ("int8", 8, 0), ("int4 g128", 4, 128)):
         llm = LLM(model, **dict(engine_kw, dtype="bfloat16"))
         eng = llm.engine
         if bits:
-            quant.quantize_model(eng.model, torch.zeros(1, 1, dtype=torch.long), "rtn", bits, 0)
+            quant.quantize_model(eng.model, torch.zeros(1, 1, dtype=torch.long), "rtn", bits, group)
             eng.model.to(eng.device)
         vocab = eng.model_config.vocab_size
         prompt = [1] + np.random.default_rng(0).integers(3, vocab, prompt_len - 1).tolist()
@@ -2290,7 +2394,8 @@ def run_benchmarks(args: argparse.Namespace) -> int:
             print(_table("Latency, batch 1", [
                 ("time to first token (128-token prompt)", f"{r['ttft_s'] * 1e3:.1f} ms"),
                 ("prefill", f"{r['prefill_tok_s']:.0f} tok/s"),
-                ("decode", f"{r['decode_tok_s']:.1f} tok/s"),
+                ("decode", f"{r['decode_tok_s']:.1f} tok/s" + (
+                    f" with CUDA graphs, {r['decode_tok_s_eager']:.1f} tok/s eager" if r["decode_tok_s_eager"] else "")),
                 ("weights read per token", f"{r['weight_bytes'] / 1e6:.1f} MB"),
                 ("achieved weight bandwidth", f"{r['achieved_weight_GBps']:.2f} GB/s = "
                                               f"{100 * r['fraction_of_copy_bandwidth']:.1f}% of copy bandwidth "
@@ -2377,7 +2482,8 @@ def run_benchmarks(args: argparse.Namespace) -> int:
                 for row in r["rows"]]))
         elif suite == "quant":
             r = bench_quant(args.model, kw)
-            print(_table("Weight-only quantization (RTN, per channel) against bf16, batch 1", [
+            print(_table("Weight-only quantization (RTN; int8 per channel, int4 groups of 128) against bf16, "
+                         "batch 1", [
                 (row["weights"], f"decode {row['decode_tok_s']:.1f} tok/s ({row['decode_speedup']:.2f}x), "
                                  f"prefill {row['prefill_tok_s']:.0f} tok/s ({row['prefill_speedup']:.2f}x)")
                 for row in r["rows"]]))
@@ -2436,6 +2542,7 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--max-model-len", type=int, default=None)
     p.add_argument("--no-prefix-caching", action="store_true")
     p.add_argument("--no-chunked-prefill", action="store_true")
+    p.add_argument("--enforce-eager", action="store_true", help="no CUDA graphs for decode steps")
     return p
 
 
@@ -2446,7 +2553,7 @@ def engine_kwargs(args: argparse.Namespace) -> dict:
                 max_model_len=args.max_model_len, enable_prefix_caching=not args.no_prefix_caching,
                 enable_chunked_prefill=not args.no_chunked_prefill, draft_model=args.draft,
                 speculative_method=args.speculative_method,
-                num_speculative_tokens=args.num_speculative_tokens)
+                num_speculative_tokens=args.num_speculative_tokens, enforce_eager=args.enforce_eager)
 
 
 def serve(args: argparse.Namespace) -> int:

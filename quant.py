@@ -112,7 +112,8 @@ class QuantLinear(nn.Module):
         scales  (out, n_groups) float
         zeros   (out, n_groups) float, asymmetric only
     The forward pass is kernels.quant_linear: the reference twin dequantizes, then
-    multiplies; the CUDA kernel reads the packed weights directly (batches up to 16 rows).
+    multiplies; the CUDA kernel reads the packed weights directly (batches up to 16 rows),
+    and on the CPU PyTorch's int8/int4 weight-only kernels do (kernels.pack_for_cpu).
     """
 
     def __init__(self, in_features: int, out_features: int, bits: int, group_size: int,
@@ -130,6 +131,7 @@ class QuantLinear(nn.Module):
             self.register_buffer("zeros", torch.empty(out_features, n_groups, dtype=dtype, device=device))
         else:
             self.zeros = None
+        self.cpu_cache: dict = {}     # the weight repacked for PyTorch's CPU kernels, made on first use
 
     @classmethod
     def from_codes(cls, codes: Tensor, scale: Tensor, zero: Tensor | None, bits: int, group_size: int,
@@ -150,7 +152,17 @@ class QuantLinear(nn.Module):
         return kernels.dequantize_ref(self.codes(), self.scales, self.zeros, self.group_size)
 
     def forward(self, x: Tensor) -> Tensor:
-        return kernels.quant_linear(x, self.qweight, self.scales, self.zeros, self.bits, self.group_size)
+        return kernels.quant_linear(x, self.qweight, self.scales, self.zeros, self.bits, self.group_size,
+                                    self.cpu_cache)
+
+    # New or reloaded buffers invalidate the CPU repacking.
+    def _apply(self, fn, *args, **kwargs):
+        self.cpu_cache.clear()
+        return super()._apply(fn, *args, **kwargs)
+
+    def _load_from_state_dict(self, *args, **kwargs):
+        self.cpu_cache.clear()
+        super()._load_from_state_dict(*args, **kwargs)
 
     def extra_repr(self) -> str:
         return (f"in={self.in_features}, out={self.out_features}, bits={self.bits}, "

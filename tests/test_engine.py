@@ -201,6 +201,27 @@ def test_batched_equals_sequential_under_preemption(model_dirs):
         assert small.engine.block_manager.ref_count == [0] * 40
 
 
+def test_decode_graph_path_pads_to_buckets_and_matches_eager(model_dirs):
+    """The CUDA-graph decode path (static buffers, batches padded up to a bucket with
+    slot -1 and empty contexts), run eagerly on the CPU, gives the plain path's tokens.
+    The pool is small enough that its last slot is in use: a padding row that wrote
+    there (slot -1 read as "the last slot") would corrupt a running sequence."""
+    for model_dir in model_dirs:
+        kw = dict(device="cpu", num_blocks=40, block_size=4, max_model_len=150,
+                  max_num_batched_tokens=64, max_num_seqs=12)
+        plain = LLM(model_dir, **kw)
+        prompts, params = _workload(plain.engine.model_config.vocab_size, 20)
+        ref = [o.token_ids for o in plain.generate(prompts, params)]
+        graphed = LLM(model_dir, **kw)
+        eng = graphed.engine
+        eng.use_graphs = True                        # what a CUDA device turns on
+        assert [o.token_ids for o in graphed.generate(prompts, params)] == ref, model_dir
+        graphs = eng.decode_graphs[id(eng.model)]
+        assert graphs.buckets == [1, 2, 4, 8, 12] and not graphs.capture
+        assert graphs.replays > 0 and graphed.stats()["preemptions"] > 0
+        assert eng.block_manager.ref_count == [0] * 40
+
+
 def test_requests_join_and_leave_the_running_batch_every_step(tiny_model_dir):
     llm = LLM(tiny_model_dir, device="cpu", max_num_seqs=4)
     eng = llm.engine

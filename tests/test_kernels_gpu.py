@@ -33,3 +33,30 @@ def test_engine_on_cuda_matches_cpu(model_dirs):
             err = max(abs(next(iter(x.values())) - next(iter(y.values())))
                       for x, y in zip(a.prompt_logprobs[1:], b.prompt_logprobs[1:]))
             assert err < 0.25                          # bf16 has 8 mantissa bits
+
+
+@cuda
+def test_cuda_graph_decode_equals_eager_decode(model_dirs):
+    for model_dir in model_dirs:
+        prompts = [[1] + list(range(5, 5 + n)) for n in (3, 40, 17, 90, 1)]   # batches 5..1: buckets 8, 4, 2, 1
+        p = [SamplingParams(temperature=0, max_tokens=m, ignore_eos=True) for m in (30, 8, 20, 3, 12)]
+        eager = LLM(model_dir, device="cuda", dtype="float32", enforce_eager=True).generate(prompts, p)
+        llm = LLM(model_dir, device="cuda", dtype="float32")
+        graphed = llm.generate(prompts, p)
+        assert [o.token_ids for o in graphed] == [o.token_ids for o in eager]
+        graphs = llm.engine.decode_graphs[id(llm.engine.model)]
+        assert graphs.capture and len(graphs.graphs) >= 3 and graphs.replays > 0
+        assert llm.stats()["kv_blocks_free"] == llm.stats()["kv_blocks_total"]
+
+
+@cuda
+def test_prefill_kernel_serves_chunked_prefill_and_verification(model_dirs):
+    """Chunked prefill (several queries per sequence, cached context before them) and
+    n-gram verification windows go through paged_prefill; fp32 greedy equals the CPU."""
+    for model_dir in model_dirs:
+        prompts = [[1] + [(7 * i) % 50 + 3 for i in range(n)] for n in (300, 45, 120)]
+        p = SamplingParams(temperature=0, max_tokens=40, ignore_eos=True)
+        kw = dict(max_num_batched_tokens=64, speculative_method="ngram", num_speculative_tokens=3)
+        cpu = LLM(model_dir, device="cpu", **kw).generate(prompts, p)
+        gpu = LLM(model_dir, device="cuda", dtype="float32", **kw).generate(prompts, p)
+        assert [o.token_ids for o in gpu] == [o.token_ids for o in cpu]

@@ -42,6 +42,40 @@ def test_int4_pack_unpack_round_trip(signed):
     assert torch.equal(kernels.unpack_int4(packed, 37, signed), codes)
 
 
+@pytest.mark.parametrize("bits,group_size,symmetric", [(8, 0, True), (4, 32, True), (4, 128, True),
+                                                     (4, 64, False), (4, 256, False)])
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
+def test_cpu_weight_only_kernels_match_the_reference_twin(bits, group_size, symmetric, dtype):
+    """kernels.pack_for_cpu + PyTorch's int8/int4 CPU kernels against quant_linear_ref.
+    fp32: both accumulate in fp32 from the same weights, 1e-5 relative. bf16: the twin
+    rounds the dequantized weight to bf16 and the kernels do not (or round elsewhere),
+    so about 2^-8 relative per product; 2e-2 of the output's max covers it."""
+    torch.manual_seed(bits + group_size)
+    W = torch.randn(96, 512)
+    layer = quant.QuantLinear.from_codes(*quant.quantize_rtn(W, bits, group_size, symmetric), bits, group_size,
+                                         dtype)
+    x = torch.randn(2, 5, 512, dtype=dtype)
+    y = layer(x)                                                       # the CPU kernels
+    assert layer.cpu_cache and next(iter(layer.cpu_cache.values())) is not None
+    ref = kernels.quant_linear_ref(x, layer.qweight, layer.scales, layer.zeros, bits, group_size)
+    tol = 1e-5 if dtype == torch.float32 else 2e-2
+    assert y.shape == (2, 5, 96)
+    assert (y.float() - ref.float()).abs().max() <= tol * ref.float().abs().max()
+    layer.scales = layer.scales * 2                                    # a new buffer repacks
+    torch.testing.assert_close(layer(x).float(), 2 * y.float(), rtol=tol, atol=tol * ref.float().abs().max())
+
+
+def test_cpu_weight_only_kernels_fall_back_where_the_layout_does_not_fit():
+    # K = 172 (not a multiple of 64), N = 40 (not of 16), int8 in groups, int3, int4 per channel.
+    for (N, K), bits, G in (((48, 172), 8, 0), ((48, 172), 4, 32), ((40, 256), 4, 32), ((48, 256), 8, 32),
+                            ((48, 256), 3, 32), ((48, 256), 4, 0)):
+        layer = quant.QuantLinear.from_codes(*quant.quantize_rtn(torch.randn(N, K), bits, G, True), bits, G,
+                                             torch.float32)
+        assert kernels.pack_for_cpu(layer.qweight, layer.scales, layer.zeros, bits, G, K, torch.float32) is None
+        x = torch.randn(3, K)
+        torch.testing.assert_close(layer(x), kernels.quant_linear_ref(x, layer.qweight, layer.scales, None, bits, G))
+
+
 def test_gptq_output_error_is_lower_than_rtn_on_calibration_inputs():
     torch.manual_seed(0)
     # Correlated inputs with a few large channels, as in real activations.

@@ -114,6 +114,21 @@ def test_speculation_with_preemption_chunking_prefix_caching_and_seeds(pair):
     assert [o.token_ids for o in spec.generate(prompts, sampled)] == solo
 
 
+def test_speculation_through_the_decode_graph_path(pair):
+    """Draft steps go through the padded static-buffer decode path (CUDA graphs on a GPU,
+    eager here); verification windows (several queries) stay eager. Greedy output equals
+    the target alone."""
+    for target, draft in all_pairs(pair):
+        vocab = nanoserve.ModelConfig.from_dir(target).vocab_size
+        prompts = prompts_for(vocab, 11, seed=3)
+        greedy = SamplingParams(temperature=0, max_tokens=24, ignore_eos=True)
+        ref = [o.token_ids for o in LLM(target, device="cpu").generate(prompts, greedy)]
+        spec = LLM(target, device="cpu", draft_model=draft, num_speculative_tokens=3)
+        spec.engine.use_graphs = True
+        assert [o.token_ids for o in spec.generate(prompts, greedy)] == ref
+        assert spec.engine.decode_graphs[id(spec.engine.speculator.draft)].replays > 0
+
+
 # ----------------------------------------------------------------------------- distribution
 
 def _skip_residual(p, q, draft, rng, default):
