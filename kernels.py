@@ -143,11 +143,15 @@ def paged_attention_ref(q: Tensor, k_cache: Tensor, v_cache: Tensor, block_table
         k = k_cache[tables].flatten(1, 2)[:, :max_len].float()              # (B, L, n_kv, hd)
         v = v_cache[tables].flatten(1, 2)[:, :max_len].float()
         qd = q[query_start_loc[idx].long()].float().view(len(decode), n_kv, group, head_dim)
-        scores = torch.einsum("bkgd,blkd->bkgl", qd, k) * scale            # (B, n_kv, G, L)
         lens = context_lens[idx].to(q.device)
         pad = torch.arange(max_len, device=q.device)[None, :] >= lens[:, None]  # (B, L)
-        scores = scores.masked_fill(pad[:, None, None, :], float("-inf"))
-        o = torch.einsum("bkgl,blkd->bkgd", scores.softmax(-1), v)         # (B, n_kv, G, hd)
+        o = torch.empty_like(qd)                                            # (B, n_kv, G, hd)
+        for h in range(n_kv):
+            # The G query heads of KV head h against its keys; k[:, :, h] is a strided
+            # view that bmm reads in place (an einsum over all heads would copy the cache).
+            scores = torch.bmm(qd[:, h], k[:, :, h].transpose(1, 2)) * scale   # (B, G, L)
+            scores = scores.masked_fill(pad[:, None, :], float("-inf"))
+            o[:, h] = torch.bmm(scores.softmax(-1), v[:, :, h])                # (B, G, hd)
         out[query_start_loc[idx].long()] = o.reshape(len(decode), n_heads, head_dim).to(q.dtype)
     for s, n in enumerate(q_lens):
         if n == 1:

@@ -981,7 +981,7 @@ class DecodeGraphs:
         self.query_start_loc = torch.arange(top + 1, dtype=torch.int32, device=dev)      # one token each
         self.graphs: dict[int, tuple[torch.cuda.CUDAGraph, Tensor]] = {}
         self.pool = None
-        self.replays = 0
+        self.steps = 0                                 # decode steps served
 
     def fits(self, num_seqs: int, width: int) -> bool:
         return num_seqs <= self.buckets[-1] and width <= self.max_blocks
@@ -1005,7 +1005,7 @@ class DecodeGraphs:
         self.slot_mapping[:b].copy_(torch.tensor(slots + [-1] * pad))
         self.context_lens[:b].copy_(torch.tensor([p + 1 for p in positions] + [0] * pad, dtype=torch.int32))
         self.block_tables[:b].copy_(table)
-        self.replays += 1
+        self.steps += 1
         if not self.capture:
             return self._forward(b)[:n]
         if b not in self.graphs:
@@ -2050,7 +2050,7 @@ def bench_latency(llm: LLM, prompt_len: int = 128, new_tokens: int = 64) -> dict
         eng.use_graphs = False
         eager_tps = 1 / llm.generate(prompt, p)[0].metrics["time_per_output_token"]
         eng.use_graphs = True
-    return {"decode_tok_s_eager": eager_tps,
+    return {
         "prompt_tokens": prompt_len, "ttft_s": m["time_to_first_token"],
         "prefill_tok_s": prompt_len / m["time_to_first_token"], "decode_tok_s": decode_tps,
         "weight_bytes": weight_bytes, "achieved_weight_GBps": weight_bytes * decode_tps / 1e9,
@@ -2059,6 +2059,7 @@ def bench_latency(llm: LLM, prompt_len: int = 128, new_tokens: int = 64) -> dict
         "decode_flops_per_byte": decode_ai, "prefill_flops_per_byte": prefill_ai,
         "decode_verdict": "memory-bound" if decode_ai < ridge else "compute-bound",
         "prefill_verdict": "memory-bound" if prefill_ai < ridge else "compute-bound",
+        "decode_tok_s_eager": eager_tps,
     }
 
 

@@ -218,7 +218,7 @@ def test_decode_graph_path_pads_to_buckets_and_matches_eager(model_dirs):
         assert [o.token_ids for o in graphed.generate(prompts, params)] == ref, model_dir
         graphs = eng.decode_graphs[id(eng.model)]
         assert graphs.buckets == [1, 2, 4, 8, 12] and not graphs.capture
-        assert graphs.replays > 0 and graphed.stats()["preemptions"] > 0
+        assert graphs.steps > 0 and graphed.stats()["preemptions"] > 0
         assert eng.block_manager.ref_count == [0] * 40
 
 
@@ -361,4 +361,4 @@ def test_benchmark_mode_runs_and_writes_json(tmp_path):
     assert data["latency"]["prefill_verdict"] == "compute-bound"
     assert data["memory"]["gqa_saving"] == 4
     assert data["memory"]["paged_waste_fraction"] < data["memory"]["max_len_reservation_waste_fraction"]
-    assert "| continuous batching |" in r.stdout and "| int4 |" in r.stdout
+    assert "| continuous batching |" in r.stdout and "| int4 g128 |" in r.stdout

@@ -126,7 +126,7 @@ def test_speculation_through_the_decode_graph_path(pair):
         spec = LLM(target, device="cpu", draft_model=draft, num_speculative_tokens=3)
         spec.engine.use_graphs = True
         assert [o.token_ids for o in spec.generate(prompts, greedy)] == ref
-        assert spec.engine.decode_graphs[id(spec.engine.speculator.draft)].replays > 0
+        assert spec.engine.decode_graphs[id(spec.engine.speculator.draft)].steps > 0
 
 
 # ----------------------------------------------------------------------------- distribution
