@@ -21,6 +21,7 @@ Usage:
 from __future__ import annotations
 
 import argparse
+import gc
 import json
 import math
 import os
@@ -1953,6 +1954,14 @@ def _progress(label: str, done: int, total: int) -> None:
               file=sys.stderr, flush=True)
 
 
+def _free_memory() -> None:
+    """Let go of engines already dropped: on a GPU each engine sizes its KV pool from the
+    memory that is free when it starts, so the previous one must be gone first."""
+    gc.collect()
+    if torch.cuda.is_available():
+        torch.cuda.empty_cache()
+
+
 def measure_copy_bandwidth(device: torch.device, nbytes: int = 256 << 20) -> float:
     """Device-to-device copy, bytes read + written per second: the practical bandwidth ceiling."""
     a = torch.empty(nbytes // 4, dtype=torch.float32, device=device).uniform_()
@@ -2211,6 +2220,8 @@ def bench_chunked(model: str, engine_kw: dict, long_len: int, chunk_budget: int)
         out["chunked" if chunked else "unchunked"] = {
             "itl_max_s": max(itl), "itl_p99_s": _percentile(itl, 99), "itl_p50_s": _percentile(itl, 50),
             "long_prompt_ttft_s": r["ttft"][8]}
+        del llm
+        _free_memory()
     out.update(long_prompt_tokens=long_len, chunk_budget=chunk_budget)
     return out
 
@@ -2236,12 +2247,16 @@ def bench_spec(model: str, draft: str, engine_kw: dict, ks: tuple[int, ...], n_t
         return time.perf_counter() - t
 
     base_s = timed(base)
+    del base
+    _free_memory()
     c = timed(LLM(draft, **engine_kw)) / base_s              # per-token cost, draft / target
     rows = []
     for k in ks:
+        _free_memory()
         llm = LLM(model, draft_model=draft, num_speculative_tokens=k, **engine_kw)
         s = timed(llm)
         st = llm.stats()
+        del llm
         a = st["spec_token_acceptance"]
         expected = (1 - a ** (k + 1)) / ((1 - a) * (k * c + 1)) if a < 1 else (k + 1) / (k * c + 1)
         rows.append({"k": k, "token_acceptance": a, "acceptance_rate": st["spec_acceptance_rate"],
@@ -2274,6 +2289,8 @@ def bench_quant(model: str, engine_kw: dict, prompt_len: int = 256, new_tokens: 
         out = llm.generate(prompt, SamplingParams(temperature=0, max_tokens=new_tokens, ignore_eos=True))[0]
         rows.append({"weights": label, "prefill_tok_s": prompt_len / out.metrics["time_to_first_token"],
                      "decode_tok_s": 1 / out.metrics["time_per_output_token"]})
+        del llm, eng
+        _free_memory()
     for r in rows:
         r["decode_speedup"] = r["decode_tok_s"] / rows[0]["decode_tok_s"]
         r["prefill_speedup"] = r["prefill_tok_s"] / rows[0]["prefill_tok_s"]
@@ -2367,9 +2384,14 @@ def _table(title: str, rows: list[tuple[str, str]]) -> str:
                      [f"| {k} | {v} |" for k, v in rows])
 
 
+BENCH_SUITES = ("latency", "overhead", "throughput", "memory", "prefix", "chunked", "spec", "quant", "sla", "server")
+
+
 def run_benchmarks(args: argparse.Namespace) -> int:
-    suites = args.bench or ["latency", "overhead", "throughput", "memory", "prefix", "chunked", "spec", "quant", "sla",
-                            "server"]
+    suites = args.bench or list(BENCH_SUITES)
+    for suite in suites:
+        if suite not in BENCH_SUITES:
+            raise ValueError(f"unknown benchmark suite {suite!r}; choose from {', '.join(BENCH_SUITES)}")
     kw = engine_kwargs(args)
     kw.pop("draft_model"), kw.pop("speculative_method"), kw.pop("num_speculative_tokens")
     dev = kw["device"] or ("cuda" if torch.cuda.is_available() else "cpu")
@@ -2387,9 +2409,21 @@ def run_benchmarks(args: argparse.Namespace) -> int:
     lo, hi = args.bench_lengths or ((32, 256) if small else (100, 1024))
     print(f"# nanoserve benchmarks: {args.model} ({'random weights' if results['random_weights'] else 'trained'}),"
           f" {args.dtype}, {machine}")
-    llm = LLM(args.model, **kw)
+    main: list[LLM] = []            # the engine most suites share, built when first needed
+
+    def shared() -> LLM:
+        if not main:
+            main.append(LLM(args.model, **kw))
+        return main[0]
+
     for suite in suites:
         print(f"[bench] {suite} ...", file=sys.stderr, flush=True)
+        if suite in ("chunked", "spec", "quant"):        # these build their own engines
+            llm = None
+            main.clear()
+            _free_memory()
+        else:
+            llm = shared()
         if suite == "latency":
             r = bench_latency(llm)
             print(_table("Latency, batch 1", [
@@ -2408,6 +2442,9 @@ def run_benchmarks(args: argparse.Namespace) -> int:
                                                  f"{r['prefill_verdict']}")]))
         elif suite == "throughput":
             r = bench_throughput(llm, n, lo, hi, static_batch=min(64, n))
+            llm = None
+            main.clear()                                 # room for the transformers model
+            _free_memory()
             r["transformers_static"] = bench_hf_static(args.model, dev, args.dtype, n, lo, hi, min(64, n))
             hf = r["transformers_static"]
             print(_table(f"Throughput: {n} requests, prompt and output lengths uniform in [{lo}, {hi}]", [
@@ -2495,8 +2532,6 @@ def run_benchmarks(args: argparse.Namespace) -> int:
                  f"{row['ttft_p99_s'] * 1e3:.0f} ms, inter-token p50 {row['itl_p50_s'] * 1e3:.1f} ms / p99 "
                  f"{row['itl_p99_s'] * 1e3:.1f} ms, {row['throughput_tok_s']:.0f} tok/s, {row['errors']} errors")
                 for row in r["rows"]]))
-        else:
-            raise ValueError(f"unknown benchmark suite {suite!r}")
         results[suite] = r
         sys.stdout.flush()
     if args.bench_out:
