@@ -693,38 +693,58 @@ torch::Tensor paged_prefill(torch::Tensor q, torch::Tensor k_cache, torch::Tenso
 
 // ---------------------------------------------------------------- W4A16 / W8A16 for small batches
 // y[m, n] = sum_k x[m, k] * s[n, k / G] * (q[n, k] - z[n, k / G]). One warp per output
-// channel n, all (<= 16) rows of x at once, so each weight byte is read exactly once:
-// at batch 1 the kernel moves 1/4 (int4) or 1/2 (int8) of the bytes of a bf16 GEMV.
+// channel n, all rows of x at once, so each weight byte is read exactly once: at batch 1
+// the kernel moves 1/4 (int4) or 1/2 (int8) of the bytes of a bf16 GEMV. A memory-bound
+// kernel is only as fast as the bytes it keeps in flight, so each lane loads 16 bytes of
+// weights at a time (32 int4 or 16 int8 codes, one group's worth at most) and the matching
+// x values as 16-byte vectors too; M, the row count rounded up to 1/2/4/8/16, is a template
+// argument so that batch 1 does no work for absent rows.
+constexpr int GEMV_CODES_ALIGN = 32;   // K and the group size must be multiples of this
+
 template <typename T, int BITS, int M>
 __global__ void quant_gemv_kernel(T* __restrict__ y,              // [rows, N]
-                                  const T* __restrict__ x,        // [rows, K]
+                                  const T* __restrict__ x,        // [rows, K], 16-byte aligned rows
                                   const uint8_t* __restrict__ qw,  // int4: [N, K/2] packed; int8: [N, K]
                                   const T* __restrict__ scales,   // [N, n_groups]
                                   const T* __restrict__ zeros,    // [N, n_groups] or null
                                   int rows, int N, int K, int G, int n_groups, bool is_signed) {
+  constexpr int CODES = BITS == 4 ? 32 : 16;      // codes in one 16-byte load of weights
+  constexpr int PER_WORD = CODES / 4;             // codes in each 32-bit word of it
+  constexpr int X_PER_VEC = 16 / sizeof(T);       // x values in one 16-byte load
   const int n = blockIdx.x * (blockDim.x >> 5) + (threadIdx.x >> 5);
   const int lane = threadIdx.x & 31;
   if (n >= N) return;
   float acc[M];
 #pragma unroll
   for (int m = 0; m < M; ++m) acc[m] = 0.f;
-  const int per_word = BITS == 4 ? 8 : 4;                 // codes per 32-bit load
-  const uint32_t* row = reinterpret_cast<const uint32_t*>(qw + (int64_t)n * (BITS == 4 ? K / 2 : K));
-  for (int wi = lane; wi < K / per_word; wi += 32) {
-    uint32_t word = row[wi];
-    int k0 = wi * per_word;
-    int g = k0 / G;
-    float sc = to_f(scales[(int64_t)n * n_groups + g]);
-    float z = zeros ? to_f(zeros[(int64_t)n * n_groups + g]) : (BITS == 4 && is_signed ? 8.f : 0.f);
+  const uint4* row = reinterpret_cast<const uint4*>(qw + (int64_t)n * (BITS == 4 ? K / 2 : K));
+  for (int vi = lane; vi < K / CODES; vi += 32) {  // a warp reads 512 contiguous bytes per pass
+    const uint4 packed = row[vi];
+    const uint32_t words[4] = {packed.x, packed.y, packed.z, packed.w};
+    const int k0 = vi * CODES;
+    const int g = k0 / G;                          // the whole chunk lies in one group
+    const float sc = to_f(scales[(int64_t)n * n_groups + g]);
+    const float z = zeros ? to_f(zeros[(int64_t)n * n_groups + g]) : (BITS == 4 && is_signed ? 8.f : 0.f);
+    float w[CODES];                                // the chunk, dequantized
 #pragma unroll
-    for (int j = 0; j < per_word; ++j) {
+    for (int j = 0; j < CODES; ++j) {
+      const uint32_t bits = words[j / PER_WORD] >> (BITS * (j % PER_WORD));
       float c;
-      if (BITS == 4) c = (float)((word >> (4 * j)) & 0xF);
-      else c = is_signed ? (float)(int8_t)((word >> (8 * j)) & 0xFF) : (float)((word >> (8 * j)) & 0xFF);
-      float w = (c - z) * sc;
+      if (BITS == 4) c = (float)(bits & 0xF);
+      else c = is_signed ? (float)(int8_t)(bits & 0xFF) : (float)(bits & 0xFF);
+      w[j] = (c - z) * sc;
+    }
 #pragma unroll
-      for (int m = 0; m < M; ++m)
-        if (m < rows) acc[m] += w * to_f(x[(int64_t)m * K + k0 + j]);
+    for (int m = 0; m < M; ++m) {
+      if (m >= rows) break;
+      const uint4* xv = reinterpret_cast<const uint4*>(x + (int64_t)m * K + k0);
+#pragma unroll
+      for (int u = 0; u < CODES / X_PER_VEC; ++u) {
+        const uint4 xx = xv[u];
+        const T* xe = reinterpret_cast<const T*>(&xx);
+#pragma unroll
+        for (int e = 0; e < X_PER_VEC; ++e) acc[m] += w[u * X_PER_VEC + e] * to_f(xe[e]);
+      }
     }
   }
 #pragma unroll
@@ -734,36 +754,51 @@ __global__ void quant_gemv_kernel(T* __restrict__ y,              // [rows, N]
   }
 }
 
+template <typename T, int BITS>
+void launch_quant_gemv(T* y, const T* x, const uint8_t* qw, const T* sc, const T* zp, int rows, int N, int K,
+                       int G, int n_groups, bool is_signed, cudaStream_t stream) {
+  const int warps = 8;
+  dim3 grid((N + warps - 1) / warps);
+#define GEMV_CASE(MM) quant_gemv_kernel<T, BITS, MM><<<grid, warps * 32, 0, stream>>>( \
+      y, x, qw, sc, zp, rows, N, K, G, n_groups, is_signed)
+  if (rows <= 1) GEMV_CASE(1);
+  else if (rows <= 2) GEMV_CASE(2);
+  else if (rows <= 4) GEMV_CASE(4);
+  else if (rows <= 8) GEMV_CASE(8);
+  else GEMV_CASE(16);
+#undef GEMV_CASE
+}
+
 torch::Tensor quant_gemv(torch::Tensor x, torch::Tensor qweight, torch::Tensor scales,
                          c10::optional<torch::Tensor> zeros, int64_t bits, int64_t group_size) {
   TORCH_CHECK(x.dim() == 2 && x.size(0) <= 16, "quant_gemv: x must be [rows <= 16, K]");
   TORCH_CHECK(bits == 4 || bits == 8, "quant_gemv: 4 or 8 bits");
   const at::cuda::OptionalCUDAGuard guard(device_of(x));
   x = x.contiguous();
+  if (reinterpret_cast<uintptr_t>(x.data_ptr()) % 16) x = x.clone();   // 16-byte vector loads
   int rows = x.size(0), K = x.size(1), N = qweight.size(0);
   int G = group_size > 0 ? group_size : K;
-  TORCH_CHECK(K % 8 == 0 && G % 8 == 0, "quant_gemv: K and group_size must be multiples of 8");
+  TORCH_CHECK(K % GEMV_CODES_ALIGN == 0 && G % GEMV_CODES_ALIGN == 0,
+              "quant_gemv: K and group_size must be multiples of 32");
   TORCH_CHECK(qweight.size(1) == (bits == 4 ? K / 2 : K), "quant_gemv: qweight shape does not match x");
   auto sc = scales.to(x.scalar_type()).contiguous();
   torch::Tensor z;
   if (zeros.has_value()) z = zeros->to(x.scalar_type()).contiguous();
   auto qw = qweight.contiguous();
+  if (reinterpret_cast<uintptr_t>(qw.data_ptr()) % 16) qw = qw.clone();
   bool is_signed = qw.scalar_type() == torch::kInt8 || (bits == 4 && !z.defined());
   auto y = torch::empty({rows, N}, x.options());
-  int warps = 8;
-  dim3 grid((N + warps - 1) / warps);
+  if (rows == 0) return y;
   auto stream = at::cuda::getCurrentCUDAStream();
   DISPATCH(x.scalar_type(), "quant_gemv", [&] {
     const scalar_t* zp = z.defined() ? z.data_ptr<scalar_t>() : nullptr;
     const uint8_t* qp = reinterpret_cast<const uint8_t*>(qw.data_ptr());
     if (bits == 4)
-      quant_gemv_kernel<scalar_t, 4, 16><<<grid, warps * 32, 0, stream>>>(
-          y.data_ptr<scalar_t>(), x.data_ptr<scalar_t>(), qp, sc.data_ptr<scalar_t>(), zp, rows, N, K, G,
-          (int)sc.size(1), is_signed);
+      launch_quant_gemv<scalar_t, 4>(y.data_ptr<scalar_t>(), x.data_ptr<scalar_t>(), qp, sc.data_ptr<scalar_t>(),
+                                     zp, rows, N, K, G, (int)sc.size(1), is_signed, stream);
     else
-      quant_gemv_kernel<scalar_t, 8, 16><<<grid, warps * 32, 0, stream>>>(
-          y.data_ptr<scalar_t>(), x.data_ptr<scalar_t>(), qp, sc.data_ptr<scalar_t>(), zp, rows, N, K, G,
-          (int)sc.size(1), is_signed);
+      launch_quant_gemv<scalar_t, 8>(y.data_ptr<scalar_t>(), x.data_ptr<scalar_t>(), qp, sc.data_ptr<scalar_t>(),
+                                     zp, rows, N, K, G, (int)sc.size(1), is_signed, stream);
   });
   return y;
 }
@@ -866,7 +901,7 @@ def quant_linear(x: Tensor, qweight: Tensor, scales: Tensor, zeros: Tensor | Non
     first use, keyed by dtype and the buffers' addresses so a reloaded weight repacks)."""
     K = x.shape[-1]
     rows = x.numel() // K
-    if _cuda(x) and rows <= 16 and K % 8 == 0 and (group_size or K) % 8 == 0:
+    if _cuda(x) and rows <= 16 and K % 32 == 0 and (group_size or K) % 32 == 0:
         y = cuda_extension().quant_gemv(x.reshape(rows, K), qweight, scales, zeros, 4 if bits <= 4 else 8,
                                         group_size)
         return y.view(*x.shape[:-1], -1)
@@ -960,21 +995,28 @@ def self_check() -> list[tuple[str, float, float]]:
                     flops = 4 * sum(n * (c - n / 2) for n, c in zip(q_lens, ctx)) * Hkv * G * hd
                     rows.append((f"paged prefill {dn} G={G} bs={bs} q={q_lens} ctx={ctx} ({flops / t / 1e12:.1f} TFLOP/s)",
                                  rel(out, ref), 1e3 * t))
-        for bits, G in ((4, 128), (4, 32), (8, 0)):
-            N, K = 4096, 4096
-            for M in (1, 16):
-                x = torch.randn(M, K, device=dev, dtype=dtype)
-                if bits == 4:
-                    qw = torch.randint(0, 256, (N, K // 2), device=dev, dtype=torch.uint8)
-                else:
-                    qw = torch.randint(-127, 128, (N, K), device=dev, dtype=torch.int8)
-                sc = torch.rand(N, K // (G or K), device=dev, dtype=dtype) / 50
-                y = ext.quant_gemv(x, qw, sc, None, bits, G)
-                ref = quant_linear_ref(x, qw, sc, None, bits, G)
-                t = _bench(lambda: ext.quant_gemv(x, qw, sc, None, bits, G))
-                w16 = torch.randn(N, K, device=dev, dtype=dtype)
-                t16 = _bench(lambda: x @ w16.T)
-                rows.append((f"W{bits}A16 {dn} M={M} g={G} ({t16 / t:.2f}x cuBLAS {dn})", rel(y, ref), 1e3 * t))
+        # W4A16 / W8A16: symmetric and asymmetric, per group and per channel, 1, 3 (a partial
+        # row bucket) and 16 rows; Llama-2-7B's attention (4096 x 4096) and down_proj (K = 11008).
+        for bits, G, asym in ((4, 128, False), (4, 32, True), (8, 0, False), (8, 128, True)):
+            for N, K in ((4096, 4096), (4096, 11008)):
+                for M in (1, 3, 16):
+                    x = torch.randn(M, K, device=dev, dtype=dtype)
+                    if bits == 4:
+                        qw = torch.randint(0, 256, (N, K // 2), device=dev, dtype=torch.uint8)
+                    elif asym:
+                        qw = torch.randint(0, 256, (N, K), device=dev, dtype=torch.uint8)
+                    else:
+                        qw = torch.randint(-127, 128, (N, K), device=dev, dtype=torch.int8)
+                    sc = torch.rand(N, K // (G or K), device=dev, dtype=dtype) / 50
+                    zp = torch.randint(0, 2 ** bits, sc.shape, device=dev).to(dtype) if asym else None
+                    y = ext.quant_gemv(x, qw, sc, zp, bits, G)
+                    ref = quant_linear_ref(x, qw, sc, zp, bits, G)
+                    t = _bench(lambda: ext.quant_gemv(x, qw, sc, zp, bits, G))
+                    w16 = torch.randn(N, K, device=dev, dtype=dtype)
+                    t16 = _bench(lambda: x @ w16.T)
+                    gbs = qw.numel() / t / 1e9
+                    rows.append((f"W{bits}A16 {dn} {N}x{K} M={M} g={G}{' asym' if asym else ''} "
+                                 f"({gbs:.0f} GB/s of weights, {t16 / t:.2f}x cuBLAS {dn})", rel(y, ref), 1e3 * t))
     return rows
 
 
