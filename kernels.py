@@ -424,6 +424,11 @@ torch::Tensor rope_and_cache(torch::Tensor q, torch::Tensor k, torch::Tensor v, 
 // head's cache once for all G = H / Hkv query heads of the group (GQA), over one
 // partition of the context; a second kernel merges the partitions:
 //   m = max_s m_s,  l = sum_s l_s e^(m_s - m),  o = sum_s o_s l_s e^(m_s - m) / l.
+// Decode attention is memory-bound (each cached byte is used G times), so the block is
+// laid out for bytes in flight: a key's row (head_dim values) is read by lpk lanes with
+// one 16-byte load each, a warp covers 32 / lpk rows per load, eight warps per block.
+constexpr int PD_THREADS = 256, PD_MAX_G = 8;
+
 template <typename T>
 __global__ void paged_decode_kernel(float* __restrict__ o_part,      // [S, H, splits, hd] normalised
                                     float* __restrict__ m_part,      // [S, H, splits]
@@ -435,15 +440,21 @@ __global__ void paged_decode_kernel(float* __restrict__ o_part,      // [S, H, s
                                     const int* __restrict__ ctx_lens,  // [S]
                                     int H, int Hkv, int hd, int block_size, int max_blocks,
                                     int part, int splits, float scale) {
+  constexpr int VEC = 16 / sizeof(T);                // cache values per 16-byte load
   extern __shared__ float smem[];
   const int s = blockIdx.x, kvh = blockIdx.y, split = blockIdx.z;
-  const int G = H / Hkv;
-  float* q_sh = smem;                  // [G, hd]
-  float* logits = smem + G * hd;       // [G, part]
+  const int G = H / Hkv, nw = blockDim.x >> 5;
+  const int lane = threadIdx.x & 31, wid = threadIdx.x >> 5;
+  const int lpk = hd / VEC;                          // lanes sharing one row (a power of two <= 32)
+  const int kpw = 32 / lpk;                          // rows a warp reads per load
+  const int sub = lane / lpk, d0 = (lane % lpk) * VEC;   // this lane's row in the pass, first dim
+  float* q_sh = smem;                                // [G, hd]
+  float* logits = q_sh + G * hd;                     // [G, part]
+  float* o_sh = logits + G * part;                   // [nw, G, hd] each warp's partial P V
   const int ctx = ctx_lens[s];
   const int start = split * part, end = min(ctx, start + part);
   const int64_t base = ((int64_t)s * H + (int64_t)kvh * G) * splits + split;   // index of (s, h0, split)
-  if (start >= end) {                  // nothing here: an empty partition
+  if (start >= end) {                  // nothing here: an empty partition (or a padding row)
     for (int g = threadIdx.x; g < G; g += blockDim.x) {
       m_part[base + (int64_t)g * splits] = -INFINITY;
       l_part[base + (int64_t)g * splits] = 0.f;
@@ -453,21 +464,34 @@ __global__ void paged_decode_kernel(float* __restrict__ o_part,      // [S, H, s
   for (int i = threadIdx.x; i < G * hd; i += blockDim.x)
     q_sh[i] = to_f(q[((int64_t)s * H + kvh * G) * hd + i]) * scale;
   __syncthreads();
-  const int lane = threadIdx.x & 31, wid = threadIdx.x >> 5, nw = blockDim.x >> 5;
-  // S = q k^T: one warp per key, lanes split head_dim.
-  for (int t = start + wid; t < end; t += nw) {
-    int blk = tables[(int64_t)s * max_blocks + t / block_size];
-    const T* kp = k_cache + (((int64_t)blk * block_size + t % block_size) * Hkv + kvh) * hd;
-    for (int g = 0; g < G; ++g) {
-      float acc = 0.f;
-      for (int d = lane; d < hd; d += 32) acc += q_sh[g * hd + d] * to_f(kp[d]);
-      acc = warp_sum(acc);
-      if (lane == 0) logits[g * part + (t - start)] = acc;
+  float qr[PD_MAX_G][VEC];                           // this lane's dims of the G queries, in registers
+#pragma unroll
+  for (int g = 0; g < PD_MAX_G; ++g)
+#pragma unroll
+    for (int e = 0; e < VEC; ++e) qr[g][e] = g < G ? q_sh[g * hd + d0 + e] : 0.f;
+  // S = q k^T for the G heads: each lane multiplies its VEC dims, the row's lpk lanes sum.
+  for (int t0 = start + wid * kpw; t0 < end; t0 += nw * kpw) {
+    const int t = t0 + sub;
+    uint4 raw = make_uint4(0u, 0u, 0u, 0u);
+    if (t < end) {
+      const int blk = tables[(int64_t)s * max_blocks + t / block_size];
+      raw = *reinterpret_cast<const uint4*>(
+          k_cache + (((int64_t)blk * block_size + t % block_size) * Hkv + kvh) * hd + d0);
+    }
+    const T* kv = reinterpret_cast<const T*>(&raw);
+#pragma unroll
+    for (int g = 0; g < PD_MAX_G; ++g) {
+      if (g >= G) break;
+      float a = 0.f;
+#pragma unroll
+      for (int e = 0; e < VEC; ++e) a += qr[g][e] * to_f(kv[e]);
+      for (int o = lpk >> 1; o > 0; o >>= 1) a += __shfl_xor_sync(0xffffffff, a, o);
+      if (t < end && d0 == 0) logits[g * part + (t - start)] = a;
     }
   }
   __syncthreads();
   // Softmax statistics per query head: one warp per head.
-  __shared__ float m_sh[64], l_sh[64];
+  __shared__ float m_sh[PD_MAX_G], l_sh[PD_MAX_G];
   for (int g = wid; g < G; g += nw) {
     float m = -INFINITY;
     for (int t = lane; t < end - start; t += 32) m = fmaxf(m, logits[g * part + t]);
@@ -482,16 +506,44 @@ __global__ void paged_decode_kernel(float* __restrict__ o_part,      // [S, H, s
     if (lane == 0) { m_sh[g] = m; l_sh[g] = l; }
   }
   __syncthreads();
-  // O = P V / l: one thread per (head, dim), reading V rows coalesced along dim.
-  for (int i = threadIdx.x; i < G * hd; i += blockDim.x) {
-    int g = i / hd, d = i % hd;
-    float acc = 0.f;
-    for (int t = start; t < end; ++t) {
-      int blk = tables[(int64_t)s * max_blocks + t / block_size];
-      acc += logits[g * part + (t - start)] *
-             to_f(v_cache[(((int64_t)blk * block_size + t % block_size) * Hkv + kvh) * hd + d]);
+  // O = P V with the same layout: each lane accumulates its VEC dims for the G heads over
+  // the rows it reads; then the rows of a pass (shuffles) and the warps (shared memory) sum.
+  float acc[PD_MAX_G][VEC];
+#pragma unroll
+  for (int g = 0; g < PD_MAX_G; ++g)
+#pragma unroll
+    for (int e = 0; e < VEC; ++e) acc[g][e] = 0.f;
+  for (int t0 = start + wid * kpw; t0 < end; t0 += nw * kpw) {
+    const int t = t0 + sub;
+    if (t < end) {
+      const int blk = tables[(int64_t)s * max_blocks + t / block_size];
+      const uint4 raw = *reinterpret_cast<const uint4*>(
+          v_cache + (((int64_t)blk * block_size + t % block_size) * Hkv + kvh) * hd + d0);
+      const T* vv = reinterpret_cast<const T*>(&raw);
+#pragma unroll
+      for (int g = 0; g < PD_MAX_G; ++g) {
+        if (g >= G) break;
+        const float p = logits[g * part + (t - start)];
+#pragma unroll
+        for (int e = 0; e < VEC; ++e) acc[g][e] += p * to_f(vv[e]);
+      }
     }
-    o_part[(base + (int64_t)g * splits) * hd + d] = acc / l_sh[g];
+  }
+#pragma unroll
+  for (int g = 0; g < PD_MAX_G; ++g) {
+    if (g >= G) break;
+#pragma unroll
+    for (int e = 0; e < VEC; ++e) {
+      for (int o = lpk; o < 32; o <<= 1) acc[g][e] += __shfl_xor_sync(0xffffffff, acc[g][e], o);
+      if (sub == 0) o_sh[(wid * G + g) * hd + d0 + e] = acc[g][e];
+    }
+  }
+  __syncthreads();
+  for (int i = threadIdx.x; i < G * hd; i += blockDim.x) {
+    const int g = i / hd, d = i % hd;
+    float o = 0.f;
+    for (int w = 0; w < nw; ++w) o += o_sh[(w * G + g) * hd + d];
+    o_part[(base + (int64_t)g * splits) * hd + d] = o / l_sh[g];
   }
   for (int g = threadIdx.x; g < G; g += blockDim.x) {
     m_part[base + (int64_t)g * splits] = m_sh[g];
@@ -529,7 +581,10 @@ torch::Tensor paged_decode(torch::Tensor q, torch::Tensor k_cache, torch::Tensor
   auto lens = context_lens.to(torch::kInt32).contiguous();
   int S = q.size(0), H = q.size(1), hd = q.size(2);
   int block_size = k_cache.size(1), Hkv = k_cache.size(2);
-  TORCH_CHECK(H % Hkv == 0 && H / Hkv <= 64, "paged_decode: H must be a multiple of Hkv, G <= 64");
+  TORCH_CHECK(H % Hkv == 0 && H / Hkv <= PD_MAX_G, "paged_decode: H must be a multiple of Hkv, G <= 8");
+  const int lpk = hd * (int)q.element_size() / 16;   // lanes per cached row
+  TORCH_CHECK(hd * q.element_size() % 16 == 0 && lpk <= 32 && (lpk & (lpk - 1)) == 0,
+              "paged_decode: head_dim x element size must be 16 bytes times a power of two <= 32");
   int splits = std::max<int64_t>(1, (max_context + part - 1) / part);
   auto f32 = q.options().dtype(torch::kFloat32);
   auto o_part = torch::empty({S, H, splits, hd}, f32);
@@ -537,13 +592,13 @@ torch::Tensor paged_decode(torch::Tensor q, torch::Tensor k_cache, torch::Tensor
   auto l_part = torch::empty({S, H, splits}, f32);
   auto out = torch::empty_like(q);
   int G = H / Hkv;
-  size_t smem = (size_t)(G * hd + G * part) * sizeof(float);
+  size_t smem = (size_t)(G * hd + G * part + (PD_THREADS / 32) * G * hd) * sizeof(float);
   dim3 grid(S, Hkv, splits);
   auto stream = at::cuda::getCurrentCUDAStream();
   DISPATCH(q.scalar_type(), "paged_decode", [&] {
     if (smem > 48 * 1024)
       cudaFuncSetAttribute(paged_decode_kernel<scalar_t>, cudaFuncAttributeMaxDynamicSharedMemorySize, (int)smem);
-    paged_decode_kernel<scalar_t><<<grid, 128, smem, stream>>>(
+    paged_decode_kernel<scalar_t><<<grid, PD_THREADS, smem, stream>>>(
         o_part.data_ptr<float>(), m_part.data_ptr<float>(), l_part.data_ptr<float>(), q.data_ptr<scalar_t>(),
         k_cache.data_ptr<scalar_t>(), v_cache.data_ptr<scalar_t>(), tables.data_ptr<int>(), lens.data_ptr<int>(),
         H, Hkv, hd, block_size, (int)tables.size(1), (int)part, splits, (float)scale);
@@ -878,6 +933,13 @@ def rope_and_cache(q: Tensor, k: Tensor, v: Tensor, positions: Tensor, cos: Tens
     return rope_and_cache_ref(q, k, v, positions, cos, sin, k_cache, v_cache, slot_mapping)
 
 
+def _decode_kernel_fits(q: Tensor, k_cache: Tensor) -> bool:
+    """paged_decode's layout: G <= 8, and a cached row is 16 bytes times a power of two
+    <= 32 (head_dim 64/128/256 in 16-bit types). Other shapes take paged_prefill."""
+    lanes, rem = divmod(q.shape[2] * q.element_size(), 16)
+    return q.shape[1] // k_cache.shape[2] <= 8 and rem == 0 and 0 < lanes <= 32 and lanes & (lanes - 1) == 0
+
+
 def paged_attention(q: Tensor, k_cache: Tensor, v_cache: Tensor, block_tables: Tensor,
                     query_start_loc: Tensor, context_lens: Tensor, scale: float,
                     max_context_len: int | None = None, max_query_len: int | None = None) -> Tensor:
@@ -885,7 +947,7 @@ def paged_attention(q: Tensor, k_cache: Tensor, v_cache: Tensor, block_tables: T
     from the tensors, with a device sync, when not given."""
     if not _cuda(q):
         return paged_attention_ref(q, k_cache, v_cache, block_tables, query_start_loc, context_lens, scale)
-    if q.shape[0] == block_tables.shape[0]:                     # one query per sequence: decode
+    if q.shape[0] == block_tables.shape[0] and _decode_kernel_fits(q, k_cache):   # decode
         max_len = max_context_len if max_context_len is not None else int(context_lens.max())
         return cuda_extension().paged_decode(q, k_cache, v_cache, block_tables, context_lens, max_len,
                                              scale, DECODE_PARTITION)

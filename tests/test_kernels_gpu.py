@@ -60,3 +60,16 @@ def test_prefill_kernel_serves_chunked_prefill_and_verification(model_dirs):
         cpu = LLM(model_dir, device="cpu", **kw).generate(prompts, p)
         gpu = LLM(model_dir, device="cuda", dtype="float32", **kw).generate(prompts, p)
         assert [o.token_ids for o in gpu] == [o.token_ids for o in cpu]
+
+
+def test_decode_kernel_takes_only_the_layouts_it_was_written_for():
+    """paged_decode reads a cached row as 16-byte loads over a power-of-two number of lanes
+    and keeps G <= 8 heads' sums in registers; other shapes are routed to paged_prefill."""
+    def fits(heads, kv_heads, head_dim, dtype):
+        return kernels._decode_kernel_fits(torch.empty(1, heads, head_dim, dtype=dtype),
+                                           torch.empty(1, 16, kv_heads, head_dim, dtype=dtype))
+    assert fits(32, 32, 128, torch.bfloat16) and fits(32, 4, 64, torch.float16) and fits(8, 1, 256, torch.bfloat16)
+    assert fits(32, 8, 128, torch.float32)                       # 512-byte rows: 32 lanes
+    assert not fits(64, 4, 128, torch.bfloat16)                  # G = 16
+    assert not fits(32, 8, 96, torch.bfloat16)                   # 12 lanes per row
+    assert not fits(32, 8, 256, torch.float32)                   # 64 lanes per row
