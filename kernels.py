@@ -133,16 +133,18 @@ def paged_attention_ref(q: Tensor, k_cache: Tensor, v_cache: Tensor, block_table
     q_lens = (query_start_loc[1:] - query_start_loc[:-1]).tolist()
     ctx = context_lens.tolist()
     out = torch.empty_like(q)
-    decode = [s for s, n in enumerate(q_lens) if n == 1]
-    if decode:
-        # All single-query sequences at once: pad their contexts to the longest one.
-        idx = torch.tensor(decode, device=q.device)
-        max_len = max(ctx[s] for s in decode)
+    # Single-query sequences (decode) together, 32 at a time in order of context length,
+    # each batch padded to its longest context: sorting keeps the padding gathered small.
+    decode = sorted((s for s, n in enumerate(q_lens) if n == 1), key=lambda s: ctx[s])
+    for i in range(0, len(decode), 32):
+        batch = decode[i:i + 32]
+        idx = torch.tensor(batch, device=q.device)
+        max_len = ctx[batch[-1]]
         bs = k_cache.shape[1]
         tables = block_tables[idx, : (max_len + bs - 1) // bs].long()     # (B, nb)
         k = k_cache[tables].flatten(1, 2)[:, :max_len].float()              # (B, L, n_kv, hd)
         v = v_cache[tables].flatten(1, 2)[:, :max_len].float()
-        qd = q[query_start_loc[idx].long()].float().view(len(decode), n_kv, group, head_dim)
+        qd = q[query_start_loc[idx].long()].float().view(len(batch), n_kv, group, head_dim)
         lens = context_lens[idx].to(q.device)
         pad = torch.arange(max_len, device=q.device)[None, :] >= lens[:, None]  # (B, L)
         o = torch.empty_like(qd)                                            # (B, n_kv, G, hd)
@@ -152,7 +154,7 @@ def paged_attention_ref(q: Tensor, k_cache: Tensor, v_cache: Tensor, block_table
             scores = torch.bmm(qd[:, h], k[:, :, h].transpose(1, 2)) * scale   # (B, G, L)
             scores = scores.masked_fill(pad[:, None, :], float("-inf"))
             o[:, h] = torch.bmm(scores.softmax(-1), v[:, :, h])                # (B, G, hd)
-        out[query_start_loc[idx].long()] = o.reshape(len(decode), n_heads, head_dim).to(q.dtype)
+        out[query_start_loc[idx].long()] = o.reshape(len(batch), n_heads, head_dim).to(q.dtype)
     for s, n in enumerate(q_lens):
         if n == 1:
             continue
