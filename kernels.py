@@ -896,9 +896,9 @@ def cuda_extension():
 # The model calls only these functions. CUDA tensors take the kernels above, all others
 # the reference twins, except quantized linears on the CPU, which take PyTorch's own
 # weight-only int8/int4 kernels where the layout allows; NANOSERVE_KERNELS=ref makes
-# every device run the references. Cases a
-# kernel does not cover (batches over 16 rows for the quantized GEMV) take the reference
-# path, by the conditions written here.
+# every device run the references. Cases a kernel does not cover (decode shapes outside
+# paged_decode's layout, more than 16 rows for the quantized GEMV) go elsewhere by the
+# conditions written here.
 
 USE_CUDA_KERNELS = os.environ.get("NANOSERVE_KERNELS", "cuda") != "ref"
 USE_CPU_QUANT_KERNELS = USE_CUDA_KERNELS   # PyTorch's int8/int4 CPU kernels (pack_for_cpu)
