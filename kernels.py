@@ -136,11 +136,11 @@ def paged_attention_ref(q: Tensor, k_cache: Tensor, v_cache: Tensor, block_table
     # Single-query sequences (decode) together, 32 at a time in order of context length,
     # each batch padded to its longest context: sorting keeps the padding gathered small.
     decode = sorted((s for s, n in enumerate(q_lens) if n == 1), key=lambda s: ctx[s])
+    bs = k_cache.shape[1]
     for i in range(0, len(decode), 32):
         batch = decode[i:i + 32]
         idx = torch.tensor(batch, device=q.device)
         max_len = ctx[batch[-1]]
-        bs = k_cache.shape[1]
         tables = block_tables[idx, : (max_len + bs - 1) // bs].long()     # (B, nb)
         k = k_cache[tables].flatten(1, 2)[:, :max_len].float()              # (B, L, n_kv, hd)
         v = v_cache[tables].flatten(1, 2)[:, :max_len].float()

@@ -998,14 +998,13 @@ class DecodeGraphs:
         n = len(ids)
         b = next(x for x in self.buckets if x >= n)
         pad = b - n
-        table = torch.zeros(b, self.max_blocks, dtype=torch.int32)                      # (b, max_blocks)
-        for i, t in enumerate(tables):
-            table[i, :len(t)] = torch.tensor(t, dtype=torch.int32)
         self.input_ids[:b].copy_(torch.tensor(ids + [0] * pad))
         self.positions[:b].copy_(torch.tensor(positions + [0] * pad))
         self.slot_mapping[:b].copy_(torch.tensor(slots + [-1] * pad))
         self.context_lens[:b].copy_(torch.tensor([p + 1 for p in positions] + [0] * pad, dtype=torch.int32))
-        self.block_tables[:b].copy_(table)
+        self.block_tables[:b].copy_(torch.tensor(                                       # (b, max_blocks)
+            [t + [0] * (self.max_blocks - len(t)) for t in tables] + [[0] * self.max_blocks] * pad,
+            dtype=torch.int32))
         self.steps += 1
         if not self.capture:
             return self._forward(b)[:n]
