@@ -126,6 +126,37 @@ def paged_attention_ref(q: Tensor, k_cache: Tensor, v_cache: Tensor, block_table
 
     Grouped-query attention: n_heads = n_kv_heads * G. The G query heads of a group
     share one cached K/V head, so the cache is G times smaller than multi-head attention.
+    This is the plain math, one sequence at a time: the oracle for every attention kernel.
+    """
+    T, n_heads, head_dim = q.shape
+    n_kv = k_cache.shape[2]
+    group = n_heads // n_kv
+    out = torch.empty_like(q)
+    for s in range(block_tables.shape[0]):
+        start, end, ctx = int(query_start_loc[s]), int(query_start_loc[s + 1]), int(context_lens[s])
+        n = end - start
+        if n == 0:
+            continue
+        k = gather_kv_ref(k_cache, block_tables[s], ctx).float()               # (L, n_kv, hd)
+        v = gather_kv_ref(v_cache, block_tables[s], ctx).float()
+        qs = q[start:end].float().view(n, n_kv, group, head_dim)              # (n, n_kv, G, hd)
+        scores = torch.einsum("qkgd,lkd->kgql", qs, k) * scale                # (n_kv, G, n, L)
+        q_pos = torch.arange(ctx - n, ctx, device=q.device)
+        mask = torch.arange(ctx, device=q.device)[None, :] > q_pos[:, None]   # (n, L) future keys
+        scores = scores.masked_fill(mask, float("-inf"))
+        o = torch.einsum("kgql,lkd->qkgd", scores.softmax(-1), v)             # (n, n_kv, G, hd)
+        out[start:end] = o.reshape(n, n_heads, head_dim).to(q.dtype)
+    return out
+
+
+def paged_attention_cpu(q: Tensor, k_cache: Tensor, v_cache: Tensor, block_tables: Tensor,
+                        query_start_loc: Tensor, context_lens: Tensor, scale: float) -> Tensor:
+    """paged_attention_ref's result, faster on the CPU: the CPU path (tested against the twin).
+
+    Single-query sequences (decodes) go together, 32 at a time in order of context length,
+    each batch padded to its longest context (sorting keeps the padding small), one
+    batched matmul per KV head; multi-query sequences (prefill chunks, verification
+    windows) go one at a time through the reference.
     """
     T, n_heads, head_dim = q.shape
     n_kv = k_cache.shape[2]
@@ -133,8 +164,6 @@ def paged_attention_ref(q: Tensor, k_cache: Tensor, v_cache: Tensor, block_table
     q_lens = (query_start_loc[1:] - query_start_loc[:-1]).tolist()
     ctx = context_lens.tolist()
     out = torch.empty_like(q)
-    # Single-query sequences (decode) together, 32 at a time in order of context length,
-    # each batch padded to its longest context: sorting keeps the padding gathered small.
     decode = sorted((s for s, n in enumerate(q_lens) if n == 1), key=lambda s: ctx[s])
     bs = k_cache.shape[1]
     for i in range(0, len(decode), 32):
@@ -155,21 +184,11 @@ def paged_attention_ref(q: Tensor, k_cache: Tensor, v_cache: Tensor, block_table
             scores = scores.masked_fill(pad[:, None, :], float("-inf"))
             o[:, h] = torch.bmm(scores.softmax(-1), v[:, :, h])                # (B, G, hd)
         out[query_start_loc[idx].long()] = o.reshape(len(batch), n_heads, head_dim).to(q.dtype)
-    for s, n in enumerate(q_lens):
-        if n == 1:
-            continue
-        # A multi-query sequence (prefill chunk or verification window): dense causal
-        # attention of its n queries over its whole cached context.
-        start = int(query_start_loc[s])
-        k = gather_kv_ref(k_cache, block_tables[s], ctx[s]).float()        # (L, n_kv, hd)
-        v = gather_kv_ref(v_cache, block_tables[s], ctx[s]).float()
-        qs = q[start:start + n].float().view(n, n_kv, group, head_dim)
-        scores = torch.einsum("qkgd,lkd->kgql", qs, k) * scale             # (n_kv, G, n, L)
-        q_pos = torch.arange(ctx[s] - n, ctx[s], device=q.device)
-        mask = torch.arange(ctx[s], device=q.device)[None, :] > q_pos[:, None]  # (n, L)
-        scores = scores.masked_fill(mask, float("-inf"))
-        o = torch.einsum("kgql,lkd->qkgd", scores.softmax(-1), v)          # (n, n_kv, G, hd)
-        out[start:start + n] = o.reshape(n, n_heads, head_dim).to(q.dtype)
+    multi = [s for s, n in enumerate(q_lens) if n > 1]
+    for s in multi:
+        lo, hi = int(query_start_loc[s]), int(query_start_loc[s + 1])
+        out[lo:hi] = paged_attention_ref(q[lo:hi], k_cache, v_cache, block_tables[s:s + 1],
+                                         query_start_loc[s:s + 2] - lo, context_lens[s:s + 1], scale)
     return out
 
 
@@ -894,14 +913,15 @@ def cuda_extension():
 
 # ----------------------------------------------------------------------------- dispatch
 # The model calls only these functions. CUDA tensors take the kernels above, all others
-# the reference twins, except quantized linears on the CPU, which take PyTorch's own
-# weight-only int8/int4 kernels where the layout allows; NANOSERVE_KERNELS=ref makes
-# every device run the references. Cases a kernel does not cover (decode shapes outside
+# the reference twins, except two CPU paths tested against their twins: attention
+# (paged_attention_cpu) and quantized linears, which take PyTorch's own weight-only
+# int8/int4 kernels where the layout allows. NANOSERVE_KERNELS=ref makes every device
+# run the references. Cases a kernel does not cover (decode shapes outside
 # paged_decode's layout, more than 16 rows for the quantized GEMV) go elsewhere by the
 # conditions written here.
 
 USE_CUDA_KERNELS = os.environ.get("NANOSERVE_KERNELS", "cuda") != "ref"
-USE_CPU_QUANT_KERNELS = USE_CUDA_KERNELS   # PyTorch's int8/int4 CPU kernels (pack_for_cpu)
+USE_CPU_FAST_PATHS = USE_CUDA_KERNELS      # paged_attention_cpu, PyTorch's int8/int4 CPU kernels
 DECODE_PARTITION = 512            # keys per Flash-Decoding split
 
 
@@ -947,6 +967,8 @@ def paged_attention(q: Tensor, k_cache: Tensor, v_cache: Tensor, block_tables: T
                     max_context_len: int | None = None, max_query_len: int | None = None) -> Tensor:
     """max_context_len / max_query_len: host-side maxima (they size the grid); computed
     from the tensors, with a device sync, when not given."""
+    if not q.is_cuda and USE_CPU_FAST_PATHS:
+        return paged_attention_cpu(q, k_cache, v_cache, block_tables, query_start_loc, context_lens, scale)
     if not _cuda(q):
         return paged_attention_ref(q, k_cache, v_cache, block_tables, query_start_loc, context_lens, scale)
     if q.shape[0] == block_tables.shape[0] and _decode_kernel_fits(q, k_cache):   # decode
@@ -969,7 +991,7 @@ def quant_linear(x: Tensor, qweight: Tensor, scales: Tensor, zeros: Tensor | Non
         y = cuda_extension().quant_gemv(x.reshape(rows, K), qweight, scales, zeros, 4 if bits <= 4 else 8,
                                         group_size)
         return y.view(*x.shape[:-1], -1)
-    if USE_CPU_QUANT_KERNELS and cpu_cache is not None and not x.is_cuda:
+    if USE_CPU_FAST_PATHS and cpu_cache is not None and not x.is_cuda:
         key = (x.dtype, qweight.data_ptr(), scales.data_ptr())
         if key not in cpu_cache:
             cpu_cache.clear()

@@ -1,9 +1,9 @@
 """nanoserve: a minimal, readable LLM inference server in the style of vLLM.
 
-Read top to bottom, this file is a tour of how a modern inference server works:
+Read top to bottom, this file follows a request's path through a modern inference server:
 
     config -> weights loading -> tokenizer -> model -> paged KV cache -> sampling
-    -> scheduler -> engine -> speculative decoding -> server -> CLI
+    -> scheduler -> model runner -> engine -> speculative decoding -> server -> CLI
 
 The two phases of inference set the design. *Prefill* pushes a whole prompt through
 the model at once: many tokens per weight read, compute-bound. *Decode* makes one
@@ -16,17 +16,22 @@ scheduler is what keeps the batch full.
 Usage:
     python nanoserve.py --prompt "def fibonacci(n):"
     from nanoserve import LLM, SamplingParams
+Benchmarks live in tools/bench.py, the quantization algorithms in quant.py.
 """
 
 from __future__ import annotations
 
 import argparse
-import gc
+import http.server
 import json
 import math
-import os
+import queue
+import select
+import socket
 import sys
+import threading
 import time
+import uuid
 from collections import OrderedDict, deque
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -113,14 +118,19 @@ class ModelConfig:
             raise ValueError(f"{path}: {e}") from None
 
 
+DTYPES = {"float32": torch.float32, "float16": torch.float16, "bfloat16": torch.bfloat16}
+
+
 @dataclass
 class EngineConfig:
-    """How the engine runs a model: device, KV cache size and scheduler limits.
+    """How the engine runs a model: device, KV cache size, scheduler limits, speculation.
 
     block_size: tokens per KV block. num_blocks: fixes the pool size; when None it is
     derived from memory (gpu_memory_utilization of free GPU memory, or kv_cache_bytes
     on CPU). max_num_seqs / max_num_batched_tokens bound one step's batch. On CUDA,
     decode steps replay captured CUDA graphs unless enforce_eager (vLLM's name for it).
+    Speculative decoding is on when draft_model (a directory) or speculative_method
+    ("draft" or "ngram") is given; it then proposes num_speculative_tokens (default 4).
     """
     device: str = "cpu"
     dtype: str = "float32"
@@ -133,8 +143,9 @@ class EngineConfig:
     max_model_len: int | None = None
     enable_prefix_caching: bool = True
     enable_chunked_prefill: bool = True
-    num_speculative_tokens: int = 0
+    draft_model: str | Path | None = None
     speculative_method: str | None = None
+    num_speculative_tokens: int = 0
     enforce_eager: bool = False
     seed: int = 0
 
@@ -150,15 +161,17 @@ class EngineConfig:
             raise ValueError(f"max_model_len must be at least 2, got {self.max_model_len}")
         if not 0 < self.gpu_memory_utilization <= 1:
             raise ValueError(f"gpu_memory_utilization must be in (0, 1], got {self.gpu_memory_utilization}")
-        if self.num_speculative_tokens < 0:
-            raise ValueError(f"num_speculative_tokens must be >= 0, got {self.num_speculative_tokens}")
+        # Speculative decoding is decided here, once: a draft model implies the draft method.
+        if self.speculative_method is None and self.draft_model is not None:
+            self.speculative_method = "draft"
         if self.speculative_method not in (None, "draft", "ngram"):
             raise ValueError(f"speculative_method must be 'draft' or 'ngram', got {self.speculative_method!r}")
+        if self.speculative_method == "draft" and self.draft_model is None:
+            raise ValueError("speculative_method='draft' needs draft_model=DIR")
+        if self.num_speculative_tokens < 0:
+            raise ValueError(f"num_speculative_tokens must be >= 0, got {self.num_speculative_tokens}")
         if self.speculative_method and not self.num_speculative_tokens:
             self.num_speculative_tokens = 4
-
-
-DTYPES = {"float32": torch.float32, "float16": torch.float16, "bfloat16": torch.bfloat16}
 
 
 @dataclass
@@ -422,7 +435,6 @@ class LlamaDecoderLayer(nn.Module):
         h, residual = self.post_attention_layernorm(h, residual)
         return self.mlp(h), residual
 
-
     def forward_dense(self, x: Tensor, rope: tuple[Tensor, Tensor]) -> Tensor:
         """(B, T, D) -> (B, T, D): the same layer on whole sequences, SDPA instead of the cache."""
         B, T, _ = x.shape
@@ -494,6 +506,117 @@ class LlamaForCausalLM(nn.Module):
 
 # Real model shapes with random weights, for benchmarks where no checkpoint is at hand
 # (`--model random:llama-2-7b`). Timings depend on shapes, not on what the weights say.
+# ---------------------------------------------------------------------------- quantized linear layers
+# A quantized checkpoint (written by quant.py: RTN, GPTQ or AWQ) stores each decoder
+# projection as integer codes plus per-group scales: w ~ s * q (symmetric) or
+# s * (q - z) (asymmetric), one scale per group_size input channels (or per output
+# channel). Codes of 4 bits or fewer are packed two per byte, byte = low | high << 4,
+# signed codes offset by 8 into [0, 15] (kernels.unpack_int4 is the inverse); 8-bit
+# codes are stored as int8 (symmetric) or uint8. Loading one is two steps, as in
+# gpt-fast: swap each nn.Linear for an empty QuantLinear, then load the state dict.
+
+QUANTIZED_LINEARS = ("self_attn.q_proj", "self_attn.k_proj", "self_attn.v_proj", "self_attn.o_proj",
+                     "mlp.gate_proj", "mlp.up_proj", "mlp.down_proj")
+
+
+def pack_int4(codes: Tensor, signed: bool) -> Tensor:
+    """(out, in) integer codes -> (out, ceil(in / 2)) uint8."""
+    u = (codes.to(torch.int16) + (8 if signed else 0)).to(torch.uint8)
+    if u.shape[1] % 2:
+        u = torch.cat([u, torch.zeros_like(u[:, :1])], dim=1)
+    return u[:, 0::2] | (u[:, 1::2] << 4)
+
+
+class QuantLinear(nn.Module):
+    """A bias-free linear layer with integer weights and per-group scales.
+
+    Buffers (names as saved in a quantized checkpoint):
+        qweight (out, ceil(in / 2)) uint8 for bits <= 4; (out, in) int8 (uint8 with zeros) for 8
+        scales  (out, n_groups) float
+        zeros   (out, n_groups) float, asymmetric only
+    The forward pass is kernels.quant_linear: the reference twin dequantizes, then
+    multiplies; the CUDA kernel reads the packed weights directly (batches up to 16 rows),
+    and on the CPU PyTorch's int8/int4 weight-only kernels do (kernels.pack_for_cpu).
+    """
+
+    def __init__(self, in_features: int, out_features: int, bits: int, group_size: int,
+                 symmetric: bool, device: torch.device | str | None = None, dtype: torch.dtype = torch.float32):
+        super().__init__()
+        self.in_features, self.out_features = in_features, out_features
+        self.bits, self.group_size, self.symmetric = bits, group_size, symmetric
+        n_groups = math.ceil(in_features / (group_size or in_features))
+        packed = bits <= 4
+        self.register_buffer("qweight", torch.empty(out_features, (in_features + 1) // 2 if packed else in_features,
+                                                    dtype=torch.int8 if symmetric and not packed else torch.uint8,
+                                                    device=device))
+        self.register_buffer("scales", torch.empty(out_features, n_groups, dtype=dtype, device=device))
+        if not symmetric:
+            self.register_buffer("zeros", torch.empty(out_features, n_groups, dtype=dtype, device=device))
+        else:
+            self.zeros = None
+        self.cpu_cache: dict = {}     # the weight repacked for PyTorch's CPU kernels, made on first use
+
+    @classmethod
+    def from_codes(cls, codes: Tensor, scale: Tensor, zero: Tensor | None, bits: int, group_size: int,
+                   dtype: torch.dtype) -> "QuantLinear":
+        """From integer codes (out, in) and scale/zero (out, n_groups); zero None: symmetric."""
+        m = cls(codes.shape[1], codes.shape[0], bits, group_size, zero is None, codes.device, dtype)
+        m.qweight = pack_int4(codes, zero is None) if bits <= 4 else codes.to(m.qweight.dtype)
+        m.scales = scale.to(dtype)
+        if zero is not None:
+            m.zeros = zero.to(dtype)
+        return m
+
+    def codes(self) -> Tensor:
+        """The integer codes, unpacked: (out, in)."""
+        if self.bits <= 4:
+            return kernels.unpack_int4(self.qweight, self.in_features, self.symmetric)
+        return self.qweight
+
+    def forward(self, x: Tensor) -> Tensor:
+        return kernels.quant_linear(x, self.qweight, self.scales, self.zeros, self.bits, self.group_size,
+                                    self.cpu_cache)
+
+    # New or reloaded buffers invalidate the CPU repacking.
+    def _apply(self, fn, *args, **kwargs):
+        self.cpu_cache.clear()
+        return super()._apply(fn, *args, **kwargs)
+
+    def _load_from_state_dict(self, *args, **kwargs):
+        self.cpu_cache.clear()
+        super()._load_from_state_dict(*args, **kwargs)
+
+    def extra_repr(self) -> str:
+        return (f"in={self.in_features}, out={self.out_features}, bits={self.bits}, "
+                f"group_size={self.group_size}, symmetric={self.symmetric}")
+
+
+def quantized_linear_names(model: LlamaForCausalLM) -> list[str]:
+    """The layers a quantized checkpoint quantizes: every projection of every decoder layer
+    (not the embeddings or the LM head)."""
+    return [f"model.layers.{i}.{n}" for i in range(len(model.model.layers)) for n in QUANTIZED_LINEARS]
+
+
+def set_module(root: nn.Module, name: str, module: nn.Module) -> None:
+    """Replace the submodule at a dotted name (`model.layers.0.mlp.up_proj`)."""
+    parent, _, child = name.rpartition(".")
+    setattr(root.get_submodule(parent) if parent else root, child, module)
+
+
+def swap_in_quantized_linears(model: LlamaForCausalLM, quant_config: dict) -> None:
+    """Replace nn.Linear by empty QuantLinear modules, ready for a quantized state dict.
+
+    quant_config: quantize_config.json's {"bits", "group_size", "symmetric", ...}."""
+    try:
+        bits, G, sym = quant_config["bits"], quant_config["group_size"], quant_config.get("symmetric", True)
+    except (KeyError, TypeError) as e:
+        raise ValueError(f"quantize_config.json lacks {e}: it needs bits and group_size") from None
+    for name in quantized_linear_names(model):
+        lin = model.get_submodule(name)
+        set_module(model, name, QuantLinear(lin.in_features, lin.out_features, bits, G, sym,
+                                            device=lin.weight.device, dtype=lin.weight.dtype))
+
+
 PRESETS = {
     "tinyllama-1.1b": dict(hidden_size=2048, intermediate_size=5632, num_hidden_layers=22,
                            num_attention_heads=32, num_key_value_heads=4, vocab_size=32000,
@@ -543,9 +666,8 @@ def load_model(model_dir: str | Path, dtype: torch.dtype, device: torch.device
     with torch.device("meta"):
         model = LlamaForCausalLM(cfg)
     quant_cfg = Path(model_dir) / "quantize_config.json"
-    if quant_cfg.is_file():
-        import quant                                        # a quantized checkpoint (quant.py)
-        quant.prepare_quantized_model(model, json.loads(quant_cfg.read_text()))
+    if quant_cfg.is_file():                                 # a quantized checkpoint (quant.py)
+        swap_in_quantized_linears(model, json.loads(quant_cfg.read_text()))
     expected = model.state_dict()
     missing = sorted(set(expected) - set(state))
     unexpected = sorted(set(state) - set(expected))
@@ -696,7 +818,7 @@ def sampling_probs(logits: Tensor, params: list[SamplingParams]) -> Tensor:
     """(B, V) logits -> the (B, V) distribution each request samples from.
 
     Greedy rows (temperature 0) become one-hot on the argmax, so that speculative
-    decoding's acceptance rule below treats greedy and sampled requests alike.
+    decoding's acceptance rule treats greedy and sampled requests alike.
     """
     dev = logits.device
     temperature = torch.tensor([p.temperature for p in params], device=dev, dtype=torch.float32)
@@ -714,19 +836,6 @@ def draw(probs: Tensor, generators: list[torch.Generator | None], default: torch
         if g is not None:                                              # per-request seed
             noise[i] = torch.empty_like(probs[i]).exponential_(generator=g)
     return (probs / noise).argmax(-1)
-
-
-# A seeded request draws the noise of each sampling event from a generator keyed by
-# (seed, position of the token, purpose). Its output is then a function of its seed and
-# its own tokens only: the same alone or in any batch, and after a preemption.
-SAMPLE, DRAFT, ACCEPT, RESIDUAL = range(4)
-
-
-def seeded_generator(seed: int | None, position: int, purpose: int,
-                     device: torch.device) -> torch.Generator | None:
-    if seed is None:
-        return None                                   # the engine's shared generator is used
-    return torch.Generator(device).manual_seed((seed * 0x9E3779B1 + position * 4 + purpose) % 2**63)
 
 
 def sample(logits: Tensor, params: list[SamplingParams],
@@ -749,6 +858,36 @@ def top_logprobs(logprobs: Tensor, chosen: Tensor, n: int) -> list[dict[int, flo
     return out
 
 
+# A seeded request draws the noise of each sampling event from a generator keyed by
+# (seed, position of the token, purpose). Its output is then a function of its seed and
+# its own tokens only: the same alone or in any batch, and after a preemption.
+SAMPLE, DRAFT, ACCEPT, RESIDUAL = range(4)
+
+
+class Sampler:
+    """Draws the engine's random numbers: one shared generator (seeded by
+    EngineConfig.seed) for unseeded requests, and a fresh generator per sampling event
+    for seeded ones."""
+
+    def __init__(self, device: torch.device, seed: int):
+        self.device = device
+        self.default = torch.Generator(device).manual_seed(seed)
+
+    def generator(self, seed: int | None, position: int, purpose: int) -> torch.Generator | None:
+        """The generator of a seeded request's event at `position` (None: the shared one)."""
+        if seed is None:
+            return None
+        return torch.Generator(self.device).manual_seed((seed * 0x9E3779B1 + position * 4 + purpose) % 2**63)
+
+    def sample(self, logits: Tensor, params: list[SamplingParams], positions: list[int]) -> Tensor:
+        """(B, V) logits -> (B,) tokens; row i is the token at positions[i]."""
+        gens = [self.generator(p.seed, pos, SAMPLE) for p, pos in zip(params, positions)]
+        return sample(logits, params, gens, self.default)
+
+    def draw(self, probs: Tensor, generators: list[torch.Generator | None]) -> Tensor:
+        return draw(probs, generators, self.default)
+
+
 # ============================================================================ scheduler
 # Continuous batching (Orca): scheduling happens at every step, not every batch. A
 # finished sequence leaves at once and a waiting one takes its place in the next step,
@@ -756,8 +895,8 @@ def top_logprobs(logprobs: Tensor, chosen: Tensor, n: int) -> list[dict[int, flo
 #
 # Every sequence is just token_ids plus num_computed (tokens whose K/V are cached).
 # A step computes num_tokens - num_computed tokens of it: the whole prompt (prefill),
-# a chunk of it (chunked prefill), one token (decode) or k + 1 (speculative verify).
-# When the step reaches the end of its tokens, a new token is sampled.
+# a chunk of it (chunked prefill) or one token (decode). When the step reaches the end
+# of its tokens, a new token is sampled and appended (postprocess).
 
 WAITING, RUNNING, FINISHED = "waiting", "running", "finished"
 
@@ -769,7 +908,7 @@ class Metrics:
     first_token_time: float | None = None
     finished_time: float | None = None
     num_cached_prompt_tokens: int = 0
-    spec_proposed: int = 0
+    spec_proposed: int = 0                # speculative draft tokens proposed / accepted
     spec_accepted: int = 0
 
     @property
@@ -797,15 +936,10 @@ class Sequence:
     status: str = WAITING
     num_computed: int = 0                 # tokens whose K/V sit in the cache
     block_table: list[int] = field(default_factory=list)
-    block_hashes: list[int] = field(default_factory=list)
-    draft_block_table: list[int] = field(default_factory=list)   # speculative draft's cache
-    draft_num_computed: int = 0
-    spec_k: int = 0                       # speculative tokens planned for this step
-    spec_tokens: list[int] = field(default_factory=list)         # proposed, not yet verified
-    spec_probs: Tensor | None = None      # (k, V) draft distributions q of spec_tokens
+    block_hashes: list[int] = field(default_factory=list)   # chained hashes of its full blocks
     finish_reason: str | None = None
     text: str = ""
-    emitted: int = 0                      # characters of text already streamed
+    num_chars_streamed: int = 0           # characters of text already in a RequestOutput delta
     logprobs: list[dict[int, float]] | None = None
     prompt_logprobs: list[dict[int, float] | None] | None = None
     detok: IncrementalDetokenizer | None = None
@@ -820,48 +954,64 @@ class Sequence:
 
 
 class Scheduler:
-    """Chooses, every step, which sequences run and how many tokens each computes."""
+    """Chooses, every step, which sequences run and how many tokens each computes; after
+    the step, appends the sampled tokens and finishes sequences that are done."""
 
-    def __init__(self, cfg: EngineConfig, block_manager: BlockManager):
+    def __init__(self, cfg: EngineConfig, block_manager: BlockManager, max_model_len: int,
+                 eos_token_ids: set[int], speculator: "Speculator | None" = None):
         self.cfg, self.bm = cfg, block_manager
+        self.max_model_len, self.eos_token_ids = max_model_len, eos_token_ids
+        self.speculator = speculator
         self.waiting: deque[Sequence] = deque()
         self.running: list[Sequence] = []       # in admission order
-        self.draft_bm: BlockManager | None = None    # the draft model's pool, if any
-        self.spec_budget: Callable[[Sequence], int] | None = None   # speculative tokens allowed
         self.num_preemptions = 0
+        self.num_generated = 0
         self.prompt_tokens = self.cached_prompt_tokens = 0
 
     def add(self, seq: Sequence) -> None:
         self.waiting.append(seq)
 
     def schedule(self) -> dict[Sequence, int]:
-        """-> {sequence: tokens to compute this step}, within the step's token budget."""
-        budget = self.cfg.max_num_batched_tokens
+        """-> {sequence: tokens to compute this step}, within the step's token budget:
+        running sequences first (decodes before prefill chunks), then new admissions."""
         scheduled: dict[Sequence, int] = {}
+        budget, preempted = self._schedule_running(scheduled, self.cfg.max_num_batched_tokens)
+        if not preempted:                 # under memory pressure nothing new is admitted
+            self._admit_waiting(scheduled, budget)
+        return scheduled
+
+    def _schedule_running(self, scheduled: dict[Sequence, int], budget: int) -> tuple[int, bool]:
+        """Give every running sequence its next tokens, preempting when blocks run out.
+        -> (budget left, whether anything was preempted)."""
+        lookahead: dict[Sequence, int] = {}     # speculative slots reserved past a decode
         preempted = False
-        # 1. Running sequences; decodes first, prefill chunks fill the rest of the budget.
         for seq in sorted(self.running, key=lambda s: s.num_tokens - s.num_computed > 1):
             if seq.status != RUNNING or budget == 0:
                 continue
-            remaining = seq.num_tokens - seq.num_computed
-            # A decoding sequence may verify k speculative tokens, never a partial window.
-            seq.spec_k = min(self.spec_budget(seq), budget - 1) if self.spec_budget and remaining == 1 else 0
-            n = min(remaining + seq.spec_k, budget)
-            while not self.can_allocate(seq, n):
+            n = min(seq.num_tokens - seq.num_computed, budget)
+            # A decode may also verify k draft tokens (speculative decoding), never a partial window.
+            k = self.speculator.lookahead(seq, budget - 1) if self.speculator and n == 1 else 0
+            while not self._can_grow(seq, n + k, k):
                 # Out of blocks: preempt the most recently admitted sequence (recompute
                 # later). If that is this sequence itself, it waits.
                 victim = self.running[-1]
                 self.preempt(victim)
                 preempted = True
-                budget += scheduled.pop(victim, 0)
+                budget += scheduled.pop(victim, 0) + lookahead.pop(victim, 0)
                 if victim is seq:
                     break
             if seq.status == RUNNING:
-                self.allocate(seq, n)
+                self.bm.allocate(seq.block_table, seq.num_computed + n + k)
+                if k:
+                    self.speculator.reserve(seq, k)
+                    lookahead[seq] = k
                 scheduled[seq] = n
-                budget -= n
-        # 2. Admit waiting sequences in arrival order while blocks and budget last.
-        while self.waiting and not preempted and budget > 0 and len(self.running) < self.cfg.max_num_seqs:
+                budget -= n + k
+        return budget, preempted
+
+    def _admit_waiting(self, scheduled: dict[Sequence, int], budget: int) -> None:
+        """Admit waiting sequences in arrival order while blocks, budget and seats last."""
+        while self.waiting and budget > 0 and len(self.running) < self.cfg.max_num_seqs:
             seq = self.waiting[0]
             # A new prompt is prefilled to its end and samples its first token. A preempted
             # sequence recomputes all but its last token and then decodes on as before, so
@@ -873,9 +1023,9 @@ class Scheduler:
             num_cached = len(hits) * self.bm.block_size
             n = target - num_cached
             if n > budget:
-                if not self.cfg.enable_chunked_prefill and scheduled:
+                if not self.cfg.enable_chunked_prefill:
                     break               # the whole prompt goes in one step, a later one
-                n = budget if self.cfg.enable_chunked_prefill else n
+                n = budget
             if not self.bm.can_allocate(seq.block_table, num_cached + n, hits):
                 break
             self.bm.allocate(seq.block_table, num_cached + n, hits)
@@ -890,66 +1040,93 @@ class Scheduler:
             self.running.append(seq)
             scheduled[seq] = n
             budget -= n
-        return scheduled
 
-    def can_allocate(self, seq: Sequence, n: int) -> bool:
-        ok = self.bm.can_allocate(seq.block_table, seq.num_computed + n)
-        if seq.spec_k and self.draft_bm:   # the draft cache: catch-up tokens and k - 1 drafts
-            ok = ok and self.draft_bm.can_allocate(seq.draft_block_table, seq.num_tokens + seq.spec_k - 1)
-        return ok
-
-    def allocate(self, seq: Sequence, n: int) -> None:
-        self.bm.allocate(seq.block_table, seq.num_computed + n)
-        if seq.spec_k and self.draft_bm:
-            self.draft_bm.allocate(seq.draft_block_table, seq.num_tokens + seq.spec_k - 1)
+    def _can_grow(self, seq: Sequence, num_slots: int, k: int) -> bool:
+        """Are there blocks for num_slots more cache slots (and for k drafts, if any)?"""
+        fits = self.bm.can_allocate(seq.block_table, seq.num_computed + num_slots)
+        return fits and (k == 0 or self.speculator.can_reserve(seq, k))
 
     def preempt(self, seq: Sequence) -> None:
         """Free all of seq's blocks; it will recompute its tokens (prefix cache permitting)."""
         self.running.remove(seq)
-        self.release(seq)
+        self._free_blocks(seq)
         seq.status = WAITING
         seq.num_computed = 0
-        seq.spec_tokens, seq.spec_probs, seq.spec_k = [], None, 0
         self.waiting.appendleft(seq)
         self.num_preemptions += 1
-
-    def release(self, seq: Sequence) -> None:
-        self.bm.release(seq.block_table)
-        seq.block_hashes.clear()
-        if seq.draft_block_table:
-            self.draft_bm.release(seq.draft_block_table)
-        seq.draft_num_computed = 0
 
     def finish(self, seq: Sequence, reason: str) -> None:
         if seq.status == RUNNING:
             self.running.remove(seq)
         elif seq.status == WAITING:
             self.waiting.remove(seq)
-        self.release(seq)
+        self._free_blocks(seq)
         seq.status, seq.finish_reason = FINISHED, reason
         seq.metrics.finished_time = time.perf_counter()
 
+    def _free_blocks(self, seq: Sequence) -> None:
+        self.bm.release(seq.block_table)
+        seq.block_hashes.clear()
+        if self.speculator:
+            self.speculator.release(seq)
 
-# ============================================================================ engine
+    # -------------------------------------------------------------- after a step
 
-@dataclass
-class RequestOutput:
-    """What generate() returns per prompt, and what the stream yields per step."""
-    request_id: str
-    prompt: str | None
-    prompt_token_ids: list[int]
-    token_ids: list[int]                  # generated ids only
-    text: str
-    delta: str                            # text new since the previous output of this request
-    logprobs: list[dict[int, float]] | None
-    prompt_logprobs: list[dict[int, float] | None] | None
-    finish_reason: str | None
-    metrics: dict
+    def postprocess(self, scheduled: dict[Sequence, int], new_tokens: dict[Sequence, list[int]]) -> None:
+        """Token bookkeeping after a step: advance what is cached, append the new tokens,
+        name newly completed blocks for the prefix cache, and finish what is done.
 
-    @property
-    def finished(self) -> bool:
-        return self.finish_reason is not None
+        new_tokens[seq] is one sampled token, or (speculative decoding) the accepted
+        drafts followed by one more token; a prefill chunk with more to come has none.
+        """
+        now = time.perf_counter()
+        for seq, n in scheduled.items():
+            tokens = new_tokens.get(seq, [])
+            # Tokens before the last one are accepted drafts, whose K/V this step computed.
+            seq.num_computed += n + max(0, len(tokens) - 1)
+            # Give back lookahead slots past what is kept (rejected drafts' K/V).
+            self.bm.truncate(seq.block_table, seq.num_computed)
+            if tokens and seq.metrics.first_token_time is None:
+                seq.metrics.first_token_time = now
+            reason = None
+            for t in tokens:
+                seq.token_ids.append(t)
+                self.num_generated += 1
+                reason = self._stop_reason(seq, t)
+                if reason:
+                    break
+            self.bm.cache_full_blocks(seq.block_table, seq.block_hashes, seq.token_ids,
+                                      min(seq.num_computed, seq.num_tokens))
+            if reason:
+                self.finish(seq, reason)
 
+    def _stop_reason(self, seq: Sequence, token: int) -> str | None:
+        """Update seq.text with the new token; -> "stop" or "length" when seq is done."""
+        p = seq.params
+        is_eos = token in self.eos_token_ids
+        if seq.detok and not is_eos:
+            before = len(seq.text)
+            seq.text += seq.detok.step(token)
+            for s in p.stop:                   # only the new text (and a stop string's width before it)
+                i = seq.text.find(s, max(0, before - len(s) + 1))
+                if i >= 0:
+                    seq.text = seq.text[:i]
+                    return "stop"
+        if is_eos and not p.ignore_eos:
+            reason = "stop"
+        elif len(seq.output_ids) >= p.max_tokens or seq.num_tokens >= self.max_model_len:
+            reason = "length"
+        else:
+            return None
+        if seq.detok:
+            seq.text += seq.detok.step(-1, final=True)    # flush an unfinished character
+        return reason
+
+
+# ============================================================================ model runner
+# The model runner turns a scheduled batch into tensors and runs the forward pass. It
+# owns what lives on the device for one model: the KV cache pool, the per-step input
+# tensors (token ids, positions, cache slots, block tables) and the CUDA graphs.
 
 class DecodeGraphs:
     """Decode steps replayed as CUDA graphs, one graph per bucketed batch size.
@@ -967,7 +1144,7 @@ class DecodeGraphs:
     path eagerly: the CPU tests check it, a GPU captures it.
     """
 
-    def __init__(self, model: "LlamaForCausalLM", kv_cache: Tensor, max_batch: int, max_blocks: int,
+    def __init__(self, model: LlamaForCausalLM, kv_cache: Tensor, max_batch: int, max_blocks: int,
                  max_context_len: int, capture: bool = True):
         self.model, self.kv_cache, self.capture = model, kv_cache, capture
         top = min(max_batch, 256)                      # larger decode batches run eagerly
@@ -1029,11 +1206,104 @@ class DecodeGraphs:
         return graph, out
 
 
-class LLMEngine:
-    """Owns the model, the KV cache pool and the scheduler; `step()` runs one batch."""
+class ModelRunner:
+    """Runs one model (the target, or a speculative draft) over flat batches of tokens."""
 
-    def __init__(self, model_dir: str | Path, cfg: EngineConfig, tokenizer: str | Path | None = None,
-                 draft_model: str | Path | None = None):
+    def __init__(self, model: LlamaForCausalLM, cfg: EngineConfig, max_positions: int):
+        self.model, self.cfg = model, cfg
+        self.device, self.dtype = torch.device(cfg.device), DTYPES[cfg.dtype]
+        self.max_positions = max_positions         # longest sequence, speculative lookahead included
+        model.init_rope(max_positions, self.device)
+        self.kv_cache: Tensor | None = None
+        # CUDA graphs for decode steps, made on first use. Only with the CUDA kernels: the
+        # reference attention syncs with the host, which a graph cannot record.
+        self.use_graphs = self.device.type == "cuda" and not cfg.enforce_eager and kernels.USE_CUDA_KERNELS
+        self.graphs: DecodeGraphs | None = None
+
+    @property
+    def kv_bytes_per_token(self) -> int:
+        """K and V of every layer and KV head for one token."""
+        c = self.model.config
+        return 2 * c.num_hidden_layers * c.num_key_value_heads * c.head_dim * self.dtype.itemsize
+
+    def kv_budget_bytes(self) -> int:
+        """Memory the KV pool(s) may take: a share of free GPU memory less the activations
+        of the largest step and its logits, or EngineConfig.kv_cache_bytes on the CPU."""
+        if self.device.type != "cuda":
+            return self.cfg.kv_cache_bytes
+        free, _ = torch.cuda.mem_get_info(self.device)
+        c = self.model.config
+        act = self.cfg.max_num_batched_tokens * (4 * c.hidden_size + 3 * c.intermediate_size) * 4 \
+            + self.cfg.max_num_seqs * c.vocab_size * 4 * 4
+        return int(free * self.cfg.gpu_memory_utilization) - act
+
+    def allocate_kv_cache(self, num_blocks: int) -> None:
+        """The pool, allocated once: (layers, K/V, blocks, block_size, kv_heads, head_dim)."""
+        c = self.model.config
+        self.kv_cache = torch.zeros(c.num_hidden_layers, 2, num_blocks, self.cfg.block_size,
+                                    c.num_key_value_heads, c.head_dim, dtype=self.dtype, device=self.device)
+
+    def run(self, tokens: list[list[int]], starts: list[int], tables: list[list[int]]) -> tuple[Tensor, list[int]]:
+        """One forward pass over a flat batch: sequence i computes tokens[i], which sit at
+        positions starts[i], starts[i] + 1, ... and whose K/V go to the blocks of tables[i].
+        -> (hidden (T, D), the row of each sequence's first token)."""
+        bs = self.cfg.block_size
+        ids, pos, slots, rows = [], [], [], [0]
+        for toks, c, table in zip(tokens, starts, tables):
+            ids += toks
+            pos += range(c, c + len(toks))
+            slots += [table[p // bs] * bs + p % bs for p in range(c, c + len(toks))]
+            rows.append(rows[-1] + len(toks))
+        width = max(len(t) for t in tables)
+        if self.use_graphs and len(ids) == len(tokens):                  # a pure decode step
+            if self.graphs is None:
+                self.graphs = DecodeGraphs(self.model, self.kv_cache, self.cfg.max_num_seqs,
+                                           -(-self.max_positions // bs), self.max_positions,
+                                           capture=self.device.type == "cuda")
+            if self.graphs.fits(len(tokens), width):
+                return self.graphs.run(ids, pos, slots, tables), rows[:-1]
+        dev = self.device
+        lens = [c + len(t) for c, t in zip(starts, tokens)]
+        meta = AttentionMetadata(
+            slot_mapping=torch.tensor(slots, dtype=torch.int64, device=dev),
+            block_tables=torch.tensor([t + [0] * (width - len(t)) for t in tables],      # (S, width)
+                                      dtype=torch.int32).to(dev),
+            query_start_loc=torch.tensor(rows, dtype=torch.int32, device=dev),
+            context_lens=torch.tensor(lens, dtype=torch.int32, device=dev),
+            max_context_len=max(lens), max_query_len=max(map(len, tokens)))
+        hidden = self.model(torch.tensor(ids, device=dev), torch.tensor(pos, device=dev), self.kv_cache, meta)
+        return hidden, rows[:-1]
+
+    def compute_logits(self, hidden: Tensor) -> Tensor:
+        return self.model.compute_logits(hidden)                              # (N, V) fp32
+
+
+# ============================================================================ engine
+
+@dataclass
+class RequestOutput:
+    """What generate() returns per prompt, and what the stream yields per step."""
+    request_id: str
+    prompt: str | None
+    prompt_token_ids: list[int]
+    token_ids: list[int]                  # generated ids only
+    text: str
+    delta: str                            # text new since the previous output of this request
+    logprobs: list[dict[int, float]] | None
+    prompt_logprobs: list[dict[int, float] | None] | None
+    finish_reason: str | None
+    metrics: dict
+
+    @property
+    def finished(self) -> bool:
+        return self.finish_reason is not None
+
+
+class LLMEngine:
+    """Owns the model runner, the KV block manager, the scheduler and the sampler;
+    `step()` runs one iteration of continuous batching."""
+
+    def __init__(self, model_dir: str | Path, cfg: EngineConfig, tokenizer: str | Path | None = None):
         self.cfg = cfg
         self.device = torch.device(cfg.device)
         if self.device.type == "cuda" and not torch.cuda.is_available():
@@ -1050,63 +1320,45 @@ class LLMEngine:
         if self.max_model_len > mc.max_position_embeddings:
             raise ValueError(f"max_model_len {self.max_model_len} exceeds the model's "
                              f"max_position_embeddings {mc.max_position_embeddings}")
-        self.model.init_rope(self.max_model_len + cfg.num_speculative_tokens + 1, self.device)
         tok_path = Path(tokenizer) if tokenizer else self.model_dir / "tokenizer.model"
         self.tokenizer = Tokenizer(tok_path) if tok_path.is_file() or tokenizer else None
         if self.tokenizer and self.tokenizer.vocab_size > mc.vocab_size:
             raise ValueError(f"tokenizer {tok_path} has {self.tokenizer.vocab_size} pieces but the "
                              f"model's vocab_size is {mc.vocab_size}")
-        self.speculator = None
-        if draft_model is not None or cfg.speculative_method is not None:
-            self.speculator = Speculator(self, draft_model)
-        self.kv_bytes_per_token = self._kv_bytes_per_token()
-        self.num_blocks = cfg.num_blocks or self._blocks_from_memory()
-        if self.num_blocks * cfg.block_size < self.max_model_len:
-            raise ValueError(f"num_blocks={self.num_blocks} x block_size={cfg.block_size} tokens "
-                             f"cannot hold one sequence of max_model_len={self.max_model_len}; "
-                             "raise num_blocks or lower max_model_len")
         if not cfg.enable_chunked_prefill and cfg.max_num_batched_tokens < self.max_model_len:
             raise ValueError("without chunked prefill, max_num_batched_tokens must be >= max_model_len "
                              f"({cfg.max_num_batched_tokens} < {self.max_model_len})")
-        # The pool: (layers, K/V, blocks, block_size, kv_heads, head_dim), allocated once.
-        self.kv_cache = torch.zeros(mc.num_hidden_layers, 2, self.num_blocks, cfg.block_size,
-                                    mc.num_key_value_heads, mc.head_dim, dtype=self.dtype, device=self.device)
+        # Positions go up to max_model_len plus a speculative window's lookahead.
+        self.runner = ModelRunner(self.model, cfg, self.max_model_len + cfg.num_speculative_tokens + 1)
+        self.speculator = make_speculator(self)
+        self.num_blocks = self._allocate_kv_pool()
         self.block_manager = BlockManager(self.num_blocks, cfg.block_size, cfg.enable_prefix_caching)
-        self.scheduler = Scheduler(cfg, self.block_manager)
-        if self.speculator:
-            self.speculator.init_cache(self.num_blocks)
-            self.speculator.attach(self.scheduler)
-        self.generator = torch.Generator(self.device).manual_seed(cfg.seed)
+        eos = mc.eos_token_ids | ({self.tokenizer.eos_id} if self.tokenizer and self.tokenizer.eos_id >= 0 else set())
+        self.scheduler = Scheduler(cfg, self.block_manager, self.max_model_len, eos, self.speculator)
+        self.sampler = Sampler(self.device, cfg.seed)
         self.requests: dict[str, Sequence] = {}
         self._next_id = 0
         self.num_steps = 0
-        self.num_generated = 0
         self.peak_blocks_used = 0
         self.step_time = dict.fromkeys(("schedule", "draft", "model", "sample_and_output"), 0.0)
-        # CUDA graphs for decode steps, per model (target and draft), made on first use.
-        # Only with the CUDA kernels: the reference attention syncs with the host, which a
-        # graph cannot record.
-        self.use_graphs = self.device.type == "cuda" and not cfg.enforce_eager and kernels.USE_CUDA_KERNELS
-        self.decode_graphs: dict[int, DecodeGraphs] = {}
 
-    def _kv_bytes_per_token(self) -> int:
-        mc = self.model_config
-        per = 2 * mc.num_hidden_layers * mc.num_key_value_heads * mc.head_dim * self.dtype.itemsize
-        if self.speculator and self.speculator.draft:
-            per += self.speculator.kv_bytes_per_token()
-        return per
-
-    def _blocks_from_memory(self) -> int:
-        if self.device.type == "cuda":
-            free, _ = torch.cuda.mem_get_info(self.device)
-            mc = self.model_config
-            # Leave room for activations of the largest step and the logits.
-            act = self.cfg.max_num_batched_tokens * (4 * mc.hidden_size + 3 * mc.intermediate_size) * 4 \
-                + self.cfg.max_num_seqs * mc.vocab_size * 4 * 4
-            budget = int(free * self.cfg.gpu_memory_utilization) - act
-        else:
-            budget = self.cfg.kv_cache_bytes
-        return max(1, budget // (self.kv_bytes_per_token * self.cfg.block_size))
+    def _allocate_kv_pool(self) -> int:
+        """Size the KV pool (EngineConfig.num_blocks, or as many blocks as the memory budget
+        holds; a draft model's pool, of the same number of blocks, shares the budget),
+        allocate it, and return its number of blocks."""
+        cfg = self.cfg
+        self.kv_bytes_per_token = self.runner.kv_bytes_per_token + \
+            (self.speculator.kv_bytes_per_token if self.speculator else 0)
+        block_bytes = self.kv_bytes_per_token * cfg.block_size
+        num_blocks = cfg.num_blocks or max(1, self.runner.kv_budget_bytes() // block_bytes)
+        if num_blocks * cfg.block_size < self.max_model_len:
+            raise ValueError(f"num_blocks={num_blocks} x block_size={cfg.block_size} tokens "
+                             f"cannot hold one sequence of max_model_len={self.max_model_len}; "
+                             "raise num_blocks or lower max_model_len")
+        self.runner.allocate_kv_cache(num_blocks)
+        if self.speculator:
+            self.speculator.allocate_kv_cache(num_blocks)
+        return num_blocks
 
     # -------------------------------------------------------------- requests
 
@@ -1172,60 +1424,23 @@ class LLMEngine:
 
     @torch.inference_mode()
     def step(self) -> list[RequestOutput]:
-        """Schedule, run the model once over the whole batch, sample, return progress."""
+        """Schedule -> run the model once over the whole batch -> sample -> postprocess.
+        Returns the progress of every request that got new tokens."""
         t0 = time.perf_counter()
-        scheduled = self.scheduler.schedule()
+        scheduled = self.scheduler.schedule()                          # {sequence: new tokens}
         if not scheduled:
             return []
         t1 = time.perf_counter()
-        if self.speculator:
-            self.speculator.propose([s for s in scheduled if s.spec_k])
-            for s in scheduled:                            # a proposal may come up short:
-                if s.spec_k and len(s.spec_tokens) < s.spec_k:  # give back the unused slots
-                    scheduled[s] = 1 + len(s.spec_tokens)
-                    self.block_manager.truncate(s.block_table, s.num_computed + scheduled[s])
+        drafts = self.speculator.propose(scheduled) if self.speculator else {}
         t2 = time.perf_counter()
-        self.num_steps += 1
         seqs = list(scheduled)
-        hidden, starts = self.run_model(self.model, self.kv_cache, seqs,
-                                        [s.num_computed for s in seqs], [scheduled[s] for s in seqs],
-                                        [s.block_table for s in seqs])
+        tokens = [s.token_ids[s.num_computed:s.num_computed + scheduled[s]] + drafts.get(s, []) for s in seqs]
+        hidden, starts = self.runner.run(tokens, [s.num_computed for s in seqs], [s.block_table for s in seqs])
         t3 = time.perf_counter()
-        plain, verify = [], []                             # (seq, row of its last token)
-        for seq, start in zip(seqs, starts):
-            n = scheduled[seq]
-            if seq.params.prompt_logprobs is not None and seq.num_computed < seq.num_prompt_tokens:
-                self._prompt_logprobs(seq, hidden[start:start + n])
-            seq.num_computed += n
-            if seq.num_computed < seq.num_tokens:        # a prefill chunk, more to come
-                self.block_manager.cache_full_blocks(seq.block_table, seq.block_hashes,
-                                                     seq.token_ids, seq.num_computed)
-            elif seq.spec_tokens:                         # a speculative window to verify
-                verify.append((seq, start + n - 1 - len(seq.spec_tokens)))
-            else:                                         # reached the end: sample next token
-                plain.append((seq, start + n - 1))
-        new_tokens: dict[Sequence, list[int]] = {}
-        if plain:
-            logits = self.model.compute_logits(hidden[[r for _, r in plain]])      # (B, V)
-            gens = [seeded_generator(s.params.seed, s.num_tokens, SAMPLE, self.device) for s, _ in plain]
-            tokens = sample(logits, [s.params for s, _ in plain], gens, self.generator)
-            lp = logits.log_softmax(-1) if any(s.logprobs is not None for s, _ in plain) else None
-            for i, (seq, _) in enumerate(plain):
-                if seq.logprobs is not None:
-                    seq.logprobs += top_logprobs(lp[i:i + 1], tokens[i:i + 1], seq.params.logprobs)
-                new_tokens[seq] = [int(tokens[i])]
-        if verify:
-            new_tokens.update(self.speculator.verify(verify, hidden))
-        now = time.perf_counter()
-        outputs = []
-        for seq, toks in new_tokens.items():
-            if seq.metrics.first_token_time is None:
-                seq.metrics.first_token_time = now
-            for t in toks:
-                self._append_token(seq, t)
-                if seq.status == FINISHED:
-                    break
-            outputs.append(self._output(seq))
+        new_tokens = self._next_tokens(scheduled, starts, hidden, drafts)
+        self.scheduler.postprocess(scheduled, new_tokens)
+        outputs = [self._output(seq) for seq in new_tokens]
+        self.num_steps += 1
         self.peak_blocks_used = max(self.peak_blocks_used, self.num_blocks - self.block_manager.num_free)
         # Where a step's time goes (on a GPU "model" is launch time; sampling waits for it).
         for key, dt in (("schedule", t1 - t0), ("draft", t2 - t1), ("model", t3 - t2),
@@ -1233,42 +1448,31 @@ class LLMEngine:
             self.step_time[key] += dt
         return outputs
 
-    def run_model(self, model: LlamaForCausalLM, kv_cache: Tensor, seqs: list[Sequence],
-                  num_computed: list[int], num_new: list[int], tables: list[list[int]],
-                  token_source: list[list[int]] | None = None) -> tuple[Tensor, list[int]]:
-        """One forward pass over a flat batch. Sequence i computes tokens
-        [num_computed[i], num_computed[i] + num_new[i]) of token_source[i] (default:
-        token_ids followed by its unverified speculative tokens). -> (hidden (T, D), starts)."""
-        bs = self.cfg.block_size
-        ids, pos, slots, starts = [], [], [], [0]
-        for i, seq in enumerate(seqs):
-            src = token_source[i] if token_source else seq.token_ids + seq.spec_tokens
-            c, n, table = num_computed[i], num_new[i], tables[i]
-            ids += src[c:c + n]
-            pos += range(c, c + n)
-            slots += [table[p // bs] * bs + p % bs for p in range(c, c + n)]
-            starts.append(starts[-1] + n)
-        width = max(len(t) for t in tables)
-        if self.use_graphs and len(ids) == len(seqs):              # a pure decode step
-            graphs = self.decode_graphs.get(id(model))
-            if graphs is None:
-                longest = self.max_model_len + self.cfg.num_speculative_tokens + 1
-                graphs = self.decode_graphs[id(model)] = DecodeGraphs(
-                    model, kv_cache, self.cfg.max_num_seqs, -(-longest // bs), longest,
-                    capture=self.device.type == "cuda")
-            if graphs.fits(len(seqs), width):
-                return graphs.run(ids, pos, slots, tables), starts[:-1]
-        block_tables = torch.tensor([t + [0] * (width - len(t)) for t in tables], dtype=torch.int32)
-        dev = self.device
-        lens = [c + n for c, n in zip(num_computed, num_new)]
-        meta = AttentionMetadata(
-            slot_mapping=torch.tensor(slots, dtype=torch.int64, device=dev),
-            block_tables=block_tables.to(dev),
-            query_start_loc=torch.tensor(starts, dtype=torch.int32, device=dev),
-            context_lens=torch.tensor(lens, dtype=torch.int32, device=dev),
-            max_context_len=max(lens), max_query_len=max(num_new))
-        hidden = model(torch.tensor(ids, device=dev), torch.tensor(pos, device=dev), kv_cache, meta)
-        return hidden, starts[:-1]
+    def _next_tokens(self, scheduled: dict[Sequence, int], starts: list[int], hidden: Tensor,
+                     drafts: dict[Sequence, list[int]]) -> dict[Sequence, list[int]]:
+        """A token for each sequence whose step reached the end of its tokens (a prefill
+        chunk with more to come gets none); speculative windows are verified instead."""
+        ready, windows = [], []                            # (sequence, row of its last real token)
+        for (seq, n), start in zip(scheduled.items(), starts):
+            if seq.params.prompt_logprobs is not None and seq.num_computed < seq.num_prompt_tokens:
+                self._prompt_logprobs(seq, hidden[start:start + n])
+            if seq.num_computed + n == seq.num_tokens:
+                (windows if seq in drafts else ready).append((seq, start + n - 1))
+        new_tokens = self._sample(ready, hidden) if ready else {}
+        if windows:
+            new_tokens.update(self.speculator.verify(windows, drafts, hidden))
+        return new_tokens
+
+    def _sample(self, ready: list[tuple[Sequence, int]], hidden: Tensor) -> dict[Sequence, list[int]]:
+        seqs = [s for s, _ in ready]
+        logits = self.runner.compute_logits(hidden[[r for _, r in ready]])     # (B, V)
+        tokens = self.sampler.sample(logits, [s.params for s in seqs], [s.num_tokens for s in seqs])
+        if any(s.logprobs is not None for s in seqs):
+            lp = logits.log_softmax(-1)
+            for i, seq in enumerate(seqs):
+                if seq.logprobs is not None:
+                    seq.logprobs += top_logprobs(lp[i:i + 1], tokens[i:i + 1], seq.params.logprobs)
+        return {seq: [int(t)] for seq, t in zip(seqs, tokens.tolist())}
 
     def _prompt_logprobs(self, seq: Sequence, hidden: Tensor) -> None:
         """Logprob of each prompt token given those before it (position 0 has none)."""
@@ -1280,43 +1484,16 @@ class LLMEngine:
         last = min(hidden.shape[0], seq.num_prompt_tokens - 1 - seq.num_computed)
         if last <= first:
             return
-        lp = self.model.compute_logits(hidden[first:last]).log_softmax(-1)
+        lp = self.runner.compute_logits(hidden[first:last]).log_softmax(-1)
         pos = seq.num_computed + 1
         targets = torch.tensor(seq.token_ids[pos + first:pos + last], device=lp.device)
         seq.prompt_logprobs += top_logprobs(lp, targets, seq.params.prompt_logprobs)
 
-    def _append_token(self, seq: Sequence, token: int) -> None:
-        """Add a sampled token, update the text, and check every stop condition."""
-        seq.token_ids.append(token)
-        self.num_generated += 1
-        self.block_manager.cache_full_blocks(seq.block_table, seq.block_hashes, seq.token_ids,
-                                             seq.num_computed)
-        p = seq.params
-        is_eos = token in self.model_config.eos_token_ids or (
-            self.tokenizer is not None and token == self.tokenizer.eos_id)
-        if seq.detok and not is_eos:
-            before = len(seq.text)
-            seq.text += seq.detok.step(token)
-            for s in p.stop:
-                i = seq.text.find(s, max(0, before - len(s) + 1))
-                if i >= 0:
-                    seq.text = seq.text[:i]
-                    return self.scheduler.finish(seq, "stop")
-        if is_eos and not p.ignore_eos:
-            reason = "stop"
-        elif len(seq.output_ids) >= p.max_tokens or seq.num_tokens >= self.max_model_len:
-            reason = "length"
-        else:
-            return
-        if seq.detok:
-            seq.text += seq.detok.step(-1, final=True)    # flush an unfinished character
-        self.scheduler.finish(seq, reason)
-
     def _output(self, seq: Sequence) -> RequestOutput:
         # While running, hold back text that might be the start of a stop string.
         hold = 0 if seq.status == FINISHED else max((len(s) - 1 for s in seq.params.stop), default=0)
-        end = max(seq.emitted, len(seq.text) - hold)
-        delta, seq.emitted = seq.text[seq.emitted:end], end
+        end = max(seq.num_chars_streamed, len(seq.text) - hold)
+        delta, seq.num_chars_streamed = seq.text[seq.num_chars_streamed:end], end
         m = seq.metrics
         metrics = {"time_to_first_token": m.time_to_first_token, "e2e_latency": m.e2e_latency,
                    "time_per_output_token": m.time_per_output_token(len(seq.output_ids)),
@@ -1330,8 +1507,7 @@ class LLMEngine:
                              seq.prompt_logprobs, seq.finish_reason, metrics)
 
     def stats(self) -> dict:
-        s, bm = self.scheduler, self.block_manager
-        spec = self.speculator
+        s, bm, spec = self.scheduler, self.block_manager, self.speculator
         return {
             "kv_blocks_total": self.num_blocks,
             "kv_blocks_free": bm.num_free,
@@ -1342,7 +1518,7 @@ class LLMEngine:
             "num_running": len(s.running),
             "num_waiting": len(s.waiting),
             "preemptions": s.num_preemptions,
-            "generated_tokens": self.num_generated,
+            "generated_tokens": s.num_generated,
             "steps": self.num_steps,
             "prefix_cache_hit_rate": (s.cached_prompt_tokens / s.prompt_tokens
                                       if self.cfg.enable_prefix_caching and s.prompt_tokens else None),
@@ -1353,16 +1529,15 @@ class LLMEngine:
 
 
 class LLM:
-    """The offline API, as in vLLM: `LLM(model_dir).generate(prompts, SamplingParams())`."""
+    """The offline API, as in vLLM: `LLM(model_dir).generate(prompts, SamplingParams())`.
+
+    Keyword arguments are EngineConfig's fields (block_size, max_model_len, draft_model, ...)."""
 
     def __init__(self, model: str | Path = DEFAULT_MODEL, *, device: str | None = None,
-                 dtype: str = "float32", tokenizer: str | Path | None = None,
-                 draft_model: str | Path | None = None, **engine_kwargs):
+                 dtype: str = "float32", tokenizer: str | Path | None = None, **engine_kwargs):
         device = device or ("cuda" if torch.cuda.is_available() else "cpu")
-        if draft_model is not None and not engine_kwargs.get("speculative_method"):
-            engine_kwargs["speculative_method"] = "draft"
         cfg = EngineConfig(device=device, dtype=dtype, **engine_kwargs)
-        self.engine = LLMEngine(model, cfg, tokenizer=tokenizer, draft_model=draft_model)
+        self.engine = LLMEngine(model, cfg, tokenizer=tokenizer)
 
     @property
     def tokenizer(self) -> Tokenizer | None:
@@ -1422,6 +1597,13 @@ class LLM:
 
 
 # ============================================================================ speculative decoding
+# A cheap proposer guesses k tokens; the target model scores all k + 1 positions in one
+# pass (the step's forward pass above, with the drafts appended to the sequence's last
+# token), and the acceptance rule keeps a prefix of the guesses plus one token of its
+# own. Decode is memory-bound, so scoring k + 1 tokens costs about what scoring one does:
+# every accepted draft is a token for free. The engine and scheduler call a Speculator
+# in a few named places: lookahead / can_reserve / reserve (scheduling), propose (before
+# the forward pass), verify (after it), release (a sequence finishes or is preempted).
 
 def rejection_sample(p: Tensor, q: Tensor | None, draft: list[int],
                      rng: Callable[[int, int], torch.Generator | None],
@@ -1473,118 +1655,73 @@ def ngram_propose(tokens: list[int], k: int, max_n: int = 3) -> list[int]:
 
 
 class Speculator:
-    """Proposes k tokens per running sequence each step; the engine's one target pass
-    scores all k + 1 positions, and `verify` applies the acceptance rule above.
+    """What the engine and scheduler see of speculative decoding. Subclasses propose;
+    verification (the acceptance rule above) and the statistics are shared."""
 
-    With a draft model the draft keeps its own paged KV cache (same block size and number
-    of blocks as the target's, its own block manager). Each step it first catches up on
-    tokens it has not seen (the whole prompt the first time), then runs k single-token
-    steps, all sequences batched. Rejected positions are rolled back in both caches.
-    """
+    kv_bytes_per_token = 0                      # a draft model's KV cache, per token
 
-    def __init__(self, engine: LLMEngine, draft_dir: str | Path | None):
+    def __init__(self, engine: LLMEngine):
         self.engine = engine
-        cfg = engine.cfg
-        self.method = cfg.speculative_method or "draft"
-        self.k = cfg.num_speculative_tokens
-        self.draft = None
-        if self.method == "draft":
-            if draft_dir is None:
-                raise ValueError("speculative_method='draft' needs draft_model=DIR")
-            self.draft, dcfg = load_model(draft_dir, engine.dtype, engine.device)
-            if dcfg.vocab_size != engine.model_config.vocab_size:
-                raise ValueError(f"draft model {draft_dir} has vocab_size {dcfg.vocab_size}, the target "
-                                 f"{engine.model_config.vocab_size}: they must share a vocabulary")
-            need = engine.max_model_len + self.k
-            if dcfg.max_position_embeddings < engine.max_model_len:
-                raise ValueError(f"draft model {draft_dir} supports {dcfg.max_position_embeddings} "
-                                 f"positions, fewer than max_model_len {engine.max_model_len}")
-            self.draft.init_rope(need + 1, engine.device)
-        self.proposed = self.accepted = self.judged = self.verify_steps = self.emitted = 0
+        self.k = engine.cfg.num_speculative_tokens
+        self.planned: dict[Sequence, int] = {}  # drafts reserved for this step, per sequence
+        self.q: dict[Sequence, Tensor] = {}     # (k, V) the draft distributions of this step
+        self.proposed = self.accepted = self.judged = self.verify_steps = self.tokens_emitted = 0
 
-    def kv_bytes_per_token(self) -> int:
-        c = self.draft.config
-        return 2 * c.num_hidden_layers * c.num_key_value_heads * c.head_dim * self.engine.dtype.itemsize
+    def allocate_kv_cache(self, num_blocks: int) -> None:
+        pass
 
-    def init_cache(self, num_blocks: int) -> None:
-        if self.draft is None:
-            return
-        c, bs = self.draft.config, self.engine.cfg.block_size
-        self.kv_cache = torch.zeros(c.num_hidden_layers, 2, num_blocks, bs, c.num_key_value_heads,
-                                    c.head_dim, dtype=self.engine.dtype, device=self.engine.device)
-        self.bm = BlockManager(num_blocks, bs, enable_prefix_caching=False)
-        self.engine.scheduler.draft_bm = self.bm
-
-    def attach(self, scheduler: "Scheduler") -> None:
-        scheduler.spec_budget = self.budget
-
-    def budget(self, seq: Sequence) -> int:
-        """Draft no further than the request (max_tokens) or the context can go."""
+    def lookahead(self, seq: Sequence, budget: int) -> int:
+        """Drafts to verify for a decoding sequence: at most k, within the step's token
+        budget, and no further than the request (max_tokens) or the context can go."""
         left = min(seq.params.max_tokens - len(seq.output_ids), self.engine.max_model_len - seq.num_tokens)
-        return max(0, min(self.k, left - 1))
+        return max(0, min(self.k, left - 1, budget))
 
-    def propose(self, seqs: list[Sequence]) -> None:
-        """Fill seq.spec_tokens (up to seq.spec_k) for each decoding sequence scheduled."""
-        if self.method == "ngram":
-            for s in seqs:
-                s.spec_tokens, s.spec_probs = ngram_propose(s.token_ids, s.spec_k), None
-            return
-        ks = {s: s.spec_k for s in seqs}          # the scheduler already allocated draft blocks
-        drafts: dict[Sequence, list[int]] = {s: [] for s in ks}
-        probs: dict[Sequence, list[Tensor]] = {s: [] for s in ks}
-        for j in range(self.k):
-            active = [s for s in ks if j < ks[s]]
-            if not active:
-                break
-            num_new = [s.num_tokens + j - s.draft_num_computed for s in active]
-            hidden, starts = self.engine.run_model(
-                self.draft, self.kv_cache, active, [s.draft_num_computed for s in active], num_new,
-                [s.draft_block_table for s in active], [s.token_ids + drafts[s] for s in active])
-            rows = [st + n - 1 for st, n in zip(starts, num_new)]
-            q = sampling_probs(self.draft.compute_logits(hidden[rows]), [s.params for s in active])
-            gens = [seeded_generator(s.params.seed, s.num_tokens + j, DRAFT, self.engine.device)
-                    for s in active]
-            x = draw(q, gens, self.engine.generator)
-            for i, s in enumerate(active):
-                s.draft_num_computed += num_new[i]
-                drafts[s].append(int(x[i]))
-                probs[s].append(q[i])
-        for s in ks:
-            s.spec_tokens, s.spec_probs = drafts[s], torch.stack(probs[s])
+    def can_reserve(self, seq: Sequence, k: int) -> bool:
+        return True
 
-    def verify(self, items: list[tuple[Sequence, int]], hidden: Tensor) -> dict[Sequence, list[int]]:
-        """items: (sequence, row of its last real token); rows row..row+k hold the target's
-        view of the k draft positions and the bonus position. -> tokens to append."""
+    def reserve(self, seq: Sequence, k: int) -> None:
+        self.planned[seq] = k
+
+    def release(self, seq: Sequence) -> None:
+        self.planned.pop(seq, None)
+
+    def propose(self, scheduled: dict[Sequence, int]) -> dict[Sequence, list[int]]:
+        """-> up to planned[seq] draft tokens per planned sequence (none where nothing is found)."""
+        raise NotImplementedError
+
+    def rollback(self, seq: Sequence, num_kept: int) -> None:
+        """Forget the proposer's state past the first num_kept tokens of seq."""
+
+    def verify(self, windows: list[tuple[Sequence, int]], drafts: dict[Sequence, list[int]],
+               hidden: Tensor) -> dict[Sequence, list[int]]:
+        """windows: (sequence, row of its last real token); rows row .. row + k hold the
+        target's view of the k draft positions and of the bonus position.
+        -> the accepted drafts plus one token, per sequence."""
         eng = self.engine
-        k_of = [len(s.spec_tokens) for s, _ in items]
-        rows = [r + j for (_, r), k in zip(items, k_of) for j in range(k + 1)]
-        logits = eng.model.compute_logits(hidden[rows])                         # (sum(k+1), V)
-        params = [s.params for (s, _), k in zip(items, k_of) for _ in range(k + 1)]
-        p_all = sampling_probs(logits, params)
+        k_of = [len(drafts[s]) for s, _ in windows]
+        rows = [r + j for (_, r), k in zip(windows, k_of) for j in range(k + 1)]
+        logits = eng.runner.compute_logits(hidden[rows])                          # (sum(k+1), V)
+        p_all = sampling_probs(logits, [s.params for (s, _), k in zip(windows, k_of) for _ in range(k + 1)])
         out, at = {}, 0
-        for (seq, _), k in zip(items, k_of):
-            p, at0 = p_all[at:at + k + 1], at
+        for (seq, _), k in zip(windows, k_of):
+            p, lg = p_all[at:at + k + 1], logits[at:at + k + 1]
             at += k + 1
-            rng = lambda j, purpose, s=seq: seeded_generator(s.params.seed, s.num_tokens + j, purpose, eng.device)  # noqa: E731
-            toks = rejection_sample(p, seq.spec_probs, seq.spec_tokens, rng, eng.generator)
+            rng = lambda j, purpose, s=seq: eng.sampler.generator(s.params.seed, s.num_tokens + j, purpose)  # noqa: E731
+            toks = rejection_sample(p, self.q.pop(seq, None), drafts[seq], rng, eng.sampler.default)
             acc = len(toks) - 1
             self.proposed += k
             self.accepted += acc
             self.judged += acc + (acc < k)            # draft tokens the rule was applied to
             self.verify_steps += 1
-            self.emitted += len(toks)
+            self.tokens_emitted += len(toks)
             seq.metrics.spec_proposed += k
             seq.metrics.spec_accepted += acc
             if seq.logprobs is not None:
-                lp = logits[at0:at0 + len(toks)].log_softmax(-1)
+                lp = lg[:len(toks)].log_softmax(-1)
                 seq.logprobs += top_logprobs(lp, torch.tensor(toks), seq.params.logprobs)
-            # Roll back: the cache keeps the last real token and the accepted drafts.
-            seq.num_computed += acc - k
-            eng.block_manager.truncate(seq.block_table, seq.num_computed)
-            if self.draft is not None:
-                seq.draft_num_computed = min(seq.draft_num_computed, seq.num_computed)
-                self.bm.truncate(seq.draft_block_table, seq.draft_num_computed)
-            seq.spec_tokens, seq.spec_probs, seq.spec_k = [], None, 0
+            # The cache keeps the last real token and the accepted drafts (the scheduler's
+            # postprocess gives back the target's other slots).
+            self.rollback(seq, seq.num_computed + 1 + acc)
             out[seq] = toks
         return out
 
@@ -1598,7 +1735,106 @@ class Speculator:
         return self.accepted / self.judged if self.judged else None
 
     def tokens_per_step(self) -> float | None:
-        return self.emitted / self.verify_steps if self.verify_steps else None
+        return self.tokens_emitted / self.verify_steps if self.verify_steps else None
+
+
+class NgramSpeculator(Speculator):
+    """Drafts by prompt lookup (ngram_propose): no model, no cache."""
+
+    def propose(self, scheduled: dict[Sequence, int]) -> dict[Sequence, list[int]]:
+        drafts = {s: ngram_propose(s.token_ids, k) for s, k in self.planned.items()}
+        self.planned.clear()
+        return {s: d for s, d in drafts.items() if d}
+
+
+@dataclass
+class DraftState:
+    """A sequence's place in the draft model's own paged KV cache."""
+    block_table: list[int] = field(default_factory=list)
+    num_computed: int = 0
+
+
+class DraftModelSpeculator(Speculator):
+    """Drafts with a small model sharing the target's vocabulary.
+
+    The draft keeps its own paged KV cache (same block size and number of blocks as the
+    target's, its own block manager) and its own model runner. Each step it first catches
+    up on tokens it has not seen (the whole prompt the first time), then runs k
+    single-token steps, all sequences batched. Rejected positions are rolled back.
+    """
+
+    def __init__(self, engine: LLMEngine, draft_dir: str | Path):
+        super().__init__(engine)
+        self.draft, dcfg = load_model(draft_dir, engine.dtype, engine.device)
+        if dcfg.vocab_size != engine.model_config.vocab_size:
+            raise ValueError(f"draft model {draft_dir} has vocab_size {dcfg.vocab_size}, the target "
+                             f"{engine.model_config.vocab_size}: they must share a vocabulary")
+        if dcfg.max_position_embeddings < engine.max_model_len:
+            raise ValueError(f"draft model {draft_dir} supports {dcfg.max_position_embeddings} "
+                             f"positions, fewer than max_model_len {engine.max_model_len}")
+        self.runner = ModelRunner(self.draft, engine.cfg, engine.runner.max_positions)
+        self.kv_bytes_per_token = self.runner.kv_bytes_per_token
+        self.state: dict[Sequence, DraftState] = {}
+
+    def allocate_kv_cache(self, num_blocks: int) -> None:
+        self.runner.allocate_kv_cache(num_blocks)
+        self.bm = BlockManager(num_blocks, self.engine.cfg.block_size, enable_prefix_caching=False)
+
+    def can_reserve(self, seq: Sequence, k: int) -> bool:
+        # The draft computes the tokens it has not seen and k - 1 drafts (the last is never fed).
+        st = self.state.get(seq) or DraftState()
+        return self.bm.can_allocate(st.block_table, seq.num_tokens + k - 1)
+
+    def reserve(self, seq: Sequence, k: int) -> None:
+        super().reserve(seq, k)
+        st = self.state.setdefault(seq, DraftState())
+        self.bm.allocate(st.block_table, seq.num_tokens + k - 1)
+
+    def release(self, seq: Sequence) -> None:
+        super().release(seq)
+        st = self.state.pop(seq, None)
+        if st is not None:
+            self.bm.release(st.block_table)
+
+    def propose(self, scheduled: dict[Sequence, int]) -> dict[Sequence, list[int]]:
+        ks, self.planned = self.planned, {}
+        drafts: dict[Sequence, list[int]] = {s: [] for s in ks}
+        probs: dict[Sequence, list[Tensor]] = {s: [] for s in ks}
+        sampler = self.engine.sampler
+        for j in range(self.k):
+            active = [s for s in ks if j < ks[s]]
+            if not active:
+                break
+            states = [self.state[s] for s in active]
+            # What the draft has not seen yet: the sequence's tail, then this step's drafts.
+            tokens = [s.token_ids[st.num_computed:] + drafts[s][max(0, st.num_computed - s.num_tokens):]
+                      for s, st in zip(active, states)]
+            hidden, starts = self.runner.run(tokens, [st.num_computed for st in states],
+                                             [st.block_table for st in states])
+            rows = [start + len(t) - 1 for start, t in zip(starts, tokens)]
+            q = sampling_probs(self.runner.compute_logits(hidden[rows]), [s.params for s in active])  # (B, V)
+            x = sampler.draw(q, [sampler.generator(s.params.seed, s.num_tokens + j, DRAFT) for s in active])
+            for i, (s, st) in enumerate(zip(active, states)):
+                st.num_computed += len(tokens[i])
+                drafts[s].append(int(x[i]))
+                probs[s].append(q[i])
+        self.q = {s: torch.stack(probs[s]) for s in ks}
+        return drafts
+
+    def rollback(self, seq: Sequence, num_kept: int) -> None:
+        st = self.state[seq]
+        st.num_computed = min(st.num_computed, num_kept)
+        self.bm.truncate(st.block_table, st.num_computed)
+
+
+def make_speculator(engine: LLMEngine) -> Speculator | None:
+    """The one place that turns EngineConfig.speculative_method into a proposer."""
+    method = engine.cfg.speculative_method
+    if method == "draft":
+        return DraftModelSpeculator(engine, engine.cfg.draft_model)
+    if method == "ngram":
+        return NgramSpeculator(engine)
+    return None
 
 
 # ============================================================================ server
@@ -1621,8 +1857,6 @@ class AsyncEngine:
     TTFT_BUCKETS = (0.005, 0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1.0, 2.5, 5.0, 10.0)
 
     def __init__(self, engine: LLMEngine, max_waiting: int = 256):
-        import queue
-        import threading
         self.engine, self.max_waiting = engine, max_waiting
         self.commands: queue.SimpleQueue = queue.SimpleQueue()
         self.pending = 0                              # added, not yet seen by the loop
@@ -1639,8 +1873,6 @@ class AsyncEngine:
     def add(self, prompt: str | list[int], params: SamplingParams):
         """Validate and enqueue; -> (request_id, prompt length, queue of RequestOutput).
         Raises ValueError for a bad request, ServingError(429) when the queue is full."""
-        import queue
-        import uuid
         if len(self.engine.scheduler.waiting) + self.pending >= self.max_waiting:
             raise ServingError(429, f"server overloaded: {self.max_waiting} requests already waiting; "
                                "retry later", kind="rate_limit_error")
@@ -1657,7 +1889,6 @@ class AsyncEngine:
         self.wake.set()
 
     def _loop(self) -> None:
-        import queue
         while not self._stop:
             while True:                                  # apply what the handlers asked for
                 try:
@@ -1771,803 +2002,180 @@ def parse_completion_request(body: dict) -> tuple[str | list[int], SamplingParam
     return prompt, params, stream
 
 
-def make_server(llm: "LLM", host: str = "127.0.0.1", port: int = 8000, model_name: str | None = None,
-                max_waiting: int = 256, max_body_bytes: int = 1 << 20):
-    """Build (not start) a ThreadingHTTPServer; `.serve_forever()` runs it, `.async_engine` is its loop."""
-    import http.server
-    import queue
-    import select
-    import socket
-    import uuid
+class CompletionHandler(http.server.BaseHTTPRequestHandler):
+    """One HTTP connection: /v1/completions (plain and streamed), /v1/models, /health, /metrics."""
+    protocol_version = "HTTP/1.1"
+    server_version = "nanoserve"
+    server: "OpenAIServer"
 
-    engine = AsyncEngine(llm.engine, max_waiting)
-    name = model_name or Path(str(llm.engine.model_dir)).name
-    tok = llm.engine.tokenizer
+    def log_message(self, fmt, *args):                # quiet; errors go to /metrics
+        pass
 
-    def token_str(t: int) -> str:
+    def send_json(self, status: int, obj: dict) -> None:
+        data = json.dumps(obj).encode()
+        self.send_response(status)
+        self.send_header("Content-Type", "application/json")
+        self.send_header("Content-Length", str(len(data)))
+        self.end_headers()
+        self.wfile.write(data)
+
+    def send_error_json(self, e: ServingError) -> None:
+        self.server.async_engine.errors += 1
+        self.send_json(e.status, {"error": {"message": e.message, "type": e.kind,
+                                            "param": e.param, "code": e.status}})
+
+    def do_GET(self) -> None:
+        srv = self.server
+        try:
+            if self.path == "/health":
+                self.send_json(200, {"status": "ok"})
+            elif self.path == "/v1/models":
+                self.send_json(200, {"object": "list", "data": [{
+                    "id": srv.model_name, "object": "model", "owned_by": "nanoserve", "created": 0,
+                    "max_model_len": srv.llm.engine.max_model_len}]})
+            elif self.path == "/metrics":
+                data = srv.async_engine.metrics_text().encode()
+                self.send_response(200)
+                self.send_header("Content-Type", "text/plain; version=0.0.4")
+                self.send_header("Content-Length", str(len(data)))
+                self.end_headers()
+                self.wfile.write(data)
+            else:
+                raise ServingError(404, f"no route GET {self.path}", kind="not_found_error")
+        except ServingError as e:
+            self.send_error_json(e)
+
+    def do_POST(self) -> None:
+        srv = self.server
+        try:
+            if self.path != "/v1/completions":
+                raise ServingError(404, f"no route POST {self.path}", kind="not_found_error")
+            body = self._read_json()
+            prompt, params, stream = parse_completion_request(body)
+            if body.get("model") not in (None, srv.model_name):
+                raise ServingError(404, f"model {body['model']!r} does not exist; this server has "
+                                   f"{srv.model_name!r}", "model", "not_found_error")
+            try:
+                rid, n_prompt, q = srv.async_engine.add(prompt, params)
+            except ValueError as e:
+                raise ServingError(400, str(e), "prompt" if "prompt" in str(e) else None) from None
+        except ServingError as e:
+            return self.send_error_json(e)
+        head = {"id": f"cmpl-{uuid.uuid4().hex[:16]}", "object": "text_completion",
+                "created": int(time.time()), "model": srv.model_name}
+        try:
+            if stream:
+                self._stream(rid, q, head, params)
+            else:
+                out = self._wait(q, until_finished=True)
+                self.send_json(200, dict(head, choices=[self._choice(out, out.text, params)],
+                                         usage=self._usage(n_prompt, out)))
+        except (BrokenPipeError, ConnectionResetError, TimeoutError):
+            srv.async_engine.abort(rid)               # the client went away: free its blocks
+            self.close_connection = True
+
+    def _read_json(self) -> object:
+        length = self.headers.get("Content-Length")
+        if length is None or not length.isdigit():
+            raise ServingError(411, "a Content-Length header is required")
+        if int(length) > self.server.max_body_bytes:
+            self.close_connection = True
+            raise ServingError(413, f"request body of {length} bytes exceeds {self.server.max_body_bytes}")
+        try:
+            return json.loads(self.rfile.read(int(length)) or b"null")
+        except (json.JSONDecodeError, UnicodeDecodeError) as e:
+            raise ServingError(400, f"invalid JSON: {e}") from None
+
+    def _client_gone(self) -> bool:
+        r, _, _ = select.select([self.connection], [], [], 0)
+        return bool(r) and not self.connection.recv(1, socket.MSG_PEEK)
+
+    def _wait(self, q: queue.Queue, until_finished: bool) -> RequestOutput:
+        """The request's next output (or its last); raises BrokenPipeError if the client left."""
+        checked = time.monotonic()
+        while True:
+            try:
+                out = q.get(timeout=0.25)
+            except queue.Empty:
+                out = None
+            if time.monotonic() - checked > 0.25:    # is anyone still listening?
+                if self._client_gone():
+                    raise BrokenPipeError
+                checked = time.monotonic()
+            if out is not None and (out.finished or not until_finished):
+                return out
+
+    def _token_str(self, t: int) -> str:
+        tok = self.server.llm.engine.tokenizer
         return tok.sp.id_to_piece(t) if tok else f"token_id:{t}"
 
-    class Handler(http.server.BaseHTTPRequestHandler):
-        protocol_version = "HTTP/1.1"
-        server_version = "nanoserve"
+    def _choice(self, out: RequestOutput, text: str, params: SamplingParams, first: int = 0) -> dict:
+        logprobs = None
+        if params.logprobs is not None and out.logprobs is not None:
+            ids = out.token_ids[first:len(out.logprobs)]
+            lps = out.logprobs[first:first + len(ids)]
+            logprobs = {"tokens": [self._token_str(t) for t in ids],
+                        "token_logprobs": [d[t] for t, d in zip(ids, lps)],
+                        "top_logprobs": [{self._token_str(k): v for k, v in d.items()} for d in lps]}
+        return {"index": 0, "text": text, "logprobs": logprobs, "finish_reason": out.finish_reason}
 
-        def log_message(self, fmt, *args):                # quiet; errors go to /metrics
-            pass
+    @staticmethod
+    def _usage(n_prompt: int, out: RequestOutput) -> dict:
+        return {"prompt_tokens": n_prompt, "completion_tokens": len(out.token_ids),
+                "total_tokens": n_prompt + len(out.token_ids)}
 
-        def send_json(self, status: int, obj: dict) -> None:
-            data = json.dumps(obj).encode()
-            self.send_response(status)
-            self.send_header("Content-Type", "application/json")
-            self.send_header("Content-Length", str(len(data)))
-            self.end_headers()
-            self.wfile.write(data)
-
-        def send_error_json(self, e: ServingError) -> None:
-            engine.errors += 1
-            self.send_json(e.status, {"error": {"message": e.message, "type": e.kind,
-                                                "param": e.param, "code": e.status}})
-
-        def do_GET(self) -> None:
-            try:
-                if self.path == "/health":
-                    self.send_json(200, {"status": "ok"})
-                elif self.path == "/v1/models":
-                    self.send_json(200, {"object": "list", "data": [{
-                        "id": name, "object": "model", "owned_by": "nanoserve", "created": 0,
-                        "max_model_len": llm.engine.max_model_len}]})
-                elif self.path == "/metrics":
-                    data = engine.metrics_text().encode()
-                    self.send_response(200)
-                    self.send_header("Content-Type", "text/plain; version=0.0.4")
-                    self.send_header("Content-Length", str(len(data)))
-                    self.end_headers()
-                    self.wfile.write(data)
-                else:
-                    raise ServingError(404, f"no route GET {self.path}", kind="not_found_error")
-            except ServingError as e:
-                self.send_error_json(e)
-
-        def do_POST(self) -> None:
-            try:
-                if self.path != "/v1/completions":
-                    raise ServingError(404, f"no route POST {self.path}", kind="not_found_error")
-                length = self.headers.get("Content-Length")
-                if length is None or not length.isdigit():
-                    raise ServingError(411, "a Content-Length header is required")
-                if int(length) > max_body_bytes:
-                    self.close_connection = True
-                    raise ServingError(413, f"request body of {length} bytes exceeds {max_body_bytes}")
-                try:
-                    body = json.loads(self.rfile.read(int(length)) or b"null")
-                except (json.JSONDecodeError, UnicodeDecodeError) as e:
-                    raise ServingError(400, f"invalid JSON: {e}") from None
-                prompt, params, stream = parse_completion_request(body)
-                if body.get("model") not in (None, name):
-                    raise ServingError(404, f"model {body['model']!r} does not exist; this server has {name!r}",
-                                       "model", "not_found_error")
-                try:
-                    rid, n_prompt, q = engine.add(prompt, params)
-                except ValueError as e:
-                    raise ServingError(400, str(e), "prompt" if "prompt" in str(e) else None) from None
-            except ServingError as e:
-                return self.send_error_json(e)
-            head = {"id": f"cmpl-{uuid.uuid4().hex[:16]}", "object": "text_completion",
-                    "created": int(time.time()), "model": name}
-            try:
-                if stream:
-                    self._stream(rid, q, head, params)
-                else:
-                    out = self._wait(rid, q, until_finished=True)
-                    self.send_json(200, dict(head, choices=[self._choice(out, out.text, params)],
-                                             usage=self._usage(n_prompt, out)))
-            except (BrokenPipeError, ConnectionResetError, TimeoutError):
-                engine.abort(rid)                     # the client went away: free its blocks
-                self.close_connection = True
-
-        def _client_gone(self) -> bool:
-            r, _, _ = select.select([self.connection], [], [], 0)
-            return bool(r) and not self.connection.recv(1, socket.MSG_PEEK)
-
-        def _wait(self, rid: str, q: "queue.Queue", until_finished: bool) -> RequestOutput:
-            checked = time.monotonic()
-            while True:
-                try:
-                    out = q.get(timeout=0.25)
-                except queue.Empty:
-                    out = None
-                if time.monotonic() - checked > 0.25:    # is anyone still listening?
-                    if self._client_gone():
-                        raise BrokenPipeError
-                    checked = time.monotonic()
-                if out is not None and (out.finished or not until_finished):
-                    return out
-
-        def _choice(self, out: RequestOutput, text: str, params: SamplingParams, first: int = 0) -> dict:
-            logprobs = None
-            if params.logprobs is not None and out.logprobs is not None:
-                ids = out.token_ids[first:len(out.logprobs)]
-                lps = out.logprobs[first:first + len(ids)]
-                logprobs = {"tokens": [token_str(t) for t in ids],
-                            "token_logprobs": [d[t] for t, d in zip(ids, lps)],
-                            "top_logprobs": [{token_str(k): v for k, v in d.items()} for d in lps]}
-            return {"index": 0, "text": text, "logprobs": logprobs, "finish_reason": out.finish_reason}
-
-        @staticmethod
-        def _usage(n_prompt: int, out: RequestOutput) -> dict:
-            return {"prompt_tokens": n_prompt, "completion_tokens": len(out.token_ids),
-                    "total_tokens": n_prompt + len(out.token_ids)}
-
-        def _stream(self, rid: str, q: "queue.Queue", head: dict, params: SamplingParams) -> None:
-            self.send_response(200)
-            self.send_header("Content-Type", "text/event-stream")
-            self.send_header("Cache-Control", "no-cache")
-            self.send_header("Connection", "close")
-            self.end_headers()
-            self.close_connection = True
-            sent = 0
-            while True:
-                out = self._wait(rid, q, until_finished=False)
-                chunk = dict(head, choices=[self._choice(out, out.delta, params, sent)])
-                sent = len(out.token_ids)
-                if out.finished:
-                    chunk["usage"] = self._usage(len(out.prompt_token_ids), out)
-                self.wfile.write(f"data: {json.dumps(chunk)}\n\n".encode())
-                self.wfile.flush()
-                if out.finished:
-                    break
-            self.wfile.write(b"data: [DONE]\n\n")
-            self.wfile.flush()
-
-    class Server(http.server.ThreadingHTTPServer):
-        daemon_threads = True
-        request_queue_size = 1024                      # listen backlog (the default of 5 resets bursts)
-        async_engine = engine
-
-        def server_close(self) -> None:
-            super().server_close()
-            engine.close()
-
-    return Server((host, port), Handler)
-
-
-# ============================================================================ benchmarks
-# `python nanoserve.py --bench [suite ...]` measures the claims this file implements and
-# prints one Markdown table per suite; --bench-out writes every number as JSON. Timings
-# on a shared or small machine are noisy: compare figures measured in the same run.
-
-def _sync(device: torch.device) -> None:
-    if device.type == "cuda":
-        torch.cuda.synchronize(device)
-
-
-def _percentile(xs: list[float], q: float) -> float:
-    if not xs:
-        return float("nan")
-    xs = sorted(xs)
-    return xs[min(len(xs) - 1, int(round(q / 100 * (len(xs) - 1))))]
-
-
-def _progress(label: str, done: int, total: int) -> None:
-    if sys.stderr.isatty() or os.environ.get("NANOSERVE_PROGRESS"):
-        print(f"\r[bench] {label}: {done}/{total}", end="" if done < total else "\n",
-              file=sys.stderr, flush=True)
-
-
-def _free_memory() -> None:
-    """Let go of engines already dropped: on a GPU each engine sizes its KV pool from the
-    memory that is free when it starts, so the previous one must be gone first."""
-    gc.collect()
-    if torch.cuda.is_available():
-        torch.cuda.empty_cache()
-
-
-def measure_copy_bandwidth(device: torch.device, nbytes: int = 256 << 20) -> float:
-    """Device-to-device copy, bytes read + written per second: the practical bandwidth ceiling."""
-    a = torch.empty(nbytes // 4, dtype=torch.float32, device=device).uniform_()
-    b = torch.empty_like(a)
-    b.copy_(a)
-    times = []
-    for _ in range(5):
-        _sync(device)
-        t = time.perf_counter()
-        b.copy_(a)
-        _sync(device)
-        times.append(time.perf_counter() - t)
-    return 2 * nbytes / min(times)
-
-
-def measure_matmul_flops(device: torch.device, dtype: torch.dtype, n: int = 1024) -> float:
-    a = torch.randn(n, n, device=device).to(dtype)
-    b = torch.randn(n, n, device=device).to(dtype)
-    a @ b
-    times = []
-    for _ in range(5):
-        _sync(device)
-        t = time.perf_counter()
-        a @ b
-        _sync(device)
-        times.append(time.perf_counter() - t)
-    return 2 * n ** 3 / min(times)
-
-
-def run_timed(llm: LLM, prompts: list, params: list[SamplingParams],
-              arrivals: list[float] | None = None) -> dict:
-    """Run requests to completion, arriving at the given offsets (default: all at once);
-    -> per-request TTFT, token times and totals."""
-    eng = llm.engine
-    arrivals = arrivals or [0.0] * len(prompts)
-    order = sorted(range(len(prompts)), key=lambda i: arrivals[i])
-    t0 = time.perf_counter()
-    ids: dict[str, int] = {}
-    token_times: dict[int, list[float]] = {i: [] for i in range(len(prompts))}
-    ttft: dict[int, float] = {}
-    nxt, done = 0, 0
-    while done < len(prompts):
-        now = time.perf_counter() - t0
-        while nxt < len(order) and arrivals[order[nxt]] <= now:
-            i = order[nxt]
-            ids[eng.add_request(prompts[i], params[i])] = i
-            nxt += 1
-        if not eng.has_unfinished():
-            time.sleep(max(0.0, arrivals[order[nxt]] - now))
-            continue
-        outs = eng.step()
-        _sync(eng.device)
-        now = time.perf_counter() - t0
-        for out in outs:
-            i = ids[out.request_id]
-            if i not in ttft:
-                ttft[i] = now - arrivals[i]
-            token_times[i] += [now] * (len(out.token_ids) - len(token_times[i]))
+    def _stream(self, rid: str, q: queue.Queue, head: dict, params: SamplingParams) -> None:
+        """Server-sent events: one chunk per step with the text delta, then [DONE]."""
+        self.send_response(200)
+        self.send_header("Content-Type", "text/event-stream")
+        self.send_header("Cache-Control", "no-cache")
+        self.send_header("Connection", "close")
+        self.end_headers()
+        self.close_connection = True
+        sent = 0
+        while True:
+            out = self._wait(q, until_finished=False)
+            chunk = dict(head, choices=[self._choice(out, out.delta, params, sent)])
+            sent = len(out.token_ids)
             if out.finished:
-                done += 1
-                _progress("requests", done, len(prompts))
-    elapsed = time.perf_counter() - t0
-    itl = [b - a for ts in token_times.values() for a, b in zip(ts, ts[1:])]
-    return {"elapsed": elapsed, "ttft": [ttft[i] for i in range(len(prompts))], "itl": itl,
-            "output_tokens": sum(len(t) for t in token_times.values()), "token_times": token_times}
+                chunk["usage"] = self._usage(len(out.prompt_token_ids), out)
+            self.wfile.write(f"data: {json.dumps(chunk)}\n\n".encode())
+            self.wfile.flush()
+            if out.finished:
+                break
+        self.wfile.write(b"data: [DONE]\n\n")
+        self.wfile.flush()
 
 
-def bench_latency(llm: LLM, prompt_len: int = 128, new_tokens: int = 64) -> dict:
-    """Batch-1 prefill and decode, against the roofline of this machine."""
-    eng, mc = llm.engine, llm.engine.model_config
-    dev = eng.device
-    vocab = mc.vocab_size
-    rng = np.random.default_rng(0)
-    prompt = [1] + rng.integers(3, vocab, prompt_len - 1).tolist()
-    p = SamplingParams(temperature=0, max_tokens=new_tokens, ignore_eos=True)
-    llm.generate(prompt[:16], SamplingParams(temperature=0, max_tokens=4, ignore_eos=True))   # warm-up
-    out = llm.generate(prompt, p)[0]
-    m = out.metrics
-    # Bytes a decode step reads: every weight once; of the embedding table only one row,
-    # unless it is tied to the LM head, which reads it all.
-    unique = {t.data_ptr(): t for name, t in eng.model.state_dict().items()
-              if name != "model.embed_tokens.weight" or mc.tie_word_embeddings}
-    weight_bytes = sum(t.numel() * t.element_size() for t in unique.values())
-    n_params = sum(t.numel() for t in unique.values())
-    decode_tps = 1 / m["time_per_output_token"]
-    bw = measure_copy_bandwidth(dev)
-    flops = measure_matmul_flops(dev, eng.dtype)
-    # A decode step at batch B does ~2 * params * B FLOPs and reads every weight once:
-    # intensity = 2 * B / bytes_per_param FLOPs/byte. Prefill of T tokens: 2 * T / bytes.
-    bpp = weight_bytes / n_params
-    ridge = flops / bw                      # FLOPs per byte where a kernel stops being memory-bound
-    decode_ai, prefill_ai = 2 / bpp, 2 * prompt_len / bpp
-    eager_tps = None
-    if eng.use_graphs:                      # the same decode without CUDA graphs
-        eng.use_graphs = False
-        eager_tps = 1 / llm.generate(prompt, p)[0].metrics["time_per_output_token"]
-        eng.use_graphs = True
-    return {
-        "prompt_tokens": prompt_len, "ttft_s": m["time_to_first_token"],
-        "prefill_tok_s": prompt_len / m["time_to_first_token"], "decode_tok_s": decode_tps,
-        "weight_bytes": weight_bytes, "achieved_weight_GBps": weight_bytes * decode_tps / 1e9,
-        "copy_bandwidth_GBps": bw / 1e9, "fraction_of_copy_bandwidth": weight_bytes * decode_tps / bw,
-        "matmul_TFLOPs": flops / 1e12, "ridge_flops_per_byte": ridge,
-        "decode_flops_per_byte": decode_ai, "prefill_flops_per_byte": prefill_ai,
-        "decode_verdict": "memory-bound" if decode_ai < ridge else "compute-bound",
-        "prefill_verdict": "memory-bound" if prefill_ai < ridge else "compute-bound",
-        "decode_tok_s_eager": eager_tps,
-    }
+class OpenAIServer(http.server.ThreadingHTTPServer):
+    """A ThreadingHTTPServer (one thread per connection) around one AsyncEngine."""
+    daemon_threads = True
+    request_queue_size = 1024                      # listen backlog (the default of 5 resets bursts)
+
+    def __init__(self, llm: LLM, host: str, port: int, model_name: str | None, max_waiting: int,
+                 max_body_bytes: int):
+        super().__init__((host, port), CompletionHandler)          # binds first: a busy port raises here
+        self.llm, self.max_body_bytes = llm, max_body_bytes
+        self.model_name = model_name or Path(str(llm.engine.model_dir)).name
+        self.async_engine = AsyncEngine(llm.engine, max_waiting)
+
+    def server_close(self) -> None:
+        super().server_close()
+        self.async_engine.close()
 
 
-def nano_vllm_workload(vocab: int, n: int, lo: int, hi: int, seed: int = 0):
-    """nano-vllm's benchmark: random prompt ids, prompt and output lengths uniform in [lo, hi]."""
-    rng = np.random.default_rng(seed)
-    prompts = [rng.integers(3, vocab, int(rng.integers(lo, hi + 1))).tolist() for _ in range(n)]
-    params = [SamplingParams(temperature=0.6, max_tokens=int(rng.integers(lo, hi + 1)), ignore_eos=True,
-                             seed=i) for i in range(n)]
-    return prompts, params
-
-
-def bench_throughput(llm: LLM, n: int, lo: int, hi: int, static_batch: int) -> dict:
-    """Continuous batching against static batching on the same engine and workload.
-
-    Static batching (the pre-Orca way): a batch of requests starts together, every one is
-    padded to the longest output (here: made to generate that many tokens, the extra ones
-    discarded), and the next batch starts only when the whole batch is done."""
-    prompts, params = nano_vllm_workload(llm.engine.model_config.vocab_size, n, lo, hi)
-    useful = sum(p.max_tokens for p in params)
-    cont = run_timed(llm, prompts, params)
-    t = time.perf_counter()
-    for b in range(0, n, static_batch):
-        group = params[b:b + static_batch]
-        longest = max(p.max_tokens for p in group)
-        padded = [SamplingParams(temperature=p.temperature, max_tokens=longest, ignore_eos=True, seed=p.seed)
-                  for p in group]
-        llm.generate(prompts[b:b + static_batch], padded)
-        _progress("static batches", b // static_batch + 1, -(-n // static_batch))
-    static_s = time.perf_counter() - t
-    return {"requests": n, "lengths": [lo, hi], "useful_output_tokens": useful,
-            "continuous_s": cont["elapsed"], "continuous_tok_s": useful / cont["elapsed"],
-            "static_batch": static_batch, "static_s": static_s, "static_tok_s": useful / static_s,
-            "speedup": static_s / cont["elapsed"]}
-
-
-def bench_overhead(llm: LLM, batches: tuple[int, ...] = (1, 64), new_tokens: int = 64) -> dict:
-    """Decode tokens/s and where a decode step's time goes, at several batch sizes."""
-    vocab = llm.engine.model_config.vocab_size
-    rows = []
-    for b in batches:
-        prompts = [[1] + np.random.default_rng(i).integers(3, vocab, 16).tolist() for i in range(b)]
-        p = SamplingParams(temperature=0, max_tokens=new_tokens, ignore_eos=True)
-        llm.generate(prompts, SamplingParams(temperature=0, max_tokens=2, ignore_eos=True))     # warm-up
-        eng = llm.engine
-        eng.step_time = dict.fromkeys(eng.step_time, 0.0)
-        steps = eng.num_steps
-        t = time.perf_counter()
-        llm.generate(prompts, p)
-        elapsed = time.perf_counter() - t
-        n = eng.num_steps - steps
-        rows.append({"batch": b, "decode_tok_s": b * new_tokens / elapsed, "steps": n,
-                     **{f"{k}_ms_per_step": 1e3 * v / n for k, v in eng.step_time.items()}})
-    return {"rows": rows}
-
-
-def bench_hf_static(model_dir: str, device: str, dtype: str, n: int, lo: int, hi: int, batch: int) -> dict | None:
-    """The same workload through Hugging Face transformers' `generate`, statically batched
-    (left padding, every request runs to its batch's longest output). None when transformers
-    is not installed or the model is not a checkpoint directory."""
-    import importlib.util
-    if importlib.util.find_spec("transformers") is None or str(model_dir).startswith("random:"):
-        return None
-    import transformers
-    from transformers import AutoModelForCausalLM
-    hf = AutoModelForCausalLM.from_pretrained(model_dir, torch_dtype=DTYPES[dtype]).to(device).eval()
-    prompts, params = nano_vllm_workload(hf.config.vocab_size, n, lo, hi)
-    t = time.perf_counter()
-    for b in range(0, n, batch):
-        group, gp = prompts[b:b + batch], params[b:b + batch]
-        width = max(map(len, group))
-        ids = torch.tensor([[0] * (width - len(p)) + p for p in group], device=device)
-        mask = torch.tensor([[0] * (width - len(p)) + [1] * len(p) for p in group], device=device)
-        longest = max(p.max_tokens for p in gp)
-        with torch.inference_mode():
-            hf.generate(input_ids=ids, attention_mask=mask, max_new_tokens=longest, min_new_tokens=longest,
-                        do_sample=True, temperature=0.6, top_k=0, pad_token_id=0)
-        _progress("transformers batches", b // batch + 1, -(-n // batch))
-    elapsed = time.perf_counter() - t
-    useful = sum(p.max_tokens for p in params)
-    return {"transformers": transformers.__version__, "batch": batch, "seconds": elapsed,
-            "tok_s": useful / elapsed}
-
-
-def bench_memory(llm: LLM, n: int, lo: int, hi: int) -> dict:
-    """KV bytes per token, GQA's saving, and what paging saves against max-length reservation."""
-    eng, mc = llm.engine, llm.engine.model_config
-    per_token = 2 * mc.num_hidden_layers * mc.num_key_value_heads * mc.head_dim * eng.dtype.itemsize
-    mha = per_token * mc.num_attention_heads // mc.num_key_value_heads
-    prompts, params = nano_vllm_workload(mc.vocab_size, n, lo, hi, seed=1)
-    lengths = [len(p) + sp.max_tokens for p, sp in zip(prompts, params)]
-    bs = eng.cfg.block_size
-    max_len = eng.max_model_len
-    # At the moment every request holds its full length: paged allocation reserves whole
-    # blocks (waste < one block each), static reservation max_model_len per request.
-    paged_slots = sum(-(-L // bs) * bs for L in lengths)
-    used = sum(lengths)
-    budget = eng.num_blocks * bs * per_token
-    return {
-        "kv_bytes_per_token": per_token, "kv_bytes_per_token_if_mha": mha,
-        "gqa_saving": mc.num_attention_heads / mc.num_key_value_heads,
-        "paged_waste_fraction": 1 - used / paged_slots,
-        "max_len_reservation_waste_fraction": 1 - used / (max_len * n),
-        "kv_budget_bytes": budget,
-        "max_concurrent_seqs_paged": int(budget // (per_token * paged_slots / n)),
-        "max_concurrent_seqs_reserved": int(budget // (per_token * max_len)),
-        "mean_sequence_tokens": used / n, "max_model_len": max_len,
-    }
-
-
-def bench_prefix(llm: LLM, system_len: int, n: int) -> dict:
-    """TTFT of requests that share a long system prompt, prefix caching on vs off."""
-    vocab = llm.engine.model_config.vocab_size
-    rng = np.random.default_rng(2)
-    system = [1] + rng.integers(3, vocab, system_len - 1).tolist()
-    out = {}
-    for caching in (False, True):
-        llm.engine.block_manager.caching = caching
-        llm.engine.block_manager.hash_to_block.clear()
-        prompts = [system + rng.integers(3, vocab, 20).tolist() for _ in range(n)]
-        params = [SamplingParams(temperature=0, max_tokens=8, ignore_eos=True)] * n
-        r = run_timed(llm, prompts, params, arrivals=[0.25 * i for i in range(n)])   # one after another
-        out["on" if caching else "off"] = {"ttft_p50_s": _percentile(r["ttft"], 50),
-                                           "ttft_mean_s": sum(r["ttft"]) / n}
-    llm.engine.block_manager.caching = llm.engine.cfg.enable_prefix_caching
-    out["system_prompt_tokens"] = system_len
-    out["ttft_speedup"] = out["off"]["ttft_mean_s"] / out["on"]["ttft_mean_s"]
-    return out
-
-
-def bench_chunked(model: str, engine_kw: dict, long_len: int, chunk_budget: int) -> dict:
-    """While 8 requests decode, a long prompt arrives: their inter-token latency, chunked
-    prefill on vs off. Without chunking one step computes the whole prompt and every
-    running request stalls for it; with chunking each step adds at most a budget's worth."""
-    out = {}
-    for chunked in (False, True):
-        kw = dict(engine_kw, enable_chunked_prefill=chunked, enable_prefix_caching=False,
-                  max_model_len=long_len + 64, max_num_batched_tokens=chunk_budget if chunked else long_len + 64)
-        llm = LLM(model, **kw)
-        vocab = llm.engine.model_config.vocab_size
-        rng = np.random.default_rng(3)
-        prompts = [[1] + rng.integers(3, vocab, 16).tolist() for _ in range(8)]
-        prompts.append([1] + rng.integers(3, vocab, long_len - 1).tolist())
-        params = [SamplingParams(temperature=0, max_tokens=60, ignore_eos=True)] * 8 + \
-                 [SamplingParams(temperature=0, max_tokens=4, ignore_eos=True)]
-        llm.generate(prompts[0], SamplingParams(temperature=0, max_tokens=4))              # warm-up
-        r = run_timed(llm, prompts, params, arrivals=[0.0] * 8 + [0.3])
-        itl = [b - a for i in range(8) for a, b in zip(r["token_times"][i], r["token_times"][i][1:])]
-        out["chunked" if chunked else "unchunked"] = {
-            "itl_max_s": max(itl), "itl_p99_s": _percentile(itl, 99), "itl_p50_s": _percentile(itl, 50),
-            "long_prompt_ttft_s": r["ttft"][8]}
-        del llm
-        _free_memory()
-    out.update(long_prompt_tokens=long_len, chunk_budget=chunk_budget)
-    return out
-
-
-def bench_spec(model: str, draft: str, engine_kw: dict, ks: tuple[int, ...], n_tokens: int,
-               temperature: float = 0.0) -> dict:
-    """Batch-1 speedup of speculative decoding against the measured per-token acceptance
-    a and cost ratio c, beside the expected (1 - a^(k+1)) / ((1 - a)(k c + 1))."""
-    base = LLM(model, **engine_kw)
-    vocab = base.engine.model_config.vocab_size
-    prompts = [[1] + np.random.default_rng(s).integers(3, vocab, 24).tolist() for s in range(4)]
-    if base.tokenizer is not None:
-        prompts = ["def main():\n", "import os\nimport sys\n\n", "class Config:\n    def __init__(self",
-                   "    for i in range("]
-    params = [SamplingParams(temperature=temperature, max_tokens=n_tokens, ignore_eos=True, seed=i)
-              for i in range(len(prompts))]
-
-    def timed(llm: LLM) -> float:
-        llm.generate(prompts[0], SamplingParams(temperature=0, max_tokens=8))          # warm-up
-        t = time.perf_counter()
-        for pr, p in zip(prompts, params):                                           # batch 1
-            llm.generate(pr, p)
-        return time.perf_counter() - t
-
-    base_s = timed(base)
-    del base
-    _free_memory()
-    c = timed(LLM(draft, **engine_kw)) / base_s              # per-token cost, draft / target
-    rows = []
-    for k in ks:
-        _free_memory()
-        llm = LLM(model, draft_model=draft, num_speculative_tokens=k, **engine_kw)
-        s = timed(llm)
-        st = llm.stats()
-        del llm
-        a = st["spec_token_acceptance"]
-        expected = (1 - a ** (k + 1)) / ((1 - a) * (k * c + 1)) if a < 1 else (k + 1) / (k * c + 1)
-        rows.append({"k": k, "token_acceptance": a, "acceptance_rate": st["spec_acceptance_rate"],
-                     "tokens_per_step": st["spec_tokens_per_step"], "measured_speedup": base_s / s,
-                     "expected_speedup": expected})
-    return {"draft": str(draft), "temperature": temperature, "cost_ratio_c": c,
-            "target_tok_s": len(prompts) * n_tokens / base_s, "rows": rows}
-
-
-def bench_quant(model: str, engine_kw: dict, prompt_len: int = 256, new_tokens: int = 32) -> dict:
-    """Decode and prefill speed of int8 (per channel) and int4 (groups of 128) weights,
-    RTN, against bf16.
-
-    Weight-only quantization cuts the bytes a decode step must read; prefill is bound by
-    arithmetic, which dequantized weights do not reduce (the dequantization adds to it).
-    On a GPU the fused W4A16/W8A16 kernels read packed weights; on the CPU PyTorch's
-    weight-only int8/int4 kernels do (kernels.pack_for_cpu). The speedup shows only when
-    the weights do not fit in the CPU's caches: use a large model (random:tinyllama-1.1b)."""
-    import quant
-    rows = []
-    for label, bits, group in (("bf16", None, 0), ("int8", 8, 0), ("int4 g128", 4, 128)):
-        llm = LLM(model, **dict(engine_kw, dtype="bfloat16"))
-        eng = llm.engine
-        if bits:
-            quant.quantize_model(eng.model, torch.zeros(1, 1, dtype=torch.long), "rtn", bits, group)
-            eng.model.to(eng.device)
-        vocab = eng.model_config.vocab_size
-        prompt = [1] + np.random.default_rng(0).integers(3, vocab, prompt_len - 1).tolist()
-        llm.generate(prompt[:8], SamplingParams(temperature=0, max_tokens=4, ignore_eos=True))
-        out = llm.generate(prompt, SamplingParams(temperature=0, max_tokens=new_tokens, ignore_eos=True))[0]
-        rows.append({"weights": label, "prefill_tok_s": prompt_len / out.metrics["time_to_first_token"],
-                     "decode_tok_s": 1 / out.metrics["time_per_output_token"]})
-        del llm, eng
-        _free_memory()
-    for r in rows:
-        r["decode_speedup"] = r["decode_tok_s"] / rows[0]["decode_tok_s"]
-        r["prefill_speedup"] = r["prefill_tok_s"] / rows[0]["prefill_tok_s"]
-    return {"rows": rows, "prompt_tokens": prompt_len}
-
-
-def bench_sla(llm: LLM, levels: tuple[int, ...], gpu_hour_usd: float, api_usd_per_mtok: float,
-              lo: int, hi: int) -> dict:
-    """Per concurrency level: TTFT, per-user decode speed, the SLA verdict, and economics."""
-    rows = []
-    for c in levels:
-        prompts, params = nano_vllm_workload(llm.engine.model_config.vocab_size, c, lo, hi, seed=c)
-        r = run_timed(llm, prompts, params)
-        per_user = [len(ts) / (ts[-1] - ts[0] + 1e-9) if len(ts) > 1 else float("nan")
-                    for ts in r["token_times"].values()]
-        tps = r["output_tokens"] / r["elapsed"]
-        rows.append({"concurrency": c, "ttft_p50_s": _percentile(r["ttft"], 50),
-                     "ttft_p99_s": _percentile(r["ttft"], 99), "per_user_tok_s_p50": _percentile(per_user, 50),
-                     "throughput_tok_s": tps,
-                     "sla_ok": _percentile(r["ttft"], 99) < 0.5 and _percentile(per_user, 10) >= 30,
-                     "usd_per_mtok": gpu_hour_usd / (tps * 3600) * 1e6})
-    best = max(rows, key=lambda r: r["throughput_tok_s"])
-    daily_cost = gpu_hour_usd * 24
-    return {"rows": rows, "gpu_hour_usd": gpu_hour_usd, "api_usd_per_mtok": api_usd_per_mtok,
-            "daily_cost_usd": daily_cost,
-            "break_even_tokens_per_day": daily_cost / api_usd_per_mtok * 1e6,
-            "capacity_tokens_per_day": best["throughput_tok_s"] * 86400}
-
-
-def bench_server(llm: LLM, levels: tuple[int, ...], requests_per_client: int, max_tokens: int) -> dict:
-    """N concurrent streaming clients against the HTTP server on a loopback port."""
-    import http.client
-    import threading
-    server = make_server(llm, "127.0.0.1", 0)
-    port = server.server_address[1]
-    threading.Thread(target=server.serve_forever, daemon=True).start()
-    prompt = "def main():\n" if llm.tokenizer else [1, 10, 20, 30]
-    rows = []
-    try:
-        for n in levels:
-            ttft, itl, errors, tokens = [], [], [], [0]
-
-            def client(c: int) -> None:
-                for r in range(requests_per_client):
-                    try:
-                        conn = http.client.HTTPConnection("127.0.0.1", port, timeout=600)
-                        t0 = time.perf_counter()
-                        conn.request("POST", "/v1/completions", json.dumps(
-                            {"prompt": prompt, "max_tokens": max_tokens, "temperature": 0.8, "seed": c * 1000 + r,
-                             "ignore_eos": True, "stream": True}))
-                        resp = conn.getresponse()
-                        if resp.status != 200:
-                            errors.append(resp.status)
-                            continue
-                        last = None
-                        for line in resp:
-                            if line.startswith(b"data: {"):
-                                now = time.perf_counter()
-                                if last is None:
-                                    ttft.append(now - t0)
-                                else:
-                                    itl.append(now - last)
-                                last = now
-                                chunk = json.loads(line[6:])
-                                if chunk.get("usage"):
-                                    tokens[0] += chunk["usage"]["completion_tokens"]
-                        conn.close()
-                    except OSError as e:
-                        errors.append(repr(e))
-
-            t = time.perf_counter()
-            threads = [threading.Thread(target=client, args=(c,)) for c in range(n)]
-            for th in threads:
-                th.start()
-            for th in threads:
-                th.join()
-            elapsed = time.perf_counter() - t
-            rows.append({"clients": n, "requests": n * requests_per_client, "errors": len(errors),
-                         "ttft_p50_s": _percentile(ttft, 50), "ttft_p99_s": _percentile(ttft, 99),
-                         "itl_p50_s": _percentile(itl, 50), "itl_p99_s": _percentile(itl, 99),
-                         "throughput_tok_s": tokens[0] / elapsed})
-            _progress("server levels", len(rows), len(levels))
-    finally:
-        server.shutdown()
-        server.server_close()
-    return {"max_tokens": max_tokens, "rows": rows}
-
-
-def _table(title: str, rows: list[tuple[str, str]]) -> str:
-    return "\n".join([f"\n### {title}\n", "| figure | value |", "| --- | --- |"] +
-                     [f"| {k} | {v} |" for k, v in rows])
-
-
-BENCH_SUITES = ("latency", "overhead", "throughput", "memory", "prefix", "chunked", "spec", "quant", "sla", "server")
-
-
-def run_benchmarks(args: argparse.Namespace) -> int:
-    suites = args.bench or list(BENCH_SUITES)
-    for suite in suites:
-        if suite not in BENCH_SUITES:
-            raise ValueError(f"unknown benchmark suite {suite!r}; choose from {', '.join(BENCH_SUITES)}")
-    kw = engine_kwargs(args)
-    kw.pop("draft_model"), kw.pop("speculative_method"), kw.pop("num_speculative_tokens")
-    dev = kw["device"] or ("cuda" if torch.cuda.is_available() else "cpu")
-    kw["device"] = dev
-    shared_tok = HERE.parent / "shared" / "models" / "tokenizers" / "llama2" / "tokenizer.model"
-    preset = str(args.model)[len("random:"):] if str(args.model).startswith("random:") else None
-    if preset in PRESETS and PRESETS[preset]["vocab_size"] == 32000 and not kw["tokenizer"] and shared_tok.is_file():
-        kw["tokenizer"] = str(shared_tok)             # a real vocabulary for random weights
-    machine = torch.cuda.get_device_name() if dev == "cuda" else \
-        f"CPU ({os.cpu_count()} cores, {torch.get_num_threads()} threads)"
-    results: dict = {"machine": machine, "torch": torch.__version__, "model": args.model,
-                     "dtype": args.dtype, "random_weights": str(args.model).startswith("random:")}
-    small = dev == "cpu"
-    n = args.bench_requests or (48 if small else 256)
-    lo, hi = args.bench_lengths or ((32, 256) if small else (100, 1024))
-    print(f"# nanoserve benchmarks: {args.model} ({'random weights' if results['random_weights'] else 'trained'}),"
-          f" {args.dtype}, {machine}")
-    main: list[LLM] = []            # the engine most suites share, built when first needed
-
-    def shared() -> LLM:
-        if not main:
-            main.append(LLM(args.model, **kw))
-        return main[0]
-
-    for suite in suites:
-        print(f"[bench] {suite} ...", file=sys.stderr, flush=True)
-        if suite in ("chunked", "spec", "quant"):        # these build their own engines
-            llm = None
-            main.clear()
-            _free_memory()
-        else:
-            llm = shared()
-        if suite == "latency":
-            r = bench_latency(llm)
-            print(_table("Latency, batch 1", [
-                ("time to first token (128-token prompt)", f"{r['ttft_s'] * 1e3:.1f} ms"),
-                ("prefill", f"{r['prefill_tok_s']:.0f} tok/s"),
-                ("decode", f"{r['decode_tok_s']:.1f} tok/s" + (
-                    f" with CUDA graphs, {r['decode_tok_s_eager']:.1f} tok/s eager" if r["decode_tok_s_eager"] else "")),
-                ("weights read per token", f"{r['weight_bytes'] / 1e6:.1f} MB"),
-                ("achieved weight bandwidth", f"{r['achieved_weight_GBps']:.2f} GB/s = "
-                                              f"{100 * r['fraction_of_copy_bandwidth']:.1f}% of copy bandwidth "
-                                              f"({r['copy_bandwidth_GBps']:.1f} GB/s)"),
-                ("matmul peak measured", f"{r['matmul_TFLOPs'] * 1e3:.1f} GFLOP/s; ridge point "
-                                         f"{r['ridge_flops_per_byte']:.1f} FLOP/byte"),
-                ("decode arithmetic intensity", f"{r['decode_flops_per_byte']:.2f} FLOP/byte: {r['decode_verdict']}"),
-                ("prefill arithmetic intensity", f"{r['prefill_flops_per_byte']:.0f} FLOP/byte: "
-                                                 f"{r['prefill_verdict']}")]))
-        elif suite == "throughput":
-            r = bench_throughput(llm, n, lo, hi, static_batch=min(64, n))
-            llm = None
-            main.clear()                                 # room for the transformers model
-            _free_memory()
-            r["transformers_static"] = bench_hf_static(args.model, dev, args.dtype, n, lo, hi, min(64, n))
-            hf = r["transformers_static"]
-            print(_table(f"Throughput: {n} requests, prompt and output lengths uniform in [{lo}, {hi}]", [
-                ("continuous batching", f"{r['continuous_tok_s']:.0f} output tok/s ({r['continuous_s']:.1f} s)"),
-                (f"static batching (batch {r['static_batch']}, padded)",
-                 f"{r['static_tok_s']:.0f} output tok/s ({r['static_s']:.1f} s)"),
-                ("continuous / static", f"{r['speedup']:.2f}x"),
-                ("Hugging Face transformers generate (static batch, padded)",
-                 "not installed" if hf is None else f"{hf['tok_s']:.0f} output tok/s ({hf['seconds']:.1f} s, "
-                 f"transformers {hf['transformers']})")]))
-        elif suite == "memory":
-            r = bench_memory(llm, n, lo, hi)
-            print(_table("KV cache memory", [
-                ("KV bytes per token", f"{r['kv_bytes_per_token']:,} (MHA would need "
-                                       f"{r['kv_bytes_per_token_if_mha']:,}: GQA saves {r['gqa_saving']:.0f}x)"),
-                ("waste, paged blocks", f"{100 * r['paged_waste_fraction']:.1f}%"),
-                ("waste, max-length reservation", f"{100 * r['max_len_reservation_waste_fraction']:.1f}%"),
-                ("concurrent sequences in the same KV budget",
-                 f"paged {r['max_concurrent_seqs_paged']:,} vs reserved {r['max_concurrent_seqs_reserved']:,}")]))
-        elif suite == "prefix":
-            r = bench_prefix(llm, system_len=min(1024, llm.engine.max_model_len - 64), n=8)
-            print(_table(f"Prefix caching: 8 requests sharing a {r['system_prompt_tokens']}-token system prompt", [
-                ("TTFT, caching off", f"{r['off']['ttft_mean_s'] * 1e3:.1f} ms mean"),
-                ("TTFT, caching on", f"{r['on']['ttft_mean_s'] * 1e3:.1f} ms mean"),
-                ("speedup", f"{r['ttft_speedup']:.1f}x")]))
-        elif suite == "chunked":
-            model = args.model if str(args.model).startswith("random:") else "random:nanocoder-5m-8k"
-            r = bench_chunked(model, kw, long_len=4000, chunk_budget=512)
-            print(_table(f"Chunked prefill: a {r['long_prompt_tokens']}-token prompt arrives while 8 requests "
-                         f"decode ({model})", [
-                (f"{name}: running requests' inter-token latency",
-                 f"max {v['itl_max_s'] * 1e3:.0f} ms, p99 {v['itl_p99_s'] * 1e3:.0f} ms, "
-                 f"p50 {v['itl_p50_s'] * 1e3:.1f} ms; long prompt TTFT {v['long_prompt_ttft_s']:.2f} s")
-                for name, v in (("without chunking", r["unchunked"]),
-                                (f"chunked (budget {r['chunk_budget']})", r["chunked"]))]))
-        elif suite == "spec":
-            drafts = [args.draft] if args.draft else \
-                [str(d) for d in (DEFAULT_DRAFT, HERE / "models" / "nanocoder-1m-nokd")
-                 if Path(args.model).resolve() == DEFAULT_MODEL.resolve() and d.is_dir()]
-            if not drafts:
-                print("\n(spec: pass --draft DIR)")
-                continue
-            r = {}
-            for draft in drafts:
-                for temperature in (0.0, 1.0):
-                    res = bench_spec(args.model, draft, kw, (2, 4, 8), n_tokens=96, temperature=temperature)
-                    r[f"{Path(draft).name}@T={temperature:g}"] = res
-                    print(_table(f"Speculative decoding, batch 1, temperature {temperature:g}, draft "
-                                 f"{Path(draft).name} (cost ratio c = {res['cost_ratio_c']:.2f}, target alone "
-                                 f"{res['target_tok_s']:.0f} tok/s)", [
-                        (f"k = {row['k']}", f"per-token acceptance a = {row['token_acceptance']:.2f} "
-                         f"(accepted/proposed {row['acceptance_rate']:.2f}, {row['tokens_per_step']:.2f} tokens "
-                         f"per target step); speedup measured {row['measured_speedup']:.2f}x, expected "
-                         f"{row['expected_speedup']:.2f}x") for row in res["rows"]]))
-        elif suite == "sla":
-            r = bench_sla(llm, (1, 4, 16, 64) if small else (1, 16, 64, 256), args.gpu_hour_usd,
-                          args.api_usd_per_mtok, lo, hi)
-            print(_table(f"SLA (TTFT p99 < 500 ms, >= 30 tok/s per user) and cost at ${args.gpu_hour_usd}/hour", [
-                (f"concurrency {row['concurrency']}",
-                 f"TTFT p50 {row['ttft_p50_s'] * 1e3:.0f} ms / p99 {row['ttft_p99_s'] * 1e3:.0f} ms, "
-                 f"{row['per_user_tok_s_p50']:.0f} tok/s per user, {row['throughput_tok_s']:.0f} tok/s total, "
-                 f"SLA {'met' if row['sla_ok'] else 'missed'}, ${row['usd_per_mtok']:.2f} per 1M tokens")
-                for row in r["rows"]] + [
-                ("self-hosting beats the API above", f"{r['break_even_tokens_per_day'] / 1e6:.0f}M tokens/day "
-                 f"(API ${r['api_usd_per_mtok']}/1M; this machine serves at most "
-                 f"{r['capacity_tokens_per_day'] / 1e6:.0f}M/day)")]))
-        elif suite == "overhead":
-            r = bench_overhead(llm)
-            print(_table("Decode speed and scheduler overhead per step", [
-                (f"batch {row['batch']}", f"{row['decode_tok_s']:.0f} tok/s; per step: schedule "
-                 f"{row['schedule_ms_per_step']:.2f} ms, model {row['model_ms_per_step']:.2f} ms (incl. batch "
-                 f"preparation), sampling and outputs {row['sample_and_output_ms_per_step']:.2f} ms")
-                for row in r["rows"]]))
-        elif suite == "quant":
-            r = bench_quant(args.model, kw)
-            print(_table("Weight-only quantization (RTN; int8 per channel, int4 groups of 128) against bf16, "
-                         "batch 1", [
-                (row["weights"], f"decode {row['decode_tok_s']:.1f} tok/s ({row['decode_speedup']:.2f}x), "
-                                 f"prefill {row['prefill_tok_s']:.0f} tok/s ({row['prefill_speedup']:.2f}x)")
-                for row in r["rows"]]))
-        elif suite == "server":
-            r = bench_server(llm, (1, 8, 32, 64), requests_per_client=4, max_tokens=64)
-            print(_table(f"Server load: N streaming clients, 4 requests each, {r['max_tokens']} tokens per request", [
-                (f"{row['clients']} clients", f"TTFT p50 {row['ttft_p50_s'] * 1e3:.0f} ms / p99 "
-                 f"{row['ttft_p99_s'] * 1e3:.0f} ms, inter-token p50 {row['itl_p50_s'] * 1e3:.1f} ms / p99 "
-                 f"{row['itl_p99_s'] * 1e3:.1f} ms, {row['throughput_tok_s']:.0f} tok/s, {row['errors']} errors")
-                for row in r["rows"]]))
-        results[suite] = r
-        sys.stdout.flush()
-    if args.bench_out:
-        Path(args.bench_out).write_text(json.dumps(results, indent=2, default=float) + "\n")
-        print(f"\n[bench] wrote {args.bench_out}", file=sys.stderr)
-    return 0
+def make_server(llm: LLM, host: str = "127.0.0.1", port: int = 8000, model_name: str | None = None,
+                max_waiting: int = 256, max_body_bytes: int = 1 << 20) -> OpenAIServer:
+    """Build (not start) the server; `.serve_forever()` runs it, `.async_engine` is its loop."""
+    return OpenAIServer(llm, host, port, model_name, max_waiting, max_body_bytes)
 
 
 # ============================================================================ CLI
 
-def build_parser() -> argparse.ArgumentParser:
-    p = argparse.ArgumentParser(description="nanoserve: a minimal LLM inference server")
+def add_engine_args(p: argparse.ArgumentParser) -> None:
+    """The flags that build an LLM (shared with tools/bench.py)."""
     p.add_argument("--model", default=str(DEFAULT_MODEL), help="Hugging Face checkpoint directory")
     p.add_argument("--tokenizer", default=None, help="tokenizer.model (default: the model's)")
-    p.add_argument("--prompt", help="generate a continuation of this text and stream it")
-    p.add_argument("--serve", action="store_true", help="run the OpenAI-compatible HTTP server")
-    p.add_argument("--host", default="127.0.0.1")
-    p.add_argument("--port", type=int, default=8000)
-    p.add_argument("--max-waiting", type=int, default=256, help="queued requests before answering 429")
-    p.add_argument("--draft", default=None, help="draft model directory for speculative decoding")
-    p.add_argument("--speculative-method", default=None, choices=["draft", "ngram"])
-    p.add_argument("--num-speculative-tokens", type=int, default=0)
-    p.add_argument("--bench", nargs="*", default=None, metavar="SUITE",
-                   help="run benchmarks: latency overhead throughput memory prefix chunked spec quant sla server "
-                        "(default: all)")
-    p.add_argument("--bench-out", default=None, help="write benchmark numbers to this JSON file")
-    p.add_argument("--bench-requests", type=int, default=None, help="requests in the throughput workload")
-    p.add_argument("--bench-lengths", type=int, nargs=2, default=None, metavar=("LO", "HI"),
-                   help="prompt and output lengths, uniform in [LO, HI] (default: 32 256 on CPU, 100 1024)")
-    p.add_argument("--gpu-hour-usd", type=float, default=8.0)
-    p.add_argument("--api-usd-per-mtok", type=float, default=0.5, help="API price per 1M output tokens")
-    p.add_argument("--max-tokens", type=int, default=128)
-    p.add_argument("--temperature", type=float, default=0.8)
-    p.add_argument("--top-p", type=float, default=0.95)
-    p.add_argument("--top-k", type=int, default=0)
-    p.add_argument("--seed", type=int, default=None)
-    p.add_argument("--stop", action="append", default=None, help="stop string (repeatable)")
     p.add_argument("--device", default=None, choices=["cpu", "cuda"])
     p.add_argument("--dtype", default="float32", choices=sorted(DTYPES))
     p.add_argument("--block-size", type=int, default=16)
@@ -2578,10 +2186,13 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--no-prefix-caching", action="store_true")
     p.add_argument("--no-chunked-prefill", action="store_true")
     p.add_argument("--enforce-eager", action="store_true", help="no CUDA graphs for decode steps")
-    return p
+    p.add_argument("--draft", default=None, help="draft model directory for speculative decoding")
+    p.add_argument("--speculative-method", default=None, choices=["draft", "ngram"])
+    p.add_argument("--num-speculative-tokens", type=int, default=0)
 
 
-def engine_kwargs(args: argparse.Namespace) -> dict:
+def llm_kwargs_from_args(args: argparse.Namespace) -> dict:
+    """argparse flags (add_engine_args) -> LLM(...) keyword arguments."""
     return dict(device=args.device, dtype=args.dtype, tokenizer=args.tokenizer,
                 block_size=args.block_size, num_blocks=args.num_blocks,
                 max_num_seqs=args.max_num_seqs, max_num_batched_tokens=args.max_num_batched_tokens,
@@ -2591,8 +2202,26 @@ def engine_kwargs(args: argparse.Namespace) -> dict:
                 num_speculative_tokens=args.num_speculative_tokens, enforce_eager=args.enforce_eager)
 
 
+def build_parser() -> argparse.ArgumentParser:
+    p = argparse.ArgumentParser(description="nanoserve: a minimal LLM inference server "
+                                            "(benchmarks: tools/bench.py; quantization: quant.py)")
+    p.add_argument("--prompt", help="generate a continuation of this text and stream it")
+    p.add_argument("--serve", action="store_true", help="run the OpenAI-compatible HTTP server")
+    p.add_argument("--host", default="127.0.0.1")
+    p.add_argument("--port", type=int, default=8000)
+    p.add_argument("--max-waiting", type=int, default=256, help="queued requests before answering 429")
+    p.add_argument("--max-tokens", type=int, default=128)
+    p.add_argument("--temperature", type=float, default=0.8)
+    p.add_argument("--top-p", type=float, default=0.95)
+    p.add_argument("--top-k", type=int, default=0)
+    p.add_argument("--seed", type=int, default=None)
+    p.add_argument("--stop", action="append", default=None, help="stop string (repeatable)")
+    add_engine_args(p)
+    return p
+
+
 def serve(args: argparse.Namespace) -> int:
-    llm = LLM(args.model, **engine_kwargs(args))
+    llm = LLM(args.model, **llm_kwargs_from_args(args))
     server = make_server(llm, args.host, args.port, max_waiting=args.max_waiting)
     host, port = server.server_address[:2]
     print(f"[nanoserve] serving {args.model} on http://{host}:{port}/v1 "
@@ -2606,31 +2235,33 @@ def serve(args: argparse.Namespace) -> int:
     return 0
 
 
+def generate_to_stdout(args: argparse.Namespace) -> int:
+    """--prompt: stream one completion to stdout, then a one-line summary to stderr."""
+    params = SamplingParams(temperature=args.temperature, top_p=args.top_p, top_k=args.top_k,
+                            max_tokens=args.max_tokens, seed=args.seed, stop=args.stop)
+    llm = LLM(args.model, **llm_kwargs_from_args(args))
+    out = None
+    for out in llm.stream(args.prompt, params):
+        sys.stdout.write(out.delta)
+        sys.stdout.flush()
+    sys.stdout.write("\n")
+    m, st = out.metrics, llm.stats()
+    tpot = m["time_per_output_token"]
+    print(f"[nanoserve] {len(out.token_ids)} tokens, finish={out.finish_reason}, "
+          f"TTFT {m['time_to_first_token'] * 1000:.1f} ms, decode "
+          f"{(1 / tpot) if tpot else float('nan'):.1f} tok/s, KV blocks used "
+          f"{st['kv_blocks_peak']}/{st['kv_blocks_total']} (peak)", file=sys.stderr)
+    return 0
+
+
 def main(argv: list[str] | None = None) -> int:
     args = build_parser().parse_args(argv)
     try:
         if args.serve:
             return serve(args)
-        if args.bench is not None:
-            return run_benchmarks(args)
         if args.prompt is None:
-            raise ValueError("nothing to do: pass --prompt TEXT, --serve or --bench")
-        params = SamplingParams(temperature=args.temperature, top_p=args.top_p, top_k=args.top_k,
-                                max_tokens=args.max_tokens, seed=args.seed, stop=args.stop)
-        llm = LLM(args.model, **engine_kwargs(args))
-        out = None
-        for out in llm.stream(args.prompt, params):
-            sys.stdout.write(out.delta)
-            sys.stdout.flush()
-        sys.stdout.write("\n")
-        m, st = out.metrics, llm.stats()
-        tpot = m["time_per_output_token"]
-        print(f"[nanoserve] {len(out.token_ids)} tokens, finish={out.finish_reason}, "
-              f"TTFT {m['time_to_first_token'] * 1000:.1f} ms, decode "
-              f"{(1 / tpot) if tpot else float('nan'):.1f} tok/s, KV blocks used "
-              f"{st['kv_blocks_peak']}/{st['kv_blocks_total']} (peak)",
-              file=sys.stderr)
-        return 0
+            raise ValueError("nothing to do: pass --prompt TEXT or --serve (benchmarks: tools/bench.py)")
+        return generate_to_stdout(args)
     except (ValueError, FileNotFoundError, OSError) as e:
         print(f"nanoserve: error: {e}", file=sys.stderr)
         return 2

@@ -8,8 +8,10 @@ for memory-bound decode and small for compute-bound prefill.
 
     python quant.py --model models/nanocoder-5m --method gptq --bits 4 --group-size 32 --out /tmp/q4
 
-This module works on modules and calibration batches handed to it; only the command-line
-entry point imports nanoserve, to load a model (imports point one way).
+The layer that runs a quantized checkpoint (nanoserve.QuantLinear) and its packed
+format live with the model in nanoserve.py; this module holds the algorithms that
+produce the codes, the layer-by-layer calibration and the command line. Imports point
+one way: quant -> nanoserve -> kernels.
 """
 
 from __future__ import annotations
@@ -27,9 +29,8 @@ import torch.nn as nn
 from torch import Tensor
 
 import kernels
-
-LINEARS = ("self_attn.q_proj", "self_attn.k_proj", "self_attn.v_proj", "self_attn.o_proj",
-           "mlp.gate_proj", "mlp.up_proj", "mlp.down_proj")
+import nanoserve
+from nanoserve import LlamaForCausalLM, QuantLinear, set_module
 
 
 # ============================================================================ round to nearest
@@ -87,105 +88,6 @@ def _check(W: Tensor, bits: int, group_size: int) -> None:
         raise ValueError(f"group_size must be >= 0 (0: per output channel), got {group_size}")
     if W.dim() != 2:
         raise ValueError(f"expected a 2-D weight, got shape {tuple(W.shape)}")
-
-
-# ============================================================================ packing
-# Codes of 4 bits or fewer are stored two per byte: byte = low | high << 4, with signed
-# codes offset by 8 into [0, 15] (kernels.unpack_int4 is the inverse, next to the kernels
-# that read this layout). 8-bit codes are stored as int8 (symmetric) or uint8.
-
-def pack_int4(codes: Tensor, signed: bool) -> Tensor:
-    """(out, in) integer codes -> (out, ceil(in / 2)) uint8."""
-    u = (codes.to(torch.int16) + (8 if signed else 0)).to(torch.uint8)
-    if u.shape[1] % 2:
-        u = torch.cat([u, torch.zeros_like(u[:, :1])], dim=1)
-    return u[:, 0::2] | (u[:, 1::2] << 4)
-
-
-# ============================================================================ the module
-
-class QuantLinear(nn.Module):
-    """A bias-free linear layer with integer weights and per-group scales.
-
-    Buffers (names as saved in a quantized checkpoint):
-        qweight (out, ceil(in / 2)) uint8 for bits <= 4; (out, in) int8 (uint8 with zeros) for 8
-        scales  (out, n_groups) float
-        zeros   (out, n_groups) float, asymmetric only
-    The forward pass is kernels.quant_linear: the reference twin dequantizes, then
-    multiplies; the CUDA kernel reads the packed weights directly (batches up to 16 rows),
-    and on the CPU PyTorch's int8/int4 weight-only kernels do (kernels.pack_for_cpu).
-    """
-
-    def __init__(self, in_features: int, out_features: int, bits: int, group_size: int,
-                 symmetric: bool, device: torch.device | str | None = None, dtype: torch.dtype = torch.float32):
-        super().__init__()
-        self.in_features, self.out_features = in_features, out_features
-        self.bits, self.group_size, self.symmetric = bits, group_size, symmetric
-        n_groups = math.ceil(in_features / (group_size or in_features))
-        packed = bits <= 4
-        self.register_buffer("qweight", torch.empty(out_features, (in_features + 1) // 2 if packed else in_features,
-                                                    dtype=torch.int8 if symmetric and not packed else torch.uint8,
-                                                    device=device))
-        self.register_buffer("scales", torch.empty(out_features, n_groups, dtype=dtype, device=device))
-        if not symmetric:
-            self.register_buffer("zeros", torch.empty(out_features, n_groups, dtype=dtype, device=device))
-        else:
-            self.zeros = None
-        self.cpu_cache: dict = {}     # the weight repacked for PyTorch's CPU kernels, made on first use
-
-    @classmethod
-    def from_codes(cls, codes: Tensor, scale: Tensor, zero: Tensor | None, bits: int, group_size: int,
-                   dtype: torch.dtype) -> "QuantLinear":
-        m = cls(codes.shape[1], codes.shape[0], bits, group_size, zero is None, codes.device, dtype)
-        m.qweight = pack_int4(codes, zero is None) if bits <= 4 else codes.to(m.qweight.dtype)
-        m.scales = scale.to(dtype)
-        if zero is not None:
-            m.zeros = zero.to(dtype)
-        return m
-
-    def codes(self) -> Tensor:
-        if self.bits <= 4:
-            return kernels.unpack_int4(self.qweight, self.in_features, self.symmetric)
-        return self.qweight
-
-    def dequantize(self) -> Tensor:
-        return kernels.dequantize_ref(self.codes(), self.scales, self.zeros, self.group_size)
-
-    def forward(self, x: Tensor) -> Tensor:
-        return kernels.quant_linear(x, self.qweight, self.scales, self.zeros, self.bits, self.group_size,
-                                    self.cpu_cache)
-
-    # New or reloaded buffers invalidate the CPU repacking.
-    def _apply(self, fn, *args, **kwargs):
-        self.cpu_cache.clear()
-        return super()._apply(fn, *args, **kwargs)
-
-    def _load_from_state_dict(self, *args, **kwargs):
-        self.cpu_cache.clear()
-        super()._load_from_state_dict(*args, **kwargs)
-
-    def extra_repr(self) -> str:
-        return (f"in={self.in_features}, out={self.out_features}, bits={self.bits}, "
-                f"group_size={self.group_size}, symmetric={self.symmetric}")
-
-
-def _set_module(root: nn.Module, name: str, module: nn.Module) -> None:
-    parent, _, child = name.rpartition(".")
-    setattr(root.get_submodule(parent) if parent else root, child, module)
-
-
-def linear_names(model: nn.Module) -> list[str]:
-    """Quantized layers: every projection of every decoder layer (not embeddings or lm_head)."""
-    return [f"model.layers.{i}.{n}" for i in range(len(model.model.layers)) for n in LINEARS]
-
-
-def prepare_quantized_model(model: nn.Module, quant_config: dict) -> None:
-    """Swap nn.Linear for empty QuantLinear modules so a quantized state dict can be loaded."""
-    bits, G, sym = quant_config["bits"], quant_config["group_size"], quant_config.get("symmetric", True)
-    for name in linear_names(model):
-        lin = model.get_submodule(name)
-        _set_module(model, name, QuantLinear(lin.in_features, lin.out_features, bits, G, sym,
-                                             device=lin.weight.device, dtype=lin.weight.dtype))
 
 
 # ============================================================================ GPTQ
@@ -300,13 +202,14 @@ def _record_inputs(layer: nn.Module, names: tuple[str, ...], run: Callable[[], N
 
 
 @torch.no_grad()
-def quantize_model(model: nn.Module, calib: Tensor, method: str, bits: int, group_size: int,
+def quantize_model(model: LlamaForCausalLM, calib: Tensor, method: str, bits: int, group_size: int,
                    symmetric: bool = True, act_order: bool = False,
                    progress: Callable[[str], None] = lambda s: None) -> dict:
     """Quantize every decoder projection of `model` in place (nn.Linear -> QuantLinear).
 
-    model: a nanoserve LlamaForCausalLM (uses .model.embed_tokens, .model.layers[i].forward_dense,
-    .dense_rope). calib: (B, T) token ids. method: rtn | gptq | awq. -> quantize_config dict.
+    Uses the model's public pieces: model.embed_tokens, each layer's forward_dense (plain
+    causal attention, no KV cache) and dense_rope. calib: (B, T) token ids.
+    method: rtn | gptq | awq. -> the quantize_config dict a checkpoint records.
     """
     if method not in ("rtn", "gptq", "awq"):
         raise ValueError(f"method must be rtn, gptq or awq, got {method!r}")
@@ -336,7 +239,7 @@ def quantize_model(model: nn.Module, calib: Tensor, method: str, bits: int, grou
                     codes, scale, zero = gptq_quantize(W, H, bits, group_size, symmetric, act_order=act_order)
                 else:
                     codes, scale, zero = quantize_rtn(W, bits, group_size, symmetric)
-                _set_module(layer, name, QuantLinear.from_codes(codes, scale, zero, bits, group_size,
+                set_module(layer, name, QuantLinear.from_codes(codes, scale, zero, bits, group_size,
                                                                 torch.float32))
         if method != "rtn":
             x = layer.forward_dense(x, rope)            # the next layer sees quantized outputs
@@ -371,8 +274,7 @@ def _awq_stage(layer: nn.Module, stage: tuple[str, ...], X: Tensor, bits: int, g
 
 # ============================================================================ checkpoints
 
-def save_quantized(model: nn.Module, src_dir: Path, out_dir: Path, quant_config: dict,
-                   save_safetensors: Callable) -> None:
+def save_quantized(model: LlamaForCausalLM, src_dir: Path, out_dir: Path, quant_config: dict) -> None:
     """config.json, tokenizer.model, quantize_config.json and model.safetensors (qweight/scales/zeros)."""
     out_dir.mkdir(parents=True, exist_ok=True)
     for f in ("config.json", "tokenizer.model"):
@@ -380,7 +282,8 @@ def save_quantized(model: nn.Module, src_dir: Path, out_dir: Path, quant_config:
             shutil.copy(src_dir / f, out_dir / f)
     state = {k: v for k, v in model.state_dict().items()
              if not (k == "lm_head.weight" and model.config.tie_word_embeddings)}
-    save_safetensors(state, out_dir / "model.safetensors", {"format": "pt", "quantization": json.dumps(quant_config)})
+    nanoserve.save_safetensors(state, out_dir / "model.safetensors",
+                               {"format": "pt", "quantization": json.dumps(quant_config)})
     (out_dir / "quantize_config.json").write_text(json.dumps(quant_config, indent=2) + "\n")
 
 
@@ -411,7 +314,6 @@ def main(argv: list[str] | None = None) -> int:
     ap.add_argument("--calib-samples", type=int, default=32)
     ap.add_argument("--calib-len", type=int, default=256)
     args = ap.parse_args(argv)
-    import nanoserve
     try:
         if args.group_size < 0:
             raise ValueError(f"--group-size must be >= 0, got {args.group_size}")
@@ -429,7 +331,7 @@ def main(argv: list[str] | None = None) -> int:
         calib = read_calibration(args.calib, tok, sample, args.calib_samples, L)
         cfg = quantize_model(model, calib, args.method, args.bits, args.group_size, not args.asymmetric,
                              args.act_order, progress=lambda s: print(f"[quant] {s}", file=sys.stderr))
-        save_quantized(model, Path(args.model), Path(args.out), cfg, nanoserve.save_safetensors)
+        save_quantized(model, Path(args.model), Path(args.out), cfg)
         print(f"[quant] wrote {args.out}", file=sys.stderr)
         return 0
     except (ValueError, FileNotFoundError) as e:

@@ -44,7 +44,7 @@ def test_cuda_graph_decode_equals_eager_decode(model_dirs):
         llm = LLM(model_dir, device="cuda", dtype="float32")
         graphed = llm.generate(prompts, p)
         assert [o.token_ids for o in graphed] == [o.token_ids for o in eager]
-        graphs = llm.engine.decode_graphs[id(llm.engine.model)]
+        graphs = llm.engine.runner.graphs
         assert graphs.capture and len(graphs.graphs) >= 3 and graphs.steps > 0
         assert llm.stats()["kv_blocks_free"] == llm.stats()["kv_blocks_total"]
 

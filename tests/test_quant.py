@@ -37,7 +37,7 @@ def test_rtn_error_is_at_most_half_a_step(bits, group_size, symmetric):
 def test_int4_pack_unpack_round_trip(signed):
     lo, hi = (-8, 7) if signed else (0, 15)
     codes = torch.randint(lo, hi + 1, (16, 37), dtype=torch.int8)
-    packed = quant.pack_int4(codes, signed)
+    packed = nanoserve.pack_int4(codes, signed)
     assert packed.dtype == torch.uint8 and packed.shape == (16, 19)   # two per byte
     assert torch.equal(kernels.unpack_int4(packed, 37, signed), codes)
 
@@ -52,7 +52,7 @@ def test_cpu_weight_only_kernels_match_the_reference_twin(bits, group_size, symm
     so about 2^-8 relative per product; 2e-2 of the output's max covers it."""
     torch.manual_seed(bits + group_size)
     W = torch.randn(96, 512)
-    layer = quant.QuantLinear.from_codes(*quant.quantize_rtn(W, bits, group_size, symmetric), bits, group_size,
+    layer = nanoserve.QuantLinear.from_codes(*quant.quantize_rtn(W, bits, group_size, symmetric), bits, group_size,
                                          dtype)
     x = torch.randn(2, 5, 512, dtype=dtype)
     y = layer(x)                                                       # the CPU kernels
@@ -69,7 +69,7 @@ def test_cpu_weight_only_kernels_fall_back_where_the_layout_does_not_fit():
     # K = 172 (not a multiple of 64), N = 40 (not of 16), int8 in groups, int3, int4 per channel.
     for (N, K), bits, G in (((48, 172), 8, 0), ((48, 172), 4, 32), ((40, 256), 4, 32), ((48, 256), 8, 32),
                             ((48, 256), 3, 32), ((48, 256), 4, 0)):
-        layer = quant.QuantLinear.from_codes(*quant.quantize_rtn(torch.randn(N, K), bits, G, True), bits, G,
+        layer = nanoserve.QuantLinear.from_codes(*quant.quantize_rtn(torch.randn(N, K), bits, G, True), bits, G,
                                              torch.float32)
         assert kernels.pack_for_cpu(layer.qweight, layer.scales, layer.zeros, bits, G, K, torch.float32) is None
         x = torch.randn(3, K)
@@ -124,11 +124,11 @@ def test_quantized_checkpoint_round_trips_bit_exactly_and_the_engine_runs_it(sma
     calib = torch.randint(3, vocab, (8, 64), generator=torch.Generator().manual_seed(0))
     cfg = quant.quantize_model(model, calib, method, bits, group)
     out = tmp_path / "q"
-    quant.save_quantized(model, small_model, out, cfg, nanoserve.save_safetensors)
+    quant.save_quantized(model, small_model, out, cfg)
     qllm = LLM(out, device="cpu", max_num_batched_tokens=32)
     for name, t in model.state_dict().items():
         assert torch.equal(qllm.engine.model.state_dict()[name], t), name
-    assert isinstance(qllm.engine.model.model.layers[0].mlp.down_proj, quant.QuantLinear)
+    assert isinstance(qllm.engine.model.model.layers[0].mlp.down_proj, nanoserve.QuantLinear)
     prompts = [[1, 20, 30, 40] * k for k in range(1, 6)]
     p = SamplingParams(temperature=0, max_tokens=12, ignore_eos=True)
     outs = qllm.generate(prompts, p)

@@ -101,7 +101,8 @@ def test_speculation_with_preemption_chunking_prefix_caching_and_seeds(pair):
         # its computed tokens need (plus what the next step allocated), in both caches.
         for s in eng.scheduler.running:
             assert len(s.block_table) <= eng.block_manager.blocks_needed(s.num_computed + 1)
-            assert len(s.draft_block_table) <= eng.block_manager.blocks_needed(s.draft_num_computed)
+            st = eng.speculator.state.get(s)
+            assert st is None or len(st.block_table) <= eng.block_manager.blocks_needed(st.num_computed)
     assert [done[i] for i in ids] == ref
     assert spec.stats()["preemptions"] > 0 and spec.stats()["prefix_cache_hit_rate"] > 0
     assert eng.block_manager.num_free == 100 and eng.speculator.bm.num_free == 100
@@ -124,9 +125,9 @@ def test_speculation_through_the_decode_graph_path(pair):
         greedy = SamplingParams(temperature=0, max_tokens=24, ignore_eos=True)
         ref = [o.token_ids for o in LLM(target, device="cpu").generate(prompts, greedy)]
         spec = LLM(target, device="cpu", draft_model=draft, num_speculative_tokens=3)
-        spec.engine.use_graphs = True
+        spec.engine.runner.use_graphs = spec.engine.speculator.runner.use_graphs = True
         assert [o.token_ids for o in spec.generate(prompts, greedy)] == ref
-        assert spec.engine.decode_graphs[id(spec.engine.speculator.draft)].steps > 0
+        assert spec.engine.speculator.runner.graphs.steps > 0
 
 
 # ----------------------------------------------------------------------------- distribution

@@ -40,11 +40,11 @@ step kernels 200 $PY kernels.py
 step gpu_tests 150 $PY -m pytest -q -x tests/test_kernels_gpu.py
 # 3. Llama-2-7B shape, bf16, batch 1: decode with and without CUDA graphs against the copy
 #    roofline (goal >= 205 tok/s), and int8/int4 decode and prefill against bf16 (goal >= 3x).
-step llama7b 240 $PY nanoserve.py --model random:llama-2-7b --dtype bfloat16 --max-model-len 1024 \
-    --bench latency quant --bench-out "$OUT/llama7b.json"
+step llama7b 240 $PY tools/bench.py latency quant --model random:llama-2-7b --dtype bfloat16 --max-model-len 1024 \
+    --out "$OUT/llama7b.json"
 # 4. TinyLlama shape: batch-1 decode (goal >= 800 tok/s) and the nano-vllm workload.
-step tinyllama 200 $PY nanoserve.py --model random:tinyllama-1.1b --dtype bfloat16 \
-    --bench latency throughput --bench-out "$OUT/tinyllama.json"
+step tinyllama 200 $PY tools/bench.py latency throughput --model random:tinyllama-1.1b --dtype bfloat16 \
+    --out "$OUT/tinyllama.json"
 
 echo
 for f in kernels gpu_tests llama7b tinyllama; do

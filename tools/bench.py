@@ -1,0 +1,730 @@
+"""Benchmarks: each of nanoserve's claims as a measured number.
+
+    python tools/bench.py [SUITE ...] [--model DIR | random:PRESET] [--device cuda] [--out FILE]
+
+Suites (default: all): latency overhead throughput memory prefix chunked spec quant sla
+server. Each prints one Markdown table; --out writes every number as JSON. Timings on a
+shared or small machine are noisy: compare figures measured in the same run. Random-weight
+presets of real shapes (random:llama-2-7b, random:tinyllama-1.1b, ...) measure speed
+where no checkpoint is at hand.
+"""
+
+from __future__ import annotations
+
+import argparse
+import gc
+import http.client
+import importlib.util
+import json
+import os
+import sys
+import threading
+import time
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Callable
+
+import numpy as np
+import torch
+
+ROOT = Path(__file__).resolve().parent.parent
+sys.path.insert(0, str(ROOT))
+import nanoserve  # noqa: E402
+import quant  # noqa: E402
+from nanoserve import DTYPES, LLM, SamplingParams  # noqa: E402
+
+SHARED_LLAMA2_TOKENIZER = ROOT.parent / "shared" / "models" / "tokenizers" / "llama2" / "tokenizer.model"
+
+
+# ============================================================================ measurements
+
+def _sync(device: torch.device) -> None:
+    if device.type == "cuda":
+        torch.cuda.synchronize(device)
+
+
+def _percentile(xs: list[float], q: float) -> float:
+    if not xs:
+        return float("nan")
+    xs = sorted(xs)
+    return xs[min(len(xs) - 1, int(round(q / 100 * (len(xs) - 1))))]
+
+
+def _progress(label: str, done: int, total: int) -> None:
+    if sys.stderr.isatty() or os.environ.get("NANOSERVE_PROGRESS"):
+        print(f"\r[bench] {label}: {done}/{total}", end="" if done < total else "\n",
+              file=sys.stderr, flush=True)
+
+
+def _free_memory() -> None:
+    """Let go of engines already dropped: on a GPU each engine sizes its KV pool from the
+    memory that is free when it starts, so the previous one must be gone first."""
+    gc.collect()
+    if torch.cuda.is_available():
+        torch.cuda.empty_cache()
+
+
+def measure_copy_bandwidth(device: torch.device, nbytes: int = 256 << 20) -> float:
+    """Device-to-device copy, bytes read + written per second: the practical bandwidth ceiling."""
+    a = torch.empty(nbytes // 4, dtype=torch.float32, device=device).uniform_()
+    b = torch.empty_like(a)
+    b.copy_(a)
+    times = []
+    for _ in range(5):
+        _sync(device)
+        t = time.perf_counter()
+        b.copy_(a)
+        _sync(device)
+        times.append(time.perf_counter() - t)
+    return 2 * nbytes / min(times)
+
+
+def measure_matmul_flops(device: torch.device, dtype: torch.dtype, n: int = 1024) -> float:
+    a = torch.randn(n, n, device=device).to(dtype)
+    b = torch.randn(n, n, device=device).to(dtype)
+    a @ b
+    times = []
+    for _ in range(5):
+        _sync(device)
+        t = time.perf_counter()
+        a @ b
+        _sync(device)
+        times.append(time.perf_counter() - t)
+    return 2 * n ** 3 / min(times)
+
+
+def run_timed(llm: LLM, prompts: list, params: list[SamplingParams],
+              arrivals: list[float] | None = None) -> dict:
+    """Run requests to completion, arriving at the given offsets (default: all at once);
+    -> per-request TTFT, token times and totals."""
+    eng = llm.engine
+    arrivals = arrivals or [0.0] * len(prompts)
+    order = sorted(range(len(prompts)), key=lambda i: arrivals[i])
+    t0 = time.perf_counter()
+    ids: dict[str, int] = {}
+    token_times: dict[int, list[float]] = {i: [] for i in range(len(prompts))}
+    ttft: dict[int, float] = {}
+    nxt, done = 0, 0
+    while done < len(prompts):
+        now = time.perf_counter() - t0
+        while nxt < len(order) and arrivals[order[nxt]] <= now:
+            i = order[nxt]
+            ids[eng.add_request(prompts[i], params[i])] = i
+            nxt += 1
+        if not eng.has_unfinished():
+            time.sleep(max(0.0, arrivals[order[nxt]] - now))
+            continue
+        outs = eng.step()
+        _sync(eng.device)
+        now = time.perf_counter() - t0
+        for out in outs:
+            i = ids[out.request_id]
+            if i not in ttft:
+                ttft[i] = now - arrivals[i]
+            token_times[i] += [now] * (len(out.token_ids) - len(token_times[i]))
+            if out.finished:
+                done += 1
+                _progress("requests", done, len(prompts))
+    elapsed = time.perf_counter() - t0
+    itl = [b - a for ts in token_times.values() for a, b in zip(ts, ts[1:])]
+    return {"elapsed": elapsed, "ttft": [ttft[i] for i in range(len(prompts))], "itl": itl,
+            "output_tokens": sum(len(t) for t in token_times.values()), "token_times": token_times}
+
+
+def bench_latency(llm: LLM, prompt_len: int = 128, new_tokens: int = 64) -> dict:
+    """Batch-1 prefill and decode, against the roofline of this machine."""
+    eng, mc = llm.engine, llm.engine.model_config
+    dev = eng.device
+    vocab = mc.vocab_size
+    rng = np.random.default_rng(0)
+    prompt = [1] + rng.integers(3, vocab, prompt_len - 1).tolist()
+    p = SamplingParams(temperature=0, max_tokens=new_tokens, ignore_eos=True)
+    llm.generate(prompt[:16], SamplingParams(temperature=0, max_tokens=4, ignore_eos=True))   # warm-up
+    out = llm.generate(prompt, p)[0]
+    m = out.metrics
+    # Bytes a decode step reads: every weight once; of the embedding table only one row,
+    # unless it is tied to the LM head, which reads it all.
+    unique = {t.data_ptr(): t for name, t in eng.model.state_dict().items()
+              if name != "model.embed_tokens.weight" or mc.tie_word_embeddings}
+    weight_bytes = sum(t.numel() * t.element_size() for t in unique.values())
+    n_params = sum(t.numel() for t in unique.values())
+    decode_tps = 1 / m["time_per_output_token"]
+    bw = measure_copy_bandwidth(dev)
+    flops = measure_matmul_flops(dev, eng.dtype)
+    # A decode step at batch B does ~2 * params * B FLOPs and reads every weight once:
+    # intensity = 2 * B / bytes_per_param FLOPs/byte. Prefill of T tokens: 2 * T / bytes.
+    bpp = weight_bytes / n_params
+    ridge = flops / bw                      # FLOPs per byte where a kernel stops being memory-bound
+    decode_ai, prefill_ai = 2 / bpp, 2 * prompt_len / bpp
+    eager_tps = None
+    if eng.runner.use_graphs:                      # the same decode without CUDA graphs
+        eng.runner.use_graphs = False
+        eager_tps = 1 / llm.generate(prompt, p)[0].metrics["time_per_output_token"]
+        eng.runner.use_graphs = True
+    return {
+        "prompt_tokens": prompt_len, "ttft_s": m["time_to_first_token"],
+        "prefill_tok_s": prompt_len / m["time_to_first_token"], "decode_tok_s": decode_tps,
+        "weight_bytes": weight_bytes, "achieved_weight_GBps": weight_bytes * decode_tps / 1e9,
+        "copy_bandwidth_GBps": bw / 1e9, "fraction_of_copy_bandwidth": weight_bytes * decode_tps / bw,
+        "matmul_TFLOPs": flops / 1e12, "ridge_flops_per_byte": ridge,
+        "decode_flops_per_byte": decode_ai, "prefill_flops_per_byte": prefill_ai,
+        "decode_verdict": "memory-bound" if decode_ai < ridge else "compute-bound",
+        "prefill_verdict": "memory-bound" if prefill_ai < ridge else "compute-bound",
+        "decode_tok_s_eager": eager_tps,
+    }
+
+
+def nano_vllm_workload(vocab: int, n: int, lo: int, hi: int, seed: int = 0):
+    """nano-vllm's benchmark: random prompt ids, prompt and output lengths uniform in [lo, hi]."""
+    rng = np.random.default_rng(seed)
+    prompts = [rng.integers(3, vocab, int(rng.integers(lo, hi + 1))).tolist() for _ in range(n)]
+    params = [SamplingParams(temperature=0.6, max_tokens=int(rng.integers(lo, hi + 1)), ignore_eos=True,
+                             seed=i) for i in range(n)]
+    return prompts, params
+
+
+def bench_throughput(llm: LLM, n: int, lo: int, hi: int, static_batch: int) -> dict:
+    """Continuous batching against static batching on the same engine and workload.
+
+    Static batching (the pre-Orca way): a batch of requests starts together, every one is
+    padded to the longest output (here: made to generate that many tokens, the extra ones
+    discarded), and the next batch starts only when the whole batch is done."""
+    prompts, params = nano_vllm_workload(llm.engine.model_config.vocab_size, n, lo, hi)
+    useful = sum(p.max_tokens for p in params)
+    cont = run_timed(llm, prompts, params)
+    t = time.perf_counter()
+    for b in range(0, n, static_batch):
+        group = params[b:b + static_batch]
+        longest = max(p.max_tokens for p in group)
+        padded = [SamplingParams(temperature=p.temperature, max_tokens=longest, ignore_eos=True, seed=p.seed)
+                  for p in group]
+        llm.generate(prompts[b:b + static_batch], padded)
+        _progress("static batches", b // static_batch + 1, -(-n // static_batch))
+    static_s = time.perf_counter() - t
+    return {"requests": n, "lengths": [lo, hi], "useful_output_tokens": useful,
+            "continuous_s": cont["elapsed"], "continuous_tok_s": useful / cont["elapsed"],
+            "static_batch": static_batch, "static_s": static_s, "static_tok_s": useful / static_s,
+            "speedup": static_s / cont["elapsed"]}
+
+
+def bench_overhead(llm: LLM, batches: tuple[int, ...] = (1, 64), new_tokens: int = 64) -> dict:
+    """Decode tokens/s and where a decode step's time goes, at several batch sizes."""
+    vocab = llm.engine.model_config.vocab_size
+    rows = []
+    for b in batches:
+        prompts = [[1] + np.random.default_rng(i).integers(3, vocab, 16).tolist() for i in range(b)]
+        p = SamplingParams(temperature=0, max_tokens=new_tokens, ignore_eos=True)
+        llm.generate(prompts, SamplingParams(temperature=0, max_tokens=2, ignore_eos=True))     # warm-up
+        eng = llm.engine
+        eng.step_time = dict.fromkeys(eng.step_time, 0.0)
+        steps = eng.num_steps
+        t = time.perf_counter()
+        llm.generate(prompts, p)
+        elapsed = time.perf_counter() - t
+        n = eng.num_steps - steps
+        rows.append({"batch": b, "decode_tok_s": b * new_tokens / elapsed, "steps": n,
+                     **{f"{k}_ms_per_step": 1e3 * v / n for k, v in eng.step_time.items()}})
+    return {"rows": rows}
+
+
+def bench_hf_static(model_dir: str, device: str, dtype: str, n: int, lo: int, hi: int, batch: int) -> dict | None:
+    """The same workload through Hugging Face transformers' `generate`, statically batched
+    (left padding, every request runs to its batch's longest output). None when transformers
+    is not installed or the model is not a checkpoint directory."""
+    if importlib.util.find_spec("transformers") is None or str(model_dir).startswith("random:"):
+        return None
+    import transformers
+    from transformers import AutoModelForCausalLM
+    hf = AutoModelForCausalLM.from_pretrained(model_dir, torch_dtype=DTYPES[dtype]).to(device).eval()
+    prompts, params = nano_vllm_workload(hf.config.vocab_size, n, lo, hi)
+    t = time.perf_counter()
+    for b in range(0, n, batch):
+        group, gp = prompts[b:b + batch], params[b:b + batch]
+        width = max(map(len, group))
+        ids = torch.tensor([[0] * (width - len(p)) + p for p in group], device=device)
+        mask = torch.tensor([[0] * (width - len(p)) + [1] * len(p) for p in group], device=device)
+        longest = max(p.max_tokens for p in gp)
+        with torch.inference_mode():
+            hf.generate(input_ids=ids, attention_mask=mask, max_new_tokens=longest, min_new_tokens=longest,
+                        do_sample=True, temperature=0.6, top_k=0, pad_token_id=0)
+        _progress("transformers batches", b // batch + 1, -(-n // batch))
+    elapsed = time.perf_counter() - t
+    useful = sum(p.max_tokens for p in params)
+    return {"transformers": transformers.__version__, "batch": batch, "seconds": elapsed,
+            "tok_s": useful / elapsed}
+
+
+def bench_memory(llm: LLM, n: int, lo: int, hi: int) -> dict:
+    """KV bytes per token, GQA's saving, and what paging saves against max-length reservation."""
+    eng, mc = llm.engine, llm.engine.model_config
+    per_token = 2 * mc.num_hidden_layers * mc.num_key_value_heads * mc.head_dim * eng.dtype.itemsize
+    mha = per_token * mc.num_attention_heads // mc.num_key_value_heads
+    prompts, params = nano_vllm_workload(mc.vocab_size, n, lo, hi, seed=1)
+    lengths = [len(p) + sp.max_tokens for p, sp in zip(prompts, params)]
+    bs = eng.cfg.block_size
+    max_len = eng.max_model_len
+    # At the moment every request holds its full length: paged allocation reserves whole
+    # blocks (waste < one block each), static reservation max_model_len per request.
+    paged_slots = sum(-(-L // bs) * bs for L in lengths)
+    used = sum(lengths)
+    budget = eng.num_blocks * bs * per_token
+    return {
+        "kv_bytes_per_token": per_token, "kv_bytes_per_token_if_mha": mha,
+        "gqa_saving": mc.num_attention_heads / mc.num_key_value_heads,
+        "paged_waste_fraction": 1 - used / paged_slots,
+        "max_len_reservation_waste_fraction": 1 - used / (max_len * n),
+        "kv_budget_bytes": budget,
+        "max_concurrent_seqs_paged": int(budget // (per_token * paged_slots / n)),
+        "max_concurrent_seqs_reserved": int(budget // (per_token * max_len)),
+        "mean_sequence_tokens": used / n, "max_model_len": max_len,
+    }
+
+
+def bench_prefix(llm: LLM, system_len: int, n: int) -> dict:
+    """TTFT of requests that share a long system prompt, prefix caching on vs off."""
+    vocab = llm.engine.model_config.vocab_size
+    rng = np.random.default_rng(2)
+    system = [1] + rng.integers(3, vocab, system_len - 1).tolist()
+    out = {}
+    for caching in (False, True):
+        llm.engine.block_manager.caching = caching
+        llm.engine.block_manager.hash_to_block.clear()
+        prompts = [system + rng.integers(3, vocab, 20).tolist() for _ in range(n)]
+        params = [SamplingParams(temperature=0, max_tokens=8, ignore_eos=True)] * n
+        r = run_timed(llm, prompts, params, arrivals=[0.25 * i for i in range(n)])   # one after another
+        out["on" if caching else "off"] = {"ttft_p50_s": _percentile(r["ttft"], 50),
+                                           "ttft_mean_s": sum(r["ttft"]) / n}
+    llm.engine.block_manager.caching = llm.engine.cfg.enable_prefix_caching
+    out["system_prompt_tokens"] = system_len
+    out["ttft_speedup"] = out["off"]["ttft_mean_s"] / out["on"]["ttft_mean_s"]
+    return out
+
+
+def bench_chunked(model: str, engine_kw: dict, long_len: int, chunk_budget: int) -> dict:
+    """While 8 requests decode, a long prompt arrives: their inter-token latency, chunked
+    prefill on vs off. Without chunking one step computes the whole prompt and every
+    running request stalls for it; with chunking each step adds at most a budget's worth."""
+    out = {}
+    for chunked in (False, True):
+        kw = dict(engine_kw, enable_chunked_prefill=chunked, enable_prefix_caching=False,
+                  max_model_len=long_len + 64, max_num_batched_tokens=chunk_budget if chunked else long_len + 64)
+        llm = LLM(model, **kw)
+        vocab = llm.engine.model_config.vocab_size
+        rng = np.random.default_rng(3)
+        prompts = [[1] + rng.integers(3, vocab, 16).tolist() for _ in range(8)]
+        prompts.append([1] + rng.integers(3, vocab, long_len - 1).tolist())
+        params = [SamplingParams(temperature=0, max_tokens=60, ignore_eos=True)] * 8 + \
+                 [SamplingParams(temperature=0, max_tokens=4, ignore_eos=True)]
+        llm.generate(prompts[0], SamplingParams(temperature=0, max_tokens=4))              # warm-up
+        r = run_timed(llm, prompts, params, arrivals=[0.0] * 8 + [0.3])
+        itl = [b - a for i in range(8) for a, b in zip(r["token_times"][i], r["token_times"][i][1:])]
+        out["chunked" if chunked else "unchunked"] = {
+            "itl_max_s": max(itl), "itl_p99_s": _percentile(itl, 99), "itl_p50_s": _percentile(itl, 50),
+            "long_prompt_ttft_s": r["ttft"][8]}
+        del llm
+        _free_memory()
+    out.update(long_prompt_tokens=long_len, chunk_budget=chunk_budget)
+    return out
+
+
+def bench_spec(model: str, draft: str, engine_kw: dict, ks: tuple[int, ...], n_tokens: int,
+               temperature: float = 0.0) -> dict:
+    """Batch-1 speedup of speculative decoding against the measured per-token acceptance
+    a and cost ratio c, beside the expected (1 - a^(k+1)) / ((1 - a)(k c + 1))."""
+    base = LLM(model, **engine_kw)
+    vocab = base.engine.model_config.vocab_size
+    prompts = [[1] + np.random.default_rng(s).integers(3, vocab, 24).tolist() for s in range(4)]
+    if base.tokenizer is not None:
+        prompts = ["def main():\n", "import os\nimport sys\n\n", "class Config:\n    def __init__(self",
+                   "    for i in range("]
+    params = [SamplingParams(temperature=temperature, max_tokens=n_tokens, ignore_eos=True, seed=i)
+              for i in range(len(prompts))]
+
+    def timed(llm: LLM) -> float:
+        llm.generate(prompts[0], SamplingParams(temperature=0, max_tokens=8))          # warm-up
+        t = time.perf_counter()
+        for pr, p in zip(prompts, params):                                           # batch 1
+            llm.generate(pr, p)
+        return time.perf_counter() - t
+
+    base_s = timed(base)
+    del base
+    _free_memory()
+    c = timed(LLM(draft, **engine_kw)) / base_s              # per-token cost, draft / target
+    rows = []
+    for k in ks:
+        _free_memory()
+        llm = LLM(model, draft_model=draft, num_speculative_tokens=k, **engine_kw)
+        s = timed(llm)
+        st = llm.stats()
+        del llm
+        a = st["spec_token_acceptance"]
+        expected = (1 - a ** (k + 1)) / ((1 - a) * (k * c + 1)) if a < 1 else (k + 1) / (k * c + 1)
+        rows.append({"k": k, "token_acceptance": a, "acceptance_rate": st["spec_acceptance_rate"],
+                     "tokens_per_step": st["spec_tokens_per_step"], "measured_speedup": base_s / s,
+                     "expected_speedup": expected})
+    return {"draft": str(draft), "temperature": temperature, "cost_ratio_c": c,
+            "target_tok_s": len(prompts) * n_tokens / base_s, "rows": rows}
+
+
+def bench_quant(model: str, engine_kw: dict, prompt_len: int = 256, new_tokens: int = 32) -> dict:
+    """Decode and prefill speed of int8 (per channel) and int4 (groups of 128) weights,
+    RTN, against bf16.
+
+    Weight-only quantization cuts the bytes a decode step must read; prefill is bound by
+    arithmetic, which dequantized weights do not reduce (the dequantization adds to it).
+    On a GPU the fused W4A16/W8A16 kernels read packed weights; on the CPU PyTorch's
+    weight-only int8/int4 kernels do (kernels.pack_for_cpu). The speedup shows only when
+    the weights do not fit in the CPU's caches: use a large model (random:tinyllama-1.1b)."""
+    rows = []
+    for label, bits, group in (("bf16", None, 0), ("int8", 8, 0), ("int4 g128", 4, 128)):
+        llm = LLM(model, **dict(engine_kw, dtype="bfloat16"))
+        eng = llm.engine
+        if bits:
+            quant.quantize_model(eng.model, torch.zeros(1, 1, dtype=torch.long), "rtn", bits, group)
+            eng.model.to(eng.device)
+        vocab = eng.model_config.vocab_size
+        prompt = [1] + np.random.default_rng(0).integers(3, vocab, prompt_len - 1).tolist()
+        llm.generate(prompt[:8], SamplingParams(temperature=0, max_tokens=4, ignore_eos=True))
+        out = llm.generate(prompt, SamplingParams(temperature=0, max_tokens=new_tokens, ignore_eos=True))[0]
+        rows.append({"weights": label, "prefill_tok_s": prompt_len / out.metrics["time_to_first_token"],
+                     "decode_tok_s": 1 / out.metrics["time_per_output_token"]})
+        del llm, eng
+        _free_memory()
+    for r in rows:
+        r["decode_speedup"] = r["decode_tok_s"] / rows[0]["decode_tok_s"]
+        r["prefill_speedup"] = r["prefill_tok_s"] / rows[0]["prefill_tok_s"]
+    return {"rows": rows, "prompt_tokens": prompt_len}
+
+
+def bench_sla(llm: LLM, levels: tuple[int, ...], gpu_hour_usd: float, api_usd_per_mtok: float,
+              lo: int, hi: int) -> dict:
+    """Per concurrency level: TTFT, per-user decode speed, the SLA verdict, and economics."""
+    rows = []
+    for c in levels:
+        prompts, params = nano_vllm_workload(llm.engine.model_config.vocab_size, c, lo, hi, seed=c)
+        r = run_timed(llm, prompts, params)
+        per_user = [len(ts) / (ts[-1] - ts[0] + 1e-9) if len(ts) > 1 else float("nan")
+                    for ts in r["token_times"].values()]
+        tps = r["output_tokens"] / r["elapsed"]
+        rows.append({"concurrency": c, "ttft_p50_s": _percentile(r["ttft"], 50),
+                     "ttft_p99_s": _percentile(r["ttft"], 99), "per_user_tok_s_p50": _percentile(per_user, 50),
+                     "throughput_tok_s": tps,
+                     "sla_ok": _percentile(r["ttft"], 99) < 0.5 and _percentile(per_user, 10) >= 30,
+                     "usd_per_mtok": gpu_hour_usd / (tps * 3600) * 1e6})
+    best = max(rows, key=lambda r: r["throughput_tok_s"])
+    daily_cost = gpu_hour_usd * 24
+    return {"rows": rows, "gpu_hour_usd": gpu_hour_usd, "api_usd_per_mtok": api_usd_per_mtok,
+            "daily_cost_usd": daily_cost,
+            "break_even_tokens_per_day": daily_cost / api_usd_per_mtok * 1e6,
+            "capacity_tokens_per_day": best["throughput_tok_s"] * 86400}
+
+
+@dataclass
+class ClientLog:
+    """What the streaming clients of one load level saw."""
+    ttft: list[float]
+    itl: list[float]
+    errors: list
+    tokens: int = 0
+
+
+def _streaming_client(port: int, body: dict, log: ClientLog) -> None:
+    """One streamed completion: time to the first chunk, gaps between chunks, tokens."""
+    try:
+        conn = http.client.HTTPConnection("127.0.0.1", port, timeout=600)
+        t0 = time.perf_counter()
+        conn.request("POST", "/v1/completions", json.dumps(dict(body, stream=True)))
+        resp = conn.getresponse()
+        if resp.status != 200:
+            log.errors.append(resp.status)
+            return
+        last = None
+        for line in resp:
+            if line.startswith(b"data: {"):
+                now = time.perf_counter()
+                (log.ttft if last is None else log.itl).append(now - (t0 if last is None else last))
+                last = now
+                chunk = json.loads(line[6:])
+                if chunk.get("usage"):
+                    log.tokens += chunk["usage"]["completion_tokens"]
+        conn.close()
+    except OSError as e:
+        log.errors.append(repr(e))
+
+
+def bench_server(llm: LLM, levels: tuple[int, ...], requests_per_client: int, max_tokens: int) -> dict:
+    """N concurrent streaming clients against the HTTP server on a loopback port."""
+    server = nanoserve.make_server(llm, "127.0.0.1", 0)
+    port = server.server_address[1]
+    threading.Thread(target=server.serve_forever, daemon=True).start()
+    prompt = "def main():\n" if llm.tokenizer else [1, 10, 20, 30]
+    rows = []
+    try:
+        for n in levels:
+            log = ClientLog([], [], [])
+
+            def client(c: int) -> None:
+                for r in range(requests_per_client):
+                    _streaming_client(port, {"prompt": prompt, "max_tokens": max_tokens, "temperature": 0.8,
+                                             "seed": c * 1000 + r, "ignore_eos": True}, log)
+
+            t = time.perf_counter()
+            threads = [threading.Thread(target=client, args=(c,)) for c in range(n)]
+            for th in threads:
+                th.start()
+            for th in threads:
+                th.join()
+            elapsed = time.perf_counter() - t
+            rows.append({"clients": n, "requests": n * requests_per_client, "errors": len(log.errors),
+                         "ttft_p50_s": _percentile(log.ttft, 50), "ttft_p99_s": _percentile(log.ttft, 99),
+                         "itl_p50_s": _percentile(log.itl, 50), "itl_p99_s": _percentile(log.itl, 99),
+                         "throughput_tok_s": log.tokens / elapsed})
+            _progress("server levels", len(rows), len(levels))
+    finally:
+        server.shutdown()
+        server.server_close()
+    return {"max_tokens": max_tokens, "rows": rows}
+
+
+# ============================================================================ suites
+# One entry per suite: a function that measures (through the Bench context) and returns
+# (results for the JSON, table title, table rows). Suites marked own_engines build their
+# own engines: on a GPU each engine sizes its KV pool from free memory, so the shared
+# engine is let go before they run.
+
+@dataclass
+class Bench:
+    """What the suites share: the command line, LLM keyword arguments, the workload size
+    and one engine, built when first needed."""
+    args: argparse.Namespace
+    kw: dict
+    device: str
+    n: int
+    lo: int
+    hi: int
+    small: bool
+    _llm: LLM | None = None
+
+    def llm(self) -> LLM:
+        if self._llm is None:
+            self._llm = LLM(self.args.model, **self.kw)
+        return self._llm
+
+    def release(self) -> None:
+        self._llm = None
+        _free_memory()
+
+
+Rows = list[tuple[str, str]]
+
+
+def suite_latency(b: Bench) -> tuple[dict, str, Rows]:
+    r = bench_latency(b.llm())
+    graphs = f" with CUDA graphs, {r['decode_tok_s_eager']:.1f} tok/s eager" if r["decode_tok_s_eager"] else ""
+    return r, "Latency, batch 1", [
+        ("time to first token (128-token prompt)", f"{r['ttft_s'] * 1e3:.1f} ms"),
+        ("prefill", f"{r['prefill_tok_s']:.0f} tok/s"),
+        ("decode", f"{r['decode_tok_s']:.1f} tok/s{graphs}"),
+        ("weights read per token", f"{r['weight_bytes'] / 1e6:.1f} MB"),
+        ("achieved weight bandwidth", f"{r['achieved_weight_GBps']:.2f} GB/s = "
+                                      f"{100 * r['fraction_of_copy_bandwidth']:.1f}% of copy bandwidth "
+                                      f"({r['copy_bandwidth_GBps']:.1f} GB/s)"),
+        ("matmul peak measured", f"{r['matmul_TFLOPs'] * 1e3:.1f} GFLOP/s; ridge point "
+                                 f"{r['ridge_flops_per_byte']:.1f} FLOP/byte"),
+        ("decode arithmetic intensity", f"{r['decode_flops_per_byte']:.2f} FLOP/byte: {r['decode_verdict']}"),
+        ("prefill arithmetic intensity", f"{r['prefill_flops_per_byte']:.0f} FLOP/byte: {r['prefill_verdict']}")]
+
+
+def suite_throughput(b: Bench) -> tuple[dict, str, Rows]:
+    r = bench_throughput(b.llm(), b.n, b.lo, b.hi, static_batch=min(64, b.n))
+    b.release()                                          # room for the transformers model
+    hf = r["transformers_static"] = bench_hf_static(b.args.model, b.device, b.args.dtype, b.n, b.lo, b.hi,
+                                                    min(64, b.n))
+    return r, f"Throughput: {b.n} requests, prompt and output lengths uniform in [{b.lo}, {b.hi}]", [
+        ("continuous batching", f"{r['continuous_tok_s']:.0f} output tok/s ({r['continuous_s']:.1f} s)"),
+        (f"static batching (batch {r['static_batch']}, padded)",
+         f"{r['static_tok_s']:.0f} output tok/s ({r['static_s']:.1f} s)"),
+        ("continuous / static", f"{r['speedup']:.2f}x"),
+        ("Hugging Face transformers generate (static batch, padded)",
+         "not installed" if hf is None else f"{hf['tok_s']:.0f} output tok/s ({hf['seconds']:.1f} s, "
+         f"transformers {hf['transformers']})")]
+
+
+def suite_memory(b: Bench) -> tuple[dict, str, Rows]:
+    r = bench_memory(b.llm(), b.n, b.lo, b.hi)
+    return r, "KV cache memory", [
+        ("KV bytes per token", f"{r['kv_bytes_per_token']:,} (MHA would need "
+                               f"{r['kv_bytes_per_token_if_mha']:,}: GQA saves {r['gqa_saving']:.0f}x)"),
+        ("waste, paged blocks", f"{100 * r['paged_waste_fraction']:.1f}%"),
+        ("waste, max-length reservation", f"{100 * r['max_len_reservation_waste_fraction']:.1f}%"),
+        ("concurrent sequences in the same KV budget",
+         f"paged {r['max_concurrent_seqs_paged']:,} vs reserved {r['max_concurrent_seqs_reserved']:,}")]
+
+
+def suite_prefix(b: Bench) -> tuple[dict, str, Rows]:
+    llm = b.llm()
+    r = bench_prefix(llm, system_len=min(1024, llm.engine.max_model_len - 64), n=8)
+    return r, f"Prefix caching: 8 requests sharing a {r['system_prompt_tokens']}-token system prompt", [
+        ("TTFT, caching off", f"{r['off']['ttft_mean_s'] * 1e3:.1f} ms mean"),
+        ("TTFT, caching on", f"{r['on']['ttft_mean_s'] * 1e3:.1f} ms mean"),
+        ("speedup", f"{r['ttft_speedup']:.1f}x")]
+
+
+def suite_chunked(b: Bench) -> tuple[dict, str, Rows]:
+    model = b.args.model if str(b.args.model).startswith("random:") else "random:nanocoder-5m-8k"
+    r = bench_chunked(model, b.kw, long_len=4000, chunk_budget=512)
+    return r, f"Chunked prefill: a {r['long_prompt_tokens']}-token prompt arrives while 8 requests decode ({model})", [
+        (f"{name}: running requests' inter-token latency",
+         f"max {v['itl_max_s'] * 1e3:.0f} ms, p99 {v['itl_p99_s'] * 1e3:.0f} ms, "
+         f"p50 {v['itl_p50_s'] * 1e3:.1f} ms; long prompt TTFT {v['long_prompt_ttft_s']:.2f} s")
+        for name, v in (("without chunking", r["unchunked"]), (f"chunked (budget {r['chunk_budget']})", r["chunked"]))]
+
+
+def suite_spec(b: Bench) -> tuple[dict, str, Rows]:
+    args = b.args
+    bundled = Path(args.model).resolve() == nanoserve.DEFAULT_MODEL.resolve()
+    candidates = (nanoserve.DEFAULT_DRAFT, ROOT / "models" / "nanocoder-1m-nokd")
+    drafts = [args.draft] if args.draft else [str(d) for d in candidates if bundled and d.is_dir()]
+    if not drafts:
+        return {}, "Speculative decoding", [("skipped", "pass --draft DIR")]
+    r, rows = {}, []
+    for draft in drafts:
+        for temperature in (0.0, 1.0):
+            res = r[f"{Path(draft).name}@T={temperature:g}"] = bench_spec(
+                args.model, draft, b.kw, (2, 4, 8), n_tokens=96, temperature=temperature)
+            rows += [(f"{Path(draft).name}, T = {temperature:g}, k = {row['k']}",
+                      f"per-token acceptance a = {row['token_acceptance']:.2f} (accepted/proposed "
+                      f"{row['acceptance_rate']:.2f}, {row['tokens_per_step']:.2f} tokens per target step); "
+                      f"speedup measured {row['measured_speedup']:.2f}x, expected {row['expected_speedup']:.2f}x "
+                      f"(c = {res['cost_ratio_c']:.2f}, target alone {res['target_tok_s']:.0f} tok/s)")
+                     for row in res["rows"]]
+    return r, "Speculative decoding, batch 1", rows
+
+
+def suite_quant(b: Bench) -> tuple[dict, str, Rows]:
+    r = bench_quant(b.args.model, b.kw)
+    return r, "Weight-only quantization (RTN; int8 per channel, int4 groups of 128) against bf16, batch 1", [
+        (row["weights"], f"decode {row['decode_tok_s']:.1f} tok/s ({row['decode_speedup']:.2f}x), "
+                         f"prefill {row['prefill_tok_s']:.0f} tok/s ({row['prefill_speedup']:.2f}x)")
+        for row in r["rows"]]
+
+
+def suite_sla(b: Bench) -> tuple[dict, str, Rows]:
+    args = b.args
+    r = bench_sla(b.llm(), (1, 4, 16, 64) if b.small else (1, 16, 64, 256), args.gpu_hour_usd,
+                  args.api_usd_per_mtok, b.lo, b.hi)
+    return r, f"SLA (TTFT p99 < 500 ms, >= 30 tok/s per user) and cost at ${args.gpu_hour_usd}/hour", [
+        (f"concurrency {row['concurrency']}",
+         f"TTFT p50 {row['ttft_p50_s'] * 1e3:.0f} ms / p99 {row['ttft_p99_s'] * 1e3:.0f} ms, "
+         f"{row['per_user_tok_s_p50']:.0f} tok/s per user, {row['throughput_tok_s']:.0f} tok/s total, "
+         f"SLA {'met' if row['sla_ok'] else 'missed'}, ${row['usd_per_mtok']:.2f} per 1M tokens")
+        for row in r["rows"]] + [
+        ("self-hosting beats the API above", f"{r['break_even_tokens_per_day'] / 1e6:.0f}M tokens/day "
+         f"(API ${r['api_usd_per_mtok']}/1M; this machine serves at most "
+         f"{r['capacity_tokens_per_day'] / 1e6:.0f}M/day)")]
+
+
+def suite_overhead(b: Bench) -> tuple[dict, str, Rows]:
+    r = bench_overhead(b.llm())
+    return r, "Decode speed and scheduler overhead per step", [
+        (f"batch {row['batch']}", f"{row['decode_tok_s']:.0f} tok/s; per step: schedule "
+         f"{row['schedule_ms_per_step']:.2f} ms, model {row['model_ms_per_step']:.2f} ms (incl. batch "
+         f"preparation), sampling and outputs {row['sample_and_output_ms_per_step']:.2f} ms")
+        for row in r["rows"]]
+
+
+def suite_server(b: Bench) -> tuple[dict, str, Rows]:
+    r = bench_server(b.llm(), (1, 8, 32, 64), requests_per_client=4, max_tokens=64)
+    return r, f"Server load: N streaming clients, 4 requests each, {r['max_tokens']} tokens per request", [
+        (f"{row['clients']} clients", f"TTFT p50 {row['ttft_p50_s'] * 1e3:.0f} ms / p99 "
+         f"{row['ttft_p99_s'] * 1e3:.0f} ms, inter-token p50 {row['itl_p50_s'] * 1e3:.1f} ms / p99 "
+         f"{row['itl_p99_s'] * 1e3:.1f} ms, {row['throughput_tok_s']:.0f} tok/s, {row['errors']} errors")
+        for row in r["rows"]]
+
+
+@dataclass
+class Suite:
+    run: Callable[[Bench], tuple[dict, str, Rows]]
+    own_engines: bool = False            # builds its own engines (the shared one is let go first)
+
+
+SUITES: dict[str, Suite] = {
+    "latency": Suite(suite_latency),
+    "overhead": Suite(suite_overhead),
+    "throughput": Suite(suite_throughput),
+    "memory": Suite(suite_memory),
+    "prefix": Suite(suite_prefix),
+    "chunked": Suite(suite_chunked, own_engines=True),
+    "spec": Suite(suite_spec, own_engines=True),
+    "quant": Suite(suite_quant, own_engines=True),
+    "sla": Suite(suite_sla),
+    "server": Suite(suite_server),
+}
+
+
+def table(title: str, rows: Rows) -> str:
+    return "\n".join([f"\n### {title}\n", "| figure | value |", "| --- | --- |"] +
+                     [f"| {k} | {v} |" for k, v in rows])
+
+
+def build_parser() -> argparse.ArgumentParser:
+    p = argparse.ArgumentParser(description="nanoserve benchmarks: one Markdown table per suite")
+    p.add_argument("suites", nargs="*", metavar="SUITE", help=f"default: all of {' '.join(SUITES)}")
+    p.add_argument("--out", default=None, help="write every number to this JSON file")
+    p.add_argument("--requests", type=int, default=None, help="requests in the throughput workload")
+    p.add_argument("--lengths", type=int, nargs=2, default=None, metavar=("LO", "HI"),
+                   help="prompt and output lengths, uniform in [LO, HI] (default: 32 256 on CPU, 100 1024)")
+    p.add_argument("--gpu-hour-usd", type=float, default=8.0)
+    p.add_argument("--api-usd-per-mtok", type=float, default=0.5, help="API price per 1M output tokens")
+    nanoserve.add_engine_args(p)
+    return p
+
+
+def run(args: argparse.Namespace) -> dict:
+    suites = args.suites or list(SUITES)
+    unknown = [s for s in suites if s not in SUITES]
+    if unknown:
+        raise ValueError(f"unknown benchmark suite {unknown[0]!r}; choose from {', '.join(SUITES)}")
+    kw = nanoserve.llm_kwargs_from_args(args)
+    for key in ("draft_model", "speculative_method", "num_speculative_tokens"):   # the spec suite sets these
+        kw.pop(key)
+    dev = kw["device"] = kw["device"] or ("cuda" if torch.cuda.is_available() else "cpu")
+    preset = str(args.model).removeprefix("random:") if str(args.model).startswith("random:") else None
+    if (preset in nanoserve.PRESETS and nanoserve.PRESETS[preset]["vocab_size"] == 32000 and not kw["tokenizer"]
+            and SHARED_LLAMA2_TOKENIZER.is_file()):
+        kw["tokenizer"] = str(SHARED_LLAMA2_TOKENIZER)          # a real vocabulary for random weights
+    machine = torch.cuda.get_device_name() if dev == "cuda" else \
+        f"CPU ({os.cpu_count()} cores, {torch.get_num_threads()} threads)"
+    small = dev == "cpu"
+    lo, hi = args.lengths or ((32, 256) if small else (100, 1024))
+    b = Bench(args, kw, dev, args.requests or (48 if small else 256), lo, hi, small)
+    results: dict = {"machine": machine, "torch": torch.__version__, "model": args.model,
+                     "dtype": args.dtype, "random_weights": preset is not None}
+    print(f"# nanoserve benchmarks: {args.model} ({'random weights' if preset else 'trained'}), "
+          f"{args.dtype}, {machine}")
+    for name in suites:
+        print(f"[bench] {name} ...", file=sys.stderr, flush=True)
+        suite = SUITES[name]
+        if suite.own_engines:
+            b.release()
+        results[name], title, rows = suite.run(b)
+        print(table(title, rows), flush=True)
+    if args.out:
+        Path(args.out).write_text(json.dumps(results, indent=2, default=float) + "\n")
+        print(f"\n[bench] wrote {args.out}", file=sys.stderr)
+    return results
+
+
+def main(argv: list[str] | None = None) -> int:
+    args = build_parser().parse_args(argv)
+    try:
+        run(args)
+        return 0
+    except (ValueError, FileNotFoundError, OSError) as e:
+        print(f"bench: error: {e}", file=sys.stderr)
+        return 2
+
+
+if __name__ == "__main__":
+    sys.exit(main())
