@@ -53,11 +53,18 @@ def silu_and_mul_ref(gate: Tensor, up: Tensor) -> Tensor:
 
 def rope_cos_sin(head_dim: int, max_positions: int, theta: float,
                  device: torch.device | str = "cpu") -> tuple[Tensor, Tensor]:
-    """Tables for RoPE. Frequency i rotates dims (i, i + head_dim/2) by angle p * theta^(-2i/d)."""
+    """Tables for plain RoPE. Frequency i rotates dims (i, i + head_dim/2) by angle p * theta^(-2i/d)."""
     inv_freq = 1.0 / (theta ** (torch.arange(0, head_dim, 2, dtype=torch.float64) / head_dim))
-    angles = torch.outer(torch.arange(max_positions, dtype=torch.float64), inv_freq)
+    return rope_tables(inv_freq, max_positions, 1.0, device)
+
+
+def rope_tables(inv_freq: Tensor, max_positions: int, scale: float = 1.0,
+                device: torch.device | str = "cpu") -> tuple[Tensor, Tensor]:
+    """cos and sin tables (max_positions, head_dim) for per-pair frequencies inv_freq
+    (head_dim / 2,), times `scale` (YaRN's attention factor; 1 otherwise)."""
+    angles = torch.outer(torch.arange(max_positions, dtype=torch.float64), inv_freq.double())
     angles = torch.cat([angles, angles], dim=-1)                    # (P, head_dim)
-    return angles.cos().float().to(device), angles.sin().float().to(device)
+    return (scale * angles.cos()).float().to(device), (scale * angles.sin()).float().to(device)
 
 
 def rotary_embedding_ref(q: Tensor, k: Tensor, positions: Tensor, cos: Tensor,

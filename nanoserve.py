@@ -54,9 +54,19 @@ DEFAULT_DRAFT = HERE / "models" / "nanocoder-1m-draft"
 
 # ============================================================================ config
 
+MODEL_TYPES = ("llama", "mistral", "qwen2")             # Llama-family decoders nanoserve runs
+ROPE_TYPES = ("default", "linear", "llama3", "yarn")     # RoPE variants it applies (see rope_frequencies)
+
+
 @dataclass
 class ModelConfig:
-    """The subset of a Hugging Face Llama `config.json` that defines the network."""
+    """The subset of a Hugging Face `config.json` that defines a Llama-family network.
+
+    rope_scaling: None for plain RoPE, else {"rope_type": "linear" | "llama3" | "yarn",
+    and that type's fields}, as transformers writes them. qkv_bias: q/k/v projections have
+    biases (Qwen2; Llama's attention_bias); o_bias and mlp_bias likewise. sliding_window:
+    the attention window when layers use one (Mistral; Qwen2 with use_sliding_window).
+    """
     hidden_size: int
     intermediate_size: int
     num_hidden_layers: int
@@ -66,11 +76,16 @@ class ModelConfig:
     max_position_embeddings: int = 2048
     rms_norm_eps: float = 1e-5
     rope_theta: float = 10000.0
+    rope_scaling: dict | None = None
     tie_word_embeddings: bool = False
     head_dim: int | None = None
+    qkv_bias: bool = False
+    o_bias: bool = False
+    mlp_bias: bool = False
     bos_token_id: int | None = 1
     eos_token_id: int | list[int] | None = 2
     sliding_window: int | None = None
+    model_type: str = "llama"
     torch_dtype: str = "float32"
 
     def __post_init__(self) -> None:
@@ -91,6 +106,21 @@ class ModelConfig:
             raise ValueError(f"config.head_dim must be even for RoPE, got {self.head_dim}")
         if self.rope_theta <= 0 or self.rms_norm_eps <= 0:
             raise ValueError("config.rope_theta and config.rms_norm_eps must be positive")
+        if self.model_type not in MODEL_TYPES:
+            raise ValueError(f"config.model_type {self.model_type!r} is not supported "
+                             f"(nanoserve runs Llama-family decoders: {', '.join(MODEL_TYPES)})")
+        if self.rope_scaling is not None:
+            kind = self.rope_scaling.get("rope_type")
+            if kind not in ROPE_TYPES[1:]:
+                why = (" (dynamic NTK changes every position's rotation as a sequence grows, which a "
+                       "cache of already-rotated keys cannot follow)" if kind == "dynamic" else "")
+                raise ValueError(f"config rope_type {kind!r} is not supported{why}; "
+                                 f"supported: {', '.join(ROPE_TYPES)}")
+            need = {"linear": ("factor",), "yarn": ("factor", "original_max_position_embeddings"),
+                    "llama3": ("factor", "low_freq_factor", "high_freq_factor", "original_max_position_embeddings")}
+            missing = [k for k in need[kind] if self.rope_scaling.get(k) is None]
+            if missing:
+                raise ValueError(f"config rope_type {kind!r} needs {', '.join(missing)}")
 
     @property
     def eos_token_ids(self) -> set[int]:
@@ -108,16 +138,52 @@ class ModelConfig:
             raw = json.loads(path.read_text())
         except (OSError, json.JSONDecodeError) as e:
             raise ValueError(f"cannot read {path}: {e}") from None
-        if raw.get("model_type", "llama") not in ("llama", "mistral"):
-            raise ValueError(f"{path}: model_type {raw.get('model_type')!r} is not supported "
-                             "(nanoserve runs Llama-family decoders: llama, mistral)")
-        if raw.get("rope_scaling"):
-            raise ValueError(f"{path}: rope_scaling {raw['rope_scaling']} is not supported")
-        known = {f for f in cls.__dataclass_fields__}
+        if not isinstance(raw, dict):
+            raise ValueError(f"{path}: expected a JSON object")
         try:
-            return cls(**{k: v for k, v in raw.items() if k in known})
-        except TypeError as e:
+            return cls(**hf_config_fields(raw))
+        except (TypeError, ValueError) as e:
             raise ValueError(f"{path}: {e}") from None
+
+
+def hf_config_fields(raw: dict) -> dict:
+    """A Hugging Face config.json (either generation: transformers 4's top-level rope_theta
+    and rope_scaling, or transformers 5's rope_parameters) -> ModelConfig's fields.
+    Anything that would change the network in a way nanoserve does not implement is
+    refused here, by name, rather than silently ignored."""
+    model_type = raw.get("model_type", "llama")
+    if raw.get("hidden_act", "silu") != "silu":
+        raise ValueError(f"hidden_act {raw['hidden_act']!r} is not supported (SwiGLU needs silu)")
+    # RoPE: transformers 5 keeps theta and scaling together in rope_parameters; older configs
+    # have a top-level rope_theta and an optional rope_scaling (its kind under "type" or "rope_type").
+    rope = dict(raw.get("rope_parameters") or {})
+    if rope and all(isinstance(v, dict) for v in rope.values()):
+        raise ValueError(f"per-layer-type rope_parameters ({', '.join(rope)}) are not supported")
+    rope = {**(raw.get("rope_scaling") or {}), **rope}
+    theta = rope.pop("rope_theta", raw.get("rope_theta", 10000.0))
+    kind = rope.pop("rope_type", rope.pop("type", "default"))
+    partial = rope.pop("partial_rotary_factor", raw.get("partial_rotary_factor", 1.0))
+    if partial != 1.0:
+        raise ValueError(f"partial_rotary_factor {partial} is not supported (RoPE over the whole head)")
+    scaling = None
+    if kind != "default":
+        scaling = {"rope_type": kind, **rope}
+        if kind in ("llama3", "yarn"):       # the pre-training context, as transformers reads it
+            scaling["original_max_position_embeddings"] = raw.get("original_max_position_embeddings") or \
+                rope.get("original_max_position_embeddings") or raw.get("max_position_embeddings")
+    # Sliding-window attention: Mistral's sliding_window; Qwen2's only with use_sliding_window.
+    window = raw.get("sliding_window")
+    if model_type == "qwen2" and not raw.get("use_sliding_window", False):
+        window = None
+    if raw.get("layer_types") and "sliding_attention" not in raw["layer_types"]:
+        window = None
+    fields = {k: raw[k] for k in ("hidden_size", "intermediate_size", "num_hidden_layers", "num_attention_heads",
+                                  "vocab_size", "max_position_embeddings", "rms_norm_eps", "tie_word_embeddings",
+                                  "head_dim", "bos_token_id", "eos_token_id", "torch_dtype") if raw.get(k) is not None}
+    return dict(fields, num_key_value_heads=raw.get("num_key_value_heads") or raw.get("num_attention_heads"),
+                rope_theta=theta, rope_scaling=scaling, sliding_window=window, model_type=model_type,
+                qkv_bias=model_type == "qwen2" or bool(raw.get("attention_bias")),
+                o_bias=bool(raw.get("attention_bias")), mlp_bias=bool(raw.get("mlp_bias")))
 
 
 DTYPES = {"float32": torch.float32, "float16": torch.float16, "bfloat16": torch.bfloat16}
@@ -329,23 +395,115 @@ def load_checkpoint(model_dir: str | Path) -> dict[str, Tensor]:
 
 
 # ============================================================================ tokenizer
+# Two formats cover the Llama family: a sentencepiece model (tokenizer.model: Llama 1/2,
+# Mistral, TinyLlama) and a Hugging Face tokenizer.json (byte-level BPE: Llama 3, Qwen2,
+# SmolLM), read by the `tokenizers` library that transformers and vLLM use. Both give
+# encode / decode / token_text and the BOS and EOS ids.
 
 class Tokenizer:
     """A sentencepiece model (byte fallback) with Llama's BOS convention."""
 
     def __init__(self, path: str | Path):
-        import sentencepiece as spm
+        import sentencepiece as spm                    # only for checkpoints that ship tokenizer.model
         if not Path(path).is_file():
             raise FileNotFoundError(f"tokenizer not found: {path}")
         self.sp = spm.SentencePieceProcessor(model_file=str(path))
         self.vocab_size = self.sp.vocab_size()
         self.bos_id, self.eos_id = self.sp.bos_id(), self.sp.eos_id()
+        self.eos_ids = {self.eos_id} if self.eos_id >= 0 else set()
 
     def encode(self, text: str, bos: bool = True) -> list[int]:
         return ([self.bos_id] if bos and self.bos_id >= 0 else []) + self.sp.encode(text)
 
     def decode(self, ids: list[int]) -> str:
         return self.sp.decode(ids)
+
+    def token_text(self, token_id: int) -> str:
+        """The token's piece as the vocabulary spells it ("▁new")."""
+        return self.sp.id_to_piece(token_id)
+
+
+def _special(config: dict, key: str) -> str | None:
+    """A special token from tokenizer_config.json: a string or {"content": ...}."""
+    v = config.get(key)
+    return v.get("content") if isinstance(v, dict) else v
+
+
+class HFTokenizer:
+    """A Hugging Face tokenizer.json, with the special tokens and BOS/EOS conventions of the
+    tokenizer_config.json beside it.
+
+    BOS: the tokenizer's own post-processor adds it (Llama 3), unless tokenizer_config's
+    add_bos_token says otherwise (Qwen2 has none). EOS: the eos_token, plus every id that
+    generation_config.json lists (Llama 3 instruct stops at <|eot_id|> too).
+    """
+
+    def __init__(self, path: str | Path, config: dict | None = None, generation_eos: list[int] | None = None):
+        from tokenizers import Tokenizer as FastTokenizer  # only for checkpoints that ship tokenizer.json
+        if not Path(path).is_file():
+            raise FileNotFoundError(f"tokenizer not found: {path}")
+        try:
+            self.tok = FastTokenizer.from_file(str(path))
+        except Exception as e:                              # the library raises its own exception type
+            raise ValueError(f"cannot read tokenizer {path}: {e}") from None
+        config = config or {}
+        self.vocab_size = self.tok.get_vocab_size(with_added_tokens=True)
+        bos, eos = _special(config, "bos_token"), _special(config, "eos_token")
+        self.bos_id = self.tok.token_to_id(bos) if bos else None
+        self.eos_id = self.tok.token_to_id(eos) if eos else None
+        self.add_bos: bool | None = config.get("add_bos_token")
+        self.eos_ids = ({self.eos_id} if self.eos_id is not None else set()) | set(generation_eos or [])
+        if self.bos_id is None:
+            self.bos_id = -1
+        if self.eos_id is None:
+            self.eos_id = -1
+
+    def encode(self, text: str, bos: bool = True) -> list[int]:
+        ids = self.tok.encode(text, add_special_tokens=bos).ids
+        if bos and self.add_bos and self.bos_id >= 0 and ids[:1] != [self.bos_id]:
+            ids = [self.bos_id] + ids                       # asked for by the config, not the post-processor
+        elif self.add_bos is False and self.bos_id >= 0 and ids[:1] == [self.bos_id]:
+            ids = ids[1:]
+        return ids
+
+    def decode(self, ids: list[int]) -> str:
+        return self.tok.decode(ids, skip_special_tokens=True)
+
+    def token_text(self, token_id: int) -> str:
+        """The token as the vocabulary spells it (byte-level: "Ġnew")."""
+        return self.tok.id_to_token(token_id) or ""
+
+
+def _read_json(path: Path) -> dict:
+    if not path.is_file():
+        return {}
+    try:
+        data = json.loads(path.read_text())
+    except (OSError, json.JSONDecodeError) as e:
+        raise ValueError(f"cannot read {path}: {e}") from None
+    return data if isinstance(data, dict) else {}
+
+
+def generation_eos_ids(model_dir: Path) -> list[int]:
+    """generation_config.json's eos_token_id (an id or a list of ids), if the checkpoint has one."""
+    eos = _read_json(model_dir / "generation_config.json").get("eos_token_id")
+    return [eos] if isinstance(eos, int) else [t for t in eos if isinstance(t, int)] if isinstance(eos, list) else []
+
+
+def load_tokenizer(model_dir: Path, path: str | Path | None = None) -> Tokenizer | HFTokenizer | None:
+    """The checkpoint's tokenizer: `path` if given (a .json file is a Hugging Face tokenizer),
+    else the directory's tokenizer.json (what transformers and vLLM load), else its
+    tokenizer.model; None when it has neither (prompts must then be token ids)."""
+    if path is None:
+        path = next((model_dir / f for f in ("tokenizer.json", "tokenizer.model")
+                     if (model_dir / f).is_file()), None)
+        if path is None:
+            return None
+    path = Path(path)
+    if path.suffix == ".json":
+        config = _read_json(path.parent / "tokenizer_config.json")
+        return HFTokenizer(path, config, generation_eos_ids(model_dir))
+    return Tokenizer(path)
 
 
 class IncrementalDetokenizer:
@@ -359,7 +517,7 @@ class IncrementalDetokenizer:
     nothing is emitted and the window grows. This is vLLM's prefix/read-offset scheme.
     """
 
-    def __init__(self, tokenizer: Tokenizer, prompt_ids: list[int]):
+    def __init__(self, tokenizer: Tokenizer | HFTokenizer, prompt_ids: list[int]):
         self.tok = tokenizer
         self.ids = list(prompt_ids[-6:])      # a little prompt context for the first space
         self.prefix_offset = 0
@@ -398,10 +556,10 @@ class LlamaAttention(nn.Module):
         self.n_heads, self.n_kv, self.head_dim = cfg.num_attention_heads, cfg.num_key_value_heads, cfg.head_dim
         self.scale = self.head_dim ** -0.5
         D = cfg.hidden_size
-        self.q_proj = nn.Linear(D, self.n_heads * self.head_dim, bias=False)  # (H*hd, D)
-        self.k_proj = nn.Linear(D, self.n_kv * self.head_dim, bias=False)     # (Hkv*hd, D)
-        self.v_proj = nn.Linear(D, self.n_kv * self.head_dim, bias=False)     # (Hkv*hd, D)
-        self.o_proj = nn.Linear(self.n_heads * self.head_dim, D, bias=False)  # (D, H*hd)
+        self.q_proj = nn.Linear(D, self.n_heads * self.head_dim, bias=cfg.qkv_bias)  # (H*hd, D)
+        self.k_proj = nn.Linear(D, self.n_kv * self.head_dim, bias=cfg.qkv_bias)     # (Hkv*hd, D)
+        self.v_proj = nn.Linear(D, self.n_kv * self.head_dim, bias=cfg.qkv_bias)     # (Hkv*hd, D)
+        self.o_proj = nn.Linear(self.n_heads * self.head_dim, D, bias=cfg.o_bias)    # (D, H*hd)
 
     def forward(self, x: Tensor, positions: Tensor, kv_cache: Tensor, meta: AttentionMetadata,
                 rope: tuple[Tensor, Tensor]) -> Tensor:
@@ -421,9 +579,9 @@ class LlamaMLP(nn.Module):
 
     def __init__(self, cfg: ModelConfig):
         super().__init__()
-        self.gate_proj = nn.Linear(cfg.hidden_size, cfg.intermediate_size, bias=False)  # (F, D)
-        self.up_proj = nn.Linear(cfg.hidden_size, cfg.intermediate_size, bias=False)    # (F, D)
-        self.down_proj = nn.Linear(cfg.intermediate_size, cfg.hidden_size, bias=False)  # (D, F)
+        self.gate_proj = nn.Linear(cfg.hidden_size, cfg.intermediate_size, bias=cfg.mlp_bias)  # (F, D)
+        self.up_proj = nn.Linear(cfg.hidden_size, cfg.intermediate_size, bias=cfg.mlp_bias)    # (F, D)
+        self.down_proj = nn.Linear(cfg.intermediate_size, cfg.hidden_size, bias=cfg.mlp_bias)  # (D, F)
 
     def forward(self, x: Tensor) -> Tensor:
         return self.down_proj(kernels.silu_and_mul(self.gate_proj(x), self.up_proj(x)))
@@ -485,8 +643,56 @@ class LlamaModel(nn.Module):
         self.norm = RMSNorm(cfg.hidden_size, cfg.rms_norm_eps)
 
 
+def rope_frequencies(cfg: ModelConfig) -> tuple[Tensor, float]:
+    """RoPE's per-pair frequencies (head_dim / 2,) and the factor on cos/sin, for each
+    rope_type Llama-family checkpoints use (the math of transformers' modeling_rope_utils).
+
+    default: w_i = theta^(-2i/d). Long-context variants stretch the low frequencies, whose
+    wavelengths exceed the pre-training context L, so that new positions look like seen ones:
+      linear  w_i / factor for every i (position interpolation);
+      llama3  w_i / factor where the wavelength 2 pi / w_i > L / low_freq_factor, unchanged
+              where it is < L / high_freq_factor, a smooth blend in between (Llama 3.1/3.2);
+      yarn    a ramp between w_i (many rotations within L) and w_i / factor (few), over the
+              pairs between beta_fast and beta_slow rotations, and cos/sin scaled by
+              0.1 ln(factor) + 1 (or attention_factor / mscale when the config gives them).
+    """
+    d, theta = cfg.head_dim, cfg.rope_theta
+    inv_freq = 1.0 / theta ** (torch.arange(0, d, 2, dtype=torch.float64) / d)          # (d/2,)
+    rs = cfg.rope_scaling
+    if rs is None:
+        return inv_freq, 1.0
+    factor = float(rs["factor"])
+    if rs["rope_type"] == "linear":
+        return inv_freq / factor, 1.0
+    L = rs["original_max_position_embeddings"]
+    if rs["rope_type"] == "llama3":
+        lo, hi = rs["low_freq_factor"], rs["high_freq_factor"]
+        wavelen = 2 * math.pi / inv_freq
+        smooth = (L / wavelen - lo) / (hi - lo)                                         # 0 .. 1 in the band
+        blended = (1 - smooth) * inv_freq / factor + smooth * inv_freq
+        out = torch.where(wavelen > L / lo, inv_freq / factor, inv_freq)
+        return torch.where((wavelen >= L / hi) & (wavelen <= L / lo), blended, out), 1.0
+    # yarn
+    def mscale(scale: float, m: float = 1.0) -> float:
+        return 1.0 if scale <= 1 else 0.1 * m * math.log(scale) + 1.0
+    attention = rs.get("attention_factor")
+    if attention is None:
+        m, m_all = rs.get("mscale"), rs.get("mscale_all_dim")
+        attention = mscale(factor, m) / mscale(factor, m_all) if m and m_all else mscale(factor)
+
+    def correction_dim(rotations: float) -> float:    # the pair index that turns `rotations` times in L
+        return d * math.log(L / (rotations * 2 * math.pi)) / (2 * math.log(theta))
+    low, high = correction_dim(rs.get("beta_fast") or 32), correction_dim(rs.get("beta_slow") or 1)
+    if rs.get("truncate", True):
+        low, high = math.floor(low), math.ceil(high)
+    low, high = max(low, 0), min(high, d - 1)
+    ramp = ((torch.arange(d // 2, dtype=torch.float64) - low) / ((high - low) or 0.001)).clamp(0, 1)
+    extrapolate = 1 - ramp                               # 1: keep w_i, 0: interpolate w_i / factor
+    return inv_freq / factor * (1 - extrapolate) + inv_freq * extrapolate, float(attention)
+
+
 class LlamaForCausalLM(nn.Module):
-    """The Llama family (Llama 2, TinyLlama, Mistral) under Hugging Face weight names."""
+    """The Llama family (Llama 2/3, TinyLlama, SmolLM, Mistral, Qwen2) under Hugging Face weight names."""
 
     def __init__(self, cfg: ModelConfig):
         super().__init__()
@@ -496,8 +702,8 @@ class LlamaForCausalLM(nn.Module):
         self.rope: tuple[Tensor, Tensor] | None = None
 
     def init_rope(self, max_positions: int, device: torch.device) -> None:
-        cfg = self.config
-        self.rope = kernels.rope_cos_sin(cfg.head_dim, max_positions, cfg.rope_theta, device)
+        inv_freq, scale = rope_frequencies(self.config)
+        self.rope = kernels.rope_tables(inv_freq, max_positions, scale, device)
 
     def forward(self, input_ids: Tensor, positions: Tensor, kv_caches: Tensor,
                 meta: AttentionMetadata) -> Tensor:
@@ -514,7 +720,8 @@ class LlamaForCausalLM(nn.Module):
     def dense_rope(self, T: int, device: torch.device) -> tuple[Tensor, Tensor]:
         if self.rope is not None and self.rope[0].shape[0] >= T:
             return self.rope
-        return kernels.rope_cos_sin(self.config.head_dim, T, self.config.rope_theta, device)
+        inv_freq, scale = rope_frequencies(self.config)
+        return kernels.rope_tables(inv_freq, T, scale, device)
 
     def forward_dense(self, input_ids: Tensor) -> Tensor:
         """(B, T) ids -> (B, T, V) logits with plain causal attention and no KV cache.
@@ -553,19 +760,21 @@ def pack_int4(codes: Tensor, signed: bool) -> Tensor:
 
 
 class QuantLinear(nn.Module):
-    """A bias-free linear layer with integer weights and per-group scales.
+    """A linear layer with integer weights and per-group scales.
 
     Buffers (names as saved in a quantized checkpoint):
         qweight (out, ceil(in / 2)) uint8 for bits <= 4; (out, in) int8 (uint8 with zeros) for 8
         scales  (out, n_groups) float
         zeros   (out, n_groups) float, asymmetric only
+        bias    (out,) float, when the layer has one (Qwen2's q/k/v), kept in float
     The forward pass is kernels.quant_linear: the reference twin dequantizes, then
     multiplies; the CUDA kernel reads the packed weights directly (batches up to 16 rows),
     and on the CPU PyTorch's int8/int4 weight-only kernels do (kernels.pack_for_cpu).
     """
 
     def __init__(self, in_features: int, out_features: int, bits: int, group_size: int,
-                 symmetric: bool, device: torch.device | str | None = None, dtype: torch.dtype = torch.float32):
+                 symmetric: bool, device: torch.device | str | None = None, dtype: torch.dtype = torch.float32,
+                 bias: bool = False):
         super().__init__()
         self.in_features, self.out_features = in_features, out_features
         self.bits, self.group_size, self.symmetric = bits, group_size, symmetric
@@ -579,13 +788,20 @@ class QuantLinear(nn.Module):
             self.register_buffer("zeros", torch.empty(out_features, n_groups, dtype=dtype, device=device))
         else:
             self.zeros = None
+        if bias:
+            self.register_buffer("bias", torch.empty(out_features, dtype=dtype, device=device))
+        else:
+            self.bias = None
         self.cpu_cache: dict = {}     # the weight repacked for PyTorch's CPU kernels, made on first use
 
     @classmethod
     def from_codes(cls, codes: Tensor, scale: Tensor, zero: Tensor | None, bits: int, group_size: int,
-                   dtype: torch.dtype) -> "QuantLinear":
+                   dtype: torch.dtype, bias: Tensor | None = None) -> "QuantLinear":
         """From integer codes (out, in) and scale/zero (out, n_groups); zero None: symmetric."""
-        m = cls(codes.shape[1], codes.shape[0], bits, group_size, zero is None, codes.device, dtype)
+        m = cls(codes.shape[1], codes.shape[0], bits, group_size, zero is None, codes.device, dtype,
+                bias=bias is not None)
+        if bias is not None:
+            m.bias = bias.detach().to(dtype).clone()
         m.qweight = pack_int4(codes, zero is None) if bits <= 4 else codes.to(m.qweight.dtype)
         m.scales = scale.to(dtype)
         if zero is not None:
@@ -599,8 +815,9 @@ class QuantLinear(nn.Module):
         return self.qweight
 
     def forward(self, x: Tensor) -> Tensor:
-        return kernels.quant_linear(x, self.qweight, self.scales, self.zeros, self.bits, self.group_size,
-                                    self.cpu_cache)
+        y = kernels.quant_linear(x, self.qweight, self.scales, self.zeros, self.bits, self.group_size,
+                                 self.cpu_cache)
+        return y if self.bias is None else y + self.bias.to(y.dtype)
 
     # New or reloaded buffers invalidate the CPU repacking.
     def _apply(self, fn, *args, **kwargs):
@@ -639,7 +856,8 @@ def swap_in_quantized_linears(model: LlamaForCausalLM, quant_config: dict) -> No
     for name in quantized_linear_names(model):
         lin = model.get_submodule(name)
         set_module(model, name, QuantLinear(lin.in_features, lin.out_features, bits, G, sym,
-                                            device=lin.weight.device, dtype=lin.weight.dtype))
+                                            device=lin.weight.device, dtype=lin.weight.dtype,
+                                            bias=lin.bias is not None))
 
 
 PRESETS = {
@@ -1358,18 +1576,10 @@ class LLMEngine:
             threads = cfg.cpu_threads or default_cpu_threads(sum(p.numel() for p in self.model.parameters()))
             if threads:
                 torch.set_num_threads(threads)
-        self.max_model_len = cfg.max_model_len or mc.max_position_embeddings
-        if mc.sliding_window:
-            # Mistral-style sliding-window attention equals full attention while every
-            # sequence fits in the window, so the context is capped there.
-            self.max_model_len = min(self.max_model_len, mc.sliding_window)
-        if self.max_model_len > mc.max_position_embeddings:
-            raise ValueError(f"max_model_len {self.max_model_len} exceeds the model's "
-                             f"max_position_embeddings {mc.max_position_embeddings}")
-        tok_path = Path(tokenizer) if tokenizer else self.model_dir / "tokenizer.model"
-        self.tokenizer = Tokenizer(tok_path) if tok_path.is_file() or tokenizer else None
+        self.max_model_len = self._max_model_len(cfg.max_model_len, mc)
+        self.tokenizer = load_tokenizer(self.model_dir, tokenizer)
         if self.tokenizer and self.tokenizer.vocab_size > mc.vocab_size:
-            raise ValueError(f"tokenizer {tok_path} has {self.tokenizer.vocab_size} pieces but the "
+            raise ValueError(f"the tokenizer has {self.tokenizer.vocab_size} tokens but the "
                              f"model's vocab_size is {mc.vocab_size}")
         if not cfg.enable_chunked_prefill and cfg.max_num_batched_tokens < self.max_model_len:
             raise ValueError("without chunked prefill, max_num_batched_tokens must be >= max_model_len "
@@ -1379,7 +1589,9 @@ class LLMEngine:
         self.speculator = make_speculator(self)
         self.num_blocks = self._allocate_kv_pool()
         self.block_manager = BlockManager(self.num_blocks, cfg.block_size, cfg.enable_prefix_caching)
-        eos = mc.eos_token_ids | ({self.tokenizer.eos_id} if self.tokenizer and self.tokenizer.eos_id >= 0 else set())
+        # Generation stops at any EOS id: config.json's, generation_config.json's, the tokenizer's.
+        eos = mc.eos_token_ids | set(generation_eos_ids(self.model_dir))
+        eos |= self.tokenizer.eos_ids if self.tokenizer else set()
         self.scheduler = Scheduler(cfg, self.block_manager, self.max_model_len, eos, self.speculator)
         self.sampler = Sampler(self.device, cfg.seed)
         self.requests: dict[str, Sequence] = {}
@@ -1388,6 +1600,18 @@ class LLMEngine:
         self.peak_blocks_used = 0
         self.step_time = dict.fromkeys(("schedule", "draft", "model", "sample_and_output"), 0.0)
         self._held: list[Sequence] = []            # the sequences of the step in progress
+
+    @staticmethod
+    def _max_model_len(requested: int | None, mc: ModelConfig) -> int:
+        """The longest sequence served: max_position_embeddings, or what was asked for. A
+        sliding-window model (Mistral) attends to its last sliding_window tokens; that equals
+        full attention while a sequence fits in the window, so the context stops there."""
+        limit, why = mc.max_position_embeddings, "max_position_embeddings"
+        if mc.sliding_window and mc.sliding_window < limit:
+            limit, why = mc.sliding_window, "sliding_window (windowed attention is not implemented)"
+        if requested is not None and requested > limit:
+            raise ValueError(f"max_model_len {requested} exceeds the model's {why} {limit}")
+        return requested or limit
 
     def _allocate_kv_pool(self) -> int:
         """Size the KV pool (EngineConfig.num_blocks, or as many blocks as the memory budget
@@ -1417,7 +1641,8 @@ class LLMEngine:
         text = None
         if isinstance(prompt, str):
             if self.tokenizer is None:
-                raise ValueError("this model directory has no tokenizer.model: pass the prompt as token ids")
+                raise ValueError("this model directory has no tokenizer (tokenizer.json or tokenizer.model): "
+                                 "pass the prompt as token ids")
             if not prompt:
                 raise ValueError("prompt is empty")
             try:
@@ -1649,7 +1874,7 @@ class LLM:
         self._abandoned: list[str] = []             # released while a step ran: abort after it
 
     @property
-    def tokenizer(self) -> Tokenizer | None:
+    def tokenizer(self) -> Tokenizer | HFTokenizer | None:
         return self.engine.tokenizer
 
     def _submit(self, prompts, sampling_params) -> tuple[list[str], deque[RequestOutput]]:
@@ -2387,7 +2612,7 @@ class CompletionHandler(http.server.BaseHTTPRequestHandler):
 
     def _token_str(self, t: int) -> str:
         tok = self.server.llm.engine.tokenizer
-        return tok.sp.id_to_piece(t) if tok else f"token_id:{t}"
+        return tok.token_text(t) if tok else f"token_id:{t}"
 
     def _choice(self, out: RequestOutput, text: str, params: SamplingParams, first: int = 0) -> dict:
         logprobs = None

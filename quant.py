@@ -240,7 +240,7 @@ def quantize_model(model: LlamaForCausalLM, calib: Tensor, method: str, bits: in
                 else:
                     codes, scale, zero = quantize_rtn(W, bits, group_size, symmetric)
                 set_module(layer, name, QuantLinear.from_codes(codes, scale, zero, bits, group_size,
-                                                                torch.float32))
+                                                                torch.float32, bias=lin.bias))
         if method != "rtn":
             x = layer.forward_dense(x, rope)            # the next layer sees quantized outputs
         layer.to(dtype)
@@ -262,13 +262,14 @@ def _awq_stage(layer: nn.Module, stage: tuple[str, ...], X: Tensor, bits: int, g
     s, alpha = awq_search_scale(weights, X, bits, group_size, symmetric)
     for n in stage:
         layer.get_submodule(n).weight.mul_(s)                         # W diag(s)
-    prev = {"self_attn.q_proj": layer.input_layernorm.weight, "self_attn.o_proj": a.v_proj.weight,
-            "mlp.gate_proj": layer.post_attention_layernorm.weight, "mlp.down_proj": layer.mlp.up_proj.weight}
-    p = prev[stage[0]]
-    if p.dim() == 1:
-        p.div_(s)                                                     # RMSNorm weight
+    prev = {"self_attn.q_proj": layer.input_layernorm, "self_attn.o_proj": a.v_proj,
+            "mlp.gate_proj": layer.post_attention_layernorm, "mlp.down_proj": layer.mlp.up_proj}[stage[0]]
+    if prev.weight.dim() == 1:
+        prev.weight.div_(s)                                           # RMSNorm weight
     else:
-        p.div_(s[:, None])                                            # rows of the producer
+        prev.weight.div_(s[:, None])                                  # rows of the producer
+        if prev.bias is not None:
+            prev.bias.div_(s)                                         # and its bias (Qwen2's v_proj)
     return alpha
 
 
@@ -277,7 +278,7 @@ def _awq_stage(layer: nn.Module, stage: tuple[str, ...], X: Tensor, bits: int, g
 def save_quantized(model: LlamaForCausalLM, src_dir: Path, out_dir: Path, quant_config: dict) -> None:
     """config.json, tokenizer.model, quantize_config.json and model.safetensors (qweight/scales/zeros)."""
     out_dir.mkdir(parents=True, exist_ok=True)
-    for f in ("config.json", "tokenizer.model"):
+    for f in ("config.json", "tokenizer.model", "tokenizer.json", "tokenizer_config.json", "generation_config.json"):
         if (src_dir / f).is_file():
             shutil.copy(src_dir / f, out_dir / f)
     state = {k: v for k, v in model.state_dict().items()

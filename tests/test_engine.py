@@ -355,7 +355,7 @@ def test_benchmarks_run_and_write_json(tmp_path):
     out = tmp_path / "bench.json"
     # quant before memory: the shared engine is let go for quant's own engines, then rebuilt.
     r = subprocess.run([sys.executable, str(ROOT / "tools" / "bench.py"), "latency", "overhead", "throughput",
-                        "quant", "memory", "--requests", "4", "--out", str(out)],
+                        "quant", "memory", "--requests", "4", "--no-transformers", "--out", str(out)],
                        capture_output=True, text=True, timeout=600, cwd=ROOT)
     assert r.returncode == 0, r.stderr
     data = json.loads(out.read_text())

@@ -539,15 +539,15 @@ def suite_latency(b: Bench) -> tuple[dict, str, Rows]:
 def suite_throughput(b: Bench) -> tuple[dict, str, Rows]:
     r = bench_throughput(b.llm(), b.n, b.lo, b.hi, static_batch=min(64, b.n))
     b.release()                                          # room for the transformers model
-    hf = r["transformers_static"] = bench_hf_static(b.args.model, b.device, b.args.dtype, b.n, b.lo, b.hi,
-                                                    min(64, b.n))
+    hf = r["transformers_static"] = None if b.args.no_transformers else bench_hf_static(
+        b.args.model, b.device, b.args.dtype, b.n, b.lo, b.hi, min(64, b.n))
     return r, f"Throughput: {b.n} requests, prompt and output lengths uniform in [{b.lo}, {b.hi}]", [
         ("continuous batching", f"{r['continuous_tok_s']:.0f} output tok/s ({r['continuous_s']:.1f} s)"),
         (f"static batching (batch {r['static_batch']}, padded)",
          f"{r['static_tok_s']:.0f} output tok/s ({r['static_s']:.1f} s)"),
         ("continuous / static", f"{r['speedup']:.2f}x"),
         ("Hugging Face transformers generate (static batch, padded)",
-         "not installed" if hf is None else f"{hf['tok_s']:.0f} output tok/s ({hf['seconds']:.1f} s, "
+         "not run (--no-transformers, or not installed)" if hf is None else f"{hf['tok_s']:.0f} output tok/s ({hf['seconds']:.1f} s, "
          f"transformers {hf['transformers']})")]
 
 
@@ -675,6 +675,8 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--requests", type=int, default=None, help="requests in the throughput workload")
     p.add_argument("--lengths", type=int, nargs=2, default=None, metavar=("LO", "HI"),
                    help="prompt and output lengths, uniform in [LO, HI] (default: 32 256 on CPU, 100 1024)")
+    p.add_argument("--no-transformers", action="store_true",
+                   help="skip the Hugging Face transformers baseline of the throughput suite")
     p.add_argument("--gpu-hour-usd", type=float, default=8.0)
     p.add_argument("--api-usd-per-mtok", type=float, default=0.5, help="API price per 1M output tokens")
     nanoserve.add_engine_args(p)
