@@ -86,6 +86,7 @@ class ModelConfig:
     eos_token_id: int | list[int] | None = 2
     sliding_window: int | None = None
     model_type: str = "llama"
+    quantization_config: dict | None = None
     torch_dtype: str = "float32"
 
     def __post_init__(self) -> None:
@@ -183,7 +184,8 @@ def hf_config_fields(raw: dict) -> dict:
     return dict(fields, num_key_value_heads=raw.get("num_key_value_heads") or raw.get("num_attention_heads"),
                 rope_theta=theta, rope_scaling=scaling, sliding_window=window, model_type=model_type,
                 qkv_bias=model_type == "qwen2" or bool(raw.get("attention_bias")),
-                o_bias=bool(raw.get("attention_bias")), mlp_bias=bool(raw.get("mlp_bias")))
+                o_bias=bool(raw.get("attention_bias")), mlp_bias=bool(raw.get("mlp_bias")),
+                quantization_config=raw.get("quantization_config"))
 
 
 DTYPES = {"float32": torch.float32, "float16": torch.float16, "bfloat16": torch.bfloat16}
@@ -261,8 +263,10 @@ class SamplingParams:
     request's samples reproducible, alone or in any batch. logprobs=N returns, per
     generated token, the sampled token's and the top N logprobs; prompt_logprobs=N the
     same for each prompt token. Logprobs are of the model's own distribution, before
-    temperature, top-k and top-p. Every field is checked here, with a ValueError that
-    names it: the same rules hold for the Python API and the server.
+    temperature, top-k and top-p. presence_penalty, frequency_penalty (in [-2, 2]) and
+    repetition_penalty (> 0; 1 is off) follow vLLM's definitions, logit_bias {token id:
+    bias in [-100, 100]} OpenAI's (see apply_penalties). Every field is checked here, with a
+    ValueError that names it: the same rules hold for the Python API and the server.
     """
     temperature: float = 1.0
     top_p: float = 1.0
@@ -273,6 +277,10 @@ class SamplingParams:
     ignore_eos: bool = False
     logprobs: int | None = None
     prompt_logprobs: int | None = None
+    presence_penalty: float = 0.0
+    frequency_penalty: float = 0.0
+    repetition_penalty: float = 1.0
+    logit_bias: dict[int, float] | None = None
 
     def __post_init__(self) -> None:
         if _finite(self, "temperature") < 0:
@@ -296,6 +304,25 @@ class SamplingParams:
         if not isinstance(stop, (list, tuple)) or not all(isinstance(s, str) and s for s in stop):
             raise ValueError(f"stop must be a non-empty string or a list of them, got {self.stop!r}")
         self.stop = list(stop)
+        for name in ("presence_penalty", "frequency_penalty"):
+            if not -2 <= _finite(self, name) <= 2:
+                raise ValueError(f"{name} must be in [-2, 2], got {getattr(self, name)}")
+        if not _finite(self, "repetition_penalty") > 0:
+            raise ValueError(f"repetition_penalty must be > 0, got {self.repetition_penalty}")
+        if self.logit_bias is not None:
+            if not isinstance(self.logit_bias, dict):
+                raise ValueError(f"logit_bias must be a mapping of token id to bias, got {self.logit_bias!r}")
+            for t, b in self.logit_bias.items():
+                if isinstance(t, bool) or not isinstance(t, int) or not 0 <= t <= INT64_MAX:
+                    raise ValueError(f"logit_bias keys must be token ids, got {t!r}")
+                if isinstance(b, bool) or not isinstance(b, (int, float)) or not -100 <= b <= 100:
+                    raise ValueError(f"logit_bias values must be numbers in [-100, 100], got {b!r} for {t}")
+
+    @property
+    def penalized(self) -> bool:
+        """Does this request change the logits before sampling (penalties, logit_bias)?"""
+        return bool(self.presence_penalty or self.frequency_penalty or self.repetition_penalty != 1
+                    or self.logit_bias)
 
 
 def _finite(obj: object, name: str) -> float:
@@ -415,6 +442,28 @@ class Tokenizer:
     def encode(self, text: str, bos: bool = True) -> list[int]:
         return ([self.bos_id] if bos and self.bos_id >= 0 else []) + self.sp.encode(text)
 
+    @property
+    def bos_token(self) -> str:
+        return self.sp.id_to_piece(self.bos_id) if self.bos_id >= 0 else ""
+
+    @property
+    def eos_token(self) -> str:
+        return self.sp.id_to_piece(self.eos_id) if self.eos_id >= 0 else ""
+
+    def encode_with_special_tokens(self, text: str) -> list[int]:
+        """Text that spells BOS/EOS ("<s>", "</s>": a rendered chat) -> ids with those as
+        tokens. sentencepiece alone would spell them out character by character."""
+        specials = {t: i for t, i in ((self.bos_token, self.bos_id), (self.eos_token, self.eos_id)) if t}
+        ids, rest = [], text
+        while rest:
+            at = min(((rest.find(t), t) for t in specials if t in rest), default=None)
+            if at is None:
+                return ids + self.sp.encode(rest)
+            i, t = at
+            ids += (self.sp.encode(rest[:i]) if i else []) + [specials[t]]
+            rest = rest[i + len(t):]
+        return ids
+
     def decode(self, ids: list[int]) -> str:
         return self.sp.decode(ids)
 
@@ -453,6 +502,7 @@ class HFTokenizer:
         self.eos_id = self.tok.token_to_id(eos) if eos else None
         self.add_bos: bool | None = config.get("add_bos_token")
         self.eos_ids = ({self.eos_id} if self.eos_id is not None else set()) | set(generation_eos or [])
+        self.bos_token, self.eos_token = bos or "", eos or ""
         if self.bos_id is None:
             self.bos_id = -1
         if self.eos_id is None:
@@ -465,6 +515,10 @@ class HFTokenizer:
         elif self.add_bos is False and self.bos_id >= 0 and ids[:1] == [self.bos_id]:
             ids = ids[1:]
         return ids
+
+    def encode_with_special_tokens(self, text: str) -> list[int]:
+        """A rendered chat -> ids: special tokens in the text are recognised, none is added."""
+        return self.tok.encode(text, add_special_tokens=False).ids
 
     def decode(self, ids: list[int]) -> str:
         return self.tok.decode(ids, skip_special_tokens=True)
@@ -488,6 +542,46 @@ def generation_eos_ids(model_dir: Path) -> list[int]:
     """generation_config.json's eos_token_id (an id or a list of ids), if the checkpoint has one."""
     eos = _read_json(model_dir / "generation_config.json").get("eos_token_id")
     return [eos] if isinstance(eos, int) else [t for t in eos if isinstance(t, int)] if isinstance(eos, list) else []
+
+
+# Chat: the messages are rendered to one prompt string by the model's chat template, a
+# Jinja template in tokenizer_config.json ("chat_template") or chat_template.jinja, the way
+# transformers' apply_chat_template and vLLM render it. The rendered text already holds
+# the special tokens (a "<s>" or "<|im_start|>"), so it is tokenized with them recognised
+# as tokens and without adding another BOS.
+DEFAULT_CHAT_TEMPLATE = (                      # for models without one (the bundled code model)
+    "{{ bos_token }}{% for m in messages %}{{ '# ' + m['role'] + ':\n' + m['content'] + '\n' }}{% endfor %}"
+    "{% if add_generation_prompt %}{{ '# assistant:\n' }}{% endif %}")
+
+
+def read_chat_template(model_dir: Path) -> str | None:
+    """The checkpoint's chat template: chat_template.jinja, or tokenizer_config.json's
+    chat_template (a string, or a list of named templates: "default" is taken)."""
+    if (model_dir / "chat_template.jinja").is_file():
+        return (model_dir / "chat_template.jinja").read_text()
+    t = _read_json(model_dir / "tokenizer_config.json").get("chat_template")
+    if isinstance(t, list):
+        t = next((x.get("template") for x in t if isinstance(x, dict) and x.get("name") == "default"), None)
+    return t if isinstance(t, str) else None
+
+
+def render_chat(template: str, messages: list[dict], add_generation_prompt: bool, bos_token: str,
+                eos_token: str) -> str:
+    """Render messages with a chat template in a sandbox (a template is code from the model's
+    repository), as transformers does: trim_blocks, lstrip_blocks, raise_exception, tojson."""
+    import jinja2                                  # only when a chat is rendered
+    from jinja2.sandbox import ImmutableSandboxedEnvironment
+
+    def raise_exception(message: str) -> None:
+        raise ValueError(f"the chat template refused the messages: {message}")
+    env = ImmutableSandboxedEnvironment(trim_blocks=True, lstrip_blocks=True)
+    env.filters["tojson"] = lambda x, indent=None: json.dumps(x, ensure_ascii=False, indent=indent)
+    env.globals["raise_exception"] = raise_exception
+    try:
+        return env.from_string(template).render(messages=messages, add_generation_prompt=add_generation_prompt,
+                                                bos_token=bos_token, eos_token=eos_token, tools=None)
+    except jinja2.TemplateError as e:
+        raise ValueError(f"cannot render the chat template: {e}") from None
 
 
 def load_tokenizer(model_dir: Path, path: str | Path | None = None) -> Tokenizer | HFTokenizer | None:
@@ -736,6 +830,142 @@ class LlamaForCausalLM(nn.Module):
         return self.lm_head(self.model.norm(x)).float()                      # (B, T, V)
 
 
+# ---------------------------------------------------------------------------- GPTQ and AWQ checkpoints
+# Most 4-bit checkpoints on the Hugging Face hub were written by AutoGPTQ/GPTQModel or
+# AutoAWQ; config.json's quantization_config says which. They are converted at load time
+# into the layout above (same codes, scales and zero points, so the same kernels run them).
+#
+# GPTQ (quant_method "gptq"), per projection, with b bits and pf = 32 / b fields per int32:
+#   qweight (in / pf, out) int32   input channel i of output j: word i // pf, bits (i % pf) * b
+#   qzeros  (groups, out / pf)     packed along the output; stored as zero - 1 in the original
+#                                  format ("gptq"), as zero in GPTQModel's "gptq_v2"
+#   scales  (groups, out) fp16     g_idx (in,) the group of each input channel: i // G, or a
+#                                  permutation of that with desc_act ("act-order")
+#   w[j, i] = scales[g, j] * (q[i, j] - zero[g, j]),  g = g_idx[i]
+# AWQ (quant_method "awq", version "gemm"), 4 bits:
+#   qweight (in, out / 8) int32    packed along the output, nibble k holding output
+#                                  8c + (0, 2, 4, 6, 1, 3, 5, 7)[k] of word c
+#   qzeros  (groups, out / 8)      the same packing, no offset;  scales (groups, out) fp16
+#   w[j, i] = scales[i // G, j] * (q[i, j] - zero[i // G, j])
+# Act-order groups are not contiguous in the input; sorting the input channels by group
+# makes them so, and the layer then permutes its input (QuantLinear.perm) to match.
+
+AWQ_ORDER = (0, 2, 4, 6, 1, 3, 5, 7)
+
+
+def unpack_int32(packed: Tensor, bits: int, along_rows: bool, order: tuple[int, ...] | None = None) -> Tensor:
+    """int32 words of 32 / bits unsigned fields -> the fields as int32, unpacked along the
+    rows ((r, c) -> (r * pf, c)) or the columns ((r, c) -> (r, c * pf)). order[k]: the
+    position within its word's run of the value stored in field k (AWQ); default k."""
+    shifts = torch.arange(0, 32, bits, dtype=torch.int32, device=packed.device)          # (32 / bits,)
+    mask = (1 << bits) - 1
+    if along_rows:
+        fields = (packed.unsqueeze(1) >> shifts[None, :, None]) & mask           # (r, pf, c)
+        return fields.reshape(-1, packed.shape[1])
+    fields = (packed.unsqueeze(-1) >> shifts) & mask                              # (r, c, pf)
+    if order is not None:
+        fields = fields[..., torch.tensor(order).argsort()]                      # field -> position
+    return fields.reshape(packed.shape[0], -1)
+
+
+def read_quantization_config(qc: dict) -> dict:
+    """config.json's quantization_config -> {method, bits, group_size (0: per channel),
+    zero_offset}; every variant nanoserve cannot run exactly is refused by name."""
+    method = qc.get("quant_method")
+    if method not in ("gptq", "awq"):
+        raise ValueError(f"quantization_config.quant_method {method!r} is not supported (gptq or awq)")
+    bits, G = qc.get("bits"), qc.get("group_size", -1)
+    if bits not in ((4, 8) if method == "gptq" else (4,)):
+        raise ValueError(f"quantization_config.bits {bits!r} is not supported for {method} "
+                         f"({'4 or 8' if method == 'gptq' else '4'})")
+    if G not in (-1, 32, 64, 128):
+        raise ValueError(f"quantization_config.group_size {G!r} is not supported (-1, 32, 64 or 128)")
+    if qc.get("lm_head"):
+        raise ValueError("quantization_config.lm_head: a quantized LM head is not supported")
+    if qc.get("dynamic"):
+        raise ValueError("quantization_config.dynamic: per-module overrides are not supported")
+    zero_offset = 0
+    if method == "gptq":
+        fmt = qc.get("checkpoint_format", qc.get("format", "gptq"))
+        if fmt not in ("gptq", "gptq_v2"):
+            raise ValueError(f"quantization_config.checkpoint_format {fmt!r} is not supported (gptq, gptq_v2)")
+        zero_offset = 1 if fmt == "gptq" else 0
+        if qc.get("pack_dtype", "int32") != "int32":
+            raise ValueError(f"quantization_config.pack_dtype {qc['pack_dtype']!r} is not supported (int32)")
+    else:
+        if str(qc.get("version", "gemm")).lower() != "gemm":
+            raise ValueError(f"quantization_config.version {qc['version']!r} is not supported (AWQ's gemm layout)")
+        if qc.get("zero_point", True) is not True:
+            raise ValueError("quantization_config.zero_point false is not supported (AWQ with zero points)")
+    return {"method": method, "bits": bits, "group_size": 0 if G == -1 else G, "zero_offset": zero_offset}
+
+
+def convert_hub_linear(tensors: dict[str, Tensor], qc: dict, in_features: int, out_features: int,
+                       name: str) -> tuple[dict, dict[str, Tensor]]:
+    """One projection's GPTQ/AWQ tensors -> (QuantLinear arguments, its buffers)."""
+    bits, G = qc["bits"], qc["group_size"]
+    try:
+        qweight, qzeros, scales = tensors["qweight"], tensors["qzeros"], tensors["scales"]
+    except KeyError as e:
+        raise ValueError(f"{name}: missing {e.args[0]} for a {qc['method']} checkpoint") from None
+    if qc["method"] == "gptq":
+        q = unpack_int32(qweight.to(torch.int32), bits, along_rows=True)                 # (in, out)
+        zero = unpack_int32(qzeros.to(torch.int32), bits, along_rows=False) + qc["zero_offset"]
+        g_idx = tensors.get("g_idx")
+    else:
+        q = unpack_int32(qweight.to(torch.int32), bits, along_rows=False, order=AWQ_ORDER)
+        zero = unpack_int32(qzeros.to(torch.int32), bits, along_rows=False, order=AWQ_ORDER)
+        g_idx = None
+    n_groups = -(-in_features // (G or in_features))
+    if q.shape != (in_features, out_features) or zero.shape != (n_groups, out_features) \
+            or tuple(scales.shape) != (n_groups, out_features):
+        raise ValueError(f"{name}: qweight/qzeros/scales of shapes {tuple(qweight.shape)}/{tuple(qzeros.shape)}/"
+                         f"{tuple(scales.shape)} do not fit a {in_features} -> {out_features} layer "
+                         f"with {bits} bits in groups of {G or in_features}")
+    contiguous = torch.arange(in_features) // (G or in_features)
+    perm = None
+    if g_idx is not None and not torch.equal(g_idx.long(), contiguous):
+        perm = torch.argsort(g_idx.long(), stable=True)                # act-order: sort channels by group
+        if not torch.equal(g_idx.long()[perm], contiguous):
+            raise ValueError(f"{name}: g_idx does not assign {G} input channels to each group")
+        q = q[perm]
+    symmetric = bool((zero == 1 << (bits - 1)).all())                  # GPTQ's sym=True: zero 2^(b-1)
+    codes = (q - (1 << (bits - 1)) if symmetric else q).t().contiguous()  # (out, in)
+    if bits == 4:
+        qw = pack_int4(codes, signed=symmetric)
+    else:
+        qw = codes.to(torch.int8 if symmetric else torch.uint8)
+    buffers = {"qweight": qw, "scales": scales.t().contiguous()}
+    if not symmetric:
+        buffers["zeros"] = zero.t().to(scales.dtype).contiguous()
+    if perm is not None:
+        buffers["perm"] = perm
+    if tensors.get("bias") is not None:
+        buffers["bias"] = tensors["bias"]
+    spec = dict(bits=bits, group_size=G, symmetric=symmetric, bias="bias" in buffers, input_perm=perm is not None)
+    return spec, buffers
+
+
+def swap_in_hub_quantized_linears(model: LlamaForCausalLM, state: dict[str, Tensor], quantization_config: dict
+                                  ) -> None:
+    """Convert a GPTQ/AWQ checkpoint's projections in `state` to nanoserve's layout (in
+    place) and swap in matching empty QuantLinear modules. A projection the checkpoint kept
+    in floating point (AWQ's modules_to_not_convert) stays an nn.Linear."""
+    if not isinstance(quantization_config, dict):
+        raise ValueError(f"quantization_config must be an object, got {quantization_config!r}")
+    qc = read_quantization_config(quantization_config)
+    for name in quantized_linear_names(model):
+        if f"{name}.qweight" not in state:
+            continue
+        lin = model.get_submodule(name)
+        keys = [k for k in list(state) if k.startswith(name + ".")]
+        tensors = {k[len(name) + 1:]: state.pop(k) for k in keys}
+        spec, buffers = convert_hub_linear(tensors, qc, lin.in_features, lin.out_features, name)
+        set_module(model, name, QuantLinear(lin.in_features, lin.out_features, device="meta",
+                                            dtype=lin.weight.dtype, **spec))
+        state.update({f"{name}.{k}": v for k, v in buffers.items()})
+
+
 # Real model shapes with random weights, for benchmarks where no checkpoint is at hand
 # (`--model random:llama-2-7b`). Timings depend on shapes, not on what the weights say.
 # ---------------------------------------------------------------------------- quantized linear layers
@@ -767,6 +997,7 @@ class QuantLinear(nn.Module):
         scales  (out, n_groups) float
         zeros   (out, n_groups) float, asymmetric only
         bias    (out,) float, when the layer has one (Qwen2's q/k/v), kept in float
+        perm    (in,) int64, act-order GPTQ checkpoints only: x is read in this order
     The forward pass is kernels.quant_linear: the reference twin dequantizes, then
     multiplies; the CUDA kernel reads the packed weights directly (batches up to 16 rows),
     and on the CPU PyTorch's int8/int4 weight-only kernels do (kernels.pack_for_cpu).
@@ -774,7 +1005,7 @@ class QuantLinear(nn.Module):
 
     def __init__(self, in_features: int, out_features: int, bits: int, group_size: int,
                  symmetric: bool, device: torch.device | str | None = None, dtype: torch.dtype = torch.float32,
-                 bias: bool = False):
+                 bias: bool = False, input_perm: bool = False):
         super().__init__()
         self.in_features, self.out_features = in_features, out_features
         self.bits, self.group_size, self.symmetric = bits, group_size, symmetric
@@ -792,6 +1023,10 @@ class QuantLinear(nn.Module):
             self.register_buffer("bias", torch.empty(out_features, dtype=dtype, device=device))
         else:
             self.bias = None
+        if input_perm:             # act-order checkpoints: input channels sorted by group
+            self.register_buffer("perm", torch.empty(in_features, dtype=torch.int64, device=device))
+        else:
+            self.perm = None
         self.cpu_cache: dict = {}     # the weight repacked for PyTorch's CPU kernels, made on first use
 
     @classmethod
@@ -815,6 +1050,8 @@ class QuantLinear(nn.Module):
         return self.qweight
 
     def forward(self, x: Tensor) -> Tensor:
+        if self.perm is not None:
+            x = x.index_select(-1, self.perm)                              # (..., in), channels by group
         y = kernels.quant_linear(x, self.qweight, self.scales, self.zeros, self.bits, self.group_size,
                                  self.cpu_cache)
         return y if self.bias is None else y + self.bias.to(y.dtype)
@@ -909,7 +1146,9 @@ def load_model(model_dir: str | Path, dtype: torch.dtype, device: torch.device
     with torch.device("meta"):
         model = LlamaForCausalLM(cfg)
     quant_cfg = Path(model_dir) / "quantize_config.json"
-    if quant_cfg.is_file():                                 # a quantized checkpoint (quant.py)
+    if cfg.quantization_config:                             # GPTQ / AWQ from the hub
+        swap_in_hub_quantized_linears(model, state, cfg.quantization_config)
+    elif quant_cfg.is_file():                               # nanoserve's own (quant.py)
         swap_in_quantized_linears(model, json.loads(quant_cfg.read_text()))
     expected = model.state_dict()
     missing = sorted(set(expected) - set(state))
@@ -1057,6 +1296,39 @@ def filtered_probs(logits: Tensor, temperature: Tensor, top_k: Tensor, top_p: Te
     return probs / probs.sum(-1, keepdim=True)
 
 
+def apply_penalties(logits: Tensor, params: list[SamplingParams], prompts: list[list[int]],
+                    outputs: list[list[int]]) -> Tensor:
+    """(B, V) logits -> the logits each request samples from, before temperature
+    (vLLM's definitions; row i's request has prompts[i] and has generated outputs[i]):
+
+      repetition  l / r if l > 0 else l * r, for every token in the prompt or the output
+      frequency   l - f * (times the token was generated)
+      presence    l - p * (1 if the token was generated at all)
+      logit_bias  l + b[token]   (-100 bans a token, +100 forces it, as in OpenAI's API)
+    """
+    if not any(p.penalized for p in params):
+        return logits
+    B, V = logits.shape
+    dev = logits.device
+    counts = torch.zeros(B, V, device=dev)
+    seen = torch.zeros(B, V, dtype=torch.bool, device=dev)
+    for i, (prompt, out) in enumerate(zip(prompts, outputs)):
+        if out:
+            counts[i].index_add_(0, torch.tensor(out, device=dev), torch.ones(len(out), device=dev))
+        seen[i, torch.tensor(prompt, device=dev, dtype=torch.long)] = True
+    seen |= counts > 0
+    rep = torch.tensor([p.repetition_penalty for p in params], device=dev)[:, None]
+    logits = torch.where(seen, torch.where(logits > 0, logits / rep, logits * rep), logits)
+    freq = torch.tensor([p.frequency_penalty for p in params], device=dev)[:, None]
+    pres = torch.tensor([p.presence_penalty for p in params], device=dev)[:, None]
+    logits = logits - freq * counts - pres * (counts > 0)
+    for i, p in enumerate(params):
+        for token, bias in (p.logit_bias or {}).items():
+            if token < V:
+                logits[i, token] += bias
+    return logits
+
+
 def sampling_probs(logits: Tensor, params: list[SamplingParams]) -> Tensor:
     """(B, V) logits -> the (B, V) distribution each request samples from.
 
@@ -1183,6 +1455,7 @@ class Sequence:
     finish_reason: str | None = None
     text: str = ""
     num_chars_streamed: int = 0           # characters of text already in a RequestOutput delta
+    token_texts: list[str] = field(default_factory=list)   # the text each generated token added
     logprobs: list[dict[int, float]] | None = None
     prompt_logprobs: list[dict[int, float] | None] | None = None
     detok: IncrementalDetokenizer | None = None
@@ -1347,9 +1620,13 @@ class Scheduler:
         """Update seq.text with the new token; -> "stop" or "length" when seq is done."""
         p = seq.params
         is_eos = token in self.eos_token_ids
-        if seq.detok and not is_eos:
+        if seq.detok and is_eos:
+            seq.token_texts.append("")                     # EOS adds no text
+        elif seq.detok:
             before = len(seq.text)
-            seq.text += seq.detok.step(token)
+            piece = seq.detok.step(token)
+            seq.text += piece
+            seq.token_texts.append(piece)
             for s in p.stop:                   # only the new text (and a stop string's width before it)
                 i = seq.text.find(s, max(0, before - len(s) + 1))
                 if i >= 0:
@@ -1362,7 +1639,9 @@ class Scheduler:
         else:
             return None
         if seq.detok:
-            seq.text += seq.detok.step(-1, final=True)    # flush an unfinished character
+            flush = seq.detok.step(-1, final=True)         # an unfinished character
+            seq.text += flush
+            seq.token_texts[-1] += flush
         return reason
 
 
@@ -1537,6 +1816,7 @@ class RequestOutput:
     finish_reason: str | None             # "stop", "length", "abort" or "error"
     metrics: dict
     error: str | None = None              # what failed, when finish_reason is "error"
+    token_texts: list[str] | None = None  # per generated token, the text it added (they join to text)
 
     @property
     def finished(self) -> bool:
@@ -1578,6 +1858,7 @@ class LLMEngine:
                 torch.set_num_threads(threads)
         self.max_model_len = self._max_model_len(cfg.max_model_len, mc)
         self.tokenizer = load_tokenizer(self.model_dir, tokenizer)
+        self.chat_template = None if str(model_dir).startswith("random:") else read_chat_template(self.model_dir)
         if self.tokenizer and self.tokenizer.vocab_size > mc.vocab_size:
             raise ValueError(f"the tokenizer has {self.tokenizer.vocab_size} tokens but the "
                              f"model's vocab_size is {mc.vocab_size}")
@@ -1665,6 +1946,10 @@ class LLMEngine:
         if len(ids) >= self.max_model_len:
             raise ValueError(f"prompt is {len(ids)} tokens; max_model_len is {self.max_model_len} "
                              "(prompt plus at least one generated token)")
+        bad = [t for t in (params.logit_bias or {}) if t >= self.model_config.vocab_size]
+        if bad:
+            raise ValueError(f"logit_bias token id {bad[0]} is outside the vocabulary "
+                             f"[0, {self.model_config.vocab_size})")
         if request_id is None:
             request_id = f"req-{self._next_id}"
             self._next_id += 1
@@ -1676,6 +1961,35 @@ class LLMEngine:
         if self.tokenizer:
             seq.detok = IncrementalDetokenizer(self.tokenizer, ids)
         return seq
+
+    def chat_prompt(self, messages: object, add_generation_prompt: bool = True) -> list[int]:
+        """Chat messages ([{"role": ..., "content": ...}]) -> prompt token ids, through the
+        model's chat template (DEFAULT_CHAT_TEMPLATE when it has none)."""
+        if self.tokenizer is None:
+            raise ValueError("messages need a tokenizer: this model directory has none")
+        if not isinstance(messages, (list, tuple)) or not messages:
+            raise ValueError("messages must be a non-empty list of {role, content} objects")
+        clean = []
+        for i, m in enumerate(messages):
+            if not isinstance(m, dict) or not isinstance(m.get("role"), str):
+                raise ValueError(f"messages[{i}] must be an object with a string role")
+            content = m.get("content")
+            if isinstance(content, list):              # OpenAI's content parts: text only
+                if not all(isinstance(c, dict) and c.get("type") == "text" and isinstance(c.get("text"), str)
+                           for c in content):
+                    raise ValueError(f"messages[{i}].content parts must be {{type: text, text: ...}}")
+                content = "".join(c["text"] for c in content)
+            if not isinstance(content, str):
+                raise ValueError(f"messages[{i}].content must be a string or a list of text parts")
+            clean.append({"role": m["role"], "content": content})
+        tok = self.tokenizer
+        text = render_chat(self.chat_template or DEFAULT_CHAT_TEMPLATE, clean, add_generation_prompt,
+                           tok.bos_token, tok.eos_token)
+        try:
+            text.encode("utf-8")
+        except UnicodeEncodeError as e:
+            raise ValueError(f"messages are not valid Unicode text ({e.reason})") from None
+        return tok.encode_with_special_tokens(text)
 
     def add_sequence(self, seq: Sequence) -> None:
         self.requests[seq.request_id] = seq
@@ -1765,7 +2079,10 @@ class LLMEngine:
     def _sample(self, ready: list[tuple[Sequence, int]], hidden: Tensor) -> dict[Sequence, list[int]]:
         seqs = [s for s, _ in ready]
         logits = self.runner.compute_logits(hidden[[r for _, r in ready]])     # (B, V)
-        tokens = self.sampler.sample(logits, [s.params for s in seqs], [s.num_tokens for s in seqs])
+        params = [s.params for s in seqs]
+        penalized = apply_penalties(logits, params, [s.token_ids[:s.num_prompt_tokens] for s in seqs],
+                                    [s.output_ids for s in seqs])
+        tokens = self.sampler.sample(penalized, params, [s.num_tokens for s in seqs])
         if any(s.logprobs is not None for s in seqs):
             lp = logits.log_softmax(-1)
             for i, seq in enumerate(seqs):
@@ -1803,7 +2120,8 @@ class LLMEngine:
             self.requests.pop(seq.request_id, None)
         return RequestOutput(seq.request_id, seq.prompt, seq.token_ids[:seq.num_prompt_tokens],
                              list(seq.output_ids), seq.text, delta, seq.logprobs,
-                             seq.prompt_logprobs, seq.finish_reason, metrics)
+                             seq.prompt_logprobs, seq.finish_reason, metrics,
+                             token_texts=list(seq.token_texts) if seq.detok else None)
 
     def stats(self) -> dict:
         s, bm, spec = self.scheduler, self.block_manager, self.speculator
@@ -1943,6 +2261,18 @@ class LLM:
         finally:
             self._release(ids)
         return [done[r] for r in ids]
+
+    def chat(self, messages: list[dict] | list[list[dict]],
+             sampling_params: SamplingParams | list[SamplingParams] | None = None,
+             add_generation_prompt: bool = True) -> list[RequestOutput]:
+        """generate() for chat conversations (one, or a list of them), rendered by the model's
+        chat template."""
+        one = isinstance(messages, (list, tuple)) and messages and isinstance(messages[0], dict)
+        conversations = [messages] if one else messages
+        if not isinstance(conversations, (list, tuple)) or not conversations:
+            raise ValueError("messages must be a conversation (a list of {role, content}) or a list of them")
+        prompts = [self.engine.chat_prompt(c, add_generation_prompt) for c in conversations]
+        return self.generate(prompts, sampling_params)
 
     def stream(self, prompts, sampling_params=None) -> Iterator[RequestOutput]:
         """Like generate, but yield each request's progress (with its text delta) per step.
@@ -2095,7 +2425,14 @@ class Speculator:
         k_of = [len(drafts[s]) for s, _ in windows]
         rows = [r + j for (_, r), k in zip(windows, k_of) for j in range(k + 1)]
         logits = eng.runner.compute_logits(hidden[rows])                          # (sum(k+1), V)
-        p_all = sampling_probs(logits, [s.params for (s, _), k in zip(windows, k_of) for _ in range(k + 1)])
+        # Row j of a window is the target's distribution after the drafts before it: the
+        # penalties count those drafts as generated, so the emitted tokens stay distributed
+        # exactly as the target alone (with its penalties) would sample them.
+        per_row = [(s, j) for (s, _), k in zip(windows, k_of) for j in range(k + 1)]
+        params = [s.params for s, _ in per_row]
+        penalized = apply_penalties(logits, params, [s.token_ids[:s.num_prompt_tokens] for s, _ in per_row],
+                                    [s.output_ids + drafts[s][:j] for s, j in per_row])
+        p_all = sampling_probs(penalized, params)
         out, at = {}, 0
         for (seq, _), k in zip(windows, k_of):
             p, lg = p_all[at:at + k + 1], logits[at:at + k + 1]
@@ -2206,7 +2543,11 @@ class DraftModelSpeculator(Speculator):
             hidden, starts = self.runner.run(tokens, [st.num_computed for st in states],
                                              [st.block_table for st in states])
             rows = [start + len(t) - 1 for start, t in zip(starts, tokens)]
-            q = sampling_probs(self.runner.compute_logits(hidden[rows]), [s.params for s in active])  # (B, V)
+            params = [s.params for s in active]
+            logits = apply_penalties(self.runner.compute_logits(hidden[rows]), params,    # (B, V)
+                                     [s.token_ids[:s.num_prompt_tokens] for s in active],
+                                     [s.output_ids + drafts[s] for s in active])
+            q = sampling_probs(logits, params)
             x = sampler.draw(q, [sampler.generator(s.params.seed, s.num_tokens + j, DRAFT) for s in active])
             for i, (s, st) in enumerate(zip(active, states)):
                 st.num_computed += len(tokens[i])
@@ -2269,13 +2610,18 @@ class AsyncEngine:
         self.thread = threading.Thread(target=self._loop, name="nanoserve-engine", daemon=True)
         self.thread.start()
 
-    def add(self, prompt: str | list[int], params: SamplingParams):
+    def add(self, prompt: str | list[int], params: SamplingParams, fit_max_tokens: bool = False):
         """Validate and enqueue; -> (request_id, prompt length, queue of RequestOutput).
-        Raises ValueError for a bad request, ServingError(429) when the queue is full."""
+        Raises ValueError for a bad request (also, with fit_max_tokens, when prompt plus
+        max_tokens exceed max_model_len, as vLLM answers), ServingError(429) when the queue is full."""
         if len(self.engine.scheduler.waiting) + self.pending >= self.max_waiting:
             raise ServingError(429, f"server overloaded: {self.max_waiting} requests already waiting; "
                                "retry later", kind="rate_limit_error")
         seq = self.engine.make_sequence(prompt, params, request_id=f"srv-{uuid.uuid4().hex}")
+        limit = self.engine.max_model_len
+        if fit_max_tokens and seq.num_prompt_tokens + params.max_tokens > limit:
+            raise ValueError(f"max_tokens {params.max_tokens} plus the prompt's {seq.num_prompt_tokens} tokens "
+                             f"exceed max_model_len {limit}: ask for at most {limit - seq.num_prompt_tokens}")
         q: queue.Queue = queue.Queue()
         self.queues[seq.request_id] = q
         self.pending += 1
@@ -2381,8 +2727,20 @@ class AsyncEngine:
         return "\n".join(lines) + "\n"
 
 
-def parse_completion_request(body: dict) -> tuple[str | list[int], SamplingParams, bool]:
-    """OpenAI /v1/completions fields -> (prompt, SamplingParams, stream). Raises ServingError."""
+@dataclass
+class CompletionRequest:
+    """A validated /v1/completions body."""
+    prompt: str | list[int]
+    params: SamplingParams
+    stream: bool
+    include_usage: bool                   # stream_options.include_usage: a last chunk with usage
+    max_tokens_given: bool                # an explicit max_tokens must fit the context (else 400)
+    echo: bool = False                    # the prompt (and its logprobs) before the completion
+
+
+def parse_completion_request(body: dict) -> CompletionRequest:
+    """OpenAI /v1/completions fields -> a CompletionRequest. Unknown fields (user, ...) are
+    ignored, as OpenAI does. Raises ServingError."""
     if not isinstance(body, dict):
         raise ServingError(400, "request body must be a JSON object")
     if "prompt" not in body:
@@ -2394,28 +2752,75 @@ def parse_completion_request(body: dict) -> tuple[str | list[int], SamplingParam
             isinstance(t, int) and not isinstance(t, bool) for t in prompt))):
         raise ServingError(400, "'prompt' must be a string or a list of token ids (one prompt per request)",
                            "prompt")
-    for name, allowed in (("n", (1,)), ("best_of", (1, None)), ("echo", (False, None)),
-                          ("suffix", (None,))):
+    for name, allowed in (("n", (1,)), ("best_of", (1, None)), ("suffix", (None,))):
         if name in body and body[name] not in allowed:
             raise ServingError(400, f"'{name}' = {body[name]!r} is not supported", name)
     stream = body.get("stream", False)
     if not isinstance(stream, bool):
         raise ServingError(400, "'stream' must be a boolean", "stream")
+    echo = body.get("echo") or False
+    if not isinstance(echo, bool):
+        raise ServingError(400, "'echo' must be a boolean", "echo")
+    options = body.get("stream_options") or {}
+    if not isinstance(options, dict) or not isinstance(options.get("include_usage", False), bool):
+        raise ServingError(400, "'stream_options' must be an object like {\"include_usage\": true}",
+                           "stream_options")
     fields = {"max_tokens": 16, "temperature": 1.0, "top_p": 1.0, "top_k": 0, "seed": None,
-              "stop": None, "logprobs": None, "ignore_eos": False}
+              "stop": None, "logprobs": None, "ignore_eos": False, "presence_penalty": 0.0,
+              "frequency_penalty": 0.0, "repetition_penalty": 1.0, "logit_bias": None}
     kwargs = {}
     for name, default in fields.items():
         v = body.get(name, default)
-        kwargs[name] = default if v is None and name in ("max_tokens", "temperature", "top_p", "top_k") else v
+        kwargs[name] = default if v is None and default is not None else v
+    if isinstance(kwargs["logit_bias"], dict):          # JSON object keys are strings: "50256": -100
+        try:
+            kwargs["logit_bias"] = {int(k): v for k, v in kwargs["logit_bias"].items()}
+        except ValueError:
+            raise ServingError(400, "logit_bias keys must be token ids", "logit_bias") from None
     if not isinstance(kwargs["ignore_eos"], bool):
         raise ServingError(400, "'ignore_eos' must be a boolean", "ignore_eos")
     if kwargs["top_k"] == -1:                         # vLLM's spelling of "disabled"
         kwargs["top_k"] = 0
+    if echo and kwargs["logprobs"] is not None:
+        kwargs["prompt_logprobs"] = kwargs["logprobs"]       # echo's logprobs cover the prompt too
     try:
         params = SamplingParams(**kwargs)
     except ValueError as e:
         raise ServingError(400, str(e), str(e).split(" ")[0]) from None
-    return prompt, params, stream
+    return CompletionRequest(prompt, params, stream, stream and options.get("include_usage", False),
+                             body.get("max_tokens") is not None, echo)
+
+
+def parse_chat_request(body: object) -> tuple[list, bool, CompletionRequest]:
+    """OpenAI /v1/chat/completions fields -> (messages, add_generation_prompt, a
+    CompletionRequest whose prompt is filled in once the messages are rendered)."""
+    if not isinstance(body, dict):
+        raise ServingError(400, "request body must be a JSON object")
+    if "messages" not in body:
+        raise ServingError(400, "missing required field 'messages'", "messages")
+    add_generation_prompt = body.get("add_generation_prompt", True)
+    if not isinstance(add_generation_prompt, bool):
+        raise ServingError(400, "'add_generation_prompt' must be a boolean", "add_generation_prompt")
+    logprobs, top = body.get("logprobs") or False, body.get("top_logprobs")
+    if not isinstance(logprobs, bool):
+        raise ServingError(400, "'logprobs' must be a boolean in the chat API (top_logprobs: how many)", "logprobs")
+    if top is not None and not logprobs:
+        raise ServingError(400, "'top_logprobs' needs 'logprobs': true", "top_logprobs")
+    fields = {k: body[k] for k in ("temperature", "top_p", "top_k", "seed", "stop", "stream", "stream_options",
+                                   "presence_penalty", "frequency_penalty", "repetition_penalty", "logit_bias",
+                                   "ignore_eos", "n", "model", "user") if k in body}
+    max_tokens = body.get("max_completion_tokens", body.get("max_tokens"))
+    if max_tokens is not None:
+        fields["max_tokens"] = max_tokens
+    if logprobs:
+        fields["logprobs"] = 0 if top is None else top
+    try:
+        req = parse_completion_request(dict(fields, prompt=[0]))
+    except ServingError as e:
+        if e.param == "logprobs":
+            e.param = "top_logprobs"
+        raise
+    return body["messages"], add_generation_prompt, req
 
 
 class CompletionHandler(http.server.BaseHTTPRequestHandler):
@@ -2430,7 +2835,8 @@ class CompletionHandler(http.server.BaseHTTPRequestHandler):
     protocol_version = "HTTP/1.1"
     server_version = "nanoserve"
     server: "OpenAIServer"
-    ROUTES = {"/v1/completions": ("POST",), "/v1/models": ("GET",), "/health": ("GET",), "/metrics": ("GET",)}
+    ROUTES = {"/v1/completions": ("POST",), "/v1/chat/completions": ("POST",), "/v1/models": ("GET",),
+              "/health": ("GET",), "/metrics": ("GET",)}
 
     def setup(self) -> None:
         self.timeout = self.server.read_timeout        # socket timeout on every read and write
@@ -2486,7 +2892,7 @@ class CompletionHandler(http.server.BaseHTTPRequestHandler):
                 raise ServingError(405, f"{method} is not allowed on {path}; use {', '.join(allowed)}",
                                    kind="method_not_allowed", headers={"Allow": ", ".join(allowed)})
             if method == "POST":
-                self._completions()
+                self._completions(chat=path == "/v1/chat/completions")
             else:
                 self._get(path)
         except ServingError as e:
@@ -2521,22 +2927,33 @@ class CompletionHandler(http.server.BaseHTTPRequestHandler):
             self.answered = True
             self.wfile.write(data)
 
-    def _completions(self) -> None:
+    def _completions(self, chat: bool) -> None:
         srv = self.server
         body = self._read_json()
-        prompt, params, stream = parse_completion_request(body)
+        if chat:
+            messages, add_generation_prompt, req = parse_chat_request(body)
+            try:        # rendering only reads the engine's tokenizer and template: safe from here
+                req.prompt = srv.llm.engine.chat_prompt(messages, add_generation_prompt)
+            except ValueError as e:
+                raise ServingError(400, str(e), "messages") from None
+        else:
+            req = parse_completion_request(body)
+        params = req.params
         if body.get("model") not in (None, srv.model_name):
             raise ServingError(404, f"model {body['model']!r} does not exist; this server has "
                                f"{srv.model_name!r}", "model", "not_found_error")
         try:
-            rid, n_prompt, q = srv.async_engine.add(prompt, params)
+            rid, n_prompt, q = srv.async_engine.add(req.prompt, params, fit_max_tokens=req.max_tokens_given)
         except ValueError as e:
-            raise ServingError(400, str(e), "prompt" if "prompt" in str(e) else None) from None
-        head = {"id": f"cmpl-{uuid.uuid4().hex[:16]}", "object": "text_completion",
+            word = str(e).split(" ")[0]
+            raise ServingError(400, str(e), word if word in ("max_tokens", "logit_bias") else
+                               "prompt" if "prompt" in str(e) else None) from None
+        head = {"id": f"{'chatcmpl' if chat else 'cmpl'}-{uuid.uuid4().hex[:16]}",
+                "object": "chat.completion" if chat else "text_completion",
                 "created": int(time.time()), "model": srv.model_name}
         try:
-            if stream:
-                self._stream(rid, q, head, params)
+            if req.stream:
+                self._stream(rid, q, head, params, req.include_usage, req.echo, chat)
                 return
             out = self._wait(q, until_finished=True)
         except (BrokenPipeError, ConnectionResetError, TimeoutError):
@@ -2545,8 +2962,8 @@ class CompletionHandler(http.server.BaseHTTPRequestHandler):
         if out.finish_reason == "error":
             raise ServingError(500, f"the engine failed while running this request: {out.error}",
                                kind="server_error")
-        self.send_json(200, dict(head, choices=[self._choice(out, out.text, params)],
-                                 usage=self._usage(n_prompt, out)))
+        choice = self._chat_choice(out, params) if chat else self._choice(out, out.text, params, echo=req.echo)
+        self.send_json(200, dict(head, choices=[choice], usage=self._usage(n_prompt, out)))
 
     def _read_json(self) -> object:
         """The request body as JSON. Raises ServingError (4xx) for anything else."""
@@ -2614,30 +3031,95 @@ class CompletionHandler(http.server.BaseHTTPRequestHandler):
         tok = self.server.llm.engine.tokenizer
         return tok.token_text(t) if tok else f"token_id:{t}"
 
-    def _choice(self, out: RequestOutput, text: str, params: SamplingParams, first: int = 0) -> dict:
+    def _text_after(self, prev: int | None, t: int) -> str:
+        """The text token t adds after token prev (a candidate of top_logprobs)."""
+        tok = self.server.llm.engine.tokenizer
+        if tok is None:
+            return f"token_id:{t}"
+        if prev is None:
+            return tok.decode([t])
+        return tok.decode([prev, t])[len(tok.decode([prev])):]
+
+    def _prompt_texts(self, ids: list[int]) -> list[str]:
+        """The text each prompt token adds (they join to the decoded prompt)."""
+        tok = self.server.llm.engine.tokenizer
+        if tok is None:
+            return ["" for _ in ids]
+        detok = IncrementalDetokenizer(tok, [])
+        texts = [detok.step(t) for t in ids]
+        texts[-1] += detok.step(-1, final=True)
+        return texts
+
+    def _choice(self, out: RequestOutput, text: str, params: SamplingParams, first: int = 0,
+                echo: bool = False, prompt_chars: int = 0) -> dict:
+        """One choice of a response or chunk: `text`, and the logprobs of generated tokens
+        first.. (their decoded texts, which join to the text; text_offset; top_logprobs keyed
+        by text). echo: the prompt and its tokens come first. prompt_chars: an echoed prompt's
+        length sent in an earlier chunk (text_offset counts from the start of the echo)."""
+        prompt_texts = self._prompt_texts(out.prompt_token_ids) if echo else []
+        if echo:
+            text = "".join(prompt_texts) + text
         logprobs = None
         if params.logprobs is not None and out.logprobs is not None:
             ids = out.token_ids[first:len(out.logprobs)]
             lps = out.logprobs[first:first + len(ids)]
-            logprobs = {"tokens": [self._token_str(t) for t in ids],
-                        "token_logprobs": [d[t] for t, d in zip(ids, lps)],
-                        "top_logprobs": [{self._token_str(k): v for k, v in d.items()} for d in lps]}
+            texts = out.token_texts[first:first + len(ids)] if out.token_texts else [self._token_str(t) for t in ids]
+            prev = ([out.prompt_token_ids[-1]] + out.token_ids)[first:first + len(ids)]
+            tokens, token_lps = list(texts), [d[t] for t, d in zip(ids, lps)]
+            tops = [{self._text_after(p, k): v for k, v in d.items()} for p, d in zip(prev, lps)]
+            if echo and out.prompt_logprobs is not None:
+                p_ids = out.prompt_token_ids
+                tokens = prompt_texts + tokens
+                token_lps = [None] + [out.prompt_logprobs[i][p_ids[i]] for i in range(1, len(p_ids))] + token_lps
+                tops = [None] + [{self._text_after(p_ids[i - 1], k): v for k, v in out.prompt_logprobs[i].items()}
+                                 for i in range(1, len(p_ids))] + tops
+            offsets, at = [], prompt_chars + len("".join((out.token_texts or [])[:first]))
+            for t in tokens:
+                offsets.append(at)
+                at += len(t)
+            logprobs = {"tokens": tokens, "token_logprobs": token_lps, "top_logprobs": tops, "text_offset": offsets}
         return {"index": 0, "text": text, "logprobs": logprobs, "finish_reason": out.finish_reason}
+
+    def _chat_logprobs(self, out: RequestOutput, params: SamplingParams, first: int = 0) -> dict | None:
+        """The chat API's logprobs: per token its text, logprob, UTF-8 bytes and top alternatives."""
+        if params.logprobs is None or out.logprobs is None:
+            return None
+        ids = out.token_ids[first:len(out.logprobs)]
+        texts = out.token_texts[first:first + len(ids)] if out.token_texts else [self._token_str(t) for t in ids]
+        prev = ([out.prompt_token_ids[-1]] + out.token_ids)[first:first + len(ids)]
+        content = []
+        for t, text, p, d in zip(ids, texts, prev, out.logprobs[first:first + len(ids)]):
+            top = sorted(((self._text_after(p, k), v) for k, v in d.items()), key=lambda kv: -kv[1])[:params.logprobs]
+            content.append({"token": text, "logprob": d[t], "bytes": list(text.encode("utf-8", "replace")),
+                            "top_logprobs": [{"token": k, "logprob": v, "bytes": list(k.encode("utf-8", "replace"))}
+                                             for k, v in top]})
+        return {"content": content}
+
+    def _chat_choice(self, out: RequestOutput, params: SamplingParams) -> dict:
+        return {"index": 0, "message": {"role": "assistant", "content": out.text},
+                "logprobs": self._chat_logprobs(out, params), "finish_reason": out.finish_reason}
 
     @staticmethod
     def _usage(n_prompt: int, out: RequestOutput) -> dict:
         return {"prompt_tokens": n_prompt, "completion_tokens": len(out.token_ids),
                 "total_tokens": n_prompt + len(out.token_ids)}
 
-    def _stream(self, rid: str, q: queue.Queue, head: dict, params: SamplingParams) -> None:
-        """Server-sent events: one chunk per step with the text delta, then [DONE]."""
+    def _stream(self, rid: str, q: queue.Queue, head: dict, params: SamplingParams, include_usage: bool,
+                echo: bool, chat: bool = False) -> None:
+        """Server-sent events: one chunk per step with the text delta, a last chunk with the
+        usage when stream_options.include_usage asked for it (as OpenAI does), then [DONE]."""
         self.send_response(200)
         self.send_header("Content-Type", "text/event-stream")
         self.send_header("Cache-Control", "no-cache")
         self.send_header("Connection", "close")
         self.end_headers()
         self.answered = self.close_connection = True
-        sent = 0
+        sent = prompt_chars = 0                        # tokens sent, characters of an echoed prompt
+        if chat:                                       # the chat API opens with the role
+            head = dict(head, object="chat.completion.chunk")
+            first = {"index": 0, "delta": {"role": "assistant", "content": ""}, "logprobs": None,
+                     "finish_reason": None}
+            self.wfile.write(f"data: {json.dumps(dict(head, choices=[first]))}\n\n".encode())
         while True:
             out = self._wait(q, until_finished=False)
             if out.finish_reason == "error":           # headers are out: an error event, then [DONE]
@@ -2646,11 +3128,20 @@ class CompletionHandler(http.server.BaseHTTPRequestHandler):
                          "type": "server_error", "param": None, "code": 500}
                 self.wfile.write(f"data: {json.dumps({'error': error})}\n\n".encode())
                 break
-            chunk = dict(head, choices=[self._choice(out, out.delta, params, sent)])
+            if chat:
+                choice = {"index": 0, "delta": {"content": out.delta} if out.delta else {},
+                          "logprobs": self._chat_logprobs(out, params, sent), "finish_reason": out.finish_reason}
+            else:
+                choice = self._choice(out, out.delta, params, sent, echo=echo and sent == 0,
+                                      prompt_chars=prompt_chars if sent else 0)
+            if echo and sent == 0:
+                prompt_chars = len(choice["text"]) - len(out.delta)
+            chunk = dict(head, choices=[choice])
             sent = len(out.token_ids)
-            if out.finished:
-                chunk["usage"] = self._usage(len(out.prompt_token_ids), out)
             self.wfile.write(f"data: {json.dumps(chunk)}\n\n".encode())
+            if out.finished and include_usage:
+                usage = dict(head, choices=[], usage=self._usage(len(out.prompt_token_ids), out))
+                self.wfile.write(f"data: {json.dumps(usage)}\n\n".encode())
             self.wfile.flush()
             if out.finished:
                 break
@@ -2736,6 +3227,9 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--top-k", type=int, default=0)
     p.add_argument("--seed", type=int, default=None)
     p.add_argument("--stop", action="append", default=None, help="stop string (repeatable)")
+    p.add_argument("--presence-penalty", type=float, default=0.0)
+    p.add_argument("--frequency-penalty", type=float, default=0.0)
+    p.add_argument("--repetition-penalty", type=float, default=1.0)
     add_engine_args(p)
     return p
 
@@ -2758,7 +3252,9 @@ def serve(args: argparse.Namespace) -> int:
 def generate_to_stdout(args: argparse.Namespace) -> int:
     """--prompt: stream one completion to stdout, then a one-line summary to stderr."""
     params = SamplingParams(temperature=args.temperature, top_p=args.top_p, top_k=args.top_k,
-                            max_tokens=args.max_tokens, seed=args.seed, stop=args.stop)
+                            max_tokens=args.max_tokens, seed=args.seed, stop=args.stop,
+                            presence_penalty=args.presence_penalty, frequency_penalty=args.frequency_penalty,
+                            repetition_penalty=args.repetition_penalty)
     llm = LLM(args.model, **llm_kwargs_from_args(args))
     out = None
     for out in llm.stream(args.prompt, params):

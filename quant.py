@@ -7,6 +7,7 @@ weight once per token, so 4-bit weights move 4x fewer bytes than bf16: the gain 
 for memory-bound decode and small for compute-bound prefill.
 
     python quant.py --model models/nanocoder-5m --method gptq --bits 4 --group-size 32 --out /tmp/q4
+    python quant.py ... --format gptq      (or awq: the layouts the Hugging Face hub has)
 
 The layer that runs a quantized checkpoint (nanoserve.QuantLinear) and its packed
 format live with the model in nanoserve.py; this module holds the algorithms that
@@ -273,14 +274,94 @@ def _awq_stage(layer: nn.Module, stage: tuple[str, ...], X: Tensor, bits: int, g
     return alpha
 
 
+# ============================================================================ hub formats
+# `--format gptq` / `--format awq` write the layouts AutoGPTQ/GPTQModel and AutoAWQ write
+# (and transformers and vLLM load; nanoserve reads them back in nanoserve.convert_hub_linear).
+
+def pack_int32(values: Tensor, bits: int, along_rows: bool, order: tuple[int, ...] | None = None) -> Tensor:
+    """Unsigned fields -> int32 words of 32 / bits fields: (r, c) -> (r / pf, c) along the
+    rows, (r, c / pf) along the columns; order[k] is the position packed into field k (AWQ)."""
+    pf = 32 // bits
+    v = values.to(torch.int64)
+    if along_rows:
+        fields = v.view(-1, pf, v.shape[1])                                        # (r / pf, pf, c)
+        shifts = torch.arange(0, 32, bits)[None, :, None]
+        words = (fields << shifts).sum(1)
+    else:
+        fields = v.view(v.shape[0], -1, pf)                                        # (r, c / pf, pf)
+        if order is not None:
+            fields = fields[..., list(order)]
+        words = (fields << torch.arange(0, 32, bits)).sum(-1)
+    return torch.where(words >= 1 << 31, words - (1 << 32), words).to(torch.int32)   # two's complement
+
+
+def hub_format_state(model: LlamaForCausalLM, fmt: str, quant_config: dict) -> tuple[dict[str, Tensor], dict]:
+    """A quantized model's state dict in GPTQ or AWQ layout, and the quantization_config
+    that goes in config.json."""
+    bits, G = quant_config["bits"], quant_config["group_size"]
+    if bits not in ((4, 8) if fmt == "gptq" else (4,)):
+        raise ValueError(f"--format {fmt} needs --bits {'4 or 8' if fmt == 'gptq' else '4'}, got {bits}")
+    state = model.state_dict()
+    zero_one_seen = False
+    for name in nanoserve.quantized_linear_names(model):
+        m: QuantLinear = model.get_submodule(name)
+        for k in ("qweight", "scales", "zeros", "bias", "perm"):
+            state.pop(f"{name}.{k}", None)
+        codes = m.codes().to(torch.int64)                                         # (out, in)
+        half = 1 << (bits - 1)
+        if m.symmetric:
+            q, zero = codes + half, torch.full_like(m.scales, half, dtype=torch.int64)
+        else:
+            q, zero = codes, m.zeros.round().to(torch.int64)
+        pf = 32 // bits
+        if (G and m.in_features % G) or m.in_features % pf or m.out_features % pf:
+            raise ValueError(f"{name}: {m.in_features} -> {m.out_features} does not fit the {fmt} layout "
+                             f"(multiples of {pf}, in_features of group_size {G})")
+        q, zero, scales = q.t().contiguous(), zero.t().contiguous(), m.scales.t().to(torch.float16).contiguous()
+        if fmt == "gptq":
+            zero_one_seen |= bool((zero == 0).any())
+            state[f"{name}.qweight"] = pack_int32(q, bits, along_rows=True)
+            state[f"{name}.qzeros"] = zero                                         # packed below
+            state[f"{name}.g_idx"] = (torch.arange(m.in_features) // (G or m.in_features)).to(torch.int32)
+        else:
+            state[f"{name}.qweight"] = pack_int32(q, bits, along_rows=False, order=nanoserve.AWQ_ORDER)
+            state[f"{name}.qzeros"] = pack_int32(zero, bits, along_rows=False, order=nanoserve.AWQ_ORDER)
+        state[f"{name}.scales"] = scales
+        if m.bias is not None:
+            state[f"{name}.bias"] = m.bias.to(torch.float16)
+    if fmt == "gptq":
+        # The original format stores zero - 1 (a zero point of 0 does not fit): GPTQModel's
+        # gptq_v2 stores the zero itself and is written when a zero point is 0.
+        offset = 0 if zero_one_seen else 1
+        for k in [k for k in state if k.endswith(".qzeros")]:
+            state[k] = pack_int32((state[k] - offset) & ((1 << bits) - 1), bits, along_rows=False)
+        qc = {"quant_method": "gptq", "bits": bits, "group_size": G or -1, "desc_act": False,
+              "sym": bool(quant_config.get("symmetric", True)), "checkpoint_format": "gptq_v2" if offset == 0 else "gptq"}
+    else:
+        qc = {"quant_method": "awq", "bits": bits, "group_size": G or -1, "zero_point": True, "version": "gemm"}
+    return state, qc
+
+
 # ============================================================================ checkpoints
 
-def save_quantized(model: LlamaForCausalLM, src_dir: Path, out_dir: Path, quant_config: dict) -> None:
-    """config.json, tokenizer.model, quantize_config.json and model.safetensors (qweight/scales/zeros)."""
+def save_quantized(model: LlamaForCausalLM, src_dir: Path, out_dir: Path, quant_config: dict,
+                   fmt: str = "nanoserve") -> None:
+    """Write a loadable checkpoint: the source's config and tokenizer files and
+    model.safetensors, in nanoserve's layout (qweight/scales/zeros, with
+    quantize_config.json) or in GPTQ's or AWQ's (config.json's quantization_config)."""
+    if fmt not in ("nanoserve", "gptq", "awq"):
+        raise ValueError(f"format must be nanoserve, gptq or awq, got {fmt!r}")
     out_dir.mkdir(parents=True, exist_ok=True)
     for f in ("config.json", "tokenizer.model", "tokenizer.json", "tokenizer_config.json", "generation_config.json"):
         if (src_dir / f).is_file():
             shutil.copy(src_dir / f, out_dir / f)
+    if fmt != "nanoserve":
+        state, qc = hub_format_state(model, fmt, quant_config)
+        state = {k: v for k, v in state.items() if not (k == "lm_head.weight" and model.config.tie_word_embeddings)}
+        config = json.loads((out_dir / "config.json").read_text())
+        (out_dir / "config.json").write_text(json.dumps(dict(config, quantization_config=qc), indent=2) + "\n")
+        nanoserve.save_safetensors(state, out_dir / "model.safetensors", {"format": "pt"})
+        return
     state = {k: v for k, v in model.state_dict().items()
              if not (k == "lm_head.weight" and model.config.tie_word_embeddings)}
     nanoserve.save_safetensors(state, out_dir / "model.safetensors",
@@ -311,6 +392,8 @@ def main(argv: list[str] | None = None) -> int:
     ap.add_argument("--asymmetric", action="store_true", help="zero points (asymmetric quantization)")
     ap.add_argument("--act-order", action="store_true", help="GPTQ: columns in order of decreasing H_ii")
     ap.add_argument("--out", required=True)
+    ap.add_argument("--format", choices=["nanoserve", "gptq", "awq"], default="nanoserve",
+                    help="checkpoint layout: nanoserve's, or GPTQ's / AWQ's as the Hugging Face hub has them")
     ap.add_argument("--calib", default=None, help="text file for calibration (default: model samples)")
     ap.add_argument("--calib-samples", type=int, default=32)
     ap.add_argument("--calib-len", type=int, default=256)
@@ -332,7 +415,7 @@ def main(argv: list[str] | None = None) -> int:
         calib = read_calibration(args.calib, tok, sample, args.calib_samples, L)
         cfg = quantize_model(model, calib, args.method, args.bits, args.group_size, not args.asymmetric,
                              args.act_order, progress=lambda s: print(f"[quant] {s}", file=sys.stderr))
-        save_quantized(model, Path(args.model), Path(args.out), cfg)
+        save_quantized(model, Path(args.model), Path(args.out), cfg, args.format)
         print(f"[quant] wrote {args.out}", file=sys.stderr)
         return 0
     except (ValueError, FileNotFoundError) as e:

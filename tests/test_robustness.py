@@ -330,8 +330,9 @@ def test_a_fault_in_a_step_fails_its_requests_with_500_and_the_server_keeps_serv
 
 # ----------------------------------------------------------------------------- fuzzing
 
-FIELDS = ["prompt", "max_tokens", "temperature", "top_p", "top_k", "seed", "stop", "logprobs", "ignore_eos",
-          "stream", "n", "best_of", "echo", "suffix", "model", "user"]
+PARAM_FIELDS = ["max_tokens", "temperature", "top_p", "top_k", "seed", "stop", "logprobs", "ignore_eos",
+                "presence_penalty", "frequency_penalty", "repetition_penalty", "logit_bias"]
+FIELDS = ["prompt", *PARAM_FIELDS, "stream", "n", "best_of", "echo", "suffix", "model", "user"]
 BASE = {"prompt": "def f(x):", "max_tokens": 6, "temperature": 0.7, "top_p": 0.9, "top_k": 20, "seed": 1,
         "stop": ["\n\n"], "logprobs": 1, "ignore_eos": False, "stream": False}
 json_values = st.recursive(
@@ -342,7 +343,7 @@ json_values = st.recursive(
 
 
 @settings(max_examples=1500, deadline=None, database=None, derandomize=True)
-@given(field=st.sampled_from(FIELDS[1:9]), value=json_values)
+@given(field=st.sampled_from(PARAM_FIELDS), value=json_values)
 def test_sampling_params_take_any_json_value_or_raise_value_error_naming_the_field(field, value):
     """Whatever JSON a client sends in a field, SamplingParams either accepts it or raises
     ValueError naming that field: never another exception (which would be a 500)."""
@@ -451,3 +452,30 @@ def test_tiny_models_run_on_one_cpu_thread_unless_told_otherwise(model, monkeypa
             make_llm(model, cpu_threads=0)
     finally:
         torch.set_num_threads(before)
+
+
+def test_logit_bias_forces_and_bans_tokens(model):
+    llm = make_llm(model)
+    greedy = llm.generate("def f(x):", SamplingParams(temperature=0, max_tokens=10, ignore_eos=True))[0].token_ids
+    forced = llm.generate("def f(x):", SamplingParams(temperature=1.0, max_tokens=10, ignore_eos=True, seed=1,
+                                                      logit_bias={7: 100}))[0].token_ids
+    assert forced == [7] * 10
+    banned = llm.generate("def f(x):", SamplingParams(temperature=0, max_tokens=10, ignore_eos=True,
+                                                      logit_bias={greedy[0]: -100}))[0].token_ids
+    assert greedy[0] not in banned
+    with pytest.raises(ValueError, match="logit_bias"):
+        llm.generate("x", SamplingParams(logit_bias={10 ** 7: 1.0}))
+    for bad in ({"a": 1}, {3: 101}, {3: True}, [1, 2]):
+        with pytest.raises(ValueError, match="logit_bias"):
+            SamplingParams(logit_bias=bad)
+
+
+def test_server_takes_penalties_and_logit_bias_with_string_keys(served):
+    port, llm, _ = served
+    status, body = status_and_json(raw_exchange(port, post(json.dumps(
+        {"prompt": [1, 20, 30], "max_tokens": 4, "temperature": 0, "logit_bias": {"9": 100},
+         "frequency_penalty": 0.5, "presence_penalty": -0.5, "repetition_penalty": 1.1}).encode())))
+    assert status == 200 and body["usage"]["completion_tokens"] == 4
+    for field, value in (("presence_penalty", 3), ("repetition_penalty", 0), ("logit_bias", {"x": 1})):
+        status, body = status_and_json(raw_exchange(port, post(json.dumps({"prompt": "x", field: value}).encode())))
+        assert status == 400 and body["error"]["param"] == field, field

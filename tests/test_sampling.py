@@ -112,3 +112,41 @@ def test_chi_square_pvalue_is_calibrated():
                                                  minlength=3).double(), probs) < 0.05 for _ in range(2000))
     assert abs(below / 2000 - 0.05) < 0.02
     assert math.isclose(chi_square_pvalue(torch.tensor([50.0, 50.0]), torch.tensor([0.5, 0.5])), 1.0)
+
+
+# ----------------------------------------------------------------------------- penalties
+
+def _reference_penalties(logits, p, prompt, output):
+    """vLLM's definitions, one token at a time."""
+    out = logits.clone()
+    for t in range(logits.shape[0]):
+        count = output.count(t)
+        if (t in prompt or count) and p.repetition_penalty != 1:
+            out[t] = out[t] / p.repetition_penalty if out[t] > 0 else out[t] * p.repetition_penalty
+        out[t] -= p.frequency_penalty * count + p.presence_penalty * (count > 0)
+        out[t] += (p.logit_bias or {}).get(t, 0.0)
+    return out
+
+
+@pytest.mark.parametrize("kw", [dict(presence_penalty=1.5), dict(frequency_penalty=0.7), dict(frequency_penalty=-0.5),
+                                dict(repetition_penalty=1.3), dict(repetition_penalty=0.8),
+                                dict(logit_bias={3: -100, 7: 5.5}),
+                                dict(presence_penalty=0.4, frequency_penalty=0.3, repetition_penalty=1.2,
+                                     logit_bias={0: 100})])
+def test_penalties_and_logit_bias_match_a_direct_computation(kw):
+    g = torch.Generator().manual_seed(0)
+    logits = torch.randn(3, 12, generator=g) * 3
+    prompts, outputs = [[1, 2], [5], []], [[3, 3, 4], [], [9, 9, 9, 1]]
+    params = [SamplingParams(**kw)] * 3
+    got = nanoserve.apply_penalties(logits, params, prompts, outputs)
+    for i in range(3):
+        torch.testing.assert_close(got[i], _reference_penalties(logits[i], params[i], prompts[i], outputs[i]))
+    plain = nanoserve.apply_penalties(logits, [SamplingParams()] * 3, prompts, outputs)
+    assert plain is logits                                      # nothing to do: no copy
+
+
+def test_penalties_apply_per_row_in_a_mixed_batch():
+    logits = torch.zeros(2, 6)
+    params = [SamplingParams(frequency_penalty=1.0), SamplingParams()]
+    got = nanoserve.apply_penalties(logits, params, [[0], [0]], [[2, 2], [2, 2]])
+    assert got[0, 2] == -2.0 and got[1, 2] == 0.0

@@ -10,7 +10,7 @@ import time
 import pytest
 
 import nanoserve
-from nanoserve import LLM
+from nanoserve import LLM, SamplingParams
 from conftest import LLAMA2_TOKENIZER, TINY_CONFIG, write_random_checkpoint
 
 
@@ -93,13 +93,23 @@ def test_plain_completion_has_openai_shape(served):
 
 def test_streamed_completion_concatenates_to_the_plain_one(served):
     port, llm, _ = served
-    body = dict(prompt="import os\n", max_tokens=20, temperature=0.8, seed=7, ignore_eos=True)
+    body = dict(prompt="import os\n", max_tokens=20, temperature=0.8, seed=7, ignore_eos=True, user="u1")
     _, plain = completion(port, **body)
     chunks = stream(port, **body)
     assert "".join(c["choices"][0]["text"] for c in chunks) == plain["choices"][0]["text"]
     assert chunks[-1]["choices"][0]["finish_reason"] == "length"
-    assert chunks[-1]["usage"]["completion_tokens"] == 20
     assert all(c["choices"][0]["finish_reason"] is None for c in chunks[:-1])
+    assert not any(c.get("usage") for c in chunks)              # usage only when asked for
+    chunks = stream(port, stream_options={"include_usage": True}, **body)
+    assert chunks[-1]["choices"] == [] and chunks[-1]["usage"]["completion_tokens"] == 20
+    assert "".join(c["choices"][0]["text"] for c in chunks[:-1]) == plain["choices"][0]["text"]
+
+
+def test_max_tokens_beyond_the_context_is_a_400_naming_the_limit(served):
+    port, llm, _ = served
+    status, out = completion(port, prompt="x", max_tokens=10_000)
+    assert status == 400 and out["error"]["param"] == "max_tokens" and "max_model_len 256" in out["error"]["message"]
+    assert completion(port, prompt="x")[0] == 200               # the default max_tokens fits
 
 
 def test_token_id_prompts_and_stop_strings(served):
@@ -259,3 +269,34 @@ def test_overload_beyond_the_waiting_queue_answers_429(model):
     finally:
         server.shutdown()
         server.server_close()
+
+
+def test_logprobs_tokens_are_text_that_joins_with_offsets_and_top_logprobs_keyed_by_text(served):
+    port, llm, _ = served
+    status, out = completion(port, prompt="def add(a, b):", max_tokens=16, temperature=0, logprobs=3, ignore_eos=True)
+    choice = out["choices"][0]
+    lp = choice["logprobs"]
+    assert status == 200 and "".join(lp["tokens"]) == choice["text"] and len(lp["tokens"]) == 16
+    assert lp["text_offset"] == [sum(map(len, lp["tokens"][:i])) for i in range(16)]
+    assert not any(t.startswith("▁") or t.startswith("<0x") for t in lp["tokens"])   # no raw pieces
+    for tok, logprob, top in zip(lp["tokens"], lp["token_logprobs"], lp["top_logprobs"]):
+        assert max(top.values()) == pytest.approx(logprob)      # greedy: the chosen one is the top
+        if tok and "\ufffd" not in tok:
+            assert top[tok] == pytest.approx(logprob)           # keyed by the same text
+
+
+def test_echo_returns_the_prompt_and_its_logprobs_first(served):
+    port, llm, _ = served
+    body = dict(prompt="def add(a, b):", max_tokens=6, temperature=0, ignore_eos=True)
+    _, plain = completion(port, **body)
+    status, out = completion(port, echo=True, logprobs=1, **body)
+    choice, n_prompt = out["choices"][0], out["usage"]["prompt_tokens"]
+    assert status == 200 and choice["text"] == "def add(a, b):" + plain["choices"][0]["text"]
+    lp = choice["logprobs"]
+    assert len(lp["tokens"]) == n_prompt + 6 and "".join(lp["tokens"]) == choice["text"]
+    assert lp["token_logprobs"][0] is None and lp["top_logprobs"][0] is None
+    ids = llm.tokenizer.encode("def add(a, b):")
+    ref = llm.generate(ids, SamplingParams(temperature=0, max_tokens=1, prompt_logprobs=1))[0].prompt_logprobs
+    assert lp["token_logprobs"][1:n_prompt] == pytest.approx([ref[i][ids[i]] for i in range(1, n_prompt)], abs=1e-5)
+    chunks = stream(port, echo=True, **body)
+    assert "".join(c["choices"][0]["text"] for c in chunks) == choice["text"]

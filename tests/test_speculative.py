@@ -251,3 +251,23 @@ def test_bad_speculative_configs_are_refused(pair, tmp_path):
     other = write_random_checkpoint(tmp_path / "v", dict(TINY_CONFIG, vocab_size=999))
     with pytest.raises(ValueError, match="vocab"):
         LLM(target, device="cpu", draft_model=other)
+
+
+@pytest.mark.parametrize("method", ["draft", "ngram"])
+def test_penalties_under_speculation_give_the_target_alones_greedy_output(pair, method):
+    """The verifier applies each window position's penalties with the drafts before it
+    counted as generated: greedy output equals the target alone with the same penalties."""
+    target, draft = pair
+    vocab = nanoserve.ModelConfig.from_dir(target).vocab_size
+    prompts = prompts_for(vocab, 8, seed=5)
+    p = SamplingParams(temperature=0, max_tokens=30, ignore_eos=True, frequency_penalty=2.0,
+                       presence_penalty=2.0, repetition_penalty=1.5, logit_bias={5: 2.0})
+    ref = [o.token_ids for o in LLM(target, device="cpu").generate(prompts, p)]
+    plain = [o.token_ids for o in LLM(target, device="cpu").generate(
+        prompts, SamplingParams(temperature=0, max_tokens=30, ignore_eos=True))]
+    assert ref != plain                                         # the penalties change the output
+    # A draft equal to the target (its proposals ignore the penalties) makes long windows
+    # whose later positions must count the drafts before them.
+    spec = LLM(target, device="cpu", num_speculative_tokens=4, speculative_method=method,
+               draft_model=target if method == "draft" else None)
+    assert [o.token_ids for o in spec.generate(prompts, p)] == ref

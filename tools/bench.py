@@ -434,7 +434,8 @@ def _streaming_client(port: int, body: dict, log: ClientLog) -> None:
     try:
         conn = http.client.HTTPConnection("127.0.0.1", port, timeout=600)
         t0 = time.perf_counter()
-        conn.request("POST", "/v1/completions", json.dumps(dict(body, stream=True)))
+        conn.request("POST", "/v1/completions", json.dumps(dict(body, stream=True,
+                                                                 stream_options={"include_usage": True})))
         resp = conn.getresponse()
         if resp.status != 200:
             log.errors.append(resp.status)

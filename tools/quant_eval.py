@@ -53,6 +53,9 @@ def main() -> None:
     ap.add_argument("--seq-len", type=int, default=256)
     ap.add_argument("--calib-samples", type=int, default=32)
     ap.add_argument("--out", default=None)
+    ap.add_argument("--checkpoints", nargs="*", default=None, metavar="DIR",
+                    help="instead of the RTN/GPTQ/AWQ sweep: the held-out perplexity and KL of these checkpoint "
+                         "directories (e.g. GPTQ/AWQ checkpoints quant.py --format wrote) against --model")
     args = ap.parse_args()
     torch.manual_seed(0)
     llm = nanoserve.LLM(args.model, device="cpu", dtype="float32")
@@ -68,6 +71,16 @@ def main() -> None:
     calib = torch.tensor([[bos] + o.token_ids for o in outs])
     ppl_fp, _, ref = evaluate(base, None, windows)
     rows = [{"config": "fp32", "group_size": None, "ppl": ppl_fp, "kl": 0.0}]
+    if args.checkpoints is not None:
+        print(f"| checkpoint | held-out perplexity | KL(fp32 || it) |\n| --- | --- | --- |\n"
+              f"| {args.model} (fp32) | {ppl_fp:.3f} | 0 |")
+        for d in args.checkpoints:
+            ppl, kl, _ = evaluate(nanoserve.LLM(d, device="cpu", dtype="float32").engine.model, ref, windows)
+            rows.append({"config": d, "ppl": ppl, "kl": kl})
+            print(f"| {d} | {ppl:.3f} | {kl:.4f} |", flush=True)
+        if args.out:
+            Path(args.out).write_text(json.dumps({"model": args.model, "rows": rows}, indent=2) + "\n")
+        return
     print(f"| weights | per channel: ppl | KL | group 32: ppl | KL |\n| --- | --- | --- | --- | --- |\n"
           f"| fp32 | {ppl_fp:.3f} | 0 | {ppl_fp:.3f} | 0 |", flush=True)
     for label, method, bits in CONFIGS:

@@ -1,0 +1,147 @@
+"""/v1/chat/completions and LLM.chat: real chat templates (Llama-2-chat's [INST], ChatML),
+rendered as transformers renders them, checked with the real `openai` client."""
+
+import json
+import threading
+
+import pytest
+
+import nanoserve
+from nanoserve import LLM, SamplingParams
+from conftest import LLAMA2_TOKENIZER, TINY_CONFIG, needs_llama2_tokenizer, write_random_checkpoint
+
+openai = pytest.importorskip("openai")
+
+# The chat templates these families publish in tokenizer_config.json.
+LLAMA2_CHAT_TEMPLATE = (
+    "{% if messages[0]['role'] == 'system' %}{% set loop_messages = messages[1:] %}"
+    "{% set system_message = messages[0]['content'] %}{% else %}{% set loop_messages = messages %}"
+    "{% set system_message = false %}{% endif %}{% for message in loop_messages %}"
+    "{% if (message['role'] == 'user') != (loop.index0 % 2 == 0) %}"
+    "{{ raise_exception('Conversation roles must alternate user/assistant/user/assistant/...') }}{% endif %}"
+    "{% if loop.index0 == 0 and system_message != false %}"
+    "{% set content = '<<SYS>>\\n' + system_message + '\\n<</SYS>>\\n\\n' + message['content'] %}"
+    "{% else %}{% set content = message['content'] %}{% endif %}"
+    "{% if message['role'] == 'user' %}{{ bos_token + '[INST] ' + content.strip() + ' [/INST]' }}"
+    "{% elif message['role'] == 'assistant' %}{{ ' '  + content.strip() + ' ' + eos_token }}{% endif %}{% endfor %}")
+CHATML_TEMPLATE = (
+    "{% for message in messages %}{% if loop.first and messages[0]['role'] != 'system' %}"
+    "{{ '<|im_start|>system\\nYou are a helpful assistant.<|im_end|>\\n' }}{% endif %}"
+    "{{'<|im_start|>' + message['role'] + '\\n' + message['content'] + '<|im_end|>' + '\\n'}}{% endfor %}"
+    "{% if add_generation_prompt %}{{ '<|im_start|>assistant\\n' }}{% endif %}")
+CONVERSATION = [{"role": "system", "content": "You are terse."}, {"role": "user", "content": "Hi there"},
+                {"role": "assistant", "content": "Hello."}, {"role": "user", "content": "Count to 3"}]
+
+
+@pytest.fixture(scope="module")
+def llama2_chat(tmp_path_factory):
+    if not LLAMA2_TOKENIZER.is_file():
+        pytest.skip("../shared/models/tokenizers/llama2/tokenizer.model is not beside this checkout")
+    d = write_random_checkpoint(tmp_path_factory.mktemp("l2chat") / "m", dict(
+        TINY_CONFIG, vocab_size=32000, hidden_size=32, num_attention_heads=4, num_key_value_heads=2))
+    (d / "tokenizer_config.json").write_text(json.dumps({"chat_template": LLAMA2_CHAT_TEMPLATE,
+                                                         "bos_token": "<s>", "eos_token": "</s>"}))
+    return LLM(d, device="cpu", tokenizer=LLAMA2_TOKENIZER, max_model_len=256)
+
+
+@pytest.fixture(scope="module")
+def chatml(tmp_path_factory):
+    from tokenizers import Tokenizer, decoders, models, pre_tokenizers, trainers
+    d = write_random_checkpoint(tmp_path_factory.mktemp("chatml") / "m", dict(TINY_CONFIG, vocab_size=400))
+    tok = Tokenizer(models.BPE())
+    tok.pre_tokenizer, tok.decoder = pre_tokenizers.ByteLevel(add_prefix_space=False), decoders.ByteLevel()
+    trainer = trainers.BpeTrainer(vocab_size=400, special_tokens=["<|endoftext|>", "<|im_start|>", "<|im_end|>"],
+                                  initial_alphabet=pre_tokenizers.ByteLevel.alphabet())
+    tok.train_from_iterator(["system user assistant You are a helpful assistant. Count to 3 Hello."] * 30, trainer)
+    tok.save(str(d / "tokenizer.json"))
+    (d / "tokenizer_config.json").write_text(json.dumps({"chat_template": CHATML_TEMPLATE, "eos_token": "<|im_end|>",
+                                                         "bos_token": None, "add_bos_token": False}))
+    return LLM(d, device="cpu", max_model_len=256)
+
+
+@needs_llama2_tokenizer
+def test_llama2_chat_template_renders_as_transformers_does(llama2_chat):
+    eng = llama2_chat.engine
+    sp = eng.tokenizer.sp
+    ids = eng.chat_prompt(CONVERSATION)
+    # <s>[INST] <<SYS>>\n...\n<</SYS>>\n\nHi there [/INST] Hello. </s><s>[INST] Count to 3 [/INST]
+    expected = ([1] + sp.encode("[INST] <<SYS>>\nYou are terse.\n<</SYS>>\n\nHi there [/INST] Hello. ") + [2]
+                + [1] + sp.encode("[INST] Count to 3 [/INST]"))
+    assert ids == expected and ids.count(1) == 2                # BOS tokens, not "<s>" spelled out
+    with pytest.raises(ValueError, match="alternate"):          # the template's own raise_exception
+        eng.chat_prompt([{"role": "assistant", "content": "x"}])
+
+
+def test_chatml_template_renders_special_tokens_and_the_generation_prompt(chatml):
+    eng = chatml.engine
+    t = eng.tokenizer.tok
+    ids = eng.chat_prompt(CONVERSATION[1:2])
+    text = "<|im_start|>system\nYou are a helpful assistant.<|im_end|>\n<|im_start|>user\nHi there<|im_end|>\n"
+    assert ids == t.encode(text + "<|im_start|>assistant\n", add_special_tokens=False).ids
+    assert ids.count(t.token_to_id("<|im_start|>")) == 3
+    assert eng.chat_prompt(CONVERSATION[1:2], add_generation_prompt=False) == \
+        t.encode(text, add_special_tokens=False).ids
+    out = chatml.chat(CONVERSATION[1:2], SamplingParams(temperature=0, max_tokens=5, ignore_eos=True))[0]
+    assert out.prompt_token_ids == ids and len(out.token_ids) == 5
+
+
+def test_models_without_a_template_use_the_documented_default(tmp_path):
+    if not (nanoserve.DEFAULT_MODEL / "model.safetensors").is_file():
+        pytest.skip("the bundled model is not in this checkout")
+    llm = LLM(nanoserve.DEFAULT_MODEL, device="cpu")
+    ids = llm.engine.chat_prompt([{"role": "user", "content": "sort a list"}])
+    assert llm.tokenizer.decode(ids) == "# user:\nsort a list\n# assistant:\n" and ids[0] == llm.tokenizer.bos_id
+
+
+def serve(llm):
+    server = nanoserve.make_server(llm, "127.0.0.1", 0)
+    threading.Thread(target=server.serve_forever, daemon=True).start()
+    client = openai.OpenAI(base_url=f"http://127.0.0.1:{server.server_address[1]}/v1", api_key="none",
+                           max_retries=0)
+    return server, client
+
+
+@pytest.mark.parametrize("which", ["llama2_chat", "chatml"])
+def test_openai_client_chat_completions_plain_and_streamed(request, which):
+    llm = request.getfixturevalue(which)
+    server, client = serve(llm)
+    try:
+        kw = dict(model=server.model_name, messages=CONVERSATION, max_completion_tokens=8, temperature=0, seed=3)
+        r = client.chat.completions.create(logprobs=True, top_logprobs=2, **kw)
+        ids = llm.engine.chat_prompt(CONVERSATION)
+        ref = llm.generate(ids, SamplingParams(temperature=0, max_tokens=8))[0]
+        choice = r.choices[0]
+        assert r.object == "chat.completion" and choice.message.role == "assistant"
+        assert choice.message.content == ref.text and choice.finish_reason == ref.finish_reason
+        assert r.usage.prompt_tokens == len(ids) and r.usage.completion_tokens == len(ref.token_ids)
+        lp = choice.logprobs.content
+        assert len(lp) == len(ref.token_ids) and all(len(x.top_logprobs) == 2 for x in lp)
+        assert lp[0].top_logprobs[0].logprob == pytest.approx(lp[0].logprob)     # greedy: the top one
+        chunks = list(client.chat.completions.create(stream=True, stream_options={"include_usage": True}, **kw))
+        assert chunks[0].choices[0].delta.role == "assistant"
+        assert "".join(c.choices[0].delta.content or "" for c in chunks if c.choices) == ref.text
+        assert [c.choices[0].finish_reason for c in chunks if c.choices][-1] == ref.finish_reason
+        assert chunks[-1].choices == [] and chunks[-1].usage.completion_tokens == len(ref.token_ids)
+        stopped = client.chat.completions.create(model=server.model_name, messages=CONVERSATION, max_tokens=30,
+                                                 temperature=0.9, seed=1, stop=[" "])
+        assert " " not in stopped.choices[0].message.content
+    finally:
+        server.shutdown()
+        server.server_close()
+
+
+def test_bad_chat_requests_get_400s_naming_the_field(chatml):
+    server, client = serve(chatml)
+    try:
+        for kw, param in ((dict(messages="hi"), "messages"), (dict(messages=[{"content": "x"}]), "messages"),
+                          (dict(messages=CONVERSATION, logprobs="yes"), "logprobs"),
+                          (dict(messages=CONVERSATION, top_logprobs=2), "top_logprobs"),
+                          (dict(messages=CONVERSATION, logprobs=True, top_logprobs=50), "top_logprobs"),
+                          (dict(messages=CONVERSATION, n=2), "n"),
+                          (dict(messages=CONVERSATION, max_tokens=10_000), "max_tokens")):
+            with pytest.raises(openai.BadRequestError) as e:
+                client.chat.completions.create(model=server.model_name, **kw)
+            assert e.value.body["param"] == param, kw
+    finally:
+        server.shutdown()
+        server.server_close()
