@@ -267,6 +267,8 @@ class SamplingParams:
     repetition_penalty (> 0; 1 is off) follow vLLM's definitions, logit_bias {token id:
     bias in [-100, 100]} OpenAI's (see apply_penalties). Every field is checked here, with a
     ValueError that names it: the same rules hold for the Python API and the server.
+    n: samples returned per prompt; best_of: samples generated, of which the n with the
+    highest cumulative logprob are returned (parallel sampling on shared prompt blocks).
     """
     temperature: float = 1.0
     top_p: float = 1.0
@@ -281,6 +283,8 @@ class SamplingParams:
     frequency_penalty: float = 0.0
     repetition_penalty: float = 1.0
     logit_bias: dict[int, float] | None = None
+    n: int = 1
+    best_of: int | None = None
 
     def __post_init__(self) -> None:
         if _finite(self, "temperature") < 0:
@@ -309,6 +313,11 @@ class SamplingParams:
                 raise ValueError(f"{name} must be in [-2, 2], got {getattr(self, name)}")
         if not _finite(self, "repetition_penalty") > 0:
             raise ValueError(f"repetition_penalty must be > 0, got {self.repetition_penalty}")
+        for name in ("temperature", "top_p", "presence_penalty", "frequency_penalty", "repetition_penalty"):
+            setattr(self, name, float(getattr(self, name)))        # 10**30 is a valid int, not an int64
+        _integer(self, "n", 1, 64)
+        if self.best_of is not None and _integer(self, "best_of", 1, 64) < self.n:
+            raise ValueError(f"best_of must be >= n ({self.n}), got {self.best_of}")
         if self.logit_bias is not None:
             if not isinstance(self.logit_bias, dict):
                 raise ValueError(f"logit_bias must be a mapping of token id to bias, got {self.logit_bias!r}")
@@ -317,6 +326,10 @@ class SamplingParams:
                     raise ValueError(f"logit_bias keys must be token ids, got {t!r}")
                 if isinstance(b, bool) or not isinstance(b, (int, float)) or not -100 <= b <= 100:
                     raise ValueError(f"logit_bias values must be numbers in [-100, 100], got {b!r} for {t}")
+
+    @property
+    def num_samples(self) -> int:
+        return self.best_of or self.n
 
     @property
     def penalized(self) -> bool:
@@ -1215,10 +1228,10 @@ class BlockManager:
             hits.append(b)
         return hits
 
-    def can_allocate(self, block_table: list[int], num_tokens: int, hits: list[int] = ()) -> bool:
+    def can_allocate(self, block_table: list[int], num_tokens: int, hits: list[int] = (), extra: int = 0) -> bool:
         new = self.blocks_needed(num_tokens) - len(block_table) - len(hits)
         revived = sum(1 for b in hits if self.ref_count[b] == 0)   # cached but in the free list
-        return new + revived <= self.num_free
+        return new + revived + extra <= self.num_free
 
     def allocate(self, block_table: list[int], num_tokens: int, hits: list[int] = ()) -> None:
         """Grow block_table (in place) to hold num_tokens, sharing `hits` first."""
@@ -1228,13 +1241,24 @@ class BlockManager:
             self.ref_count[b] += 1
             block_table.append(b)
         while len(block_table) < self.blocks_needed(num_tokens):
-            b, _ = self.free.popitem(last=False)                      # least recently used
-            if self.block_hash[b] is not None:                        # evict its cached prefix
-                if self.hash_to_block.get(self.block_hash[b]) == b:
-                    del self.hash_to_block[self.block_hash[b]]
-                self.block_hash[b] = self.block_tokens[b] = None
-            self.ref_count[b] = 1
-            block_table.append(b)
+            block_table.append(self.allocate_one())
+
+    def allocate_one(self) -> int:
+        """A free block, least recently used first (evicting the prefix it cached), ref count 1."""
+        b, _ = self.free.popitem(last=False)
+        if self.block_hash[b] is not None:
+            if self.hash_to_block.get(self.block_hash[b]) == b:
+                del self.hash_to_block[self.block_hash[b]]
+            self.block_hash[b] = self.block_tokens[b] = None
+        self.ref_count[b] = 1
+        return b
+
+    def fork(self, block_table: list[int]) -> list[int]:
+        """A second reference to every block of a table (parallel sampling: the samples of a
+        prompt share its blocks; one that writes into a shared block copies it first)."""
+        for b in block_table:
+            self.ref_count[b] += 1
+        return list(block_table)
 
     def release(self, block_table: list[int]) -> None:
         """Drop a sequence's references. Tail blocks go first in line for eviction."""
@@ -1456,6 +1480,10 @@ class Sequence:
     text: str = ""
     num_chars_streamed: int = 0           # characters of text already in a RequestOutput delta
     token_texts: list[str] = field(default_factory=list)   # the text each generated token added
+    cumulative_logprob: float = 0.0       # of its generated tokens (best_of ranks samples by it)
+    sample_index: int = 0                 # which of its request's samples (n, best_of) this is
+    group: list["Sequence"] | None = None # all samples of a request with several, shared by them
+    forks_pending: list[SamplingParams] = field(default_factory=list)  # samples to start at the first token
     logprobs: list[dict[int, float]] | None = None
     prompt_logprobs: list[dict[int, float] | None] | None = None
     detok: IncrementalDetokenizer | None = None
@@ -1482,6 +1510,7 @@ class Scheduler:
         self.running: list[Sequence] = []       # in admission order
         self.num_preemptions = 0
         self.num_generated = 0
+        self.block_copies: list[tuple[int, int]] = []  # (src, dst) copy-on-write, done before the step
         self.prompt_tokens = self.cached_prompt_tokens = 0
 
     def add(self, seq: Sequence) -> None:
@@ -1507,7 +1536,7 @@ class Scheduler:
             n = min(seq.num_tokens - seq.num_computed, budget)
             # A decode may also verify k draft tokens (speculative decoding), never a partial window.
             k = self.speculator.lookahead(seq, budget - 1) if self.speculator and n == 1 else 0
-            while not self._can_grow(seq, n + k, k):
+            while not self._can_grow(seq, n + k, k, self._shared_block(seq) is not None):
                 # Out of blocks: preempt the most recently admitted sequence (recompute
                 # later). If that is this sequence itself, it waits.
                 victim = self.running[-1]
@@ -1517,6 +1546,7 @@ class Scheduler:
                 if victim is seq:
                     break
             if seq.status == RUNNING:
+                self._copy_on_write(seq)
                 self.bm.allocate(seq.block_table, seq.num_computed + n + k)
                 if k:
                     self.speculator.reserve(seq, k)
@@ -1557,10 +1587,29 @@ class Scheduler:
             scheduled[seq] = n
             budget -= n
 
-    def _can_grow(self, seq: Sequence, num_slots: int, k: int) -> bool:
-        """Are there blocks for num_slots more cache slots (and for k drafts, if any)?"""
-        fits = self.bm.can_allocate(seq.block_table, seq.num_computed + num_slots)
+    def _can_grow(self, seq: Sequence, num_slots: int, k: int, copy: bool = False) -> bool:
+        """Are there blocks for num_slots more cache slots (and for k drafts, if any, and for
+        a copy of a shared block)?"""
+        fits = self.bm.can_allocate(seq.block_table, seq.num_computed + num_slots, extra=int(copy))
         return fits and (k == 0 or self.speculator.can_reserve(seq, k))
+
+    def _shared_block(self, seq: Sequence) -> int | None:
+        """The index in seq's table of the block its next token is written to, if that block
+        is shared with another sample (a partly filled prompt block after a fork)."""
+        i = seq.num_computed // self.bm.block_size
+        if i < len(seq.block_table) and self.bm.ref_count[seq.block_table[i]] > 1:
+            return i
+        return None
+
+    def _copy_on_write(self, seq: Sequence) -> None:
+        """Give seq its own copy of the shared block it is about to write (PagedAttention's
+        copy-on-write): the copy is made on the device before the step runs."""
+        i = self._shared_block(seq)
+        if i is not None:
+            new = self.bm.allocate_one()
+            self.block_copies.append((seq.block_table[i], new))
+            self.bm.release([seq.block_table[i]])
+            seq.block_table[i] = new
 
     def preempt(self, seq: Sequence) -> None:
         """Free all of seq's blocks; it will recompute its tokens (prefix cache permitting)."""
@@ -1588,12 +1637,15 @@ class Scheduler:
 
     # -------------------------------------------------------------- after a step
 
-    def postprocess(self, scheduled: dict[Sequence, int], new_tokens: dict[Sequence, list[int]]) -> None:
+    def postprocess(self, scheduled: dict[Sequence, int], new_tokens: dict[Sequence, list[int]],
+                    forks: dict[Sequence, list[tuple[Sequence, int]]] | None = None) -> None:
         """Token bookkeeping after a step: advance what is cached, append the new tokens,
         name newly completed blocks for the prefix cache, and finish what is done.
 
         new_tokens[seq] is one sampled token, or (speculative decoding) the accepted
         drafts followed by one more token; a prefill chunk with more to come has none.
+        forks[seq]: new samples of seq's request (n, best_of) with their first tokens; they
+        share seq's prompt blocks from here on.
         """
         now = time.perf_counter()
         for seq, n in scheduled.items():
@@ -1604,6 +1656,8 @@ class Scheduler:
             self.bm.truncate(seq.block_table, seq.num_computed)
             if tokens and seq.metrics.first_token_time is None:
                 seq.metrics.first_token_time = now
+            for child, token in (forks or {}).get(seq, []):
+                self._fork(seq, child, token, now)
             reason = None
             for t in tokens:
                 seq.token_ids.append(t)
@@ -1615,6 +1669,24 @@ class Scheduler:
                                       min(seq.num_computed, seq.num_tokens))
             if reason:
                 self.finish(seq, reason)
+
+    def take_block_copies(self) -> list[tuple[int, int]]:
+        copies, self.block_copies = self.block_copies, []
+        return copies
+
+    def _fork(self, parent: Sequence, child: Sequence, token: int, now: float) -> None:
+        """Start `child`, a new sample of parent's request, on parent's blocks (whose K/V
+        hold the prompt), with its own first token."""
+        child.block_table = self.bm.fork(parent.block_table)
+        child.block_hashes = list(parent.block_hashes)
+        child.num_computed, child.status = parent.num_computed, RUNNING
+        child.metrics.first_scheduled_time, child.metrics.first_token_time = parent.metrics.first_scheduled_time, now
+        self.running.append(child)
+        child.token_ids.append(token)
+        self.num_generated += 1
+        reason = self._stop_reason(child, token)
+        if reason:
+            self.finish(child, reason)
 
     def _stop_reason(self, seq: Sequence, token: int) -> str | None:
         """Update seq.text with the new token; -> "stop" or "length" when seq is done."""
@@ -1765,6 +1837,12 @@ class ModelRunner:
         self.kv_cache = torch.zeros(c.num_hidden_layers, 2, num_blocks, self.cfg.block_size,
                                     c.num_key_value_heads, c.head_dim, dtype=self.dtype, device=self.device)
 
+    def copy_blocks(self, copies: list[tuple[int, int]]) -> None:
+        """Copy-on-write: block src's K/V, every layer, into block dst."""
+        src = torch.tensor([a for a, _ in copies], device=self.device)
+        dst = torch.tensor([b for _, b in copies], device=self.device)
+        self.kv_cache[:, :, dst] = self.kv_cache[:, :, src]          # (L, 2, n, block_size, Hkv, hd)
+
     def run(self, tokens: list[list[int]], starts: list[int], tables: list[list[int]]) -> tuple[Tensor, list[int]]:
         """One forward pass over a flat batch: sequence i computes tokens[i], which sit at
         positions starts[i], starts[i] + 1, ... and whose K/V go to the blocks of tables[i].
@@ -1803,8 +1881,23 @@ class ModelRunner:
 # ============================================================================ engine
 
 @dataclass
+class CompletionOutput:
+    """One sample of a request (vLLM's name): a request with n (or best_of) samples has several."""
+    index: int
+    text: str
+    token_ids: list[int]
+    delta: str                            # text new since the previous output
+    logprobs: list[dict[int, float]] | None
+    cumulative_logprob: float | None      # sum of the chosen tokens' logprobs (n > 1 or logprobs)
+    finish_reason: str | None
+    token_texts: list[str] | None
+
+
+@dataclass
 class RequestOutput:
-    """What generate() returns per prompt, and what the stream yields per step."""
+    """What generate() returns per prompt, and what the stream yields per step. The fields
+    from token_ids to finish_reason are those of the first sample; `outputs` has every
+    sample (n of them; with best_of, the n of highest cumulative logprob once finished)."""
     request_id: str
     prompt: str | None
     prompt_token_ids: list[int]
@@ -1817,6 +1910,7 @@ class RequestOutput:
     metrics: dict
     error: str | None = None              # what failed, when finish_reason is "error"
     token_texts: list[str] | None = None  # per generated token, the text it added (they join to text)
+    outputs: list[CompletionOutput] = field(default_factory=list)
 
     @property
     def finished(self) -> bool:
@@ -1881,6 +1975,7 @@ class LLMEngine:
         self.peak_blocks_used = 0
         self.step_time = dict.fromkeys(("schedule", "draft", "model", "sample_and_output"), 0.0)
         self._held: list[Sequence] = []            # the sequences of the step in progress
+        self._forks: dict[Sequence, list[tuple[Sequence, int]]] = {}   # samples started this step
 
     @staticmethod
     def _max_model_len(requested: int | None, mc: ModelConfig) -> int:
@@ -1919,6 +2014,35 @@ class LLMEngine:
         """Validate a request and build its sequence (nothing is queued yet)."""
         if not isinstance(params, SamplingParams):
             raise ValueError(f"sampling_params must be a SamplingParams, got {type(params).__name__}")
+        text, ids = self._prompt_ids(prompt)
+        if len(ids) >= self.max_model_len:
+            raise ValueError(f"prompt is {len(ids)} tokens; max_model_len is {self.max_model_len} "
+                             "(prompt plus at least one generated token)")
+        bad = [t for t in (params.logit_bias or {}) if t >= self.model_config.vocab_size]
+        if bad:
+            raise ValueError(f"logit_bias token id {bad[0]} is outside the vocabulary "
+                             f"[0, {self.model_config.vocab_size})")
+        if request_id is None:
+            request_id = f"req-{self._next_id}"
+            self._next_id += 1
+        if request_id in self.requests:
+            raise ValueError(f"request_id {request_id!r} is already in use")
+        seq = Sequence(request_id, text, ids, len(ids), params, Metrics(time.perf_counter()))
+        if params.num_samples > 1:
+            # Parallel sampling: the prompt is prefilled once; at its first token the other
+            # samples start on its blocks. A seeded request's samples get seeds of their own.
+            seq.group = [seq]
+            seq.forks_pending = [dataclasses.replace(params, n=1, best_of=None, seed=None if params.seed is None
+                                                     else (params.seed * 1_000_003 + i) % INT64_MAX)
+                                 for i in range(1, params.num_samples)]
+        if params.logprobs is not None:
+            seq.logprobs = []
+        if self.tokenizer:
+            seq.detok = IncrementalDetokenizer(self.tokenizer, ids)
+        return seq
+
+    def _prompt_ids(self, prompt: str | list[int]) -> tuple[str | None, list[int]]:
+        """A prompt (text, or token ids) -> (its text or None, its token ids), checked."""
         text = None
         if isinstance(prompt, str):
             if self.tokenizer is None:
@@ -1943,24 +2067,7 @@ class LLMEngine:
                                  f"[0, {self.model_config.vocab_size})")
         else:
             raise ValueError(f"prompt must be a string or a list of token ids, got {type(prompt).__name__}")
-        if len(ids) >= self.max_model_len:
-            raise ValueError(f"prompt is {len(ids)} tokens; max_model_len is {self.max_model_len} "
-                             "(prompt plus at least one generated token)")
-        bad = [t for t in (params.logit_bias or {}) if t >= self.model_config.vocab_size]
-        if bad:
-            raise ValueError(f"logit_bias token id {bad[0]} is outside the vocabulary "
-                             f"[0, {self.model_config.vocab_size})")
-        if request_id is None:
-            request_id = f"req-{self._next_id}"
-            self._next_id += 1
-        if request_id in self.requests:
-            raise ValueError(f"request_id {request_id!r} is already in use")
-        seq = Sequence(request_id, text, ids, len(ids), params, Metrics(time.perf_counter()))
-        if params.logprobs is not None:
-            seq.logprobs = []
-        if self.tokenizer:
-            seq.detok = IncrementalDetokenizer(self.tokenizer, ids)
-        return seq
+        return text, ids
 
     def chat_prompt(self, messages: object, add_generation_prompt: bool = True) -> list[int]:
         """Chat messages ([{"role": ..., "content": ...}]) -> prompt token ids, through the
@@ -2004,8 +2111,9 @@ class LLMEngine:
     def abort(self, request_id: str) -> None:
         """Stop a request now (a client went away); its blocks go back to the pool."""
         seq = self.requests.pop(request_id, None)
-        if seq is not None and seq.status != FINISHED:
-            self.scheduler.finish(seq, "abort")
+        for s in (seq.group or [seq]) if seq is not None else []:
+            if s.status != FINISHED:
+                self.scheduler.finish(s, "abort")
 
     def has_unfinished(self) -> bool:
         return bool(self.scheduler.waiting or self.scheduler.running)
@@ -2032,6 +2140,9 @@ class LLMEngine:
         self._held = list(scheduled)
         if not scheduled:
             return []
+        copies = self.scheduler.take_block_copies()                    # copy-on-write of shared blocks
+        if copies:
+            self.runner.copy_blocks(copies)
         t1 = time.perf_counter()
         drafts = self.speculator.propose(scheduled) if self.speculator else {}
         t2 = time.perf_counter()
@@ -2039,9 +2150,10 @@ class LLMEngine:
         tokens = [s.token_ids[s.num_computed:s.num_computed + scheduled[s]] + drafts.get(s, []) for s in seqs]
         hidden, starts = self.runner.run(tokens, [s.num_computed for s in seqs], [s.block_table for s in seqs])
         t3 = time.perf_counter()
+        self._forks: dict[Sequence, list[tuple[Sequence, int]]] = {}
         new_tokens = self._next_tokens(scheduled, starts, hidden, drafts)
-        self.scheduler.postprocess(scheduled, new_tokens)
-        outputs = [self._output(seq) for seq in new_tokens]
+        self.scheduler.postprocess(scheduled, new_tokens, self._forks)
+        outputs = self._outputs(list(new_tokens) + [c for f in self._forks.values() for c, _ in f])
         self.num_steps += 1
         self.peak_blocks_used = max(self.peak_blocks_used, self.num_blocks - self.block_manager.num_free)
         # Where a step's time goes (on a GPU "model" is launch time; sampling waits for it).
@@ -2056,10 +2168,10 @@ class LLMEngine:
         message = f"{type(e).__name__}: {e}"
         print(f"[nanoserve] a step failed, its requests are finished with an error: {message}", file=sys.stderr)
         held = self._held or list(self.scheduler.running)
-        for seq in held:
+        for seq in [s for h in held for s in (h.group or [h])]:       # every sample of their requests
             if seq.status != FINISHED:
                 self.scheduler.finish(seq, "error")
-        return [dataclasses.replace(self._output(seq), error=message) for seq in held]
+        return [dataclasses.replace(out, error=message) for out in self._outputs(held)]
 
     def _next_tokens(self, scheduled: dict[Sequence, int], starts: list[int], hidden: Tensor,
                      drafts: dict[Sequence, list[int]]) -> dict[Sequence, list[int]]:
@@ -2077,18 +2189,46 @@ class LLMEngine:
         return new_tokens
 
     def _sample(self, ready: list[tuple[Sequence, int]], hidden: Tensor) -> dict[Sequence, list[int]]:
-        seqs = [s for s, _ in ready]
-        logits = self.runner.compute_logits(hidden[[r for _, r in ready]])     # (B, V)
-        params = [s.params for s in seqs]
-        penalized = apply_penalties(logits, params, [s.token_ids[:s.num_prompt_tokens] for s in seqs],
-                                    [s.output_ids for s in seqs])
-        tokens = self.sampler.sample(penalized, params, [s.num_tokens for s in seqs])
-        if any(s.logprobs is not None for s in seqs):
-            lp = logits.log_softmax(-1)
-            for i, seq in enumerate(seqs):
-                if seq.logprobs is not None:
-                    seq.logprobs += top_logprobs(lp[i:i + 1], tokens[i:i + 1], seq.params.logprobs)
-        return {seq: [int(t)] for seq, t in zip(seqs, tokens.tolist())}
+        """A token for each ready sequence. A prompt that has just been prefilled for several
+        samples draws one token per sample from the same logits: the first goes to it, the
+        others start new sequences that share its blocks (self._forks, for postprocess)."""
+        rows, owners = [], []                            # logits row, (sequence, the sample's params)
+        for seq, row in ready:
+            for p in [seq.params] + seq.forks_pending:
+                rows.append(row)
+                owners.append((seq, p))
+        logits = self.runner.compute_logits(hidden[rows])                       # (B, V)
+        params = [p for _, p in owners]
+        penalized = apply_penalties(logits, params, [s.token_ids[:s.num_prompt_tokens] for s, _ in owners],
+                                    [s.output_ids for s, _ in owners])
+        tokens = self.sampler.sample(penalized, params, [s.num_tokens for s, _ in owners]).tolist()
+        lp = logits.log_softmax(-1) if any(s.logprobs is not None or s.group for s, _ in owners) else None
+        new_tokens: dict[Sequence, list[int]] = {}
+        for i, ((seq, p), t) in enumerate(zip(owners, tokens)):
+            if p is seq.params:
+                target = seq
+                new_tokens[seq] = [t]
+            else:
+                target = self._new_sample(seq, p)
+                self._forks.setdefault(seq, []).append((target, t))
+            if lp is not None:
+                target.cumulative_logprob += float(lp[i, t])
+                if target.logprobs is not None:
+                    target.logprobs += top_logprobs(lp[i:i + 1], torch.tensor([t]), p.logprobs)
+        for seq in self._forks:
+            seq.forks_pending = []
+        return new_tokens
+
+    def _new_sample(self, parent: Sequence, params: SamplingParams) -> Sequence:
+        """Another sample of parent's request; the scheduler starts it on parent's blocks."""
+        prompt = parent.token_ids[:parent.num_prompt_tokens]
+        child = Sequence(parent.request_id, parent.prompt, list(prompt), parent.num_prompt_tokens, params,
+                         Metrics(parent.metrics.arrival_time), sample_index=len(parent.group), group=parent.group)
+        child.metrics.num_cached_prompt_tokens = parent.metrics.num_cached_prompt_tokens
+        child.logprobs = [] if params.logprobs is not None else None
+        child.detok = IncrementalDetokenizer(self.tokenizer, prompt) if self.tokenizer else None
+        parent.group.append(child)
+        return child
 
     def _prompt_logprobs(self, seq: Sequence, hidden: Tensor) -> None:
         """Logprob of each prompt token given those before it (position 0 has none)."""
@@ -2105,23 +2245,40 @@ class LLMEngine:
         targets = torch.tensor(seq.token_ids[pos + first:pos + last], device=lp.device)
         seq.prompt_logprobs += top_logprobs(lp, targets, seq.params.prompt_logprobs)
 
-    def _output(self, seq: Sequence) -> RequestOutput:
+    def _outputs(self, seqs: list[Sequence]) -> list[RequestOutput]:
+        """One RequestOutput per request among seqs, in order."""
+        heads = {id(h): h for h in ((s.group[0] if s.group else s) for s in seqs)}
+        return [self._output(h) for h in heads.values()]
+
+    def _sample_output(self, seq: Sequence) -> CompletionOutput:
         # While running, hold back text that might be the start of a stop string.
         hold = 0 if seq.status == FINISHED else max((len(s) - 1 for s in seq.params.stop), default=0)
         end = max(seq.num_chars_streamed, len(seq.text) - hold)
         delta, seq.num_chars_streamed = seq.text[seq.num_chars_streamed:end], end
-        m = seq.metrics
+        cumulative = seq.cumulative_logprob if seq.group or seq.logprobs is not None else None
+        return CompletionOutput(seq.sample_index, seq.text, list(seq.output_ids), delta, seq.logprobs, cumulative,
+                                seq.finish_reason, list(seq.token_texts) if seq.detok else None)
+
+    def _output(self, head: Sequence) -> RequestOutput:
+        """The request's progress: every sample's; its first sample's in the top-level fields."""
+        samples = [self._sample_output(s) for s in (head.group or [head])]
+        done = all(s.status == FINISHED for s in (head.group or [head]))
+        n = head.params.n
+        if done and len(samples) > n:           # best_of: the n most likely samples
+            samples = sorted(samples, key=lambda c: -c.cumulative_logprob)[:n]
+        first = samples[0]
+        m = head.metrics
         metrics = {"time_to_first_token": m.time_to_first_token, "e2e_latency": m.e2e_latency,
-                   "time_per_output_token": m.time_per_output_token(len(seq.output_ids)),
+                   "time_per_output_token": m.time_per_output_token(len(head.output_ids)),
                    "num_cached_prompt_tokens": m.num_cached_prompt_tokens}
         if m.spec_proposed:
             metrics["spec_acceptance_rate"] = m.spec_accepted / m.spec_proposed
-        if seq.status == FINISHED:
-            self.requests.pop(seq.request_id, None)
-        return RequestOutput(seq.request_id, seq.prompt, seq.token_ids[:seq.num_prompt_tokens],
-                             list(seq.output_ids), seq.text, delta, seq.logprobs,
-                             seq.prompt_logprobs, seq.finish_reason, metrics,
-                             token_texts=list(seq.token_texts) if seq.detok else None)
+        if done:
+            self.requests.pop(head.request_id, None)
+        return RequestOutput(head.request_id, head.prompt, head.token_ids[:head.num_prompt_tokens],
+                             first.token_ids, first.text, first.delta, first.logprobs, head.prompt_logprobs,
+                             first.finish_reason if done else None, metrics, token_texts=first.token_texts,
+                             outputs=samples)
 
     def stats(self) -> dict:
         s, bm, spec = self.scheduler, self.block_manager, self.speculator
@@ -2179,7 +2336,8 @@ class LLM:
     Any number of generate() calls and stream() iterators may be open on one LLM (from one
     thread): they share the engine's continuous batch, and each step's outputs go to the
     inbox of the call that owns the request. Not thread-safe; the server's AsyncEngine is
-    the way to share an engine between threads.
+    the way to share an engine between threads (an LLM handed to make_server belongs to the
+    server's engine thread from then on: do not call generate on it).
     """
 
     def __init__(self, model: str | Path = DEFAULT_MODEL, *, device: str | None = None,
@@ -2447,9 +2605,11 @@ class Speculator:
             self.tokens_emitted += len(toks)
             seq.metrics.spec_proposed += k
             seq.metrics.spec_accepted += acc
-            if seq.logprobs is not None:
-                lp = lg[:len(toks)].log_softmax(-1)
-                seq.logprobs += top_logprobs(lp, torch.tensor(toks), seq.params.logprobs)
+            if seq.logprobs is not None or seq.group:
+                lp = lg[:len(toks)].log_softmax(-1)                               # (len(toks), V)
+                seq.cumulative_logprob += float(lp[torch.arange(len(toks)), torch.tensor(toks)].sum())
+                if seq.logprobs is not None:
+                    seq.logprobs += top_logprobs(lp, torch.tensor(toks), seq.params.logprobs)
             # The cache keeps the last real token and the accepted drafts (the scheduler's
             # postprocess gives back the target's other slots).
             self.rollback(seq, seq.num_computed + 1 + acc)
@@ -2752,7 +2912,7 @@ def parse_completion_request(body: dict) -> CompletionRequest:
             isinstance(t, int) and not isinstance(t, bool) for t in prompt))):
         raise ServingError(400, "'prompt' must be a string or a list of token ids (one prompt per request)",
                            "prompt")
-    for name, allowed in (("n", (1,)), ("best_of", (1, None)), ("suffix", (None,))):
+    for name, allowed in (("suffix", (None,)),):
         if name in body and body[name] not in allowed:
             raise ServingError(400, f"'{name}' = {body[name]!r} is not supported", name)
     stream = body.get("stream", False)
@@ -2767,7 +2927,7 @@ def parse_completion_request(body: dict) -> CompletionRequest:
                            "stream_options")
     fields = {"max_tokens": 16, "temperature": 1.0, "top_p": 1.0, "top_k": 0, "seed": None,
               "stop": None, "logprobs": None, "ignore_eos": False, "presence_penalty": 0.0,
-              "frequency_penalty": 0.0, "repetition_penalty": 1.0, "logit_bias": None}
+              "frequency_penalty": 0.0, "repetition_penalty": 1.0, "logit_bias": None, "n": 1, "best_of": None}
     kwargs = {}
     for name, default in fields.items():
         v = body.get(name, default)
@@ -2787,6 +2947,8 @@ def parse_completion_request(body: dict) -> CompletionRequest:
         params = SamplingParams(**kwargs)
     except ValueError as e:
         raise ServingError(400, str(e), str(e).split(" ")[0]) from None
+    if stream and params.num_samples > params.n:
+        raise ServingError(400, "best_of > n cannot be streamed (the best are known only at the end)", "best_of")
     return CompletionRequest(prompt, params, stream, stream and options.get("include_usage", False),
                              body.get("max_tokens") is not None, echo)
 
@@ -2962,8 +3124,9 @@ class CompletionHandler(http.server.BaseHTTPRequestHandler):
         if out.finish_reason == "error":
             raise ServingError(500, f"the engine failed while running this request: {out.error}",
                                kind="server_error")
-        choice = self._chat_choice(out, params) if chat else self._choice(out, out.text, params, echo=req.echo)
-        self.send_json(200, dict(head, choices=[choice], usage=self._usage(n_prompt, out)))
+        choices = [self._chat_choice(out, c, i, params) if chat else
+                   self._choice(out, c, i, c.text, params, echo=req.echo) for i, c in enumerate(out.outputs)]
+        self.send_json(200, dict(head, choices=choices, usage=self._usage(n_prompt, out)))
 
     def _read_json(self) -> object:
         """The request body as JSON. Raises ServingError (4xx) for anything else."""
@@ -3050,21 +3213,21 @@ class CompletionHandler(http.server.BaseHTTPRequestHandler):
         texts[-1] += detok.step(-1, final=True)
         return texts
 
-    def _choice(self, out: RequestOutput, text: str, params: SamplingParams, first: int = 0,
-                echo: bool = False, prompt_chars: int = 0) -> dict:
-        """One choice of a response or chunk: `text`, and the logprobs of generated tokens
-        first.. (their decoded texts, which join to the text; text_offset; top_logprobs keyed
-        by text). echo: the prompt and its tokens come first. prompt_chars: an echoed prompt's
-        length sent in an earlier chunk (text_offset counts from the start of the echo)."""
+    def _choice(self, out: RequestOutput, c: CompletionOutput, index: int, text: str, params: SamplingParams,
+                first: int = 0, echo: bool = False, prompt_chars: int = 0) -> dict:
+        """One choice of a response or chunk, for sample c: `text`, and the logprobs of its
+        tokens first.. (their decoded texts, which join to the text; text_offset; top_logprobs
+        keyed by text). echo: the prompt and its tokens come first. prompt_chars: an echoed
+        prompt's length sent in an earlier chunk (text_offset counts from the start of the echo)."""
         prompt_texts = self._prompt_texts(out.prompt_token_ids) if echo else []
         if echo:
             text = "".join(prompt_texts) + text
         logprobs = None
-        if params.logprobs is not None and out.logprobs is not None:
-            ids = out.token_ids[first:len(out.logprobs)]
-            lps = out.logprobs[first:first + len(ids)]
-            texts = out.token_texts[first:first + len(ids)] if out.token_texts else [self._token_str(t) for t in ids]
-            prev = ([out.prompt_token_ids[-1]] + out.token_ids)[first:first + len(ids)]
+        if params.logprobs is not None and c.logprobs is not None:
+            ids = c.token_ids[first:len(c.logprobs)]
+            lps = c.logprobs[first:first + len(ids)]
+            texts = c.token_texts[first:first + len(ids)] if c.token_texts else [self._token_str(t) for t in ids]
+            prev = ([out.prompt_token_ids[-1]] + c.token_ids)[first:first + len(ids)]
             tokens, token_lps = list(texts), [d[t] for t, d in zip(ids, lps)]
             tops = [{self._text_after(p, k): v for k, v in d.items()} for p, d in zip(prev, lps)]
             if echo and out.prompt_logprobs is not None:
@@ -3073,53 +3236,55 @@ class CompletionHandler(http.server.BaseHTTPRequestHandler):
                 token_lps = [None] + [out.prompt_logprobs[i][p_ids[i]] for i in range(1, len(p_ids))] + token_lps
                 tops = [None] + [{self._text_after(p_ids[i - 1], k): v for k, v in out.prompt_logprobs[i].items()}
                                  for i in range(1, len(p_ids))] + tops
-            offsets, at = [], prompt_chars + len("".join((out.token_texts or [])[:first]))
+            offsets, at = [], prompt_chars + len("".join((c.token_texts or [])[:first]))
             for t in tokens:
                 offsets.append(at)
                 at += len(t)
             logprobs = {"tokens": tokens, "token_logprobs": token_lps, "top_logprobs": tops, "text_offset": offsets}
-        return {"index": 0, "text": text, "logprobs": logprobs, "finish_reason": out.finish_reason}
+        return {"index": index, "text": text, "logprobs": logprobs, "finish_reason": c.finish_reason}
 
-    def _chat_logprobs(self, out: RequestOutput, params: SamplingParams, first: int = 0) -> dict | None:
+    def _chat_logprobs(self, out: RequestOutput, c: CompletionOutput, params: SamplingParams,
+                       first: int = 0) -> dict | None:
         """The chat API's logprobs: per token its text, logprob, UTF-8 bytes and top alternatives."""
-        if params.logprobs is None or out.logprobs is None:
+        if params.logprobs is None or c.logprobs is None:
             return None
-        ids = out.token_ids[first:len(out.logprobs)]
-        texts = out.token_texts[first:first + len(ids)] if out.token_texts else [self._token_str(t) for t in ids]
-        prev = ([out.prompt_token_ids[-1]] + out.token_ids)[first:first + len(ids)]
+        ids = c.token_ids[first:len(c.logprobs)]
+        texts = c.token_texts[first:first + len(ids)] if c.token_texts else [self._token_str(t) for t in ids]
+        prev = ([out.prompt_token_ids[-1]] + c.token_ids)[first:first + len(ids)]
         content = []
-        for t, text, p, d in zip(ids, texts, prev, out.logprobs[first:first + len(ids)]):
+        for t, text, p, d in zip(ids, texts, prev, c.logprobs[first:first + len(ids)]):
             top = sorted(((self._text_after(p, k), v) for k, v in d.items()), key=lambda kv: -kv[1])[:params.logprobs]
             content.append({"token": text, "logprob": d[t], "bytes": list(text.encode("utf-8", "replace")),
                             "top_logprobs": [{"token": k, "logprob": v, "bytes": list(k.encode("utf-8", "replace"))}
                                              for k, v in top]})
         return {"content": content}
 
-    def _chat_choice(self, out: RequestOutput, params: SamplingParams) -> dict:
-        return {"index": 0, "message": {"role": "assistant", "content": out.text},
-                "logprobs": self._chat_logprobs(out, params), "finish_reason": out.finish_reason}
+    def _chat_choice(self, out: RequestOutput, c: CompletionOutput, index: int, params: SamplingParams) -> dict:
+        return {"index": index, "message": {"role": "assistant", "content": c.text},
+                "logprobs": self._chat_logprobs(out, c, params), "finish_reason": c.finish_reason}
 
     @staticmethod
     def _usage(n_prompt: int, out: RequestOutput) -> dict:
-        return {"prompt_tokens": n_prompt, "completion_tokens": len(out.token_ids),
-                "total_tokens": n_prompt + len(out.token_ids)}
+        generated = sum(len(c.token_ids) for c in out.outputs)
+        return {"prompt_tokens": n_prompt, "completion_tokens": generated, "total_tokens": n_prompt + generated}
 
     def _stream(self, rid: str, q: queue.Queue, head: dict, params: SamplingParams, include_usage: bool,
                 echo: bool, chat: bool = False) -> None:
-        """Server-sent events: one chunk per step with the text delta, a last chunk with the
-        usage when stream_options.include_usage asked for it (as OpenAI does), then [DONE]."""
+        """Server-sent events: one chunk per step with each sample's text delta, a last chunk
+        with the usage when stream_options.include_usage asked for it (as OpenAI does), then [DONE]."""
         self.send_response(200)
         self.send_header("Content-Type", "text/event-stream")
         self.send_header("Cache-Control", "no-cache")
         self.send_header("Connection", "close")
         self.end_headers()
         self.answered = self.close_connection = True
-        sent = prompt_chars = 0                        # tokens sent, characters of an echoed prompt
+        n = params.n
+        sent, done, prompt_chars = [0] * n, [False] * n, [0] * n    # per sample: tokens sent, finished, echo
         if chat:                                       # the chat API opens with the role
             head = dict(head, object="chat.completion.chunk")
-            first = {"index": 0, "delta": {"role": "assistant", "content": ""}, "logprobs": None,
-                     "finish_reason": None}
-            self.wfile.write(f"data: {json.dumps(dict(head, choices=[first]))}\n\n".encode())
+            first = [{"index": i, "delta": {"role": "assistant", "content": ""}, "logprobs": None,
+                      "finish_reason": None} for i in range(n)]
+            self.wfile.write(f"data: {json.dumps(dict(head, choices=first))}\n\n".encode())
         while True:
             out = self._wait(q, until_finished=False)
             if out.finish_reason == "error":           # headers are out: an error event, then [DONE]
@@ -3128,17 +3293,23 @@ class CompletionHandler(http.server.BaseHTTPRequestHandler):
                          "type": "server_error", "param": None, "code": 500}
                 self.wfile.write(f"data: {json.dumps({'error': error})}\n\n".encode())
                 break
-            if chat:
-                choice = {"index": 0, "delta": {"content": out.delta} if out.delta else {},
-                          "logprobs": self._chat_logprobs(out, params, sent), "finish_reason": out.finish_reason}
-            else:
-                choice = self._choice(out, out.delta, params, sent, echo=echo and sent == 0,
-                                      prompt_chars=prompt_chars if sent else 0)
-            if echo and sent == 0:
-                prompt_chars = len(choice["text"]) - len(out.delta)
-            chunk = dict(head, choices=[choice])
-            sent = len(out.token_ids)
-            self.wfile.write(f"data: {json.dumps(chunk)}\n\n".encode())
+            choices = []
+            for i, c in enumerate(out.outputs):
+                if done[i] or (len(c.token_ids) == sent[i] and not c.finish_reason):
+                    continue                           # nothing new for this sample
+                if chat:
+                    choice = {"index": i, "delta": {"content": c.delta} if c.delta else {},
+                              "logprobs": self._chat_logprobs(out, c, params, sent[i]),
+                              "finish_reason": c.finish_reason}
+                else:
+                    choice = self._choice(out, c, i, c.delta, params, sent[i], echo=echo and sent[i] == 0,
+                                          prompt_chars=prompt_chars[i])
+                    if echo and sent[i] == 0:
+                        prompt_chars[i] = len(choice["text"]) - len(c.delta)
+                sent[i], done[i] = len(c.token_ids), c.finish_reason is not None
+                choices.append(choice)
+            if choices:
+                self.wfile.write(f"data: {json.dumps(dict(head, choices=choices))}\n\n".encode())
             if out.finished and include_usage:
                 usage = dict(head, choices=[], usage=self._usage(len(out.prompt_token_ids), out))
                 self.wfile.write(f"data: {json.dumps(usage)}\n\n".encode())

@@ -104,12 +104,12 @@ def serve(llm):
 @pytest.mark.parametrize("which", ["llama2_chat", "chatml"])
 def test_openai_client_chat_completions_plain_and_streamed(request, which):
     llm = request.getfixturevalue(which)
+    ids = llm.engine.chat_prompt(CONVERSATION)
+    ref = llm.generate(ids, SamplingParams(temperature=0, max_tokens=8))[0]    # before the server owns the engine
     server, client = serve(llm)
     try:
         kw = dict(model=server.model_name, messages=CONVERSATION, max_completion_tokens=8, temperature=0, seed=3)
         r = client.chat.completions.create(logprobs=True, top_logprobs=2, **kw)
-        ids = llm.engine.chat_prompt(CONVERSATION)
-        ref = llm.generate(ids, SamplingParams(temperature=0, max_tokens=8))[0]
         choice = r.choices[0]
         assert r.object == "chat.completion" and choice.message.role == "assistant"
         assert choice.message.content == ref.text and choice.finish_reason == ref.finish_reason
@@ -137,7 +137,7 @@ def test_bad_chat_requests_get_400s_naming_the_field(chatml):
                           (dict(messages=CONVERSATION, logprobs="yes"), "logprobs"),
                           (dict(messages=CONVERSATION, top_logprobs=2), "top_logprobs"),
                           (dict(messages=CONVERSATION, logprobs=True, top_logprobs=50), "top_logprobs"),
-                          (dict(messages=CONVERSATION, n=2), "n"),
+                          (dict(messages=CONVERSATION, n=0), "n"),
                           (dict(messages=CONVERSATION, max_tokens=10_000), "max_tokens")):
             with pytest.raises(openai.BadRequestError) as e:
                 client.chat.completions.create(model=server.model_name, **kw)

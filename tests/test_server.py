@@ -187,7 +187,9 @@ def test_client_disconnect_aborts_the_request_and_frees_its_blocks(model):
     (json.dumps({"prompt": "x", "temperature": -1}).encode(), 400, "temperature"),
     (json.dumps({"prompt": "x", "top_p": 0}).encode(), 400, "top_p"),
     (json.dumps({"prompt": "x", "stream": "yes"}).encode(), 400, "stream"),
-    (json.dumps({"prompt": "x", "n": 3}).encode(), 400, "n"),
+    (json.dumps({"prompt": "x", "n": 0}).encode(), 400, "n"),
+    (json.dumps({"prompt": "x", "n": 3, "best_of": 2}).encode(), 400, "best_of"),
+    (json.dumps({"prompt": "x", "n": 2, "best_of": 3, "stream": True}).encode(), 400, "best_of"),
     (json.dumps({"prompt": 12}).encode(), 400, "prompt"),
     (json.dumps({"prompt": [1, 10 ** 7]}).encode(), 400, "prompt"),
     (json.dumps({"prompt": list(range(1, 300))}).encode(), 400, "prompt"),
@@ -285,7 +287,7 @@ def test_logprobs_tokens_are_text_that_joins_with_offsets_and_top_logprobs_keyed
             assert top[tok] == pytest.approx(logprob)           # keyed by the same text
 
 
-def test_echo_returns_the_prompt_and_its_logprobs_first(served):
+def test_echo_returns_the_prompt_and_its_logprobs_first(served, model):
     port, llm, _ = served
     body = dict(prompt="def add(a, b):", max_tokens=6, temperature=0, ignore_eos=True)
     _, plain = completion(port, **body)
@@ -296,7 +298,8 @@ def test_echo_returns_the_prompt_and_its_logprobs_first(served):
     assert len(lp["tokens"]) == n_prompt + 6 and "".join(lp["tokens"]) == choice["text"]
     assert lp["token_logprobs"][0] is None and lp["top_logprobs"][0] is None
     ids = llm.tokenizer.encode("def add(a, b):")
-    ref = llm.generate(ids, SamplingParams(temperature=0, max_tokens=1, prompt_logprobs=1))[0].prompt_logprobs
+    own = LLM(model[0], device="cpu", tokenizer=model[1], max_model_len=256)     # the server owns llm's engine
+    ref = own.generate(ids, SamplingParams(temperature=0, max_tokens=1, prompt_logprobs=1))[0].prompt_logprobs
     assert lp["token_logprobs"][1:n_prompt] == pytest.approx([ref[i][ids[i]] for i in range(1, n_prompt)], abs=1e-5)
     chunks = stream(port, echo=True, **body)
     assert "".join(c["choices"][0]["text"] for c in chunks) == choice["text"]
