@@ -145,3 +145,43 @@ def test_bad_chat_requests_get_400s_naming_the_field(chatml):
     finally:
         server.shutdown()
         server.server_close()
+
+
+def test_openai_client_against_the_cli_server():
+    """`python nanoserve.py --serve` as a user starts it, the bundled model, the real client."""
+    import socket
+    import subprocess
+    import sys
+    import time
+    from conftest import ROOT
+    if not (nanoserve.DEFAULT_MODEL / "model.safetensors").is_file():
+        pytest.skip("the bundled model is not in this checkout")
+    with socket.socket() as sock:
+        sock.bind(("127.0.0.1", 0))
+        port = sock.getsockname()[1]
+    proc = subprocess.Popen([sys.executable, str(ROOT / "nanoserve.py"), "--serve", "--port", str(port)],
+                            stdout=subprocess.DEVNULL, stderr=subprocess.PIPE, text=True)
+    try:
+        client = openai.OpenAI(base_url=f"http://127.0.0.1:{port}/v1", api_key="none", max_retries=0, timeout=60)
+        deadline = time.time() + 120
+        while True:
+            try:
+                models = client.models.list()
+                break
+            except openai.APIConnectionError:
+                assert time.time() < deadline and proc.poll() is None, proc.stderr.read() if proc.poll() else "timeout"
+                time.sleep(0.2)
+        name = models.data[0].id
+        chat = client.chat.completions.create(model=name, messages=[{"role": "user", "content": "sort a list"}],
+                                              max_tokens=12, temperature=0)
+        assert chat.choices[0].message.role == "assistant" and chat.usage.completion_tokens >= 1
+        text = "".join(c.choices[0].delta.content or "" for c in client.chat.completions.create(
+            model=name, messages=[{"role": "user", "content": "sort a list"}], max_tokens=12, temperature=0,
+            stream=True))
+        assert text == chat.choices[0].message.content
+        done = client.completions.create(model=name, prompt="def add(a, b):", max_tokens=8, n=2, temperature=0.8,
+                                         seed=1, presence_penalty=0.5, logit_bias={"3": -100}, logprobs=1, echo=True)
+        assert len(done.choices) == 2 and all(c.text.startswith("def add(a, b):") for c in done.choices)
+    finally:
+        proc.terminate()
+        proc.wait(timeout=10)
