@@ -71,3 +71,15 @@ def model_dirs(tiny_model_dir) -> list[Path]:
     if (nanoserve.DEFAULT_MODEL / "model.safetensors").is_file():
         dirs.append(nanoserve.DEFAULT_MODEL)
     return dirs
+
+
+@pytest.fixture(scope="module")
+def model(tmp_path_factory) -> tuple[Path, Path | None]:
+    """(model dir, tokenizer path or None) of a model with a tokenizer: the bundled model when
+    present, else a random one with Llama 2's tokenizer; skips when neither is here."""
+    if (nanoserve.DEFAULT_MODEL / "model.safetensors").is_file():
+        return nanoserve.DEFAULT_MODEL, None
+    if LLAMA2_TOKENIZER.is_file():
+        cfg = dict(TINY_CONFIG, vocab_size=32000, hidden_size=32, num_attention_heads=4, num_key_value_heads=2)
+        return write_random_checkpoint(tmp_path_factory.mktemp("tok") / "m", cfg), LLAMA2_TOKENIZER
+    pytest.skip("no model with a tokenizer: neither models/ nor ../shared is here")

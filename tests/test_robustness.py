@@ -16,20 +16,8 @@ from hypothesis import strategies as st
 
 import nanoserve
 from nanoserve import LLM, SamplingParams
-from conftest import LLAMA2_TOKENIZER, TINY_CONFIG, write_random_checkpoint
 
 GREEDY = SamplingParams(temperature=0, max_tokens=8, ignore_eos=True)
-
-
-@pytest.fixture(scope="module")
-def model(tmp_path_factory):
-    """The bundled model when present (it has a tokenizer), else a random one with Llama 2's."""
-    if (nanoserve.DEFAULT_MODEL / "model.safetensors").is_file():
-        return nanoserve.DEFAULT_MODEL, None
-    if LLAMA2_TOKENIZER.is_file():
-        cfg = dict(TINY_CONFIG, vocab_size=32000, hidden_size=32, num_attention_heads=4, num_key_value_heads=2)
-        return write_random_checkpoint(tmp_path_factory.mktemp("rob") / "m", cfg), LLAMA2_TOKENIZER
-    pytest.skip("no model with a tokenizer: neither models/ nor ../shared is here")
 
 
 def make_llm(model, **kw) -> LLM:
