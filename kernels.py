@@ -21,6 +21,7 @@ import functools
 import os
 import sys
 import time
+from dataclasses import dataclass
 
 import torch
 import torch.nn.functional as F
@@ -156,47 +157,137 @@ def paged_attention_ref(q: Tensor, k_cache: Tensor, v_cache: Tensor, block_table
     return out
 
 
-def paged_attention_cpu(q: Tensor, k_cache: Tensor, v_cache: Tensor, block_tables: Tensor,
-                        query_start_loc: Tensor, context_lens: Tensor, scale: float) -> Tensor:
-    """paged_attention_ref's result, faster on the CPU: the CPU path (tested against the twin).
+# ----------------------------------------------------------------------------- the CPU path
+# On a CPU a small model's decode step is a few hundred tensor ops, and every op costs a
+# few microseconds of dispatch whatever its size: fixed per-layer costs, not FLOPs or
+# bytes, set the speed (what CUDA graphs remove on a GPU). So the CPU path computes once
+# per step what every layer would otherwise recompute -- each token's cos/sin rows, the
+# gather index of every sequence's keys, the padding mask -- and a layer's attention is
+# then a few large ops. Each function below is tested against its twin above.
 
-    Single-query sequences (decodes) go together, 32 at a time in order of context length,
-    each batch padded to its longest context (sorting keeps the padding small), one
-    batched matmul per KV head; multi-query sequences (prefill chunks, verification
-    windows) go one at a time through the reference.
-    """
+@dataclass
+class DecodeBatch:
+    """Up to 32 single-query sequences attended together, padded to the longest context."""
+    rows: Tensor | None   # (B,) their rows of q; None: rows 0 .. B-1 in order (the whole step)
+    index: Tensor         # (B * Hkv * L,) rows of the cache viewed as (slots * Hkv, hd), ordered
+                          # (sequence, kv head, position): one index_select yields K as (B, Hkv, L, hd)
+    pad: Tensor | None    # (B, 1, 1, L) True at positions past a sequence's context; None if none
+    length: int           # L, the longest context in the batch
+
+
+@dataclass
+class CpuStepPlan:
+    """What one forward step's layers share on the CPU, built once by plan_cpu_step."""
+    cos: Tensor                                     # (T, 1, hd) cos at each token's position
+    sin: Tensor                                     # (T, 1, hd) sin, rotate_half's sign folded in
+    slots: Tensor                                   # (T,) cache slot of each new token's K/V
+    decode: list[DecodeBatch]
+    multi: list[tuple[int, int, Tensor, int]]       # (lo, hi, block table (1, nb), context) per
+                                                    # multi-query sequence: these take the twin
+
+
+def plan_cpu_step(q_lens: list[int], context_lens: list[int], block_tables: list[list[int]],
+                  positions: Tensor, slots: Tensor, cos: Tensor, sin: Tensor, block_size: int,
+                  n_kv_heads: int) -> CpuStepPlan:
+    """Host lists of the step (each sequence's query count, context length after this step,
+    block table) -> the plan every layer's rope_and_cache_cpu and paged_attention_cpu use.
+
+    Single-query sequences (decodes) go in batches of 32 in order of context length, so a
+    batch pads little; a step of at most 32 decodes alone keeps its order (no scatter)."""
+    half = cos.shape[1] // 2
+    c = cos.index_select(0, positions).unsqueeze(1)                         # (T, 1, hd)
+    s = sin.index_select(0, positions).unsqueeze(1)
+    s = torch.cat([-s[..., :half], s[..., half:]], dim=-1)                  # rotate_half's sign
+    starts = [0]
+    for n in q_lens:
+        starts.append(starts[-1] + n)
+    single = [i for i, n in enumerate(q_lens) if n == 1]
+    in_order = len(single) == len(q_lens) <= 32
+    if not in_order:
+        single.sort(key=lambda i: context_lens[i])
+    heads = torch.arange(n_kv_heads)
+    decode = []
+    for b in range(0, len(single), 32):
+        batch = single[b:b + 32]
+        lens = [context_lens[i] for i in batch]
+        L = max(lens)
+        nb = (L + block_size - 1) // block_size
+        table = torch.tensor([(block_tables[i] + [0] * nb)[:nb] for i in batch])          # (B, nb)
+        slot = (table[:, :, None] * block_size + torch.arange(block_size)).view(len(batch), -1)[:, :L]  # (B, L)
+        index = (slot[:, None, :] * n_kv_heads + heads[None, :, None]).flatten()    # (B * Hkv * L,)
+        pad = torch.arange(L)[None, :] >= torch.tensor(lens)[:, None]              # (B, L)
+        decode.append(DecodeBatch(
+            rows=None if in_order else torch.tensor([starts[i] for i in batch]),
+            index=index, pad=pad[:, None, None, :] if min(lens) < L else None, length=L))
+    multi = [(starts[i], starts[i + 1], torch.tensor([block_tables[i]], dtype=torch.int32), context_lens[i])
+             for i, n in enumerate(q_lens) if n > 1]
+    return CpuStepPlan(cos=c, sin=s, slots=slots, decode=decode, multi=multi)
+
+
+def plan_from_tensors(block_tables: Tensor, query_start_loc: Tensor, context_lens: Tensor,
+                      positions: Tensor, slots: Tensor, cos: Tensor, sin: Tensor, block_size: int,
+                      n_kv_heads: int) -> CpuStepPlan:
+    """plan_cpu_step for a caller that holds the step as tensors (tests, kernels' users)."""
+    q_lens = (query_start_loc[1:] - query_start_loc[:-1]).tolist()
+    return plan_cpu_step(q_lens, context_lens.tolist(), block_tables.tolist(), positions, slots,
+                         cos, sin, block_size, n_kv_heads)
+
+
+def rms_norm_cpu(x: Tensor, weight: Tensor, eps: float) -> Tensor:
+    """rms_norm_ref in fp32, bit for bit, with one temporary instead of five (PyTorch's own
+    F.rms_norm is a composite of more ops than this on the CPU, casts included)."""
+    r = x.pow(2).mean(-1, keepdim=True).add_(eps).rsqrt_()                  # (T, 1)
+    return torch.mul(x, r).mul_(weight)
+
+
+def rope_and_cache_cpu(q: Tensor, k: Tensor, v: Tensor, k_cache: Tensor, v_cache: Tensor,
+                       plan: CpuStepPlan) -> Tensor:
+    """rope_and_cache_ref's result, bit for bit, in five ops for q and k together, with
+    the cos/sin rows gathered once per step: x cos + rotate_half(x) sin equals
+    x cos + swap_halves(x) sin', sin' = [-sin_lo, sin_hi], and swapping the halves of the
+    last dimension is one flip of a (2, hd/2) view."""
+    T, H, hd = q.shape
+    qk = torch.cat([q, k], dim=1).float()                                   # (T, H + Hkv, hd)
+    swapped = qk.view(T, -1, 2, hd // 2).flip(2).view_as(qk)
+    qk = (qk * plan.cos + swapped * plan.sin).to(q.dtype)
+    k = qk[:, H:]                                                           # (T, Hkv, hd)
+    k_cache.view(-1, *k.shape[1:]).index_copy_(0, plan.slots, k)
+    v_cache.view(-1, *v.shape[1:]).index_copy_(0, plan.slots, v)
+    return qk[:, :H]
+
+
+def paged_attention_cpu(q: Tensor, k_cache: Tensor, v_cache: Tensor, plan: CpuStepPlan,
+                        scale: float) -> Tensor:
+    """paged_attention_ref's result on the CPU path. A decode batch is six ops for all its
+    sequences and heads: gather K and V head-major, scores = q K^T as one batched matmul
+    over (sequence, KV head) with the G query heads of a KV head as the rows (GQA), mask
+    the padding, softmax, times V. Multi-query sequences (prefill chunks, verification
+    windows) go one at a time through the twin."""
     T, n_heads, head_dim = q.shape
     n_kv = k_cache.shape[2]
     group = n_heads // n_kv
-    q_lens = (query_start_loc[1:] - query_start_loc[:-1]).tolist()
-    ctx = context_lens.tolist()
-    out = torch.empty_like(q)
-    decode = sorted((s for s, n in enumerate(q_lens) if n == 1), key=lambda s: ctx[s])
-    bs = k_cache.shape[1]
-    for i in range(0, len(decode), 32):
-        batch = decode[i:i + 32]
-        idx = torch.tensor(batch, device=q.device)
-        max_len = ctx[batch[-1]]
-        tables = block_tables[idx, : (max_len + bs - 1) // bs].long()     # (B, nb)
-        k = k_cache[tables].flatten(1, 2)[:, :max_len].float()              # (B, L, n_kv, hd)
-        v = v_cache[tables].flatten(1, 2)[:, :max_len].float()
-        qd = q[query_start_loc[idx].long()].float().view(len(batch), n_kv, group, head_dim)
-        lens = context_lens[idx].to(q.device)
-        pad = torch.arange(max_len, device=q.device)[None, :] >= lens[:, None]  # (B, L)
-        o = torch.empty_like(qd)                                            # (B, n_kv, G, hd)
-        for h in range(n_kv):
-            # The G query heads of KV head h against its keys; k[:, :, h] is a strided
-            # view that bmm reads in place (an einsum over all heads would copy the cache).
-            scores = torch.bmm(qd[:, h], k[:, :, h].transpose(1, 2)) * scale   # (B, G, L)
-            scores = scores.masked_fill(pad[:, None, :], float("-inf"))
-            o[:, h] = torch.bmm(scores.softmax(-1), v[:, :, h])                # (B, G, hd)
-        out[query_start_loc[idx].long()] = o.reshape(len(batch), n_heads, head_dim).to(q.dtype)
-    multi = [s for s, n in enumerate(q_lens) if n > 1]
-    for s in multi:
-        lo, hi = int(query_start_loc[s]), int(query_start_loc[s + 1])
-        out[lo:hi] = paged_attention_ref(q[lo:hi], k_cache, v_cache, block_tables[s:s + 1],
-                                         query_start_loc[s:s + 2] - lo, context_lens[s:s + 1], scale)
-    return out
+    k_rows, v_rows = k_cache.view(-1, head_dim), v_cache.view(-1, head_dim)   # (slots * Hkv, hd)
+    out = None
+    for d in plan.decode:
+        qd = q if d.rows is None else q.index_select(0, d.rows)
+        B = qd.shape[0]
+        qd = qd.float().reshape(B * n_kv, group, head_dim)                   # (B Hkv, G, hd)
+        k = k_rows.index_select(0, d.index).float().view(B * n_kv, d.length, head_dim)   # (B Hkv, L, hd)
+        v = v_rows.index_select(0, d.index).float().view(B * n_kv, d.length, head_dim)
+        scores = torch.bmm(qd, k.transpose(1, 2)).mul_(scale)               # (B Hkv, G, L)
+        if d.pad is not None:
+            scores.view(B, n_kv, group, d.length).masked_fill_(d.pad, float("-inf"))
+        o = torch.bmm(scores.softmax(-1), v).view(B, n_heads, head_dim).to(q.dtype)   # (B, H, hd)
+        if d.rows is None:
+            out = o
+        else:
+            out = torch.empty_like(q) if out is None else out
+            out.index_copy_(0, d.rows, o)
+    for lo, hi, table, ctx in plan.multi:
+        out = torch.empty_like(q) if out is None else out
+        out[lo:hi] = paged_attention_ref(q[lo:hi], k_cache, v_cache, table, torch.tensor([0, hi - lo]),
+                                         torch.tensor([ctx]), scale)
+    return out if out is not None else torch.empty_like(q)
 
 
 # ----------------------------------------------------------------------------- quantized linear
@@ -936,9 +1027,15 @@ def _cuda(t: Tensor) -> bool:
     return USE_CUDA_KERNELS and t.is_cuda
 
 
+def _cpu_fp32(x: Tensor, weight: Tensor) -> bool:
+    return USE_CPU_FAST_PATHS and not x.is_cuda and x.dtype == weight.dtype == torch.float32
+
+
 def rms_norm(x: Tensor, weight: Tensor, eps: float) -> Tensor:
     if _cuda(x):
         return cuda_extension().rms_norm(x, weight, None, eps)[0]
+    if _cpu_fp32(x, weight):
+        return rms_norm_cpu(x, weight, eps)
     return rms_norm_ref(x, weight, eps)
 
 
@@ -946,6 +1043,9 @@ def fused_add_rms_norm(x: Tensor, residual: Tensor, weight: Tensor, eps: float) 
     if _cuda(x):
         out, res = cuda_extension().rms_norm(x, weight, residual, eps)
         return out, res
+    if _cpu_fp32(x, weight):
+        residual = residual + x
+        return rms_norm_cpu(residual, weight, eps), residual
     return fused_add_rms_norm_ref(x, residual, weight, eps)
 
 
@@ -956,7 +1056,11 @@ def silu_and_mul(gate: Tensor, up: Tensor) -> Tensor:
 
 
 def rope_and_cache(q: Tensor, k: Tensor, v: Tensor, positions: Tensor, cos: Tensor, sin: Tensor,
-                   k_cache: Tensor, v_cache: Tensor, slot_mapping: Tensor) -> Tensor:
+                   k_cache: Tensor, v_cache: Tensor, slot_mapping: Tensor,
+                   plan: CpuStepPlan | None = None) -> Tensor:
+    """plan: the step's CpuStepPlan on the CPU path (the model runner builds one per step)."""
+    if plan is not None and USE_CPU_FAST_PATHS and not q.is_cuda:
+        return rope_and_cache_cpu(q, k, v, k_cache, v_cache, plan)
     if _cuda(q):
         return cuda_extension().rope_and_cache(q, k, v, positions, cos, sin, k_cache, v_cache, slot_mapping)
     return rope_and_cache_ref(q, k, v, positions, cos, sin, k_cache, v_cache, slot_mapping)
@@ -971,11 +1075,12 @@ def _decode_kernel_fits(q: Tensor, k_cache: Tensor) -> bool:
 
 def paged_attention(q: Tensor, k_cache: Tensor, v_cache: Tensor, block_tables: Tensor,
                     query_start_loc: Tensor, context_lens: Tensor, scale: float,
-                    max_context_len: int | None = None, max_query_len: int | None = None) -> Tensor:
+                    max_context_len: int | None = None, max_query_len: int | None = None,
+                    plan: CpuStepPlan | None = None) -> Tensor:
     """max_context_len / max_query_len: host-side maxima (they size the grid); computed
-    from the tensors, with a device sync, when not given."""
-    if not q.is_cuda and USE_CPU_FAST_PATHS:
-        return paged_attention_cpu(q, k_cache, v_cache, block_tables, query_start_loc, context_lens, scale)
+    from the tensors, with a device sync, when not given. plan: as for rope_and_cache."""
+    if plan is not None and USE_CPU_FAST_PATHS and not q.is_cuda:
+        return paged_attention_cpu(q, k_cache, v_cache, plan, scale)
     if not _cuda(q):
         return paged_attention_ref(q, k_cache, v_cache, block_tables, query_start_loc, context_lens, scale)
     if q.shape[0] == block_tables.shape[0] and _decode_kernel_fits(q, k_cache):   # decode

@@ -655,6 +655,7 @@ class AttentionMetadata:
     context_lens: Tensor      # (S,) int32 cached tokens of s after this step's writes
     max_context_len: int      # max of context_lens, known on the host (no device sync)
     max_query_len: int        # most tokens any one sequence computes this step
+    cpu_plan: kernels.CpuStepPlan | None = None   # the CPU path's per-step precomputation
 
 
 class LlamaAttention(nn.Module):
@@ -667,17 +668,24 @@ class LlamaAttention(nn.Module):
         self.k_proj = nn.Linear(D, self.n_kv * self.head_dim, bias=cfg.qkv_bias)     # (Hkv*hd, D)
         self.v_proj = nn.Linear(D, self.n_kv * self.head_dim, bias=cfg.qkv_bias)     # (Hkv*hd, D)
         self.o_proj = nn.Linear(self.n_heads * self.head_dim, D, bias=cfg.o_bias)    # (D, H*hd)
+        self.qkv: FusedLinear | None = None       # q, k, v as one matmul, once fuse_projections ran
 
     def forward(self, x: Tensor, positions: Tensor, kv_cache: Tensor, meta: AttentionMetadata,
                 rope: tuple[Tensor, Tensor]) -> Tensor:
         T = x.shape[0]
-        q = self.q_proj(x).view(T, self.n_heads, self.head_dim)          # (T, H, hd)
-        k = self.k_proj(x).view(T, self.n_kv, self.head_dim)             # (T, Hkv, hd)
-        v = self.v_proj(x).view(T, self.n_kv, self.head_dim)             # (T, Hkv, hd)
+        if self.qkv is not None and self.qkv.holds(self.q_proj, self.k_proj, self.v_proj):
+            qkv = self.qkv(x).view(T, self.n_heads + 2 * self.n_kv, self.head_dim)    # (T, H + 2Hkv, hd)
+            q, k, v = qkv.split([self.n_heads, self.n_kv, self.n_kv], dim=1)
+        else:
+            q = self.q_proj(x).view(T, self.n_heads, self.head_dim)      # (T, H, hd)
+            k = self.k_proj(x).view(T, self.n_kv, self.head_dim)         # (T, Hkv, hd)
+            v = self.v_proj(x).view(T, self.n_kv, self.head_dim)         # (T, Hkv, hd)
         # RoPE, and K/V written to the cache first: the new tokens attend to themselves too.
-        q = kernels.rope_and_cache(q, k, v, positions, *rope, kv_cache[0], kv_cache[1], meta.slot_mapping)
+        q = kernels.rope_and_cache(q, k, v, positions, *rope, kv_cache[0], kv_cache[1], meta.slot_mapping,
+                                   plan=meta.cpu_plan)
         o = kernels.paged_attention(q, kv_cache[0], kv_cache[1], meta.block_tables, meta.query_start_loc,
-                                    meta.context_lens, self.scale, meta.max_context_len, meta.max_query_len)
+                                    meta.context_lens, self.scale, meta.max_context_len, meta.max_query_len,
+                                    plan=meta.cpu_plan)
         return self.o_proj(o.reshape(T, self.n_heads * self.head_dim))
 
 
@@ -689,9 +697,57 @@ class LlamaMLP(nn.Module):
         self.gate_proj = nn.Linear(cfg.hidden_size, cfg.intermediate_size, bias=cfg.mlp_bias)  # (F, D)
         self.up_proj = nn.Linear(cfg.hidden_size, cfg.intermediate_size, bias=cfg.mlp_bias)    # (F, D)
         self.down_proj = nn.Linear(cfg.intermediate_size, cfg.hidden_size, bias=cfg.mlp_bias)  # (D, F)
+        self.gate_up: FusedLinear | None = None   # gate and up as one matmul, once fuse_projections ran
 
     def forward(self, x: Tensor) -> Tensor:
+        if self.gate_up is not None and self.gate_up.holds(self.gate_proj, self.up_proj):
+            gate, up = self.gate_up(x).chunk(2, dim=-1)                 # (T, 2F) -> 2 x (T, F)
+            return self.down_proj(kernels.silu_and_mul(gate, up))
+        return self.separate(x)
+
+    def separate(self, x: Tensor) -> Tensor:
+        """Through each projection module (what forward hooks, e.g. quant.py's, observe)."""
         return self.down_proj(kernels.silu_and_mul(self.gate_proj(x), self.up_proj(x)))
+
+
+class FusedLinear:
+    """Several nn.Linear that read the same input, run as one matmul (vLLM's
+    QKVParallelLinear and MergedColumnParallelLinear): one larger op instead of two or
+    three small ones, which is what a small model's decode step pays for on a CPU (each op
+    costs microseconds of dispatch) and in kernel launches on a GPU. The weights are
+    concatenated along the output once, and each original module's weight becomes a view
+    of its rows: no second copy, and the Hugging Face names still address the weights.
+    Not a module (it owns no parameters of its own, so state_dict is unchanged). Changing
+    a weight in place (AWQ's scaling) changes the fused one too; replacing a module or its
+    weight (quantization) ends the fusion: `holds` is then false and the modules run.
+    Calibration and training (forward_dense) always run the separate modules."""
+
+    def __init__(self, linears: list[nn.Linear]):
+        weight = torch.cat([m.weight.detach() for m in linears])                  # (sum out, in)
+        bias = None if linears[0].bias is None else torch.cat([m.bias.detach() for m in linears])
+        row = 0
+        for m in linears:
+            n = m.out_features
+            m.weight = nn.Parameter(weight[row:row + n], requires_grad=False)
+            if bias is not None:
+                m.bias = nn.Parameter(bias[row:row + n], requires_grad=False)
+            row += n
+        self.weight, self.bias = weight, bias
+        self.parts = [m.weight for m in linears]
+
+    def holds(self, *linears: nn.Module) -> bool:
+        """Whether these modules still compute with the views made here."""
+        return all(getattr(m, "weight", None) is w for m, w in zip(linears, self.parts))
+
+    def __call__(self, x: Tensor) -> Tensor:
+        return F.linear(x, self.weight, self.bias)
+
+    @staticmethod
+    def fusable(linears: list[nn.Module]) -> bool:
+        """Plain linears of one dtype and device, all with or all without a bias (a QuantLinear
+        keeps its own packed kernel)."""
+        return all(type(m) is nn.Linear for m in linears) and len({m.bias is None for m in linears}) == 1 \
+            and len({(m.weight.dtype, m.weight.device) for m in linears}) == 1
 
 
 class RMSNorm(nn.Module):
@@ -739,7 +795,7 @@ class LlamaDecoderLayer(nn.Module):
             q.transpose(1, 2), k.repeat_interleave(rep, 2).transpose(1, 2),
             v.repeat_interleave(rep, 2).transpose(1, 2), is_causal=True)      # (B, H, T, hd)
         x = x + a.o_proj(o.transpose(1, 2).reshape(B, T, -1))
-        return x + self.mlp(self.post_attention_layernorm(x))
+        return x + self.mlp.separate(self.post_attention_layernorm(x))
 
 
 class LlamaModel(nn.Module):
@@ -823,6 +879,17 @@ class LlamaForCausalLM(nn.Module):
 
     def compute_logits(self, hidden: Tensor) -> Tensor:
         return self.lm_head(hidden).float()                                  # (N, V)
+
+    def fuse_projections(self) -> None:
+        """q/k/v, and gate/up, of every layer as one matmul each (FusedLinear), for serving.
+        Quantized projections stay separate. Training and quant.py, which replace weight
+        tensors, use the model unfused."""
+        for layer in self.model.layers:
+            a, m = layer.self_attn, layer.mlp
+            if a.qkv is None and FusedLinear.fusable([a.q_proj, a.k_proj, a.v_proj]):
+                a.qkv = FusedLinear([a.q_proj, a.k_proj, a.v_proj])
+            if m.gate_up is None and FusedLinear.fusable([m.gate_proj, m.up_proj]):
+                m.gate_up = FusedLinear([m.gate_proj, m.up_proj])
 
     def dense_rope(self, T: int, device: torch.device) -> tuple[Tensor, Tensor]:
         if self.rope is not None and self.rope[0].shape[0] >= T:
@@ -1808,6 +1875,7 @@ class ModelRunner:
         self.device, self.dtype = torch.device(cfg.device), DTYPES[cfg.dtype]
         self.max_positions = max_positions         # longest sequence, speculative lookahead included
         model.init_rope(max_positions, self.device)
+        model.fuse_projections()
         self.kv_cache: Tensor | None = None
         # CUDA graphs for decode steps, made on first use. Only with the CUDA kernels: the
         # reference attention syncs with the host, which a graph cannot record.
@@ -1864,14 +1932,21 @@ class ModelRunner:
                 return self.graphs.run(ids, pos, slots, tables), rows[:-1]
         dev = self.device
         lens = [c + len(t) for c, t in zip(starts, tokens)]
+        positions = torch.tensor(pos, device=dev)
+        slot_mapping = torch.tensor(slots, dtype=torch.int64, device=dev)
         meta = AttentionMetadata(
-            slot_mapping=torch.tensor(slots, dtype=torch.int64, device=dev),
+            slot_mapping=slot_mapping,
             block_tables=torch.tensor([t + [0] * (width - len(t)) for t in tables],      # (S, width)
                                       dtype=torch.int32).to(dev),
             query_start_loc=torch.tensor(rows, dtype=torch.int32, device=dev),
             context_lens=torch.tensor(lens, dtype=torch.int32, device=dev),
             max_context_len=max(lens), max_query_len=max(map(len, tokens)))
-        hidden = self.model(torch.tensor(ids, device=dev), torch.tensor(pos, device=dev), self.kv_cache, meta)
+        if self.device.type == "cpu" and kernels.USE_CPU_FAST_PATHS:
+            # The layers' shared work, done once: cos/sin rows, gather indices, masks.
+            meta.cpu_plan = kernels.plan_cpu_step([len(t) for t in tokens], lens, tables, positions,
+                                                  slot_mapping, *self.model.rope, bs,
+                                                  self.model.config.num_key_value_heads)
+        hidden = self.model(torch.tensor(ids, device=dev), positions, self.kv_cache, meta)
         return hidden, rows[:-1]
 
     def compute_logits(self, hidden: Tensor) -> Tensor:

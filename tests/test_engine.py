@@ -428,13 +428,8 @@ def test_imports_point_one_way():
                         assert not {a.name for a in inner.names} & set(order), f"{name}.py imports lazily"
 
 
-@pytest.mark.parametrize("group", [1, 4])
-def test_cpu_attention_path_equals_the_reference_twin(group):
-    """kernels.paged_attention_cpu (length-sorted batched decodes) against the plain twin,
-    on a mixed batch: decodes of many lengths, a prompt, a chunk after cached context."""
-    torch.manual_seed(group)
-    n_kv, hd, bs = 2, 16, 4
-    seqs = [(c, 1) for c in (1, 3, 17, 40, 41, 64, 5, 2, 90, 33)] * 4 + [(30, 30), (50, 7)]   # 42 sequences
+def _paged_setup(seqs: list[tuple[int, int]], n_kv: int, group: int, hd: int, bs: int):
+    """Random caches, shuffled block tables and queries for sequences of (context, new tokens)."""
     num_blocks = sum((c + bs - 1) // bs for c, _ in seqs) + 2
     k_cache, v_cache = torch.randn(num_blocks, bs, n_kv, hd), torch.randn(num_blocks, bs, n_kv, hd)
     free = torch.randperm(num_blocks).tolist()
@@ -444,6 +439,70 @@ def test_cpu_attention_path_equals_the_reference_twin(group):
     starts = torch.tensor([0] + [n for _, n in seqs]).cumsum(0)
     q = torch.randn(int(starts[-1]), n_kv * group, hd)
     lens = torch.tensor([c for c, _ in seqs])
+    positions = torch.cat([torch.arange(c - n, c) for c, n in seqs])
+    slots = torch.cat([torch.tensor([tables[i][p // bs] * bs + p % bs for p in range(c - n, c)])
+                       for i, (c, n) in enumerate(seqs)])
+    return k_cache, v_cache, bt, starts, q, lens, positions, slots
+
+
+@pytest.mark.parametrize("group", [1, 4])
+@pytest.mark.parametrize("seqs", [
+    [(c, 1) for c in (1, 3, 17, 40, 41, 64, 5, 2, 90, 33)] * 4 + [(30, 30), (50, 7)],   # 42: sorted batches + twin
+    [(c, 1) for c in (9, 70, 33)],                                                        # one batch in order, padded
+    [(57, 1)]])                                                                            # batch 1, no padding
+def test_cpu_attention_path_equals_the_reference_twin(group, seqs):
+    """kernels.paged_attention_cpu (a per-step plan: length-sorted, padded decode batches as
+    one batched matmul each) against the plain twin: mixed batches of decodes of many
+    lengths, a prompt, a chunk after cached context; a small step; a single decode."""
+    torch.manual_seed(group)
+    n_kv, hd, bs = 2, 16, 4
+    k_cache, v_cache, bt, starts, q, lens, positions, slots = _paged_setup(seqs, n_kv, group, hd, bs)
+    cos, sin = kernels.rope_cos_sin(hd, 128, 10000.0)
+    plan = kernels.plan_from_tensors(bt, starts, lens, positions, slots, cos, sin, bs, n_kv)
     ref = kernels.paged_attention_ref(q, k_cache, v_cache, bt, starts, lens, hd ** -0.5)
-    out = kernels.paged_attention_cpu(q, k_cache, v_cache, bt, starts, lens, hd ** -0.5)
-    torch.testing.assert_close(out, ref, atol=1e-5, rtol=1e-5)
+    out = kernels.paged_attention_cpu(q, k_cache, v_cache, plan, hd ** -0.5)
+    torch.testing.assert_close(out, ref, atol=1e-5, rtol=1e-5)     # fp32 matmuls in another order
+
+
+def test_cpu_rope_cache_and_norm_equal_their_twins_bit_for_bit():
+    """The CPU path's RoPE + cache write (q and k together, halves swapped by a flip, cos/sin
+    gathered once per step) and its RMSNorm do the twins' fp32 arithmetic in the same order:
+    exactly equal results, so greedy tokens cannot move."""
+    torch.manual_seed(0)
+    n_kv, group, hd, bs = 2, 3, 16, 4
+    seqs = [(5, 5), (40, 1), (17, 1), (23, 3)]
+    k_cache, v_cache, bt, starts, q, lens, positions, slots = _paged_setup(seqs, n_kv, group, hd, bs)
+    k, v = torch.randn(q.shape[0], n_kv, hd), torch.randn(q.shape[0], n_kv, hd)
+    cos, sin = kernels.rope_cos_sin(hd, 128, 10000.0)
+    plan = kernels.plan_from_tensors(bt, starts, lens, positions, slots, cos, sin, bs, n_kv)
+    for dtype in (torch.float32, torch.bfloat16):          # 16-bit: rotated in fp32, as the twin does
+        qd, kd, vd, kc, vc = (t.to(dtype) for t in (q, k, v, k_cache, v_cache))
+        kc2, vc2 = kc.clone(), vc.clone()
+        q_ref = kernels.rope_and_cache_ref(qd, kd, vd, positions, cos, sin, kc, vc, slots)
+        q_cpu = kernels.rope_and_cache_cpu(qd, kd, vd, kc2, vc2, plan)
+        assert torch.equal(q_cpu, q_ref) and torch.equal(kc2, kc) and torch.equal(vc2, vc)
+    x, w = torch.randn(7, 96), torch.randn(96)
+    assert torch.equal(kernels.rms_norm_cpu(x, w, 1e-5), kernels.rms_norm_ref(x, w, 1e-5))
+
+
+def test_fused_projections_equal_the_separate_linears_and_keep_the_checkpoint():
+    """FusedLinear (q/k/v and gate/up as one matmul each) computes what the separate
+    projections compute, keeps no second copy of the weights, and leaves state_dict (the
+    Hugging Face names and values) as it was."""
+    model, _ = nanoserve.load_model("random:nanocoder-5m-8k", torch.float32, torch.device("cpu"))
+    before = {k: v.clone() for k, v in model.state_dict().items()}
+    layer = model.model.layers[0]
+    x = torch.randn(3, model.config.hidden_size)
+    a, m = layer.self_attn, layer.mlp
+    separate = (torch.cat([a.q_proj(x), a.k_proj(x), a.v_proj(x)], -1), torch.cat([m.gate_proj(x), m.up_proj(x)], -1))
+    model.fuse_projections()
+    torch.testing.assert_close(a.qkv(x), separate[0], atol=1e-6, rtol=1e-6)
+    torch.testing.assert_close(m.gate_up(x), separate[1], atol=1e-6, rtol=1e-6)
+    assert a.k_proj.weight.untyped_storage().data_ptr() == a.qkv.weight.untyped_storage().data_ptr()
+    after = model.state_dict()
+    assert after.keys() == before.keys() and all(torch.equal(after[k], before[k]) for k in before)
+    a.k_proj.weight.mul_(2)                                  # in place (AWQ's scaling): seen by the fusion
+    assert a.qkv.holds(a.q_proj, a.k_proj, a.v_proj) and torch.equal(a.qkv(x)[:, a.q_proj.out_features:][:, :a.k_proj.out_features], a.k_proj(x))
+    m.up_proj = torch.nn.Linear(m.up_proj.in_features, m.up_proj.out_features, bias=False)   # replaced (quantization)
+    assert not m.gate_up.holds(m.gate_proj, m.up_proj)
+    torch.testing.assert_close(m(x), m.down_proj(F.silu(m.gate_proj(x)) * m.up_proj(x)))

@@ -3,7 +3,7 @@
     python tools/bench.py [SUITE ...] [--model DIR | random:PRESET] [--device cuda] [--out FILE]
 
 Suites (default: all): latency overhead throughput memory prefix chunked spec quant sla
-server. Each prints one Markdown table; --out writes every number as JSON. Timings on a
+server transformers (nanoserve beside transformers' generate, one thread each). Each prints one Markdown table; --out writes every number as JSON. Timings on a
 shared or small machine are noisy: compare figures measured in the same run. Random-weight
 presets of real shapes (random:llama-2-7b, random:tinyllama-1.1b, ...) measure speed
 where no checkpoint is at hand.
@@ -252,6 +252,79 @@ def bench_hf_static(model_dir: str, device: str, dtype: str, n: int, lo: int, hi
     useful = sum(p.max_tokens for p in params)
     return {"transformers": transformers.__version__, "batch": batch, "seconds": elapsed,
             "tok_s": useful / elapsed}
+
+
+def bench_versus_transformers(model_dir: str, kw: dict, rounds: int, prefix_len: int) -> dict | None:
+    """nanoserve beside Hugging Face transformers' `generate` in this process, one torch
+    thread each, rounds alternating (nanoserve, transformers, nanoserve, ...) so that both
+    see the same machine noise; greedy fp32, so both must produce the same tokens.
+
+    Three workloads: one request (a 32-token prompt, 128 new tokens); 64 requests at once
+    (prompts of 16-64 tokens, 16-128 new tokens each; transformers gets them as one
+    left-padded batch and runs it to the longest output, as static batching must); 16
+    requests sharing a prefix_len-token prefix, 16 own tokens each, 32 new tokens (a fresh
+    prefix every round, so only sharing within the round is cached).
+    -> per workload the useful output tok/s of every round, medians and per-round ratios."""
+    if importlib.util.find_spec("transformers") is None or str(model_dir).startswith("random:"):
+        return None
+    import transformers
+    from transformers import AutoModelForCausalLM
+    torch.set_num_threads(1)
+    llm = LLM(model_dir, **{**kw, "cpu_threads": 1})
+    hf = AutoModelForCausalLM.from_pretrained(model_dir, dtype=DTYPES[kw["dtype"]]).to(kw["device"]).eval()
+    vocab = hf.config.vocab_size
+    rng = np.random.default_rng(0)
+
+    def ids(n: int) -> list[int]:
+        return [1] + rng.integers(3, vocab, n - 1).tolist()
+
+    def workload(name: str) -> tuple[list[list[int]], list[int]]:
+        if name == "batch 1":
+            return [ids(32)], [128]
+        if name == "64 requests":
+            return [ids(int(n)) for n in rng.integers(16, 65, 64)], rng.integers(16, 129, 64).tolist()
+        prefix = ids(prefix_len)
+        return [prefix + rng.integers(3, vocab, 16).tolist() for _ in range(16)], [32] * 16
+
+    def run_nano(prompts: list[list[int]], new: list[int]) -> tuple[float, list[list[int]]]:
+        params = [SamplingParams(temperature=0, max_tokens=n, ignore_eos=True) for n in new]
+        t = time.perf_counter()
+        outs = llm.generate(prompts, params)
+        return time.perf_counter() - t, [o.token_ids for o in outs]
+
+    def run_hf(prompts: list[list[int]], new: list[int]) -> tuple[float, list[list[int]]]:
+        width = max(map(len, prompts))
+        x = torch.tensor([[0] * (width - len(p)) + p for p in prompts], device=kw["device"])
+        mask = torch.tensor([[0] * (width - len(p)) + [1] * len(p) for p in prompts], device=kw["device"])
+        t = time.perf_counter()
+        with torch.inference_mode():
+            out = hf.generate(input_ids=x, attention_mask=mask, max_new_tokens=max(new), min_new_tokens=max(new),
+                              do_sample=False, pad_token_id=0)
+        return time.perf_counter() - t, [row[:n] for row, n in zip(out[:, width:].tolist(), new)]
+
+    result = {"transformers": transformers.__version__, "threads": torch.get_num_threads(), "rounds": rounds,
+              "prefix_len": prefix_len}
+    for name in ("batch 1", "64 requests", f"16 requests, shared {prefix_len}-token prefix"):
+        prompts, new = workload(name)
+        run_nano(prompts, [4] * len(new)), run_hf(prompts, [4] * len(new))         # warm-up
+        nano_s, hf_s, same, tokens = [], [], 0, 0
+        for r in range(rounds):
+            prompts, new = workload(name)
+            (a, ta), (b, tb) = run_nano(prompts, new), run_hf(prompts, new)
+            nano_s.append(a)
+            hf_s.append(b)
+            same += sum(x == y for x, y in zip(ta, tb))
+            tokens += sum(new)
+            _progress(name, r + 1, rounds)
+        tokens /= rounds                                    # useful output tokens per round (mean)
+        ratios = sorted(h / n for n, h in zip(nano_s, hf_s))
+        result[name] = {"requests": len(prompts), "output_tokens_per_round": tokens,
+                        "nano_tok_s": [tokens / s for s in nano_s], "hf_tok_s": [tokens / s for s in hf_s],
+                        "nano_tok_s_median": tokens / float(np.median(nano_s)),
+                        "hf_tok_s_median": tokens / float(np.median(hf_s)),
+                        "speedup_median": float(np.median(ratios)), "speedup_range": [ratios[0], ratios[-1]],
+                        "identical_outputs": same, "outputs": rounds * len(prompts)}
+    return result
 
 
 def bench_memory(llm: LLM, n: int, lo: int, hi: int) -> dict:
@@ -644,6 +717,22 @@ def suite_server(b: Bench) -> tuple[dict, str, Rows]:
         for row in r["rows"]]
 
 
+def suite_transformers(b: Bench) -> tuple[dict, str, Rows]:
+    if b.args.no_transformers:
+        return {}, "nanoserve beside transformers", [("skipped", "--no-transformers")]
+    llm_len = nanoserve.ModelConfig.from_dir(b.args.model).max_position_embeddings if Path(b.args.model).is_dir() else 0
+    r = bench_versus_transformers(b.args.model, b.kw, rounds=b.args.rounds or 5, prefix_len=min(512, llm_len - 64))
+    if r is None:
+        return {}, "nanoserve beside transformers", [("skipped", "needs transformers and a checkpoint directory")]
+    rows = [(f"{name} ({v['output_tokens_per_round']:.0f} output tokens per round)",
+             f"nanoserve {v['nano_tok_s_median']:.0f} tok/s, transformers {v['hf_tok_s_median']:.0f} tok/s: "
+             f"{v['speedup_median']:.2f}x (rounds {v['speedup_range'][0]:.2f}-{v['speedup_range'][1]:.2f}x); "
+             f"identical outputs {v['identical_outputs']}/{v['outputs']}")
+            for name, v in r.items() if isinstance(v, dict)]
+    return r, (f"nanoserve beside transformers {r['transformers']} `generate` (greedy, {b.args.dtype}, "
+               f"{r['threads']} thread, {r['rounds']} alternating rounds, medians)"), rows
+
+
 @dataclass
 class Suite:
     run: Callable[[Bench], tuple[dict, str, Rows]]
@@ -661,6 +750,7 @@ SUITES: dict[str, Suite] = {
     "quant": Suite(suite_quant, own_engines=True),
     "sla": Suite(suite_sla),
     "server": Suite(suite_server),
+    "transformers": Suite(suite_transformers, own_engines=True),
 }
 
 
@@ -678,6 +768,7 @@ def build_parser() -> argparse.ArgumentParser:
                    help="prompt and output lengths, uniform in [LO, HI] (default: 32 256 on CPU, 100 1024)")
     p.add_argument("--no-transformers", action="store_true",
                    help="skip the Hugging Face transformers baseline of the throughput suite")
+    p.add_argument("--rounds", type=int, default=None, help="alternating rounds of the transformers suite (5)")
     p.add_argument("--gpu-hour-usd", type=float, default=8.0)
     p.add_argument("--api-usd-per-mtok", type=float, default=0.5, help="API price per 1M output tokens")
     nanoserve.add_engine_args(p)
