@@ -215,10 +215,11 @@ def plan_cpu_step(q_lens: list[int], context_lens: list[int], block_tables: list
         table = torch.tensor([(block_tables[i] + [0] * nb)[:nb] for i in batch])          # (B, nb)
         slot = (table[:, :, None] * block_size + torch.arange(block_size)).view(len(batch), -1)[:, :L]  # (B, L)
         index = (slot[:, None, :] * n_kv_heads + heads[None, :, None]).flatten()    # (B * Hkv * L,)
-        pad = torch.arange(L)[None, :] >= torch.tensor(lens)[:, None]              # (B, L)
-        decode.append(DecodeBatch(
-            rows=None if in_order else torch.tensor([starts[i] for i in batch]),
-            index=index, pad=pad[:, None, None, :] if min(lens) < L else None, length=L))
+        pad = None
+        if min(lens) < L:
+            pad = (torch.arange(L)[None, :] >= torch.tensor(lens)[:, None])[:, None, None, :]   # (B, 1, 1, L)
+        decode.append(DecodeBatch(rows=None if in_order else torch.tensor([starts[i] for i in batch]),
+                                  index=index, pad=pad, length=L))
     multi = [(starts[i], starts[i + 1], torch.tensor([block_tables[i]], dtype=torch.int32), context_lens[i])
              for i, n in enumerate(q_lens) if n > 1]
     return CpuStepPlan(cos=c, sin=s, slots=slots, decode=decode, multi=multi)

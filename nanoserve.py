@@ -736,8 +736,9 @@ class FusedLinear:
         self.parts = [m.weight for m in linears]
 
     def holds(self, *linears: nn.Module) -> bool:
-        """Whether these modules still compute with the views made here."""
-        return all(getattr(m, "weight", None) is w for m, w in zip(linears, self.parts))
+        """Whether these modules still compute with the views made here (read from
+        _parameters directly: this runs twice per layer and step)."""
+        return all(m._parameters.get("weight") is w for m, w in zip(linears, self.parts))
 
     def __call__(self, x: Tensor) -> Tensor:
         return F.linear(x, self.weight, self.bias)

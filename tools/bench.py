@@ -256,10 +256,10 @@ def bench_hf_static(model_dir: str, device: str, dtype: str, n: int, lo: int, hi
 
 def bench_versus_transformers(model_dir: str, kw: dict, rounds: int, prefix_len: int) -> dict | None:
     """nanoserve beside Hugging Face transformers' `generate` in this process, one torch
-    thread each, rounds alternating (nanoserve, transformers, nanoserve, ...) so that both
-    see the same machine noise; greedy fp32, so both must produce the same tokens.
+    thread each, rounds alternating (nanoserve then transformers, then the other way round)
+    so that both see the same machine noise; greedy fp32, so both must produce the same tokens.
 
-    Three workloads: one request (a 32-token prompt, 128 new tokens); 64 requests at once
+    Three workloads: one request (a 32-token prompt, 256 new tokens); 64 requests at once
     (prompts of 16-64 tokens, 16-128 new tokens each; transformers gets them as one
     left-padded batch and runs it to the longest output, as static batching must); 16
     requests sharing a prefix_len-token prefix, 16 own tokens each, 32 new tokens (a fresh
@@ -280,7 +280,7 @@ def bench_versus_transformers(model_dir: str, kw: dict, rounds: int, prefix_len:
 
     def workload(name: str) -> tuple[list[list[int]], list[int]]:
         if name == "batch 1":
-            return [ids(32)], [128]
+            return [ids(32)], [256]
         if name == "64 requests":
             return [ids(int(n)) for n in rng.integers(16, 65, 64)], rng.integers(16, 129, 64).tolist()
         prefix = ids(prefix_len)
@@ -310,7 +310,10 @@ def bench_versus_transformers(model_dir: str, kw: dict, rounds: int, prefix_len:
         nano_s, hf_s, same, tokens = [], [], 0, 0
         for r in range(rounds):
             prompts, new = workload(name)
-            (a, ta), (b, tb) = run_nano(prompts, new), run_hf(prompts, new)
+            if r % 2:                                       # alternate who goes first
+                (b, tb), (a, ta) = run_hf(prompts, new), run_nano(prompts, new)
+            else:
+                (a, ta), (b, tb) = run_nano(prompts, new), run_hf(prompts, new)
             nano_s.append(a)
             hf_s.append(b)
             same += sum(x == y for x, y in zip(ta, tb))
