@@ -3,7 +3,8 @@
     python tools/bench.py [SUITE ...] [--model DIR | random:PRESET] [--device cuda] [--out FILE]
 
 Suites (default: all): latency overhead throughput memory prefix chunked spec quant sla
-server transformers (nanoserve beside transformers' generate, one thread each). Each prints one Markdown table; --out writes every number as JSON. Timings on a
+server transformers (nanoserve beside transformers' generate, one thread each) tp (tensor
+parallelism). Each prints one Markdown table; --out writes every number as JSON. Timings on a
 shared or small machine are noisy: compare figures measured in the same run. Random-weight
 presets of real shapes (random:llama-2-7b, random:tinyllama-1.1b, ...) measure speed
 where no checkpoint is at hand.
@@ -328,6 +329,36 @@ def bench_versus_transformers(model_dir: str, kw: dict, rounds: int, prefix_len:
                         "speedup_median": float(np.median(ratios)), "speedup_range": [ratios[0], ratios[-1]],
                         "identical_outputs": same, "outputs": rounds * len(prompts)}
     return result
+
+
+def bench_tp(model: str, kw: dict, configs: tuple[tuple[int, int | None], ...], batches: tuple[int, ...],
+             new_tokens: int) -> dict:
+    """Decode step time with the model sharded over N ranks, for each (ranks, threads per
+    rank) in configs (threads None: the engine's default), and the share of rank 0's step
+    spent in all-reduce (two per layer, plus the embedding's; on the CPU over gloo and
+    loopback TCP). The time in all-reduce includes waiting for the slowest rank."""
+    rows = []
+    for n, threads in configs:
+        with LLM(model, **{**kw, "tensor_parallel_size": n, "cpu_threads": threads}) as llm:
+            vocab = llm.engine.model_config.vocab_size
+            for b in batches:
+                prompts = [[1] + np.random.default_rng(i).integers(3, vocab, 16).tolist() for i in range(b)]
+                llm.generate(prompts, SamplingParams(temperature=0, max_tokens=2, ignore_eos=True))    # warm-up
+                tp, steps = llm.engine.tp, llm.engine.num_steps
+                tp.reduce_seconds = 0.0
+                t = time.perf_counter()
+                llm.generate(prompts, SamplingParams(temperature=0, max_tokens=new_tokens, ignore_eos=True))
+                elapsed = time.perf_counter() - t
+                n_steps = llm.engine.num_steps - steps
+                rows.append({"ranks": n, "threads_per_rank": torch.get_num_threads(), "batch": b,
+                             "step_ms": 1e3 * elapsed / n_steps, "decode_tok_s": b * new_tokens / elapsed,
+                             "all_reduce_share": tp.reduce_seconds / elapsed})
+                _progress(f"tp={n}", batches.index(b) + 1, len(batches))
+    base = {r["batch"]: r["step_ms"] for r in rows if r is rows[0] or r["ranks"] == rows[0]["ranks"] and
+            r["threads_per_rank"] == rows[0]["threads_per_rank"]}
+    for r in rows:
+        r["speedup"] = base[r["batch"]] / r["step_ms"]
+    return {"model": model, "rows": rows}
 
 
 def bench_memory(llm: LLM, n: int, lo: int, hi: int) -> dict:
@@ -736,6 +767,19 @@ def suite_transformers(b: Bench) -> tuple[dict, str, Rows]:
                f"{r['threads']} thread, {r['rounds']} alternating rounds, medians)"), rows
 
 
+def suite_tp(b: Bench) -> tuple[dict, str, Rows]:
+    model = b.args.model if str(b.args.model).startswith("random:") else "random:tinyllama-1.1b-4l"
+    units = torch.cuda.device_count() if b.device == "cuda" else os.cpu_count() or 1
+    # On the CPU: one rank on every core, one rank on one core, then N ranks of cores / N.
+    configs = ((1, None),) + (((1, 1),) if b.device == "cpu" else ()) + tuple((n, None) for n in (2, 4) if n <= units)
+    r = bench_tp(model, b.kw, configs, (1, 8), new_tokens=16 if b.small else 64)
+    return r, f"Tensor parallelism: decode with the model sharded over N ranks ({model}, {b.device})", [
+        (f"{row['ranks']} rank(s) x {row['threads_per_rank']} thread(s), batch {row['batch']}",
+         f"{row['step_ms']:.1f} ms per step ({row['decode_tok_s']:.1f} tok/s, {row['speedup']:.2f}x); "
+         f"all-reduce {100 * row['all_reduce_share']:.1f}% of the step")
+        for row in r["rows"]]
+
+
 @dataclass
 class Suite:
     run: Callable[[Bench], tuple[dict, str, Rows]]
@@ -754,6 +798,7 @@ SUITES: dict[str, Suite] = {
     "sla": Suite(suite_sla),
     "server": Suite(suite_server),
     "transformers": Suite(suite_transformers, own_engines=True),
+    "tp": Suite(suite_tp, own_engines=True),
 }
 
 
