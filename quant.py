@@ -274,6 +274,63 @@ def _awq_stage(layer: nn.Module, stage: tuple[str, ...], X: Tensor, bits: int, g
     return alpha
 
 
+# ============================================================================ 2:4 sparsity
+# 2:4 structured sparsity: in every group of 4 consecutive input weights of a row, 2 are
+# zero. NVIDIA's sparse tensor cores (Ampere and later) store the 2 kept values plus 2-bit
+# indices and skip the zeros, about twice the math rate of dense; unstructured sparsity at
+# the same 50% has no such hardware path. Which 2 to keep:
+#   magnitude  the 2 largest |W_ij| of each group;
+#   Wanda      (Sun et al., 2023) the 2 largest |W_ij| * ||X_j||_2, X the layer's calibration
+#              inputs: a small weight on a loud input channel matters more than its size says.
+# Layer by layer, like GPTQ: each layer is pruned on the inputs the already-pruned layers
+# before it produce. Quantization, when asked for, comes after pruning and is symmetric
+# (code 0 is exactly 0.0, so the pattern survives).
+
+def prune_24(W: Tensor, score: Tensor) -> Tensor:
+    """W (out, in) with the 2 lowest-scoring of every 4 consecutive inputs set to 0; in % 4 == 0."""
+    out, inp = W.shape
+    if inp % 4:
+        raise ValueError(f"2:4 sparsity needs in_features divisible by 4, got {inp}")
+    keep = score.reshape(out, inp // 4, 4).topk(2, dim=-1).indices                # (out, in/4, 2)
+    mask = torch.zeros(out, inp // 4, 4, dtype=torch.bool, device=W.device).scatter_(-1, keep, True)
+    return W * mask.reshape(out, inp)
+
+
+@torch.no_grad()
+def sparsify_model(model: LlamaForCausalLM, calib: Tensor, prune: str, bits: int = 16, group_size: int = 0,
+                   progress: Callable[[str], None] = lambda s: None) -> dict:
+    """Prune every decoder projection of `model` to 2:4 in place (magnitude or Wanda), then,
+    for bits 8 or 4, quantize it (symmetric RTN: nn.Linear -> QuantLinear). calib: (B, T)
+    token ids (Wanda's input norms). -> the sparsity config a checkpoint records."""
+    if prune not in ("magnitude", "wanda"):
+        raise ValueError(f"prune must be magnitude or wanda, got {prune!r}")
+    if bits not in (16, 8, 4):
+        raise ValueError(f"bits must be 16, 8 or 4 with 2:4 sparsity, got {bits}")
+    dtype = model.model.embed_tokens.weight.dtype
+    rope = model.dense_rope(calib.shape[1], calib.device)
+    x = model.model.embed_tokens(calib).float()
+    for li, layer in enumerate(model.model.layers):
+        layer.float()
+        for stage in STAGES:
+            inputs = _record_inputs(layer, stage, lambda: layer.forward_dense(x, rope)) if prune == "wanda" else {}
+            for name in stage:
+                lin = layer.get_submodule(name)
+                W = lin.weight.float()
+                score = W.abs() if prune == "magnitude" else W.abs() * inputs[name].float().norm(dim=0)[None, :]
+                W = prune_24(W, score)
+                if bits < 16:
+                    codes, scale, _ = quantize_rtn(W, bits, group_size, symmetric=True)
+                    set_module(layer, name, QuantLinear.from_codes(codes, scale, None, bits, group_size,
+                                                                    torch.float32, bias=lin.bias))
+                else:
+                    lin.weight.copy_(W)
+        x = layer.forward_dense(x, rope)                # the next layer sees pruned outputs
+        layer.to(dtype)
+        progress(f"layer {li + 1}/{len(model.model.layers)} pruned to 2:4 ({prune}"
+                 f"{f', int{bits}' if bits < 16 else ''})")
+    return {"sparsity": "2:4", "prune": prune, "bits": bits, "group_size": group_size}
+
+
 # ============================================================================ hub formats
 # `--format gptq` / `--format awq` write the layouts AutoGPTQ/GPTQModel and AutoAWQ write
 # (and transformers and vLLM load; nanoserve reads them back in nanoserve.convert_hub_linear).
@@ -355,6 +412,17 @@ def save_quantized(model: LlamaForCausalLM, src_dir: Path, out_dir: Path, quant_
     for f in ("config.json", "tokenizer.model", "tokenizer.json", "tokenizer_config.json", "generation_config.json"):
         if (src_dir / f).is_file():
             shutil.copy(src_dir / f, out_dir / f)
+    if quant_config.get("sparsity") and fmt != "nanoserve":
+        raise ValueError("a 2:4-sparse checkpoint is written in nanoserve's format only")
+    if quant_config.get("sparsity"):
+        (out_dir / "sparsity_config.json").write_text(json.dumps(quant_config, indent=2) + "\n")
+        if quant_config["bits"] == 16:                  # dense layout, zeros in the 2:4 pattern
+            state = {k: v for k, v in model.state_dict().items()
+                     if not (k == "lm_head.weight" and model.config.tie_word_embeddings)}
+            nanoserve.save_safetensors(state, out_dir / "model.safetensors", {"format": "pt"})
+            return
+        quant_config = {"method": "rtn", "bits": quant_config["bits"], "group_size": quant_config["group_size"],
+                        "symmetric": True, "act_order": False, "sparsity": "2:4"}
     if fmt != "nanoserve":
         state, qc = hub_format_state(model, fmt, quant_config)
         state = {k: v for k, v in state.items() if not (k == "lm_head.weight" and model.config.tie_word_embeddings)}
@@ -386,8 +454,11 @@ def read_calibration(path: str | None, tokenizer, sample: Callable[[int, int], l
 def main(argv: list[str] | None = None) -> int:
     ap = argparse.ArgumentParser(description="Quantize a nanoserve checkpoint (weights only).")
     ap.add_argument("--model", required=True)
-    ap.add_argument("--method", choices=["rtn", "gptq", "awq"], default="gptq")
-    ap.add_argument("--bits", type=int, choices=[8, 4, 3], default=4)
+    ap.add_argument("--method", choices=["rtn", "gptq", "awq", "sparse24"], default="gptq",
+                    help="sparse24: prune every projection to 2:4 (--prune), then quantize if --bits < 16")
+    ap.add_argument("--prune", choices=["magnitude", "wanda"], default="wanda", help="sparse24's criterion")
+    ap.add_argument("--bits", type=int, choices=[16, 8, 4, 3], default=None,
+                    help="4 by default; 16 (sparse24 only): prune without quantizing")
     ap.add_argument("--group-size", type=int, default=0, help="input channels per scale; 0: per channel")
     ap.add_argument("--asymmetric", action="store_true", help="zero points (asymmetric quantization)")
     ap.add_argument("--act-order", action="store_true", help="GPTQ: columns in order of decreasing H_ii")
@@ -401,6 +472,11 @@ def main(argv: list[str] | None = None) -> int:
     try:
         if args.group_size < 0:
             raise ValueError(f"--group-size must be >= 0, got {args.group_size}")
+        bits = args.bits or 4
+        if args.method == "sparse24" and bits not in (16, 8, 4):
+            raise ValueError(f"--method sparse24 takes --bits 16 (no quantization), 8 or 4, got {bits}")
+        if args.method != "sparse24" and bits == 16:
+            raise ValueError("--bits 16 (no quantization) is for --method sparse24")
         llm = nanoserve.LLM(args.model, device="cpu", dtype="float32")
         model, tok = llm.engine.model, llm.engine.tokenizer
         L = min(args.calib_len, llm.engine.max_model_len - 1)
@@ -413,8 +489,14 @@ def main(argv: list[str] | None = None) -> int:
 
         print(f"[quant] calibration: {args.calib or 'samples from the model'}", file=sys.stderr)
         calib = read_calibration(args.calib, tok, sample, args.calib_samples, L)
-        cfg = quantize_model(model, calib, args.method, args.bits, args.group_size, not args.asymmetric,
-                             args.act_order, progress=lambda s: print(f"[quant] {s}", file=sys.stderr))
+        def report(line: str) -> None:
+            print(f"[quant] {line}", file=sys.stderr)
+
+        if args.method == "sparse24":
+            cfg = sparsify_model(model, calib, args.prune, bits, args.group_size, progress=report)
+        else:
+            cfg = quantize_model(model, calib, args.method, bits, args.group_size, not args.asymmetric,
+                                 args.act_order, progress=report)
         save_quantized(model, Path(args.model), Path(args.out), cfg, args.format)
         print(f"[quant] wrote {args.out}", file=sys.stderr)
         return 0

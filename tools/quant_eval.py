@@ -1,6 +1,7 @@
-"""Quality of RTN, GPTQ and AWQ on the bundled model: held-out perplexity and KL(fp || quantized).
+"""Quality of RTN, GPTQ and AWQ (or, with --sparse, of 2:4 sparsity) on the bundled model:
+held-out perplexity and KL(fp || quantized).
 
-    python tools/quant_eval.py [--model models/nanocoder-5m] [--out runs/quant_eval.json]
+    python tools/quant_eval.py [--model models/nanocoder-5m] [--sparse] [--out runs/quant_eval.json]
 
 Held-out data: the standard-library files tools/train_tiny.py held out from training.
 Calibration: sequences sampled from the model itself (quant.py's default), so no data
@@ -53,6 +54,8 @@ def main() -> None:
     ap.add_argument("--seq-len", type=int, default=256)
     ap.add_argument("--calib-samples", type=int, default=32)
     ap.add_argument("--out", default=None)
+    ap.add_argument("--sparse", action="store_true",
+                    help="instead of the quantization sweep: 2:4 sparsity (magnitude, Wanda, Wanda + int8/int4)")
     ap.add_argument("--checkpoints", nargs="*", default=None, metavar="DIR",
                     help="instead of the RTN/GPTQ/AWQ sweep: the held-out perplexity and KL of these checkpoint "
                          "directories (e.g. GPTQ/AWQ checkpoints quant.py --format wrote) against --model")
@@ -78,6 +81,19 @@ def main() -> None:
             ppl, kl, _ = evaluate(nanoserve.LLM(d, device="cpu", dtype="float32").engine.model, ref, windows)
             rows.append({"config": d, "ppl": ppl, "kl": kl})
             print(f"| {d} | {ppl:.3f} | {kl:.4f} |", flush=True)
+        if args.out:
+            Path(args.out).write_text(json.dumps({"model": args.model, "rows": rows}, indent=2) + "\n")
+        return
+    if args.sparse:
+        print(f"| weights | held-out perplexity | KL(fp32 || it) |\n| --- | --- | --- |\n| fp32 dense | {ppl_fp:.3f} | 0 |")
+        for label, prune, bits in (("2:4 magnitude", "magnitude", 16), ("2:4 Wanda", "wanda", 16),
+                                   ("2:4 Wanda + int8 (per channel)", "wanda", 8),
+                                   ("2:4 Wanda + int4 (groups of 32)", "wanda", 4)):
+            model = copy.deepcopy(base)
+            quant.sparsify_model(model, calib, prune, bits, 32 if bits == 4 else 0)
+            ppl, kl, _ = evaluate(model, ref, windows)
+            rows.append({"config": label, "ppl": ppl, "kl": kl})
+            print(f"| {label} | {ppl:.3f} | {kl:.4f} |", flush=True)
         if args.out:
             Path(args.out).write_text(json.dumps({"model": args.model, "rows": rows}, indent=2) + "\n")
         return
