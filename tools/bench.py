@@ -4,7 +4,7 @@
 
 Suites (default: all): latency overhead throughput memory prefix chunked spec quant sla
 server transformers (nanoserve beside transformers' generate, one thread each) tp (tensor
-parallelism). Each prints one Markdown table; --out writes every number as JSON. Timings on a
+parallelism) cascade (the bundled pair as a model cascade). Each prints one Markdown table; --out writes every number as JSON. Timings on a
 shared or small machine are noisy: compare figures measured in the same run. Random-weight
 presets of real shapes (random:llama-2-7b, random:tinyllama-1.1b, ...) measure speed
 where no checkpoint is at hand.
@@ -359,6 +359,68 @@ def bench_tp(model: str, kw: dict, configs: tuple[tuple[int, int | None], ...], 
     for r in rows:
         r["speedup"] = base[r["batch"]] / r["step_ms"]
     return {"model": model, "rows": rows}
+
+
+def next_line_tasks(n: int, context_chars: int = 600) -> list[tuple[str, str]]:
+    """A held-out task with an exact answer: (the text of a held-out standard-library file up
+    to a line break, that file's next line), for lines of at least 8 non-blank characters."""
+    sys.path.insert(0, str(ROOT / "tools"))
+    from train_tiny import corpus                          # the files the bundled models never saw
+    _, held = corpus()
+    candidates = []
+    for text in held:
+        pos = text.find("\n", context_chars)
+        while pos != -1 and pos + 1 < len(text):
+            end = text.find("\n", pos + 1)
+            line = text[pos + 1:end if end != -1 else len(text)]
+            if len(line.strip()) >= 8:
+                candidates.append((text[text.find("\n", pos - context_chars) + 1:pos + 1], line))
+            pos = end
+    step = max(1, len(candidates) // n)
+    return candidates[::step][:n]
+
+
+def bench_cascade(small_dir: str, large_dir: str, kw: dict, n: int, thresholds: tuple[float, ...]) -> dict:
+    """Accuracy (exact match of the next line, greedy) against cost for small only, large only
+    and the cascade at each threshold. Cost: measured seconds for all requests, and FLOPs per
+    request, 2 x parameters per token each model processed (prompt and output; an escalated
+    request pays for both models). Prefix caching off, so repeated runs do not get cheaper."""
+    tasks = next_line_tasks(n)
+    kw = {**kw, "enable_prefix_caching": False}
+    small, large = LLM(small_dir, **kw), LLM(large_dir, **kw)
+    params = {name: sum(p.numel() for p in llm.engine.model.parameters()) for name, llm in
+              (("small", small), ("large", large))}
+    sp = SamplingParams(temperature=0, max_tokens=40, stop=["\n"])
+    prompts = [p for p, _ in tasks]
+
+    def score(outs, escalated: list[bool], models: str) -> dict:
+        right = sum(o.text.rstrip() == line.rstrip() for o, (_, line) in zip(outs, tasks))
+        start = sum(o.text[:12] == line[:12] for o, (_, line) in zip(outs, tasks))     # the line's first 12 chars
+        flops = 0.0
+        for o, esc in zip(outs, escalated):
+            tokens = len(o.prompt_token_ids) + len(o.token_ids)
+            flops += 2 * tokens * (params[models] if models != "cascade" else
+                                   params["small"] + (params["large"] if esc else 0))
+        return {"accuracy": right / len(tasks), "start_accuracy": start / len(tasks),
+                "escalated": sum(escalated) / len(tasks),
+                "gflops_per_request": flops / len(tasks) / 1e9}
+
+    rows = []
+    for name, llm in (("small only", small), ("large only", large)):
+        t = time.perf_counter()
+        outs = llm.generate(prompts, sp)
+        rows.append({"config": name, "seconds": time.perf_counter() - t,
+                     **score(outs, [name == "large only"] * len(outs), name.split()[0])})
+    for th in thresholds:
+        cascade = nanoserve.Cascade(small, large, th)
+        t = time.perf_counter()
+        outs = cascade.generate(prompts, sp)
+        elapsed = time.perf_counter() - t
+        rows.append({"config": f"cascade, threshold {th:g}", "threshold": th, "seconds": elapsed,
+                     **score(outs, [o.escalated for o in outs], "cascade")})
+        _progress("thresholds", thresholds.index(th) + 1, len(thresholds))
+    small.close(), large.close()
+    return {"tasks": len(tasks), "small": small_dir, "large": large_dir, "params": params, "rows": rows}
 
 
 def bench_memory(llm: LLM, n: int, lo: int, hi: int) -> dict:
@@ -780,6 +842,17 @@ def suite_tp(b: Bench) -> tuple[dict, str, Rows]:
         for row in r["rows"]]
 
 
+def suite_cascade(b: Bench) -> tuple[dict, str, Rows]:
+    r = bench_cascade(str(nanoserve.DEFAULT_DRAFT), str(nanoserve.DEFAULT_MODEL), b.kw, b.args.requests or 200,
+                      (0.3, 0.4, 0.5, 0.6, 0.7, 0.8, 0.9))
+    title = (f"Model cascade: next line of held-out Python, {r['tasks']} tasks, greedy (small "
+             f"{r['params']['small'] / 1e6:.2f}M, large {r['params']['large'] / 1e6:.2f}M parameters)")
+    return r, title, [(row["config"], f"exact line {100 * row['accuracy']:.1f}%, first 12 characters "
+                                      f"{100 * row['start_accuracy']:.1f}%, escalated "
+                                      f"{100 * row['escalated']:.0f}%, {row['gflops_per_request']:.3f} GFLOP per "
+                                      f"request, {row['seconds']:.1f} s") for row in r["rows"]]
+
+
 @dataclass
 class Suite:
     run: Callable[[Bench], tuple[dict, str, Rows]]
@@ -799,6 +872,7 @@ SUITES: dict[str, Suite] = {
     "server": Suite(suite_server),
     "transformers": Suite(suite_transformers, own_engines=True),
     "tp": Suite(suite_tp, own_engines=True),
+    "cascade": Suite(suite_cascade, own_engines=True),
 }
 
 
