@@ -842,9 +842,39 @@ def suite_tp(b: Bench) -> tuple[dict, str, Rows]:
         for row in r["rows"]]
 
 
+def plot_cascade(r: dict, path: Path) -> bool:
+    """Accuracy against FLOPs per request, as a PNG; False when matplotlib is not installed."""
+    if importlib.util.find_spec("matplotlib") is None:
+        return False
+    import matplotlib
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+    fig, ax = plt.subplots(figsize=(6, 4))
+    cascade = [row for row in r["rows"] if "threshold" in row]
+    ax.plot([row["gflops_per_request"] for row in cascade], [100 * row["start_accuracy"] for row in cascade],
+            "o-", label="cascade (threshold 0.3 ... 0.9)")
+    for row in cascade:
+        ax.annotate(f"{row['threshold']:g}", (row["gflops_per_request"], 100 * row["start_accuracy"]),
+                    textcoords="offset points", xytext=(4, -10), fontsize=8)
+    for row, marker in zip(r["rows"][:2], ("s", "^")):
+        ax.plot(row["gflops_per_request"], 100 * row["start_accuracy"], marker, markersize=9, label=row["config"])
+    ax.set_xlabel("GFLOP per request")
+    ax.set_ylabel("next line, first 12 characters right (%)")
+    ax.set_title(f"Model cascade on {r['tasks']} held-out lines")
+    ax.grid(alpha=0.3)
+    ax.legend(fontsize=8)
+    fig.tight_layout()
+    fig.savefig(path, dpi=120)
+    plt.close(fig)
+    return True
+
+
 def suite_cascade(b: Bench) -> tuple[dict, str, Rows]:
     r = bench_cascade(str(nanoserve.DEFAULT_DRAFT), str(nanoserve.DEFAULT_MODEL), b.kw, b.args.requests or 200,
                       (0.3, 0.4, 0.5, 0.6, 0.7, 0.8, 0.9))
+    png = Path(b.args.out).with_suffix(".cascade.png") if b.args.out else Path("cascade.png")
+    r["plot"] = str(png) if plot_cascade(r, png) else None
+    print(f"[bench] cascade plot: {r['plot'] or 'not written (pip install matplotlib)'}", file=sys.stderr)
     title = (f"Model cascade: next line of held-out Python, {r['tasks']} tasks, greedy (small "
              f"{r['params']['small'] / 1e6:.2f}M, large {r['params']['large'] / 1e6:.2f}M parameters)")
     return r, title, [(row["config"], f"exact line {100 * row['accuracy']:.1f}%, first 12 characters "
