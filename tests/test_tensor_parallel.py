@@ -3,7 +3,6 @@ what one rank does (greedy, fp32). The ranks sum partial matmuls in another orde
 rank does, so logits differ in the last bits; the checkpoints here have peaked logits (no
 near-ties), as trained models do, and the outputs are compared exactly."""
 
-import json
 import os
 import signal
 import socket
