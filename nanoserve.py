@@ -1378,9 +1378,7 @@ PRESETS = {
 
 def random_model(preset: str, dtype: torch.dtype, device: torch.device, seed: int = 0
                  ) -> tuple[LlamaForCausalLM, ModelConfig]:
-    if preset not in PRESETS:
-        raise ValueError(f"unknown preset {preset!r}; choose from {sorted(PRESETS)}")
-    cfg = ModelConfig(**PRESETS[preset])
+    cfg = read_model_config(f"random:{preset}")
     torch.manual_seed(seed)
     with torch.device(device):
         model = LlamaForCausalLM(cfg).to(dtype)
