@@ -21,7 +21,7 @@ import functools
 import os
 import sys
 import time
-from dataclasses import dataclass
+from typing import NamedTuple
 
 import torch
 import torch.nn.functional as F
@@ -165,9 +165,9 @@ def paged_attention_ref(q: Tensor, k_cache: Tensor, v_cache: Tensor, block_table
 # gather index of every sequence's keys, the padding mask -- and a layer's attention is
 # then a few large ops. Each function below is tested against its twin above.
 
-@dataclass
-class DecodeBatch:
-    """Up to 32 single-query sequences attended together, padded to the longest context."""
+class DecodeBatch(NamedTuple):
+    """Up to 32 single-query sequences attended together, padded to the longest context.
+    (NamedTuples, not dataclasses: this module also loads outside sys.modules, in kemu.)"""
     rows: Tensor | None   # (B,) their rows of q; None: rows 0 .. B-1 in order (the whole step)
     index: Tensor         # (B * Hkv * L,) rows of the cache viewed as (slots * Hkv, hd), ordered
                           # (sequence, kv head, position): one index_select yields K as (B, Hkv, L, hd)
@@ -175,8 +175,7 @@ class DecodeBatch:
     length: int           # L, the longest context in the batch
 
 
-@dataclass
-class CpuStepPlan:
+class CpuStepPlan(NamedTuple):
     """What one forward step's layers share on the CPU, built once by plan_cpu_step."""
     cos: Tensor                                     # (T, 1, hd) cos at each token's position
     sin: Tensor                                     # (T, 1, hd) sin, rotate_half's sign folded in
