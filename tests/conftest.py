@@ -38,18 +38,23 @@ def write_random_checkpoint(path: Path, config: dict, seed: int = 0, shards: int
             continue
         # Scaled so that logits are peaked (greedy has no near-ties), as in a trained model.
         state[k] = torch.ones_like(v) if v.dim() == 1 else torch.randn_like(v) * std / v.shape[-1] ** 0.5 * 4
+    save_weights(state, path, shards)
+    return path
+
+
+def save_weights(state: dict, path: Path, shards: int = 1) -> None:
+    """model.safetensors, or `shards` files with the Hugging Face index."""
     names = list(state)
     if shards == 1:
         nanoserve.save_safetensors(state, path / "model.safetensors")
-    else:
-        weight_map = {}
-        for i in range(shards):
-            part = names[i::shards]
-            fname = f"model-{i + 1:05d}-of-{shards:05d}.safetensors"
-            nanoserve.save_safetensors({k: state[k] for k in part}, path / fname)
-            weight_map.update({k: fname for k in part})
-        (path / "model.safetensors.index.json").write_text(json.dumps({"weight_map": weight_map}))
-    return path
+        return
+    weight_map = {}
+    for i in range(shards):
+        part = names[i::shards]
+        fname = f"model-{i + 1:05d}-of-{shards:05d}.safetensors"
+        nanoserve.save_safetensors({k: state[k] for k in part}, path / fname)
+        weight_map.update({k: fname for k in part})
+    (path / "model.safetensors.index.json").write_text(json.dumps({"weight_map": weight_map}))
 
 
 TINY_CONFIG = dict(hidden_size=64, intermediate_size=160, num_hidden_layers=2, num_attention_heads=8,

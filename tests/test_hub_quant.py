@@ -13,6 +13,8 @@ import numpy as np
 import pytest
 import torch
 
+from conftest import save_weights
+
 import nanoserve
 import quant
 from nanoserve import LLM, SamplingParams
@@ -96,16 +98,7 @@ def write_pair(root, fmt: str, bits: int, group: int, sym: bool = False, act_ord
     else:
         qc = {"quant_method": "awq", "bits": bits, "group_size": group, "zero_point": True, "version": "gemm"}
     (qdir / "config.json").write_text(json.dumps(dict(CONFIG, quantization_config=qc, torch_dtype="float16")))
-    names = list(hub)
-    if shards == 1:
-        nanoserve.save_safetensors(hub, qdir / "model.safetensors")
-    else:
-        weight_map = {}
-        for i in range(shards):
-            f = f"model-{i + 1:05d}-of-{shards:05d}.safetensors"
-            nanoserve.save_safetensors({k: hub[k] for k in names[i::shards]}, qdir / f)
-            weight_map.update({k: f for k in names[i::shards]})
-        (qdir / "model.safetensors.index.json").write_text(json.dumps({"weight_map": weight_map}))
+    save_weights(hub, qdir, shards)
     return qdir, fdir
 
 
