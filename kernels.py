@@ -195,8 +195,8 @@ def plan_cpu_step(q_lens: list[int], context_lens: list[int], block_tables: list
     batch pads little; a step of at most 32 decodes alone keeps its order (no scatter)."""
     half = cos.shape[1] // 2
     c = cos.index_select(0, positions).unsqueeze(1)                         # (T, 1, hd)
-    s = sin.index_select(0, positions).unsqueeze(1)
-    s = torch.cat([-s[..., :half], s[..., half:]], dim=-1)                  # rotate_half's sign
+    s = sin.index_select(0, positions).unsqueeze(1)                        # a copy: negated in place
+    s[..., :half].neg_()                                                    # rotate_half's sign
     starts = [0]
     for n in q_lens:
         starts.append(starts[-1] + n)
@@ -204,7 +204,7 @@ def plan_cpu_step(q_lens: list[int], context_lens: list[int], block_tables: list
     in_order = len(single) == len(q_lens) <= 32
     if not in_order:
         single.sort(key=lambda i: context_lens[i])
-    heads = torch.arange(n_kv_heads)
+    offsets = _slot_row_offsets(block_size, n_kv_heads)                    # (Hkv, 1, block_size)
     decode = []
     for b in range(0, len(single), 32):
         batch = single[b:b + 32]
@@ -212,8 +212,9 @@ def plan_cpu_step(q_lens: list[int], context_lens: list[int], block_tables: list
         L = max(lens)
         nb = (L + block_size - 1) // block_size
         table = torch.tensor([(block_tables[i] + [0] * nb)[:nb] for i in batch])          # (B, nb)
-        slot = (table[:, :, None] * block_size + torch.arange(block_size)).view(len(batch), -1)[:, :L]  # (B, L)
-        index = (slot[:, None, :] * n_kv_heads + heads[None, :, None]).flatten()    # (B * Hkv * L,)
+        # Row of (block t, offset j, head h) in the (slots * Hkv, hd) view: (t bs + j) Hkv + h.
+        index = table.mul_(block_size * n_kv_heads).view(len(batch), 1, nb, 1) + offsets   # (B, Hkv, nb, bs)
+        index = index.view(len(batch), n_kv_heads, nb * block_size).narrow(2, 0, L).flatten()  # (B Hkv L,)
         pad = None
         if min(lens) < L:
             pad = (torch.arange(L)[None, :] >= torch.tensor(lens)[:, None])[:, None, None, :]   # (B, 1, 1, L)
@@ -222,6 +223,12 @@ def plan_cpu_step(q_lens: list[int], context_lens: list[int], block_tables: list
     multi = [(starts[i], starts[i + 1], torch.tensor([block_tables[i]], dtype=torch.int32), context_lens[i])
              for i, n in enumerate(q_lens) if n > 1]
     return CpuStepPlan(cos=c, sin=s, slots=slots, decode=decode, multi=multi)
+
+
+@functools.lru_cache(maxsize=None)
+def _slot_row_offsets(block_size: int, n_kv_heads: int) -> Tensor:
+    """(Hkv, 1, block_size): j Hkv + h, the row of head h at offset j within a block."""
+    return (torch.arange(block_size) * n_kv_heads + torch.arange(n_kv_heads)[:, None])[:, None, :]
 
 
 def plan_from_tensors(block_tables: Tensor, query_start_loc: Tensor, context_lens: Tensor,

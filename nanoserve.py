@@ -693,10 +693,11 @@ class LlamaAttention(nn.Module):
             q = self.q_proj(x).view(T, self.n_heads, self.head_dim)      # (T, H, hd)
             k = self.k_proj(x).view(T, self.n_kv, self.head_dim)         # (T, Hkv, hd)
             v = self.v_proj(x).view(T, self.n_kv, self.head_dim)         # (T, Hkv, hd)
+        k_cache, v_cache = kv_cache.unbind(0)                          # 2 x (blocks, block_size, Hkv, hd)
         # RoPE, and K/V written to the cache first: the new tokens attend to themselves too.
-        q = kernels.rope_and_cache(q, k, v, positions, *rope, kv_cache[0], kv_cache[1], meta.slot_mapping,
+        q = kernels.rope_and_cache(q, k, v, positions, *rope, k_cache, v_cache, meta.slot_mapping,
                                    plan=meta.cpu_plan)
-        o = kernels.paged_attention(q, kv_cache[0], kv_cache[1], meta.block_tables, meta.query_start_loc,
+        o = kernels.paged_attention(q, k_cache, v_cache, meta.block_tables, meta.query_start_loc,
                                     meta.context_lens, self.scale, meta.max_context_len, meta.max_query_len,
                                     plan=meta.cpu_plan)
         return self.tp.all_reduce(self.o_proj(o.reshape(T, self.n_heads * self.head_dim)))
@@ -736,10 +737,14 @@ class FusedLinear:
     Not a module (it owns no parameters of its own, so state_dict is unchanged). Changing
     a weight in place (AWQ's scaling) changes the fused one too; replacing a module or its
     weight (quantization) ends the fusion: `holds` is then false and the modules run.
-    Calibration and training (forward_dense) always run the separate modules."""
+    Calibration and training (forward_dense) always run the separate modules.
+    input_major: the concatenated weight is stored transposed (see input_major)."""
 
-    def __init__(self, linears: list[nn.Linear]):
-        weight = torch.cat([m.weight.detach() for m in linears])                  # (sum out, in)
+    def __init__(self, linears: list[nn.Linear], input_major: bool = False):
+        if input_major:                           # (sum out, in) view of an (in, sum out) tensor
+            weight = torch.cat([m.weight.detach().t() for m in linears], dim=1).t()
+        else:
+            weight = torch.cat([m.weight.detach() for m in linears])              # (sum out, in)
         bias = None if linears[0].bias is None else torch.cat([m.bias.detach() for m in linears])
         row = 0
         for m in linears:
@@ -763,8 +768,21 @@ class FusedLinear:
     def fusable(linears: list[nn.Module]) -> bool:
         """Plain linears of one dtype and device, all with or all without a bias (a QuantLinear
         keeps its own packed kernel)."""
-        return all(type(m) is nn.Linear for m in linears) and len({m.bias is None for m in linears}) == 1 \
+        return all(type(m) is nn.Linear and m.weight.layout == torch.strided and type(m.weight) is nn.Parameter
+                   for m in linears) and len({m.bias is None for m in linears}) == 1 \
             and len({(m.weight.dtype, m.weight.device) for m in linears}) == 1
+
+
+def input_major(linear: nn.Linear) -> None:
+    """Store linear's weight transposed: the same (out, in) tensor to every reader, laid out
+    as (in, out) in memory. A matrix-vector product y = W x can stream W by rows (a dot
+    product per output, each ending in a horizontal sum across the vector lanes) or by
+    columns (y += x_i W[:, i]: every load feeds whole-vector multiply-adds into y, no
+    reductions). On the CPU, BLAS runs the second 1.15-1.4x faster for one or two rows and
+    about the same from 8 rows on (README, "CPU decode beside transformers"), and F.linear
+    takes the transposed view without a copy. So the CPU serves from this layout: batch-1
+    decode streams every weight once per token."""
+    linear.weight = nn.Parameter(linear.weight.detach().t().contiguous().t(), requires_grad=False)
 
 
 class RMSNorm(nn.Module):
@@ -919,15 +937,25 @@ class LlamaForCausalLM(nn.Module):
         return logits
 
     def fuse_projections(self) -> None:
-        """q/k/v, and gate/up, of every layer as one matmul each (FusedLinear), for serving.
+        """q/k/v, and gate/up, of every layer as one matmul each (FusedLinear), for serving;
+        on the CPU in fp32 every plain linear's weight also goes input-major (input_major).
         Quantized projections stay separate. Training and quant.py, which replace weight
         tensors, use the model unfused."""
+        def cpu_fp32(m: nn.Module) -> bool:
+            return type(m) is nn.Linear and kernels.USE_CPU_FAST_PATHS and m.weight.device.type == "cpu" \
+                and m.weight.dtype == torch.float32
         for layer in self.model.layers:
             a, m = layer.self_attn, layer.mlp
             if a.qkv is None and FusedLinear.fusable([a.q_proj, a.k_proj, a.v_proj]):
-                a.qkv = FusedLinear([a.q_proj, a.k_proj, a.v_proj])
+                a.qkv = FusedLinear([a.q_proj, a.k_proj, a.v_proj], cpu_fp32(a.q_proj))
             if m.gate_up is None and FusedLinear.fusable([m.gate_proj, m.up_proj]):
-                m.gate_up = FusedLinear([m.gate_proj, m.up_proj])
+                m.gate_up = FusedLinear([m.gate_proj, m.up_proj], cpu_fp32(m.gate_proj))
+            for proj in (a.o_proj, m.down_proj):
+                if cpu_fp32(proj):
+                    input_major(proj)
+        # A head tied to the embedding keeps its (V, D) rows: the embedding lookup reads them.
+        if cpu_fp32(self.lm_head) and self.lm_head.weight.data_ptr() != self.model.embed_tokens.weight.data_ptr():
+            input_major(self.lm_head)
 
     def dense_rope(self, T: int, device: torch.device) -> tuple[Tensor, Tensor]:
         if self.rope is not None and self.rope[0].shape[0] >= T:
@@ -1409,6 +1437,32 @@ def check_sparsity(model: LlamaForCausalLM, model_dir: str | Path) -> None:
             raise ValueError(f"{model_dir}: sparsity_config.json says 2:4 but {name} breaks the pattern")
 
 
+def semi_structured_ok(W: Tensor) -> bool:
+    """Whether PyTorch's 2:4 sparse tensors (cuSPARSELt, or CUTLASS) can hold W: a CUDA GPU
+    with sparse tensor cores (compute capability 8.0 on: Ampere, Hopper), fp16 or bf16, and
+    both dimensions multiples of the kernels' tiles (64: the strictest backend's for the
+    columns, 32 for the rows)."""
+    return W.is_cuda and W.dtype in (torch.float16, torch.bfloat16) and W.dim() == 2 \
+        and W.shape[0] % 32 == 0 and W.shape[1] % 64 == 0 \
+        and torch.cuda.get_device_capability(W.device)[0] >= 8
+
+
+def use_semi_structured(model: LlamaForCausalLM) -> list[str]:
+    """Put each dense 2:4 projection whose shape the sparse kernels take into PyTorch's
+    semi-structured form (torch.sparse.to_sparse_semi_structured: the kept half of the
+    weights plus 2-bit indices, run by the sparse tensor cores at up to twice the dense
+    rate); F.linear dispatches on the weight's type, so the model code is unchanged. The
+    others stay dense, as do quantized ones. -> the names converted."""
+    from torch.sparse import to_sparse_semi_structured
+    done = []
+    for name in quantized_linear_names(model):
+        m = model.get_submodule(name)
+        if type(m) is nn.Linear and semi_structured_ok(m.weight):
+            m.weight = nn.Parameter(to_sparse_semi_structured(m.weight.detach().contiguous()), requires_grad=False)
+            done.append(name)
+    return done
+
+
 def read_model_config(model_dir: str | Path) -> ModelConfig:
     """config.json of a checkpoint directory, or a random:PRESET's shape."""
     if str(model_dir).startswith("random:"):
@@ -1478,6 +1532,7 @@ def load_model(model_dir: str | Path, dtype: torch.dtype, device: torch.device, 
     sparsity = Path(model_dir) / "sparsity_config.json"
     if sparsity.is_file() and json.loads(sparsity.read_text()).get("sparsity") == "2:4":
         check_sparsity(model, model_dir)
+        use_semi_structured(model)                 # on a GPU; the CPU runs the zeros dense
     return model.eval(), cfg
 
 
@@ -2682,7 +2737,8 @@ class LLMEngine:
             for p in [seq.params] + seq.forks_pending:
                 rows.append(row)
                 owners.append((seq, p))
-        logits = self.runner.compute_logits(hidden[rows])                       # (B, V)
+        every_row = len(rows) == hidden.shape[0] and rows == list(range(len(rows)))   # batch-1 decode, ...
+        logits = self.runner.compute_logits(hidden if every_row else hidden[rows])        # (B, V)
         params = [p for _, p in owners]
         penalized = apply_penalties(logits, params, [s.token_ids[:s.num_prompt_tokens] for s, _ in owners],
                                     [s.output_ids for s, _ in owners])
@@ -2990,15 +3046,35 @@ class Cascade:
             raise ValueError(f"threshold must be a finite number >= 0, got {threshold!r}")
         if confidence not in ("mean", "min"):
             raise ValueError(f"confidence must be 'mean' or 'min', got {confidence!r}")
+        vs, vl = small.engine.model.vocab_size, large.engine.model.vocab_size
+        if vs != vl:      # token-id prompts and the escalation hand the same ids to both
+            raise ValueError(f"the cascade's models must share a vocabulary: small has {vs} tokens, large {vl}")
         self.small, self.large, self.threshold, self.confidence = small, large, float(threshold), confidence
         self.num_requests = self.num_escalated = 0
 
     def score(self, out: RequestOutput) -> float:
-        """The small model's mean or minimum probability of the tokens it chose (1 for none)."""
-        probs = [math.exp(lp[t]) for t, lp in zip(out.token_ids, out.logprobs or [])]
-        if not probs:
-            return 1.0
-        return sum(probs) / len(probs) if self.confidence == "mean" else min(probs)
+        """The small model's mean or minimum probability of the tokens it chose (1 for none);
+        with several samples (n > 1), that of the least confident one."""
+        def one(token_ids: list[int], logprobs: list[dict[int, float]] | None) -> float:
+            probs = [math.exp(lp[t]) for t, lp in zip(token_ids, logprobs or [])]
+            if not probs:
+                return 1.0
+            return sum(probs) / len(probs) if self.confidence == "mean" else min(probs)
+        return min([one(c.token_ids, c.logprobs) for c in out.outputs] or [one(out.token_ids, out.logprobs)])
+
+    @staticmethod
+    def small_params(p: SamplingParams) -> SamplingParams:
+        """The small model also reports its chosen tokens' logprobs (logprobs=0: no alternatives)."""
+        return p if p.logprobs is not None else dataclasses.replace(p, logprobs=0)
+
+    def judge(self, out: RequestOutput, p: SamplingParams) -> bool:
+        """Mark the small model's finished output with its confidence; -> whether it escalates.
+        Logprobs asked for only to score are dropped."""
+        out.confidence, out.escalated = self.score(out), False
+        if p.logprobs is None:
+            out.logprobs = None
+            out.outputs = [dataclasses.replace(c, logprobs=None) for c in out.outputs]
+        return out.confidence < self.threshold
 
     def generate(self, prompts: str | list[int] | list[str] | list[list[int]],
                  sampling_params: SamplingParams | list[SamplingParams] | None = None) -> list[RequestOutput]:
@@ -3008,14 +3084,8 @@ class Cascade:
         params = list(params) if isinstance(params, (list, tuple)) else [params] * len(prompts)
         if len(params) != len(prompts):
             raise ValueError(f"sampling_params must be one SamplingParams or one per prompt ({len(prompts)})")
-        # The small model also reports its chosen tokens' logprobs (logprobs=0: no alternatives).
-        outs = self.small.generate(prompts, [p if p.logprobs is not None else dataclasses.replace(p, logprobs=0)
-                                             for p in params])
-        for out, p in zip(outs, params):
-            out.confidence, out.escalated = self.score(out), False
-            if p.logprobs is None:
-                out.logprobs = None
-        escalate = [i for i, out in enumerate(outs) if out.confidence < self.threshold]
+        outs = self.small.generate(prompts, [self.small_params(p) for p in params])
+        escalate = [i for i, (out, p) in enumerate(zip(outs, params)) if self.judge(out, p)]
         if escalate:
             large = self.large.generate([prompts[i] for i in escalate], [params[i] for i in escalate])
             for i, out in zip(escalate, large):
@@ -3308,6 +3378,7 @@ class AsyncEngine:
         self.engine, self.max_waiting = engine, max_waiting
         self.commands: queue.SimpleQueue = queue.SimpleQueue()
         self.pending = 0                              # added, not yet seen by the loop
+        self.pending_lock = threading.Lock()          # handler threads add, the loop subtracts
         self.wake = threading.Event()
         self.queues: dict[str, queue.Queue] = {}
         self.ttft_counts = [0] * (len(self.TTFT_BUCKETS) + 1)
@@ -3326,17 +3397,27 @@ class AsyncEngine:
         if len(self.engine.scheduler.waiting) + self.pending >= self.max_waiting:
             raise ServingError(429, f"server overloaded: {self.max_waiting} requests already waiting; "
                                "retry later", kind="rate_limit_error")
+        seq = self.check(prompt, params, fit_max_tokens)
+        return seq.request_id, seq.num_prompt_tokens, self.submit(seq)
+
+    def submit(self, seq: Sequence) -> queue.Queue:
+        """Hand a checked request to the loop; -> the queue its outputs arrive on."""
+        q: queue.Queue = queue.Queue()
+        self.queues[seq.request_id] = q
+        with self.pending_lock:
+            self.pending += 1
+        self.commands.put(("add", seq))
+        self.wake.set()
+        return q
+
+    def check(self, prompt: str | list[int], params: SamplingParams, fit_max_tokens: bool = False) -> Sequence:
+        """The request as a Sequence, or ValueError (read-only: safe from any thread)."""
         seq = self.engine.make_sequence(prompt, params, request_id=f"srv-{uuid.uuid4().hex}")
         limit = self.engine.max_model_len
         if fit_max_tokens and seq.num_prompt_tokens + params.max_tokens > limit:
             raise ValueError(f"max_tokens {params.max_tokens} plus the prompt's {seq.num_prompt_tokens} tokens "
                              f"exceed max_model_len {limit}: ask for at most {limit - seq.num_prompt_tokens}")
-        q: queue.Queue = queue.Queue()
-        self.queues[seq.request_id] = q
-        self.pending += 1
-        self.commands.put(("add", seq))
-        self.wake.set()
-        return seq.request_id, seq.num_prompt_tokens, q
+        return seq
 
     def abort(self, request_id: str) -> None:
         self.commands.put(("abort", request_id))
@@ -3370,7 +3451,8 @@ class AsyncEngine:
             except queue.Empty:
                 return
             if op == "add":
-                self.pending -= 1
+                with self.pending_lock:
+                    self.pending -= 1
                 self.prompt_tokens += arg.num_prompt_tokens
                 self.engine.add_sequence(arg)
             elif arg in self.engine.requests:            # abort a request still in flight
@@ -3434,6 +3516,103 @@ class AsyncEngine:
                   f"nanoserve_time_to_first_token_seconds_sum {self.ttft_sum:.6f}",
                   f"nanoserve_time_to_first_token_seconds_count {cum}"]
         return "\n".join(lines) + "\n"
+
+
+class AsyncCascade:
+    """The server's loop for a model cascade (--cascade-small): an AsyncEngine per model.
+    A request runs on the small model first; when it finishes, Cascade.judge decides, and
+    an unsure answer is submitted to the large model, whose output the client gets. The
+    small model's tokens are never streamed (they may be thrown away): a streaming client
+    sees the kept answer from the decision on. Looks like an AsyncEngine to the handlers."""
+
+    def __init__(self, cascade: Cascade, max_waiting: int = 256):
+        self.cascade = cascade
+        self.small = AsyncEngine(cascade.small.engine, max_waiting)
+        self.large = AsyncEngine(cascade.large.engine, max_waiting)
+        self.engine = self.large.engine
+        self.lock = threading.Lock()                  # the counters below, from handler threads
+        self.num_requests = self.num_escalated = 0
+        self.active: dict[str, CascadeRequest] = {}
+
+    def add(self, prompt: str | list[int], params: SamplingParams, fit_max_tokens: bool = False):
+        self.large.check(prompt, params, fit_max_tokens)   # the large model must be able to take it
+        rid, n_prompt, q = self.small.add(prompt, self.cascade.small_params(params), fit_max_tokens)
+        request = CascadeRequest(self, rid, prompt, params, q)
+        self.active[rid] = request
+        return rid, n_prompt, request
+
+    def abort(self, request_id: str) -> None:
+        request = self.active.pop(request_id, None)
+        if request is not None:
+            (self.large if request.escalated else self.small).abort(request.engine_id)
+
+    @property
+    def errors(self) -> int:                          # failed requests, in the large model's metrics
+        return self.large.errors
+
+    @errors.setter
+    def errors(self, n: int) -> None:
+        self.large.errors = n
+
+    def alive(self) -> bool:
+        return self.small.alive() and self.large.alive()
+
+    def close(self) -> None:
+        self.small.close()
+        self.large.close()
+
+    def metrics_text(self) -> str:
+        """The large model's metrics (nanoserve_*, as without a cascade), then the cascade's."""
+        small = self.small.engine.stats()
+        lines = [
+            "# HELP nanoserve_cascade_requests_total Requests the small model answered or escalated.",
+            "# TYPE nanoserve_cascade_requests_total counter", f"nanoserve_cascade_requests_total {self.num_requests}",
+            "# HELP nanoserve_cascade_escalated_total Requests regenerated by the large model.",
+            "# TYPE nanoserve_cascade_escalated_total counter", f"nanoserve_cascade_escalated_total {self.num_escalated}",
+            "# TYPE nanoserve_cascade_threshold gauge", f"nanoserve_cascade_threshold {self.cascade.threshold}",
+            "# HELP nanoserve_cascade_small_generation_tokens_total Tokens the small model generated.",
+            "# TYPE nanoserve_cascade_small_generation_tokens_total counter",
+            f"nanoserve_cascade_small_generation_tokens_total {small['generated_tokens']}"]
+        return self.large.metrics_text() + "\n".join(lines) + "\n"
+
+
+class CascadeRequest:
+    """One cascade request as the handler sees it: a queue whose get() yields the small
+    model's finished answer, or, once it escalated, the large model's outputs."""
+
+    def __init__(self, owner: AsyncCascade, rid: str, prompt: str | list[int], params: SamplingParams,
+                 q: queue.Queue):
+        self.owner, self.rid, self.prompt, self.params = owner, rid, prompt, params
+        self.engine_id, self.q, self.escalated, self.confidence = rid, q, False, None
+
+    def get(self, timeout: float) -> RequestOutput:
+        """The next output to show the client; raises queue.Empty after timeout seconds."""
+        end = time.monotonic() + timeout
+        while True:
+            out = self.q.get(timeout=max(0.0, end - time.monotonic()))
+            if self.escalated:
+                out.confidence, out.escalated = self.confidence, True
+                if out.finished:
+                    self.owner.active.pop(self.rid, None)
+                return out
+            if not out.finished:
+                continue                               # the small model's tokens are not shown
+            owner = self.owner
+            if out.finish_reason in ("error", "abort") or not owner.cascade.judge(out, self.params):
+                with owner.lock:
+                    owner.num_requests += out.finish_reason not in ("error", "abort")
+                owner.active.pop(self.rid, None)
+                # Shown at once: each sample's delta is its whole text.
+                out.delta = out.text
+                out.outputs = [dataclasses.replace(c, delta=c.text) for c in out.outputs]
+                return out
+            with owner.lock:
+                owner.num_requests += 1
+                owner.num_escalated += 1
+            self.confidence, self.escalated = out.confidence, True
+            # Past the waiting-queue limit too: the request was already admitted.
+            seq = owner.large.check(self.prompt, self.params)
+            self.q, self.engine_id = owner.large.submit(seq), seq.request_id
 
 
 @dataclass
@@ -3675,7 +3854,7 @@ class CompletionHandler(http.server.BaseHTTPRequestHandler):
                                kind="server_error")
         choices = [self._chat_choice(out, c, i, params) if chat else
                    self._choice(out, c, i, c.text, params, echo=req.echo) for i, c in enumerate(out.outputs)]
-        self.send_json(200, dict(head, choices=choices, usage=self._usage(n_prompt, out)))
+        self.send_json(200, dict(head, choices=choices, usage=self._usage(n_prompt, out), **self._cascade(out)))
 
     def _read_json(self) -> object:
         """The request body as JSON. Raises ServingError (4xx) for anything else."""
@@ -3813,6 +3992,13 @@ class CompletionHandler(http.server.BaseHTTPRequestHandler):
                 "logprobs": self._chat_logprobs(out, c, params), "finish_reason": c.finish_reason}
 
     @staticmethod
+    def _cascade(out: RequestOutput) -> dict:
+        """Under a cascade, a response (a stream's last chunk) says which model answered."""
+        if out.escalated is None:
+            return {}
+        return {"cascade": {"escalated": out.escalated, "confidence": out.confidence}}
+
+    @staticmethod
     def _usage(n_prompt: int, out: RequestOutput) -> dict:
         generated = sum(len(c.token_ids) for c in out.outputs)
         return {"prompt_tokens": n_prompt, "completion_tokens": generated, "total_tokens": n_prompt + generated}
@@ -3858,7 +4044,8 @@ class CompletionHandler(http.server.BaseHTTPRequestHandler):
                 sent[i], done[i] = len(c.token_ids), c.finish_reason is not None
                 choices.append(choice)
             if choices:
-                self.wfile.write(f"data: {json.dumps(dict(head, choices=choices))}\n\n".encode())
+                extra = self._cascade(out) if out.finished else {}
+                self.wfile.write(f"data: {json.dumps(dict(head, choices=choices, **extra))}\n\n".encode())
             if out.finished and include_usage:
                 usage = dict(head, choices=[], usage=self._usage(len(out.prompt_token_ids), out))
                 self.wfile.write(f"data: {json.dumps(usage)}\n\n".encode())
@@ -3874,21 +4061,24 @@ class OpenAIServer(http.server.ThreadingHTTPServer):
     daemon_threads = True
     request_queue_size = 1024                      # listen backlog (the default of 5 resets bursts)
 
-    def __init__(self, llm: LLM, host: str, port: int, model_name: str | None, max_waiting: int,
+    def __init__(self, llm: LLM | Cascade, host: str, port: int, model_name: str | None, max_waiting: int,
                  max_body_bytes: int, read_timeout: float):
         super().__init__((host, port), CompletionHandler)          # binds first: a busy port raises here
-        self.llm, self.max_body_bytes, self.read_timeout = llm, max_body_bytes, read_timeout
-        self.model_name = model_name or Path(str(llm.engine.model_dir)).name
-        self.async_engine = AsyncEngine(llm.engine, max_waiting)
+        cascade = llm if isinstance(llm, Cascade) else None
+        self.llm = cascade.large if cascade else llm                # the model the API names
+        self.max_body_bytes, self.read_timeout = max_body_bytes, read_timeout
+        self.model_name = model_name or Path(str(self.llm.engine.model_dir)).name
+        self.async_engine = AsyncCascade(cascade, max_waiting) if cascade else AsyncEngine(llm.engine, max_waiting)
 
     def server_close(self) -> None:
         super().server_close()
         self.async_engine.close()
 
 
-def make_server(llm: LLM, host: str = "127.0.0.1", port: int = 8000, model_name: str | None = None,
+def make_server(llm: LLM | Cascade, host: str = "127.0.0.1", port: int = 8000, model_name: str | None = None,
                 max_waiting: int = 256, max_body_bytes: int = 1 << 20, read_timeout: float = 30.0) -> OpenAIServer:
     """Build (not start) the server; `.serve_forever()` runs it, `.async_engine` is its loop.
+    Given a Cascade, it serves the cascade under the large model's name.
     read_timeout: seconds a client may stall mid-request (or idle between requests) before
     its connection is dropped."""
     if not read_timeout > 0:
@@ -3952,16 +4142,39 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--presence-penalty", type=float, default=0.0)
     p.add_argument("--frequency-penalty", type=float, default=0.0)
     p.add_argument("--repetition-penalty", type=float, default=1.0)
+    p.add_argument("--cascade-small", default=None, metavar="DIR",
+                   help="a model cascade: this small model answers first, --model takes what it is unsure of")
+    p.add_argument("--cascade-threshold", type=float, default=None, metavar="T",
+                   help="escalate when the small model's confidence is below T (0: never, > 1: always)")
+    p.add_argument("--cascade-confidence", default="mean", choices=["mean", "min"],
+                   help="the small model's confidence: mean or minimum probability of its tokens")
     add_engine_args(p)
     return p
 
 
+def make_llm(args: argparse.Namespace) -> LLM | Cascade:
+    """The LLM the flags describe, or with --cascade-small a Cascade (the small model gets
+    the same engine flags, without speculation or tensor parallelism)."""
+    if (args.cascade_small is None) != (args.cascade_threshold is None):
+        raise ValueError("--cascade-small DIR and --cascade-threshold T go together")
+    kw = llm_kwargs_from_args(args)
+    if args.cascade_small is None:
+        return LLM(args.model, **kw)
+    if not math.isfinite(args.cascade_threshold) or args.cascade_threshold < 0:
+        raise ValueError(f"--cascade-threshold must be a finite number >= 0, got {args.cascade_threshold}")
+    small = LLM(args.cascade_small, **dict(kw, draft_model=None, speculative_method=None, num_speculative_tokens=0,
+                                           tensor_parallel_size=1))
+    return Cascade(small, LLM(args.model, **kw), args.cascade_threshold, args.cascade_confidence)
+
+
 def serve(args: argparse.Namespace) -> int:
-    llm = LLM(args.model, **llm_kwargs_from_args(args))
+    llm = make_llm(args)
     server = make_server(llm, args.host, args.port, max_waiting=args.max_waiting, read_timeout=args.read_timeout)
     host, port = server.server_address[:2]
-    print(f"[nanoserve] serving {args.model} on http://{host}:{port}/v1 "
-          f"({llm.engine.device}, {llm.stats()['kv_blocks_total']} KV blocks)", file=sys.stderr)
+    what = args.model if not isinstance(llm, Cascade) else \
+        f"{args.model} behind {args.cascade_small} (cascade, threshold {llm.threshold} on {llm.confidence} confidence)"
+    print(f"[nanoserve] serving {what} on http://{host}:{port}/v1 "
+          f"({server.llm.engine.device}, {server.llm.stats()['kv_blocks_total']} KV blocks)", file=sys.stderr)
     try:
         server.serve_forever()
     except KeyboardInterrupt:
@@ -3977,7 +4190,14 @@ def generate_to_stdout(args: argparse.Namespace) -> int:
                             max_tokens=args.max_tokens, seed=args.seed, stop=args.stop,
                             presence_penalty=args.presence_penalty, frequency_penalty=args.frequency_penalty,
                             repetition_penalty=args.repetition_penalty)
-    llm = LLM(args.model, **llm_kwargs_from_args(args))
+    llm = make_llm(args)
+    if isinstance(llm, Cascade):                  # not streamed: the small model's answer may be dropped
+        out = llm.generate([args.prompt], params)[0]
+        print(out.text)
+        print(f"[nanoserve] {len(out.token_ids)} tokens, finish={out.finish_reason}, answered by the "
+              f"{'large' if out.escalated else 'small'} model (small model's {llm.confidence} confidence "
+              f"{out.confidence:.3f}, threshold {llm.threshold})", file=sys.stderr)
+        return 0
     out = None
     for out in llm.stream(args.prompt, params):
         sys.stdout.write(out.delta)

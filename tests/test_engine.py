@@ -485,6 +485,33 @@ def test_cpu_rope_cache_and_norm_equal_their_twins_bit_for_bit():
     assert torch.equal(kernels.rms_norm_cpu(x, w, 1e-5), kernels.rms_norm_ref(x, w, 1e-5))
 
 
+def test_cpu_serving_layout_is_input_major_with_the_same_values(tiny_model_dir):
+    """On the CPU in fp32, serving stores every plain linear's weight input-major (the
+    (out, in) tensor a view of an (in, out) one: BLAS's faster matrix-vector order); the
+    values, the Hugging Face names and a tied head's (V, D) rows are unchanged."""
+    for path in (tiny_model_dir, nanoserve.DEFAULT_MODEL):
+        model, cfg = nanoserve.load_model(path, torch.float32, torch.device("cpu"))
+        before = {k: v.clone() for k, v in model.state_dict().items()}
+        x = torch.randn(2, cfg.hidden_size)
+        want = [model.model.layers[0].self_attn.o_proj(x), model.model.layers[0].mlp.up_proj(x)]
+        model.fuse_projections()
+        after = model.state_dict()
+        assert after.keys() == before.keys() and all(torch.equal(after[k], before[k]) for k in before)
+        layer = model.model.layers[0]
+        for m in (layer.self_attn.q_proj, layer.self_attn.o_proj, layer.mlp.up_proj, layer.mlp.down_proj):
+            assert m.weight.stride(0) == 1 and m.weight.stride(1) >= m.weight.shape[0]   # input-major
+        torch.testing.assert_close(layer.self_attn.o_proj(x), want[0], rtol=1e-6, atol=1e-6)
+        torch.testing.assert_close(layer.mlp.up_proj(x), want[1], rtol=1e-6, atol=1e-6)
+        tied = cfg.tie_word_embeddings
+        assert tied == (path == nanoserve.DEFAULT_MODEL)
+        assert model.lm_head.weight.is_contiguous() == tied             # a tied head keeps its rows
+        model.fuse_projections()                                       # twice: still the same values
+        assert all(torch.equal(model.state_dict()[k], before[k]) for k in before)
+    half, _ = nanoserve.load_model(tiny_model_dir, torch.bfloat16, torch.device("cpu"))
+    half.fuse_projections()                                            # measured for fp32 only
+    assert half.model.layers[0].self_attn.o_proj.weight.is_contiguous()
+
+
 def test_fused_projections_equal_the_separate_linears_and_keep_the_checkpoint():
     """FusedLinear (q/k/v and gate/up as one matmul each) computes what the separate
     projections compute, keeps no second copy of the weights, and leaves state_dict (the

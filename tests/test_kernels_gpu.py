@@ -73,3 +73,33 @@ def test_decode_kernel_takes_only_the_layouts_it_was_written_for():
     assert not fits(64, 4, 128, torch.bfloat16)                  # G = 16
     assert not fits(32, 8, 96, torch.bfloat16)                   # 12 lanes per row
     assert not fits(32, 8, 256, torch.float32)                   # 64 lanes per row
+
+
+@cuda
+def test_24_sparse_checkpoint_runs_on_semi_structured_tensors(tmp_path):
+    """A 2:4 checkpoint in fp16 on a GPU with sparse tensor cores: every projection becomes a
+    semi-structured sparse tensor, and the logits stay those of the same weights run dense."""
+    import subprocess
+    import sys
+    from pathlib import Path
+
+    import nanoserve
+    if torch.cuda.get_device_capability()[0] < 8:
+        pytest.skip("2:4 sparse tensor cores need compute capability 8.0 or later")
+    root = Path(__file__).resolve().parent.parent
+    out = tmp_path / "s24"
+    r = subprocess.run([sys.executable, str(root / "quant.py"), "--model", str(nanoserve.DEFAULT_MODEL), "--method",
+                        "sparse24", "--bits", "16", "--calib-samples", "4", "--calib-len", "64", "--out", str(out)],
+                       capture_output=True, text=True, timeout=300)
+    assert r.returncode == 0, r.stderr
+    sparse, _ = nanoserve.load_model(out, torch.float16, torch.device("cuda"))
+    names = nanoserve.quantized_linear_names(sparse)
+    assert all(isinstance(sparse.get_submodule(n).weight, torch.sparse.SparseSemiStructuredTensor) for n in names)
+    ids = torch.tensor([[1] + list(range(40, 100))], device="cuda")
+    dense = LLM(out, device="cuda", dtype="float16", enforce_eager=True).engine.model
+    for n in names:                                        # the same weights, dense
+        dense.get_submodule(n).weight = torch.nn.Parameter(sparse.get_submodule(n).weight.to_dense())
+    a, b = sparse.forward_dense(ids).float(), dense.forward_dense(ids).float()
+    assert (a - b).abs().max() < 0.05 * b.abs().max()
+    llm = LLM(out, device="cuda", dtype="float16")
+    assert len(llm.generate("import os\n", SamplingParams(temperature=0, max_tokens=16))[0].token_ids) == 16

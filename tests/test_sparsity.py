@@ -76,6 +76,9 @@ def test_sparse_checkpoints_record_the_pattern_load_and_refuse_a_broken_one(tmp_
         llm = LLM(out, device="cpu")
         down = llm.engine.model.model.layers[0].mlp.down_proj
         assert isinstance(down, nanoserve.QuantLinear) == (bits == 4)
+        if bits == 16:                         # the CPU runs the zeros dense; a GPU would take 2:4 tensors
+            assert type(down.weight) is torch.nn.Parameter and not nanoserve.semi_structured_ok(down.weight)
+            assert nanoserve.use_semi_structured(llm.engine.model) == []
         assert llm.generate("import os\n", SamplingParams(temperature=0, max_tokens=8))[0].token_ids
     state = nanoserve.load_safetensors(tmp_path / "s16" / "model.safetensors")
     name = "model.layers.1.self_attn.o_proj.weight"

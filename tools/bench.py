@@ -4,7 +4,8 @@
 
 Suites (default: all): latency overhead throughput memory prefix chunked spec quant sla
 server transformers (nanoserve beside transformers' generate, one thread each) tp (tensor
-parallelism) cascade (the bundled pair as a model cascade). Each prints one Markdown table; --out writes every number as JSON. Timings on a
+parallelism) cascade (the bundled pair as a model cascade) sparse (2:4 sparsity: quality on the
+CPU, matmul speed on a GPU). Each prints one Markdown table; --out writes every number as JSON. Timings on a
 shared or small machine are noisy: compare figures measured in the same run. Random-weight
 presets of real shapes (random:llama-2-7b, random:tinyllama-1.1b, ...) measure speed
 where no checkpoint is at hand.
@@ -378,6 +379,71 @@ def next_line_tasks(n: int, context_chars: int = 600) -> list[tuple[str, str]]:
             pos = end
     step = max(1, len(candidates) // n)
     return candidates[::step][:n]
+
+
+def bench_sparse_quality(model_dir: str, windows: int = 16, seq_len: int = 128, calib_samples: int = 16) -> dict:
+    """Held-out perplexity of the model dense and pruned to 2:4 (magnitude, Wanda, Wanda then
+    int4 in groups of 32), fp32 on the CPU: what sparsity costs in quality. The held-out text
+    is the standard-library files tools/train_tiny.py kept out of training; calibration
+    (Wanda's input norms) is sequences the model samples itself, as quant.py does."""
+    import copy
+    sys.path.insert(0, str(ROOT / "tools"))
+    from quant_eval import evaluate
+    from train_tiny import corpus, encode
+    llm = LLM(model_dir, device="cpu", dtype="float32")
+    base = llm.engine.model
+    data = encode(llm.tokenizer, corpus()[1])
+    starts = torch.linspace(0, len(data) - seq_len - 2, windows).long().tolist()
+    held = torch.stack([data[s:s + seq_len + 1] for s in starts])
+    bos = base.config.bos_token_id
+    outs = llm.generate([[bos]] * calib_samples, [SamplingParams(temperature=1.0, max_tokens=seq_len - 1, ignore_eos=True,
+                                                                 seed=i) for i in range(calib_samples)])
+    calib = torch.tensor([[bos] + o.token_ids for o in outs])
+    dense, _, ref = evaluate(base, None, held)
+    rows = [{"weights": "dense fp32", "ppl": dense, "kl": 0.0}]
+    for label, prune, bits in (("2:4 magnitude", "magnitude", 16), ("2:4 Wanda", "wanda", 16),
+                               ("2:4 Wanda + int4 (groups of 32)", "wanda", 4)):
+        model = copy.deepcopy(base)
+        quant.sparsify_model(model, calib, prune, bits, 32 if bits == 4 else 0)
+        ppl, kl, _ = evaluate(model, ref, held)
+        rows.append({"weights": label, "ppl": ppl, "kl": kl})
+        _progress("2:4 quality", len(rows) - 1, 3)
+    return {"windows": windows, "seq_len": seq_len, "rows": rows}
+
+
+def bench_sparse_speed(device: torch.device, dtype: torch.dtype = torch.float16) -> dict | None:
+    """2:4 sparse against dense matmuls, y = x W^T, on a GPU: Llama-2-7B's projection shapes
+    (q/o 4096 x 4096, gate/up 11008 x 4096, down 4096 x 11008) at decode sizes (1 and 16 rows)
+    and a prefill size (2,048 rows), W pruned to 2:4 and held as PyTorch's semi-structured
+    sparse tensor (cuSPARSELt or CUTLASS) against the same W dense (cuBLAS). None without a
+    GPU with sparse tensor cores (compute capability 8.0 on)."""
+    if device.type != "cuda" or torch.cuda.get_device_capability(device)[0] < 8:
+        return None
+    import torch.nn.functional as F
+    from torch.sparse import to_sparse_semi_structured
+    rows = []
+    for out_f, in_f in ((4096, 4096), (11008, 4096), (4096, 11008)):
+        W = torch.randn(out_f, in_f, device=device, dtype=dtype)
+        W = quant.prune_24(W.float(), W.float().abs()).to(dtype)
+        Ws = to_sparse_semi_structured(W)
+        for m in (1, 16, 2048):
+            x = torch.randn(m, in_f, device=device, dtype=dtype)
+            err = (F.linear(x, Ws).float() - F.linear(x, W).float()).abs().max().item()
+            t = {}
+            for name, w in (("dense", W), ("sparse", Ws)):
+                for _ in range(5):
+                    F.linear(x, w)
+                start, end = torch.cuda.Event(enable_timing=True), torch.cuda.Event(enable_timing=True)
+                start.record()
+                for _ in range(50):
+                    F.linear(x, w)
+                end.record()
+                torch.cuda.synchronize(device)
+                t[name] = start.elapsed_time(end) / 50 / 1e3
+            rows.append({"shape": [out_f, in_f], "rows": m, "dense_s": t["dense"], "sparse_s": t["sparse"],
+                         "speedup": t["dense"] / t["sparse"], "max_abs_diff": err,
+                         "dense_TFLOPs": 2 * m * out_f * in_f / t["dense"] / 1e12})
+    return {"dtype": str(dtype).replace("torch.", ""), "device": torch.cuda.get_device_name(device), "rows": rows}
 
 
 def bench_cascade(small_dir: str, large_dir: str, kw: dict, n: int, thresholds: tuple[float, ...]) -> dict:
@@ -883,6 +949,24 @@ def suite_cascade(b: Bench) -> tuple[dict, str, Rows]:
                                       f"request, {row['seconds']:.1f} s") for row in r["rows"]]
 
 
+def suite_sparse(b: Bench) -> tuple[dict, str, Rows]:
+    model = b.args.model if not str(b.args.model).startswith("random:") else str(nanoserve.DEFAULT_MODEL)
+    quality = bench_sparse_quality(model)
+    speed = bench_sparse_speed(torch.device(b.device))
+    rows = [(row["weights"], f"held-out perplexity {row['ppl']:.3f}, KL(dense || it) {row['kl']:.4f}")
+            for row in quality["rows"]]
+    if speed is None:
+        rows.append(("speed of 2:4 against dense matmuls", "needs a GPU with sparse tensor cores (Ampere or "
+                                                            "newer, --device cuda): not measured here"))
+    else:
+        rows += [(f"{row['shape'][0]} x {row['shape'][1]}, {row['rows']} rows",
+                  f"2:4 {row['speedup']:.2f}x dense ({row['sparse_s'] * 1e6:.1f} vs {row['dense_s'] * 1e6:.1f} us, "
+                  f"dense {row['dense_TFLOPs']:.0f} TFLOP/s)") for row in speed["rows"]]
+    r = {"model": model, "quality": quality, "speed": speed}
+    where = "the CPU" if speed is None else f"the CPU (quality) and {speed['device']} {speed['dtype']} (speed)"
+    return r, f"2:4 structured sparsity: quality of {Path(model).name} and matmul speed, on {where}", rows
+
+
 @dataclass
 class Suite:
     run: Callable[[Bench], tuple[dict, str, Rows]]
@@ -903,6 +987,7 @@ SUITES: dict[str, Suite] = {
     "transformers": Suite(suite_transformers, own_engines=True),
     "tp": Suite(suite_tp, own_engines=True),
     "cascade": Suite(suite_cascade, own_engines=True),
+    "sparse": Suite(suite_sparse, own_engines=True),
 }
 
 
