@@ -380,8 +380,25 @@ CUDA_SOURCE = r"""
 #include <cuda_fp16.h>
 #include <cuda_bf16.h>
 
-#define DISPATCH(T, NAME, ...) AT_DISPATCH_FLOATING_TYPES_AND2(at::ScalarType::Half, \
-    at::ScalarType::BFloat16, T, NAME, __VA_ARGS__)
+// fp32, fp16 and bf16: the dtypes the model runs in (double would only add instantiations).
+#define DISPATCH(T, NAME, ...) AT_DISPATCH_SWITCH(T, NAME, \
+    AT_DISPATCH_CASE(at::ScalarType::Float, __VA_ARGS__) \
+    AT_DISPATCH_CASE(at::ScalarType::Half, __VA_ARGS__) \
+    AT_DISPATCH_CASE(at::ScalarType::BFloat16, __VA_ARGS__))
+// A failed launch (bad configuration, no image for this GPU) raises at the launch, not at
+// some later call. kemu, the CPU emulator, checks launches itself and lacks c10/cuda.
+#ifndef C10_CUDA_KERNEL_LAUNCH_CHECK
+#define C10_CUDA_KERNEL_LAUNCH_CHECK() ((void)0)
+#endif
+// More than 48 KB of dynamic shared memory needs an opt-in per kernel, which persists: made
+// once per call site and dtype (a static in each DISPATCH case), and again only for more.
+#define ALLOW_SMEM(KERNEL, BYTES) do { \
+    static size_t allowed_ = 48 * 1024; \
+    if ((BYTES) > allowed_) { \
+      TORCH_CHECK(cudaFuncSetAttribute(KERNEL, cudaFuncAttributeMaxDynamicSharedMemorySize, (int)(BYTES)) == 0, \
+                  #KERNEL ": cannot use ", (BYTES), " bytes of shared memory on this GPU"); \
+      allowed_ = (BYTES); \
+    } } while (0)
 
 template <typename T> __device__ __forceinline__ float to_f(T x) { return static_cast<float>(x); }
 template <typename T> __device__ __forceinline__ T from_f(float x) { return static_cast<T>(x); }
@@ -436,7 +453,8 @@ __global__ void rms_norm_kernel(T* __restrict__ out,        // [rows, D]
 std::vector<torch::Tensor> rms_norm(torch::Tensor x, torch::Tensor w, c10::optional<torch::Tensor> residual,
                                     double eps) {
   TORCH_CHECK(x.is_cuda() && w.is_cuda(), "rms_norm: CUDA tensors expected");
-  TORCH_CHECK(x.size(-1) == w.size(0), "rms_norm: last dim of x must equal len(weight)");
+  TORCH_CHECK(x.dim() >= 1 && w.dim() == 1 && x.size(-1) == w.size(0), "rms_norm: last dim of x must equal len(weight)");
+  TORCH_CHECK(!residual.has_value() || residual->sizes() == x.sizes(), "rms_norm: residual must have x's shape");
   const at::cuda::OptionalCUDAGuard guard(device_of(x));
   x = x.contiguous();
   auto w_ = w.to(x.scalar_type()).contiguous();
@@ -446,11 +464,12 @@ std::vector<torch::Tensor> rms_norm(torch::Tensor x, torch::Tensor w, c10::optio
   torch::Tensor res, res_out;
   if (residual.has_value()) { res = residual->contiguous(); res_out = torch::empty_like(x); }
   int threads = std::min(1024, ((D + 31) / 32) * 32);
-  DISPATCH(x.scalar_type(), "rms_norm", [&] {
+  if (rows > 0 && D > 0) DISPATCH(x.scalar_type(), "rms_norm", [&] {
     rms_norm_kernel<scalar_t><<<rows, threads, 0, at::cuda::getCurrentCUDAStream()>>>(
         out.data_ptr<scalar_t>(), res.defined() ? res_out.data_ptr<scalar_t>() : nullptr,
         x.data_ptr<scalar_t>(), res.defined() ? res.data_ptr<scalar_t>() : nullptr,
         w_.data_ptr<scalar_t>(), D, (float)eps);
+    C10_CUDA_KERNEL_LAUNCH_CHECK();
   });
   if (res.defined()) return {out, res_out};
   return {out};
@@ -472,9 +491,10 @@ torch::Tensor silu_and_mul(torch::Tensor gate, torch::Tensor up) {
   auto out = torch::empty_like(gate);
   int64_t n = gate.numel();
   int blocks = (int)std::min<int64_t>((n + 255) / 256, 65535);
-  DISPATCH(gate.scalar_type(), "silu_and_mul", [&] {
+  if (n > 0) DISPATCH(gate.scalar_type(), "silu_and_mul", [&] {
     silu_mul_kernel<scalar_t><<<blocks, 256, 0, at::cuda::getCurrentCUDAStream()>>>(
         out.data_ptr<scalar_t>(), gate.data_ptr<scalar_t>(), up.data_ptr<scalar_t>(), n);
+    C10_CUDA_KERNEL_LAUNCH_CHECK();
   });
   return out;
 }
@@ -493,10 +513,13 @@ __global__ void rope_cache_kernel(T* __restrict__ q_out,          // [T, H, hd]
                                   T* __restrict__ k_cache,        // [blocks, block_size, Hkv, hd]
                                   T* __restrict__ v_cache,        // [blocks, block_size, Hkv, hd]
                                   const int64_t* __restrict__ slots,  // [T]
-                                  int H, int Hkv, int hd) {
+                                  int H, int Hkv, int hd, int64_t n_pos, int64_t n_slots) {
   const int64_t t = blockIdx.x;
   const int half = hd / 2;
   const int64_t p = pos[t], slot = slots[t];
+  // Values only the device knows: a position past the RoPE table, or a slot past the pool,
+  // is a bug upstream; stop (the host checks everything it can without a sync).
+  CUDA_KERNEL_ASSERT(p >= 0 && p < n_pos && slot < n_slots);
   for (int j = threadIdx.x; j < (H + Hkv) * half; j += blockDim.x) {
     int h = j / half, i = j % half;
     float c = cos_t[p * hd + i], s = sin_t[p * hd + i];
@@ -527,6 +550,13 @@ torch::Tensor rope_and_cache(torch::Tensor q, torch::Tensor k, torch::Tensor v, 
   TORCH_CHECK(q.dim() == 3 && k.dim() == 3 && v.sizes() == k.sizes(), "rope_and_cache: q [T,H,hd], k/v [T,Hkv,hd]");
   TORCH_CHECK(k_cache.is_contiguous() && v_cache.is_contiguous(), "rope_and_cache: caches must be contiguous");
   TORCH_CHECK(k_cache.scalar_type() == q.scalar_type(), "rope_and_cache: cache dtype must match q");
+  TORCH_CHECK(k_cache.dim() == 4 && k_cache.sizes() == v_cache.sizes() && k_cache.size(2) == k.size(1) &&
+              k_cache.size(3) == q.size(2) && k.size(2) == q.size(2) && k.size(0) == q.size(0),
+              "rope_and_cache: caches [blocks, block_size, Hkv, hd] must match k [T, Hkv, hd] and q [T, H, hd]");
+  TORCH_CHECK(q.size(2) % 2 == 0 && cos_t.dim() == 2 && cos_t.sizes() == sin_t.sizes() && cos_t.size(1) == q.size(2),
+              "rope_and_cache: cos/sin tables must be [positions, head_dim], head_dim even");
+  TORCH_CHECK(positions.numel() == q.size(0) && slot_mapping.numel() == q.size(0),
+              "rope_and_cache: one position and one slot per token");
   const at::cuda::OptionalCUDAGuard guard(device_of(q));
   q = q.contiguous(); k = k.contiguous(); v = v.contiguous();
   auto pos = positions.to(torch::kInt64).contiguous();
@@ -540,7 +570,9 @@ torch::Tensor rope_and_cache(torch::Tensor q, torch::Tensor k, torch::Tensor v, 
     rope_cache_kernel<scalar_t><<<T, threads, 0, at::cuda::getCurrentCUDAStream()>>>(
         q_out.data_ptr<scalar_t>(), q.data_ptr<scalar_t>(), k.data_ptr<scalar_t>(), v.data_ptr<scalar_t>(),
         pos.data_ptr<int64_t>(), c.data_ptr<float>(), s.data_ptr<float>(), k_cache.data_ptr<scalar_t>(),
-        v_cache.data_ptr<scalar_t>(), slots.data_ptr<int64_t>(), H, Hkv, hd);
+        v_cache.data_ptr<scalar_t>(), slots.data_ptr<int64_t>(), H, Hkv, hd, c.size(0),
+        k_cache.size(0) * k_cache.size(1));
+    C10_CUDA_KERNEL_LAUNCH_CHECK();
   });
   return q_out;
 }
@@ -556,7 +588,8 @@ torch::Tensor rope_and_cache(torch::Tensor q, torch::Tensor k, torch::Tensor v, 
 constexpr int PD_THREADS = 256, PD_MAX_G = 8;
 
 template <typename T>
-__global__ void paged_decode_kernel(float* __restrict__ o_part,      // [S, H, splits, hd] normalised
+__global__ void paged_decode_kernel(T* __restrict__ out,             // [S, H, hd], when splits == 1
+                                    float* __restrict__ o_part,      // [S, H, splits, hd] normalised
                                     float* __restrict__ m_part,      // [S, H, splits]
                                     float* __restrict__ l_part,      // [S, H, splits]
                                     const T* __restrict__ q,         // [S, H, hd]
@@ -565,7 +598,7 @@ __global__ void paged_decode_kernel(float* __restrict__ o_part,      // [S, H, s
                                     const int* __restrict__ tables,  // [S, max_blocks]
                                     const int* __restrict__ ctx_lens,  // [S]
                                     int H, int Hkv, int hd, int block_size, int max_blocks,
-                                    int part, int splits, float scale) {
+                                    int part, int splits, int max_context, float scale) {
   constexpr int VEC = 16 / sizeof(T);                // cache values per 16-byte load
   extern __shared__ float smem[];
   const int s = blockIdx.x, kvh = blockIdx.y, split = blockIdx.z;
@@ -578,9 +611,15 @@ __global__ void paged_decode_kernel(float* __restrict__ o_part,      // [S, H, s
   float* logits = q_sh + G * hd;                     // [G, part]
   float* o_sh = logits + G * part;                   // [nw, G, hd] each warp's partial P V
   const int ctx = ctx_lens[s];
+  CUDA_KERNEL_ASSERT(ctx >= 0 && ctx <= max_context);   // the splits cover max_context keys only
   const int start = split * part, end = min(ctx, start + part);
   const int64_t base = ((int64_t)s * H + (int64_t)kvh * G) * splits + split;   // index of (s, h0, split)
+  T* out_g = out + ((int64_t)s * H + (int64_t)kvh * G) * hd;                  // this group's heads
   if (start >= end) {                  // nothing here: an empty partition (or a padding row)
+    if (splits == 1) {                 // context 0: attention over no keys is 0 (as the twin)
+      for (int i = threadIdx.x; i < G * hd; i += blockDim.x) out_g[i] = from_f<T>(0.f);
+      return;
+    }
     for (int g = threadIdx.x; g < G; g += blockDim.x) {
       m_part[base + (int64_t)g * splits] = -INFINITY;
       l_part[base + (int64_t)g * splits] = 0.f;
@@ -669,8 +708,10 @@ __global__ void paged_decode_kernel(float* __restrict__ o_part,      // [S, H, s
     const int g = i / hd, d = i % hd;
     float o = 0.f;
     for (int w = 0; w < nw; ++w) o += o_sh[(w * G + g) * hd + d];
-    o_part[(base + (int64_t)g * splits) * hd + d] = o / l_sh[g];
+    if (splits == 1) out_g[i] = from_f<T>(o / l_sh[g]);   // one split: no merge pass
+    else o_part[(base + (int64_t)g * splits) * hd + d] = o / l_sh[g];
   }
+  if (splits == 1) return;
   for (int g = threadIdx.x; g < G; g += blockDim.x) {
     m_part[base + (int64_t)g * splits] = m_sh[g];
     l_part[base + (int64_t)g * splits] = l_sh[g];
@@ -684,15 +725,23 @@ __global__ void merge_splits_kernel(T* __restrict__ out, const float* __restrict
   const int64_t sh = blockIdx.x;       // (sequence, head)
   float m = -INFINITY;
   for (int j = 0; j < splits; ++j) m = fmaxf(m, m_part[sh * splits + j]);
+  if (m == -INFINITY) {                // every split empty: context 0 (a padding row) -> 0
+    for (int d = threadIdx.x; d < hd; d += blockDim.x) out[sh * hd + d] = from_f<T>(0.f);
+    return;
+  }
+  // Empty splits (l = 0, m = -inf) are skipped, not multiplied by e^-inf.
   float l = 0.f;
-  for (int j = 0; j < splits; ++j) l += l_part[sh * splits + j] * __expf(m_part[sh * splits + j] - m);
+  for (int j = 0; j < splits; ++j) {
+    const float w = l_part[sh * splits + j];
+    if (w > 0.f) l += w * __expf(m_part[sh * splits + j] - m);
+  }
   for (int d = threadIdx.x; d < hd; d += blockDim.x) {
     float acc = 0.f;
     for (int j = 0; j < splits; ++j) {
-      float w = l_part[sh * splits + j];
+      const float w = l_part[sh * splits + j];
       if (w > 0.f) acc += o_part[(sh * splits + j) * hd + d] * w * __expf(m_part[sh * splits + j] - m);
     }
-    out[sh * hd + d] = from_f<T>(l > 0.f ? acc / l : 0.f);   // l = 0: an empty (padding) sequence
+    out[sh * hd + d] = from_f<T>(acc / l);
   }
 }
 
@@ -701,6 +750,14 @@ torch::Tensor paged_decode(torch::Tensor q, torch::Tensor k_cache, torch::Tensor
                            double scale, int64_t part) {
   TORCH_CHECK(q.dim() == 3, "paged_decode: q must be [S, H, hd]");
   TORCH_CHECK(k_cache.is_contiguous() && v_cache.is_contiguous(), "paged_decode: caches must be contiguous");
+  TORCH_CHECK(k_cache.dim() == 4 && k_cache.sizes() == v_cache.sizes() && k_cache.size(3) == q.size(2) &&
+              k_cache.scalar_type() == q.scalar_type(), "paged_decode: caches [blocks, block_size, Hkv, hd] of q's dtype");
+  TORCH_CHECK(reinterpret_cast<uintptr_t>(k_cache.data_ptr()) % 16 == 0 &&
+              reinterpret_cast<uintptr_t>(v_cache.data_ptr()) % 16 == 0,
+              "paged_decode: the caches must be 16-byte aligned (16-byte loads)");
+  TORCH_CHECK(block_tables.dim() == 2 && block_tables.size(0) == q.size(0) && context_lens.numel() == q.size(0),
+              "paged_decode: one block table row and one context length per sequence");
+  TORCH_CHECK(max_context >= 0 && part > 0, "paged_decode: max_context >= 0 and part > 0");
   const at::cuda::OptionalCUDAGuard guard(device_of(q));
   q = q.contiguous();
   auto tables = block_tables.to(torch::kInt32).contiguous();
@@ -712,25 +769,32 @@ torch::Tensor paged_decode(torch::Tensor q, torch::Tensor k_cache, torch::Tensor
   TORCH_CHECK(hd * q.element_size() % 16 == 0 && lpk <= 32 && (lpk & (lpk - 1)) == 0,
               "paged_decode: head_dim x element size must be 16 bytes times a power of two <= 32");
   int splits = std::max<int64_t>(1, (max_context + part - 1) / part);
-  auto f32 = q.options().dtype(torch::kFloat32);
-  auto o_part = torch::empty({S, H, splits, hd}, f32);
-  auto m_part = torch::empty({S, H, splits}, f32);
-  auto l_part = torch::empty({S, H, splits}, f32);
+  TORCH_CHECK(splits <= 65535, "paged_decode: max_context / part must be <= 65535 splits");
   auto out = torch::empty_like(q);
+  if (S == 0) return out;
+  // Partials only when there is something to merge: one split writes out directly.
+  auto f32 = q.options().dtype(torch::kFloat32);
+  auto o_part = torch::empty({splits > 1 ? S : 0, H, splits, hd}, f32);
+  auto m_part = torch::empty({splits > 1 ? S : 0, H, splits}, f32);
+  auto l_part = torch::empty({splits > 1 ? S : 0, H, splits}, f32);
   int G = H / Hkv;
   size_t smem = (size_t)(G * hd + G * part + (PD_THREADS / 32) * G * hd) * sizeof(float);
   dim3 grid(S, Hkv, splits);
   auto stream = at::cuda::getCurrentCUDAStream();
   DISPATCH(q.scalar_type(), "paged_decode", [&] {
-    if (smem > 48 * 1024)
-      cudaFuncSetAttribute(paged_decode_kernel<scalar_t>, cudaFuncAttributeMaxDynamicSharedMemorySize, (int)smem);
+    ALLOW_SMEM(paged_decode_kernel<scalar_t>, smem);
     paged_decode_kernel<scalar_t><<<grid, PD_THREADS, smem, stream>>>(
-        o_part.data_ptr<float>(), m_part.data_ptr<float>(), l_part.data_ptr<float>(), q.data_ptr<scalar_t>(),
-        k_cache.data_ptr<scalar_t>(), v_cache.data_ptr<scalar_t>(), tables.data_ptr<int>(), lens.data_ptr<int>(),
-        H, Hkv, hd, block_size, (int)tables.size(1), (int)part, splits, (float)scale);
-    merge_splits_kernel<scalar_t><<<S * H, std::min(hd, 256), 0, stream>>>(
         out.data_ptr<scalar_t>(), o_part.data_ptr<float>(), m_part.data_ptr<float>(), l_part.data_ptr<float>(),
-        splits, hd);
+        q.data_ptr<scalar_t>(), k_cache.data_ptr<scalar_t>(), v_cache.data_ptr<scalar_t>(), tables.data_ptr<int>(),
+        lens.data_ptr<int>(), H, Hkv, hd, block_size, (int)tables.size(1), (int)part, splits, (int)max_context,
+        (float)scale);
+    C10_CUDA_KERNEL_LAUNCH_CHECK();
+    if (splits > 1) {
+      merge_splits_kernel<scalar_t><<<S * H, std::min(hd, 256), 0, stream>>>(
+          out.data_ptr<scalar_t>(), o_part.data_ptr<float>(), m_part.data_ptr<float>(), l_part.data_ptr<float>(),
+          splits, hd);
+      C10_CUDA_KERNEL_LAUNCH_CHECK();
+    }
   });
   return out;
 }
@@ -742,7 +806,7 @@ torch::Tensor paged_decode(torch::Tensor q, torch::Tensor k_cache, torch::Tensor
 // running sum l and an unnormalised output o (online softmax):
 //   m' = max(m, max_j s_j),  l' = l e^(m - m') + sum_j e^(s_j - m'),  o' = o e^(m - m') + sum_j e^(s_j - m') v_j
 // so the (queries x context) score matrix never exists in memory.
-// Grid (sequence, query tile, KV head). A tile holds PF_ROWS rows = (query token, head)
+// Grid (query tile, sequence, KV head): tiles in x, whose limit is 2^31 - 1. A tile holds PF_ROWS rows = (query token, head)
 // pairs of one KV head's group: PF_ROWS / G tokens x the G heads sharing that K/V head,
 // so each K/V tile is read once for the whole group (GQA). Each warp owns PF_RPW rows;
 // for a row, lane j scores key j of the tile, then the lanes share p_j by shuffles and
@@ -761,9 +825,9 @@ __global__ void paged_prefill_kernel(T* __restrict__ out,              // [T, H,
                                      int H, int Hkv, int hd, int block_size, int max_blocks,
                                      int tile_tokens, float scale) {
   extern __shared__ float smem[];
-  const int s = blockIdx.x, kvh = blockIdx.z, G = H / Hkv;
+  const int s = blockIdx.y, kvh = blockIdx.z, G = H / Hkv;
   const int q0 = q_start[s], q_len = q_start[s + 1] - q0;
-  const int t0 = blockIdx.y * tile_tokens;           // first query of the tile, within the sequence
+  const int t0 = blockIdx.x * tile_tokens;           // first query of the tile, within the sequence
   if (t0 >= q_len) return;                           // this sequence has fewer tiles
   const int n_tok = min(tile_tokens, q_len - t0), rows = n_tok * G;
   const int past = ctx_lens[s] - q_len;              // query i sits at position past + i
@@ -838,7 +902,7 @@ __global__ void paged_prefill_kernel(T* __restrict__ out,              // [T, H,
 #pragma unroll
     for (int c = 0; c < PF_MAXC; ++c) {
       int d = lane + 32 * c;
-      if (d < hd) out[(tok * H + h) * hd + d] = from_f<T>(acc[i][c] / l[i]);
+      if (d < hd) out[(tok * H + h) * hd + d] = from_f<T>(l[i] > 0.f ? acc[i][c] / l[i] : 0.f);  // no visible key: 0
     }
   }
 }
@@ -848,6 +912,12 @@ torch::Tensor paged_prefill(torch::Tensor q, torch::Tensor k_cache, torch::Tenso
                             torch::Tensor context_lens, int64_t max_query_len, double scale) {
   TORCH_CHECK(q.dim() == 3, "paged_prefill: q must be [T, H, hd]");
   TORCH_CHECK(k_cache.is_contiguous() && v_cache.is_contiguous(), "paged_prefill: caches must be contiguous");
+  TORCH_CHECK(k_cache.dim() == 4 && k_cache.sizes() == v_cache.sizes() && k_cache.size(3) == q.size(2) &&
+              k_cache.scalar_type() == q.scalar_type(), "paged_prefill: caches [blocks, block_size, Hkv, hd] of q's dtype");
+  TORCH_CHECK(block_tables.dim() == 2 && query_start_loc.numel() == block_tables.size(0) + 1 &&
+              context_lens.numel() == block_tables.size(0),
+              "paged_prefill: S block table rows, S + 1 query starts, S context lengths");
+  TORCH_CHECK(block_tables.size(0) <= 65535, "paged_prefill: at most 65535 sequences per call");
   const at::cuda::OptionalCUDAGuard guard(device_of(q));
   q = q.contiguous();
   auto tables = block_tables.to(torch::kInt32).contiguous();
@@ -860,14 +930,15 @@ torch::Tensor paged_prefill(torch::Tensor q, torch::Tensor k_cache, torch::Tenso
   auto out = torch::empty_like(q);
   if (q.size(0) == 0 || S == 0) return out;
   int tile_tokens = PF_ROWS / (H / Hkv);
-  dim3 grid(S, (std::max<int64_t>(max_query_len, 1) + tile_tokens - 1) / tile_tokens, Hkv);
+  dim3 grid((std::max<int64_t>(max_query_len, 1) + tile_tokens - 1) / tile_tokens, S, Hkv);
   size_t smem = (size_t)(PF_ROWS * hd + PF_BK * (hd + 1) + PF_BK * hd) * sizeof(float);
   DISPATCH(q.scalar_type(), "paged_prefill", [&] {
-    cudaFuncSetAttribute(paged_prefill_kernel<scalar_t>, cudaFuncAttributeMaxDynamicSharedMemorySize, (int)smem);
+    ALLOW_SMEM(paged_prefill_kernel<scalar_t>, smem);
     paged_prefill_kernel<scalar_t><<<grid, PF_WARPS * 32, smem, at::cuda::getCurrentCUDAStream()>>>(
         out.data_ptr<scalar_t>(), q.data_ptr<scalar_t>(), k_cache.data_ptr<scalar_t>(),
         v_cache.data_ptr<scalar_t>(), tables.data_ptr<int>(), starts.data_ptr<int>(), lens.data_ptr<int>(),
         H, Hkv, hd, block_size, (int)tables.size(1), tile_tokens, (float)scale);
+    C10_CUDA_KERNEL_LAUNCH_CHECK();
   });
   return out;
 }
@@ -961,7 +1032,12 @@ torch::Tensor quant_gemv(torch::Tensor x, torch::Tensor qweight, torch::Tensor s
   int G = group_size > 0 ? group_size : K;
   TORCH_CHECK(K % GEMV_CODES_ALIGN == 0 && G % GEMV_CODES_ALIGN == 0,
               "quant_gemv: K and group_size must be multiples of 32");
-  TORCH_CHECK(qweight.size(1) == (bits == 4 ? K / 2 : K), "quant_gemv: qweight shape does not match x");
+  TORCH_CHECK(qweight.dim() == 2 && qweight.size(1) == (bits == 4 ? K / 2 : K),
+              "quant_gemv: qweight shape does not match x");
+  const int64_t n_groups = (K + G - 1) / G;
+  TORCH_CHECK(scales.dim() == 2 && scales.size(0) == N && scales.size(1) == n_groups,
+              "quant_gemv: scales must be [out_features, ceil(in_features / group_size)]");
+  TORCH_CHECK(!zeros.has_value() || zeros->sizes() == scales.sizes(), "quant_gemv: zeros must have scales' shape");
   auto sc = scales.to(x.scalar_type()).contiguous();
   torch::Tensor z;
   if (zeros.has_value()) z = zeros->to(x.scalar_type()).contiguous();
@@ -969,7 +1045,7 @@ torch::Tensor quant_gemv(torch::Tensor x, torch::Tensor qweight, torch::Tensor s
   if (reinterpret_cast<uintptr_t>(qw.data_ptr()) % 16) qw = qw.clone();
   bool is_signed = qw.scalar_type() == torch::kInt8 || (bits == 4 && !z.defined());
   auto y = torch::empty({rows, N}, x.options());
-  if (rows == 0) return y;
+  if (rows == 0 || N == 0) return y;
   auto stream = at::cuda::getCurrentCUDAStream();
   DISPATCH(x.scalar_type(), "quant_gemv", [&] {
     const scalar_t* zp = z.defined() ? z.data_ptr<scalar_t>() : nullptr;
@@ -980,6 +1056,7 @@ torch::Tensor quant_gemv(torch::Tensor x, torch::Tensor qweight, torch::Tensor s
     else
       launch_quant_gemv<scalar_t, 8>(y.data_ptr<scalar_t>(), x.data_ptr<scalar_t>(), qp, sc.data_ptr<scalar_t>(),
                                      zp, rows, N, K, G, (int)sc.size(1), is_signed, stream);
+    C10_CUDA_KERNEL_LAUNCH_CHECK();
   });
   return y;
 }
@@ -1004,16 +1081,40 @@ torch::Tensor quant_gemv(torch::Tensor x, torch::Tensor qweight, torch::Tensor s
 """
 
 @functools.cache
+def cuda_library_includes() -> list[str]:
+    """Include folders for the CUDA library headers torch's own headers pull in (cusparse.h,
+    cublas_v2.h, ...) when the CUDA toolkit at hand has only the compiler's: a pip-installed
+    CUDA build of torch carries them in its nvidia-* wheels (nvidia/<library>/include, or
+    nvidia/cu13/include), which torch's extension builder does not add by itself."""
+    from torch.utils.cpp_extension import CUDA_HOME
+    if CUDA_HOME and os.path.isfile(os.path.join(CUDA_HOME, "include", "cusparse.h")):
+        return []
+    try:
+        import nvidia
+    except ImportError:
+        return []
+    found = []
+    for root in nvidia.__path__:
+        for sub in sorted(os.listdir(root)):
+            inc = os.path.join(root, sub, "include")
+            if os.path.isdir(inc):
+                found.append(inc)
+    return found
+
+
 def cuda_extension():
-    """Compile (first call) and return the CUDA extension; torch caches the build on disk."""
+    """Compile (first call) and return the CUDA extension; torch caches the build on disk.
+    NANOSERVE_PTXAS_VERBOSE=1 prints each kernel's registers, spills and shared memory."""
     from torch.utils.cpp_extension import load_inline
     if torch.cuda.is_available() and "TORCH_CUDA_ARCH_LIST" not in os.environ:
         major, minor = torch.cuda.get_device_capability()
         os.environ["TORCH_CUDA_ARCH_LIST"] = f"{major}.{minor}"         # build for this device only
+    verbose = os.environ.get("NANOSERVE_PTXAS_VERBOSE") == "1"
     return load_inline(
-        name="nanoserve_kernels", cpp_sources=CPP_SOURCE, cuda_sources=CUDA_SOURCE,
+        name="nanoserve_kernels" + ("_ptxas" if verbose else ""), cpp_sources=CPP_SOURCE, cuda_sources=CUDA_SOURCE,
         functions=["rms_norm", "silu_and_mul", "rope_and_cache", "paged_decode", "paged_prefill", "quant_gemv"],
-        extra_cuda_cflags=["-O3", "--use_fast_math"], verbose=False)
+        extra_cuda_cflags=["-O3", "--use_fast_math"] + (["-Xptxas=-v"] if verbose else []),
+        extra_include_paths=cuda_library_includes(), verbose=verbose)
 
 
 # ----------------------------------------------------------------------------- dispatch
@@ -1031,7 +1132,7 @@ DECODE_PARTITION = 512            # keys per Flash-Decoding split
 
 
 def _cuda(t: Tensor) -> bool:
-    return USE_CUDA_KERNELS and t.is_cuda
+    return USE_CUDA_KERNELS and (t.is_cuda or _KernelsOnAnyDevice.active)
 
 
 def _cpu_fp32(x: Tensor, weight: Tensor) -> bool:
@@ -1122,7 +1223,10 @@ def quant_linear(x: Tensor, qweight: Tensor, scales: Tensor, zeros: Tensor | Non
 
 # ----------------------------------------------------------------------------- self-check
 
-def _bench(fn, reps: int = 20) -> float:
+def _bench(fn, device: str, reps: int = 20) -> float:
+    """Seconds per call on a GPU; 0 elsewhere (an emulator's timings mean nothing)."""
+    if device != "cuda":
+        return 0.0
     fn()
     torch.cuda.synchronize()
     t = time.perf_counter()
@@ -1139,107 +1243,207 @@ def _random_paged(S: int, ctx: list[int], Hkv: int, G: int, hd: int, bs: int, dt
     v_cache = torch.randn(nb, bs, Hkv, hd, device=dev, dtype=dtype)
     free = torch.randperm(nb).tolist()
     tables = [[free.pop() for _ in range((c + bs - 1) // bs)] for c in ctx]
-    width = max(map(len, tables))
+    width = max(1, max(map(len, tables)))
     bt = torch.tensor([t + [0] * (width - len(t)) for t in tables], dtype=torch.int32, device=dev)
     q = torch.randn(S, Hkv * G, hd, device=dev, dtype=dtype)
     lens = torch.tensor(ctx, dtype=torch.int32, device=dev)
     return q, k_cache, v_cache, bt, lens
 
 
-def self_check() -> list[tuple[str, float, float]]:
-    """Every kernel against its twin on fresh random inputs: (case, max rel. error, ms)."""
-    dev, rows = "cuda", []
+class _KernelsOnAnyDevice:
+    """Within `with`, the dispatch functions send CPU tensors to cuda_extension() too: how
+    self_check(device="cpu") reaches an emulated extension (kemu) through the same dispatch
+    conditions the model uses on a GPU."""
+    active = False
+
+    def __enter__(self):
+        _KernelsOnAnyDevice.active = True
+
+    def __exit__(self, *exc):
+        _KernelsOnAnyDevice.active = False
+
+
+def self_check(device: str = "cuda", quick: bool = False) -> list[tuple[str, float, float]]:
+    """Every kernel and every dispatch case against the reference twins on fresh random
+    inputs -> rows (case, max error relative to max |reference|, ms per call; 0 off a GPU).
+
+    Cases: fp16, bf16 and fp32; zero-size inputs; RoPE with GQA groups 1/4/8; decode
+    attention with groups 1/4/8 (16 and head_dim 80 take the prefill kernel), block sizes
+    16/32, context 0 (a CUDA-graph padding row), one split (no merge) and several with
+    empty ones; prefill/verification windows, chunks after cached context, a row that sees
+    no key; W4A16/W8A16 symmetric and asymmetric, per channel and per group, partial last
+    groups, 1-16 rows (the GEMV), 17+ rows, odd K and groups that are not multiples of 32
+    (the twin). quick: shapes small enough for an emulator (kemu's run_self_check.py calls
+    self_check(device="cpu", quick=True) with the extension replaced by its CPU build)."""
+    dev, rows = device, []
     ext = cuda_extension()
 
     def rel(a: Tensor, b: Tensor) -> float:
+        if a.shape != b.shape:
+            return float("inf")
+        if b.numel() == 0:
+            return 0.0
         return float((a.float() - b.float()).abs().max() / b.float().abs().max().clamp(min=1e-6))
 
-    for dtype in (torch.float16, torch.bfloat16):
+    def add(name: str, err: float, fn) -> None:
+        rows.append((name, err, 1e3 * _bench(fn, dev)))
+
+    dtypes = (torch.float16, torch.bfloat16, torch.float32)
+    for dtype in dtypes:
         dn = str(dtype).split(".")[-1]
-        for T, D in ((1, 2048), (7, 4096), (33, 5632)):
+        full = dtype != torch.float32 or not quick          # fp32: one case per kernel in quick mode
+        norm_shapes = ((1, 64), (3, 200), (0, 64)) if quick else ((1, 2048), (7, 4096), (33, 5632), (0, 4096))
+        for T, D in norm_shapes[:None if full else 1]:
             x, r = torch.randn(T, D, device=dev, dtype=dtype), torch.randn(T, D, device=dev, dtype=dtype)
             w = torch.randn(D, device=dev, dtype=dtype)
             out, res = ext.rms_norm(x, w, r, 1e-5)
             ref, ref_res = fused_add_rms_norm_ref(x, r, w, 1e-5)
-            rows.append((f"add+rmsnorm {dn} {T}x{D}", max(rel(out, ref), rel(res, ref_res)),
-                         1e3 * _bench(lambda: ext.rms_norm(x, w, r, 1e-5))))
+            add(f"add+rmsnorm {dn} {T}x{D}", max(rel(out, ref), rel(res, ref_res)), lambda: ext.rms_norm(x, w, r, 1e-5))
+            add(f"rmsnorm {dn} {T}x{D}", rel(ext.rms_norm(x, w, None, 1e-5)[0], rms_norm_ref(x, w, 1e-5)),
+                lambda: ext.rms_norm(x, w, None, 1e-5))
             g, u = torch.randn(T, D, device=dev, dtype=dtype), torch.randn(T, D, device=dev, dtype=dtype)
-            rows.append((f"silu*mul {dn} {T}x{D}", rel(ext.silu_and_mul(g, u), silu_and_mul_ref(g, u)),
-                         1e3 * _bench(lambda: ext.silu_and_mul(g, u))))
-        for G in (1, 4, 8):
-            for bs in (16, 32):
-                Hkv, hd, T = 4, 128, 13
-                cos, sin = rope_cos_sin(hd, 4096, 10000.0, dev)
-                q = torch.randn(T, Hkv * G, hd, device=dev, dtype=dtype)
-                k, v = torch.randn(T, Hkv, hd, device=dev, dtype=dtype), torch.randn(T, Hkv, hd, device=dev, dtype=dtype)
-                pos = torch.randint(0, 4000, (T,), device=dev)
-                kc, vc = torch.zeros(8, bs, Hkv, hd, device=dev, dtype=dtype), torch.zeros(8, bs, Hkv, hd, device=dev, dtype=dtype)
-                kc2, vc2 = kc.clone(), vc.clone()
-                slots = torch.randperm(8 * bs, device=dev)[:T]
-                qo = ext.rope_and_cache(q, k, v, pos, cos, sin, kc, vc, slots)
-                qr = rope_and_cache_ref(q, k, v, pos, cos, sin, kc2, vc2, slots)
-                rows.append((f"rope+cache {dn} G={G} bs={bs}", max(rel(qo, qr), rel(kc, kc2), rel(vc, vc2)),
-                             1e3 * _bench(lambda: ext.rope_and_cache(q, k, v, pos, cos, sin, kc, vc, slots))))
-                for ctx in ([1, 17, 100], [4097, 333], [16000]):
-                    q, kc, vc, bt, lens = _random_paged(len(ctx), ctx, Hkv, G, hd, bs, dtype, dev)
+            add(f"silu*mul {dn} {T}x{D}", rel(ext.silu_and_mul(g, u), silu_and_mul_ref(g, u)),
+                lambda: ext.silu_and_mul(g, u))
+        Hkv, hd = (2, 64) if quick else (4, 128)
+        for G in (1, 4, 8) if full else (4,):
+            for bs in ((16,) if quick else (16, 32)):
+                for T in ((5, 0) if quick else (13, 0)):
+                    cos, sin = rope_cos_sin(hd, 512, 10000.0, dev)
+                    q = torch.randn(T, Hkv * G, hd, device=dev, dtype=dtype)
+                    k, v = torch.randn(T, Hkv, hd, device=dev, dtype=dtype), torch.randn(T, Hkv, hd, device=dev, dtype=dtype)
+                    pos = torch.randint(0, 512, (T,), device=dev)
+                    kc, vc = torch.zeros(4, bs, Hkv, hd, device=dev, dtype=dtype), torch.zeros(4, bs, Hkv, hd, device=dev, dtype=dtype)
+                    kc2, vc2 = kc.clone(), vc.clone()
+                    slots = torch.randperm(4 * bs, device=dev)[:T]
+                    qo = ext.rope_and_cache(q, k, v, pos, cos, sin, kc, vc, slots)
+                    qr = rope_and_cache_ref(q, k, v, pos, cos, sin, kc2, vc2, slots)
+                    add(f"rope+cache {dn} G={G} bs={bs} T={T}", max(rel(qo, qr), rel(kc, kc2), rel(vc, vc2)),
+                        lambda: ext.rope_and_cache(q, k, v, pos, cos, sin, kc, vc, slots))
+        # Decode (one query per sequence), through the dispatcher as the model calls it.
+        # quick: a 64-key partition, so that short contexts span several splits.
+        part = 64 if quick else DECODE_PARTITION
+        groups = ((1, 64), (4, 64), (8, 32), (16, 32), (2, 80)) if quick else ((1, 128), (4, 128), (8, 128), (16, 64), (4, 80))
+        ctxs = ([0], [1, 17, 0, 40], [130, 5], [64]) if quick else ([0], [1, 17, 100, 0], [4097, 333], [16000], [512])
+        for G, hd_ in groups[:None if full else 2]:
+            for bs in ((16,) if quick else (16, 32)):
+                for ctx in ctxs:
+                    q, kc, vc, bt, lens = _random_paged(len(ctx), ctx, 2, G, hd_, bs, dtype, dev)
                     starts = torch.arange(len(ctx) + 1, device=dev, dtype=torch.int32)
-                    out = ext.paged_decode(q, kc, vc, bt, lens, max(ctx), hd ** -0.5, DECODE_PARTITION)
-                    ref = paged_attention_ref(q, kc, vc, bt, starts, lens, hd ** -0.5)
-                    t = _bench(lambda: ext.paged_decode(q, kc, vc, bt, lens, max(ctx), hd ** -0.5, DECODE_PARTITION))
-                    gbs = 2 * sum(ctx) * Hkv * hd * kc.element_size() / t / 1e9
-                    rows.append((f"paged decode {dn} G={G} bs={bs} ctx={ctx} ({gbs:.0f} GB/s)", rel(out, ref), 1e3 * t))
-                # Several queries per sequence: a new prompt, a decode, a chunk after cached
-                # context, a k = 8 verification window over a long context.
-                for q_lens, ctx in (([5, 1, 37], [5, 100, 300]), ([9, 6], [4097, 6]), ([509], [1200])):
+                    ref = paged_attention_ref(q, kc, vc, bt, starts, lens, hd_ ** -0.5)
+                    splits = -(-max(ctx) // part)
+                    via = "decode" if _decode_kernel_fits(q, kc) else "prefill kernel"
+                    with _KernelsOnAnyDevice():
+                        if via == "decode":
+                            run = lambda: ext.paged_decode(q, kc, vc, bt, lens, max(ctx), hd_ ** -0.5, part)
+                        else:
+                            run = lambda: paged_attention(q, kc, vc, bt, starts, lens, hd_ ** -0.5, max(ctx), 1)
+                        out = run()
+                    t = _bench(run, dev)
+                    gbs = 2 * sum(ctx) * 2 * hd_ * kc.element_size() / t / 1e9 if t else 0.0
+                    rows.append((f"paged decode ({via}) {dn} G={G} hd={hd_} bs={bs} ctx={ctx} splits={max(splits, 1)}"
+                                 + (f" ({gbs:.0f} GB/s)" if t else ""), rel(out, ref), 1e3 * t))
+        # Several queries per sequence: a new prompt, a decode, a chunk after cached context,
+        # a verification window over a long context, and a row with no visible key (context 0).
+        windows = ((([5, 1, 7], [5, 20, 40]), ([1, 4], [0, 9]), ([9], [75]))) if quick else \
+            (([5, 1, 37], [5, 100, 300]), ([9, 6], [4097, 6]), ([509], [1200]), ([1, 4], [0, 9]))
+        for G in ((1, 4, 8) if full else (4,)):
+            for bs in ((16,) if quick else (16, 32)):
+                for q_lens, ctx in windows:
                     _, kc, vc, bt, lens = _random_paged(len(ctx), ctx, Hkv, G, hd, bs, dtype, dev)
+                    lens = torch.tensor([max(c, n) if c else 0 for c, n in zip(ctx, q_lens)], dtype=torch.int32, device=dev)
                     q = torch.randn(sum(q_lens), Hkv * G, hd, device=dev, dtype=dtype)
                     starts = torch.tensor([0] + q_lens, device=dev).cumsum(0).to(torch.int32)
                     out = ext.paged_prefill(q, kc, vc, bt, starts, lens, max(q_lens), hd ** -0.5)
                     ref = paged_attention_ref(q, kc, vc, bt, starts, lens, hd ** -0.5)
-                    t = _bench(lambda: ext.paged_prefill(q, kc, vc, bt, starts, lens, max(q_lens), hd ** -0.5))
+                    t = _bench(lambda: ext.paged_prefill(q, kc, vc, bt, starts, lens, max(q_lens), hd ** -0.5), dev)
                     flops = 4 * sum(n * (c - n / 2) for n, c in zip(q_lens, ctx)) * Hkv * G * hd
-                    rows.append((f"paged prefill {dn} G={G} bs={bs} q={q_lens} ctx={ctx} ({flops / t / 1e12:.1f} TFLOP/s)",
-                                 rel(out, ref), 1e3 * t))
-        # W4A16 / W8A16: symmetric and asymmetric, per group and per channel, 1, 3 (a partial
-        # row bucket) and 16 rows; Llama-2-7B's attention (4096 x 4096) and down_proj (K = 11008).
-        for bits, G, asym in ((4, 128, False), (4, 32, True), (8, 0, False), (8, 128, True)):
-            for N, K in ((4096, 4096), (4096, 11008)):
-                for M in (1, 3, 16):
+                    rows.append((f"paged prefill {dn} G={G} bs={bs} q={q_lens} ctx={ctx}"
+                                 + (f" ({flops / t / 1e12:.1f} TFLOP/s)" if t else ""), rel(out, ref), 1e3 * t))
+        # W4A16 / W8A16 through quant_linear: the GEMV for 1-16 rows where K and the group are
+        # multiples of 32, the twin otherwise (17+ rows, odd K, other groups).
+        gemv_cases = ((4, 64, False), (4, 32, True), (8, 0, False), (8, 64, True))
+        shapes = ((64, 128), (32, 96)) if quick else ((4096, 4096), (4096, 11008))
+        for bits, G, asym in gemv_cases[:None if full else 1]:
+            for N, K in shapes + ((16, 100),):                # K = 100: odd for the kernel
+                for M in ((1, 3, 16, 17) if quick else (1, 3, 16, 33)):
                     x = torch.randn(M, K, device=dev, dtype=dtype)
                     if bits == 4:
-                        qw = torch.randint(0, 256, (N, K // 2), device=dev, dtype=torch.uint8)
+                        qw = torch.randint(0, 256, (N, (K + 1) // 2), device=dev, dtype=torch.uint8)
                     elif asym:
                         qw = torch.randint(0, 256, (N, K), device=dev, dtype=torch.uint8)
                     else:
                         qw = torch.randint(-127, 128, (N, K), device=dev, dtype=torch.int8)
-                    sc = torch.rand(N, K // (G or K), device=dev, dtype=dtype) / 50
+                    n_groups = -(-K // (G or K))                              # a partial last group
+                    sc = torch.rand(N, n_groups, device=dev, dtype=dtype) / 50
                     zp = torch.randint(0, 2 ** bits, sc.shape, device=dev).to(dtype) if asym else None
-                    y = ext.quant_gemv(x, qw, sc, zp, bits, G)
                     ref = quant_linear_ref(x, qw, sc, zp, bits, G)
-                    t = _bench(lambda: ext.quant_gemv(x, qw, sc, zp, bits, G))
-                    w16 = torch.randn(N, K, device=dev, dtype=dtype)
-                    t16 = _bench(lambda: x @ w16.T)
-                    gbs = qw.numel() / t / 1e9
-                    rows.append((f"W{bits}A16 {dn} {N}x{K} M={M} g={G}{' asym' if asym else ''} "
-                                 f"({gbs:.0f} GB/s of weights, {t16 / t:.2f}x cuBLAS {dn})", rel(y, ref), 1e3 * t))
+                    kernel = M <= 16 and K % 32 == 0 and (G or K) % 32 == 0
+                    with _KernelsOnAnyDevice():
+                        y = quant_linear(x, qw, sc, zp, bits, G)
+                    t = _bench(lambda: quant_linear(x, qw, sc, zp, bits, G), dev)
+                    extra = ""
+                    if t and kernel:
+                        w16 = torch.randn(N, K, device=dev, dtype=dtype)
+                        t16 = _bench(lambda: x @ w16.T, dev)
+                        extra = f" ({qw.numel() / t / 1e9:.0f} GB/s of weights, {t16 / t:.2f}x cuBLAS {dn})"
+                    rows.append((f"W{bits}A16 ({'GEMV' if kernel else 'twin'}) {dn} {N}x{K} M={M} g={G}"
+                                 f"{' asym' if asym else ''}{extra}", rel(y, ref), 1e3 * t))
+    return rows
+
+
+def ptxas_report() -> list[tuple[str, int, int, int]]:
+    """Compile the extension from scratch (in a temporary folder, in a child process: no GPU
+    needed) with ptxas -v -> per kernel (demangled name, registers, spill store + load bytes,
+    static shared memory bytes)."""
+    import re
+    import shutil
+    import subprocess
+    import tempfile
+    with tempfile.TemporaryDirectory() as tmp:
+        env = dict(os.environ, NANOSERVE_PTXAS_VERBOSE="1", TORCH_EXTENSIONS_DIR=tmp)
+        env.setdefault("TORCH_CUDA_ARCH_LIST", "9.0")
+        r = subprocess.run([sys.executable, "-c", "import kernels; kernels.cuda_extension()"], env=env,
+                           cwd=os.path.dirname(os.path.abspath(__file__)), capture_output=True, text=True)
+    log = r.stdout + r.stderr
+    if r.returncode:
+        raise RuntimeError(f"the CUDA extension did not compile:\n{log[-4000:]}")
+    rows, name, spills = [], None, 0
+    for line in log.splitlines():
+        if m := re.search(r"Compiling entry function '(\w+)'", line):
+            name = m.group(1)
+        elif (m := re.search(r"(\d+) bytes spill stores, (\d+) bytes spill loads", line)) and name:
+            spills = int(m.group(1)) + int(m.group(2))
+        elif (m := re.search(r"Used (\d+) registers", line)) and name:
+            smem = re.search(r"(\d+) bytes smem", line)
+            rows.append((name, int(m.group(1)), spills, int(smem.group(1)) if smem else 0))
+            name, spills = None, 0
+    if shutil.which("c++filt") and rows:
+        names = subprocess.run(["c++filt"], input="\n".join(r[0] for r in rows), capture_output=True,
+                               text=True).stdout.splitlines()
+        rows = [(n, *r[1:]) for n, r in zip(names, rows)]
     return rows
 
 
 if __name__ == "__main__":
-    # Without a GPU: compile only (a CUDA build of torch and nvcc are needed), then exit 0.
+    # Without a GPU: compile with nvcc (a CUDA build of torch is needed) and print what
+    # ptxas made of each kernel, then exit 0 (1 if a kernel spills registers).
     if not torch.cuda.is_available():
         if torch.version.cuda is None:
             print("kernels.py: torch is a CPU build; skipping the CUDA compile check "
                   "(the reference path serves the CPU)")
             sys.exit(0)
-        os.environ.setdefault("TORCH_CUDA_ARCH_LIST", "9.0")
         t = time.perf_counter()
-        cuda_extension()
-        print(f"kernels.py: CUDA extension compiled and imported in {time.perf_counter() - t:.0f} s (no GPU to run it)")
-        sys.exit(0)
+        report = ptxas_report()
+        for name, regs, spill, smem in report:
+            print(f"{name[:110]:110s} {regs:4d} registers  {spill:5d} B spilled  {smem:6d} B static smem")
+        spilling = [n for n, _, sp, _ in report if sp]
+        print(f"kernels.py: CUDA extension compiled in {time.perf_counter() - t:.0f} s for "
+              f"sm_{os.environ.get('TORCH_CUDA_ARCH_LIST', '9.0').replace('.', '')}, {len(report)} kernels, "
+              f"{len(spilling)} spilling (no GPU to run them)")
+        sys.exit(1 if spilling or not report else 0)
     results = self_check()
     worst = max(e for _, e, _ in results)
     for name, err, ms in results:
-        print(f"{name:70s} max rel err {err:.2e}  {ms:8.3f} ms")
+        print(f"{name:90s} max rel err {err:.2e}  {ms:8.3f} ms")
     print(f"kernels.py: {len(results)} checks, worst relative error {worst:.2e}")
     sys.exit(0 if worst < 2e-2 else 1)
