@@ -1128,7 +1128,29 @@ def cuda_extension():
 
 USE_CUDA_KERNELS = os.environ.get("NANOSERVE_KERNELS", "cuda") != "ref"
 USE_CPU_FAST_PATHS = USE_CUDA_KERNELS      # paged_attention_cpu, PyTorch's int8/int4 CPU kernels
-DECODE_PARTITION = 512            # keys per Flash-Decoding split
+DECODE_MIN_PART = 256             # fewest keys per Flash-Decoding split worth a merge
+DECODE_SMEM_BYTES = 200 * 1024    # paged_decode's shared memory budget (H100/H200: 227 KB)
+
+
+def decode_partition(S: int, n_kv: int, group: int, head_dim: int, max_context: int, sm_count: int) -> int:
+    """Keys per split for paged_decode (Flash-Decoding). The grid is S x Hkv x splits blocks:
+    enough splits to fill the GPU (two blocks per SM) when S x Hkv alone does not, no more
+    (each split adds a partial result to write and merge; one split needs no merge), never
+    fewer keys per split than DECODE_MIN_PART, never more than the block's shared memory
+    holds (the G x part scores). Depends only on the host-side sizes, so a CUDA graph
+    bucket (fixed S and max_context) always gets the same grid.
+    -> part, a multiple of 32; splits = ceil(max_context / part)."""
+    most = (DECODE_SMEM_BYTES // 4 - (1 + 256 // 32) * group * head_dim) // group  # q, P V partials, scores
+    most = max(32, most // 32 * 32)
+    want = -(-2 * sm_count // max(1, S * n_kv))                     # splits that fill the GPU
+    splits = max(1, min(want, -(-max_context // DECODE_MIN_PART)), -(-max_context // most))
+    part = -(-max(max_context, 1) // splits)
+    return min(most, -(-part // 32) * 32)            # rounded up: the splits may be a few fewer
+
+
+@functools.lru_cache(maxsize=None)
+def _sm_count(device: torch.device) -> int:
+    return torch.cuda.get_device_properties(device).multi_processor_count if device.type == "cuda" else 132
 
 
 def _cuda(t: Tensor) -> bool:
@@ -1193,8 +1215,9 @@ def paged_attention(q: Tensor, k_cache: Tensor, v_cache: Tensor, block_tables: T
         return paged_attention_ref(q, k_cache, v_cache, block_tables, query_start_loc, context_lens, scale)
     if q.shape[0] == block_tables.shape[0] and _decode_kernel_fits(q, k_cache):   # decode
         max_len = max_context_len if max_context_len is not None else int(context_lens.max())
-        return cuda_extension().paged_decode(q, k_cache, v_cache, block_tables, context_lens, max_len,
-                                             scale, DECODE_PARTITION)
+        part = decode_partition(q.shape[0], k_cache.shape[2], q.shape[1] // k_cache.shape[2], q.shape[2], max_len,
+                                _sm_count(q.device))
+        return cuda_extension().paged_decode(q, k_cache, v_cache, block_tables, context_lens, max_len, scale, part)
     if max_query_len is None:
         max_query_len = int((query_start_loc[1:] - query_start_loc[:-1]).max())
     return cuda_extension().paged_prefill(q, k_cache, v_cache, block_tables, query_start_loc, context_lens,
@@ -1319,28 +1342,31 @@ def self_check(device: str = "cuda", quick: bool = False) -> list[tuple[str, flo
                     qr = rope_and_cache_ref(q, k, v, pos, cos, sin, kc2, vc2, slots)
                     add(f"rope+cache {dn} G={G} bs={bs} T={T}", max(rel(qo, qr), rel(kc, kc2), rel(vc, vc2)),
                         lambda: ext.rope_and_cache(q, k, v, pos, cos, sin, kc, vc, slots))
-        # Decode (one query per sequence), through the dispatcher as the model calls it.
-        # quick: a 64-key partition, so that short contexts span several splits.
-        part = 64 if quick else DECODE_PARTITION
+        # Decode (one query per sequence), through the dispatcher as the model calls it (its
+        # split policy, decode_partition); quick: the kernel with a 64-key partition, so that
+        # short contexts span several splits.
         groups = ((1, 64), (4, 64), (8, 32), (16, 32), (2, 80)) if quick else ((1, 128), (4, 128), (8, 128), (16, 64), (4, 80))
-        ctxs = ([0], [1, 17, 0, 40], [130, 5], [64]) if quick else ([0], [1, 17, 100, 0], [4097, 333], [16000], [512])
+        ctxs = ([0], [1, 17, 0, 40], [130, 5], [64]) if quick else \
+            ([0], [1, 17, 100, 0], [4097, 333], [16000], [512], [32768], [2048] * 64)
         for G, hd_ in groups[:None if full else 2]:
             for bs in ((16,) if quick else (16, 32)):
                 for ctx in ctxs:
                     q, kc, vc, bt, lens = _random_paged(len(ctx), ctx, 2, G, hd_, bs, dtype, dev)
                     starts = torch.arange(len(ctx) + 1, device=dev, dtype=torch.int32)
                     ref = paged_attention_ref(q, kc, vc, bt, starts, lens, hd_ ** -0.5)
-                    splits = -(-max(ctx) // part)
                     via = "decode" if _decode_kernel_fits(q, kc) else "prefill kernel"
+                    part = 64 if quick else decode_partition(len(ctx), 2, G, hd_, max(ctx), _sm_count(torch.device(dev)))
+                    splits = -(-max(ctx) // part) if via == "decode" else 1
                     with _KernelsOnAnyDevice():
-                        if via == "decode":
+                        if via == "decode" and quick:
                             run = lambda: ext.paged_decode(q, kc, vc, bt, lens, max(ctx), hd_ ** -0.5, part)
                         else:
                             run = lambda: paged_attention(q, kc, vc, bt, starts, lens, hd_ ** -0.5, max(ctx), 1)
                         out = run()
                     t = _bench(run, dev)
                     gbs = 2 * sum(ctx) * 2 * hd_ * kc.element_size() / t / 1e9 if t else 0.0
-                    rows.append((f"paged decode ({via}) {dn} G={G} hd={hd_} bs={bs} ctx={ctx} splits={max(splits, 1)}"
+                    shown = ctx if len(ctx) <= 4 else f"{len(ctx)} x {ctx[0]}"
+                    rows.append((f"paged decode ({via}) {dn} G={G} hd={hd_} bs={bs} ctx={shown} splits={max(splits, 1)}"
                                  + (f" ({gbs:.0f} GB/s)" if t else ""), rel(out, ref), 1e3 * t))
         # Several queries per sequence: a new prompt, a decode, a chunk after cached context,
         # a verification window over a long context, and a row with no visible key (context 0).

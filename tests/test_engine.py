@@ -538,3 +538,25 @@ def test_fused_projections_equal_the_separate_linears_and_keep_the_checkpoint():
     m.up_proj = torch.nn.Linear(m.up_proj.in_features, m.up_proj.out_features, bias=False)   # replaced (quantization)
     assert not m.gate_up.holds(m.gate_proj, m.up_proj)
     torch.testing.assert_close(m(x), m.down_proj(F.silu(m.gate_proj(x)) * m.up_proj(x)))
+
+
+def test_decode_split_policy_fills_the_gpu_fits_shared_memory_and_merges_only_when_needed():
+    """kernels.decode_partition (Flash-Decoding's keys per split, chosen on the host): on an
+    H100 (132 SMs) a lone long sequence is split until the grid has two blocks per SM, a
+    large batch that already fills the GPU gets one split (no merge pass), no split is
+    shorter than DECODE_MIN_PART keys, and the scores always fit the shared-memory budget."""
+    sms = 132
+    for S in (1, 4, 64, 256):
+        for n_kv, G, hd in ((8, 4, 128), (8, 8, 128), (2, 4, 64), (1, 8, 256), (32, 1, 128)):
+            for ctx in (0, 1, 100, 2048, 4097, 32768, 131072):
+                part = kernels.decode_partition(S, n_kv, G, hd, ctx, sms)
+                splits = max(1, -(-ctx // part))
+                assert part % 32 == 0 and part >= 32 and splits * part >= ctx
+                assert (9 * G * hd + G * part) * 4 <= kernels.DECODE_SMEM_BYTES, (S, n_kv, G, hd, ctx)
+                assert splits <= max(1, -(-ctx // kernels.DECODE_MIN_PART)) or part * G * 4 > 150_000
+                if S * n_kv >= 2 * sms and (9 * G * hd + G * ctx) * 4 <= kernels.DECODE_SMEM_BYTES:
+                    assert splits == 1                                  # the batch fills the GPU
+                if ctx >= 2 * sms * kernels.DECODE_MIN_PART:
+                    assert S * n_kv * splits >= 0.9 * 2 * sms           # long contexts fill it too
+                                                                        # (parts rounded up to 32 keys)
+    assert kernels.decode_partition(1, 8, 4, 128, 32768, sms) == kernels.decode_partition(1, 8, 4, 128, 32768, sms)
