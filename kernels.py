@@ -585,7 +585,9 @@ torch::Tensor rope_and_cache(torch::Tensor q, torch::Tensor k, torch::Tensor v, 
 // Decode attention is memory-bound (each cached byte is used G times), so the block is
 // laid out for bytes in flight: a key's row (head_dim values) is read by lpk lanes with
 // one 16-byte load each, a warp covers 32 / lpk rows per load, eight warps per block.
-constexpr int PD_THREADS = 256, PD_MAX_G = 8;
+// Each lane keeps PD_UNROLL rows' loads in flight (issued together, used after), and the
+// partition's block-table entries are read once into shared memory, not once per key.
+constexpr int PD_THREADS = 256, PD_MAX_G = 8, PD_UNROLL = 4;
 
 template <typename T>
 __global__ void paged_decode_kernel(T* __restrict__ out,             // [S, H, hd], when splits == 1
@@ -610,6 +612,7 @@ __global__ void paged_decode_kernel(T* __restrict__ out,             // [S, H, h
   float* q_sh = smem;                                // [G, hd]
   float* logits = q_sh + G * hd;                     // [G, part]
   float* o_sh = logits + G * part;                   // [nw, G, hd] each warp's partial P V
+  int* blk_sh = reinterpret_cast<int*>(o_sh + nw * G * hd);   // [part / block_size + 2] physical blocks
   const int ctx = ctx_lens[s];
   CUDA_KERNEL_ASSERT(ctx >= 0 && ctx <= max_context);   // the splits cover max_context keys only
   const int start = split * part, end = min(ctx, start + part);
@@ -628,30 +631,42 @@ __global__ void paged_decode_kernel(T* __restrict__ out,             // [S, H, h
   }
   for (int i = threadIdx.x; i < G * hd; i += blockDim.x)
     q_sh[i] = to_f(q[((int64_t)s * H + kvh * G) * hd + i]) * scale;
+  const int blk0 = start / block_size;               // the partition's first logical block
+  for (int b = blk0 + threadIdx.x; b <= (end - 1) / block_size; b += blockDim.x)
+    blk_sh[b - blk0] = tables[(int64_t)s * max_blocks + b];
   __syncthreads();
+  // Key t's row in the cache: block table entry, offset in the block, this KV head.
+  auto row = [&](const T* cache, int t) {
+    return cache + (((int64_t)blk_sh[t / block_size - blk0] * block_size + t % block_size) * Hkv + kvh) * hd + d0;
+  };
   float qr[PD_MAX_G][VEC];                           // this lane's dims of the G queries, in registers
 #pragma unroll
   for (int g = 0; g < PD_MAX_G; ++g)
 #pragma unroll
     for (int e = 0; e < VEC; ++e) qr[g][e] = g < G ? q_sh[g * hd + d0 + e] : 0.f;
   // S = q k^T for the G heads: each lane multiplies its VEC dims, the row's lpk lanes sum.
-  for (int t0 = start + wid * kpw; t0 < end; t0 += nw * kpw) {
-    const int t = t0 + sub;
-    uint4 raw = make_uint4(0u, 0u, 0u, 0u);
-    if (t < end) {
-      const int blk = tables[(int64_t)s * max_blocks + t / block_size];
-      raw = *reinterpret_cast<const uint4*>(
-          k_cache + (((int64_t)blk * block_size + t % block_size) * Hkv + kvh) * hd + d0);
+  const int stride = nw * kpw;                       // rows the block covers per pass
+  for (int t0 = start + wid * kpw; t0 < end; t0 += stride * PD_UNROLL) {   // t0: warp-uniform
+    uint4 raw[PD_UNROLL];
+#pragma unroll
+    for (int u = 0; u < PD_UNROLL; ++u) {            // all loads first: PD_UNROLL in flight
+      const int t = t0 + u * stride + sub;
+      raw[u] = make_uint4(0u, 0u, 0u, 0u);
+      if (t < end) raw[u] = *reinterpret_cast<const uint4*>(row(k_cache, t));
     }
-    const T* kv = reinterpret_cast<const T*>(&raw);
 #pragma unroll
-    for (int g = 0; g < PD_MAX_G; ++g) {
-      if (g >= G) break;
-      float a = 0.f;
+    for (int u = 0; u < PD_UNROLL; ++u) {
+      const int t = t0 + u * stride + sub;
+      const T* kv = reinterpret_cast<const T*>(&raw[u]);
 #pragma unroll
-      for (int e = 0; e < VEC; ++e) a += qr[g][e] * to_f(kv[e]);
-      for (int o = lpk >> 1; o > 0; o >>= 1) a += __shfl_xor_sync(0xffffffff, a, o);
-      if (t < end && d0 == 0) logits[g * part + (t - start)] = a;
+      for (int g = 0; g < PD_MAX_G; ++g) {
+        if (g >= G) break;
+        float a = 0.f;
+#pragma unroll
+        for (int e = 0; e < VEC; ++e) a += qr[g][e] * to_f(kv[e]);
+        for (int o = lpk >> 1; o > 0; o >>= 1) a += __shfl_xor_sync(0xffffffff, a, o);
+        if (t < end && d0 == 0) logits[g * part + (t - start)] = a;
+      }
     }
   }
   __syncthreads();
@@ -678,13 +693,19 @@ __global__ void paged_decode_kernel(T* __restrict__ out,             // [S, H, h
   for (int g = 0; g < PD_MAX_G; ++g)
 #pragma unroll
     for (int e = 0; e < VEC; ++e) acc[g][e] = 0.f;
-  for (int t0 = start + wid * kpw; t0 < end; t0 += nw * kpw) {
-    const int t = t0 + sub;
-    if (t < end) {
-      const int blk = tables[(int64_t)s * max_blocks + t / block_size];
-      const uint4 raw = *reinterpret_cast<const uint4*>(
-          v_cache + (((int64_t)blk * block_size + t % block_size) * Hkv + kvh) * hd + d0);
-      const T* vv = reinterpret_cast<const T*>(&raw);
+  for (int t0 = start + wid * kpw; t0 < end; t0 += stride * PD_UNROLL) {
+    uint4 raw[PD_UNROLL];
+#pragma unroll
+    for (int u = 0; u < PD_UNROLL; ++u) {
+      const int t = t0 + u * stride + sub;
+      raw[u] = make_uint4(0u, 0u, 0u, 0u);
+      if (t < end) raw[u] = *reinterpret_cast<const uint4*>(row(v_cache, t));
+    }
+#pragma unroll
+    for (int u = 0; u < PD_UNROLL; ++u) {
+      const int t = t0 + u * stride + sub;
+      if (t >= end) break;                           // later u are past the end too
+      const T* vv = reinterpret_cast<const T*>(&raw[u]);
 #pragma unroll
       for (int g = 0; g < PD_MAX_G; ++g) {
         if (g >= G) break;
@@ -778,7 +799,8 @@ torch::Tensor paged_decode(torch::Tensor q, torch::Tensor k_cache, torch::Tensor
   auto m_part = torch::empty({splits > 1 ? S : 0, H, splits}, f32);
   auto l_part = torch::empty({splits > 1 ? S : 0, H, splits}, f32);
   int G = H / Hkv;
-  size_t smem = (size_t)(G * hd + G * part + (PD_THREADS / 32) * G * hd) * sizeof(float);
+  size_t smem = (size_t)(G * hd + G * part + (PD_THREADS / 32) * G * hd) * sizeof(float) +
+                (size_t)(part / block_size + 2) * sizeof(int);
   dim3 grid(S, Hkv, splits);
   auto stream = at::cuda::getCurrentCUDAStream();
   DISPATCH(q.scalar_type(), "paged_decode", [&] {
@@ -1140,7 +1162,8 @@ def decode_partition(S: int, n_kv: int, group: int, head_dim: int, max_context: 
     holds (the G x part scores). Depends only on the host-side sizes, so a CUDA graph
     bucket (fixed S and max_context) always gets the same grid.
     -> part, a multiple of 32; splits = ceil(max_context / part)."""
-    most = (DECODE_SMEM_BYTES // 4 - (1 + 256 // 32) * group * head_dim) // group  # q, P V partials, scores
+    # q and each warp's P V partials, then per key G scores and (block size 1 at worst) a block id
+    most = (DECODE_SMEM_BYTES // 4 - (1 + 256 // 32) * group * head_dim - 2) // (group + 1)
     most = max(32, most // 32 * 32)
     want = -(-2 * sm_count // max(1, S * n_kv))                     # splits that fill the GPU
     splits = max(1, min(want, -(-max_context // DECODE_MIN_PART)), -(-max_context // most))
