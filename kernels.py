@@ -1156,10 +1156,11 @@ def cuda_extension():
 USE_CUDA_KERNELS = os.environ.get("NANOSERVE_KERNELS", "cuda") != "ref"
 USE_CPU_FAST_PATHS = USE_CUDA_KERNELS      # paged_attention_cpu, PyTorch's int8/int4 CPU kernels
 DECODE_MIN_PART = 256             # fewest keys per Flash-Decoding split worth a merge
-DECODE_SMEM_BYTES = 200 * 1024    # paged_decode's shared memory budget (H100/H200: 227 KB)
+DECODE_SMEM_BYTES = 200 * 1024    # paged_decode's shared memory budget at most (H100/H200: 227 KB)
 
 
-def decode_partition(S: int, n_kv: int, group: int, head_dim: int, max_context: int, sm_count: int) -> int:
+def decode_partition(S: int, n_kv: int, group: int, head_dim: int, max_context: int, sm_count: int,
+                     smem_bytes: int = DECODE_SMEM_BYTES) -> int:
     """Keys per split for paged_decode (Flash-Decoding). The grid is S x Hkv x splits blocks:
     enough splits to fill the GPU (two blocks per SM) when S x Hkv alone does not, no more
     (each split adds a partial result to write and merge; one split needs no merge), never
@@ -1168,7 +1169,7 @@ def decode_partition(S: int, n_kv: int, group: int, head_dim: int, max_context: 
     bucket (fixed S and max_context) always gets the same grid.
     -> part, a multiple of 32; splits = ceil(max_context / part)."""
     # q and each warp's P V partials, then per key G scores and (block size 1 at worst) a block id
-    most = (DECODE_SMEM_BYTES // 4 - (1 + 256 // 32) * group * head_dim - 2) // (group + 1)
+    most = (smem_bytes // 4 - (1 + 256 // 32) * group * head_dim - 2) // (group + 1)
     most = max(32, most // 32 * 32)
     want = -(-2 * sm_count // max(1, S * n_kv))                     # splits that fill the GPU
     splits = max(1, min(want, -(-max_context // DECODE_MIN_PART)), -(-max_context // most))
@@ -1177,8 +1178,12 @@ def decode_partition(S: int, n_kv: int, group: int, head_dim: int, max_context: 
 
 
 @functools.lru_cache(maxsize=None)
-def _sm_count(device: torch.device) -> int:
-    return torch.cuda.get_device_properties(device).multi_processor_count if device.type == "cuda" else 132
+def _decode_device(device: torch.device) -> tuple[int, int]:
+    """(SMs, shared-memory budget of a decode block) of a GPU; an H100's elsewhere (kemu)."""
+    if device.type != "cuda":
+        return 132, DECODE_SMEM_BYTES
+    p = torch.cuda.get_device_properties(device)
+    return p.multi_processor_count, min(DECODE_SMEM_BYTES, p.shared_memory_per_block_optin - 1024)
 
 
 def _cuda(t: Tensor) -> bool:
@@ -1244,7 +1249,7 @@ def paged_attention(q: Tensor, k_cache: Tensor, v_cache: Tensor, block_tables: T
     if q.shape[0] == block_tables.shape[0] and _decode_kernel_fits(q, k_cache):   # decode
         max_len = max_context_len if max_context_len is not None else int(context_lens.max())
         part = decode_partition(q.shape[0], k_cache.shape[2], q.shape[1] // k_cache.shape[2], q.shape[2], max_len,
-                                _sm_count(q.device))
+                                *_decode_device(q.device))
         return cuda_extension().paged_decode(q, k_cache, v_cache, block_tables, context_lens, max_len, scale, part)
     if max_query_len is None:
         max_query_len = int((query_start_loc[1:] - query_start_loc[:-1]).max())
@@ -1383,7 +1388,7 @@ def self_check(device: str = "cuda", quick: bool = False) -> list[tuple[str, flo
                     starts = torch.arange(len(ctx) + 1, device=dev, dtype=torch.int32)
                     ref = paged_attention_ref(q, kc, vc, bt, starts, lens, hd_ ** -0.5)
                     via = "decode" if _decode_kernel_fits(q, kc) else "prefill kernel"
-                    part = 64 if quick else decode_partition(len(ctx), 2, G, hd_, max(ctx), _sm_count(torch.device(dev)))
+                    part = 64 if quick else decode_partition(len(ctx), 2, G, hd_, max(ctx), *_decode_device(torch.device(dev)))
                     splits = -(-max(ctx) // part) if via == "decode" else 1
                     with _KernelsOnAnyDevice():
                         if via == "decode" and quick:

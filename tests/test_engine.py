@@ -561,3 +561,7 @@ def test_decode_split_policy_fills_the_gpu_fits_shared_memory_and_merges_only_wh
                     assert S * n_kv * splits >= 0.9 * 2 * sms           # long contexts fill it too
                                                                         # (parts rounded up to 32 keys)
     assert kernels.decode_partition(1, 8, 4, 128, 32768, sms) == kernels.decode_partition(1, 8, 4, 128, 32768, sms)
+    for budget in (99 * 1024, 163 * 1024):                             # sm_86 and A100 opt-in limits
+        for G, hd in ((8, 128), (8, 256), (1, 64)):
+            part = kernels.decode_partition(256, 8, G, hd, 131072, 108, budget)
+            assert (9 * G * hd + G * part + part + 2) * 4 <= budget
