@@ -768,7 +768,7 @@ class FusedLinear:
     def fusable(linears: list[nn.Module]) -> bool:
         """Plain linears of one dtype and device, all with or all without a bias (a QuantLinear
         keeps its own packed kernel)."""
-        return all(type(m) is nn.Linear and m.weight.layout == torch.strided and type(m.weight) is nn.Parameter
+        return all(type(m) is nn.Linear and type(m.weight) is nn.Parameter       # not a 2:4 sparse weight
                    for m in linears) and len({m.bias is None for m in linears}) == 1 \
             and len({(m.weight.dtype, m.weight.device) for m in linears}) == 1
 
@@ -3535,7 +3535,6 @@ class AsyncCascade:
         self.cascade = cascade
         self.small = AsyncEngine(cascade.small.engine, max_waiting)
         self.large = AsyncEngine(cascade.large.engine, max_waiting)
-        self.engine = self.large.engine
         self.lock = threading.Lock()                  # the counters below, from handler threads
         self.num_requests = self.num_escalated = 0
         self.active: dict[str, CascadeRequest] = {}

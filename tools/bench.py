@@ -386,28 +386,16 @@ def bench_sparse_quality(model_dir: str, windows: int = 16, seq_len: int = 128, 
     int4 in groups of 32), fp32 on the CPU: what sparsity costs in quality. The held-out text
     is the standard-library files tools/train_tiny.py kept out of training; calibration
     (Wanda's input norms) is sequences the model samples itself, as quant.py does."""
-    import copy
     sys.path.insert(0, str(ROOT / "tools"))
-    from quant_eval import evaluate
-    from train_tiny import corpus, encode
+    from quant_eval import SPARSE_CONFIGS, evaluate, held_out_and_calibration, sparse_quality
     llm = LLM(model_dir, device="cpu", dtype="float32")
-    base = llm.engine.model
-    data = encode(llm.tokenizer, corpus()[1])
-    starts = torch.linspace(0, len(data) - seq_len - 2, windows).long().tolist()
-    held = torch.stack([data[s:s + seq_len + 1] for s in starts])
-    bos = base.config.bos_token_id
-    outs = llm.generate([[bos]] * calib_samples, [SamplingParams(temperature=1.0, max_tokens=seq_len - 1, ignore_eos=True,
-                                                                 seed=i) for i in range(calib_samples)])
-    calib = torch.tensor([[bos] + o.token_ids for o in outs])
-    dense, _, ref = evaluate(base, None, held)
+    held, calib = held_out_and_calibration(llm, windows, seq_len, calib_samples)
+    dense, _, ref = evaluate(llm.engine.model, None, held)
     rows = [{"weights": "dense fp32", "ppl": dense, "kl": 0.0}]
-    for label, prune, bits in (("2:4 magnitude", "magnitude", 16), ("2:4 Wanda", "wanda", 16),
-                               ("2:4 Wanda + int4 (groups of 32)", "wanda", 4)):
-        model = copy.deepcopy(base)
-        quant.sparsify_model(model, calib, prune, bits, 32 if bits == 4 else 0)
-        ppl, kl, _ = evaluate(model, ref, held)
-        rows.append({"weights": label, "ppl": ppl, "kl": kl})
-        _progress("2:4 quality", len(rows) - 1, 3)
+    configs = [c for c in SPARSE_CONFIGS if c[2] != 8]            # int8 adds nothing int4 does not show
+    for row in sparse_quality(llm.engine.model, calib, ref, held, configs):
+        rows.append({"weights": row["config"], "ppl": row["ppl"], "kl": row["kl"]})
+        _progress("2:4 quality", len(rows) - 1, len(configs))
     return {"windows": windows, "seq_len": seq_len, "rows": rows}
 
 

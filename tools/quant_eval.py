@@ -47,6 +47,33 @@ def evaluate(model, ref_logprobs: list[torch.Tensor] | None, windows: torch.Tens
     return math.exp(nll / n), kl / n, lps
 
 
+def held_out_and_calibration(llm, windows: int, seq_len: int, calib_samples: int) -> tuple[torch.Tensor, torch.Tensor]:
+    """-> (windows, seq_len + 1) token windows spread over the held-out text, and
+    (calib_samples, seq_len) calibration sequences the model samples itself (seeds 0..n-1)."""
+    data = encode(llm.tokenizer, corpus()[1])
+    starts = torch.linspace(0, len(data) - seq_len - 2, windows).long().tolist()
+    held = torch.stack([data[s:s + seq_len + 1] for s in starts])
+    bos = llm.engine.model.config.bos_token_id
+    outs = llm.generate([[bos]] * calib_samples,
+                        [nanoserve.SamplingParams(temperature=1.0, max_tokens=seq_len - 1, ignore_eos=True, seed=i)
+                         for i in range(calib_samples)])
+    return held, torch.tensor([[bos] + o.token_ids for o in outs])
+
+
+SPARSE_CONFIGS = (("2:4 magnitude", "magnitude", 16), ("2:4 Wanda", "wanda", 16),
+                  ("2:4 Wanda + int8 (per channel)", "wanda", 8), ("2:4 Wanda + int4 (groups of 32)", "wanda", 4))
+
+
+def sparse_quality(base, calib: torch.Tensor, ref: list[torch.Tensor], windows: torch.Tensor,
+                   configs=SPARSE_CONFIGS):
+    """Each 2:4 configuration applied to a copy of base -> yields {config, ppl, kl} rows."""
+    for label, prune, bits in configs:
+        model = copy.deepcopy(base)
+        quant.sparsify_model(model, calib, prune, bits, 32 if bits == 4 else 0)
+        ppl, kl, _ = evaluate(model, ref, windows)
+        yield {"config": label, "ppl": ppl, "kl": kl}
+
+
 def main() -> None:
     ap = argparse.ArgumentParser()
     ap.add_argument("--model", default=str(nanoserve.DEFAULT_MODEL))
@@ -63,15 +90,7 @@ def main() -> None:
     torch.manual_seed(0)
     llm = nanoserve.LLM(args.model, device="cpu", dtype="float32")
     base = llm.engine.model
-    _, held = corpus()
-    data = encode(llm.tokenizer, held)
-    starts = torch.linspace(0, len(data) - args.seq_len - 2, args.windows).long().tolist()
-    windows = torch.stack([data[s:s + args.seq_len + 1] for s in starts])
-    bos = base.config.bos_token_id
-    outs = llm.generate([[bos]] * args.calib_samples,
-                        [nanoserve.SamplingParams(temperature=1.0, max_tokens=args.seq_len - 1, ignore_eos=True,
-                                                  seed=i) for i in range(args.calib_samples)])
-    calib = torch.tensor([[bos] + o.token_ids for o in outs])
+    windows, calib = held_out_and_calibration(llm, args.windows, args.seq_len, args.calib_samples)
     ppl_fp, _, ref = evaluate(base, None, windows)
     rows = [{"config": "fp32", "group_size": None, "ppl": ppl_fp, "kl": 0.0}]
     if args.checkpoints is not None:
@@ -86,14 +105,9 @@ def main() -> None:
         return
     if args.sparse:
         print(f"| weights | held-out perplexity | KL(fp32 || it) |\n| --- | --- | --- |\n| fp32 dense | {ppl_fp:.3f} | 0 |")
-        for label, prune, bits in (("2:4 magnitude", "magnitude", 16), ("2:4 Wanda", "wanda", 16),
-                                   ("2:4 Wanda + int8 (per channel)", "wanda", 8),
-                                   ("2:4 Wanda + int4 (groups of 32)", "wanda", 4)):
-            model = copy.deepcopy(base)
-            quant.sparsify_model(model, calib, prune, bits, 32 if bits == 4 else 0)
-            ppl, kl, _ = evaluate(model, ref, windows)
-            rows.append({"config": label, "ppl": ppl, "kl": kl})
-            print(f"| {label} | {ppl:.3f} | {kl:.4f} |", flush=True)
+        for row in sparse_quality(base, calib, ref, windows):
+            rows.append(row)
+            print(f"| {row['config']} | {row['ppl']:.3f} | {row['kl']:.4f} |", flush=True)
         if args.out:
             Path(args.out).write_text(json.dumps({"model": args.model, "rows": rows}, indent=2) + "\n")
         return
