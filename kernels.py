@@ -1129,8 +1129,11 @@ def cuda_library_includes() -> list[str]:
     return found
 
 
+@functools.cache
 def cuda_extension():
     """Compile (first call) and return the CUDA extension; torch caches the build on disk.
+    Cached in the process too: load_inline hashes the sources and re-imports the module on
+    every call, which would cost each kernel launch far more than the launch itself.
     NANOSERVE_PTXAS_VERBOSE=1 prints each kernel's registers, spills and shared memory."""
     from torch.utils.cpp_extension import load_inline
     if torch.cuda.is_available() and "TORCH_CUDA_ARCH_LIST" not in os.environ:
@@ -1450,6 +1453,97 @@ def self_check(device: str = "cuda", quick: bool = False) -> list[tuple[str, flo
     return rows
 
 
+def _time_cuda(fn, reps: int = 30, trials: int = 5) -> float:
+    """Seconds per call of fn(i) (i = 0, 1, ...: the caller rotates its inputs so that
+    repeated calls do not run from L2), by CUDA events: the median of `trials` means."""
+    fn(0)
+    torch.cuda.synchronize()
+    means = []
+    for _ in range(trials):
+        start, end = torch.cuda.Event(enable_timing=True), torch.cuda.Event(enable_timing=True)
+        start.record()
+        for i in range(reps):
+            fn(i)
+        end.record()
+        torch.cuda.synchronize()
+        means.append(start.elapsed_time(end) / 1e3 / reps)
+    return sorted(means)[trials // 2]
+
+
+def gpu_goals(device: str = "cuda") -> list[tuple[str, str]]:
+    """Each kernel at the sizes its goal names (issue 16), timed with CUDA events, against
+    this GPU's measured copy bandwidth (bytes read + written) and cuBLAS/SDPA where they do
+    the same work -> rows (what, figure and goal). Inputs rotate through copies totalling
+    several times the L2, so a repeated call reads device memory, as the model does."""
+    dev = torch.device(device)
+    props = torch.cuda.get_device_properties(dev)
+    l2 = props.L2_cache_size
+    copies = lambda nbytes: max(1, -(-4 * l2 // max(1, nbytes)))        # sets needed to defeat L2
+    rows = []
+    a = torch.empty(1 << 28, device=dev).uniform_()                  # 1 GiB
+    b = torch.empty_like(a)
+    copy_bw = 2 * a.numel() * 4 / _time_cuda(lambda i: b.copy_(a), reps=10)
+    rows.append(("device-to-device copy (read + write)", f"{copy_bw / 1e9:.0f} GB/s: the ceiling below"))
+    del a, b
+    bf16 = torch.bfloat16
+
+    # Decode attention, Llama-3-8B's attention shape (32 query heads over 8 KV heads, head_dim
+    # 128), bf16 cache of 16-token blocks: bytes = the K and V rows the batch attends to.
+    Hkv, G, hd, bs = 8, 4, 128, 16
+    for S, ctx in ((64, 2048), (1, 32768)):
+        kv_bytes = 2 * S * ctx * Hkv * hd * 2
+        sets = [_random_paged(S, [ctx] * S, Hkv, G, hd, bs, bf16, device) for _ in range(copies(kv_bytes))]
+        part = decode_partition(S, Hkv, G, hd, ctx, *_decode_device(dev))
+        ext = cuda_extension()
+        t = _time_cuda(lambda i: ext.paged_decode(*sets[i % len(sets)], ctx, hd ** -0.5, part))
+        rows.append((f"paged_decode bf16 {S} x {ctx} tokens, 32/8 heads, hd 128 ({-(-ctx // part)} splits)",
+                     f"{t * 1e6:.1f} us, {kv_bytes / t / 1e9:.0f} GB/s = {100 * kv_bytes / t / copy_bw:.0f}% "
+                     f"of copy (goal >= 80%)"))
+        del sets
+
+    # Prefill: one 4,096-token prompt, causal, 32/8 heads, hd 128, against PyTorch's SDPA
+    # (FlashAttention-2 inside) on the same tokens laid out contiguously.
+    T = 4096
+    _, kc, vc, bt, _ = _random_paged(1, [T], Hkv, G, hd, bs, bf16, device)
+    q = torch.randn(T, Hkv * G, hd, device=dev, dtype=bf16)
+    starts = torch.tensor([0, T], device=dev, dtype=torch.int32)
+    lens = torch.tensor([T], device=dev, dtype=torch.int32)
+    flops = 4 * T * (T / 2) * Hkv * G * hd                 # QK^T and PV over the causal half
+    t = _time_cuda(lambda i: cuda_extension().paged_prefill(q, kc, vc, bt, starts, lens, T, hd ** -0.5), reps=5)
+    k = gather_kv_ref(kc, bt[0], T).transpose(0, 1)[None]            # (1, Hkv, T, hd)
+    v = gather_kv_ref(vc, bt[0], T).transpose(0, 1)[None]
+    qs = q.transpose(0, 1)[None]                                      # (1, H, T, hd)
+    sdpa = lambda i: torch.nn.functional.scaled_dot_product_attention(qs, k, v, is_causal=True, enable_gqa=True)
+    ts = _time_cuda(sdpa, reps=5)
+    rows.append((f"paged_prefill bf16 {T}-token prompt, 32/8 heads, hd 128",
+                 f"{flops / t / 1e12:.1f} TFLOP/s (goal >= 150; PyTorch SDPA {flops / ts / 1e12:.0f} TFLOP/s)"))
+    del kc, vc, q, k, v, qs
+
+    # Weight-only int4 (groups of 128) and int8 (per channel): Llama-2-7B's projection shapes
+    # at decode sizes through the GEMV, at a prefill size through quant_linear's >16-row path;
+    # against the same product in bf16 by cuBLAS.
+    for N, K in ((4096, 4096), (11008, 4096), (4096, 11008)):
+        for bits, group in ((4, 128), (8, 0)):
+            packed = N * (K // 2 if bits == 4 else K) + N * (K // (group or K)) * 2      # codes + scales
+            ws = [(torch.randint(0, 256, (N, K // 2), device=dev, dtype=torch.uint8) if bits == 4 else
+                   torch.randint(-127, 128, (N, K), device=dev, dtype=torch.int8),
+                   torch.rand(N, K // (group or K), device=dev, dtype=bf16) / 50) for _ in range(copies(packed))]
+            dense = [torch.randn(N, K, device=dev, dtype=bf16) for _ in range(copies(2 * N * K))]
+            for M in ((1, 16, 2048) if bits == 4 else (1,)):
+                x = torch.randn(M, K, device=dev, dtype=bf16)
+                tq = _time_cuda(lambda i: quant_linear(x, *ws[i % len(ws)], None, bits, group), reps=20)
+                td = _time_cuda(lambda i: x @ dense[i % len(dense)].T, reps=20)
+                if M <= 16:
+                    figure = (f"{packed / tq / 1e9:.0f} GB/s = {100 * packed / tq / copy_bw:.0f}% of copy (goal >= 80%); "
+                              f"bf16 cuBLAS {2 * N * K / td / 1e9:.0f} GB/s; int{bits} at {td / tq:.2f}x bf16's speed")
+                else:
+                    figure = (f"{2 * M * N * K / tq / 1e12:.0f} TFLOP/s, {tq / td:.2f}x bf16 cuBLAS's time "
+                              f"({2 * M * N * K / td / 1e12:.0f} TFLOP/s; goal <= 1.3x)")
+                rows.append((f"W{bits}A16 {'g' + str(group) if group else 'per channel'} {N}x{K}, {M} rows", figure))
+            del ws, dense
+    return rows
+
+
 def ptxas_report() -> list[tuple[str, int, int, int]]:
     """Compile the extension from scratch (in a temporary folder, in a child process: no GPU
     needed) with ptxas -v -> per kernel (demangled name, registers, spill store + load bytes,
@@ -1505,4 +1599,7 @@ if __name__ == "__main__":
     for name, err, ms in results:
         print(f"{name:90s} max rel err {err:.2e}  {ms:8.3f} ms")
     print(f"kernels.py: {len(results)} checks, worst relative error {worst:.2e}")
+    print(f"\nAt the goals' sizes on {torch.cuda.get_device_name()} (torch {torch.__version__}):")
+    for what, figure in gpu_goals():
+        print(f"{what:70s} {figure}")
     sys.exit(0 if worst < 2e-2 else 1)

@@ -2188,6 +2188,9 @@ class ModelRunner:
         if self.device.type != "cuda":
             return self.cfg.kv_cache_bytes
         free, _ = torch.cuda.mem_get_info(self.device)
+        # Memory PyTorch's caching allocator holds but no tensor uses (say, the pool of an
+        # engine dropped earlier) is free to us too, though the driver counts it as taken.
+        free += torch.cuda.memory_reserved(self.device) - torch.cuda.memory_allocated(self.device)
         c = self.model.config
         act = self.cfg.max_num_batched_tokens * (4 * c.hidden_size + 3 * c.intermediate_size) * 4 \
             + self.cfg.max_num_seqs * c.vocab_size * 4 * 4

@@ -2,7 +2,7 @@
 
     python tools/bench.py [SUITE ...] [--model DIR | random:PRESET] [--device cuda] [--out FILE]
 
-Suites (default: all): latency overhead throughput memory prefix chunked spec quant sla
+Suites (default: all): latency overhead profile throughput memory prefix chunked spec quant sla
 server transformers (nanoserve beside transformers' generate, one thread each) tp (tensor
 parallelism) cascade (the bundled pair as a model cascade) sparse (2:4 sparsity: quality on the
 CPU, matmul speed on a GPU). Each prints one Markdown table; --out writes every number as JSON. Timings on a
@@ -66,8 +66,10 @@ def _free_memory() -> None:
         torch.cuda.empty_cache()
 
 
-def measure_copy_bandwidth(device: torch.device, nbytes: int = 256 << 20) -> float:
-    """Device-to-device copy, bytes read + written per second: the practical bandwidth ceiling."""
+def measure_copy_bandwidth(device: torch.device, nbytes: int | None = None) -> float:
+    """Device-to-device copy, bytes read + written per second: the practical bandwidth ceiling.
+    1 GiB on a GPU (far past its L2), 256 MiB on a CPU."""
+    nbytes = nbytes or ((1 << 30) if device.type == "cuda" else (256 << 20))
     a = torch.empty(nbytes // 4, dtype=torch.float32, device=device).uniform_()
     b = torch.empty_like(a)
     b.copy_(a)
@@ -81,7 +83,9 @@ def measure_copy_bandwidth(device: torch.device, nbytes: int = 256 << 20) -> flo
     return 2 * nbytes / min(times)
 
 
-def measure_matmul_flops(device: torch.device, dtype: torch.dtype, n: int = 1024) -> float:
+def measure_matmul_flops(device: torch.device, dtype: torch.dtype, n: int | None = None) -> float:
+    """Square matmul rate: 8192 on a GPU (big enough to reach its tensor-core peak), 1024 on a CPU."""
+    n = n or (8192 if device.type == "cuda" else 1024)
     a = torch.randn(n, n, device=device).to(dtype)
     b = torch.randn(n, n, device=device).to(dtype)
     a @ b
@@ -227,6 +231,70 @@ def bench_overhead(llm: LLM, batches: tuple[int, ...] = (1, 64), new_tokens: int
         rows.append({"batch": b, "decode_tok_s": b * new_tokens / elapsed, "steps": n,
                      **{f"{k}_ms_per_step": 1e3 * v / n for k, v in eng.step_time.items()}})
     return {"rows": rows}
+
+
+KERNEL_KINDS = (   # (kind, substrings of a GPU kernel's or CPU op's name), first match wins
+    ("quantized matmul", ("quant_gemv",)),
+    ("matmul", ("gemm", "gemv", "cutlass", "xmma", "nvjet", "cublas", "aten::mm", "aten::addmm", "aten::linear",
+                "aten::matmul", "aten::bmm", "_weight_int")),
+    ("attention", ("paged_decode", "merge_splits", "paged_prefill", "attention", "sdpa", "flash")),
+    ("RMSNorm", ("rms_norm",)),
+    ("RoPE + cache write", ("rope", "index_copy")),
+    ("SiLU x up", ("silu",)),
+)
+
+
+def bench_profile(llm: LLM, batches: tuple[int, ...], steps: int = 8) -> dict:
+    """Where a decode step's time goes, kernel by kernel (torch.profiler): for each batch
+    size, `steps` decode steps of that many running sequences, with CUDA graphs and without
+    (on a GPU), each kernel's time per step, the kinds summed, and the step's wall time
+    against the device's busy time (the difference: the GPU waiting for the host)."""
+    from torch.profiler import ProfilerActivity, profile
+    eng = llm.engine
+    vocab = eng.model_config.vocab_size
+    gpu = eng.device.type == "cuda"
+    modes = (("graphs", True), ("eager", False)) if eng.runner.use_graphs else (("eager", False),)
+    out = []
+    for b in batches:
+        for mode, graphs in modes:
+            eng.runner.use_graphs = graphs
+            prompts = [[1] + np.random.default_rng(i).integers(3, vocab, 16).tolist() for i in range(b)]
+            p = SamplingParams(temperature=0, max_tokens=2 * steps + 8, ignore_eos=True)
+            for q in prompts:
+                eng.add_request(q, p)
+            for _ in range(4):                            # prefill, then decode until warm (graph captured)
+                eng.step()
+            _sync(eng.device)
+            t = time.perf_counter()
+            for _ in range(steps):
+                eng.step()
+            _sync(eng.device)
+            wall = (time.perf_counter() - t) / steps
+            acts = [ProfilerActivity.CPU] + ([ProfilerActivity.CUDA] if gpu else [])
+            with profile(activities=acts) as prof:
+                for _ in range(steps):
+                    eng.step()
+                _sync(eng.device)
+            while eng.has_unfinished():
+                eng.step()
+            rows = []
+            for e in prof.key_averages():
+                if gpu:      # device kernels only (CPU ops carry their kernels' time too)
+                    us = e.self_device_time_total if str(e.device_type).endswith("CUDA") else 0
+                else:        # CPU: operators' own time; the decode step itself is not an op
+                    us = e.self_cpu_time_total if e.key.startswith("aten::") else 0
+                if us > 0:
+                    kind = next((k for k, subs in KERNEL_KINDS if any(x in e.key.lower() for x in subs)), "other")
+                    rows.append({"name": e.key, "kind": kind, "us_per_step": us / steps, "calls_per_step": e.count / steps})
+            rows.sort(key=lambda r: -r["us_per_step"])
+            busy = sum(r["us_per_step"] for r in rows)
+            kinds: dict[str, float] = {}
+            for r in rows:
+                kinds[r["kind"]] = kinds.get(r["kind"], 0.0) + r["us_per_step"]
+            out.append({"batch": b, "mode": mode, "wall_ms_per_step": 1e3 * wall, "busy_ms_per_step": busy / 1e3,
+                        "kinds_us": kinds, "top": rows[:12]})
+    eng.runner.use_graphs = modes[0][1]
+    return {"steps": steps, "rows": out}
 
 
 def bench_hf_static(model_dir: str, device: str, dtype: str, n: int, lo: int, hi: int, batch: int) -> dict | None:
@@ -760,6 +828,21 @@ def suite_latency(b: Bench) -> tuple[dict, str, Rows]:
         ("prefill arithmetic intensity", f"{r['prefill_flops_per_byte']:.0f} FLOP/byte: {r['prefill_verdict']}")]
 
 
+def suite_profile(b: Bench) -> tuple[dict, str, Rows]:
+    r = bench_profile(b.llm(), (1, 64) if b.device == "cuda" else (1, 16))
+    busy = "GPU kernels" if b.device == "cuda" else "operators (one thread)"
+    rows = []
+    for row in r["rows"]:
+        kinds = ", ".join(f"{k} {100 * us / 1e3 / row['busy_ms_per_step']:.0f}%"
+                          for k, us in sorted(row["kinds_us"].items(), key=lambda kv: -kv[1]))
+        rows.append((f"batch {row['batch']}, {row['mode']}: step time", f"{row['wall_ms_per_step']:.2f} ms wall, "
+                     f"{row['busy_ms_per_step']:.2f} ms in {busy} ({kinds})"))
+        rows += [(f"batch {row['batch']}, {row['mode']}: {t['name'][:80]}",
+                  f"{t['us_per_step']:.1f} us per step, {t['calls_per_step']:.0f} calls ({t['kind']})")
+                 for t in row["top"][:8]]
+    return r, f"Profile of a decode step (torch.profiler, {r['steps']} steps)", rows
+
+
 def suite_throughput(b: Bench) -> tuple[dict, str, Rows]:
     r = bench_throughput(b.llm(), b.n, b.lo, b.hi, static_batch=min(64, b.n))
     b.release()                                          # room for the transformers model
@@ -964,6 +1047,7 @@ class Suite:
 SUITES: dict[str, Suite] = {
     "latency": Suite(suite_latency),
     "overhead": Suite(suite_overhead),
+    "profile": Suite(suite_profile),
     "throughput": Suite(suite_throughput),
     "memory": Suite(suite_memory),
     "prefix": Suite(suite_prefix),
