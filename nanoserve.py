@@ -24,6 +24,7 @@ from __future__ import annotations
 import argparse
 import dataclasses
 import http.server
+import itertools
 import json
 import math
 import os
@@ -1729,21 +1730,26 @@ def sampling_probs(logits: Tensor, params: list[SamplingParams]) -> Tensor:
     return torch.where((temperature == 0)[:, None], greedy, probs)
 
 
-def draw(probs: Tensor, generators: list[torch.Generator | None], default: torch.Generator) -> Tensor:
-    """One sample per row of probs (B, V) by the exponential race; seeded rows use their own noise."""
-    noise = torch.empty_like(probs).exponential_(generator=default)
-    for i, g in enumerate(generators):
-        if g is not None:                                              # per-request seed
-            noise[i] = torch.empty_like(probs[i]).exponential_(generator=g)
+def draw(probs: Tensor, keys: list[int | None], default: torch.Generator) -> Tensor:
+    """One sample per row of probs (B, V) by the exponential race: with E_v ~ Exp(1)
+    independent, argmax_v p_v / E_v is distributed as p. A seeded row (an event key, see
+    Sampler) takes its noise from keyed_uniform, the others from the shared generator."""
+    seeded = [i for i, k in enumerate(keys) if k is not None]
+    noise = torch.empty_like(probs)
+    if len(seeded) < len(keys):
+        noise.exponential_(generator=default)
+    if seeded:                                                         # per-request seeds, one batch
+        u = keyed_uniform([keys[i] for i in seeded], probs.shape[-1], probs.device)
+        noise[seeded] = -torch.log(u).to(noise.dtype)                  # Exp(1) from a uniform
     return (probs / noise).argmax(-1)
 
 
 def sample(logits: Tensor, params: list[SamplingParams],
-           generators: list[torch.Generator | None], default: torch.Generator) -> Tensor:
+           keys: list[int | None], default: torch.Generator) -> Tensor:
     """One token per row of logits (B, V). Temperature 0 is a plain argmax."""
     if all(p.temperature == 0 for p in params):
         return logits.argmax(-1)
-    return draw(sampling_probs(logits, params), generators, default)
+    return draw(sampling_probs(logits, params), keys, default)
 
 
 def top_logprobs(logprobs: Tensor, chosen: Tensor, n: int) -> list[dict[int, float]]:
@@ -1758,34 +1764,65 @@ def top_logprobs(logprobs: Tensor, chosen: Tensor, n: int) -> list[dict[int, flo
     return out
 
 
-# A seeded request draws the noise of each sampling event from a generator keyed by
-# (seed, position of the token, purpose). Its output is then a function of its seed and
-# its own tokens only: the same alone or in any batch, and after a preemption.
+# A seeded request draws the noise of each sampling event from a counter-based generator
+# keyed by (seed, position of the token, purpose). Its output is then a function of its seed
+# and its own tokens only: the same alone or in any batch, and after a preemption. Counter-
+# based (the noise is a hash of the key and the column, as Philox in cuRAND and JAX is)
+# rather than a torch.Generator per request: a batch of 256 seeded requests then costs one
+# set of elementwise kernels per step, not 256 generators and their launches.
 SAMPLE, DRAFT, ACCEPT, RESIDUAL = range(4)
+_M32 = 0xFFFFFFFF
+
+
+def _mul32(h, c: int):
+    """(h * c) mod 2^32 for h in [0, 2^32), int or int64 tensor: c is split into 16-bit
+    halves so that no product overflows 64 bits."""
+    return (h * (c & 0xFFFF) + (((h * (c >> 16)) & 0xFFFF) << 16)) & _M32
+
+
+def _fmix32(h):
+    """MurmurHash3's 32-bit finalizer: each input bit flips each output bit with probability
+    close to 1/2. Works on ints and on int64 tensors holding values in [0, 2^32)."""
+    h = h ^ (h >> 16)
+    h = _mul32(h, 0x85EBCA6B)
+    h = h ^ (h >> 13)
+    h = _mul32(h, 0xC2B2AE35)
+    return h ^ (h >> 16)
+
+
+def keyed_uniform(keys: list[int], n: int, device: torch.device) -> Tensor:
+    """(len(keys), n) uniforms in (0, 1), row i a pure function of the 63-bit event key
+    keys[i]: the key hashed to 32 bits, then column j is fmix32(key32 + j * golden ratio)
+    (a Weyl sequence through the finalizer, SplitMix's construction), 24 bits kept."""
+    k = torch.tensor([_fmix32((key & _M32) ^ _fmix32(key >> 32)) for key in keys], device=device)[:, None]
+    col = torch.arange(n, device=device)                                   # (n,)
+    h = _fmix32((col * 0x9E3779B9 + k) & _M32)                             # (B, n)
+    return ((h >> 8).float() + 0.5) * 2.0 ** -24
 
 
 class Sampler:
     """Draws the engine's random numbers: one shared generator (seeded by
-    EngineConfig.seed) for unseeded requests, and a fresh generator per sampling event
-    for seeded ones."""
+    EngineConfig.seed) for unseeded requests, and keyed noise (keyed_uniform) for each
+    sampling event of a seeded one."""
 
     def __init__(self, device: torch.device, seed: int):
         self.device = device
         self.default = torch.Generator(device).manual_seed(seed)
 
-    def generator(self, seed: int | None, position: int, purpose: int) -> torch.Generator | None:
-        """The generator of a seeded request's event at `position` (None: the shared one)."""
+    @staticmethod
+    def key(seed: int | None, position: int, purpose: int) -> int | None:
+        """The key of a seeded request's event at `position` (None: the shared generator)."""
         if seed is None:
             return None
-        return torch.Generator(self.device).manual_seed((seed * 0x9E3779B1 + position * 4 + purpose) % 2**63)
+        return (seed * 0x9E3779B1 + position * 4 + purpose) % 2**63
 
     def sample(self, logits: Tensor, params: list[SamplingParams], positions: list[int]) -> Tensor:
         """(B, V) logits -> (B,) tokens; row i is the token at positions[i]."""
-        gens = [self.generator(p.seed, pos, SAMPLE) for p, pos in zip(params, positions)]
-        return sample(logits, params, gens, self.default)
+        return sample(logits, params, [self.key(p.seed, pos, SAMPLE) for p, pos in zip(params, positions)],
+                      self.default)
 
-    def draw(self, probs: Tensor, generators: list[torch.Generator | None]) -> Tensor:
-        return draw(probs, generators, self.default)
+    def draw(self, probs: Tensor, keys: list[int | None]) -> Tensor:
+        return draw(probs, keys, self.default)
 
 
 # ============================================================================ scheduler
@@ -2134,9 +2171,13 @@ class DecodeGraphs:
         self.positions[:b].copy_(torch.tensor(positions + [0] * pad))
         self.slot_mapping[:b].copy_(torch.tensor(slots + [-1] * pad))
         self.context_lens[:b].copy_(torch.tensor([p + 1 for p in positions] + [0] * pad, dtype=torch.int32))
-        self.block_tables[:b].copy_(torch.tensor(                                       # (b, max_blocks)
-            [t + [0] * (self.max_blocks - len(t)) for t in tables] + [[0] * self.max_blocks] * pad,
-            dtype=torch.int32))
+        # Only the columns some table uses, and only the real rows: a row reads no entry past
+        # its own context, and a padding row (context 0) none. Built flat: turning a nested
+        # list into a tensor costs the host more than the step's other inputs together.
+        width = max(map(len, tables))
+        self.block_tables[:n, :width].copy_(torch.tensor(                                 # (n, width)
+            list(itertools.chain.from_iterable(t + [0] * (width - len(t)) for t in tables)),
+            dtype=torch.int32).view(n, width))
         self.steps += 1
         if not self.capture:
             return self._forward(b)[:n]
@@ -3115,14 +3156,14 @@ class Cascade:
 # the forward pass), verify (after it), release (a sequence finishes or is preempted).
 
 def rejection_sample(p: Tensor, q: Tensor | None, draft: list[int],
-                     rng: Callable[[int, int], torch.Generator | None],
+                     key: Callable[[int, int], int | None],
                      default: torch.Generator) -> list[int]:
     """Speculative sampling (Leviathan et al. 2023; Chen et al. 2023), for one sequence.
 
     p: (k + 1, V) the target's distributions at the k draft positions and one past them.
     q: (k, V) the draft's distributions the k draft tokens were sampled from; None for a
        deterministic proposal (n-gram lookup), which is a point mass: q = one_hot(draft).
-    rng(j, purpose): the generator for window position j (None: use default).
+    key(j, purpose): the event key for window position j (None: use default, the shared generator).
     Returns the accepted prefix of draft plus one more token, 1 to k + 1 tokens.
 
     For each draft token x in order:
@@ -3134,20 +3175,22 @@ def rejection_sample(p: Tensor, q: Tensor | None, draft: list[int],
          = min(q(x), p(x)) + max(0, p(x) - q(x)) = p(x),
     because the rejection mass 1 - sum min(p, q) equals Z = sum max(0, p - q).
     """
-    def one(probs: Tensor, gen: torch.Generator | None) -> int:
-        return int(draw(probs[None], [gen], default)[0])
+    def one(probs: Tensor, k: int | None) -> int:
+        return int(draw(probs[None], [k], default)[0])
 
     out = []
     for j, x in enumerate(draft):
         qj = q[j] if q is not None else F.one_hot(torch.tensor(x, device=p.device), p.shape[-1]).to(p.dtype)
-        u = torch.rand((), generator=rng(j, ACCEPT) or default, device=p.device)
+        k = key(j, ACCEPT)
+        u = torch.rand((), generator=default, device=p.device) if k is None else \
+            keyed_uniform([k], 1, p.device)[0, 0]
         if u * qj[x] <= p[j, x]:                     # accept with prob min(1, p(x)/q(x))
             out.append(x)
             continue
         residual = (p[j] - qj).clamp(min=0)
-        out.append(one(residual / residual.sum() if residual.sum() > 0 else p[j], rng(j, RESIDUAL)))
+        out.append(one(residual / residual.sum() if residual.sum() > 0 else p[j], key(j, RESIDUAL)))
         return out
-    out.append(one(p[len(draft)], rng(len(draft), SAMPLE)))   # the bonus token
+    out.append(one(p[len(draft)], key(len(draft), SAMPLE)))   # the bonus token
     return out
 
 
@@ -3223,8 +3266,8 @@ class Speculator:
         for (seq, _), k in zip(windows, k_of):
             p, lg = p_all[at:at + k + 1], logits[at:at + k + 1]
             at += k + 1
-            rng = lambda j, purpose, s=seq: eng.sampler.generator(s.params.seed, s.num_tokens + j, purpose)  # noqa: E731
-            toks = rejection_sample(p, self.q.pop(seq, None), drafts[seq], rng, eng.sampler.default)
+            key = lambda j, purpose, s=seq: Sampler.key(s.params.seed, s.num_tokens + j, purpose)  # noqa: E731
+            toks = rejection_sample(p, self.q.pop(seq, None), drafts[seq], key, eng.sampler.default)
             acc = len(toks) - 1
             self.proposed += k
             self.accepted += acc
@@ -3336,7 +3379,7 @@ class DraftModelSpeculator(Speculator):
                                      [s.token_ids[:s.num_prompt_tokens] for s in active],
                                      [s.output_ids + drafts[s] for s in active])
             q = sampling_probs(logits, params)
-            x = sampler.draw(q, [sampler.generator(s.params.seed, s.num_tokens + j, DRAFT) for s in active])
+            x = sampler.draw(q, [Sampler.key(s.params.seed, s.num_tokens + j, DRAFT) for s in active])
             for i, (s, st) in enumerate(zip(active, states)):
                 st.num_computed += len(tokens[i])
                 drafts[s].append(int(x[i]))

@@ -94,14 +94,43 @@ def test_temperature_zero_is_argmax():
     assert torch.equal(tokens, logits.argmax(-1))
 
 
-def test_per_request_generator_makes_a_row_independent_of_its_batch():
+def test_per_request_key_makes_a_row_independent_of_its_batch():
     logits = torch.randn(8, 50)
     params = [SamplingParams(temperature=1.0, seed=i) for i in range(8)]
-    alone = [nanoserve.sample(logits[i:i + 1], params[i:i + 1], [torch.Generator().manual_seed(i)],
+    keys = [nanoserve.Sampler.key(i, 5, nanoserve.SAMPLE) for i in range(8)]
+    alone = [nanoserve.sample(logits[i:i + 1], params[i:i + 1], keys[i:i + 1],
                               torch.Generator().manual_seed(99)).item() for i in range(8)]
-    batch = nanoserve.sample(logits, params, [torch.Generator().manual_seed(i) for i in range(8)],
-                             torch.Generator().manual_seed(7))
-    assert batch.tolist() == alone
+    mixed = keys[:4] + [None] * 4                                    # seeded rows beside unseeded ones
+    batch = nanoserve.sample(logits, params, mixed, torch.Generator().manual_seed(7))
+    assert batch.tolist()[:4] == alone[:4]
+    assert nanoserve.sample(logits, params, keys, torch.Generator()).tolist() == alone
+
+
+def _keyed_counts(logits, keys, noise=None):
+    """Token counts of one draw per key, every row with the same logits (seeded rows only);
+    noise(keys, V): a replacement for the keyed Exp(1) noise (a broken sampler)."""
+    probs = torch.softmax(logits, -1).expand(len(keys), -1)
+    if noise is None:
+        tokens = nanoserve.draw(probs, keys, torch.Generator())
+    else:
+        tokens = (probs / noise(keys, logits.shape[-1])).argmax(-1)
+    return torch.bincount(tokens, minlength=logits.shape[-1]).double()
+
+
+def test_keyed_noise_samples_the_distribution():
+    """Seeded requests' noise (a hash of the event key and the column, no generator): 40,000
+    consecutive seeds, one draw each from softmax(LOGITS), chi-square at ALPHA. Power: the
+    same test rejects uniform noise in place of exponential, and a weak hash whose columns
+    move together (the key plus the column, no mixing)."""
+    keys = [nanoserve.Sampler.key(seed, 7, nanoserve.SAMPLE) for seed in range(N)]
+    probs = torch.softmax(LOGITS.double(), -1)
+    assert chi_square_pvalue(_keyed_counts(LOGITS, keys), probs) > ALPHA
+    uniform = lambda k, n: nanoserve.keyed_uniform(k, n, "cpu")                              # noqa: E731
+    assert chi_square_pvalue(_keyed_counts(LOGITS, keys, uniform), probs) < ALPHA
+    unmixed = lambda k, n: -torch.log(((torch.tensor(k)[:, None] + torch.arange(n)) % 1000 + 0.5) / 1000)  # noqa: E731
+    assert chi_square_pvalue(_keyed_counts(LOGITS, keys, unmixed), probs) < ALPHA
+    u = nanoserve.keyed_uniform(keys[:64], 4096, "cpu")
+    assert 0 < u.min() and u.max() < 1 and abs(float(u.mean()) - 0.5) < 0.01
 
 
 def test_chi_square_pvalue_is_calibrated():

@@ -132,11 +132,15 @@ def test_speculation_through_the_decode_graph_path(pair):
 
 # ----------------------------------------------------------------------------- distribution
 
+def _uniform(key, default):
+    return torch.rand((), generator=default) if key is None else nanoserve.keyed_uniform([key], 1, "cpu")[0, 0]
+
+
 def _skip_residual(p, q, draft, rng, default):
     """Broken: on rejection, samples from p instead of normalize(max(0, p - q))."""
     out = []
     for j, x in enumerate(draft):
-        if torch.rand((), generator=rng(j, nanoserve.ACCEPT) or default) * q[j, x] <= p[j, x]:
+        if _uniform(rng(j, nanoserve.ACCEPT), default) * q[j, x] <= p[j, x]:
             out.append(x)
             continue
         out.append(int(nanoserve.draw(p[j][None], [rng(j, nanoserve.RESIDUAL)], default)[0]))

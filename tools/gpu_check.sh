@@ -4,6 +4,7 @@
 # reuses the extension the first compiled into .torch_ext):
 #   OUT=$OUT BUDGET=450 bash tools/gpu_check.sh 1   # compile + kernels vs twins + goals, Llama-2-7B, GPU tests
 #   OUT=$OUT BUDGET=200 bash tools/gpu_check.sh 2   # TinyLlama: batch-1 decode, the nano-vllm workload
+#   OUT=$OUT BUDGET=540 bash tools/gpu_check.sh all # both, one call
 # Full outputs land in $OUT (default ./gpu_out), one file per step; a summary prints last.
 # Each step gets at most its cap and never more than what is left of BUDGET seconds.
 set -u
@@ -35,7 +36,8 @@ step() {  # step NAME CAP_SECONDS COMMAND...
 }
 
 : >"$OUT/summary.txt"
-if [ "$PART" = 1 ]; then
+names=""
+if [ "$PART" = 1 ] || [ "$PART" = all ]; then
     { nvidia-smi; $PY -c "import torch; print(torch.__version__, torch.version.cuda, torch.cuda.get_device_name())"; } \
         >"$OUT/env.txt" 2>&1
     # 0. Compile the extension in the background (CPU only, ~2 min) while the GPU measures
@@ -59,11 +61,13 @@ for r in bench.bench_sparse_speed(torch.device('cuda'))['rows']:
     #    (the kernel self-check already ran in step 1).
     step gpu_tests 120 $PY -m pytest -q -x tests/test_kernels_gpu.py -k "not every_kernel"
     names="sparse kernels llama7b gpu_tests"
-else
-    # 4. TinyLlama shape: batch-1 decode and the nano-vllm workload (256 requests, 100-1024 tokens).
-    step tinyllama 190 $PY tools/bench.py latency throughput --model random:tinyllama-1.1b --dtype bfloat16 \
+fi
+if [ "$PART" = 2 ] || [ "$PART" = all ]; then
+    # 4. TinyLlama shape: batch-1 decode, a step's profile, the nano-vllm workload (256 requests,
+    #    100-1024 tokens).
+    step tinyllama 190 $PY tools/bench.py latency profile throughput --model random:tinyllama-1.1b --dtype bfloat16 \
         --out "$OUT/tinyllama.json"
-    names="tinyllama"
+    names="$names tinyllama"
 fi
 
 echo
@@ -72,3 +76,8 @@ for f in $names; do
 done
 echo "== summary"
 cat "$OUT/summary.txt"
+# At most 8 files come back from a device call: pack them when there are more.
+if (($(ls "$OUT" | wc -l) > 8)); then
+    tar czf /tmp/gpu_results.tgz -C "$OUT" . && rm -f "$OUT"/*.txt "$OUT"/*.json && mv /tmp/gpu_results.tgz "$OUT/" \
+        && echo "(all outputs packed in gpu_results.tgz)"
+fi
