@@ -1459,7 +1459,8 @@ def use_semi_structured(model: LlamaForCausalLM) -> list[str]:
     semi-structured form (torch.sparse.to_sparse_semi_structured: the kept half of the
     weights plus 2-bit indices, run by the sparse tensor cores at up to twice the dense
     rate); F.linear dispatches on the weight's type, so the model code is unchanged. The
-    others stay dense, as do quantized ones. -> the names converted."""
+    others stay dense, as do quantized ones. -> the names converted. Not called by
+    load_model: measured slower than dense on an H200 (see load_model)."""
     from torch.sparse import to_sparse_semi_structured
     done = []
     for name in quantized_linear_names(model):
@@ -1539,7 +1540,9 @@ def load_model(model_dir: str | Path, dtype: torch.dtype, device: torch.device, 
     sparsity = Path(model_dir) / "sparsity_config.json"
     if sparsity.is_file() and json.loads(sparsity.read_text()).get("sparsity") == "2:4":
         check_sparsity(model, model_dir)
-        use_semi_structured(model)                 # on a GPU; the CPU runs the zeros dense
+        # Served dense, zeros and all: on an H200 with torch 2.11, PyTorch's semi-structured
+        # matmuls (use_semi_structured) took about 1 ms a call at every size measured, 4x to
+        # 40x the dense time (README, "2:4 structured sparsity"), so they are not the default.
     return model.eval(), cfg
 
 
@@ -2229,9 +2232,6 @@ class ModelRunner:
         if self.device.type != "cuda":
             return self.cfg.kv_cache_bytes
         free, _ = torch.cuda.mem_get_info(self.device)
-        # Memory PyTorch's caching allocator holds but no tensor uses (say, the pool of an
-        # engine dropped earlier) is free to us too, though the driver counts it as taken.
-        free += torch.cuda.memory_reserved(self.device) - torch.cuda.memory_allocated(self.device)
         c = self.model.config
         act = self.cfg.max_num_batched_tokens * (4 * c.hidden_size + 3 * c.intermediate_size) * 4 \
             + self.cfg.max_num_seqs * c.vocab_size * 4 * 4

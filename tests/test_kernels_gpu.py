@@ -77,8 +77,9 @@ def test_decode_kernel_takes_only_the_layouts_it_was_written_for():
 
 @cuda
 def test_24_sparse_checkpoint_runs_on_semi_structured_tensors(tmp_path):
-    """A 2:4 checkpoint in fp16 on a GPU with sparse tensor cores: every projection becomes a
-    semi-structured sparse tensor, and the logits stay those of the same weights run dense."""
+    """A 2:4 checkpoint in fp16 on a GPU with sparse tensor cores: use_semi_structured makes
+    every projection a semi-structured sparse tensor, and the logits stay those of the same
+    weights run dense."""
     import subprocess
     import sys
     from pathlib import Path
@@ -94,6 +95,7 @@ def test_24_sparse_checkpoint_runs_on_semi_structured_tensors(tmp_path):
     assert r.returncode == 0, r.stderr
     sparse, _ = nanoserve.load_model(out, torch.float16, torch.device("cuda"))
     names = nanoserve.quantized_linear_names(sparse)
+    assert nanoserve.use_semi_structured(sparse) == names                 # not done by load_model (slower)
     assert all(isinstance(sparse.get_submodule(n).weight, torch.sparse.SparseSemiStructuredTensor) for n in names)
     ids = torch.tensor([[1] + list(range(40, 100))], device="cuda")
     dense = LLM(out, device="cuda", dtype="float16", enforce_eager=True).engine.model
