@@ -1663,14 +1663,16 @@ class BlockManager:
 # independent, argmax_i p_i / E_i is distributed exactly as p (it is the Gumbel-max
 # trick in another form), and needs no cumulative sum and no host sync.
 
-def filtered_probs(logits: Tensor, temperature: Tensor, top_k: Tensor, top_p: Tensor) -> Tensor:
+def filtered_probs(logits: Tensor, temperature: Tensor, top_k: Tensor | None, top_p: Tensor | None) -> Tensor:
     """(B, V) logits -> (B, V) probabilities after temperature, top-k and top-p.
 
-    temperature, top_k, top_p: (B,). Rows with temperature 0 are treated as T = 1 here;
-    the caller takes the argmax for them.
+    temperature, top_k, top_p: (B,); top_k and top_p None when no row filters. Rows with
+    temperature 0 are treated as T = 1 here; the caller takes the argmax for them.
     """
     t = torch.where(temperature > 0, temperature, torch.ones_like(temperature))
     probs = (logits / t[:, None]).softmax(-1)
+    if top_k is None:                       # no row filters: skip the sort (B x V log V)
+        return probs
     sorted_p, order = probs.sort(-1, descending=True)                  # (B, V)
     rank = torch.arange(probs.shape[-1], device=probs.device)[None, :]
     k = torch.where(top_k > 0, top_k, torch.full_like(top_k, probs.shape[-1]))
@@ -1725,9 +1727,12 @@ def sampling_probs(logits: Tensor, params: list[SamplingParams]) -> Tensor:
     decoding's acceptance rule treats greedy and sampled requests alike.
     """
     dev = logits.device
+    V = logits.shape[-1]
     temperature = torch.tensor([p.temperature for p in params], device=dev, dtype=torch.float32)
-    top_k = torch.tensor([min(p.top_k, logits.shape[-1]) for p in params], device=dev)   # k > V: keep all
-    top_p = torch.tensor([p.top_p for p in params], device=dev, dtype=torch.float32)
+    top_k = top_p = None
+    if any(0 < p.top_k < V or p.top_p < 1 for p in params):
+        top_k = torch.tensor([min(p.top_k, V) for p in params], device=dev)       # k > V: keep all
+        top_p = torch.tensor([p.top_p for p in params], device=dev, dtype=torch.float32)
     probs = filtered_probs(logits, temperature, top_k, top_p)
     greedy = F.one_hot(logits.argmax(-1), logits.shape[-1]).to(probs.dtype)
     return torch.where((temperature == 0)[:, None], greedy, probs)
@@ -1777,15 +1782,15 @@ SAMPLE, DRAFT, ACCEPT, RESIDUAL = range(4)
 _M32 = 0xFFFFFFFF
 
 
-def _mul32(h, c: int):
-    """(h * c) mod 2^32 for h in [0, 2^32), int or int64 tensor: c is split into 16-bit
-    halves so that no product overflows 64 bits."""
+def _mul32(h: Tensor, c: int) -> Tensor:
+    """(h * c) mod 2^32 for h in [0, 2^32) (int64): c is split into 16-bit halves so that
+    no product overflows 64 bits."""
     return (h * (c & 0xFFFF) + (((h * (c >> 16)) & 0xFFFF) << 16)) & _M32
 
 
-def _fmix32(h):
-    """MurmurHash3's 32-bit finalizer: each input bit flips each output bit with probability
-    close to 1/2. Works on ints and on int64 tensors holding values in [0, 2^32)."""
+def _fmix32(h: Tensor) -> Tensor:
+    """MurmurHash3's 32-bit finalizer on int64 values in [0, 2^32): each input bit flips
+    each output bit with probability close to 1/2."""
     h = h ^ (h >> 16)
     h = _mul32(h, 0x85EBCA6B)
     h = h ^ (h >> 13)
@@ -1797,7 +1802,8 @@ def keyed_uniform(keys: list[int], n: int, device: torch.device) -> Tensor:
     """(len(keys), n) uniforms in (0, 1), row i a pure function of the 63-bit event key
     keys[i]: the key hashed to 32 bits, then column j is fmix32(key32 + j * golden ratio)
     (a Weyl sequence through the finalizer, SplitMix's construction), 24 bits kept."""
-    k = torch.tensor([_fmix32((key & _M32) ^ _fmix32(key >> 32)) for key in keys], device=device)[:, None]
+    key = torch.tensor(keys, dtype=torch.int64, device=device)[:, None]     # (B, 1), < 2^63
+    k = _fmix32((key & _M32) ^ _fmix32(key >> 32))                         # (B, 1) in [0, 2^32)
     col = torch.arange(n, device=device)                                   # (n,)
     h = _fmix32((col * 0x9E3779B9 + k) & _M32)                             # (B, n)
     return ((h >> 8).float() + 0.5) * 2.0 ** -24
@@ -1895,7 +1901,11 @@ class Sequence:
 
     @property
     def output_ids(self) -> list[int]:
-        return self.token_ids[self.num_prompt_tokens:]
+        return self.token_ids[self.num_prompt_tokens:]                 # a copy: O(length)
+
+    @property
+    def num_output_tokens(self) -> int:
+        return len(self.token_ids) - self.num_prompt_tokens
 
 
 class Scheduler:
@@ -1963,7 +1973,7 @@ class Scheduler:
             # A new prompt is prefilled to its end and samples its first token. A preempted
             # sequence recomputes all but its last token and then decodes on as before, so
             # that what it samples next does not depend on having been preempted.
-            target = seq.num_tokens - (1 if seq.output_ids else 0)
+            target = seq.num_tokens - (1 if seq.num_output_tokens else 0)
             hits = [] if seq.params.prompt_logprobs is not None else self.bm.match_prefix(seq.token_ids)
             while hits and len(hits) * self.bm.block_size >= target:
                 hits.pop()
@@ -2107,7 +2117,7 @@ class Scheduler:
                     return "stop"
         if is_eos and not p.ignore_eos:
             reason = "stop"
-        elif len(seq.output_ids) >= p.max_tokens or seq.num_tokens >= self.max_model_len:
+        elif seq.num_output_tokens >= p.max_tokens or seq.num_tokens >= self.max_model_len:
             reason = "length"
         else:
             return None
@@ -2790,8 +2800,8 @@ class LLMEngine:
         every_row = len(rows) == hidden.shape[0] and rows == list(range(len(rows)))   # batch-1 decode, ...
         logits = self.runner.compute_logits(hidden if every_row else hidden[rows])        # (B, V)
         params = [p for _, p in owners]
-        penalized = apply_penalties(logits, params, [s.token_ids[:s.num_prompt_tokens] for s, _ in owners],
-                                    [s.output_ids for s, _ in owners])
+        penalized = logits if not any(p.penalized for p in params) else apply_penalties(   # (copies: only then)
+            logits, params, [s.token_ids[:s.num_prompt_tokens] for s, _ in owners], [s.output_ids for s, _ in owners])
         tokens = self.sampler.sample(penalized, params, [s.num_tokens for s, _ in owners]).tolist()
         lp = logits.log_softmax(-1) if any(s.logprobs is not None or s.group for s, _ in owners) else None
         new_tokens: dict[Sequence, list[int]] = {}
@@ -2847,7 +2857,7 @@ class LLMEngine:
         end = max(seq.num_chars_streamed, len(seq.text) - hold)
         delta, seq.num_chars_streamed = seq.text[seq.num_chars_streamed:end], end
         cumulative = seq.cumulative_logprob if seq.group or seq.logprobs is not None else None
-        return CompletionOutput(seq.sample_index, seq.text, list(seq.output_ids), delta, seq.logprobs, cumulative,
+        return CompletionOutput(seq.sample_index, seq.text, seq.output_ids, delta, seq.logprobs, cumulative,
                                 seq.finish_reason, list(seq.token_texts) if seq.detok else None)
 
     def _output(self, head: Sequence) -> RequestOutput:
@@ -2860,7 +2870,7 @@ class LLMEngine:
         first = samples[0]
         m = head.metrics
         metrics = {"time_to_first_token": m.time_to_first_token, "e2e_latency": m.e2e_latency,
-                   "time_per_output_token": m.time_per_output_token(len(head.output_ids)),
+                   "time_per_output_token": m.time_per_output_token(head.num_output_tokens),
                    "num_cached_prompt_tokens": m.num_cached_prompt_tokens}
         if m.spec_proposed:
             metrics["spec_acceptance_rate"] = m.spec_accepted / m.spec_proposed
@@ -3225,7 +3235,7 @@ class Speculator:
     def lookahead(self, seq: Sequence, budget: int) -> int:
         """Drafts to verify for a decoding sequence: at most k, within the step's token
         budget, and no further than the request (max_tokens) or the context can go."""
-        left = min(seq.params.max_tokens - len(seq.output_ids), self.engine.max_model_len - seq.num_tokens)
+        left = min(seq.params.max_tokens - seq.num_output_tokens, self.engine.max_model_len - seq.num_tokens)
         return max(0, min(self.k, left - 1, budget))
 
     def can_reserve(self, seq: Sequence, k: int) -> bool:

@@ -2,7 +2,7 @@
 
     python tools/bench.py [SUITE ...] [--model DIR | random:PRESET] [--device cuda] [--out FILE]
 
-Suites (default: all): latency overhead profile throughput memory prefix chunked spec quant sla
+Suites (default: all): latency overhead profile host throughput memory prefix chunked spec quant sla
 server transformers (nanoserve beside transformers' generate, one thread each) tp (tensor
 parallelism) cascade (the bundled pair as a model cascade) sparse (2:4 sparsity: quality on the
 CPU, matmul speed on a GPU). Each prints one Markdown table; --out writes every number as JSON. Timings on a
@@ -295,6 +295,37 @@ def bench_profile(llm: LLM, batches: tuple[int, ...], steps: int = 8) -> dict:
                         "kinds_us": kinds, "top": rows[:12]})
     eng.runner.use_graphs = modes[0][1]
     return {"steps": steps, "rows": out}
+
+
+def bench_host(batch: int = 256, steps: int = 100) -> dict:
+    """The engine's own cost per decode step, without a model: the forward pass replaced by
+    zeros and the logits by random numbers, so what is left is what the host does every step
+    (scheduling, the runner's inputs through the CUDA-graph input path, sampling with
+    per-request seeds, outputs) for `batch` running requests of the nano-vllm workload. On a
+    fast GPU this is the floor of a step; device-independent, so a CPU measures it too."""
+    llm = LLM("random:nanocoder-5m-8k", max_model_len=2048, num_blocks=40000)
+    eng = llm.engine
+    D, V = eng.model_config.hidden_size, eng.model_config.vocab_size
+    eng.runner.use_graphs = True                         # the padded static-buffer path, not captured
+    stub = nanoserve.DecodeGraphs._forward
+    nanoserve.DecodeGraphs._forward = lambda self, b: torch.zeros(b, D)
+    g = torch.Generator().manual_seed(0)
+    eng.runner.compute_logits = lambda h: torch.randn(h.shape[0], V, generator=g)
+    try:
+        prompts, params = nano_vllm_workload(V, batch, 100, 1024)
+        for p, sp in zip(prompts, params):
+            eng.add_request(p, SamplingParams(temperature=0.6, max_tokens=steps + 8, ignore_eos=True, seed=sp.seed))
+        while any(s.num_computed < s.num_prompt_tokens for s in eng.scheduler.running) or eng.scheduler.waiting:
+            eng.step()                                   # prefills (the forward is a stub)
+        eng.step_time = dict.fromkeys(eng.step_time, 0.0)
+        t = time.perf_counter()
+        for _ in range(steps):
+            eng.step()
+        per_step = (time.perf_counter() - t) / steps
+    finally:
+        nanoserve.DecodeGraphs._forward = stub
+    return {"batch": batch, "ms_per_step": 1e3 * per_step,
+            **{f"{k}_ms": 1e3 * v / steps for k, v in eng.step_time.items() if k != "draft"}}
 
 
 def bench_hf_static(model_dir: str, device: str, dtype: str, n: int, lo: int, hi: int, batch: int) -> dict | None:
@@ -843,6 +874,14 @@ def suite_profile(b: Bench) -> tuple[dict, str, Rows]:
     return r, f"Profile of a decode step (torch.profiler, {r['steps']} steps)", rows
 
 
+def suite_host(b: Bench) -> tuple[dict, str, Rows]:
+    r = bench_host()
+    return r, f"Host time per decode step, model stubbed out: {r['batch']} running seeded requests", [
+        ("step", f"{r['ms_per_step']:.2f} ms"),
+        ("of which", f"schedule {r['schedule_ms']:.2f} ms, runner inputs {r['model_ms']:.2f} ms, "
+                     f"logits stub + sampling + outputs {r['sample_and_output_ms']:.2f} ms")]
+
+
 def suite_throughput(b: Bench) -> tuple[dict, str, Rows]:
     r = bench_throughput(b.llm(), b.n, b.lo, b.hi, static_batch=min(64, b.n))
     b.release()                                          # room for the transformers model
@@ -1048,6 +1087,7 @@ SUITES: dict[str, Suite] = {
     "latency": Suite(suite_latency),
     "overhead": Suite(suite_overhead),
     "profile": Suite(suite_profile),
+    "host": Suite(suite_host, own_engines=True),
     "throughput": Suite(suite_throughput),
     "memory": Suite(suite_memory),
     "prefix": Suite(suite_prefix),
