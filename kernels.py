@@ -1483,15 +1483,32 @@ def self_check(device: str = "cuda", quick: bool = False) -> list[tuple[str, flo
 
 def _time_cuda(fn, reps: int = 30, trials: int = 5) -> float:
     """Seconds per call of fn(i) (i = 0, 1, ...: the caller rotates its inputs so that
-    repeated calls do not run from L2), by CUDA events: the median of `trials` means."""
-    fn(0)
+    repeated calls do not run from L2), by CUDA events: the median of `trials` means.
+    The reps calls are captured once as a CUDA graph and replayed, so the figure is the
+    GPU's time without the host's dispatch of each call (15-25 us of Python for a small
+    kernel, which the first H200 run's GEMV figures included); if capture fails, the calls
+    are timed as launched."""
+    stream = torch.cuda.Stream()
+    stream.wait_stream(torch.cuda.current_stream())
+    with torch.cuda.stream(stream):                     # warm-up off the capture (lazy init)
+        fn(0)
+    torch.cuda.current_stream().wait_stream(stream)
     torch.cuda.synchronize()
+    graph = torch.cuda.CUDAGraph()
+    try:
+        with torch.cuda.graph(graph):
+            for i in range(reps):
+                fn(i)
+        run = graph.replay
+    except RuntimeError:                                # not capturable: time the launches
+        def run():
+            for i in range(reps):
+                fn(i)
     means = []
     for _ in range(trials):
         start, end = torch.cuda.Event(enable_timing=True), torch.cuda.Event(enable_timing=True)
         start.record()
-        for i in range(reps):
-            fn(i)
+        run()
         end.record()
         torch.cuda.synchronize()
         means.append(start.elapsed_time(end) / 1e3 / reps)

@@ -211,6 +211,9 @@ class EngineConfig:
     ("draft" or "ngram") is given; it then proposes num_speculative_tokens (default 4).
     tensor_parallel_size: ranks the model is sharded over (Megatron-style); the engine
     starts the other ranks as processes on this machine, or joins a torchrun job.
+    semi_structured_sparsity: run a 2:4 checkpoint's projections as PyTorch semi-structured
+    sparse tensors on a GPU (use_semi_structured); off by default: measured slower than
+    dense on an H200 with torch 2.11 (README).
     """
     device: str = "cpu"
     dtype: str = "float32"
@@ -227,6 +230,7 @@ class EngineConfig:
     speculative_method: str | None = None
     num_speculative_tokens: int = 0
     enforce_eager: bool = False
+    semi_structured_sparsity: bool = False
     cpu_threads: int | None = None
     tensor_parallel_size: int = 1
     seed: int = 0
@@ -1432,6 +1436,12 @@ def is_24_sparse(W: Tensor) -> bool:
     return W.shape[1] % 4 == 0 and bool(((W.reshape(W.shape[0], -1, 4) != 0).sum(-1) <= 2).all())
 
 
+def is_24_checkpoint(model_dir: str | Path) -> bool:
+    """Whether the checkpoint's sparsity_config.json (quant.py --method sparse24) says 2:4."""
+    f = Path(model_dir) / "sparsity_config.json"
+    return f.is_file() and json.loads(f.read_text()).get("sparsity") == "2:4"
+
+
 def check_sparsity(model: LlamaForCausalLM, model_dir: str | Path) -> None:
     """A checkpoint whose sparsity_config.json says 2:4 must hold that pattern in every
     projection (dense weights, or the dequantized codes of a quantized one). The pattern is
@@ -1459,8 +1469,8 @@ def use_semi_structured(model: LlamaForCausalLM) -> list[str]:
     semi-structured form (torch.sparse.to_sparse_semi_structured: the kept half of the
     weights plus 2-bit indices, run by the sparse tensor cores at up to twice the dense
     rate); F.linear dispatches on the weight's type, so the model code is unchanged. The
-    others stay dense, as do quantized ones. -> the names converted. Not called by
-    load_model: measured slower than dense on an H200 (see load_model)."""
+    others stay dense, as do quantized ones. -> the names converted. Only with
+    EngineConfig.semi_structured_sparsity: measured slower than dense on an H200."""
     from torch.sparse import to_sparse_semi_structured
     done = []
     for name in quantized_linear_names(model):
@@ -1537,12 +1547,11 @@ def load_model(model_dir: str | Path, dtype: torch.dtype, device: torch.device, 
         state["lm_head.weight"] = state["model.embed_tokens.weight"]
     model.load_state_dict(state, assign=True)
     model.requires_grad_(False)
-    sparsity = Path(model_dir) / "sparsity_config.json"
-    if sparsity.is_file() and json.loads(sparsity.read_text()).get("sparsity") == "2:4":
+    if is_24_checkpoint(model_dir):
         check_sparsity(model, model_dir)
-        # Served dense, zeros and all: on an H200 with torch 2.11, PyTorch's semi-structured
-        # matmuls (use_semi_structured) took about 1 ms a call at every size measured, 4x to
-        # 40x the dense time (README, "2:4 structured sparsity"), so they are not the default.
+        # Served dense, zeros and all, unless EngineConfig.semi_structured_sparsity: on an
+        # H200 with torch 2.11, PyTorch's semi-structured matmuls (use_semi_structured) took
+        # about 1 ms a call at every size measured, 4x to 40x the dense time (README).
     return model.eval(), cfg
 
 
@@ -2535,6 +2544,11 @@ class LLMEngine:
             raise ValueError("device 'cuda' requested but CUDA is not available; use device='cpu'")
         self.dtype = DTYPES[cfg.dtype]
         self.model_dir = Path(model_dir)
+        if cfg.semi_structured_sparsity and not is_24_checkpoint(model_dir):
+            raise ValueError(f"semi_structured_sparsity needs a 2:4 checkpoint (quant.py --method sparse24); "
+                             f"{model_dir} has no sparsity_config.json saying 2:4")
+        if cfg.semi_structured_sparsity and cfg.tensor_parallel_size > 1:
+            raise ValueError("semi_structured_sparsity is not supported with tensor_parallel_size > 1")
         self.tp, workers = TPGroup(), []
         if cfg.tensor_parallel_size > 1:
             tp_local_config(read_model_config(model_dir), cfg.tensor_parallel_size)   # refused before any start
@@ -2542,6 +2556,8 @@ class LLMEngine:
         # The workers stop with the engine: close(), garbage collection, or a failure below.
         self._stop_workers = weakref.finalize(self, stop_workers, self.tp, workers)
         self.model, self.model_config = load_model(model_dir, self.dtype, self.device, self.tp)
+        if cfg.semi_structured_sparsity:
+            use_semi_structured(self.model)                   # a no-op off a GPU with sparse tensor cores
         mc = self.model_config
         if self.device.type == "cpu":
             threads = cfg.cpu_threads or default_cpu_threads(sum(p.numel() for p in self.model.parameters()),
@@ -4162,6 +4178,9 @@ def add_engine_args(p: argparse.ArgumentParser) -> None:
     p.add_argument("--max-model-len", type=int, default=None)
     p.add_argument("--no-prefix-caching", action="store_true")
     p.add_argument("--no-chunked-prefill", action="store_true")
+    p.add_argument("--semi-structured-sparsity", action="store_true",
+                   help="2:4 checkpoints: run the projections as semi-structured sparse tensors on a GPU "
+                        "(measured slower than dense on an H200; see the README)")
     p.add_argument("--enforce-eager", action="store_true", help="no CUDA graphs for decode steps")
     p.add_argument("--cpu-threads", type=int, default=None,
                    help="torch threads on the CPU (default: 1 for models under 30M parameters, else torch's)")
@@ -4181,7 +4200,8 @@ def llm_kwargs_from_args(args: argparse.Namespace) -> dict:
                 enable_chunked_prefill=not args.no_chunked_prefill, draft_model=args.draft,
                 speculative_method=args.speculative_method,
                 num_speculative_tokens=args.num_speculative_tokens, enforce_eager=args.enforce_eager,
-                cpu_threads=args.cpu_threads, tensor_parallel_size=args.tensor_parallel_size)
+                cpu_threads=args.cpu_threads, tensor_parallel_size=args.tensor_parallel_size,
+                semi_structured_sparsity=args.semi_structured_sparsity)
 
 
 def build_parser() -> argparse.ArgumentParser:

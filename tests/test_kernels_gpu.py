@@ -77,9 +77,9 @@ def test_decode_kernel_takes_only_the_layouts_it_was_written_for():
 
 @cuda
 def test_24_sparse_checkpoint_runs_on_semi_structured_tensors(tmp_path):
-    """A 2:4 checkpoint in fp16 on a GPU with sparse tensor cores: use_semi_structured makes
-    every projection a semi-structured sparse tensor, and the logits stay those of the same
-    weights run dense."""
+    """A 2:4 checkpoint in fp16 on a GPU with sparse tensor cores: use_semi_structured (the
+    engine's semi_structured_sparsity flag) makes every projection a semi-structured sparse
+    tensor, and the logits stay those of the same weights run dense."""
     import subprocess
     import sys
     from pathlib import Path
@@ -103,5 +103,7 @@ def test_24_sparse_checkpoint_runs_on_semi_structured_tensors(tmp_path):
         dense.get_submodule(n).weight = torch.nn.Parameter(sparse.get_submodule(n).weight.to_dense())
     a, b = sparse.forward_dense(ids).float(), dense.forward_dense(ids).float()
     assert (a - b).abs().max() < 0.05 * b.abs().max()
-    llm = LLM(out, device="cuda", dtype="float16")
+    llm = LLM(out, device="cuda", dtype="float16", semi_structured_sparsity=True)            # the serving flag
+    assert all(isinstance(llm.engine.model.get_submodule(n).weight, torch.sparse.SparseSemiStructuredTensor)
+               for n in names)
     assert len(llm.generate("import os\n", SamplingParams(temperature=0, max_tokens=16))[0].token_ids) == 16

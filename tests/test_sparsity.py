@@ -76,9 +76,11 @@ def test_sparse_checkpoints_record_the_pattern_load_and_refuse_a_broken_one(tmp_
         llm = LLM(out, device="cpu")
         down = llm.engine.model.model.layers[0].mlp.down_proj
         assert isinstance(down, nanoserve.QuantLinear) == (bits == 4)
-        if bits == 16:                         # the CPU runs the zeros dense; a GPU would take 2:4 tensors
+        if bits == 16:                         # served dense; on the CPU even when asked for 2:4 tensors
             assert type(down.weight) is torch.nn.Parameter and not nanoserve.semi_structured_ok(down.weight)
             assert nanoserve.use_semi_structured(llm.engine.model) == []
+            asked = LLM(out, device="cpu", semi_structured_sparsity=True)
+            assert type(asked.engine.model.model.layers[0].mlp.down_proj.weight) is torch.nn.Parameter
         assert llm.generate("import os\n", SamplingParams(temperature=0, max_tokens=8))[0].token_ids
     state = nanoserve.load_safetensors(tmp_path / "s16" / "model.safetensors")
     name = "model.layers.1.self_attn.o_proj.weight"
@@ -87,6 +89,8 @@ def test_sparse_checkpoints_record_the_pattern_load_and_refuse_a_broken_one(tmp_
     nanoserve.save_safetensors(state, tmp_path / "s16" / "model.safetensors")
     with pytest.raises(ValueError, match="model.layers.1.self_attn.o_proj breaks the pattern"):
         LLM(tmp_path / "s16", device="cpu")
+    with pytest.raises(ValueError, match="semi_structured_sparsity needs a 2:4 checkpoint"):
+        LLM(nanoserve.DEFAULT_MODEL, device="cpu", semi_structured_sparsity=True)
     r = subprocess.run([sys.executable, str(ROOT / "quant.py"), "--model", str(nanoserve.DEFAULT_MODEL),
                         "--method", "gptq", "--bits", "16", "--out", str(tmp_path / "x")], capture_output=True, text=True)
     assert r.returncode == 2 and "--bits 16" in r.stderr
