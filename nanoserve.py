@@ -1791,15 +1791,15 @@ SAMPLE, DRAFT, ACCEPT, RESIDUAL = range(4)
 _M32 = 0xFFFFFFFF
 
 
-def _mul32(h: Tensor, c: int) -> Tensor:
-    """(h * c) mod 2^32 for h in [0, 2^32) (int64): c is split into 16-bit halves so that
-    no product overflows 64 bits."""
+def _mul32(h, c: int):
+    """(h * c) mod 2^32 for h in [0, 2^32) (an int, an int64 tensor or a uint64 array): c is
+    split into 16-bit halves so that no product overflows 64 bits."""
     return (h * (c & 0xFFFF) + (((h * (c >> 16)) & 0xFFFF) << 16)) & _M32
 
 
-def _fmix32(h: Tensor) -> Tensor:
-    """MurmurHash3's 32-bit finalizer on int64 values in [0, 2^32): each input bit flips
-    each output bit with probability close to 1/2."""
+def _fmix32(h):
+    """MurmurHash3's 32-bit finalizer on values in [0, 2^32): each input bit flips each
+    output bit with probability close to 1/2."""
     h = h ^ (h >> 16)
     h = _mul32(h, 0x85EBCA6B)
     h = h ^ (h >> 13)
@@ -1807,15 +1807,29 @@ def _fmix32(h: Tensor) -> Tensor:
     return h ^ (h >> 16)
 
 
-def keyed_uniform(keys: list[int], n: int, device: torch.device) -> Tensor:
+def _column_bits(k32, col):
+    """24 random bits for each (row, column): k32 (B, 1) the rows' hashed keys, col (n,)
+    column indices; int64 tensors or uint64 arrays, the same integers either way."""
+    return _fmix32((col * 0x9E3779B9 + k32) & _M32) >> 8                          # (B, n)
+
+
+def keyed_uniform(keys: list[int], n: int, device: torch.device | str) -> Tensor:
     """(len(keys), n) uniforms in (0, 1), row i a pure function of the 63-bit event key
-    keys[i]: the key hashed to 32 bits, then column j is fmix32(key32 + j * golden ratio)
-    (a Weyl sequence through the finalizer, SplitMix's construction), 24 bits kept."""
-    key = torch.tensor(keys, dtype=torch.int64, device=device)[:, None]     # (B, 1), < 2^63
-    k = _fmix32((key & _M32) ^ _fmix32(key >> 32))                         # (B, 1) in [0, 2^32)
-    col = torch.arange(n, device=device)                                   # (n,)
-    h = _fmix32((col * 0x9E3779B9 + k) & _M32)                             # (B, n)
-    return ((h >> 8).float() + 0.5) * 2.0 ** -24
+    keys[i]: the key hashed to 32 bits (in Python), then column j is fmix32(key32 + j x the
+    golden ratio) (a Weyl sequence through the finalizer, SplitMix's construction), 24 bits
+    kept. The columns run as numpy on the CPU (a row or a few: torch's per-operation
+    overhead would cost more than a torch.Generator) and as tensor kernels on a GPU; the
+    bits are the same."""
+    device = torch.device(device)
+    k32 = [_fmix32((key & _M32) ^ _fmix32(key >> 32)) for key in keys]
+    if n == 1:                                  # one draw per key (an acceptance test): plain ints
+        bits = torch.tensor([[_fmix32(k) >> 8] for k in k32], device=device)     # column 0: fmix32(key32)
+    elif device.type == "cpu":
+        bits = torch.from_numpy(_column_bits(np.array(k32, dtype=np.uint64)[:, None],
+                                             np.arange(n, dtype=np.uint64)).astype(np.int64))
+    else:
+        bits = _column_bits(torch.tensor(k32, device=device)[:, None], torch.arange(n, device=device))
+    return (bits.float() + 0.5) * 2.0 ** -24
 
 
 class Sampler:

@@ -130,6 +130,12 @@ def test_keyed_noise_samples_the_distribution():
     unmixed = lambda k, n: -torch.log(((torch.tensor(k)[:, None] + torch.arange(n)) % 1000 + 0.5) / 1000)  # noqa: E731
     assert chi_square_pvalue(_keyed_counts(LOGITS, keys, unmixed), probs) < ALPHA
     u = nanoserve.keyed_uniform(keys[:64], 4096, "cpu")
+    # The GPU's path (int64 tensors) gives the CPU's bits (numpy uint64), and one column alone
+    # (plain ints) the first column of many.
+    k32 = [nanoserve._fmix32((k & 0xFFFFFFFF) ^ nanoserve._fmix32(k >> 32)) for k in keys[:64]]
+    as_tensors = nanoserve._column_bits(torch.tensor(k32)[:, None], torch.arange(4096))
+    assert torch.equal((as_tensors.float() + 0.5) * 2.0 ** -24, u)
+    assert torch.equal(nanoserve.keyed_uniform(keys[:64], 1, "cpu")[:, 0], u[:, 0])
     assert 0 < u.min() and u.max() < 1 and abs(float(u.mean()) - 0.5) < 0.01
 
 
