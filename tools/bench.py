@@ -301,16 +301,18 @@ def bench_host(batch: int = 256, steps: int = 100) -> dict:
     """The engine's own cost per decode step, without a model: the forward pass replaced by
     zeros and the logits by random numbers, so what is left is what the host does every step
     (scheduling, the runner's inputs through the CUDA-graph input path, sampling with
-    per-request seeds, outputs) for `batch` running requests of the nano-vllm workload. On a
-    fast GPU this is the floor of a step; device-independent, so a CPU measures it too."""
+    per-request seeds, outputs) for `batch` running requests of the nano-vllm workload: the
+    floor of a step on a fast GPU. On a GPU the stubs and the sampling run there; the rest
+    is host Python either way, so a CPU measures most of it too."""
     llm = LLM("random:nanocoder-5m-8k", max_model_len=2048, num_blocks=40000)
     eng = llm.engine
     D, V = eng.model_config.hidden_size, eng.model_config.vocab_size
     eng.runner.use_graphs = True                         # the padded static-buffer path, not captured
     stub = nanoserve.DecodeGraphs._forward
-    nanoserve.DecodeGraphs._forward = lambda self, b: torch.zeros(b, D)
-    g = torch.Generator().manual_seed(0)
-    eng.runner.compute_logits = lambda h: torch.randn(h.shape[0], V, generator=g)
+    dev = eng.device
+    nanoserve.DecodeGraphs._forward = lambda self, b: torch.zeros(b, D, device=dev)
+    g = torch.Generator(dev).manual_seed(0)
+    eng.runner.compute_logits = lambda h: torch.randn(h.shape[0], V, generator=g, device=dev)
     try:
         prompts, params = nano_vllm_workload(V, batch, 100, 1024)
         for p, sp in zip(prompts, params):
