@@ -1729,6 +1729,18 @@ def apply_penalties(logits: Tensor, params: list[SamplingParams], prompts: list[
     return logits
 
 
+def penalize(logits: Tensor, params: list[SamplingParams], seqs: list[Sequence],
+             extra: list[list[int]] | None = None) -> Tensor:
+    """apply_penalties for rows that belong to sequences: row i is seqs[i] having also
+    generated extra[i] (draft tokens, say). The token lists copy every prompt and output,
+    so they are built only when some row is penalized (not on every decode step)."""
+    if not any(p.penalized for p in params):
+        return logits
+    extra = extra or [[]] * len(seqs)
+    return apply_penalties(logits, params, [s.token_ids[:s.num_prompt_tokens] for s in seqs],
+                           [s.output_ids + e for s, e in zip(seqs, extra)])
+
+
 def sampling_probs(logits: Tensor, params: list[SamplingParams]) -> Tensor:
     """(B, V) logits -> the (B, V) distribution each request samples from.
 
@@ -2830,8 +2842,7 @@ class LLMEngine:
         every_row = len(rows) == hidden.shape[0] and rows == list(range(len(rows)))   # batch-1 decode, ...
         logits = self.runner.compute_logits(hidden if every_row else hidden[rows])        # (B, V)
         params = [p for _, p in owners]
-        penalized = logits if not any(p.penalized for p in params) else apply_penalties(   # (copies: only then)
-            logits, params, [s.token_ids[:s.num_prompt_tokens] for s, _ in owners], [s.output_ids for s, _ in owners])
+        penalized = penalize(logits, params, [s for s, _ in owners])
         tokens = self.sampler.sample(penalized, params, [s.num_tokens for s, _ in owners]).tolist()
         lp = logits.log_softmax(-1) if any(s.logprobs is not None or s.group for s, _ in owners) else None
         new_tokens: dict[Sequence, list[int]] = {}
@@ -3299,8 +3310,7 @@ class Speculator:
         # exactly as the target alone (with its penalties) would sample them.
         per_row = [(s, j) for (s, _), k in zip(windows, k_of) for j in range(k + 1)]
         params = [s.params for s, _ in per_row]
-        penalized = apply_penalties(logits, params, [s.token_ids[:s.num_prompt_tokens] for s, _ in per_row],
-                                    [s.output_ids + drafts[s][:j] for s, j in per_row])
+        penalized = penalize(logits, params, [s for s, _ in per_row], [drafts[s][:j] for s, j in per_row])
         p_all = sampling_probs(penalized, params)
         out, at = {}, 0
         for (seq, _), k in zip(windows, k_of):
@@ -3415,9 +3425,8 @@ class DraftModelSpeculator(Speculator):
                                              [st.block_table for st in states])
             rows = [start + len(t) - 1 for start, t in zip(starts, tokens)]
             params = [s.params for s in active]
-            logits = apply_penalties(self.runner.compute_logits(hidden[rows]), params,    # (B, V)
-                                     [s.token_ids[:s.num_prompt_tokens] for s in active],
-                                     [s.output_ids + drafts[s] for s in active])
+            logits = penalize(self.runner.compute_logits(hidden[rows]), params, active,     # (B, V)
+                              [drafts[s] for s in active])
             q = sampling_probs(logits, params)
             x = sampler.draw(q, [Sampler.key(s.params.seed, s.num_tokens + j, DRAFT) for s in active])
             for i, (s, st) in enumerate(zip(active, states)):
