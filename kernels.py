@@ -379,6 +379,8 @@ CUDA_SOURCE = r"""
 #include <c10/cuda/CUDAGuard.h>
 #include <cuda_fp16.h>
 #include <cuda_bf16.h>
+#include <cuda_pipeline.h>
+#include <mma.h>
 
 // fp32, fp16 and bf16: the dtypes the model runs in (double would only add instantiations).
 #define DISPATCH(T, NAME, ...) AT_DISPATCH_SWITCH(T, NAME, \
@@ -929,9 +931,221 @@ __global__ void paged_prefill_kernel(T* __restrict__ out,              // [T, H,
   }
 }
 
+// ---------------------------------------------------------------- paged prefill on tensor cores
+// The same computation as above, for fp16/bf16 and head_dim 64 or 128, FlashAttention-2 style
+// on the tensor cores (nvcuda::wmma, 16 x 16 x 16 tiles, fp32 accumulation): per block a tile
+// of TC_BM rows (query token x group head, as above) stays resident in shared memory and
+// in registers; K/V tiles of TC_BN keys stream past it, double-buffered with cp.async (the
+// copy of tile j + 1 is in flight while tile j is computed). Each warp owns 16 rows:
+//   S = Q K^T               [16, BN]: HD/16 x BN/16 mma, Q's fragments loaded once
+//   online softmax in fp32  two lanes per row over S staged in shared memory (the
+//                           accumulator's element-to-lane layout is the hardware's business)
+//   O = diag(alpha) O + P V [16, HD]: O stays in registers for the whole prompt
+// The row scaling of O needs the row of each accumulator element; rather than assume the
+// hardware's layout, each warp asks once: it loads a tile whose (r, c) entry is r.
+// Work per tile and warp: 2 x 16 x BN x HD multiply-adds on tensor cores against ~BN x 16
+// exponentials and 16 x (BN + HD) shared-memory round trips on CUDA cores.
+constexpr int TC_BM = 64, TC_BN = 64, TC_WARPS = TC_BM / 16;
+static_assert(TC_BM == PF_ROWS, "both prefill kernels tile the queries alike (the host's grid)");
+
+template <typename T> struct mma_type;           // c10's 16-bit types -> the WMMA ones
+template <> struct mma_type<c10::Half> { using type = __half; };
+template <> struct mma_type<c10::BFloat16> { using type = __nv_bfloat16; };
+
+template <int HD> constexpr size_t prefill_tc_smem(size_t elem) {
+  return (size_t)(TC_BM + 4 * TC_BN) * (HD + 8) * elem            // Q, 2 x K, 2 x V (rows padded by 16 bytes)
+       + (size_t)TC_WARPS * 16 * (TC_BN + 4) * sizeof(float)      // S per warp
+       + (size_t)TC_WARPS * 16 * (TC_BN + 8) * elem               // P per warp
+       + (size_t)TC_WARPS * 16 * sizeof(float);                   // a per-row factor per warp
+}
+
+template <typename T, int HD>
+__global__ void __launch_bounds__(TC_WARPS * 32)
+paged_prefill_tc_kernel(T* __restrict__ out,              // [T, H, HD]
+                        const T* __restrict__ q,          // [T, H, HD], 16-byte aligned
+                        const T* __restrict__ k_cache,    // [blocks, block_size, Hkv, HD], 16-byte aligned
+                        const T* __restrict__ v_cache,
+                        const int* __restrict__ tables,   // [S, max_blocks]
+                        const int* __restrict__ q_start,  // [S + 1]
+                        const int* __restrict__ ctx_lens,  // [S]
+                        int H, int Hkv, int block_size, int max_blocks, int tile_tokens, float scale_log2) {
+#if !defined(__CUDA_ARCH__) || __CUDA_ARCH__ >= 800     // bf16 WMMA and cp.async: sm_80+ (the host checks)
+  using namespace nvcuda;
+  using W = typename mma_type<T>::type;
+  constexpr int LDH = HD + 8, LDS = TC_BN + 4, LDP = TC_BN + 8;   // leading dims; +16 bytes spreads the banks
+  constexpr int PER16 = 16 / sizeof(T), CHUNKS = HD / PER16;      // 16-byte pieces of one row
+  constexpr int NF = HD / 16;                                     // 16-column tiles of Q and O
+  extern __shared__ __align__(128) uint8_t tc_smem[];
+  W* q_sh = reinterpret_cast<W*>(tc_smem);                        // [BM, LDH]
+  W* k_sh = q_sh + TC_BM * LDH;                                   // [2][BN, LDH]
+  W* v_sh = k_sh + 2 * TC_BN * LDH;                               // [2][BN, LDH]
+  float* s_all = reinterpret_cast<float*>(v_sh + 2 * TC_BN * LDH);  // [warps][16, LDS]
+  W* p_all = reinterpret_cast<W*>(s_all + TC_WARPS * 16 * LDS);     // [warps][16, LDP]
+  float* f_all = reinterpret_cast<float*>(p_all + TC_WARPS * 16 * LDP);  // [warps][16]
+
+  const int s = blockIdx.y, kvh = blockIdx.z, G = H / Hkv;
+  const int q0 = q_start[s], q_len = q_start[s + 1] - q0;
+  const int t0 = blockIdx.x * tile_tokens;
+  if (t0 >= q_len) return;                                        // this sequence has fewer tiles
+  const int n_tok = min(tile_tokens, q_len - t0), rows = n_tok * G;
+  const int past = ctx_lens[s] - q_len;                           // query i sits at position past + i
+  const int kv_end = max(past + t0 + n_tok, 0);                   // keys [0, kv_end) are visible to some row
+  const int n_tiles = (kv_end + TC_BN - 1) / TC_BN;
+  const uint4 zero16 = make_uint4(0u, 0u, 0u, 0u);
+
+  // K/V tile j -> buffer b: one block-table lookup per key row, 16-byte cp.async copies;
+  // keys past kv_end are zero-filled (their p is 0, and 0 x stale data could be NaN).
+  auto load_kv = [&](int j, int b) {
+    W* kd = k_sh + b * TC_BN * LDH;
+    W* vd = v_sh + b * TC_BN * LDH;
+    for (int i = threadIdx.x; i < TC_BN * CHUNKS; i += blockDim.x) {
+      const int r = i / CHUNKS, c = i % CHUNKS, t = j * TC_BN + r;
+      if (t < kv_end) {
+        const int blk = tables[(int64_t)s * max_blocks + t / block_size];
+        const int64_t off = (((int64_t)blk * block_size + t % block_size) * Hkv + kvh) * HD + c * PER16;
+        __pipeline_memcpy_async(kd + r * LDH + c * PER16, k_cache + off, 16);
+        __pipeline_memcpy_async(vd + r * LDH + c * PER16, v_cache + off, 16);
+      } else {
+        *reinterpret_cast<uint4*>(kd + r * LDH + c * PER16) = zero16;
+        *reinterpret_cast<uint4*>(vd + r * LDH + c * PER16) = zero16;
+      }
+    }
+    __pipeline_commit();
+  };
+  if (n_tiles > 0) load_kv(0, 0);                                 // in flight while Q loads
+  for (int i = threadIdx.x; i < TC_BM * CHUNKS; i += blockDim.x) {
+    const int r = i / CHUNKS, c = i % CHUNKS;
+    uint4 v = zero16;                                             // padding rows: Q = 0, never written out
+    if (r < rows) {
+      const int64_t tok = q0 + t0 + r / G, h = (int64_t)kvh * G + r % G;
+      v = reinterpret_cast<const uint4*>(q + (tok * H + h) * HD)[c];
+    }
+    *reinterpret_cast<uint4*>(q_sh + r * LDH + c * PER16) = v;
+  }
+
+  const int lane = threadIdx.x & 31, w = threadIdx.x >> 5;
+  float* s_sh = s_all + w * 16 * LDS;
+  W* p_sh = p_all + w * 16 * LDP;
+  float* f_sh = f_all + w * 16;
+  for (int i = lane; i < 16 * 16; i += 32) s_sh[(i / 16) * LDS + i % 16] = (float)(i / 16);
+  // Warps pass data between their lanes through shared memory below: every such hand-over
+  // is a block barrier (all warps run the same loop), not __syncwarp, so that kemu's race
+  // checker can prove each one ordered.
+  __syncthreads();                                                // the Q tile and the probe are in place
+  wmma::fragment<wmma::accumulator, 16, 16, 16, float> probe;
+  wmma::load_matrix_sync(probe, s_sh, LDS, wmma::mem_row_major);
+  int row_of[probe.num_elements];                                 // the row of each of this lane's elements
+#pragma unroll
+  for (int e = 0; e < probe.num_elements; ++e) row_of[e] = (int)probe.x[e];
+  wmma::fragment<wmma::matrix_a, 16, 16, 16, W, wmma::row_major> qf[NF];
+  wmma::fragment<wmma::accumulator, 16, 16, 16, float> of[NF];
+#pragma unroll
+  for (int f = 0; f < NF; ++f) {
+    wmma::load_matrix_sync(qf[f], q_sh + w * 16 * LDH + f * 16, LDH);
+    wmma::fill_fragment(of[f], 0.f);
+  }
+  // Lanes 2i and 2i + 1 keep row i's running max and sum (log2 domain: scale_log2 = scale x log2 e).
+  const int my_row = lane >> 1, half = lane & 1;
+  const int qpos = past + t0 + (w * 16 + my_row) / G;             // key t visible iff t <= qpos
+  float m_run = -INFINITY, l_run = 0.f;
+  for (int j = 0; j < n_tiles; ++j) {
+    const int b = j & 1;
+    if (j + 1 < n_tiles) { load_kv(j + 1, b ^ 1); __pipeline_wait_prior(1); }  // tile j landed, j + 1 in flight
+    else __pipeline_wait_prior(0);
+    __syncthreads();                                              // ... for every thread's copies
+    const W* kt = k_sh + b * TC_BN * LDH;
+    const W* vt = v_sh + b * TC_BN * LDH;
+#pragma unroll
+    for (int n = 0; n < TC_BN / 16; ++n) {                        // S[:, 16n : 16n + 16] = Q K^T
+      wmma::fragment<wmma::accumulator, 16, 16, 16, float> sf;
+      wmma::fill_fragment(sf, 0.f);
+#pragma unroll
+      for (int f = 0; f < NF; ++f) {
+        wmma::fragment<wmma::matrix_b, 16, 16, 16, W, wmma::col_major> kf;   // K^T: column n of B is key n
+        wmma::load_matrix_sync(kf, kt + n * 16 * LDH + f * 16, LDH);
+        wmma::mma_sync(sf, qf[f], kf, sf);
+      }
+      wmma::store_matrix_sync(s_sh + n * 16, sf, LDS, wmma::mem_row_major);
+    }
+    __syncthreads();                                              // S is in shared memory
+    const int c0 = half * (TC_BN / 2), kb = j * TC_BN;
+    float mx = -INFINITY;
+    for (int c = c0; c < c0 + TC_BN / 2; ++c)
+      if (kb + c <= qpos) mx = fmaxf(mx, s_sh[my_row * LDS + c] * scale_log2);
+    mx = fmaxf(mx, __shfl_xor_sync(0xffffffff, mx, 1));
+    const float m_new = fmaxf(m_run, mx);
+    const float m_use = m_new == -INFINITY ? 0.f : m_new;         // no visible key yet: p = 0, not NaN
+    float sum = 0.f;
+    for (int c = c0; c < c0 + TC_BN / 2; ++c) {
+      const float p = kb + c <= qpos ? exp2f(s_sh[my_row * LDS + c] * scale_log2 - m_use) : 0.f;
+      reinterpret_cast<T*>(p_sh)[my_row * LDP + c] = from_f<T>(p);
+      sum += p;
+    }
+    sum += __shfl_xor_sync(0xffffffff, sum, 1);
+    const float alpha = exp2f(m_run - m_use);                     // rescales what the old max weighted
+    l_run = l_run * alpha + sum;
+    m_run = m_new;
+    if (half == 0) f_sh[my_row] = alpha;
+    __syncthreads();                                              // P and alpha are in shared memory
+#pragma unroll
+    for (int f = 0; f < NF; ++f)
+#pragma unroll
+      for (int e = 0; e < of[f].num_elements; ++e) of[f].x[e] *= f_sh[row_of[e]];
+#pragma unroll
+    for (int kk = 0; kk < TC_BN / 16; ++kk) {                     // O += P V
+      wmma::fragment<wmma::matrix_a, 16, 16, 16, W, wmma::row_major> pf;
+      wmma::load_matrix_sync(pf, p_sh + kk * 16, LDP);
+#pragma unroll
+      for (int f = 0; f < NF; ++f) {
+        wmma::fragment<wmma::matrix_b, 16, 16, 16, W, wmma::row_major> vf;
+        wmma::load_matrix_sync(vf, vt + kk * 16 * LDH + f * 16, LDH);
+        wmma::mma_sync(of[f], pf, vf, of[f]);
+      }
+    }
+    __syncthreads();                                              // buffer b is free for tile j + 2
+  }
+  // O / l (a row that saw no key: 0), then out through shared memory, BN columns at a time.
+  if (half == 0) f_sh[my_row] = l_run > 0.f ? 1.f / l_run : 0.f;
+  __syncthreads();
+#pragma unroll
+  for (int f = 0; f < NF; ++f)
+#pragma unroll
+    for (int e = 0; e < of[f].num_elements; ++e) of[f].x[e] *= f_sh[row_of[e]];
+#pragma unroll
+  for (int f0 = 0; f0 < NF; f0 += TC_BN / 16) {
+#pragma unroll
+    for (int f = f0; f < f0 + TC_BN / 16 && f < NF; ++f)
+      wmma::store_matrix_sync(s_sh + (f - f0) * 16, of[f], LDS, wmma::mem_row_major);
+    __syncthreads();
+    for (int i = lane; i < 16 * TC_BN; i += 32) {
+      const int rr = i / TC_BN, d = f0 * 16 + i % TC_BN, r = w * 16 + rr;
+      if (r < rows && d < HD) {
+        const int64_t tok = q0 + t0 + r / G, h = (int64_t)kvh * G + r % G;
+        out[(tok * H + h) * HD + d] = from_f<T>(s_sh[rr * LDS + i % TC_BN]);
+      }
+    }
+    __syncthreads();                                              // before the next columns overwrite s_sh
+  }
+#endif
+}
+
+template <typename T, int HD>
+void launch_prefill_tc(dim3 grid, torch::Tensor& out, const torch::Tensor& q, const torch::Tensor& k_cache,
+                       const torch::Tensor& v_cache, const torch::Tensor& tables, const torch::Tensor& starts,
+                       const torch::Tensor& lens, int tile_tokens, double scale) {
+  const size_t smem = prefill_tc_smem<HD>(sizeof(T));
+  ALLOW_SMEM((paged_prefill_tc_kernel<T, HD>), smem);
+  const float scale_log2 = (float)(scale * 1.4426950408889634);   // e^x = 2^(x log2 e)
+  paged_prefill_tc_kernel<T, HD><<<grid, TC_WARPS * 32, smem, at::cuda::getCurrentCUDAStream()>>>(
+      out.data_ptr<T>(), q.data_ptr<T>(), k_cache.data_ptr<T>(), v_cache.data_ptr<T>(), tables.data_ptr<int>(),
+      starts.data_ptr<int>(), lens.data_ptr<int>(), (int)q.size(1), (int)k_cache.size(2), (int)k_cache.size(1),
+      (int)tables.size(1), tile_tokens, scale_log2);
+  C10_CUDA_KERNEL_LAUNCH_CHECK();
+}
+
 torch::Tensor paged_prefill(torch::Tensor q, torch::Tensor k_cache, torch::Tensor v_cache,
                             torch::Tensor block_tables, torch::Tensor query_start_loc,
-                            torch::Tensor context_lens, int64_t max_query_len, double scale) {
+                            torch::Tensor context_lens, int64_t max_query_len, double scale, bool tensor_cores) {
   TORCH_CHECK(q.dim() == 3, "paged_prefill: q must be [T, H, hd]");
   TORCH_CHECK(k_cache.is_contiguous() && v_cache.is_contiguous(), "paged_prefill: caches must be contiguous");
   TORCH_CHECK(k_cache.dim() == 4 && k_cache.sizes() == v_cache.sizes() && k_cache.size(3) == q.size(2) &&
@@ -949,10 +1163,24 @@ torch::Tensor paged_prefill(torch::Tensor q, torch::Tensor k_cache, torch::Tenso
   int block_size = k_cache.size(1), Hkv = k_cache.size(2);
   TORCH_CHECK(H % Hkv == 0 && H / Hkv <= PF_ROWS, "paged_prefill: H must be a multiple of Hkv, G <= 64");
   TORCH_CHECK(hd <= 32 * PF_MAXC, "paged_prefill: head_dim must be <= 256");
+  // Tensor cores for fp16/bf16 at head_dim 64 or 128 with 16-byte aligned caches (cp.async
+  // copies 16 bytes) on a GPU that has them for bf16 (tensor_cores: compute capability 8.0+);
+  // the CUDA-core kernel for the rest (fp32, other head sizes, older GPUs).
+  const bool tc = tensor_cores && (q.scalar_type() == at::kHalf || q.scalar_type() == at::kBFloat16) && (hd == 64 || hd == 128) &&
+                  reinterpret_cast<uintptr_t>(k_cache.data_ptr()) % 16 == 0 &&
+                  reinterpret_cast<uintptr_t>(v_cache.data_ptr()) % 16 == 0;
+  if (tc && reinterpret_cast<uintptr_t>(q.data_ptr()) % 16) q = q.clone();   // 16-byte loads of Q rows
   auto out = torch::empty_like(q);
   if (q.size(0) == 0 || S == 0) return out;
   int tile_tokens = PF_ROWS / (H / Hkv);
   dim3 grid((std::max<int64_t>(max_query_len, 1) + tile_tokens - 1) / tile_tokens, S, Hkv);
+  if (tc) {
+    const bool f16 = q.scalar_type() == at::kHalf;
+    auto* launch = f16 ? (hd == 64 ? launch_prefill_tc<c10::Half, 64> : launch_prefill_tc<c10::Half, 128>)
+                       : (hd == 64 ? launch_prefill_tc<c10::BFloat16, 64> : launch_prefill_tc<c10::BFloat16, 128>);
+    launch(grid, out, q, k_cache, v_cache, tables, starts, lens, tile_tokens, scale);
+    return out;
+  }
   size_t smem = (size_t)(PF_ROWS * hd + PF_BK * (hd + 1) + PF_BK * hd) * sizeof(float);
   DISPATCH(q.scalar_type(), "paged_prefill", [&] {
     ALLOW_SMEM(paged_prefill_kernel<scalar_t>, smem);
@@ -980,6 +1208,19 @@ torch::Tensor paged_prefill(torch::Tensor q, torch::Tensor k_cache, torch::Tenso
 constexpr int GEMV_CODES_ALIGN = 32;   // K and the group size must be multiples of this
 constexpr int GEMV_UNROLL = 4;         // 16-byte weight loads in flight per lane
 
+// The 32 (int4) or 16 (int8) codes of a 16-byte chunk as exact floats, minus `sub`, by the
+// 2^23 trick explained in the kernel below (low nibble / byte first: the packing's order).
+template <int BITS>
+__device__ __forceinline__ void chunk_codes(const uint4& packed, uint32_t flip, float sub, float* c) {
+  constexpr int CODES = BITS == 4 ? 32 : 16, PER_WORD = CODES / 4;
+  const uint32_t words[4] = {packed.x, packed.y, packed.z, packed.w};
+#pragma unroll
+  for (int j = 0; j < CODES; ++j) {
+    const uint32_t bits = (words[j / PER_WORD] >> (BITS * (j % PER_WORD))) & (BITS == 4 ? 0xFu : 0xFFu);
+    c[j] = __uint_as_float(0x4B000000u | (bits ^ flip)) - sub;
+  }
+}
+
 template <typename T, int BITS, int M>
 __global__ void quant_gemv_kernel(T* __restrict__ y,              // [rows, N]
                                   const T* __restrict__ x,        // [rows, K], 16-byte aligned rows
@@ -988,7 +1229,6 @@ __global__ void quant_gemv_kernel(T* __restrict__ y,              // [rows, N]
                                   const T* __restrict__ zeros,    // [N, n_groups] or null
                                   int rows, int N, int K, int G, int n_groups, bool is_signed) {
   constexpr int CODES = BITS == 4 ? 32 : 16;      // codes in one 16-byte load of weights
-  constexpr int PER_WORD = CODES / 4;             // codes in each 32-bit word of it
   constexpr int X_PER_VEC = 16 / sizeof(T);       // x values in one 16-byte load
   const int n = blockIdx.x * (blockDim.x >> 5) + (threadIdx.x >> 5);
   const int lane = threadIdx.x & 31;
@@ -1003,6 +1243,7 @@ __global__ void quant_gemv_kernel(T* __restrict__ y,              // [rows, N]
   // integer zero (8 for int4, stored offset) into that one subtraction; a checkpoint's zero
   // points (asymmetric) take a second.
   const float base_z = 8388608.f + (BITS == 8 && is_signed ? 128.f : 0.f);   // exact: an integer < 2^24
+  const float sym_zero = BITS == 4 && is_signed ? 8.f : 0.f;  // symmetric int4 codes are stored + 8
   const uint32_t flip = BITS == 8 && is_signed ? 0x80u : 0u;
   const int nvec = K / CODES;                      // 16-byte chunks in the row
   const uint4* row = reinterpret_cast<const uint4*>(qw + (int64_t)n * (BITS == 4 ? K / 2 : K));
@@ -1017,25 +1258,15 @@ __global__ void quant_gemv_kernel(T* __restrict__ y,              // [rows, N]
     for (int u = 0; u < GEMV_UNROLL; ++u) {
       const int vi = v0 + u * 32;
       if (vi < nvec) {
-        const uint32_t words[4] = {packed[u].x, packed[u].y, packed[u].z, packed[u].w};
         const int k0 = vi * CODES;
         const int64_t gi = (int64_t)n * n_groups + k0 / G;      // the whole chunk lies in one group
         const float sc = to_f(scales[gi]);
         float c[CODES];                            // the chunk's codes minus the zero point
+        chunk_codes<BITS>(packed[u], flip, zeros ? base_z : base_z + sym_zero, c);
         if (zeros) {                               // any zero point: a second, exact subtraction
           const float z = to_f(zeros[gi]);
 #pragma unroll
-          for (int j = 0; j < CODES; ++j) {
-            const uint32_t bits = (words[j / PER_WORD] >> (BITS * (j % PER_WORD))) & (BITS == 4 ? 0xFu : 0xFFu);
-            c[j] = (__uint_as_float(0x4B000000u | (bits ^ flip)) - base_z) - z;
-          }
-        } else {                                   // symmetric: the zero (8 for int4) folded in
-          const float zz = base_z + (BITS == 4 && is_signed ? 8.f : 0.f);
-#pragma unroll
-          for (int j = 0; j < CODES; ++j) {
-            const uint32_t bits = (words[j / PER_WORD] >> (BITS * (j % PER_WORD))) & (BITS == 4 ? 0xFu : 0xFFu);
-            c[j] = __uint_as_float(0x4B000000u | (bits ^ flip)) - zz;
-          }
+          for (int j = 0; j < CODES; ++j) c[j] -= z;
         }
 #pragma unroll
         for (int m = 0; m < M; ++m) {
@@ -1076,44 +1307,121 @@ void launch_quant_gemv(T* y, const T* x, const uint8_t* qw, const T* sc, const T
 #undef GEMV_CASE
 }
 
+// The checks and conversions both entry points share: codes 16-byte aligned, scales and
+// zeros in the activations' dtype, and whether the codes are signed.
+struct QuantWeight {
+  torch::Tensor qw, sc, z;
+  int N, K, G, n_groups;
+  bool is_signed;
+};
+static QuantWeight quant_weight(const char* name, const torch::Tensor& qweight, const torch::Tensor& scales,
+                                const c10::optional<torch::Tensor>& zeros, int64_t bits, int64_t group_size,
+                                int64_t K, at::ScalarType dtype) {
+  TORCH_CHECK(bits == 4 || bits == 8, name, ": 4 or 8 bits");
+  QuantWeight w;
+  w.N = qweight.size(0); w.K = K; w.G = group_size > 0 ? group_size : K;
+  TORCH_CHECK(K % GEMV_CODES_ALIGN == 0 && w.G % GEMV_CODES_ALIGN == 0,
+              name, ": in_features and group_size must be multiples of 32");
+  TORCH_CHECK(qweight.dim() == 2 && qweight.size(1) == (bits == 4 ? K / 2 : K),
+              name, ": qweight shape does not match in_features ", K);
+  w.n_groups = (K + w.G - 1) / w.G;
+  TORCH_CHECK(scales.dim() == 2 && scales.size(0) == w.N && scales.size(1) == w.n_groups,
+              name, ": scales must be [out_features, ceil(in_features / group_size)]");
+  TORCH_CHECK(!zeros.has_value() || zeros->sizes() == scales.sizes(), name, ": zeros must have scales' shape");
+  w.sc = scales.to(dtype).contiguous();
+  if (zeros.has_value()) w.z = zeros->to(dtype).contiguous();
+  auto qw = qweight.contiguous();
+  if (reinterpret_cast<uintptr_t>(qw.data_ptr()) % 16) qw = qw.clone();   // 16-byte loads
+  w.qw = qw;
+  w.is_signed = w.qw.scalar_type() == torch::kInt8 || (bits == 4 && !w.z.defined());
+  return w;
+}
+
 torch::Tensor quant_gemv(torch::Tensor x, torch::Tensor qweight, torch::Tensor scales,
                          c10::optional<torch::Tensor> zeros, int64_t bits, int64_t group_size) {
   TORCH_CHECK(x.dim() == 2 && x.size(0) <= 16, "quant_gemv: x must be [rows <= 16, K]");
-  TORCH_CHECK(bits == 4 || bits == 8, "quant_gemv: 4 or 8 bits");
   const at::cuda::OptionalCUDAGuard guard(device_of(x));
   x = x.contiguous();
   if (reinterpret_cast<uintptr_t>(x.data_ptr()) % 16) x = x.clone();   // 16-byte vector loads
-  int rows = x.size(0), K = x.size(1), N = qweight.size(0);
-  int G = group_size > 0 ? group_size : K;
-  TORCH_CHECK(K % GEMV_CODES_ALIGN == 0 && G % GEMV_CODES_ALIGN == 0,
-              "quant_gemv: K and group_size must be multiples of 32");
-  TORCH_CHECK(qweight.dim() == 2 && qweight.size(1) == (bits == 4 ? K / 2 : K),
-              "quant_gemv: qweight shape does not match x");
-  const int64_t n_groups = (K + G - 1) / G;
-  TORCH_CHECK(scales.dim() == 2 && scales.size(0) == N && scales.size(1) == n_groups,
-              "quant_gemv: scales must be [out_features, ceil(in_features / group_size)]");
-  TORCH_CHECK(!zeros.has_value() || zeros->sizes() == scales.sizes(), "quant_gemv: zeros must have scales' shape");
-  auto sc = scales.to(x.scalar_type()).contiguous();
-  torch::Tensor z;
-  if (zeros.has_value()) z = zeros->to(x.scalar_type()).contiguous();
-  auto qw = qweight.contiguous();
-  if (reinterpret_cast<uintptr_t>(qw.data_ptr()) % 16) qw = qw.clone();
-  bool is_signed = qw.scalar_type() == torch::kInt8 || (bits == 4 && !z.defined());
-  auto y = torch::empty({rows, N}, x.options());
-  if (rows == 0 || N == 0) return y;
+  const QuantWeight w = quant_weight("quant_gemv", qweight, scales, zeros, bits, group_size, x.size(1),
+                                     x.scalar_type());
+  const torch::Tensor qw = w.qw, sc = w.sc, z = w.z;   // plain names: kemu's translation wants them
+  const int rows = x.size(0);
+  auto y = torch::empty({rows, w.N}, x.options());
+  if (rows == 0 || w.N == 0) return y;
   auto stream = at::cuda::getCurrentCUDAStream();
   DISPATCH(x.scalar_type(), "quant_gemv", [&] {
     const scalar_t* zp = z.defined() ? z.data_ptr<scalar_t>() : nullptr;
     const uint8_t* qp = reinterpret_cast<const uint8_t*>(qw.data_ptr());
     if (bits == 4)
       launch_quant_gemv<scalar_t, 4>(y.data_ptr<scalar_t>(), x.data_ptr<scalar_t>(), qp, sc.data_ptr<scalar_t>(),
-                                     zp, rows, N, K, G, (int)sc.size(1), is_signed, stream);
+                                     zp, rows, w.N, w.K, w.G, w.n_groups, w.is_signed, stream);
     else
       launch_quant_gemv<scalar_t, 8>(y.data_ptr<scalar_t>(), x.data_ptr<scalar_t>(), qp, sc.data_ptr<scalar_t>(),
-                                     zp, rows, N, K, G, (int)sc.size(1), is_signed, stream);
+                                     zp, rows, w.N, w.K, w.G, w.n_groups, w.is_signed, stream);
     C10_CUDA_KERNEL_LAUNCH_CHECK();
   });
   return y;
+}
+
+// ---------------------------------------------------------------- dequantize (more than 16 rows)
+// From about 16 rows on, each weight is used by enough rows that the product is compute-bound,
+// and cuBLAS's tensor-core GEMM is the fastest way to run it: dequantize the codes into a dense
+// [N, K] weight in one pass (read 0.5 or 1 byte per weight, write 2), then x W^T by cuBLAS.
+// The reference twin does this in six whole-weight PyTorch ops (unpack, stack, convert, repeat
+// the scales, subtract, multiply); this kernel is one read and one write. One thread per
+// 16-byte chunk of codes, consecutive threads on consecutive chunks (coalesced both ways).
+template <typename T, int BITS>
+__global__ void dequantize_kernel(T* __restrict__ w,                 // [N, K], 16-byte aligned
+                                  const uint8_t* __restrict__ qw,    // int4: [N, K/2] packed; int8: [N, K]
+                                  const T* __restrict__ scales,      // [N, n_groups]
+                                  const T* __restrict__ zeros,       // [N, n_groups] or null
+                                  int N, int K, int G, int n_groups, bool is_signed) {
+  constexpr int CODES = BITS == 4 ? 32 : 16, PER16 = 16 / sizeof(T);
+  const int nvec = K / CODES;
+  const int64_t v = (int64_t)blockIdx.x * blockDim.x + threadIdx.x;
+  if (v >= (int64_t)N * nvec) return;
+  const int64_t n = v / nvec;
+  const int k0 = (int)(v % nvec) * CODES;
+  const int64_t gi = n * n_groups + k0 / G;          // the chunk lies in one group (G % 32 == 0)
+  const float base_z = 8388608.f + (BITS == 8 && is_signed ? 128.f : 0.f);
+  const float sym_zero = BITS == 4 && is_signed ? 8.f : 0.f;
+  float c[CODES];
+  chunk_codes<BITS>(reinterpret_cast<const uint4*>(qw)[v], BITS == 8 && is_signed ? 0x80u : 0u,
+                    zeros ? base_z : base_z + sym_zero, c);
+  const float sc = to_f(scales[gi]), z = zeros ? to_f(zeros[gi]) : 0.f;
+  uint4* dst = reinterpret_cast<uint4*>(w + n * K + k0);
+#pragma unroll
+  for (int o = 0; o < CODES / PER16; ++o) {          // 16 bytes of output at a time
+    uint4 pack;
+    T* e = reinterpret_cast<T*>(&pack);
+#pragma unroll
+    for (int i = 0; i < PER16; ++i) e[i] = from_f<T>((c[o * PER16 + i] - z) * sc);
+    dst[o] = pack;
+  }
+}
+
+// -> [N, in_features] in scales' dtype.
+torch::Tensor dequantize(torch::Tensor qweight, torch::Tensor scales, c10::optional<torch::Tensor> zeros,
+                         int64_t bits, int64_t group_size, int64_t in_features) {
+  const at::cuda::OptionalCUDAGuard guard(device_of(qweight));
+  const auto dtype = scales.scalar_type();
+  const QuantWeight w = quant_weight("dequantize", qweight, scales, zeros, bits, group_size, in_features, dtype);
+  const torch::Tensor qw = w.qw, sc = w.sc, z = w.z;
+  auto out = torch::empty({w.N, w.K}, scales.options().dtype(dtype));
+  const int64_t chunks = (int64_t)w.N * (w.K / (bits == 4 ? 32 : 16));
+  if (chunks == 0) return out;
+  const int threads = 256;
+  TORCH_CHECK((chunks + threads - 1) / threads <= INT32_MAX, "dequantize: weight too large");
+  DISPATCH(dtype, "dequantize", [&] {
+    const scalar_t* zp = z.defined() ? z.data_ptr<scalar_t>() : nullptr;
+    const uint8_t* qp = reinterpret_cast<const uint8_t*>(qw.data_ptr());
+    auto kernel = bits == 4 ? dequantize_kernel<scalar_t, 4> : dequantize_kernel<scalar_t, 8>;
+    kernel<<<(unsigned)((chunks + threads - 1) / threads), threads, 0, at::cuda::getCurrentCUDAStream()>>>(
+        out.data_ptr<scalar_t>(), qp, sc.data_ptr<scalar_t>(), zp, w.N, w.K, w.G, w.n_groups, w.is_signed);
+    C10_CUDA_KERNEL_LAUNCH_CHECK();
+  });
+  return out;
 }
 """
 
@@ -1130,9 +1438,11 @@ torch::Tensor paged_decode(torch::Tensor q, torch::Tensor k_cache, torch::Tensor
                            double scale, int64_t part);
 torch::Tensor paged_prefill(torch::Tensor q, torch::Tensor k_cache, torch::Tensor v_cache,
                             torch::Tensor block_tables, torch::Tensor query_start_loc,
-                            torch::Tensor context_lens, int64_t max_query_len, double scale);
+                            torch::Tensor context_lens, int64_t max_query_len, double scale, bool tensor_cores);
 torch::Tensor quant_gemv(torch::Tensor x, torch::Tensor qweight, torch::Tensor scales,
                          c10::optional<torch::Tensor> zeros, int64_t bits, int64_t group_size);
+torch::Tensor dequantize(torch::Tensor qweight, torch::Tensor scales, c10::optional<torch::Tensor> zeros,
+                         int64_t bits, int64_t group_size, int64_t in_features);
 """
 
 @functools.cache
@@ -1170,7 +1480,7 @@ def cuda_extension():
     verbose = os.environ.get("NANOSERVE_PTXAS_VERBOSE") == "1"
     return load_inline(
         name="nanoserve_kernels" + ("_ptxas" if verbose else ""), cpp_sources=CPP_SOURCE, cuda_sources=CUDA_SOURCE,
-        functions=["rms_norm", "silu_and_mul", "rope_and_cache", "paged_decode", "paged_prefill", "quant_gemv"],
+        functions=["rms_norm", "silu_and_mul", "rope_and_cache", "paged_decode", "paged_prefill", "quant_gemv", "dequantize"],
         extra_cuda_cflags=["-O3", "--use_fast_math"] + (["-Xptxas=-v"] if verbose else []),
         extra_include_paths=cuda_library_includes(), verbose=verbose)
 
@@ -1215,6 +1525,13 @@ def _decode_device(device: torch.device) -> tuple[int, int]:
         return 132, DECODE_SMEM_BYTES
     p = torch.cuda.get_device_properties(device)
     return p.multi_processor_count, min(DECODE_SMEM_BYTES, p.shared_memory_per_block_optin - 1024)
+
+
+@functools.lru_cache(maxsize=None)
+def _tensor_cores(device: torch.device) -> bool:
+    """Whether the prefill kernel may use its tensor-core path: WMMA in bf16 and cp.async need
+    compute capability 8.0 (Ampere) or newer; kemu (a CPU device here) emulates both."""
+    return device.type != "cuda" or torch.cuda.get_device_capability(device) >= (8, 0)
 
 
 def _cuda(t: Tensor) -> bool:
@@ -1285,7 +1602,7 @@ def paged_attention(q: Tensor, k_cache: Tensor, v_cache: Tensor, block_tables: T
     if max_query_len is None:
         max_query_len = int((query_start_loc[1:] - query_start_loc[:-1]).max())
     return cuda_extension().paged_prefill(q, k_cache, v_cache, block_tables, query_start_loc, context_lens,
-                                          max_query_len, scale)
+                                          max_query_len, scale, _tensor_cores(q.device))
 
 
 def quant_linear(x: Tensor, qweight: Tensor, scales: Tensor, zeros: Tensor | None, bits: int,
@@ -1298,6 +1615,12 @@ def quant_linear(x: Tensor, qweight: Tensor, scales: Tensor, zeros: Tensor | Non
         y = cuda_extension().quant_gemv(x.reshape(rows, K), qweight, scales, zeros, 4 if bits <= 4 else 8,
                                         group_size)
         return y.view(*x.shape[:-1], -1)
+    if _cuda(x) and K % 32 == 0 and (group_size or K) % 32 == 0:
+        # More rows: compute-bound, so cuBLAS on a weight dequantized in one pass (a temporary
+        # of the layer's dense size, which kv_budget_bytes sets aside).
+        w = cuda_extension().dequantize(qweight, scales.to(x.dtype), None if zeros is None else zeros.to(x.dtype),
+                                        4 if bits <= 4 else 8, group_size, K)
+        return F.linear(x, w)
     if USE_CPU_FAST_PATHS and cpu_cache is not None and not x.is_cuda:
         key = (x.dtype, qweight.data_ptr(), scales.data_ptr())
         if key not in cpu_cache:
@@ -1357,10 +1680,11 @@ def self_check(device: str = "cuda", quick: bool = False) -> list[tuple[str, flo
     Cases: fp16, bf16 and fp32; zero-size inputs; RoPE with GQA groups 1/4/8; decode
     attention with groups 1/4/8 (16 and head_dim 80 take the prefill kernel), block sizes
     16/32, context 0 (a CUDA-graph padding row), one split (no merge) and several with
-    empty ones; prefill/verification windows, chunks after cached context, a row that sees
-    no key; W4A16/W8A16 symmetric and asymmetric, per channel and per group, partial last
-    groups, 1-16 rows (the GEMV), 17+ rows, odd K and groups that are not multiples of 32
-    (the twin). quick: shapes small enough for an emulator (kemu's run_self_check.py calls
+    empty ones; prefill/verification windows (tensor cores for fp16/bf16 at head_dim 64/128,
+    CUDA cores otherwise), chunks after cached context, several query and K/V tiles, a row
+    that sees no key, a group that leaves tile rows empty; W4A16/W8A16 symmetric and
+    asymmetric, per channel and per group, partial last groups, 1-16 rows (the GEMV), 17+
+    rows (dequantize + cuBLAS), odd K and groups that are not multiples of 32 (the twin). quick: shapes small enough for an emulator (kemu's run_self_check.py calls
     self_check(device="cpu", quick=True) with the extension replaced by its CPU build)."""
     dev, rows = device, []
     ext = cuda_extension()
@@ -1434,21 +1758,37 @@ def self_check(device: str = "cuda", quick: bool = False) -> list[tuple[str, flo
                                  + (f" ({gbs:.0f} GB/s)" if t else ""), rel(out, ref), 1e3 * t))
         # Several queries per sequence: a new prompt, a decode, a chunk after cached context,
         # a verification window over a long context, and a row with no visible key (context 0).
-        windows = ((([5, 1, 7], [5, 20, 40]), ([1, 4], [0, 9]), ([9], [75]))) if quick else \
+        # fp16/bf16 at head_dim 64/128 take the tensor-core kernel, the rest the CUDA-core one;
+        # 70 queries over 150 keys span several query tiles and K/V tiles (double buffering).
+        def prefill_case(G: int, Hkv: int, hd: int, bs: int, q_lens: list[int], ctx: list[int],
+                         tensor_cores: bool = True) -> None:
+            tensor_cores = tensor_cores and _tensor_cores(torch.device(dev))
+            _, kc, vc, bt, lens = _random_paged(len(ctx), ctx, Hkv, G, hd, bs, dtype, dev)
+            lens = torch.tensor([max(c, n) if c else 0 for c, n in zip(ctx, q_lens)], dtype=torch.int32, device=dev)
+            q = torch.randn(sum(q_lens), Hkv * G, hd, device=dev, dtype=dtype)
+            starts = torch.tensor([0] + q_lens, device=dev).cumsum(0).to(torch.int32)
+            out = ext.paged_prefill(q, kc, vc, bt, starts, lens, max(q_lens), hd ** -0.5, tensor_cores)
+            ref = paged_attention_ref(q, kc, vc, bt, starts, lens, hd ** -0.5)
+            t = _bench(lambda: ext.paged_prefill(q, kc, vc, bt, starts, lens, max(q_lens), hd ** -0.5, tensor_cores),
+                       dev)
+            flops = 4 * sum(n * (c - n / 2) for n, c in zip(q_lens, ctx)) * Hkv * G * hd
+            tc = tensor_cores and dtype != torch.float32 and hd in (64, 128)
+            rows.append((f"paged prefill ({'tensor cores' if tc else 'CUDA cores'}) {dn} G={G} hd={hd} bs={bs} "
+                         f"q={q_lens} ctx={ctx}" + (f" ({flops / t / 1e12:.1f} TFLOP/s)" if t else ""),
+                         rel(out, ref), 1e3 * t))
+
+        windows = ((([5, 1, 7], [5, 20, 40]), ([1, 4], [0, 9]), ([9], [75]), ([70], [150]))) if quick else \
             (([5, 1, 37], [5, 100, 300]), ([9, 6], [4097, 6]), ([509], [1200]), ([1, 4], [0, 9]))
         for G in ((1, 4, 8) if full else (4,)):
             for bs in ((16,) if quick else (16, 32)):
                 for q_lens, ctx in windows:
-                    _, kc, vc, bt, lens = _random_paged(len(ctx), ctx, Hkv, G, hd, bs, dtype, dev)
-                    lens = torch.tensor([max(c, n) if c else 0 for c, n in zip(ctx, q_lens)], dtype=torch.int32, device=dev)
-                    q = torch.randn(sum(q_lens), Hkv * G, hd, device=dev, dtype=dtype)
-                    starts = torch.tensor([0] + q_lens, device=dev).cumsum(0).to(torch.int32)
-                    out = ext.paged_prefill(q, kc, vc, bt, starts, lens, max(q_lens), hd ** -0.5)
-                    ref = paged_attention_ref(q, kc, vc, bt, starts, lens, hd ** -0.5)
-                    t = _bench(lambda: ext.paged_prefill(q, kc, vc, bt, starts, lens, max(q_lens), hd ** -0.5), dev)
-                    flops = 4 * sum(n * (c - n / 2) for n, c in zip(q_lens, ctx)) * Hkv * G * hd
-                    rows.append((f"paged prefill {dn} G={G} bs={bs} q={q_lens} ctx={ctx}"
-                                 + (f" ({flops / t / 1e12:.1f} TFLOP/s)" if t else ""), rel(out, ref), 1e3 * t))
+                    prefill_case(G, Hkv, hd, bs, q_lens, ctx)
+        # A group that does not divide the 64-row tile (empty rows), the other head size, one
+        # the tensor-core kernel does not take, and the CUDA-core kernel where a GPU older than
+        # Ampere would take it.
+        for G, hd_ in ((3, 64), (2, 128 if quick else 64), (2, 80)):
+            prefill_case(G, 1, hd_, 16, [30, 2], [130, 66])
+        prefill_case(4, 1, 64, 16, [30, 2], [130, 66], tensor_cores=False)
         # W4A16 / W8A16 through quant_linear: the GEMV for 1-16 rows where K and the group are
         # multiples of 32, the twin otherwise (17+ rows, odd K, other groups).
         gemv_cases = ((4, 64, False), (4, 32, True), (8, 0, False), (8, 64, True))
@@ -1467,16 +1807,17 @@ def self_check(device: str = "cuda", quick: bool = False) -> list[tuple[str, flo
                     sc = torch.rand(N, n_groups, device=dev, dtype=dtype) / 50
                     zp = torch.randint(0, 2 ** bits, sc.shape, device=dev).to(dtype) if asym else None
                     ref = quant_linear_ref(x, qw, sc, zp, bits, G)
-                    kernel = M <= 16 and K % 32 == 0 and (G or K) % 32 == 0
+                    aligned = K % 32 == 0 and (G or K) % 32 == 0
+                    via = ("GEMV" if M <= 16 else "dequantize + cuBLAS") if aligned else "twin"
                     with _KernelsOnAnyDevice():
                         y = quant_linear(x, qw, sc, zp, bits, G)
                     t = _bench(lambda: quant_linear(x, qw, sc, zp, bits, G), dev)
                     extra = ""
-                    if t and kernel:
+                    if t and aligned:
                         w16 = torch.randn(N, K, device=dev, dtype=dtype)
                         t16 = _bench(lambda: x @ w16.T, dev)
                         extra = f" ({qw.numel() / t / 1e9:.0f} GB/s of weights, {t16 / t:.2f}x cuBLAS {dn})"
-                    rows.append((f"W{bits}A16 ({'GEMV' if kernel else 'twin'}) {dn} {N}x{K} M={M} g={G}"
+                    rows.append((f"W{bits}A16 ({via}) {dn} {N}x{K} M={M} g={G}"
                                  f"{' asym' if asym else ''}{extra}", rel(y, ref), 1e3 * t))
     return rows
 
@@ -1554,7 +1895,8 @@ def gpu_goals(device: str = "cuda") -> list[tuple[str, str]]:
     starts = torch.tensor([0, T], device=dev, dtype=torch.int32)
     lens = torch.tensor([T], device=dev, dtype=torch.int32)
     flops = 4 * T * (T / 2) * Hkv * G * hd                 # QK^T and PV over the causal half
-    t = _time_cuda(lambda i: cuda_extension().paged_prefill(q, kc, vc, bt, starts, lens, T, hd ** -0.5), reps=5)
+    t = _time_cuda(lambda i: cuda_extension().paged_prefill(q, kc, vc, bt, starts, lens, T, hd ** -0.5,
+                                                                  _tensor_cores(q.device)), reps=5)
     k = gather_kv_ref(kc, bt[0], T).transpose(0, 1)[None]            # (1, Hkv, T, hd)
     v = gather_kv_ref(vc, bt[0], T).transpose(0, 1)[None]
     qs = q.transpose(0, 1)[None]                                      # (1, H, T, hd)

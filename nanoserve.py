@@ -2169,7 +2169,8 @@ class Scheduler:
 # tensors (token ids, positions, cache slots, block tables) and the CUDA graphs.
 
 class DecodeGraphs:
-    """Decode steps replayed as CUDA graphs, one graph per bucketed batch size.
+    """Decode steps replayed as CUDA graphs, one graph per bucketed batch size and
+    context length.
 
     A decode step launches about ten kernels per layer, hundreds in all, and each launch
     costs the CPU a few microseconds: for a small model, or at batch 1, the GPU finishes
@@ -2177,8 +2178,12 @@ class DecodeGraphs:
     forward pass once and replays them with a single call. A graph reads and writes fixed
     addresses, so each step copies its inputs into static buffers, and a graph exists
     per batch size: a batch is padded up to the next bucket (padding rows write their K/V
-    to slot -1, which the cache write skips, and attend over a context of 0 tokens), and
-    attention's Flash-Decoding split count is fixed at what the longest context needs.
+    to slot -1, which the cache write skips, and attend over a context of 0 tokens).
+    Attention's Flash-Decoding grid (how many splits of the context, kernels.decode_partition)
+    is fixed in a graph too, sized for a bound on the context: so that short contexts are
+    not split (and merged) as a 32k one would be, the bound is bucketed as well, by powers
+    of two from 512 up to max_context_len, and a step takes the smallest bucket its longest
+    context fits.
     Graphs are captured on first use of a bucket and share one memory pool (vLLM captures
     every bucket at start-up instead). capture=False runs the same padded static-buffer
     path eagerly: the CPU tests check it, a GPU captures it.
@@ -2190,6 +2195,7 @@ class DecodeGraphs:
         top = min(max_batch, 256)                      # larger decode batches run eagerly
         self.buckets = [b for b in (1, 2, 4, *range(8, 257, 8)) if b < top] + [top]
         self.max_blocks, self.max_context_len = max_blocks, max_context_len
+        self.context_buckets = sorted({min(1 << k, max_context_len) for k in range(9, 31)})
         dev = kv_cache.device
         self.input_ids = torch.zeros(top, dtype=torch.int64, device=dev)                 # (B,)
         self.positions = torch.zeros(top, dtype=torch.int64, device=dev)                 # (B,)
@@ -2197,16 +2203,16 @@ class DecodeGraphs:
         self.block_tables = torch.zeros(top, max_blocks, dtype=torch.int32, device=dev)  # (B, max_blocks)
         self.context_lens = torch.zeros(top, dtype=torch.int32, device=dev)              # (B,)
         self.query_start_loc = torch.arange(top + 1, dtype=torch.int32, device=dev)      # one token each
-        self.graphs: dict[int, tuple[torch.cuda.CUDAGraph, Tensor]] = {}
+        self.graphs: dict[tuple[int, int], tuple[torch.cuda.CUDAGraph, Tensor]] = {}   # (batch, context) buckets
         self.pool = None
         self.steps = 0                                 # decode steps served
 
     def fits(self, num_seqs: int, width: int) -> bool:
         return num_seqs <= self.buckets[-1] and width <= self.max_blocks
 
-    def _forward(self, b: int) -> Tensor:
+    def _forward(self, b: int, ctx: int) -> Tensor:
         meta = AttentionMetadata(self.slot_mapping[:b], self.block_tables[:b], self.query_start_loc[:b + 1],
-                                 self.context_lens[:b], max_context_len=self.max_context_len, max_query_len=1)
+                                 self.context_lens[:b], max_context_len=ctx, max_query_len=1)
         return self.model(self.input_ids[:b], self.positions[:b], self.kv_cache, meta)   # (b, D)
 
     def run(self, ids: list[int], positions: list[int], slots: list[int], tables: list[list[int]]) -> Tensor:
@@ -2214,6 +2220,7 @@ class DecodeGraphs:
         block tables) -> hidden states (n, D)."""
         n = len(ids)
         b = next(x for x in self.buckets if x >= n)
+        ctx = next(x for x in self.context_buckets if x > max(positions))     # longest context: max + 1
         pad = b - n
         self.input_ids[:b].copy_(torch.tensor(ids + [0] * pad))
         self.positions[:b].copy_(torch.tensor(positions + [0] * pad))
@@ -2228,24 +2235,24 @@ class DecodeGraphs:
             dtype=torch.int32).view(n, width))
         self.steps += 1
         if not self.capture:
-            return self._forward(b)[:n]
-        if b not in self.graphs:
-            self.graphs[b] = self._capture(b)
-        graph, out = self.graphs[b]
+            return self._forward(b, ctx)[:n]
+        if (b, ctx) not in self.graphs:
+            self.graphs[b, ctx] = self._capture(b, ctx)
+        graph, out = self.graphs[b, ctx]
         graph.replay()
         return out[:n]
 
-    def _capture(self, b: int) -> tuple[torch.cuda.CUDAGraph, Tensor]:
+    def _capture(self, b: int, ctx: int) -> tuple[torch.cuda.CUDAGraph, Tensor]:
         # Warm up on a side stream first (lazy initialisation must not be recorded); the
         # warm-up writes the same K/V the replay will write, so it changes nothing.
         stream = torch.cuda.Stream()
         stream.wait_stream(torch.cuda.current_stream())
         with torch.cuda.stream(stream):
-            self._forward(b)
+            self._forward(b, ctx)
         torch.cuda.current_stream().wait_stream(stream)
         graph = torch.cuda.CUDAGraph()
         with torch.cuda.graph(graph, pool=self.pool):
-            out = self._forward(b)                      # (b, D), lives in the graph's pool
+            out = self._forward(b, ctx)                 # (b, D), lives in the graph's pool
         self.pool = graph.pool()
         return graph, out
 
@@ -2273,14 +2280,18 @@ class ModelRunner:
 
     def kv_budget_bytes(self) -> int:
         """Memory the KV pool(s) may take: a share of free GPU memory less the activations
-        of the largest step and its logits, or EngineConfig.kv_cache_bytes on the CPU."""
+        of the largest step and its logits, and for a quantized model the dense temporary the
+        largest quantized projection dequantizes into when a step has more than 16 rows
+        (kernels.quant_linear); EngineConfig.kv_cache_bytes on the CPU."""
         if self.device.type != "cuda":
             return self.cfg.kv_cache_bytes
         free, _ = torch.cuda.mem_get_info(self.device)
         c = self.model.config
         act = self.cfg.max_num_batched_tokens * (4 * c.hidden_size + 3 * c.intermediate_size) * 4 \
             + self.cfg.max_num_seqs * c.vocab_size * 4 * 4
-        return int(free * self.cfg.gpu_memory_utilization) - act
+        dequant = max((m.in_features * m.out_features * self.dtype.itemsize
+                       for m in self.model.modules() if isinstance(m, QuantLinear)), default=0)
+        return int(free * self.cfg.gpu_memory_utilization) - act - dequant
 
     def allocate_kv_cache(self, num_blocks: int) -> None:
         """The pool, allocated once: (layers, K/V, blocks, block_size, kv_heads, head_dim)."""

@@ -222,6 +222,23 @@ def test_decode_graph_path_pads_to_buckets_and_matches_eager(model_dirs):
         assert eng.block_manager.ref_count == [0] * 40
 
 
+def test_decode_graphs_bucket_the_context_bound_for_the_split_count():
+    """A decode graph fixes attention's Flash-Decoding grid for a bound on the context: the
+    step takes the smallest power-of-two bucket (512 up to max_context_len) that holds its
+    longest context (position + 1), so short contexts are not split as a long one is."""
+    g = nanoserve.DecodeGraphs(None, torch.zeros(1), max_batch=12, max_blocks=400, max_context_len=5000,
+                               capture=False)
+    assert g.context_buckets == [512, 1024, 2048, 4096, 5000]
+    seen = []
+    g._forward = lambda b, ctx: (seen.append((b, ctx)), torch.zeros(b, 8))[1]
+    for positions, want in (([10, 20, 30], (4, 512)), ([511], (1, 512)), ([5, 512], (2, 1024)),
+                            ([4095, 7], (2, 4096)), ([4999], (1, 5000))):
+        tables = [[0] * (p // 16 + 1) for p in positions]
+        out = g.run([1] * len(positions), positions, [0] * len(positions), tables)
+        assert out.shape == (len(positions), 8) and seen[-1] == want, (positions, seen[-1])
+        assert g.context_lens[:len(positions)].tolist() == [p + 1 for p in positions]
+
+
 def test_requests_join_and_leave_the_running_batch_every_step(tiny_model_dir):
     llm = LLM(tiny_model_dir, device="cpu", max_num_seqs=4)
     eng = llm.engine

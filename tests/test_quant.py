@@ -155,3 +155,24 @@ def test_quant_cli_writes_a_checkpoint_the_cli_runs(small_model, tmp_path):
     bad = subprocess.run([sys.executable, str(ROOT / "quant.py"), "--model", str(small_model), "--group-size",
                           "-3", "--out", str(out)], capture_output=True, text=True, timeout=120)
     assert bad.returncode == 2 and "group-size" in bad.stderr and "Traceback" not in bad.stderr
+
+
+def test_kv_budget_sets_aside_the_dequantized_weight_of_the_largest_projection(small_model, monkeypatch):
+    """On a GPU a step of more than 16 rows dequantizes each quantized projection into a dense
+    temporary before cuBLAS (kernels.quant_linear); the KV pool is sized around the largest."""
+    llm = LLM(small_model, device="cpu")
+    model = llm.engine.model
+    calib = torch.randint(3, model.config.vocab_size, (4, 32), generator=torch.Generator().manual_seed(0))
+    monkeypatch.setattr(torch.cuda, "mem_get_info", lambda *_: (8 << 30, 16 << 30))
+    cfg = nanoserve.EngineConfig(device="cpu", max_num_batched_tokens=64, max_num_seqs=4, gpu_memory_utilization=0.5)
+
+    def budget() -> int:
+        fake = type("Runner", (), {"device": torch.device("cuda"), "cfg": cfg, "model": model,
+                                   "dtype": torch.bfloat16})()
+        return nanoserve.ModelRunner.kv_budget_bytes(fake)
+
+    dense = budget()
+    quant.quantize_model(model, calib, "rtn", 4, 32)
+    largest = max(m.in_features * m.out_features for m in model.modules() if isinstance(m, nanoserve.QuantLinear))
+    assert largest >= model.config.hidden_size * model.config.intermediate_size
+    assert dense - budget() == largest * 2
