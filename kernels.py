@@ -834,8 +834,9 @@ torch::Tensor paged_decode(torch::Tensor q, torch::Tensor k_cache, torch::Tensor
 // pairs of one KV head's group: PF_ROWS / G tokens x the G heads sharing that K/V head,
 // so each K/V tile is read once for the whole group (GQA). Each warp owns PF_RPW rows;
 // for a row, lane j scores key j of the tile, then the lanes share p_j by shuffles and
-// each accumulates its own slice of head_dim. CUDA cores only (no tensor cores): readable
-// first; prefill is compute-bound and a production kernel would use WGMMA here.
+// each accumulates its own slice of head_dim. CUDA cores only: the readable form of the
+// algorithm, and the path for fp32, head sizes other than 64/128 and GPUs before Ampere;
+// fp16/bf16 at head_dim 64/128 take the tensor-core kernel below (prefill is compute-bound).
 constexpr int PF_ROWS = 64, PF_BK = 32, PF_WARPS = 8, PF_RPW = PF_ROWS / PF_WARPS, PF_MAXC = 8;
 
 template <typename T>
