@@ -646,7 +646,10 @@ __global__ void paged_decode_kernel(T* __restrict__ out,             // [S, H, h
   for (int g = 0; g < PD_MAX_G; ++g)
 #pragma unroll
     for (int e = 0; e < VEC; ++e) qr[g][e] = g < G ? q_sh[g * hd + d0 + e] : 0.f;
-  // S = q k^T for the G heads: each lane multiplies its VEC dims, the row's lpk lanes sum.
+  // S = q k^T for the G heads: each lane multiplies its VEC dims, the row's lpk lanes sum
+  // (one shuffle tree per head; for 3+ heads over 8+ lanes a reduce-scatter, fewer shuffles).
+  static_assert(PD_MAX_G == 8, "the reduce-scatter below halves 8 heads three times");
+  const bool scatter = G >= 3 && lpk >= 8;           // uniform over the block
   const int stride = nw * kpw;                       // rows the block covers per pass
   for (int t0 = start + wid * kpw; t0 < end; t0 += stride * PD_UNROLL) {   // t0: warp-uniform
     uint4 raw[PD_UNROLL];
@@ -660,14 +663,42 @@ __global__ void paged_decode_kernel(T* __restrict__ out,             // [S, H, h
     for (int u = 0; u < PD_UNROLL; ++u) {
       const int t = t0 + u * stride + sub;
       const T* kv = reinterpret_cast<const T*>(&raw[u]);
+      if (scatter) {
+        float a[PD_MAX_G];                           // this lane's partial dot product per head
 #pragma unroll
-      for (int g = 0; g < PD_MAX_G; ++g) {
-        if (g >= G) break;
-        float a = 0.f;
+        for (int g = 0; g < PD_MAX_G; ++g) {
+          a[g] = 0.f;
+          if (g < G) {
 #pragma unroll
-        for (int e = 0; e < VEC; ++e) a += qr[g][e] * to_f(kv[e]);
-        for (int o = lpk >> 1; o > 0; o >>= 1) a += __shfl_xor_sync(0xffffffff, a, o);
-        if (t < end && d0 == 0) logits[g * part + (t - start)] = a;
+            for (int e = 0; e < VEC; ++e) a[g] += qr[g][e] * to_f(kv[e]);
+          }
+        }
+        // Reduce-scatter over the row's lanes: at each of three steps a lane keeps half of
+        // its heads and sends the other half to its partner (lane ^ o), so 8 heads cost
+        // 4 + 2 + 1 shuffles, not 8 x log2(lpk); then the lpk / 8 lanes holding a head sum it.
+#pragma unroll
+        for (int step = 0, n = PD_MAX_G / 2; n >= 1; ++step, n >>= 1) {
+          const int o = lpk >> (step + 1);
+          const bool upper = lane & o;
+#pragma unroll
+          for (int i = 0; i < n; ++i) {
+            const float keep = upper ? a[i + n] : a[i], give = upper ? a[i] : a[i + n];
+            a[i] = keep + __shfl_xor_sync(0xffffffff, give, o);
+          }
+        }
+        for (int o = lpk >> 4; o > 0; o >>= 1) a[0] += __shfl_xor_sync(0xffffffff, a[0], o);
+        const int g = (lane & (lpk >> 1) ? 4 : 0) | (lane & (lpk >> 2) ? 2 : 0) | (lane & (lpk >> 3) ? 1 : 0);
+        if (t < end && g < G && (lane & ((lpk >> 3) - 1)) == 0) logits[g * part + (t - start)] = a[0];
+      } else {
+#pragma unroll
+        for (int g = 0; g < PD_MAX_G; ++g) {
+          if (g >= G) break;
+          float a = 0.f;
+#pragma unroll
+          for (int e = 0; e < VEC; ++e) a += qr[g][e] * to_f(kv[e]);
+          for (int o = lpk >> 1; o > 0; o >>= 1) a += __shfl_xor_sync(0xffffffff, a, o);
+          if (t < end && d0 == 0) logits[g * part + (t - start)] = a;
+        }
       }
     }
   }
@@ -1069,15 +1100,16 @@ paged_prefill_tc_kernel(T* __restrict__ out,              // [T, H, HD]
       wmma::store_matrix_sync(s_sh + n * 16, sf, LDS, wmma::mem_row_major);
     }
     __syncthreads();                                              // S is in shared memory
-    const int c0 = half * (TC_BN / 2), kb = j * TC_BN;
+    // The row's two lanes take alternate columns (c = 2i + half): 16 banks per read, not 8.
+    const int kb = j * TC_BN;
     float mx = -INFINITY;
-    for (int c = c0; c < c0 + TC_BN / 2; ++c)
+    for (int c = half; c < TC_BN; c += 2)
       if (kb + c <= qpos) mx = fmaxf(mx, s_sh[my_row * LDS + c] * scale_log2);
     mx = fmaxf(mx, __shfl_xor_sync(0xffffffff, mx, 1));
     const float m_new = fmaxf(m_run, mx);
     const float m_use = m_new == -INFINITY ? 0.f : m_new;         // no visible key yet: p = 0, not NaN
     float sum = 0.f;
-    for (int c = c0; c < c0 + TC_BN / 2; ++c) {
+    for (int c = half; c < TC_BN; c += 2) {
       const float p = kb + c <= qpos ? exp2f(s_sh[my_row * LDS + c] * scale_log2 - m_use) : 0.f;
       reinterpret_cast<T*>(p_sh)[my_row * LDP + c] = from_f<T>(p);
       sum += p;
@@ -1734,7 +1766,8 @@ def self_check(device: str = "cuda", quick: bool = False) -> list[tuple[str, flo
         # Decode (one query per sequence), through the dispatcher as the model calls it (its
         # split policy, decode_partition); quick: the kernel with a 64-key partition, so that
         # short contexts span several splits.
-        groups = ((1, 64), (4, 64), (8, 32), (16, 32), (2, 80)) if quick else ((1, 128), (4, 128), (8, 128), (16, 64), (4, 80))
+        groups = ((1, 64), (4, 64), (8, 64), (3, 64), (8, 32), (16, 32), (2, 80)) if quick else \
+            ((1, 128), (4, 128), (8, 128), (3, 128), (16, 64), (4, 80))
         ctxs = ([0], [1, 17, 0, 40], [130, 5], [64]) if quick else \
             ([0], [1, 17, 100, 0], [4097, 333], [16000], [512], [32768], [2048] * 64)
         for G, hd_ in groups[:None if full else 2]:
