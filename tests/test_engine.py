@@ -584,3 +584,17 @@ def test_decode_split_policy_fills_the_gpu_fits_shared_memory_and_merges_only_wh
         for G, hd in ((8, 128), (8, 256), (1, 64)):
             part = kernels.decode_partition(256, 8, G, hd, 131072, 108, budget)
             assert (9 * G * hd + G * part + part + 2) * 4 <= budget
+
+
+def test_host_benchmark_stubs_the_decode_graph_forward():
+    """tools/bench.py host replaces DecodeGraphs._forward with a stub of the same signature;
+    run it small so a change of that signature cannot break the benchmark unnoticed."""
+    import importlib.util
+    spec = importlib.util.spec_from_file_location("bench_under_test", ROOT / "tools" / "bench.py")
+    bench = importlib.util.module_from_spec(spec)
+    sys.modules[spec.name] = bench                                  # its dataclasses look themselves up
+    spec.loader.exec_module(bench)
+    forward = nanoserve.DecodeGraphs._forward
+    r = bench.bench_host(batch=4, steps=2)
+    assert r["batch"] == 4 and r["ms_per_step"] > 0
+    assert nanoserve.DecodeGraphs._forward is forward              # the stub is undone

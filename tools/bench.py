@@ -310,7 +310,7 @@ def bench_host(batch: int = 256, steps: int = 100) -> dict:
     eng.runner.use_graphs = True                         # the padded static-buffer path, not captured
     stub = nanoserve.DecodeGraphs._forward
     dev = eng.device
-    nanoserve.DecodeGraphs._forward = lambda self, b: torch.zeros(b, D, device=dev)
+    nanoserve.DecodeGraphs._forward = lambda self, b, ctx: torch.zeros(b, D, device=dev)
     g = torch.Generator(dev).manual_seed(0)
     eng.runner.compute_logits = lambda h: torch.randn(h.shape[0], V, generator=g, device=dev)
     try:
@@ -324,6 +324,9 @@ def bench_host(batch: int = 256, steps: int = 100) -> dict:
         for _ in range(steps):
             eng.step()
         per_step = (time.perf_counter() - t) / steps
+        if len(eng.scheduler.running) != batch:         # the engine ends a failed step's requests
+            raise RuntimeError(f"bench host: {batch - len(eng.scheduler.running)} requests ended early; "
+                               "a step failed (see the engine's message above)")
     finally:
         nanoserve.DecodeGraphs._forward = stub
     return {"batch": batch, "ms_per_step": 1e3 * per_step,
