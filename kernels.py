@@ -1475,6 +1475,159 @@ torch::Tensor quant_gemv(torch::Tensor x, torch::Tensor qweight, torch::Tensor s
   return y;
 }
 
+// ---------------------------------------------------------------- W4A16 / W8A16 on tensor cores, 4-16 rows
+// From a few rows on, the GEMV above is bound by x, not by the weights: every 16 bytes of
+// codes make each row re-read 64 bytes of x (measured on an H200 at 16 rows: 2-3% of copy
+// bandwidth). Tensor cores take all 16 rows at once: per step of 32 inputs, a warp
+// dequantizes 64 output channels' codes into shared memory (the B operand, [n][k]), stages
+// x's rows (A, zero rows up to 16) beside them, and runs 2 x 4 mma 16x16x16 into fp32
+// accumulators; each code is read once and x once per 64 channels. One warp per block; the
+// grid is (N / 64 channel tiles, splits of K), so that a 4,096-wide layer still fills the
+// GPU, and each split writes fp32 partial sums that the host adds (deterministic, unlike
+// atomics). The next weight chunks are loaded while the current ones are multiplied.
+constexpr int QG_N = 64, QG_K = 32, QG_LD = QG_K + 8;   // channel tile, K step, padded row (elements)
+constexpr int QG_SMEM = (QG_N + 16) * QG_LD * 2 + 16 * (QG_N + 4) * 4;   // 16-bit B and A, fp32 C
+
+template <typename T, int BITS>
+__global__ void __launch_bounds__(32)
+quant_gemm_tc_kernel(float* __restrict__ part,          // [splits, rows, N] fp32 partial sums
+                     const T* __restrict__ x,           // [rows <= 16, K], 16-byte aligned rows
+                     const uint8_t* __restrict__ qw,     // int4: [N, K/2] packed; int8: [N, K]
+                     const T* __restrict__ scales,      // [N, n_groups]
+                     const T* __restrict__ zeros,       // [N, n_groups] or null
+                     int rows, int N, int K, int G, int n_groups, int k_per_split, bool is_signed) {
+#if !defined(__CUDA_ARCH__) || __CUDA_ARCH__ >= 800     // bf16 WMMA: sm_80+ (the host checks)
+  using namespace nvcuda;
+  using W = typename mma_type<T>::type;
+  constexpr int CODES = BITS == 4 ? 32 : 16;            // codes per 16-byte load
+  constexpr int LOADS = QG_K / CODES;                   // 16-byte loads per channel per step: 1 or 2
+  constexpr int PER16 = 16 / sizeof(T);                 // T values per 16-byte store
+  extern __shared__ __align__(128) uint8_t qg_smem[];   // QG_SMEM bytes
+  W* b_sh = reinterpret_cast<W*>(qg_smem);              // [QG_N, QG_LD] dequantized weights [n][k]
+  W* a_sh = b_sh + QG_N * QG_LD;                        // [16, QG_LD] x rows [m][k], rows >= `rows` zero
+  float* c_sh = reinterpret_cast<float*>(a_sh + 16 * QG_LD);   // [16, QG_N + 4] the output tile, fp32
+  const int lane = threadIdx.x, n0 = blockIdx.x * QG_N;
+  const int k_begin = blockIdx.y * k_per_split, k_end = min(K, k_begin + k_per_split);
+  const int64_t row_bytes = BITS == 4 ? K / 2 : K;
+  const float base_z = 8388608.f + (BITS == 8 && is_signed ? 128.f : 0.f);
+  const float sym_zero = BITS == 4 && is_signed ? 8.f : 0.f;
+  const uint32_t flip = BITS == 8 && is_signed ? 0x80u : 0u;
+  // Lane l dequantizes channels n0 + l and n0 + l + 32: LOADS 16-byte loads each per step.
+  auto load = [&](int k0, uint4 (&w)[2][LOADS]) {
+#pragma unroll
+    for (int h = 0; h < 2; ++h) {
+      const int n = n0 + lane + 32 * h;
+#pragma unroll
+      for (int u = 0; u < LOADS; ++u)
+        w[h][u] = n < N ? reinterpret_cast<const uint4*>(qw + (int64_t)n * row_bytes + (int64_t)k0 * BITS / 8)[u]
+                        : make_uint4(0u, 0u, 0u, 0u);
+    }
+  };
+  wmma::fragment<wmma::accumulator, 16, 16, 16, float> acc[QG_N / 16];
+#pragma unroll
+  for (int j = 0; j < QG_N / 16; ++j) wmma::fill_fragment(acc[j], 0.f);
+  uint4 cur[2][LOADS] = {}, nxt[2][LOADS] = {};
+  if (k_begin < k_end) load(k_begin, cur);
+  for (int k0 = k_begin; k0 < k_end; k0 += QG_K) {
+    if (k0 + QG_K < k_end) load(k0 + QG_K, nxt);        // in flight during this step's math
+    // B: channel n's 32 codes of this step, minus the zero, times the group's scale.
+#pragma unroll
+    for (int h = 0; h < 2; ++h) {
+      const int nl = lane + 32 * h, n = n0 + nl;
+      const int64_t gi = (int64_t)min(n, N - 1) * n_groups + k0 / G;    // the step lies in one group
+      const float sc = n < N ? to_f(scales[gi]) : 0.f, z = zeros && n < N ? to_f(zeros[gi]) : 0.f;
+#pragma unroll
+      for (int u = 0; u < LOADS; ++u) {
+        float c[CODES];
+        chunk_codes<BITS>(cur[h][u], flip, zeros ? base_z : base_z + sym_zero, c);
+#pragma unroll
+        for (int o = 0; o < CODES / PER16; ++o) {
+          uint4 pack;
+          T* e = reinterpret_cast<T*>(&pack);
+#pragma unroll
+          for (int i = 0; i < PER16; ++i) e[i] = from_f<T>((c[o * PER16 + i] - z) * sc);
+          *reinterpret_cast<uint4*>(b_sh + nl * QG_LD + u * CODES + o * PER16) = pack;
+        }
+      }
+    }
+    // A: 16 rows x 32 inputs of x, 64 16-byte pieces, two per lane.
+#pragma unroll
+    for (int p = lane; p < 16 * QG_K / PER16; p += 32) {
+      const int m = p / (QG_K / PER16), c = p % (QG_K / PER16);
+      uint4 v = make_uint4(0u, 0u, 0u, 0u);
+      if (m < rows) v = reinterpret_cast<const uint4*>(x + (int64_t)m * K + k0)[c];
+      *reinterpret_cast<uint4*>(a_sh + m * QG_LD + c * PER16) = v;
+    }
+    __syncthreads();                                    // (the block is this one warp)
+#pragma unroll
+    for (int kk = 0; kk < QG_K; kk += 16) {
+      wmma::fragment<wmma::matrix_a, 16, 16, 16, W, wmma::row_major> af;
+      wmma::load_matrix_sync(af, a_sh + kk, QG_LD);
+#pragma unroll
+      for (int j = 0; j < QG_N / 16; ++j) {
+        wmma::fragment<wmma::matrix_b, 16, 16, 16, W, wmma::col_major> bf;   // B[k][n] = b_sh[n][k]
+        wmma::load_matrix_sync(bf, b_sh + j * 16 * QG_LD + kk, QG_LD);
+        wmma::mma_sync(acc[j], af, bf, acc[j]);
+      }
+    }
+    __syncthreads();                                    // before the next step overwrites a_sh, b_sh
+#pragma unroll
+    for (int h = 0; h < 2; ++h)
+#pragma unroll
+      for (int u = 0; u < LOADS; ++u) cur[h][u] = nxt[h][u];
+  }
+#pragma unroll
+  for (int j = 0; j < QG_N / 16; ++j)
+    wmma::store_matrix_sync(c_sh + j * 16, acc[j], QG_N + 4, wmma::mem_row_major);
+  __syncthreads();
+  float* dst = part + (int64_t)blockIdx.y * rows * N;
+  for (int i = lane; i < rows * QG_N; i += 32) {
+    const int m = i / QG_N, nl = i % QG_N;
+    if (n0 + nl < N) dst[(int64_t)m * N + n0 + nl] = c_sh[m * (QG_N + 4) + nl];
+  }
+#endif
+}
+
+// -> [splits, rows, N] fp32 partial sums; the caller adds them. rows 1-16, 16-bit x.
+torch::Tensor quant_gemm_tc(torch::Tensor x, torch::Tensor qweight, torch::Tensor scales,
+                            c10::optional<torch::Tensor> zeros, int64_t bits, int64_t group_size, int64_t splits) {
+  TORCH_CHECK(x.dim() == 2 && x.size(0) >= 1 && x.size(0) <= 16, "quant_gemm_tc: x must be [1 <= rows <= 16, K]");
+  TORCH_CHECK(x.scalar_type() == at::kHalf || x.scalar_type() == at::kBFloat16, "quant_gemm_tc: fp16 or bf16 x");
+  const at::cuda::OptionalCUDAGuard guard(device_of(x));
+  x = x.contiguous();
+  if (reinterpret_cast<uintptr_t>(x.data_ptr()) % 16) x = x.clone();
+  const QuantWeight w = quant_weight("quant_gemm_tc", qweight, scales, zeros, bits, group_size, x.size(1),
+                                     x.scalar_type());
+  const torch::Tensor qw = w.qw, sc = w.sc, z = w.z;
+  const int rows = x.size(0);
+  // Splits of K in whole steps of 32 inputs.
+  const int steps = w.K / QG_K;
+  splits = std::max<int64_t>(1, std::min<int64_t>(splits, steps));
+  const int k_per_split = (int)((steps + splits - 1) / splits) * QG_K;
+  splits = (w.K + k_per_split - 1) / k_per_split;
+  auto part = torch::empty({splits, rows, w.N}, x.options().dtype(torch::kFloat));
+  if (w.N == 0 || w.K == 0) return part.zero_();
+  TORCH_CHECK(splits <= 65535, "quant_gemm_tc: at most 65535 splits");
+  dim3 grid((w.N + QG_N - 1) / QG_N, splits);
+  const uint8_t* qp = reinterpret_cast<const uint8_t*>(qw.data_ptr());
+  auto stream = at::cuda::getCurrentCUDAStream();
+  if (x.scalar_type() == at::kHalf) {
+    using T = c10::Half;
+    const T* zp = z.defined() ? z.data_ptr<T>() : nullptr;
+    auto kernel = bits == 4 ? quant_gemm_tc_kernel<T, 4> : quant_gemm_tc_kernel<T, 8>;
+    kernel<<<grid, 32, QG_SMEM, stream>>>(part.data_ptr<float>(), x.data_ptr<T>(), qp, sc.data_ptr<T>(), zp, rows, w.N,
+                                    w.K, w.G, w.n_groups, k_per_split, w.is_signed);
+  } else {
+    using T = c10::BFloat16;
+    const T* zp = z.defined() ? z.data_ptr<T>() : nullptr;
+    auto kernel = bits == 4 ? quant_gemm_tc_kernel<T, 4> : quant_gemm_tc_kernel<T, 8>;
+    kernel<<<grid, 32, QG_SMEM, stream>>>(part.data_ptr<float>(), x.data_ptr<T>(), qp, sc.data_ptr<T>(), zp, rows, w.N,
+                                    w.K, w.G, w.n_groups, k_per_split, w.is_signed);
+  }
+  C10_CUDA_KERNEL_LAUNCH_CHECK();
+  return part;
+}
+
 // ---------------------------------------------------------------- dequantize (more than 16 rows)
 // From about 16 rows on, each weight is used by enough rows that the product is compute-bound,
 // and cuBLAS's tensor-core GEMM is the fastest way to run it: dequantize the codes into a dense
@@ -1554,6 +1707,8 @@ torch::Tensor quant_gemv(torch::Tensor x, torch::Tensor qweight, torch::Tensor s
                          c10::optional<torch::Tensor> zeros, int64_t bits, int64_t group_size);
 torch::Tensor dequantize(torch::Tensor qweight, torch::Tensor scales, c10::optional<torch::Tensor> zeros,
                          int64_t bits, int64_t group_size, int64_t in_features);
+torch::Tensor quant_gemm_tc(torch::Tensor x, torch::Tensor qweight, torch::Tensor scales,
+                            c10::optional<torch::Tensor> zeros, int64_t bits, int64_t group_size, int64_t splits);
 """
 
 @functools.cache
@@ -1591,7 +1746,7 @@ def cuda_extension():
     verbose = os.environ.get("NANOSERVE_PTXAS_VERBOSE") == "1"
     return load_inline(
         name="nanoserve_kernels" + ("_ptxas" if verbose else ""), cpp_sources=CPP_SOURCE, cuda_sources=CUDA_SOURCE,
-        functions=["rms_norm", "silu_and_mul", "rope_and_cache", "paged_decode", "paged_prefill", "quant_gemv", "dequantize"],
+        functions=["rms_norm", "silu_and_mul", "rope_and_cache", "paged_decode", "paged_prefill", "quant_gemv", "quant_gemm_tc", "dequantize"],
         extra_cuda_cflags=["-O3", "--use_fast_math"] + (["-Xptxas=-v"] if verbose else []),
         extra_include_paths=cuda_library_includes(), verbose=verbose)
 
@@ -1716,17 +1871,32 @@ def paged_attention(q: Tensor, k_cache: Tensor, v_cache: Tensor, block_tables: T
                                           max_query_len, scale, _tensor_cores(q.device))
 
 
+GEMM_TC_MIN_ROWS = 4   # from here to 16 rows W4A16/W8A16 run on tensor cores (a guess until measured)
+
+
 def quant_linear(x: Tensor, qweight: Tensor, scales: Tensor, zeros: Tensor | None, bits: int,
                  group_size: int, cpu_cache: dict | None = None) -> Tensor:
-    """cpu_cache: a dict the caller keeps per layer, holding the CPU repacking (made on
+    """y = x W^T for a weight-only quantized W, by the rows of x on a GPU: 1-3 the GEMV
+    (memory-bound: the codes read once), 4-16 tensor cores (x too big a share of the reads for
+    CUDA cores), more the dequantize kernel and cuBLAS (compute-bound); K and the group size
+    multiples of 32, else the twin. On the CPU, PyTorch's weight-only kernels where the layout
+    fits. cpu_cache: a dict the caller keeps per layer, holding the CPU repacking (made on
     first use, keyed by dtype and the buffers' addresses so a reloaded weight repacks)."""
     K = x.shape[-1]
     rows = x.numel() // K
-    if _cuda(x) and rows <= 16 and K % 32 == 0 and (group_size or K) % 32 == 0:
+    aligned = K % 32 == 0 and (group_size or K) % 32 == 0
+    if (_cuda(x) and aligned and GEMM_TC_MIN_ROWS <= rows <= 16 and x.dtype in (torch.float16, torch.bfloat16)
+            and _tensor_cores(x.device)):
+        n_tiles = -(-qweight.shape[0] // 64)
+        splits = max(1, min(-(-4 * _decode_device(x.device)[0] // n_tiles), K // 256))   # ~4 blocks per SM
+        part = cuda_extension().quant_gemm_tc(x.reshape(rows, K), qweight, scales, zeros, 4 if bits <= 4 else 8,
+                                              group_size, splits)                       # (splits, rows, N)
+        return part.sum(0).to(x.dtype).view(*x.shape[:-1], -1)
+    if _cuda(x) and rows <= 16 and aligned:
         y = cuda_extension().quant_gemv(x.reshape(rows, K), qweight, scales, zeros, 4 if bits <= 4 else 8,
                                         group_size)
         return y.view(*x.shape[:-1], -1)
-    if _cuda(x) and K % 32 == 0 and (group_size or K) % 32 == 0:
+    if _cuda(x) and aligned:
         # More rows: compute-bound, so cuBLAS on a weight dequantized in one pass (a temporary
         # of the layer's dense size, which kv_budget_bytes sets aside).
         w = cuda_extension().dequantize(qweight, scales.to(x.dtype), None if zeros is None else zeros.to(x.dtype),
@@ -1908,7 +2078,7 @@ def self_check(device: str = "cuda", quick: bool = False) -> list[tuple[str, flo
         shapes = ((64, 128), (32, 96)) if quick else ((4096, 4096), (4096, 11008))
         for bits, G, asym in gemv_cases[:None if full else 1]:
             for N, K in shapes + ((16, 100),):                # K = 100: odd for the kernel
-                for M in ((1, 3, 16, 17) if quick else (1, 3, 16, 33)):
+                for M in ((1, 3, 4, 16, 17) if quick else (1, 3, 4, 16, 33)):
                     x = torch.randn(M, K, device=dev, dtype=dtype)
                     if bits == 4:
                         qw = torch.randint(0, 256, (N, (K + 1) // 2), device=dev, dtype=torch.uint8)
@@ -1921,7 +2091,8 @@ def self_check(device: str = "cuda", quick: bool = False) -> list[tuple[str, flo
                     zp = torch.randint(0, 2 ** bits, sc.shape, device=dev).to(dtype) if asym else None
                     ref = quant_linear_ref(x, qw, sc, zp, bits, G)
                     aligned = K % 32 == 0 and (G or K) % 32 == 0
-                    via = ("GEMV" if M <= 16 else "dequantize + cuBLAS") if aligned else "twin"
+                    tc = GEMM_TC_MIN_ROWS <= M <= 16 and dtype != torch.float32 and _tensor_cores(torch.device(dev))
+                    via = ("tensor cores" if tc else "GEMV" if M <= 16 else "dequantize + cuBLAS") if aligned else "twin"
                     with _KernelsOnAnyDevice():
                         y = quant_linear(x, qw, sc, zp, bits, G)
                     t = _bench(lambda: quant_linear(x, qw, sc, zp, bits, G), dev)
@@ -1932,6 +2103,11 @@ def self_check(device: str = "cuda", quick: bool = False) -> list[tuple[str, flo
                         extra = f" ({qw.numel() / t / 1e9:.0f} GB/s of weights, {t16 / t:.2f}x cuBLAS {dn})"
                     rows.append((f"W{bits}A16 ({via}) {dn} {N}x{K} M={M} g={G}"
                                  f"{' asym' if asym else ''}{extra}", rel(y, ref), 1e3 * t))
+                    if tc and aligned and M == 16:       # K split three ways: partial sums the host adds
+                        with _KernelsOnAnyDevice():
+                            part = ext.quant_gemm_tc(x, qw, sc, zp, bits, G, 3)
+                        rows.append((f"W{bits}A16 (tensor cores, {part.shape[0]} splits) {dn} {N}x{K} M={M} g={G}"
+                                     f"{' asym' if asym else ''}", rel(part.sum(0).to(dtype), ref), 0.0))
     return rows
 
 
@@ -2032,13 +2208,17 @@ def gpu_goals(device: str = "cuda") -> list[tuple[str, str]]:
                    torch.randint(-127, 128, (N, K), device=dev, dtype=torch.int8),
                    torch.rand(N, K // (group or K), device=dev, dtype=bf16) / 50) for _ in range(copies(packed))]
             dense = [torch.randn(N, K, device=dev, dtype=bf16) for _ in range(copies(2 * N * K))]
-            for M in ((1, 16, 2048) if bits == 4 else (1,)):
+            for M in ((1, 4, 16, 2048) if bits == 4 else (1,)):
                 x = torch.randn(M, K, device=dev, dtype=bf16)
                 tq = _time_cuda(lambda i: quant_linear(x, *ws[i % len(ws)], None, bits, group), reps=20)
                 td = _time_cuda(lambda i: x @ dense[i % len(dense)].T, reps=20)
                 if M <= 16:
                     figure = (f"{packed / tq / 1e9:.0f} GB/s = {100 * packed / tq / copy_bw:.0f}% of copy (goal >= 80%); "
                               f"bf16 cuBLAS {2 * N * K / td / 1e9:.0f} GB/s; int{bits} at {td / tq:.2f}x bf16's speed")
+                    if M >= GEMM_TC_MIN_ROWS:                # tensor cores above; the GEMV for comparison
+                        tg = _time_cuda(lambda i: cuda_extension().quant_gemv(x, *ws[i % len(ws)], None, bits, group),
+                                        reps=20)
+                        figure += f"; the GEMV {packed / tg / 1e9:.0f} GB/s"
                 else:
                     figure = (f"{2 * M * N * K / tq / 1e12:.0f} TFLOP/s, {tq / td:.2f}x bf16 cuBLAS's time "
                               f"({2 * M * N * K / td / 1e12:.0f} TFLOP/s; goal <= 1.3x)")
