@@ -414,17 +414,16 @@ __device__ __forceinline__ float warp_max(float v) {
   return v;
 }
 // Sum over the block; every thread gets the result. blockDim.x a multiple of 32, <= 1024.
+// Two barriers: the first keeps a previous call's readers ahead of this call's writers.
 __device__ float block_sum(float v, float* sh) {
-  int lane = threadIdx.x & 31, wid = threadIdx.x >> 5;
+  const int lane = threadIdx.x & 31, wid = threadIdx.x >> 5;
   v = warp_sum(v);
   __syncthreads();
   if (lane == 0) sh[wid] = v;
   __syncthreads();
-  v = (threadIdx.x < (blockDim.x >> 5)) ? sh[threadIdx.x] : 0.f;
-  if (wid == 0) v = warp_sum(v);
-  if (threadIdx.x == 0) sh[0] = v;
-  __syncthreads();
-  return sh[0];
+  float s = 0.f;
+  for (int i = 0; i < (int)(blockDim.x >> 5); ++i) s += sh[i];
+  return s;
 }
 
 // ---------------------------------------------------------------- RMSNorm, fused add + RMSNorm
@@ -456,8 +455,8 @@ __global__ void rms_norm_kernel(T* __restrict__ out,        // [rows, D]
 // 16-byte aligned), built for latency: at batch 1 a norm is one 4,096-wide row, and the
 // kernel's time is its chain of dependent steps, not bytes. Each thread issues all its
 // loads (x, residual, weight: up to RN_CHUNKS 16-byte chunks each) at once, keeps the sum
-// x + residual in registers for the second pass instead of re-reading it, and the block
-// sums by warp shuffles and one shared-memory round. Same roundings as the kernel above.
+// x + residual in registers for the second pass instead of re-reading it. Same roundings
+// as the kernel above.
 constexpr int RN_CHUNKS = 4;
 
 template <typename T>
@@ -494,13 +493,7 @@ __global__ void rms_norm_vec_kernel(T* __restrict__ out, T* __restrict__ res_out
       for (int i = 0; i < PER; ++i) ss += to_f(e[i]) * to_f(e[i]);
     }
   }
-  // Block sum: each warp's lanes, then the warps' sums through shared memory.
-  ss = warp_sum(ss);
-  if ((threadIdx.x & 31) == 0) sh[threadIdx.x >> 5] = ss;
-  __syncthreads();
-  float tot = 0.f;
-  for (int i = 0; i < (int)(blockDim.x >> 5); ++i) tot += sh[i];
-  const float inv = rsqrtf(tot / D + eps);
+  const float inv = rsqrtf(block_sum(ss, sh) / D + eps);
 #pragma unroll
   for (int c = 0; c < RN_CHUNKS; ++c) {
     const int k = threadIdx.x + c * blockDim.x;
@@ -1319,16 +1312,38 @@ torch::Tensor paged_prefill(torch::Tensor q, torch::Tensor k_cache, torch::Tenso
 constexpr int GEMV_CODES_ALIGN = 32;   // K and the group size must be multiples of this
 constexpr int GEMV_UNROLL = 4;         // 16-byte weight loads in flight per lane
 
-// The 32 (int4) or 16 (int8) codes of a 16-byte chunk as exact floats, minus `sub`, by the
-// 2^23 trick explained in the kernel below (low nibble / byte first: the packing's order).
+// The 32 (int4) or 16 (int8) codes of a 16-byte chunk (low nibble / byte first: the
+// packing's order) as exact floats, without an int-to-float convert (a quarter-rate
+// instruction on Hopper): OR the code into the mantissa of 2^23, whose last mantissa bit
+// weighs 1, so the bits read as the float 2^23 + c exactly; subtracting 2^23 gives c (signed
+// int8: the sign bit flipped gives c + 128, so subtract 2^23 + 128). Symmetric int4 codes are
+// stored offset by 8, folded into the same subtraction. A checkpoint's zero points
+// (asymmetric weights) are the caller's second subtraction.
 template <int BITS>
-__device__ __forceinline__ void chunk_codes(const uint4& packed, uint32_t flip, float sub, float* c) {
+__device__ __forceinline__ void chunk_codes(const uint4& packed, bool is_signed, float* c) {
   constexpr int CODES = BITS == 4 ? 32 : 16, PER_WORD = CODES / 4;
+  const float sub = 8388608.f + (is_signed ? (BITS == 8 ? 128.f : 8.f) : 0.f);   // exact: an integer < 2^24
+  const uint32_t flip = BITS == 8 && is_signed ? 0x80u : 0u;
   const uint32_t words[4] = {packed.x, packed.y, packed.z, packed.w};
 #pragma unroll
   for (int j = 0; j < CODES; ++j) {
     const uint32_t bits = (words[j / PER_WORD] >> (BITS * (j % PER_WORD))) & (BITS == 4 ? 0xFu : 0xFFu);
     c[j] = __uint_as_float(0x4B000000u | (bits ^ flip)) - sub;
+  }
+}
+
+// A chunk's codes (chunk_codes) -> (c - z) s as T, CODES values written as 16-byte stores
+// to dst (16-byte aligned): the dequantized weights.
+template <typename T, int CODES>
+__device__ __forceinline__ void store_dequantized(T* dst, const float* c, float z, float s) {
+  constexpr int PER16 = 16 / sizeof(T);
+#pragma unroll
+  for (int o = 0; o < CODES / PER16; ++o) {
+    uint4 pack;
+    T* e = reinterpret_cast<T*>(&pack);
+#pragma unroll
+    for (int i = 0; i < PER16; ++i) e[i] = from_f<T>((c[o * PER16 + i] - z) * s);
+    reinterpret_cast<uint4*>(dst)[o] = pack;
   }
 }
 
@@ -1347,15 +1362,6 @@ __global__ void quant_gemv_kernel(T* __restrict__ y,              // [rows, N]
   float acc[M];
 #pragma unroll
   for (int m = 0; m < M; ++m) acc[m] = 0.f;
-  // Code -> float without an int-to-float convert (a quarter-rate instruction on Hopper):
-  // OR the code into the mantissa of 2^23, whose last mantissa bit weighs 1, so the bits
-  // read as the float 2^23 + c exactly; subtracting 2^23 gives c, exact (signed int8: the
-  // sign bit flipped gives c + 128, so subtract 2^23 + 128). Symmetric weights fold their
-  // integer zero (8 for int4, stored offset) into that one subtraction; a checkpoint's zero
-  // points (asymmetric) take a second.
-  const float base_z = 8388608.f + (BITS == 8 && is_signed ? 128.f : 0.f);   // exact: an integer < 2^24
-  const float sym_zero = BITS == 4 && is_signed ? 8.f : 0.f;  // symmetric int4 codes are stored + 8
-  const uint32_t flip = BITS == 8 && is_signed ? 0x80u : 0u;
   const int nvec = K / CODES;                      // 16-byte chunks in the row
   const uint4* row = reinterpret_cast<const uint4*>(qw + (int64_t)n * (BITS == 4 ? K / 2 : K));
   for (int v0 = lane; v0 < nvec; v0 += 32 * GEMV_UNROLL) {   // a warp reads 512 contiguous bytes per load
@@ -1373,7 +1379,7 @@ __global__ void quant_gemv_kernel(T* __restrict__ y,              // [rows, N]
         const int64_t gi = (int64_t)n * n_groups + k0 / G;      // the whole chunk lies in one group
         const float sc = to_f(scales[gi]);
         float c[CODES];                            // the chunk's codes minus the zero point
-        chunk_codes<BITS>(packed[u], flip, zeros ? base_z : base_z + sym_zero, c);
+        chunk_codes<BITS>(packed[u], is_signed, c);
         if (zeros) {                               // any zero point: a second, exact subtraction
           const float z = to_f(zeros[gi]);
 #pragma unroll
@@ -1509,9 +1515,6 @@ quant_gemm_tc_kernel(float* __restrict__ part,          // [splits, rows, N] fp3
   const int lane = threadIdx.x, n0 = blockIdx.x * QG_N;
   const int k_begin = blockIdx.y * k_per_split, k_end = min(K, k_begin + k_per_split);
   const int64_t row_bytes = BITS == 4 ? K / 2 : K;
-  const float base_z = 8388608.f + (BITS == 8 && is_signed ? 128.f : 0.f);
-  const float sym_zero = BITS == 4 && is_signed ? 8.f : 0.f;
-  const uint32_t flip = BITS == 8 && is_signed ? 0x80u : 0u;
   // Lane l dequantizes channels n0 + l and n0 + l + 32: LOADS 16-byte loads each per step.
   auto load = [&](int k0, uint4 (&w)[2][LOADS]) {
 #pragma unroll
@@ -1539,15 +1542,8 @@ quant_gemm_tc_kernel(float* __restrict__ part,          // [splits, rows, N] fp3
 #pragma unroll
       for (int u = 0; u < LOADS; ++u) {
         float c[CODES];
-        chunk_codes<BITS>(cur[h][u], flip, zeros ? base_z : base_z + sym_zero, c);
-#pragma unroll
-        for (int o = 0; o < CODES / PER16; ++o) {
-          uint4 pack;
-          T* e = reinterpret_cast<T*>(&pack);
-#pragma unroll
-          for (int i = 0; i < PER16; ++i) e[i] = from_f<T>((c[o * PER16 + i] - z) * sc);
-          *reinterpret_cast<uint4*>(b_sh + nl * QG_LD + u * CODES + o * PER16) = pack;
-        }
+        chunk_codes<BITS>(cur[h][u], is_signed, c);
+        store_dequantized<T, CODES>(reinterpret_cast<T*>(b_sh + nl * QG_LD + u * CODES), c, z, sc);
       }
     }
     // A: 16 rows x 32 inputs of x, 64 16-byte pieces, two per lane.
@@ -1610,20 +1606,15 @@ torch::Tensor quant_gemm_tc(torch::Tensor x, torch::Tensor qweight, torch::Tenso
   TORCH_CHECK(splits <= 65535, "quant_gemm_tc: at most 65535 splits");
   dim3 grid((w.N + QG_N - 1) / QG_N, splits);
   const uint8_t* qp = reinterpret_cast<const uint8_t*>(qw.data_ptr());
-  auto stream = at::cuda::getCurrentCUDAStream();
-  if (x.scalar_type() == at::kHalf) {
-    using T = c10::Half;
+  auto launch = [&](auto* x_ptr, auto* sc_ptr) {        // x's 16-bit type, from the pointers
+    using T = std::remove_pointer_t<decltype(x_ptr)>;
     const T* zp = z.defined() ? z.data_ptr<T>() : nullptr;
     auto kernel = bits == 4 ? quant_gemm_tc_kernel<T, 4> : quant_gemm_tc_kernel<T, 8>;
-    kernel<<<grid, 32, QG_SMEM, stream>>>(part.data_ptr<float>(), x.data_ptr<T>(), qp, sc.data_ptr<T>(), zp, rows, w.N,
-                                    w.K, w.G, w.n_groups, k_per_split, w.is_signed);
-  } else {
-    using T = c10::BFloat16;
-    const T* zp = z.defined() ? z.data_ptr<T>() : nullptr;
-    auto kernel = bits == 4 ? quant_gemm_tc_kernel<T, 4> : quant_gemm_tc_kernel<T, 8>;
-    kernel<<<grid, 32, QG_SMEM, stream>>>(part.data_ptr<float>(), x.data_ptr<T>(), qp, sc.data_ptr<T>(), zp, rows, w.N,
-                                    w.K, w.G, w.n_groups, k_per_split, w.is_signed);
-  }
+    kernel<<<grid, 32, QG_SMEM, at::cuda::getCurrentCUDAStream()>>>(
+        part.data_ptr<float>(), x_ptr, qp, sc_ptr, zp, rows, w.N, w.K, w.G, w.n_groups, k_per_split, w.is_signed);
+  };
+  if (x.scalar_type() == at::kHalf) launch(x.data_ptr<c10::Half>(), sc.data_ptr<c10::Half>());
+  else launch(x.data_ptr<c10::BFloat16>(), sc.data_ptr<c10::BFloat16>());
   C10_CUDA_KERNEL_LAUNCH_CHECK();
   return part;
 }
@@ -1641,28 +1632,16 @@ __global__ void dequantize_kernel(T* __restrict__ w,                 // [N, K], 
                                   const T* __restrict__ scales,      // [N, n_groups]
                                   const T* __restrict__ zeros,       // [N, n_groups] or null
                                   int N, int K, int G, int n_groups, bool is_signed) {
-  constexpr int CODES = BITS == 4 ? 32 : 16, PER16 = 16 / sizeof(T);
+  constexpr int CODES = BITS == 4 ? 32 : 16;
   const int nvec = K / CODES;
   const int64_t v = (int64_t)blockIdx.x * blockDim.x + threadIdx.x;
   if (v >= (int64_t)N * nvec) return;
   const int64_t n = v / nvec;
   const int k0 = (int)(v % nvec) * CODES;
   const int64_t gi = n * n_groups + k0 / G;          // the chunk lies in one group (G % 32 == 0)
-  const float base_z = 8388608.f + (BITS == 8 && is_signed ? 128.f : 0.f);
-  const float sym_zero = BITS == 4 && is_signed ? 8.f : 0.f;
   float c[CODES];
-  chunk_codes<BITS>(reinterpret_cast<const uint4*>(qw)[v], BITS == 8 && is_signed ? 0x80u : 0u,
-                    zeros ? base_z : base_z + sym_zero, c);
-  const float sc = to_f(scales[gi]), z = zeros ? to_f(zeros[gi]) : 0.f;
-  uint4* dst = reinterpret_cast<uint4*>(w + n * K + k0);
-#pragma unroll
-  for (int o = 0; o < CODES / PER16; ++o) {          // 16 bytes of output at a time
-    uint4 pack;
-    T* e = reinterpret_cast<T*>(&pack);
-#pragma unroll
-    for (int i = 0; i < PER16; ++i) e[i] = from_f<T>((c[o * PER16 + i] - z) * sc);
-    dst[o] = pack;
-  }
+  chunk_codes<BITS>(reinterpret_cast<const uint4*>(qw)[v], is_signed, c);
+  store_dequantized<T, CODES>(w + n * K + k0, c, zeros ? to_f(zeros[gi]) : 0.f, to_f(scales[gi]));
 }
 
 // -> [N, in_features] in scales' dtype.
@@ -1885,22 +1864,23 @@ def quant_linear(x: Tensor, qweight: Tensor, scales: Tensor, zeros: Tensor | Non
     K = x.shape[-1]
     rows = x.numel() // K
     aligned = K % 32 == 0 and (group_size or K) % 32 == 0
+    kbits = 4 if bits <= 4 else 8                     # the kernels' code widths (3-bit codes are packed as 4)
     if (_cuda(x) and aligned and GEMM_TC_MIN_ROWS <= rows <= 16 and x.dtype in (torch.float16, torch.bfloat16)
             and _tensor_cores(x.device)):
         n_tiles = -(-qweight.shape[0] // 64)
         splits = max(1, min(-(-4 * _decode_device(x.device)[0] // n_tiles), K // 256))   # ~4 blocks per SM
-        part = cuda_extension().quant_gemm_tc(x.reshape(rows, K), qweight, scales, zeros, 4 if bits <= 4 else 8,
-                                              group_size, splits)                       # (splits, rows, N)
-        return part.sum(0).to(x.dtype).view(*x.shape[:-1], -1)
+        part = cuda_extension().quant_gemm_tc(x.reshape(rows, K), qweight, scales, zeros, kbits, group_size,
+                                              splits)                                   # (splits, rows, N)
+        y = part[0] if part.shape[0] == 1 else part.sum(0)
+        return y.to(x.dtype).view(*x.shape[:-1], -1)
     if _cuda(x) and rows <= 16 and aligned:
-        y = cuda_extension().quant_gemv(x.reshape(rows, K), qweight, scales, zeros, 4 if bits <= 4 else 8,
-                                        group_size)
+        y = cuda_extension().quant_gemv(x.reshape(rows, K), qweight, scales, zeros, kbits, group_size)
         return y.view(*x.shape[:-1], -1)
     if _cuda(x) and aligned:
         # More rows: compute-bound, so cuBLAS on a weight dequantized in one pass (a temporary
         # of the layer's dense size, which kv_budget_bytes sets aside).
         w = cuda_extension().dequantize(qweight, scales.to(x.dtype), None if zeros is None else zeros.to(x.dtype),
-                                        4 if bits <= 4 else 8, group_size, K)
+                                        kbits, group_size, K)
         return F.linear(x, w)
     if USE_CPU_FAST_PATHS and cpu_cache is not None and not x.is_cuda:
         key = (x.dtype, qweight.data_ptr(), scales.data_ptr())

@@ -2194,7 +2194,7 @@ class DecodeGraphs:
         self.model, self.kv_cache, self.capture = model, kv_cache, capture
         top = min(max_batch, 256)                      # larger decode batches run eagerly
         self.buckets = [b for b in (1, 2, 4, *range(8, 257, 8)) if b < top] + [top]
-        self.max_blocks, self.max_context_len = max_blocks, max_context_len
+        self.max_blocks = max_blocks
         self.context_buckets = sorted({min(1 << k, max_context_len) for k in range(9, 31)})
         dev = kv_cache.device
         self.input_ids = torch.zeros(top, dtype=torch.int64, device=dev)                 # (B,)
