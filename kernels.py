@@ -1298,41 +1298,85 @@ torch::Tensor paged_prefill(torch::Tensor q, torch::Tensor k_cache, torch::Tenso
 }
 
 // ---------------------------------------------------------------- W4A16 / W8A16 for small batches
-// y[m, n] = sum_k x[m, k] * s[n, k / G] * (q[n, k] - z[n, k / G]). One warp per output
-// channel n, all rows of x at once, so each weight byte is read exactly once: at batch 1
-// the kernel moves 1/4 (int4) or 1/2 (int8) of the bytes of a bf16 GEMV. A memory-bound
-// kernel is only as fast as the bytes it keeps in flight, so each lane loads 16 bytes of
-// weights at a time (32 int4 or 16 int8 codes, one group's worth at most), GEMV_UNROLL such
-// loads before it uses the first, and the matching x values as 16-byte vectors too; M, the
-// row count rounded up to 1/2/4/8/16, is a template argument so that batch 1 does no work
-// for absent rows. The scale is constant over a 16-byte chunk (it lies in one group), so a
-// chunk is summed as sum_j (q_j - z) x_j and scaled once: per code one bit extraction, one
-// subtraction and one FMA per row (measured on an H200 before this change: 13-23% of the
-// copy bandwidth at batch 1, the arithmetic per code as much of a limit as the bytes).
-constexpr int GEMV_CODES_ALIGN = 32;   // K and the group size must be multiples of this
-constexpr int GEMV_UNROLL = 4;         // 16-byte weight loads in flight per lane
+// y[m, n] = sum_k x[m, k] * s[n, k / G] * (q[n, k] - z[n, k / G]). At batch 1 the weights are
+// the only bytes that matter (1/4 (int4) or 1/2 (int8) of a bf16 GEMV's), and a kernel that
+// streams them at the bandwidth must also keep up in instructions: at 80% of an H200's measured
+// 4.2 TB/s copy bandwidth an SM (132 at 1.98 GHz) takes in about 26 int4 codes per clock and
+// issues 128 thread-instructions per clock, so a code may cost about 5 instructions in all. The
+// first version spent 7-9 per code (cuobjdump of its sm_90 code: per code a shift, two logic
+// ops and an fp32 subtract to make it a float, a shift or permute to widen its x, the FMA; an
+// integer division per chunk) and measured 13-23% of the copy bandwidth on an H200. This one
+// (about 4.3 per int4 code and 4.2-4.6 per int8 code in its sm_90 loop):
+// - makes codes two per instruction (CodeDecoder below: one logic op and one half2 op per pair);
+// - stages x once per block in shared memory as fp32, so the loop reads it ready to use (one
+//   16-byte shared load per 4 codes and row) instead of widening it per code and per channel;
+// - gives each warp two output channels, so each x value read from shared memory feeds two FMAs;
+// - folds the zero point out of the loop: sum_k (c_k - z) x_k = sum_k c_k x_k - z sum_k x_k,
+//   with sum_k x_k per 16-byte chunk computed once per block when x is staged;
+// - finds a chunk's group by a shift where the group holds a power of two of chunks.
+// Each lane loads 16 bytes of weights at a time (32 int4 or 16 int8 codes, all in one group),
+// GEMV_UNROLL such loads per channel before it uses the first; M, the row count rounded up to
+// 1/2/4/8/16, is a template argument so that batch 1 does no work for absent rows.
+constexpr int GEMV_CODES_ALIGN = 32;        // K and the group size must be multiples of this
+constexpr int GEMV_UNROLL = 4;              // 16-byte weight loads in flight per lane and channel
+constexpr int GEMV_WARPS = 8;               // 2 output channels each
+constexpr int GEMV_SMEM_FLOATS = 12 * 1024; // x's staged tile, 48 KB: no opt-in needed
 
-// The 32 (int4) or 16 (int8) codes of a 16-byte chunk (low nibble / byte first: the
-// packing's order) as exact floats, without an int-to-float convert (a quarter-rate
-// instruction on Hopper): OR the code into the mantissa of 2^23, whose last mantissa bit
-// weighs 1, so the bits read as the float 2^23 + c exactly; subtracting 2^23 gives c (signed
-// int8: the sign bit flipped gives c + 128, so subtract 2^23 + 128). Symmetric int4 codes are
-// stored offset by 8, folded into the same subtraction. A checkpoint's zero points
-// (asymmetric weights) are the caller's second subtraction.
+__device__ __forceinline__ __half2 u32_as_half2(uint32_t u) { return *reinterpret_cast<__half2*>(&u); }
+
+// A 16-byte chunk's 32 (int4) or 16 (int8) codes (low nibble / byte first: the packing's
+// order) as exact floats, two codes per instruction (the conversion Marlin and tinygemm use):
+// the fp16 0x6400 is 1024, and its 10 mantissa bits each weigh exactly 1, so a code OR-ed
+// into the mantissa reads as 1024 + c. One logic op puts nibbles 0 and 4 of a 32-bit word
+// into the two halves of 0x64006400, and one __hsub2 of 1024 leaves (c0, c4) exactly.
+// Nibbles 1 and 5 are masked in place (bits 4-7 of each half): 1024 + 16 c, which one
+// __hfma2 by 1/16 minus 64 turns into c; the word shifted by 8 gives nibbles 2, 6 and 3, 7
+// the same way. int8: __byte_perm sets 0x64 above two bytes at once (1024 + b, exact). The
+// offsets (symmetric int4 codes are stored plus 8; signed int8 with its sign bit flipped
+// reads as c + 128) fold into the same subtraction. Every value stays an exact small
+// integer; the half -> float widening is one FMA-pipe instruction (HADD2.F32) on sm_80+. A
+// checkpoint's zero points (asymmetric weights) are the caller's. Made once per thread: the
+// constants stay in registers. fp16_1024_pair is 0x64006400, passed in by the host as a
+// kernel argument: a LOP3 takes one 32-bit immediate, and with the mask and the constant
+// both known at compile time ptxas emits an AND and an OR per pair (seen in the sm_90
+// code) instead of one LOP3 with the constant in a register.
+constexpr uint32_t FP16_1024_PAIR = 0x64006400u;
 template <int BITS>
-__device__ __forceinline__ void chunk_codes(const uint4& packed, bool is_signed, float* c) {
-  constexpr int CODES = BITS == 4 ? 32 : 16, PER_WORD = CODES / 4;
-  const float sub = 8388608.f + (is_signed ? (BITS == 8 ? 128.f : 8.f) : 0.f);   // exact: an integer < 2^24
-  const uint32_t flip = BITS == 8 && is_signed ? 0x80u : 0u;
-  const uint32_t words[4] = {packed.x, packed.y, packed.z, packed.w};
-#pragma unroll
-  for (int j = 0; j < CODES; ++j) {
-    const uint32_t bits = (words[j / PER_WORD] >> (BITS * (j % PER_WORD))) & (BITS == 4 ? 0xFu : 0xFFu);
-    c[j] = __uint_as_float(0x4B000000u | (bits ^ flip)) - sub;
+struct CodeDecoder {
+  __half2 lo_sub, hi_add, sixteenth;
+  uint32_t magic, flip;
+  __device__ __forceinline__ CodeDecoder(bool is_signed, uint32_t fp16_1024_pair) {
+    const float off = is_signed ? (BITS == 8 ? 128.f : 8.f) : 0.f;
+    lo_sub = __float2half2_rn(1024.f + off);              // exact: integers below 2048
+    hi_add = __float2half2_rn(-64.f - off);
+    sixteenth = __float2half2_rn(0.0625f);
+    flip = BITS == 8 && is_signed ? 0x80808080u : 0u;
+    magic = fp16_1024_pair;
   }
-}
+  __device__ __forceinline__ void operator()(const uint4& packed, float* c) const {
+    const uint32_t words[4] = {packed.x, packed.y, packed.z, packed.w};
+#pragma unroll
+    for (int i = 0; i < 4; ++i) {
+      uint32_t w = words[i];
+      if (BITS == 4) {
+#pragma unroll
+        for (int p = 0; p < 2; ++p, w >>= 8) {         // codes 2p, 2p + 4 and 2p + 1, 2p + 5
+          const float2 a = __half22float2(__hsub2(u32_as_half2((w & 0x000F000Fu) | magic), lo_sub));
+          const float2 b = __half22float2(__hfma2(u32_as_half2((w & 0x00F000F0u) | magic), sixteenth, hi_add));
+          c[8 * i + 2 * p] = a.x;     c[8 * i + 2 * p + 4] = a.y;
+          c[8 * i + 2 * p + 1] = b.x; c[8 * i + 2 * p + 5] = b.y;
+        }
+      } else {
+        w ^= flip;
+        const float2 a = __half22float2(__hsub2(u32_as_half2(__byte_perm(w, 0x64646464u, 0x4140)), lo_sub));
+        const float2 b = __half22float2(__hsub2(u32_as_half2(__byte_perm(w, 0x64646464u, 0x4342)), lo_sub));
+        c[4 * i] = a.x; c[4 * i + 1] = a.y; c[4 * i + 2] = b.x; c[4 * i + 3] = b.y;
+      }
+    }
+  }
+};
 
-// A chunk's codes (chunk_codes) -> (c - z) s as T, CODES values written as 16-byte stores
+// A chunk's codes (CodeDecoder) -> (c - z) s as T, CODES values written as 16-byte stores
 // to dst (16-byte aligned): the dequantized weights.
 template <typename T, int CODES>
 __device__ __forceinline__ void store_dequantized(T* dst, const float* c, float z, float s) {
@@ -1347,75 +1391,135 @@ __device__ __forceinline__ void store_dequantized(T* dst, const float* c, float 
   }
 }
 
+// Shared memory: x's tile [rows][tile chunks][CODES + 4] fp32, each chunk followed by the
+// sum of its x values (zero points) and padding: a chunk every CODES + 4 floats puts the 8
+// lanes of a 16-byte load phase, which read consecutive chunks, on 8 different bank quads.
 template <typename T, int BITS, int M>
-__global__ void quant_gemv_kernel(T* __restrict__ y,              // [rows, N]
-                                  const T* __restrict__ x,        // [rows, K], 16-byte aligned rows
-                                  const uint8_t* __restrict__ qw,  // int4: [N, K/2] packed; int8: [N, K]
-                                  const T* __restrict__ scales,   // [N, n_groups]
-                                  const T* __restrict__ zeros,    // [N, n_groups] or null
-                                  int rows, int N, int K, int G, int n_groups, bool is_signed) {
+__global__ void __launch_bounds__(GEMV_WARPS * 32)
+quant_gemv_kernel(T* __restrict__ y,              // [rows, N]
+                  const T* __restrict__ x,        // [rows, K], 16-byte aligned rows
+                  const uint8_t* __restrict__ qw, // int4: [N, K/2] packed; int8: [N, K]
+                  const T* __restrict__ scales,   // [N, n_groups]
+                  const T* __restrict__ zeros,    // [N, n_groups] or null
+                  int rows, int N, int K, int n_groups,
+                  int group_shift,                // chunk -> group: >> group_shift, or / chunks_per_group if < 0
+                  int chunks_per_group, int tile_chunks, bool is_signed, uint32_t fp16_1024_pair) {
   constexpr int CODES = BITS == 4 ? 32 : 16;      // codes in one 16-byte load of weights
+  constexpr int STRIDE = CODES + 4;               // floats per staged chunk
   constexpr int X_PER_VEC = 16 / sizeof(T);       // x values in one 16-byte load
-  const int n = blockIdx.x * (blockDim.x >> 5) + (threadIdx.x >> 5);
-  const int lane = threadIdx.x & 31;
-  if (n >= N) return;
-  float acc[M];
+  extern __shared__ __align__(16) float gemv_x[]; // [rows, tile_chunks, STRIDE]
+  const int warp = threadIdx.x >> 5, lane = threadIdx.x & 31;
+  const int n0 = (blockIdx.x * GEMV_WARPS + warp) * 2;      // this warp's channels: n0, n0 + 1
+  const bool has[2] = {n0 < N, n0 + 1 < N};
+  const int nvec = K / CODES;                     // 16-byte chunks in a row
+  const CodeDecoder<BITS> decode(is_signed, fp16_1024_pair);
+  const uint4* wrow[2];
 #pragma unroll
-  for (int m = 0; m < M; ++m) acc[m] = 0.f;
-  const int nvec = K / CODES;                      // 16-byte chunks in the row
-  const uint4* row = reinterpret_cast<const uint4*>(qw + (int64_t)n * (BITS == 4 ? K / 2 : K));
-  for (int v0 = lane; v0 < nvec; v0 += 32 * GEMV_UNROLL) {   // a warp reads 512 contiguous bytes per load
-    uint4 packed[GEMV_UNROLL];
+  for (int h = 0; h < 2; ++h)
+    wrow[h] = reinterpret_cast<const uint4*>(qw + (int64_t)min(n0 + h, N - 1) * (BITS == 4 ? K / 2 : K));
+  float acc[2][M];
 #pragma unroll
-    for (int u = 0; u < GEMV_UNROLL; ++u) {        // all loads issued before the first is used
-      const int vi = v0 + u * 32;
-      packed[u] = vi < nvec ? row[vi] : make_uint4(0u, 0u, 0u, 0u);
+  for (int h = 0; h < 2; ++h)
+#pragma unroll
+    for (int m = 0; m < M; ++m) acc[h][m] = 0.f;
+  // No early exit for absent channels: every warp takes part in the staging and its barriers.
+  for (int t0 = 0; t0 < nvec; t0 += tile_chunks) {
+    const int tc = min(tile_chunks, nvec - t0);   // chunks in this tile
+    __syncthreads();                              // the previous tile is no longer read
+    // Stage x[:, tile] as fp32, X_PER_VEC values per thread and step (all threads step
+    // together: the chunk sums are taken by shuffles among the lanes holding one chunk).
+    constexpr int VECS = CODES / X_PER_VEC;       // 16-byte loads of x per chunk: 2, 4 or 8
+    const int total = rows * tc * VECS;
+    for (int i0 = 0; i0 < total; i0 += blockDim.x) {
+      const int i = i0 + threadIdx.x;
+      const int m = i / (tc * VECS), r = i % (tc * VECS), ch = r / VECS, v = r % VECS;
+      float f[X_PER_VEC], s = 0.f;
+      if (i < total) {
+        const uint4 raw = reinterpret_cast<const uint4*>(x + (int64_t)m * K + (int64_t)(t0 + ch) * CODES)[v];
+        const T* e = reinterpret_cast<const T*>(&raw);
+#pragma unroll
+        for (int j = 0; j < X_PER_VEC; ++j) { f[j] = to_f(e[j]); s += f[j]; }
+        float4* dst = reinterpret_cast<float4*>(gemv_x + (m * tile_chunks + ch) * STRIDE + v * X_PER_VEC);
+#pragma unroll
+        for (int j = 0; j < X_PER_VEC / 4; ++j) dst[j] = make_float4(f[4 * j], f[4 * j + 1], f[4 * j + 2], f[4 * j + 3]);
+      }
+      if (zeros) {                                // VECS consecutive lanes hold one chunk (VECS divides 32)
+#pragma unroll
+        for (int o = 1; o < VECS; o <<= 1) s += __shfl_xor_sync(0xffffffffu, s, o);
+        if (i < total && v == 0) gemv_x[(m * tile_chunks + ch) * STRIDE + CODES] = s;
+      }
     }
+    __syncthreads();
+    for (int v0 = lane; v0 < tc; v0 += 32 * GEMV_UNROLL) {   // a warp reads 512 contiguous bytes per load
+      uint4 packed[2][GEMV_UNROLL];
 #pragma unroll
-    for (int u = 0; u < GEMV_UNROLL; ++u) {
-      const int vi = v0 + u * 32;
-      if (vi < nvec) {
-        const int k0 = vi * CODES;
-        const int64_t gi = (int64_t)n * n_groups + k0 / G;      // the whole chunk lies in one group
-        const float sc = to_f(scales[gi]);
-        float c[CODES];                            // the chunk's codes minus the zero point
-        chunk_codes<BITS>(packed[u], is_signed, c);
-        if (zeros) {                               // any zero point: a second, exact subtraction
-          const float z = to_f(zeros[gi]);
+      for (int u = 0; u < GEMV_UNROLL; ++u)        // all loads issued before the first is used
 #pragma unroll
-          for (int j = 0; j < CODES; ++j) c[j] -= z;
+        for (int h = 0; h < 2; ++h) {
+          const int vi = v0 + u * 32;
+          packed[h][u] = has[h] && vi < tc ? __ldcs(wrow[h] + t0 + vi) : make_uint4(0u, 0u, 0u, 0u);
+        }
+#pragma unroll
+      for (int u = 0; u < GEMV_UNROLL; ++u) {
+        const int vi = v0 + u * 32;
+        if (vi >= tc) break;
+        const int chunk = t0 + vi;
+        const int g = group_shift >= 0 ? chunk >> group_shift : chunk / chunks_per_group;
+        float sc[2], z[2], c[2][CODES];
+#pragma unroll
+        for (int h = 0; h < 2; ++h) {
+          const int64_t gi = (int64_t)min(n0 + h, N - 1) * n_groups + g;
+          sc[h] = to_f(scales[gi]);
+          z[h] = zeros ? to_f(zeros[gi]) : 0.f;
+          decode(packed[h][u], c[h]);
         }
 #pragma unroll
         for (int m = 0; m < M; ++m) {
           if (m >= rows) break;
-          const uint4* xv = reinterpret_cast<const uint4*>(x + (int64_t)m * K + k0);
-          float part = 0.f;
+          const float* xs = gemv_x + (m * tile_chunks + vi) * STRIDE;
+          float part[2] = {0.f, 0.f};
 #pragma unroll
-          for (int w = 0; w < CODES / X_PER_VEC; ++w) {
-            const uint4 xx = xv[w];
-            const T* xe = reinterpret_cast<const T*>(&xx);
+          for (int k = 0; k < CODES; k += 4) {
+            const float4 xv = *reinterpret_cast<const float4*>(xs + k);
 #pragma unroll
-            for (int e = 0; e < X_PER_VEC; ++e) part = fmaf(c[w * X_PER_VEC + e], to_f(xe[e]), part);
+            for (int h = 0; h < 2; ++h) {
+              part[h] = fmaf(c[h][k], xv.x, part[h]);
+              part[h] = fmaf(c[h][k + 1], xv.y, part[h]);
+              part[h] = fmaf(c[h][k + 2], xv.z, part[h]);
+              part[h] = fmaf(c[h][k + 3], xv.w, part[h]);
+            }
           }
-          acc[m] = fmaf(sc, part, acc[m]);
+          const float xsum = zeros ? xs[CODES] : 0.f;
+#pragma unroll
+          for (int h = 0; h < 2; ++h) acc[h][m] = fmaf(sc[h], fmaf(-z[h], xsum, part[h]), acc[h][m]);
         }
       }
     }
   }
 #pragma unroll
-  for (int m = 0; m < M; ++m) {
-    float v = warp_sum(acc[m]);
-    if (lane == 0 && m < rows) y[(int64_t)m * N + n] = from_f<T>(v);
-  }
+  for (int h = 0; h < 2; ++h)
+#pragma unroll
+    for (int m = 0; m < M; ++m) {
+      const float v = warp_sum(acc[h][m]);
+      if (lane == 0 && m < rows && has[h]) y[(int64_t)m * N + n0 + h] = from_f<T>(v);
+    }
 }
 
 template <typename T, int BITS>
 void launch_quant_gemv(T* y, const T* x, const uint8_t* qw, const T* sc, const T* zp, int rows, int N, int K,
-                       int G, int n_groups, bool is_signed, cudaStream_t stream) {
-  const int warps = 8;
-  dim3 grid((N + warps - 1) / warps);
-#define GEMV_CASE(MM) quant_gemv_kernel<T, BITS, MM><<<grid, warps * 32, 0, stream>>>( \
-      y, x, qw, sc, zp, rows, N, K, G, n_groups, is_signed)
+                       int G, int n_groups, bool is_signed, int tile_chunks, cudaStream_t stream) {
+  constexpr int CODES = BITS == 4 ? 32 : 16;
+  const int per_group = G / CODES;                 // chunks per group; a power of two -> a shift
+  int shift = -1;
+  if (n_groups == 1) shift = 30;                   // one group: every chunk index < 2^30 maps to 0
+  else if ((per_group & (per_group - 1)) == 0) for (shift = 0; (1 << shift) < per_group; ++shift) {}
+  const int nvec = K / CODES;
+  if (tile_chunks <= 0) tile_chunks = GEMV_SMEM_FLOATS / (rows * (CODES + 4));
+  tile_chunks = std::max(1, std::min(tile_chunks, nvec));
+  const size_t smem = (size_t)rows * tile_chunks * (CODES + 4) * sizeof(float);
+  dim3 grid((N + 2 * GEMV_WARPS - 1) / (2 * GEMV_WARPS));
+#define GEMV_CASE(MM) quant_gemv_kernel<T, BITS, MM><<<grid, GEMV_WARPS * 32, smem, stream>>>( \
+      y, x, qw, sc, zp, rows, N, K, n_groups, shift, per_group, tile_chunks, is_signed, FP16_1024_PAIR)
   if (rows <= 1) GEMV_CASE(1);
   else if (rows <= 2) GEMV_CASE(2);
   else if (rows <= 4) GEMV_CASE(4);
@@ -1454,8 +1558,10 @@ static QuantWeight quant_weight(const char* name, const torch::Tensor& qweight, 
   return w;
 }
 
+// tile_chunks: x's shared-memory tile in 16-byte weight chunks (0: as many as fit in 48 KB;
+// the self-check passes a small one to exercise several tiles).
 torch::Tensor quant_gemv(torch::Tensor x, torch::Tensor qweight, torch::Tensor scales,
-                         c10::optional<torch::Tensor> zeros, int64_t bits, int64_t group_size) {
+                         c10::optional<torch::Tensor> zeros, int64_t bits, int64_t group_size, int64_t tile_chunks) {
   TORCH_CHECK(x.dim() == 2 && x.size(0) <= 16, "quant_gemv: x must be [rows <= 16, K]");
   const at::cuda::OptionalCUDAGuard guard(device_of(x));
   x = x.contiguous();
@@ -1472,10 +1578,10 @@ torch::Tensor quant_gemv(torch::Tensor x, torch::Tensor qweight, torch::Tensor s
     const uint8_t* qp = reinterpret_cast<const uint8_t*>(qw.data_ptr());
     if (bits == 4)
       launch_quant_gemv<scalar_t, 4>(y.data_ptr<scalar_t>(), x.data_ptr<scalar_t>(), qp, sc.data_ptr<scalar_t>(),
-                                     zp, rows, w.N, w.K, w.G, w.n_groups, w.is_signed, stream);
+                                     zp, rows, w.N, w.K, w.G, w.n_groups, w.is_signed, (int)tile_chunks, stream);
     else
       launch_quant_gemv<scalar_t, 8>(y.data_ptr<scalar_t>(), x.data_ptr<scalar_t>(), qp, sc.data_ptr<scalar_t>(),
-                                     zp, rows, w.N, w.K, w.G, w.n_groups, w.is_signed, stream);
+                                     zp, rows, w.N, w.K, w.G, w.n_groups, w.is_signed, (int)tile_chunks, stream);
     C10_CUDA_KERNEL_LAUNCH_CHECK();
   });
   return y;
@@ -1501,7 +1607,8 @@ quant_gemm_tc_kernel(float* __restrict__ part,          // [splits, rows, N] fp3
                      const uint8_t* __restrict__ qw,     // int4: [N, K/2] packed; int8: [N, K]
                      const T* __restrict__ scales,      // [N, n_groups]
                      const T* __restrict__ zeros,       // [N, n_groups] or null
-                     int rows, int N, int K, int G, int n_groups, int k_per_split, bool is_signed) {
+                     int rows, int N, int K, int G, int n_groups, int k_per_split, bool is_signed,
+                     uint32_t fp16_1024_pair) {
 #if !defined(__CUDA_ARCH__) || __CUDA_ARCH__ >= 800     // bf16 WMMA: sm_80+ (the host checks)
   using namespace nvcuda;
   using W = typename mma_type<T>::type;
@@ -1515,6 +1622,7 @@ quant_gemm_tc_kernel(float* __restrict__ part,          // [splits, rows, N] fp3
   const int lane = threadIdx.x, n0 = blockIdx.x * QG_N;
   const int k_begin = blockIdx.y * k_per_split, k_end = min(K, k_begin + k_per_split);
   const int64_t row_bytes = BITS == 4 ? K / 2 : K;
+  const CodeDecoder<BITS> decode(is_signed, fp16_1024_pair);
   // Lane l dequantizes channels n0 + l and n0 + l + 32: LOADS 16-byte loads each per step.
   auto load = [&](int k0, uint4 (&w)[2][LOADS]) {
 #pragma unroll
@@ -1542,7 +1650,7 @@ quant_gemm_tc_kernel(float* __restrict__ part,          // [splits, rows, N] fp3
 #pragma unroll
       for (int u = 0; u < LOADS; ++u) {
         float c[CODES];
-        chunk_codes<BITS>(cur[h][u], is_signed, c);
+        decode(cur[h][u], c);
         store_dequantized<T, CODES>(reinterpret_cast<T*>(b_sh + nl * QG_LD + u * CODES), c, z, sc);
       }
     }
@@ -1611,7 +1719,8 @@ torch::Tensor quant_gemm_tc(torch::Tensor x, torch::Tensor qweight, torch::Tenso
     const T* zp = z.defined() ? z.data_ptr<T>() : nullptr;
     auto kernel = bits == 4 ? quant_gemm_tc_kernel<T, 4> : quant_gemm_tc_kernel<T, 8>;
     kernel<<<grid, 32, QG_SMEM, at::cuda::getCurrentCUDAStream()>>>(
-        part.data_ptr<float>(), x_ptr, qp, sc_ptr, zp, rows, w.N, w.K, w.G, w.n_groups, k_per_split, w.is_signed);
+        part.data_ptr<float>(), x_ptr, qp, sc_ptr, zp, rows, w.N, w.K, w.G, w.n_groups, k_per_split, w.is_signed,
+        FP16_1024_PAIR);
   };
   if (x.scalar_type() == at::kHalf) launch(x.data_ptr<c10::Half>(), sc.data_ptr<c10::Half>());
   else launch(x.data_ptr<c10::BFloat16>(), sc.data_ptr<c10::BFloat16>());
@@ -1631,7 +1740,7 @@ __global__ void dequantize_kernel(T* __restrict__ w,                 // [N, K], 
                                   const uint8_t* __restrict__ qw,    // int4: [N, K/2] packed; int8: [N, K]
                                   const T* __restrict__ scales,      // [N, n_groups]
                                   const T* __restrict__ zeros,       // [N, n_groups] or null
-                                  int N, int K, int G, int n_groups, bool is_signed) {
+                                  int N, int K, int G, int n_groups, bool is_signed, uint32_t fp16_1024_pair) {
   constexpr int CODES = BITS == 4 ? 32 : 16;
   const int nvec = K / CODES;
   const int64_t v = (int64_t)blockIdx.x * blockDim.x + threadIdx.x;
@@ -1640,7 +1749,8 @@ __global__ void dequantize_kernel(T* __restrict__ w,                 // [N, K], 
   const int k0 = (int)(v % nvec) * CODES;
   const int64_t gi = n * n_groups + k0 / G;          // the chunk lies in one group (G % 32 == 0)
   float c[CODES];
-  chunk_codes<BITS>(reinterpret_cast<const uint4*>(qw)[v], is_signed, c);
+  const CodeDecoder<BITS> decode(is_signed, fp16_1024_pair);
+  decode(reinterpret_cast<const uint4*>(qw)[v], c);
   store_dequantized<T, CODES>(w + n * K + k0, c, zeros ? to_f(zeros[gi]) : 0.f, to_f(scales[gi]));
 }
 
@@ -1661,7 +1771,7 @@ torch::Tensor dequantize(torch::Tensor qweight, torch::Tensor scales, c10::optio
     const uint8_t* qp = reinterpret_cast<const uint8_t*>(qw.data_ptr());
     auto kernel = bits == 4 ? dequantize_kernel<scalar_t, 4> : dequantize_kernel<scalar_t, 8>;
     kernel<<<(unsigned)((chunks + threads - 1) / threads), threads, 0, at::cuda::getCurrentCUDAStream()>>>(
-        out.data_ptr<scalar_t>(), qp, sc.data_ptr<scalar_t>(), zp, w.N, w.K, w.G, w.n_groups, w.is_signed);
+        out.data_ptr<scalar_t>(), qp, sc.data_ptr<scalar_t>(), zp, w.N, w.K, w.G, w.n_groups, w.is_signed, FP16_1024_PAIR);
     C10_CUDA_KERNEL_LAUNCH_CHECK();
   });
   return out;
@@ -1683,7 +1793,7 @@ torch::Tensor paged_prefill(torch::Tensor q, torch::Tensor k_cache, torch::Tenso
                             torch::Tensor block_tables, torch::Tensor query_start_loc,
                             torch::Tensor context_lens, int64_t max_query_len, double scale, bool tensor_cores);
 torch::Tensor quant_gemv(torch::Tensor x, torch::Tensor qweight, torch::Tensor scales,
-                         c10::optional<torch::Tensor> zeros, int64_t bits, int64_t group_size);
+                         c10::optional<torch::Tensor> zeros, int64_t bits, int64_t group_size, int64_t tile_chunks);
 torch::Tensor dequantize(torch::Tensor qweight, torch::Tensor scales, c10::optional<torch::Tensor> zeros,
                          int64_t bits, int64_t group_size, int64_t in_features);
 torch::Tensor quant_gemm_tc(torch::Tensor x, torch::Tensor qweight, torch::Tensor scales,
@@ -1874,7 +1984,7 @@ def quant_linear(x: Tensor, qweight: Tensor, scales: Tensor, zeros: Tensor | Non
         y = part[0] if part.shape[0] == 1 else part.sum(0)
         return y.to(x.dtype).view(*x.shape[:-1], -1)
     if _cuda(x) and rows <= 16 and aligned:
-        y = cuda_extension().quant_gemv(x.reshape(rows, K), qweight, scales, zeros, kbits, group_size)
+        y = cuda_extension().quant_gemv(x.reshape(rows, K), qweight, scales, zeros, kbits, group_size, 0)
         return y.view(*x.shape[:-1], -1)
     if _cuda(x) and aligned:
         # More rows: compute-bound, so cuBLAS on a weight dequantized in one pass (a temporary
@@ -2088,6 +2198,21 @@ def self_check(device: str = "cuda", quick: bool = False) -> list[tuple[str, flo
                             part = ext.quant_gemm_tc(x, qw, sc, zp, bits, G, 3)
                         rows.append((f"W{bits}A16 (tensor cores, {part.shape[0]} splits) {dn} {N}x{K} M={M} g={G}"
                                      f"{' asym' if asym else ''}", rel(part.sum(0).to(dtype), ref), 0.0))
+        # The GEMV called directly: x staged in several tiles (5 chunks each, the last one
+        # partial), an odd channel count (the last warp's second channel absent), 5 rows (a
+        # 16-bit dtype sends these to tensor cores in quant_linear), groups of 3 and 6 chunks
+        # (a division, not a shift).
+        for bits, G, asym in ((4, 64, False), (4, 96, True), (8, 96, False), (8, 0, True))[:None if full else 2]:
+            N, K, M = 33, 384, 5
+            x = torch.randn(M, K, device=dev, dtype=dtype)
+            qw = (torch.randint(0, 256, (N, K // 2 if bits == 4 else K), device=dev, dtype=torch.uint8)
+                  if bits == 4 or asym else torch.randint(-128, 128, (N, K), device=dev, dtype=torch.int8))
+            sc = torch.rand(N, K // (G or K), device=dev, dtype=dtype) / 50
+            zp = torch.randint(0, 2 ** bits, sc.shape, device=dev).to(dtype) if asym else None
+            with _KernelsOnAnyDevice():
+                y = ext.quant_gemv(x, qw, sc, zp, bits, G, 5)
+            rows.append((f"W{bits}A16 (GEMV, x in tiles of 5 chunks) {dn} {N}x{K} M={M} g={G}"
+                         f"{' asym' if asym else ''}", rel(y, quant_linear_ref(x, qw, sc, zp, bits, G)), 0.0))
     return rows
 
 
@@ -2196,7 +2321,7 @@ def gpu_goals(device: str = "cuda") -> list[tuple[str, str]]:
                     figure = (f"{packed / tq / 1e9:.0f} GB/s = {100 * packed / tq / copy_bw:.0f}% of copy (goal >= 80%); "
                               f"bf16 cuBLAS {2 * N * K / td / 1e9:.0f} GB/s; int{bits} at {td / tq:.2f}x bf16's speed")
                     if M >= GEMM_TC_MIN_ROWS:                # tensor cores above; the GEMV for comparison
-                        tg = _time_cuda(lambda i: cuda_extension().quant_gemv(x, *ws[i % len(ws)], None, bits, group),
+                        tg = _time_cuda(lambda i: cuda_extension().quant_gemv(x, *ws[i % len(ws)], None, bits, group, 0),
                                         reps=20)
                         figure += f"; the GEMV {packed / tg / 1e9:.0f} GB/s"
                 else:
