@@ -659,25 +659,33 @@ torch::Tensor rope_and_cache(torch::Tensor q, torch::Tensor k, torch::Tensor v, 
 // laid out for bytes in flight: a key's row (head_dim values) is read by lpk lanes with
 // one 16-byte load each, a warp covers 32 / lpk rows per load, eight warps per block.
 // Each lane keeps PD_UNROLL rows' loads in flight (issued together, used after), and the
-// partition's block-table entries are read once into shared memory, not once per key.
+// next PD_UNROLL rows are issued before the current ones are used (software pipelining, for
+// groups up to 4: the loads of step i + 1 fly while step i multiplies and shuffles, so a warp
+// is not idle for a whole memory latency per step); the first V rows are issued before the
+// softmax. The partition's block-table entries are read once into shared memory, not once
+// per key, and a power-of-two block size turns a key's block and offset into a shift.
+// GM, the group G rounded up to 1, 2, 4 or 8, sizes the per-lane query and accumulator
+// registers (a group of 4 does not hold 8 heads' worth) and the reduce-scatter below.
 constexpr int PD_THREADS = 256, PD_MAX_G = 8, PD_UNROLL = 4;
 
-template <typename T>
-__global__ void paged_decode_kernel(T* __restrict__ out,             // [S, H, hd], when splits == 1
-                                    float* __restrict__ o_part,      // [S, H, splits, hd] normalised
-                                    float* __restrict__ m_part,      // [S, H, splits]
-                                    float* __restrict__ l_part,      // [S, H, splits]
-                                    const T* __restrict__ q,         // [S, H, hd]
-                                    const T* __restrict__ k_cache,   // [blocks, block_size, Hkv, hd]
-                                    const T* __restrict__ v_cache,   // [blocks, block_size, Hkv, hd]
-                                    const int* __restrict__ tables,  // [S, max_blocks]
-                                    const int* __restrict__ ctx_lens,  // [S]
-                                    int H, int Hkv, int hd, int block_size, int max_blocks,
-                                    int part, int splits, int max_context, float scale) {
+template <typename T, int GM>
+__global__ void __launch_bounds__(PD_THREADS, 2)     // two blocks per SM: at most 128 registers
+paged_decode_kernel(T* __restrict__ out,             // [S, H, hd], when splits == 1
+                    float* __restrict__ o_part,      // [S, H, splits, hd] normalised
+                    float* __restrict__ m_part,      // [S, H, splits]
+                    float* __restrict__ l_part,      // [S, H, splits]
+                    const T* __restrict__ q,         // [S, H, hd]
+                    const T* __restrict__ k_cache,   // [blocks, block_size, Hkv, hd]
+                    const T* __restrict__ v_cache,   // [blocks, block_size, Hkv, hd]
+                    const int* __restrict__ tables,  // [S, max_blocks]
+                    const int* __restrict__ ctx_lens,  // [S]
+                    int H, int Hkv, int hd, int block_size,
+                    int bs_shift,                    // log2(block_size), or -1
+                    int max_blocks, int part, int splits, int max_context, float scale) {
   constexpr int VEC = 16 / sizeof(T);                // cache values per 16-byte load
   extern __shared__ float smem[];
   const int s = blockIdx.x, kvh = blockIdx.y, split = blockIdx.z;
-  const int G = H / Hkv, nw = blockDim.x >> 5;
+  const int G = H / Hkv, nw = blockDim.x >> 5;       // G <= GM
   const int lane = threadIdx.x & 31, wid = threadIdx.x >> 5;
   const int lpk = hd / VEC;                          // lanes sharing one row (a power of two <= 32)
   const int kpw = 32 / lpk;                          // rows a warp reads per load
@@ -708,48 +716,58 @@ __global__ void paged_decode_kernel(T* __restrict__ out,             // [S, H, h
   for (int b = blk0 + threadIdx.x; b <= (end - 1) / block_size; b += blockDim.x)
     blk_sh[b - blk0] = tables[(int64_t)s * max_blocks + b];
   __syncthreads();
-  // Key t's row in the cache: block table entry, offset in the block, this KV head.
-  auto row = [&](const T* cache, int t) {
-    return cache + (((int64_t)blk_sh[t / block_size - blk0] * block_size + t % block_size) * Hkv + kvh) * hd + d0;
-  };
-  float qr[PD_MAX_G][VEC];                           // this lane's dims of the G queries, in registers
-#pragma unroll
-  for (int g = 0; g < PD_MAX_G; ++g)
-#pragma unroll
-    for (int e = 0; e < VEC; ++e) qr[g][e] = g < G ? q_sh[g * hd + d0 + e] : 0.f;
-  // S = q k^T for the G heads: each lane multiplies its VEC dims, the row's lpk lanes sum
-  // (one shuffle tree per head; for 3+ heads over 8+ lanes a reduce-scatter, fewer shuffles).
-  static_assert(PD_MAX_G == 8, "the reduce-scatter below halves 8 heads three times");
-  const bool scatter = G >= 3 && lpk >= 8;           // uniform over the block
-  const int stride = nw * kpw;                       // rows the block covers per pass
-  for (int t0 = start + wid * kpw; t0 < end; t0 += stride * PD_UNROLL) {   // t0: warp-uniform
-    uint4 raw[PD_UNROLL];
-#pragma unroll
-    for (int u = 0; u < PD_UNROLL; ++u) {            // all loads first: PD_UNROLL in flight
-      const int t = t0 + u * stride + sub;
-      raw[u] = make_uint4(0u, 0u, 0u, 0u);
-      if (t < end) raw[u] = *reinterpret_cast<const uint4*>(row(k_cache, t));
-    }
+  // PD_UNROLL rows from t0 (this lane's: t0 + u * stride + sub) of a cache into registers,
+  // zeros past the end. Key t's row: block table entry, offset in the block, this KV head.
+  const int stride = nw * kpw;                       // rows the block covers per load
+  const int step = stride * PD_UNROLL;               // rows per step of the loops below
+  auto load_rows = [&](const T* cache, int t0, uint4 (&raw)[PD_UNROLL]) {
 #pragma unroll
     for (int u = 0; u < PD_UNROLL; ++u) {
       const int t = t0 + u * stride + sub;
-      const T* kv = reinterpret_cast<const T*>(&raw[u]);
+      raw[u] = make_uint4(0u, 0u, 0u, 0u);
+      if (t < end) {
+        const int lb = bs_shift >= 0 ? t >> bs_shift : t / block_size;   // logical block
+        const int64_t slot = (int64_t)blk_sh[lb - blk0] * block_size + (t - lb * block_size);
+        raw[u] = *reinterpret_cast<const uint4*>(cache + (slot * Hkv + kvh) * hd + d0);
+      }
+    }
+  };
+  float qr[GM][VEC];                                 // this lane's dims of the G queries, in registers
+#pragma unroll
+  for (int g = 0; g < GM; ++g)
+#pragma unroll
+    for (int e = 0; e < VEC; ++e) qr[g][e] = g < G ? q_sh[g * hd + d0 + e] : 0.f;
+  // S = q k^T for the G heads: each lane multiplies its VEC dims, the row's lpk lanes sum
+  // (one shuffle tree per head; for 2+ heads over at least as many lanes a reduce-scatter,
+  // fewer shuffles).
+  const bool scatter = GM >= 2 && lpk >= GM;         // uniform over the block
+  const int first = start + wid * kpw;               // warp-uniform
+  // Eight heads' queries and partial sums leave no registers for a second set of rows within
+  // the 128 that two blocks per SM allow (ptxas spills), so GM = 8 loads the next step's rows
+  // after the current step, as the kernel did before it was pipelined.
+  constexpr bool PIPELINE = GM <= 4;
+  uint4 cur[PD_UNROLL], nxt[PD_UNROLL] = {};
+  if (first < end) load_rows(k_cache, first, cur);
+  for (int t0 = first; t0 < end; t0 += step) {
+    if (PIPELINE && t0 + step < end) load_rows(k_cache, t0 + step, nxt);   // in flight during this step
+#pragma unroll
+    for (int u = 0; u < PD_UNROLL; ++u) {
+      const int t = t0 + u * stride + sub;
+      const T* kv = reinterpret_cast<const T*>(&cur[u]);
       if (scatter) {
-        float a[PD_MAX_G];                           // this lane's partial dot product per head
+        float a[GM];                                 // this lane's partial dot product per head
 #pragma unroll
-        for (int g = 0; g < PD_MAX_G; ++g) {
+        for (int g = 0; g < GM; ++g) {
           a[g] = 0.f;
-          if (g < G) {
 #pragma unroll
-            for (int e = 0; e < VEC; ++e) a[g] += qr[g][e] * to_f(kv[e]);
-          }
+          for (int e = 0; e < VEC; ++e) a[g] += qr[g][e] * to_f(kv[e]);
         }
-        // Reduce-scatter over the row's lanes: at each of three steps a lane keeps half of
-        // its heads and sends the other half to its partner (lane ^ o), so 8 heads cost
-        // 4 + 2 + 1 shuffles, not 8 x log2(lpk); then the lpk / 8 lanes holding a head sum it.
+        // Reduce-scatter over the row's lanes: at each step a lane keeps half of its heads
+        // and sends the other half to its partner (lane ^ o), so GM heads cost GM - 1
+        // shuffles, not GM x log2(lpk); then the lpk / GM lanes holding a head sum it.
 #pragma unroll
-        for (int step = 0, n = PD_MAX_G / 2; n >= 1; ++step, n >>= 1) {
-          const int o = lpk >> (step + 1);
+        for (int st = 0, n = GM / 2; n >= 1; ++st, n >>= 1) {
+          const int o = lpk >> (st + 1);
           const bool upper = lane & o;
 #pragma unroll
           for (int i = 0; i < n; ++i) {
@@ -757,12 +775,14 @@ __global__ void paged_decode_kernel(T* __restrict__ out,             // [S, H, h
             a[i] = keep + __shfl_xor_sync(0xffffffff, give, o);
           }
         }
-        for (int o = lpk >> 4; o > 0; o >>= 1) a[0] += __shfl_xor_sync(0xffffffff, a[0], o);
-        const int g = (lane & (lpk >> 1) ? 4 : 0) | (lane & (lpk >> 2) ? 2 : 0) | (lane & (lpk >> 3) ? 1 : 0);
-        if (t < end && g < G && (lane & ((lpk >> 3) - 1)) == 0) logits[g * part + (t - start)] = a[0];
+        for (int o = lpk / (2 * GM); o > 0; o >>= 1) a[0] += __shfl_xor_sync(0xffffffff, a[0], o);
+        int g = 0;                                   // the head this lane now holds
+#pragma unroll
+        for (int st = 0, n = GM / 2; n >= 1; ++st, n >>= 1) g |= lane & (lpk >> (st + 1)) ? n : 0;
+        if (t < end && g < G && (lane & (lpk / GM - 1)) == 0) logits[g * part + (t - start)] = a[0];
       } else {
 #pragma unroll
-        for (int g = 0; g < PD_MAX_G; ++g) {
+        for (int g = 0; g < GM; ++g) {
           if (g >= G) break;
           float a = 0.f;
 #pragma unroll
@@ -772,7 +792,14 @@ __global__ void paged_decode_kernel(T* __restrict__ out,             // [S, H, h
         }
       }
     }
+    if (!PIPELINE) {
+      if (t0 + step < end) load_rows(k_cache, t0 + step, cur);
+    } else {
+#pragma unroll
+      for (int u = 0; u < PD_UNROLL; ++u) cur[u] = nxt[u];
+    }
   }
+  if (first < end) load_rows(v_cache, first, cur);   // the first V rows fly during the softmax
   __syncthreads();
   // Softmax statistics per query head: one warp per head.
   __shared__ float m_sh[PD_MAX_G], l_sh[PD_MAX_G];
@@ -792,35 +819,35 @@ __global__ void paged_decode_kernel(T* __restrict__ out,             // [S, H, h
   __syncthreads();
   // O = P V with the same layout: each lane accumulates its VEC dims for the G heads over
   // the rows it reads; then the rows of a pass (shuffles) and the warps (shared memory) sum.
-  float acc[PD_MAX_G][VEC];
+  float acc[GM][VEC];
 #pragma unroll
-  for (int g = 0; g < PD_MAX_G; ++g)
+  for (int g = 0; g < GM; ++g)
 #pragma unroll
     for (int e = 0; e < VEC; ++e) acc[g][e] = 0.f;
-  for (int t0 = start + wid * kpw; t0 < end; t0 += stride * PD_UNROLL) {
-    uint4 raw[PD_UNROLL];
-#pragma unroll
-    for (int u = 0; u < PD_UNROLL; ++u) {
-      const int t = t0 + u * stride + sub;
-      raw[u] = make_uint4(0u, 0u, 0u, 0u);
-      if (t < end) raw[u] = *reinterpret_cast<const uint4*>(row(v_cache, t));
-    }
+  for (int t0 = first; t0 < end; t0 += step) {
+    if (PIPELINE && t0 + step < end) load_rows(v_cache, t0 + step, nxt);
 #pragma unroll
     for (int u = 0; u < PD_UNROLL; ++u) {
       const int t = t0 + u * stride + sub;
       if (t >= end) break;                           // later u are past the end too
-      const T* vv = reinterpret_cast<const T*>(&raw[u]);
+      const T* vv = reinterpret_cast<const T*>(&cur[u]);
 #pragma unroll
-      for (int g = 0; g < PD_MAX_G; ++g) {
+      for (int g = 0; g < GM; ++g) {
         if (g >= G) break;
         const float p = logits[g * part + (t - start)];
 #pragma unroll
         for (int e = 0; e < VEC; ++e) acc[g][e] += p * to_f(vv[e]);
       }
     }
+    if (!PIPELINE) {
+      if (t0 + step < end) load_rows(v_cache, t0 + step, cur);
+    } else {
+#pragma unroll
+      for (int u = 0; u < PD_UNROLL; ++u) cur[u] = nxt[u];
+    }
   }
 #pragma unroll
-  for (int g = 0; g < PD_MAX_G; ++g) {
+  for (int g = 0; g < GM; ++g) {
     if (g >= G) break;
 #pragma unroll
     for (int e = 0; e < VEC; ++e) {
@@ -907,13 +934,21 @@ torch::Tensor paged_decode(torch::Tensor q, torch::Tensor k_cache, torch::Tensor
                 (size_t)(part / block_size + 2) * sizeof(int);
   dim3 grid(S, Hkv, splits);
   auto stream = at::cuda::getCurrentCUDAStream();
+  const int bs_shift = (block_size & (block_size - 1)) == 0 ? __builtin_ctz(block_size) : -1;
   DISPATCH(q.scalar_type(), "paged_decode", [&] {
-    ALLOW_SMEM(paged_decode_kernel<scalar_t>, smem);
-    paged_decode_kernel<scalar_t><<<grid, PD_THREADS, smem, stream>>>(
-        out.data_ptr<scalar_t>(), o_part.data_ptr<float>(), m_part.data_ptr<float>(), l_part.data_ptr<float>(),
-        q.data_ptr<scalar_t>(), k_cache.data_ptr<scalar_t>(), v_cache.data_ptr<scalar_t>(), tables.data_ptr<int>(),
-        lens.data_ptr<int>(), H, Hkv, hd, block_size, (int)tables.size(1), (int)part, splits, (int)max_context,
-        (float)scale);
+    auto launch = [&](auto gm) {                     // gm: std::integral_constant<int, GM>
+      auto kernel = paged_decode_kernel<scalar_t, decltype(gm)::value>;
+      ALLOW_SMEM(kernel, smem);
+      kernel<<<grid, PD_THREADS, smem, stream>>>(
+          out.data_ptr<scalar_t>(), o_part.data_ptr<float>(), m_part.data_ptr<float>(), l_part.data_ptr<float>(),
+          q.data_ptr<scalar_t>(), k_cache.data_ptr<scalar_t>(), v_cache.data_ptr<scalar_t>(), tables.data_ptr<int>(),
+          lens.data_ptr<int>(), H, Hkv, hd, block_size, bs_shift, (int)tables.size(1), (int)part, splits,
+          (int)max_context, (float)scale);
+    };
+    if (G == 1) launch(std::integral_constant<int, 1>());
+    else if (G == 2) launch(std::integral_constant<int, 2>());
+    else if (G <= 4) launch(std::integral_constant<int, 4>());
+    else launch(std::integral_constant<int, 8>());
     C10_CUDA_KERNEL_LAUNCH_CHECK();
     if (splits > 1) {
       merge_splits_kernel<scalar_t><<<S * H, std::min(hd, 256), 0, stream>>>(
@@ -2049,14 +2084,16 @@ def self_check(device: str = "cuda", quick: bool = False) -> list[tuple[str, flo
     inputs -> rows (case, max error relative to max |reference|, ms per call; 0 off a GPU).
 
     Cases: fp16, bf16 and fp32; zero-size inputs; RoPE with GQA groups 1/4/8; decode
-    attention with groups 1/4/8 (16 and head_dim 80 take the prefill kernel), block sizes
-    16/32, context 0 (a CUDA-graph padding row), one split (no merge) and several with
-    empty ones; prefill/verification windows (tensor cores for fp16/bf16 at head_dim 64/128,
+    attention with groups 1-8 (16 and head_dim 80 take the prefill kernel), block sizes
+    12/16/32, context 0 (a CUDA-graph padding row), one split (no merge) and several with
+    empty ones, a partition of several loop steps; prefill/verification windows (tensor cores for fp16/bf16 at head_dim 64/128,
     CUDA cores otherwise), chunks after cached context, several query and K/V tiles, a row
     that sees no key, a group that leaves tile rows empty; W4A16/W8A16 symmetric and
-    asymmetric, per channel and per group, partial last groups, 1-16 rows (the GEMV), 17+
-    rows (dequantize + cuBLAS), odd K and groups that are not multiples of 32 (the twin). quick: shapes small enough for an emulator (kemu's run_self_check.py calls
-    self_check(device="cpu", quick=True) with the extension replaced by its CPU build)."""
+    asymmetric, per channel and per group, partial last groups, 1-16 rows (the GEMV, x in
+    one or several shared-memory tiles), 17+ rows (dequantize + cuBLAS), odd K and groups
+    that are not multiples of 32 (the twin). quick: shapes small enough for an emulator
+    (kemu's run_self_check.py calls self_check(device="cpu", quick=True) with the extension
+    replaced by its CPU build)."""
     dev, rows = device, []
     ext = cuda_extension()
 
@@ -2104,31 +2141,38 @@ def self_check(device: str = "cuda", quick: bool = False) -> list[tuple[str, flo
                         lambda: ext.rope_and_cache(q, k, v, pos, cos, sin, kc, vc, slots))
         # Decode (one query per sequence), through the dispatcher as the model calls it (its
         # split policy, decode_partition); quick: the kernel with a 64-key partition, so that
-        # short contexts span several splits.
-        groups = ((1, 64), (4, 64), (8, 64), (3, 64), (8, 32), (16, 32), (2, 80)) if quick else \
-            ((1, 128), (4, 128), (8, 128), (3, 128), (16, 64), (4, 80))
+        # short contexts span several splits. Each group size takes its instantiation (G rounded
+        # up to 1/2/4/8) and, from 2 heads over as many lanes, the reduce-scatter; a block size
+        # that is not a power of two takes the division instead of the shift.
+        groups = ((1, 64), (4, 64), (8, 64), (3, 64), (8, 32), (16, 32), (2, 80), (2, 64), (6, 128), (5, 32)) \
+            if quick else ((1, 128), (4, 128), (8, 128), (3, 128), (16, 64), (4, 80), (2, 128), (6, 128))
         ctxs = ([0], [1, 17, 0, 40], [130, 5], [64]) if quick else \
             ([0], [1, 17, 100, 0], [4097, 333], [16000], [512], [32768], [2048] * 64)
-        for G, hd_ in groups[:None if full else 2]:
-            for bs in ((16,) if quick else (16, 32)):
-                for ctx in ctxs:
-                    q, kc, vc, bt, lens = _random_paged(len(ctx), ctx, 2, G, hd_, bs, dtype, dev)
-                    starts = torch.arange(len(ctx) + 1, device=dev, dtype=torch.int32)
-                    ref = paged_attention_ref(q, kc, vc, bt, starts, lens, hd_ ** -0.5)
-                    via = "decode" if _decode_kernel_fits(q, kc) else "prefill kernel"
-                    part = 64 if quick else decode_partition(len(ctx), 2, G, hd_, max(ctx), *_decode_device(torch.device(dev)))
-                    splits = -(-max(ctx) // part) if via == "decode" else 1
-                    with _KernelsOnAnyDevice():
-                        if via == "decode" and quick:
-                            run = lambda: ext.paged_decode(q, kc, vc, bt, lens, max(ctx), hd_ ** -0.5, part)
-                        else:
-                            run = lambda: paged_attention(q, kc, vc, bt, starts, lens, hd_ ** -0.5, max(ctx), 1)
-                        out = run()
-                    t = _bench(run, dev)
-                    gbs = 2 * sum(ctx) * 2 * hd_ * kc.element_size() / t / 1e9 if t else 0.0
-                    shown = ctx if len(ctx) <= 4 else f"{len(ctx)} x {ctx[0]}"
-                    rows.append((f"paged decode ({via}) {dn} G={G} hd={hd_} bs={bs} ctx={shown} splits={max(splits, 1)}"
-                                 + (f" ({gbs:.0f} GB/s)" if t else ""), rel(out, ref), 1e3 * t))
+        cases = [(G, hd_, bs, ctx, None) for G, hd_ in groups[:None if full else 2]
+                 for bs in ((16,) if quick else (16, 32)) for ctx in ctxs]
+        # Blocks of 12 tokens (the division path); one 320-key partition over 300 keys (several
+        # steps of each loop: the software pipeline's hand-over from one step to the next).
+        cases += [(6, 128, 12, [130, 5], None), (4, 64, 12, [1, 17, 0, 40], None), (4, 64, 16, [300, 7], 320),
+                  (1, 128, 16, [300], 320)]
+        for G, hd_, bs, ctx, given in cases:
+            q, kc, vc, bt, lens = _random_paged(len(ctx), ctx, 2, G, hd_, bs, dtype, dev)
+            starts = torch.arange(len(ctx) + 1, device=dev, dtype=torch.int32)
+            ref = paged_attention_ref(q, kc, vc, bt, starts, lens, hd_ ** -0.5)
+            via = "decode" if _decode_kernel_fits(q, kc) else "prefill kernel"
+            part = given or (64 if quick else decode_partition(len(ctx), 2, G, hd_, max(ctx),
+                                                               *_decode_device(torch.device(dev))))
+            splits = -(-max(ctx) // part) if via == "decode" else 1
+            with _KernelsOnAnyDevice():
+                if via == "decode" and (quick or given):
+                    run = lambda: ext.paged_decode(q, kc, vc, bt, lens, max(ctx), hd_ ** -0.5, part)
+                else:
+                    run = lambda: paged_attention(q, kc, vc, bt, starts, lens, hd_ ** -0.5, max(ctx), 1)
+                out = run()
+            t = _bench(run, dev)
+            gbs = 2 * sum(ctx) * 2 * hd_ * kc.element_size() / t / 1e9 if t else 0.0
+            shown = ctx if len(ctx) <= 4 else f"{len(ctx)} x {ctx[0]}"
+            rows.append((f"paged decode ({via}) {dn} G={G} hd={hd_} bs={bs} ctx={shown} splits={max(splits, 1)}"
+                         + (f" ({gbs:.0f} GB/s)" if t else ""), rel(out, ref), 1e3 * t))
         # Several queries per sequence: a new prompt, a decode, a chunk after cached context,
         # a verification window over a long context, and a row with no visible key (context 0).
         # fp16/bf16 at head_dim 64/128 take the tensor-core kernel, the rest the CUDA-core one;
