@@ -234,7 +234,7 @@ def bench_overhead(llm: LLM, batches: tuple[int, ...] = (1, 64), new_tokens: int
 
 
 KERNEL_KINDS = (   # (kind, substrings of a GPU kernel's or CPU op's name), first match wins
-    ("quantized matmul", ("quant_gemv", "dequantize")),
+    ("quantized matmul", ("quant_gemv", "quant_gemm", "dequantize")),
     ("matmul", ("gemm", "gemv", "cutlass", "xmma", "nvjet", "cublas", "aten::mm", "aten::addmm", "aten::linear",
                 "aten::matmul", "aten::bmm", "_weight_int")),
     ("attention", ("paged_decode", "merge_splits", "paged_prefill", "attention", "sdpa", "flash")),
