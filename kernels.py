@@ -747,9 +747,22 @@ paged_decode_kernel(T* __restrict__ out,             // [S, H, hd], when splits 
   // after the current step, as the kernel did before it was pipelined.
   constexpr bool PIPELINE = GM <= 4;
   uint4 cur[PD_UNROLL], nxt[PD_UNROLL] = {};
+  // At the top of the step at t0: the next step's rows into nxt, in flight during this step.
+  auto prefetch = [&](const T* cache, int t0) {
+    if (PIPELINE && t0 + step < end) load_rows(cache, t0 + step, nxt);
+  };
+  // At its end: the next step's rows into cur (from nxt, or loaded now without pipelining).
+  auto advance = [&](const T* cache, int t0) {
+    if (!PIPELINE) {
+      if (t0 + step < end) load_rows(cache, t0 + step, cur);
+    } else {
+#pragma unroll
+      for (int u = 0; u < PD_UNROLL; ++u) cur[u] = nxt[u];
+    }
+  };
   if (first < end) load_rows(k_cache, first, cur);
   for (int t0 = first; t0 < end; t0 += step) {
-    if (PIPELINE && t0 + step < end) load_rows(k_cache, t0 + step, nxt);   // in flight during this step
+    prefetch(k_cache, t0);
 #pragma unroll
     for (int u = 0; u < PD_UNROLL; ++u) {
       const int t = t0 + u * stride + sub;
@@ -792,12 +805,7 @@ paged_decode_kernel(T* __restrict__ out,             // [S, H, hd], when splits 
         }
       }
     }
-    if (!PIPELINE) {
-      if (t0 + step < end) load_rows(k_cache, t0 + step, cur);
-    } else {
-#pragma unroll
-      for (int u = 0; u < PD_UNROLL; ++u) cur[u] = nxt[u];
-    }
+    advance(k_cache, t0);
   }
   if (first < end) load_rows(v_cache, first, cur);   // the first V rows fly during the softmax
   __syncthreads();
@@ -825,7 +833,7 @@ paged_decode_kernel(T* __restrict__ out,             // [S, H, hd], when splits 
 #pragma unroll
     for (int e = 0; e < VEC; ++e) acc[g][e] = 0.f;
   for (int t0 = first; t0 < end; t0 += step) {
-    if (PIPELINE && t0 + step < end) load_rows(v_cache, t0 + step, nxt);
+    prefetch(v_cache, t0);
 #pragma unroll
     for (int u = 0; u < PD_UNROLL; ++u) {
       const int t = t0 + u * stride + sub;
@@ -839,12 +847,7 @@ paged_decode_kernel(T* __restrict__ out,             // [S, H, hd], when splits 
         for (int e = 0; e < VEC; ++e) acc[g][e] += p * to_f(vv[e]);
       }
     }
-    if (!PIPELINE) {
-      if (t0 + step < end) load_rows(v_cache, t0 + step, cur);
-    } else {
-#pragma unroll
-      for (int u = 0; u < PD_UNROLL; ++u) cur[u] = nxt[u];
-    }
+    advance(v_cache, t0);
   }
 #pragma unroll
   for (int g = 0; g < GM; ++g) {
@@ -1623,12 +1626,11 @@ torch::Tensor quant_gemv(torch::Tensor x, torch::Tensor qweight, torch::Tensor s
 }
 
 // ---------------------------------------------------------------- W4A16 / W8A16 on tensor cores, 4-16 rows
-// From a few rows on, the GEMV above is bound by x, not by the weights: every 16 bytes of
-// codes make each row re-read 64 bytes of x (measured on an H200 at 16 rows: 2-3% of copy
-// bandwidth). Tensor cores take all 16 rows at once: per step of 32 inputs, a warp
-// dequantizes 64 output channels' codes into shared memory (the B operand, [n][k]), stages
-// x's rows (A, zero rows up to 16) beside them, and runs 2 x 4 mma 16x16x16 into fp32
-// accumulators; each code is read once and x once per 64 channels. One warp per block; the
+// From a few rows on, the GEMV above is bound by its arithmetic, not by the weights: an FMA
+// per code and row (before x was staged it measured 2-3% of copy bandwidth at 16 rows on an
+// H200). Tensor cores take all 16 rows at once: per step of 32 inputs, a warp dequantizes 64
+// output channels' codes into shared memory (the B operand, [n][k]), stages x's rows (A,
+// zero rows up to 16) beside them, and runs 2 x 4 mma 16x16x16 into fp32 accumulators; each code is read once and x once per 64 channels. One warp per block; the
 // grid is (N / 64 channel tiles, splits of K), so that a 4,096-wide layer still fills the
 // GPU, and each split writes fp32 partial sums that the host adds (deterministic, unlike
 // atomics). The next weight chunks are loaded while the current ones are multiplied.
@@ -2001,8 +2003,8 @@ GEMM_TC_MIN_ROWS = 4   # from here to 16 rows W4A16/W8A16 run on tensor cores (a
 def quant_linear(x: Tensor, qweight: Tensor, scales: Tensor, zeros: Tensor | None, bits: int,
                  group_size: int, cpu_cache: dict | None = None) -> Tensor:
     """y = x W^T for a weight-only quantized W, by the rows of x on a GPU: 1-3 the GEMV
-    (memory-bound: the codes read once), 4-16 tensor cores (x too big a share of the reads for
-    CUDA cores), more the dequantize kernel and cuBLAS (compute-bound); K and the group size
+    (memory-bound: the codes read once), 4-16 tensor cores (CUDA cores would spend an FMA per
+    code and row), more the dequantize kernel and cuBLAS (compute-bound); K and the group size
     multiples of 32, else the twin. On the CPU, PyTorch's weight-only kernels where the layout
     fits. cpu_cache: a dict the caller keeps per layer, holding the CPU repacking (made on
     first use, keyed by dtype and the buffers' addresses so a reloaded weight repacks)."""
@@ -2086,12 +2088,12 @@ def self_check(device: str = "cuda", quick: bool = False) -> list[tuple[str, flo
     Cases: fp16, bf16 and fp32; zero-size inputs; RoPE with GQA groups 1/4/8; decode
     attention with groups 1-8 (16 and head_dim 80 take the prefill kernel), block sizes
     12/16/32, context 0 (a CUDA-graph padding row), one split (no merge) and several with
-    empty ones, a partition of several loop steps; prefill/verification windows (tensor cores for fp16/bf16 at head_dim 64/128,
-    CUDA cores otherwise), chunks after cached context, several query and K/V tiles, a row
-    that sees no key, a group that leaves tile rows empty; W4A16/W8A16 symmetric and
-    asymmetric, per channel and per group, partial last groups, 1-16 rows (the GEMV, x in
-    one or several shared-memory tiles), 17+ rows (dequantize + cuBLAS), odd K and groups
-    that are not multiples of 32 (the twin). quick: shapes small enough for an emulator
+    empty ones, a partition of several loop steps; prefill/verification windows (tensor
+    cores for fp16/bf16 at head_dim 64/128, CUDA cores otherwise), chunks after cached
+    context, several query and K/V tiles, a row that sees no key, a group that leaves tile
+    rows empty; W4A16/W8A16 symmetric and asymmetric, per channel and per group, partial
+    last groups, 1-16 rows (the GEMV, x in one or several shared-memory tiles), 17+ rows
+    (dequantize + cuBLAS), odd K and groups that are not multiples of 32 (the twin). quick: shapes small enough for an emulator
     (kemu's run_self_check.py calls self_check(device="cpu", quick=True) with the extension
     replaced by its CPU build)."""
     dev, rows = device, []
