@@ -1630,10 +1630,11 @@ torch::Tensor quant_gemv(torch::Tensor x, torch::Tensor qweight, torch::Tensor s
 // per code and row (before x was staged it measured 2-3% of copy bandwidth at 16 rows on an
 // H200). Tensor cores take all 16 rows at once: per step of 32 inputs, a warp dequantizes 64
 // output channels' codes into shared memory (the B operand, [n][k]), stages x's rows (A,
-// zero rows up to 16) beside them, and runs 2 x 4 mma 16x16x16 into fp32 accumulators; each code is read once and x once per 64 channels. One warp per block; the
-// grid is (N / 64 channel tiles, splits of K), so that a 4,096-wide layer still fills the
-// GPU, and each split writes fp32 partial sums that the host adds (deterministic, unlike
-// atomics). The next weight chunks are loaded while the current ones are multiplied.
+// zero rows up to 16) beside them, and runs 2 x 4 mma 16x16x16 into fp32 accumulators; each
+// code is read once and x once per 64 channels. One warp per block; the grid is (N / 64
+// channel tiles, splits of K), so that a 4,096-wide layer still fills the GPU, and each split
+// writes fp32 partial sums that the host adds (deterministic, unlike atomics). The next
+// weight chunks are loaded while the current ones are multiplied.
 constexpr int QG_N = 64, QG_K = 32, QG_LD = QG_K + 8;   // channel tile, K step, padded row (elements)
 constexpr int QG_SMEM = (QG_N + 16) * QG_LD * 2 + 16 * (QG_N + 4) * 4;   // 16-bit B and A, fp32 C
 
@@ -1765,8 +1766,191 @@ torch::Tensor quant_gemm_tc(torch::Tensor x, torch::Tensor qweight, torch::Tenso
   return part;
 }
 
-// ---------------------------------------------------------------- dequantize (more than 16 rows)
-// From about 16 rows on, each weight is used by enough rows that the product is compute-bound,
+// ---------------------------------------------------------------- W4A16 / W8A16 on tensor cores, 17-255 rows
+// Past 16 rows the one-warp kernel above would run its 16-row tile once per 16 rows, reading
+// the codes again each time. This one is a tiled GEMM whose B operand is dequantized on the
+// way into shared memory (Marlin's idea, on WMMA): a block of 4 warps owns 64 rows x 64
+// channels (each warp 32 x 32, 2 x 2 accumulators), and per step of 64 inputs
+//   A: x's 64 x 64 tile arrives by cp.async (16 bytes per copy, 4 per thread),
+//   B: each thread dequantizes 32 codes of one channel (one 16-byte load of int4, two of
+//      int8) into [n][k] rows,
+// then 4 x 2 x 2 mma 16x16x16. Two shared-memory stages of both: x of step k + 1 and the
+// codes of step k + 2 (held in registers until dequantized) are issued before step k is
+// multiplied, and one barrier per step separates writing a stage from reading it. Each code is read once per 64 rows, so up to 64 rows cost what one row does in
+// weight traffic, and the dense weight is never materialised (no temporary, unlike the
+// dequantize path below, which takes over where the GEMM is compute-bound). The grid is
+// (channel tiles, row tiles, splits of K); with several splits each writes fp32 partial sums
+// that the host adds (deterministic, unlike atomics).
+constexpr int QM_M = 64, QM_N = 64, QM_K = 64, QM_LD = QM_K + 8;   // row tile, channel tile, K step, padded row
+constexpr int QM_THREADS = 128;                                     // 4 warps, 2 x 2 over the tile
+constexpr int QM_SMEM = 2 * (QM_M + QM_N) * QM_LD * 2;              // A and B, two stages each, 16-bit: 36 KB
+static_assert(QM_M * (QM_N + 4) * 4 <= QM_SMEM, "the fp32 output tile reuses the stages' shared memory");
+
+// __launch_bounds__ with two blocks per SM (what the host's splits aim for): without a
+// minimum, ptxas held this kernel to 128 registers and spilled the bf16 int4 one.
+template <typename T, int BITS>
+__global__ void __launch_bounds__(QM_THREADS, 2)
+quant_gemm_kernel(T* __restrict__ y,                 // [rows, N] with one split, else null
+                  float* __restrict__ part,          // [splits, rows, N] fp32 partial sums with several, else null
+                  const T* __restrict__ x,           // [rows, K], 16-byte aligned rows
+                  const uint8_t* __restrict__ qw,    // int4: [N, K/2] packed; int8: [N, K]
+                  const T* __restrict__ scales,      // [N, n_groups]
+                  const T* __restrict__ zeros,       // [N, n_groups] or null
+                  int rows, int N, int K, int G, int n_groups, int k_per_split, bool is_signed,
+                  uint32_t fp16_1024_pair) {
+#if !defined(__CUDA_ARCH__) || __CUDA_ARCH__ >= 800     // bf16 WMMA and cp.async: sm_80+ (the host checks)
+  using namespace nvcuda;
+  using W = typename mma_type<T>::type;
+  constexpr int CODES = BITS == 4 ? 32 : 16;            // codes per 16-byte load
+  constexpr int LOADS = QM_K / 2 / CODES;               // per thread per step: half a channel's step, 1 or 2 loads
+  constexpr int PER16 = 16 / sizeof(T);                 // x values per 16-byte copy
+  constexpr int A_COPIES = QM_M * QM_K / PER16 / QM_THREADS;   // 4
+  extern __shared__ __align__(128) uint8_t qm_smem[];   // QM_SMEM bytes
+  W* a_sh = reinterpret_cast<W*>(qm_smem);              // [2][QM_M][QM_LD] x's rows [m][k], zero outside
+  W* b_sh = a_sh + 2 * QM_M * QM_LD;                    // [2][QM_N][QM_LD] dequantized weights [n][k]
+  float* c_sh = reinterpret_cast<float*>(qm_smem);      // [QM_M][QM_N + 4] the output tile, after the loop
+  const int t = threadIdx.x, warp = t / 32, wm = (warp / 2) * 32, wn = (warp % 2) * 32;
+  const int n0 = blockIdx.x * QM_N, m0 = blockIdx.y * QM_M;
+  const int k_begin = blockIdx.z * k_per_split, k_end = min(K, k_begin + k_per_split);
+  const int64_t row_bytes = BITS == 4 ? K / 2 : K;
+  const CodeDecoder<BITS> decode(is_signed, fp16_1024_pair);
+  // Thread t dequantizes channel n0 + t / 2, inputs (t % 2) * 32 to + 32 of each step: a
+  // channel's 32 (int4) or 64 (int8) bytes per step come from two neighbouring threads.
+  const int nl = t / 2, n = n0 + nl, kc = (t % 2) * (QM_K / 2);
+  const int64_t nrow = min(n, N - 1);
+  // A step's codes with their scales and zeros, loaded two steps ahead (a ring of two in
+  // registers: they come from HBM, hundreds of cycles away); x's tile, mostly from L2, one.
+  struct Chunks { uint4 codes[LOADS]; float sc[LOADS], zp[LOADS]; };
+  Chunks ring0, ring1;
+  auto load_b = [&](int k0, Chunks& r) {
+#pragma unroll
+    for (int u = 0; u < LOADS; ++u) {
+      const int k = k0 + kc + u * CODES;
+      const bool in = n < N && k < K;                   // a chunk is inside K or outside whole (K % 32 == 0)
+      const int64_t gi = nrow * n_groups + min(k, K - 1) / G;   // a chunk lies in one group (G % 32 == 0)
+      r.codes[u] = in ? *reinterpret_cast<const uint4*>(qw + nrow * row_bytes + (int64_t)k * BITS / 8)
+                      : make_uint4(0u, 0u, 0u, 0u);
+      r.sc[u] = in ? to_f(scales[gi]) : 0.f;            // scale 0: the weights outside are zero
+      r.zp[u] = in && zeros ? to_f(zeros[gi]) : 0.f;
+    }
+  };
+  auto load_a = [&](int k0, int s) {                    // x's tile of step k0 into stage s by cp.async
+#pragma unroll
+    for (int j = 0; j < A_COPIES; ++j) {
+      const int p = t + j * QM_THREADS, m = p / (QM_K / PER16), c = p % (QM_K / PER16), k = k0 + c * PER16;
+      W* dst = a_sh + (s * QM_M + m) * QM_LD + c * PER16;
+      if (m0 + m < rows && k < K) __pipeline_memcpy_async(dst, x + (int64_t)(m0 + m) * K + k, 16);
+      else *reinterpret_cast<uint4*>(dst) = make_uint4(0u, 0u, 0u, 0u);
+    }
+  };
+  wmma::fragment<wmma::accumulator, 16, 16, 16, float> acc[2][2];
+#pragma unroll
+  for (int i = 0; i < 2; ++i)
+#pragma unroll
+    for (int j = 0; j < 2; ++j) wmma::fill_fragment(acc[i][j], 0.f);
+  // One step: the codes in r (step k0) dequantized into stage s, the next loads issued, the
+  // stage multiplied.
+  auto step = [&](int k0, Chunks& r, int s) {
+    // B into stage s: last read by the mma two steps ago, which every warp finished before
+    // the previous step's barrier.
+#pragma unroll
+    for (int u = 0; u < LOADS; ++u) {
+      float c[CODES];
+      decode(r.codes[u], c);
+      store_dequantized<T, CODES>(reinterpret_cast<T*>(b_sh + (s * QM_N + nl) * QM_LD + kc + u * CODES), c,
+                                  r.zp[u], r.sc[u]);
+    }
+    __pipeline_wait_prior(0);                           // this thread's copies of x for step k0 landed
+    __syncthreads();                                    // stage s complete; stage s ^ 1 no longer read
+    if (k0 + QM_K < k_end) load_a(k0 + QM_K, s ^ 1);    // in flight during the mma
+    if (k0 + 2 * QM_K < k_end) load_b(k0 + 2 * QM_K, r);
+    __pipeline_commit();
+#pragma unroll
+    for (int kk = 0; kk < QM_K; kk += 16) {
+      wmma::fragment<wmma::matrix_a, 16, 16, 16, W, wmma::row_major> af[2];
+      wmma::fragment<wmma::matrix_b, 16, 16, 16, W, wmma::col_major> bf[2];   // B[k][n] = b_sh[n][k]
+#pragma unroll
+      for (int i = 0; i < 2; ++i) wmma::load_matrix_sync(af[i], a_sh + (s * QM_M + wm + 16 * i) * QM_LD + kk, QM_LD);
+#pragma unroll
+      for (int j = 0; j < 2; ++j) wmma::load_matrix_sync(bf[j], b_sh + (s * QM_N + wn + 16 * j) * QM_LD + kk, QM_LD);
+#pragma unroll
+      for (int i = 0; i < 2; ++i)
+#pragma unroll
+        for (int j = 0; j < 2; ++j) wmma::mma_sync(acc[i][j], af[i], bf[j], acc[i][j]);
+    }
+  };
+  if (k_begin < k_end) { load_a(k_begin, 0); load_b(k_begin, ring0); }
+  if (k_begin + QM_K < k_end) load_b(k_begin + QM_K, ring1);
+  __pipeline_commit();
+  for (int k0 = k_begin; k0 < k_end; k0 += 2 * QM_K) {  // two steps a pass: the ring's slots by name
+    step(k0, ring0, 0);
+    if (k0 + QM_K < k_end) step(k0 + QM_K, ring1, 1);
+  }
+  __syncthreads();                                      // every mma done: the stages become the output tile
+#pragma unroll
+  for (int i = 0; i < 2; ++i)
+#pragma unroll
+    for (int j = 0; j < 2; ++j)
+      wmma::store_matrix_sync(c_sh + (wm + 16 * i) * (QM_N + 4) + wn + 16 * j, acc[i][j], QM_N + 4,
+                              wmma::mem_row_major);
+  __syncthreads();
+  for (int i = t; i < QM_M * QM_N; i += QM_THREADS) {  // consecutive threads on consecutive channels
+    const int m = m0 + i / QM_N, nn = n0 + i % QM_N;
+    if (m >= rows || nn >= N) continue;
+    const float v = c_sh[(i / QM_N) * (QM_N + 4) + i % QM_N];
+    if (y) y[(int64_t)m * N + nn] = from_f<T>(v);
+    else part[((int64_t)blockIdx.z * rows + m) * N + nn] = v;
+  }
+#endif
+}
+
+// -> y = x W^T, [rows, N] in x's dtype (16-bit). splits: of K, in whole steps of 64 inputs;
+// with more than one the kernel writes fp32 partial sums and this adds them.
+torch::Tensor quant_gemm(torch::Tensor x, torch::Tensor qweight, torch::Tensor scales,
+                         c10::optional<torch::Tensor> zeros, int64_t bits, int64_t group_size, int64_t splits) {
+  TORCH_CHECK(x.dim() == 2, "quant_gemm: x must be [rows, K]");
+  TORCH_CHECK(x.scalar_type() == at::kHalf || x.scalar_type() == at::kBFloat16, "quant_gemm: fp16 or bf16 x");
+  const at::cuda::OptionalCUDAGuard guard(device_of(x));
+  x = x.contiguous();
+  if (reinterpret_cast<uintptr_t>(x.data_ptr()) % 16) x = x.clone();   // 16-byte copies
+  const QuantWeight w = quant_weight("quant_gemm", qweight, scales, zeros, bits, group_size, x.size(1),
+                                     x.scalar_type());
+  const torch::Tensor qw = w.qw, sc = w.sc, z = w.z;
+  const int64_t rows = x.size(0);
+  auto y = torch::empty({rows, w.N}, x.options());
+  if (rows == 0 || w.N == 0) return y;
+  if (w.K == 0) return y.zero_();
+  const int64_t steps = (w.K + QM_K - 1) / QM_K;
+  splits = std::max<int64_t>(1, std::min<int64_t>(splits, steps));
+  const int k_per_split = (int)((steps + splits - 1) / splits) * QM_K;
+  splits = (w.K + k_per_split - 1) / k_per_split;
+  const int64_t m_tiles = (rows + QM_M - 1) / QM_M;
+  TORCH_CHECK(m_tiles <= 65535 && splits <= 65535, "quant_gemm: at most 65535 row tiles (of 64) and splits");
+  TORCH_CHECK(rows <= INT32_MAX / 2, "quant_gemm: too many rows");
+  torch::Tensor part;
+  if (splits > 1) part = torch::empty({splits, rows, w.N}, x.options().dtype(torch::kFloat));
+  dim3 grid((w.N + QM_N - 1) / QM_N, (unsigned)m_tiles, (unsigned)splits);
+  const uint8_t* qp = reinterpret_cast<const uint8_t*>(qw.data_ptr());
+  float* pp = splits > 1 ? part.data_ptr<float>() : nullptr;
+  auto launch = [&](auto* y_ptr, auto* x_ptr, auto* sc_ptr) {   // x's 16-bit type, from the pointers
+    using T = std::remove_pointer_t<decltype(x_ptr)>;
+    const T* zp = z.defined() ? z.data_ptr<T>() : nullptr;
+    auto kernel = bits == 4 ? quant_gemm_kernel<T, 4> : quant_gemm_kernel<T, 8>;
+    kernel<<<grid, QM_THREADS, QM_SMEM, at::cuda::getCurrentCUDAStream()>>>(
+        splits > 1 ? nullptr : y_ptr, pp, x_ptr, qp, sc_ptr, zp, (int)rows, w.N, w.K, w.G, w.n_groups, k_per_split,
+        w.is_signed, FP16_1024_PAIR);
+  };
+  if (x.scalar_type() == at::kHalf)
+    launch(y.data_ptr<c10::Half>(), x.data_ptr<c10::Half>(), sc.data_ptr<c10::Half>());
+  else
+    launch(y.data_ptr<c10::BFloat16>(), x.data_ptr<c10::BFloat16>(), sc.data_ptr<c10::BFloat16>());
+  C10_CUDA_KERNEL_LAUNCH_CHECK();
+  if (splits > 1) y.copy_(part.sum(0));
+  return y;
+}
+
+// ---------------------------------------------------------------- dequantize (256 rows and more)
+// From a few hundred rows on, each weight is used by enough rows that the product is compute-bound,
 // and cuBLAS's tensor-core GEMM is the fastest way to run it: dequantize the codes into a dense
 // [N, K] weight in one pass (read 0.5 or 1 byte per weight, write 2), then x W^T by cuBLAS.
 // The reference twin does this in six whole-weight PyTorch ops (unpack, stack, convert, repeat
@@ -1835,6 +2019,8 @@ torch::Tensor dequantize(torch::Tensor qweight, torch::Tensor scales, c10::optio
                          int64_t bits, int64_t group_size, int64_t in_features);
 torch::Tensor quant_gemm_tc(torch::Tensor x, torch::Tensor qweight, torch::Tensor scales,
                             c10::optional<torch::Tensor> zeros, int64_t bits, int64_t group_size, int64_t splits);
+torch::Tensor quant_gemm(torch::Tensor x, torch::Tensor qweight, torch::Tensor scales,
+                         c10::optional<torch::Tensor> zeros, int64_t bits, int64_t group_size, int64_t splits);
 """
 
 @functools.cache
@@ -1872,7 +2058,7 @@ def cuda_extension():
     verbose = os.environ.get("NANOSERVE_PTXAS_VERBOSE") == "1"
     return load_inline(
         name="nanoserve_kernels" + ("_ptxas" if verbose else ""), cpp_sources=CPP_SOURCE, cuda_sources=CUDA_SOURCE,
-        functions=["rms_norm", "silu_and_mul", "rope_and_cache", "paged_decode", "paged_prefill", "quant_gemv", "quant_gemm_tc", "dequantize"],
+        functions=["rms_norm", "silu_and_mul", "rope_and_cache", "paged_decode", "paged_prefill", "quant_gemv", "quant_gemm_tc", "quant_gemm", "dequantize"],
         extra_cuda_cflags=["-O3", "--use_fast_math"] + (["-Xptxas=-v"] if verbose else []),
         extra_include_paths=cuda_library_includes(), verbose=verbose)
 
@@ -1998,16 +2184,30 @@ def paged_attention(q: Tensor, k_cache: Tensor, v_cache: Tensor, block_tables: T
 
 
 GEMM_TC_MIN_ROWS = 4   # from here to 16 rows W4A16/W8A16 run on tensor cores (a guess until measured)
+# From here on, dequantize + cuBLAS: the product is compute-bound and cuBLAS's Hopper GEMM
+# outruns a WMMA kernel by more than the extra pass costs. vLLM's AWQ layer turns at the same
+# 256 tokens; for nanoserve's kernels a guess until measured (gpu_goals times both sides).
+QUANT_GEMM_MAX_ROWS = 256
+
+
+def _quant_gemm_splits(rows: int, N: int, K: int, bits: int, device: torch.device) -> int:
+    """How many ways the tiled GEMM splits K: until the grid has ~2 blocks (of 64 x 64) per
+    SM, while the fp32 partial sums stay under half the code bytes
+    (splits * rows * N * 4 <= N * K * bits / 16)."""
+    blocks = -(-N // 64) * -(-rows // 64)
+    return max(1, min(-(-2 * _decode_device(device)[0] // blocks), K * bits // (64 * rows)))
 
 
 def quant_linear(x: Tensor, qweight: Tensor, scales: Tensor, zeros: Tensor | None, bits: int,
                  group_size: int, cpu_cache: dict | None = None) -> Tensor:
     """y = x W^T for a weight-only quantized W, by the rows of x on a GPU: 1-3 the GEMV
-    (memory-bound: the codes read once), 4-16 tensor cores (CUDA cores would spend an FMA per
-    code and row), more the dequantize kernel and cuBLAS (compute-bound); K and the group size
-    multiples of 32, else the twin. On the CPU, PyTorch's weight-only kernels where the layout
-    fits. cpu_cache: a dict the caller keeps per layer, holding the CPU repacking (made on
-    first use, keyed by dtype and the buffers' addresses so a reloaded weight repacks)."""
+    (memory-bound: the codes read once), 4-16 the one-warp tensor-core kernel (CUDA cores
+    would spend an FMA per code and row), 17-255 the tiled tensor-core GEMM that dequantizes
+    into shared memory (codes read once per 64 rows, no dense temporary), 256 and more the
+    dequantize kernel and cuBLAS (compute-bound); K and the group size multiples of 32, else
+    the twin. On the CPU, PyTorch's weight-only kernels where the layout fits. cpu_cache: a
+    dict the caller keeps per layer, holding the CPU repacking (made on first use, keyed by
+    dtype and the buffers' addresses so a reloaded weight repacks)."""
     K = x.shape[-1]
     rows = x.numel() // K
     aligned = K % 32 == 0 and (group_size or K) % 32 == 0
@@ -2020,12 +2220,18 @@ def quant_linear(x: Tensor, qweight: Tensor, scales: Tensor, zeros: Tensor | Non
                                               splits)                                   # (splits, rows, N)
         y = part[0] if part.shape[0] == 1 else part.sum(0)
         return y.to(x.dtype).view(*x.shape[:-1], -1)
+    if (_cuda(x) and aligned and 16 < rows < QUANT_GEMM_MAX_ROWS and x.dtype in (torch.float16, torch.bfloat16)
+            and _tensor_cores(x.device)):
+        y = cuda_extension().quant_gemm(x.reshape(rows, K), qweight, scales, zeros, kbits, group_size,
+                                        _quant_gemm_splits(rows, qweight.shape[0], K, kbits, x.device))
+        return y.view(*x.shape[:-1], -1)
     if _cuda(x) and rows <= 16 and aligned:
         y = cuda_extension().quant_gemv(x.reshape(rows, K), qweight, scales, zeros, kbits, group_size, 0)
         return y.view(*x.shape[:-1], -1)
     if _cuda(x) and aligned:
-        # More rows: compute-bound, so cuBLAS on a weight dequantized in one pass (a temporary
-        # of the layer's dense size, which kv_budget_bytes sets aside).
+        # 256 rows and more (or fp32, or a GPU older than Ampere): compute-bound, so cuBLAS on a
+        # weight dequantized in one pass (a temporary of the layer's dense size, which
+        # kv_budget_bytes sets aside).
         w = cuda_extension().dequantize(qweight, scales.to(x.dtype), None if zeros is None else zeros.to(x.dtype),
                                         kbits, group_size, K)
         return F.linear(x, w)
@@ -2092,8 +2298,10 @@ def self_check(device: str = "cuda", quick: bool = False) -> list[tuple[str, flo
     cores for fp16/bf16 at head_dim 64/128, CUDA cores otherwise), chunks after cached
     context, several query and K/V tiles, a row that sees no key, a group that leaves tile
     rows empty; W4A16/W8A16 symmetric and asymmetric, per channel and per group, partial
-    last groups, 1-16 rows (the GEMV, x in one or several shared-memory tiles), 17+ rows
-    (dequantize + cuBLAS), odd K and groups that are not multiples of 32 (the twin). quick: shapes small enough for an emulator
+    last groups, 1-3 rows (the GEMV, x in one or several shared-memory tiles), 4-16 (one-warp
+    tensor-core kernel, K split or not), 17-255 (the tiled tensor-core GEMM: several row and
+    channel tiles, partial ones, splits of K, a partial last step), 256+ (dequantize + cuBLAS),
+    odd K and groups that are not multiples of 32 (the twin). quick: shapes small enough for an emulator
     (kemu's run_self_check.py calls self_check(device="cpu", quick=True) with the extension
     replaced by its CPU build)."""
     dev, rows = device, []
@@ -2208,13 +2416,13 @@ def self_check(device: str = "cuda", quick: bool = False) -> list[tuple[str, flo
         for G, hd_ in ((3, 64), (2, 128 if quick else 64), (2, 80)):
             prefill_case(G, 1, hd_, 16, [30, 2], [130, 66])
         prefill_case(4, 1, 64, 16, [30, 2], [130, 66], tensor_cores=False)
-        # W4A16 / W8A16 through quant_linear: the GEMV for 1-16 rows where K and the group are
-        # multiples of 32, the twin otherwise (17+ rows, odd K, other groups).
+        # W4A16 / W8A16 through quant_linear, each row count on the path it takes where K and
+        # the group are multiples of 32, the twin otherwise (odd K, other groups).
         gemv_cases = ((4, 64, False), (4, 32, True), (8, 0, False), (8, 64, True))
         shapes = ((64, 128), (32, 96)) if quick else ((4096, 4096), (4096, 11008))
         for bits, G, asym in gemv_cases[:None if full else 1]:
             for N, K in shapes + ((16, 100),):                # K = 100: odd for the kernel
-                for M in ((1, 3, 4, 16, 17) if quick else (1, 3, 4, 16, 33)):
+                for M in ((1, 3, 4, 16, 17, 256) if quick else (1, 3, 4, 16, 33, 100, 256)):
                     x = torch.randn(M, K, device=dev, dtype=dtype)
                     if bits == 4:
                         qw = torch.randint(0, 256, (N, (K + 1) // 2), device=dev, dtype=torch.uint8)
@@ -2227,8 +2435,10 @@ def self_check(device: str = "cuda", quick: bool = False) -> list[tuple[str, flo
                     zp = torch.randint(0, 2 ** bits, sc.shape, device=dev).to(dtype) if asym else None
                     ref = quant_linear_ref(x, qw, sc, zp, bits, G)
                     aligned = K % 32 == 0 and (G or K) % 32 == 0
-                    tc = GEMM_TC_MIN_ROWS <= M <= 16 and dtype != torch.float32 and _tensor_cores(torch.device(dev))
-                    via = ("tensor cores" if tc else "GEMV" if M <= 16 else "dequantize + cuBLAS") if aligned else "twin"
+                    tc16 = dtype != torch.float32 and _tensor_cores(torch.device(dev))
+                    tc = tc16 and GEMM_TC_MIN_ROWS <= M <= 16
+                    via = ("twin" if not aligned else "tensor cores" if tc else "GEMV" if M <= 16 else
+                           "tiled tensor-core GEMM" if tc16 and M < QUANT_GEMM_MAX_ROWS else "dequantize + cuBLAS")
                     with _KernelsOnAnyDevice():
                         y = quant_linear(x, qw, sc, zp, bits, G)
                     t = _bench(lambda: quant_linear(x, qw, sc, zp, bits, G), dev)
@@ -2259,6 +2469,22 @@ def self_check(device: str = "cuda", quick: bool = False) -> list[tuple[str, flo
                 y = ext.quant_gemv(x, qw, sc, zp, bits, G, 5)
             rows.append((f"W{bits}A16 (GEMV, x in tiles of 5 chunks) {dn} {N}x{K} M={M} g={G}"
                          f"{' asym' if asym else ''}", rel(y, quant_linear_ref(x, qw, sc, zp, bits, G)), 0.0))
+        # The tiled tensor-core GEMM called directly: two row tiles (the second partial), 130
+        # rows (three), a channel tile cut short (N = 72, 33, 40), a last step of 32 inputs
+        # (K = 352, 96, 160), groups of 32 and 96 (a chunk's own group), K split 1-3 ways.
+        if dtype != torch.float32 and _tensor_cores(torch.device(dev)):
+            for bits, G, asym, N, K, M, splits in ((4, 64, False, 72, 352, 70, 3), (8, 96, True, 33, 288, 65, 2),
+                                                   (4, 32, True, 16, 96, 130, 2), (8, 0, False, 40, 160, 20, 1)):
+                x = torch.randn(M, K, device=dev, dtype=dtype)
+                qw = (torch.randint(0, 256, (N, K // 2 if bits == 4 else K), device=dev, dtype=torch.uint8)
+                      if bits == 4 or asym else torch.randint(-128, 128, (N, K), device=dev, dtype=torch.int8))
+                sc = torch.rand(N, -(-K // (G or K)), device=dev, dtype=dtype) / 50
+                zp = torch.randint(0, 2 ** bits, sc.shape, device=dev).to(dtype) if asym else None
+                with _KernelsOnAnyDevice():
+                    y = ext.quant_gemm(x, qw, sc, zp, bits, G, splits)
+                rows.append((f"W{bits}A16 (tiled tensor-core GEMM, K in {splits} split{'s' * (splits > 1)}) {dn} "
+                             f"{N}x{K} M={M} g={G}{' asym' if asym else ''}",
+                             rel(y, quant_linear_ref(x, qw, sc, zp, bits, G)), 0.0))
     return rows
 
 
@@ -2350,8 +2576,9 @@ def gpu_goals(device: str = "cuda") -> list[tuple[str, str]]:
     del kc, vc, q, k, v, qs
 
     # Weight-only int4 (groups of 128) and int8 (per channel): Llama-2-7B's projection shapes
-    # at decode sizes through the GEMV, at a prefill size through quant_linear's >16-row path;
-    # against the same product in bf16 by cuBLAS.
+    # through quant_linear's path for each row count (the GEMV, the one-warp tensor-core
+    # kernel, the tiled GEMM, dequantize + cuBLAS), against the same product in bf16 by cuBLAS;
+    # past 16 rows the other of the two big-row paths too, which sets QUANT_GEMM_MAX_ROWS.
     for N, K in ((4096, 4096), (11008, 4096), (4096, 11008)):
         for bits, group in ((4, 128), (8, 0)):
             packed = N * (K // 2 if bits == 4 else K) + N * (K // (group or K)) * 2      # codes + scales
@@ -2359,7 +2586,7 @@ def gpu_goals(device: str = "cuda") -> list[tuple[str, str]]:
                    torch.randint(-127, 128, (N, K), device=dev, dtype=torch.int8),
                    torch.rand(N, K // (group or K), device=dev, dtype=bf16) / 50) for _ in range(copies(packed))]
             dense = [torch.randn(N, K, device=dev, dtype=bf16) for _ in range(copies(2 * N * K))]
-            for M in ((1, 4, 16, 2048) if bits == 4 else (1,)):
+            for M in ((1, 4, 16, 64, 128, 256, 2048) if bits == 4 else (1,)):
                 x = torch.randn(M, K, device=dev, dtype=bf16)
                 tq = _time_cuda(lambda i: quant_linear(x, *ws[i % len(ws)], None, bits, group), reps=20)
                 td = _time_cuda(lambda i: x @ dense[i % len(dense)].T, reps=20)
@@ -2371,8 +2598,15 @@ def gpu_goals(device: str = "cuda") -> list[tuple[str, str]]:
                                         reps=20)
                         figure += f"; the GEMV {packed / tg / 1e9:.0f} GB/s"
                 else:
-                    figure = (f"{2 * M * N * K / tq / 1e12:.0f} TFLOP/s, {tq / td:.2f}x bf16 cuBLAS's time "
-                              f"({2 * M * N * K / td / 1e12:.0f} TFLOP/s; goal <= 1.3x)")
+                    splits = _quant_gemm_splits(M, N, K, bits, x.device)
+                    fused = lambda i: cuda_extension().quant_gemm(x, *ws[i % len(ws)], None, bits, group, splits)
+                    dequant = lambda i: x @ cuda_extension().dequantize(*ws[i % len(ws)], None, bits, group, K).T
+                    other = _time_cuda(dequant if M < QUANT_GEMM_MAX_ROWS else fused, reps=20)
+                    figure = (f"{2 * M * N * K / tq / 1e12:.0f} TFLOP/s ({packed / tq / 1e9:.0f} GB/s of weights), "
+                              f"{tq / td:.2f}x bf16 cuBLAS's time "
+                              f"({2 * M * N * K / td / 1e12:.0f} TFLOP/s; goal <= 1.3x); "
+                              f"{'dequantize + cuBLAS' if M < QUANT_GEMM_MAX_ROWS else 'the tiled GEMM'} "
+                              f"{other / td:.2f}x")
                 rows.append((f"W{bits}A16 {'g' + str(group) if group else 'per channel'} {N}x{K}, {M} rows", figure))
             del ws, dense
     return rows

@@ -1296,7 +1296,8 @@ class QuantLinear(nn.Module):
         bias    (out,) float, when the layer has one (Qwen2's q/k/v), kept in float
         perm    (in,) int64, act-order GPTQ checkpoints only: x is read in this order
     The forward pass is kernels.quant_linear: the reference twin dequantizes, then
-    multiplies; the CUDA kernel reads the packed weights directly (batches up to 16 rows),
+    multiplies; the CUDA kernels read the packed weights directly up to 255 rows (a GEMV,
+    then tensor cores dequantizing into shared memory), dequantize once for cuBLAS beyond,
     and on the CPU PyTorch's int8/int4 weight-only kernels do (kernels.pack_for_cpu).
     """
 
@@ -2281,8 +2282,9 @@ class ModelRunner:
     def kv_budget_bytes(self) -> int:
         """Memory the KV pool(s) may take: a share of free GPU memory less the activations
         of the largest step and its logits, and for a quantized model the dense temporary the
-        largest quantized projection dequantizes into when a step has more than 16 rows
-        (kernels.quant_linear); EngineConfig.kv_cache_bytes on the CPU."""
+        largest quantized projection dequantizes into when a step has
+        kernels.QUANT_GEMM_MAX_ROWS rows or more (kernels.quant_linear); EngineConfig.kv_cache_bytes
+        on the CPU."""
         if self.device.type != "cuda":
             return self.cfg.kv_cache_bytes
         free, _ = torch.cuda.mem_get_info(self.device)
