@@ -1093,6 +1093,39 @@ template <typename T> struct mma_type;           // c10's 16-bit types -> the WM
 template <> struct mma_type<c10::Half> { using type = __half; };
 template <> struct mma_type<c10::BFloat16> { using type = __nv_bfloat16; };
 
+// A and B fragments from shared memory: wmma::load_matrix_sync, except for bf16 on the GPU.
+// NVVM proves an fp16 fragment's pointer is in shared memory and emits wmma.load...shared.f16
+// (one ldmatrix, LDSM, per fragment), but leaves the bf16 load generic, and ptxas makes that
+// four generic 32-bit loads (LD.E) per fragment: nvcc 13.0's sm_90 code for every bf16 WMMA
+// kernel here had no LDSM at all. The same PTX instruction with the state space named gives
+// the fp16 kernels' code (the same LDSM.16.M88.4 / MT88.4 feeding HMMA.16816, registers in
+// the builtin's order). kemu, and any compile without __CUDA_ARCH__ >= 800, take the call.
+template <typename Use, typename Layout>
+__device__ __forceinline__ void load_frag(nvcuda::wmma::fragment<Use, 16, 16, 16, __nv_bfloat16, Layout>& f,
+                                          const __nv_bfloat16* p, unsigned ldm) {
+#if defined(__CUDA_ARCH__) && __CUDA_ARCH__ >= 800
+  uint32_t* r = reinterpret_cast<uint32_t*>(&f.x[0]);
+  const uint32_t s = static_cast<uint32_t>(__cvta_generic_to_shared(p));
+  constexpr bool a = std::is_same<Use, nvcuda::wmma::matrix_a>::value;
+  constexpr bool row = std::is_same<Layout, nvcuda::wmma::row_major>::value;
+#define WMMA_LOAD_SHARED_BF16(AB, L)                                                                    \
+  asm volatile("wmma.load." AB ".sync.aligned." L ".m16n16k16.shared.bf16 {%0, %1, %2, %3}, [%4], %5;" \
+               : "=r"(r[0]), "=r"(r[1]), "=r"(r[2]), "=r"(r[3]) : "r"(s), "r"(ldm))
+  if constexpr (a && row) WMMA_LOAD_SHARED_BF16("a", "row");
+  else if constexpr (a) WMMA_LOAD_SHARED_BF16("a", "col");
+  else if constexpr (row) WMMA_LOAD_SHARED_BF16("b", "row");
+  else WMMA_LOAD_SHARED_BF16("b", "col");
+#undef WMMA_LOAD_SHARED_BF16
+#else
+  nvcuda::wmma::load_matrix_sync(f, p, ldm);
+#endif
+}
+template <typename Use, typename Layout>
+__device__ __forceinline__ void load_frag(nvcuda::wmma::fragment<Use, 16, 16, 16, __half, Layout>& f,
+                                          const __half* p, unsigned ldm) {
+  nvcuda::wmma::load_matrix_sync(f, p, ldm);
+}
+
 template <int HD> constexpr size_t prefill_tc_smem(size_t elem) {
   return (size_t)(TC_BM + 4 * TC_BN) * (HD + 8) * elem            // Q, 2 x K, 2 x V (rows padded by 16 bytes)
        + (size_t)TC_WARPS * 16 * (TC_BN + 4) * sizeof(float)      // S per warp
@@ -1182,7 +1215,7 @@ paged_prefill_tc_kernel(T* __restrict__ out,              // [T, H, HD]
   wmma::fragment<wmma::accumulator, 16, 16, 16, float> of[NF];
 #pragma unroll
   for (int f = 0; f < NF; ++f) {
-    wmma::load_matrix_sync(qf[f], q_sh + w * 16 * LDH + f * 16, LDH);
+    load_frag(qf[f], q_sh + w * 16 * LDH + f * 16, LDH);
     wmma::fill_fragment(of[f], 0.f);
   }
   // Lanes 2i and 2i + 1 keep row i's running max and sum (log2 domain: scale_log2 = scale x log2 e).
@@ -1203,7 +1236,7 @@ paged_prefill_tc_kernel(T* __restrict__ out,              // [T, H, HD]
 #pragma unroll
       for (int f = 0; f < NF; ++f) {
         wmma::fragment<wmma::matrix_b, 16, 16, 16, W, wmma::col_major> kf;   // K^T: column n of B is key n
-        wmma::load_matrix_sync(kf, kt + n * 16 * LDH + f * 16, LDH);
+        load_frag(kf, kt + n * 16 * LDH + f * 16, LDH);
         wmma::mma_sync(sf, qf[f], kf, sf);
       }
       wmma::store_matrix_sync(s_sh + n * 16, sf, LDS, wmma::mem_row_major);
@@ -1236,11 +1269,11 @@ paged_prefill_tc_kernel(T* __restrict__ out,              // [T, H, HD]
 #pragma unroll
     for (int kk = 0; kk < TC_BN / 16; ++kk) {                     // O += P V
       wmma::fragment<wmma::matrix_a, 16, 16, 16, W, wmma::row_major> pf;
-      wmma::load_matrix_sync(pf, p_sh + kk * 16, LDP);
+      load_frag(pf, p_sh + kk * 16, LDP);
 #pragma unroll
       for (int f = 0; f < NF; ++f) {
         wmma::fragment<wmma::matrix_b, 16, 16, 16, W, wmma::row_major> vf;
-        wmma::load_matrix_sync(vf, vt + kk * 16 * LDH + f * 16, LDH);
+        load_frag(vf, vt + kk * 16 * LDH + f * 16, LDH);
         wmma::mma_sync(of[f], pf, vf, of[f]);
       }
     }
@@ -1704,11 +1737,11 @@ quant_gemm_tc_kernel(float* __restrict__ part,          // [splits, rows, N] fp3
 #pragma unroll
     for (int kk = 0; kk < QG_K; kk += 16) {
       wmma::fragment<wmma::matrix_a, 16, 16, 16, W, wmma::row_major> af;
-      wmma::load_matrix_sync(af, a_sh + kk, QG_LD);
+      load_frag(af, a_sh + kk, QG_LD);
 #pragma unroll
       for (int j = 0; j < QG_N / 16; ++j) {
         wmma::fragment<wmma::matrix_b, 16, 16, 16, W, wmma::col_major> bf;   // B[k][n] = b_sh[n][k]
-        wmma::load_matrix_sync(bf, b_sh + j * 16 * QG_LD + kk, QG_LD);
+        load_frag(bf, b_sh + j * 16 * QG_LD + kk, QG_LD);
         wmma::mma_sync(acc[j], af, bf, acc[j]);
       }
     }
@@ -1870,9 +1903,9 @@ quant_gemm_kernel(T* __restrict__ y,                 // [rows, N] with one split
       wmma::fragment<wmma::matrix_a, 16, 16, 16, W, wmma::row_major> af[2];
       wmma::fragment<wmma::matrix_b, 16, 16, 16, W, wmma::col_major> bf[2];   // B[k][n] = b_sh[n][k]
 #pragma unroll
-      for (int i = 0; i < 2; ++i) wmma::load_matrix_sync(af[i], a_sh + (s * QM_M + wm + 16 * i) * QM_LD + kk, QM_LD);
+      for (int i = 0; i < 2; ++i) load_frag(af[i], a_sh + (s * QM_M + wm + 16 * i) * QM_LD + kk, QM_LD);
 #pragma unroll
-      for (int j = 0; j < 2; ++j) wmma::load_matrix_sync(bf[j], b_sh + (s * QM_N + wn + 16 * j) * QM_LD + kk, QM_LD);
+      for (int j = 0; j < 2; ++j) load_frag(bf[j], b_sh + (s * QM_N + wn + 16 * j) * QM_LD + kk, QM_LD);
 #pragma unroll
       for (int i = 0; i < 2; ++i)
 #pragma unroll
@@ -2570,10 +2603,13 @@ def gpu_goals(device: str = "cuda") -> list[tuple[str, str]]:
     ts = _time_cuda(sdpa, reps=5)
     tcc = _time_cuda(lambda i: cuda_extension().paged_prefill(q, kc, vc, bt, starts, lens, T, hd ** -0.5, False),
                      reps=2)                                          # the CUDA-core kernel, for the record
+    qh, kh, vh = q.half(), kc.half(), vc.half()                      # fp16: the same kernel, for load_frag's sake
+    th = _time_cuda(lambda i: cuda_extension().paged_prefill(qh, kh, vh, bt, starts, lens, T, hd ** -0.5, True),
+                    reps=5)
     rows.append((f"paged_prefill bf16 {T}-token prompt, 32/8 heads, hd 128",
                  f"{flops / t / 1e12:.1f} TFLOP/s (goal >= 150; PyTorch SDPA {flops / ts / 1e12:.0f} TFLOP/s, "
-                 f"the CUDA-core kernel {flops / tcc / 1e12:.1f})"))
-    del kc, vc, q, k, v, qs
+                 f"the CUDA-core kernel {flops / tcc / 1e12:.1f}, fp16 {flops / th / 1e12:.1f})"))
+    del kc, vc, q, k, v, qs, qh, kh, vh
 
     # Weight-only int4 (groups of 128) and int8 (per channel): Llama-2-7B's projection shapes
     # through quant_linear's path for each row count (the GEMV, the one-warp tensor-core
