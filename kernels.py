@@ -1448,16 +1448,20 @@ struct CodeDecoder {
 };
 
 // A chunk's codes (CodeDecoder) -> (c - z) s as T, CODES values written as 16-byte stores
-// to dst (16-byte aligned): the dequantized weights.
+// to dst (16-byte aligned): the dequantized weights. As c s - z s: one FMA per code, z s
+// once per chunk (it was a subtraction and a multiply per code). z s is rounded to fp32:
+// an error of at most 2^-24 z s <= 2^-16 (c - z) s for integer codes and zeros below 256,
+// 32x below fp16's rounding error (2^-11) at worst; where c = z it leaves that residue, not 0.
 template <typename T, int CODES>
 __device__ __forceinline__ void store_dequantized(T* dst, const float* c, float z, float s) {
   constexpr int PER16 = 16 / sizeof(T);
+  const float zs = z * s;
 #pragma unroll
   for (int o = 0; o < CODES / PER16; ++o) {
     uint4 pack;
     T* e = reinterpret_cast<T*>(&pack);
 #pragma unroll
-    for (int i = 0; i < PER16; ++i) e[i] = from_f<T>((c[o * PER16 + i] - z) * s);
+    for (int i = 0; i < PER16; ++i) e[i] = from_f<T>(fmaf(c[o * PER16 + i], s, -zs));
     reinterpret_cast<uint4*>(dst)[o] = pack;
   }
 }
