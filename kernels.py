@@ -1805,19 +1805,22 @@ torch::Tensor quant_gemm_tc(torch::Tensor x, torch::Tensor qweight, torch::Tenso
 
 // ---------------------------------------------------------------- W4A16 / W8A16 on tensor cores, 17-255 rows
 // Past 16 rows the one-warp kernel above would run its 16-row tile once per 16 rows, reading
-// the codes again each time. This one is a tiled GEMM whose B operand is dequantized on the
-// way into shared memory (Marlin's idea, on WMMA): a block of 4 warps owns 64 rows x 64
-// channels (each warp 32 x 32, 2 x 2 accumulators), and per step of 64 inputs
+// the codes again each time. This one is a tiled GEMM that dequantizes its B operand on the
+// way in (the fused dequantize-GEMM of Marlin and AWQ's kernels; Marlin dequantizes into mma
+// registers, which WMMA's opaque fragments do not allow, so here the tile goes through shared
+// memory). A block of 4 warps owns 64 rows x 64 channels (each warp 32 x 32, 2 x 2
+// accumulators), and per step of 64 inputs
 //   A: x's 64 x 64 tile arrives by cp.async (16 bytes per copy, 4 per thread),
 //   B: each thread dequantizes 32 codes of one channel (one 16-byte load of int4, two of
 //      int8) into [n][k] rows,
 // then 4 x 2 x 2 mma 16x16x16. Two shared-memory stages of both: x of step k + 1 and the
 // codes of step k + 2 (held in registers until dequantized) are issued before step k is
-// multiplied, and one barrier per step separates writing a stage from reading it. Each code is read once per 64 rows, so up to 64 rows cost what one row does in
-// weight traffic, and the dense weight is never materialised (no temporary, unlike the
-// dequantize path below, which takes over where the GEMM is compute-bound). The grid is
-// (channel tiles, row tiles, splits of K); with several splits each writes fp32 partial sums
-// that the host adds (deterministic, unlike atomics).
+// multiplied, and one barrier per step separates writing a stage from reading it. Each code
+// is read once per 64 rows, so up to 64 rows cost what one row does in weight traffic, and
+// the dense weight is never materialised (no temporary, unlike the dequantize path below,
+// which takes over where the GEMM is compute-bound). The grid is (channel tiles, row tiles,
+// splits of K); with several splits each writes fp32 partial sums that the host adds
+// (deterministic, unlike atomics).
 constexpr int QM_M = 64, QM_N = 64, QM_K = 64, QM_LD = QM_K + 8;   // row tile, channel tile, K step, padded row
 constexpr int QM_THREADS = 128;                                     // 4 warps, 2 x 2 over the tile
 constexpr int QM_SMEM = 2 * (QM_M + QM_N) * QM_LD * 2;              // A and B, two stages each, 16-bit: 36 KB
