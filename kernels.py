@@ -2137,8 +2137,10 @@ def decode_partition(S: int, n_kv: int, group: int, head_dim: int, max_context: 
 
 
 @functools.lru_cache(maxsize=None)
+@functools.lru_cache(maxsize=None)
 def _decode_device(device: torch.device) -> tuple[int, int]:
-    """(SMs, shared-memory budget of a decode block) of a GPU; an H100's elsewhere (kemu)."""
+    """(SMs, shared-memory budget of a decode block) of a GPU; an H100's elsewhere (kemu).
+    Cached: the decode attention and quantized-matmul dispatch ask on every call."""
     if device.type != "cuda":
         return 132, DECODE_SMEM_BYTES
     p = torch.cuda.get_device_properties(device)
