@@ -27,6 +27,8 @@ import http.server
 import itertools
 import json
 import math
+import mmap
+import numbers
 import os
 import pickle
 import queue
@@ -201,8 +203,10 @@ class EngineConfig:
     """How the engine runs a model: device, KV cache size, scheduler limits, speculation.
 
     block_size: tokens per KV block. num_blocks: fixes the pool size; when None it is
-    derived from memory (gpu_memory_utilization of free GPU memory, or kv_cache_bytes
-    on CPU). max_num_seqs / max_num_batched_tokens bound one step's batch. On CUDA,
+    derived from memory: on a GPU, gpu_memory_utilization of free GPU memory; on the CPU,
+    kv_cache_bytes when given, else what the engine can fill (max_num_seqs sequences of
+    max_model_len) up to half the available memory. max_num_seqs /
+    max_num_batched_tokens bound one step's batch. On CUDA,
     decode steps replay captured CUDA graphs unless enforce_eager (vLLM's name for it).
     cpu_threads: torch's intra-op threads on the CPU (process-wide); None picks one thread
     for models under 30M parameters, whose small matmuls gain nothing from more threads
@@ -219,7 +223,7 @@ class EngineConfig:
     dtype: str = "float32"
     block_size: int = 16
     num_blocks: int | None = None
-    kv_cache_bytes: int = 1 << 30
+    kv_cache_bytes: int | None = None
     gpu_memory_utilization: float = 0.9
     max_num_seqs: int = 256
     max_num_batched_tokens: int = 2048
@@ -238,11 +242,13 @@ class EngineConfig:
     def __post_init__(self) -> None:
         if self.dtype not in DTYPES:
             raise ValueError(f"dtype must be one of {sorted(DTYPES)}, got {self.dtype!r}")
-        for name in ("block_size", "max_num_seqs", "max_num_batched_tokens", "kv_cache_bytes"):
+        for name in ("block_size", "max_num_seqs", "max_num_batched_tokens"):
             if not isinstance(getattr(self, name), int) or getattr(self, name) < 1:
                 raise ValueError(f"{name} must be a positive integer, got {getattr(self, name)!r}")
-        if self.num_blocks is not None and (not isinstance(self.num_blocks, int) or self.num_blocks < 1):
-            raise ValueError(f"num_blocks must be a positive integer, got {self.num_blocks!r}")
+        for name in ("num_blocks", "kv_cache_bytes"):
+            v = getattr(self, name)
+            if v is not None and (isinstance(v, bool) or not isinstance(v, int) or v < 1):
+                raise ValueError(f"{name} must be a positive integer or None, got {v!r}")
         if self.max_model_len is not None and self.max_model_len < 2:
             raise ValueError(f"max_model_len must be at least 2, got {self.max_model_len}")
         if not isinstance(self.tensor_parallel_size, int) or self.tensor_parallel_size < 1:
@@ -266,6 +272,10 @@ class EngineConfig:
 
 INT64_MAX = 2**63 - 1
 GREEDY_BELOW = 1e-5          # temperatures under this are greedy: logits / T would overflow
+# A request's stop strings are matched in O(new characters x longest stop string) per token
+# (StopStrings), so the length bounds the cost; the count bounds the matcher's memory.
+MAX_STOP_STRINGS = 128
+MAX_STOP_CHARS = 256
 
 
 @dataclass
@@ -279,8 +289,12 @@ class SamplingParams:
     same for each prompt token. Logprobs are of the model's own distribution, before
     temperature, top-k and top-p. presence_penalty, frequency_penalty (in [-2, 2]) and
     repetition_penalty (> 0; 1 is off) follow vLLM's definitions, logit_bias {token id:
-    bias in [-100, 100]} OpenAI's (see apply_penalties). Every field is checked here, with a
-    ValueError that names it: the same rules hold for the Python API and the server.
+    bias in [-100, 100]} OpenAI's (see apply_penalties). stop: up to MAX_STOP_STRINGS strings
+    of up to MAX_STOP_CHARS characters; the text ends before the first one it contains.
+    Every field is checked here, with a ValueError that names it: the same rules hold for
+    the Python API and the server. Numbers of any real or integral type (numpy's too) are
+    stored as Python floats and ints. A request is checked again when it is submitted, so a
+    field changed after construction cannot slip past the rules.
     n: samples returned per prompt; best_of: samples generated, of which the n with the
     highest cumulative logprob are returned (parallel sampling on shared prompt blocks).
     """
@@ -314,32 +328,39 @@ class SamplingParams:
                 _integer(self, name, 0, 20)
         if self.seed is not None:
             _integer(self, "seed", -INT64_MAX - 1, INT64_MAX)
-        if not isinstance(self.ignore_eos, bool):
+        if not isinstance(self.ignore_eos, (bool, np.bool_)):
             raise ValueError(f"ignore_eos must be true or false, got {self.ignore_eos!r}")
+        self.ignore_eos = bool(self.ignore_eos)
         stop = [self.stop] if isinstance(self.stop, str) else self.stop
         if stop is None:
             stop = []
         if not isinstance(stop, (list, tuple)) or not all(isinstance(s, str) and s for s in stop):
             raise ValueError(f"stop must be a non-empty string or a list of them, got {self.stop!r}")
+        if len(stop) > MAX_STOP_STRINGS:
+            raise ValueError(f"stop may hold at most {MAX_STOP_STRINGS} strings, got {len(stop)}")
+        if any(len(s) > MAX_STOP_CHARS for s in stop):
+            raise ValueError(f"each stop string may be at most {MAX_STOP_CHARS} characters, got one of "
+                             f"{max(map(len, stop))}")
         self.stop = list(stop)
         for name in ("presence_penalty", "frequency_penalty"):
             if not -2 <= _finite(self, name) <= 2:
                 raise ValueError(f"{name} must be in [-2, 2], got {getattr(self, name)}")
         if not _finite(self, "repetition_penalty") > 0:
             raise ValueError(f"repetition_penalty must be > 0, got {self.repetition_penalty}")
-        for name in ("temperature", "top_p", "presence_penalty", "frequency_penalty", "repetition_penalty"):
-            setattr(self, name, float(getattr(self, name)))        # 10**30 is a valid int, not an int64
         _integer(self, "n", 1, 64)
         if self.best_of is not None and _integer(self, "best_of", 1, 64) < self.n:
             raise ValueError(f"best_of must be >= n ({self.n}), got {self.best_of}")
         if self.logit_bias is not None:
             if not isinstance(self.logit_bias, dict):
                 raise ValueError(f"logit_bias must be a mapping of token id to bias, got {self.logit_bias!r}")
+            bias = {}
             for t, b in self.logit_bias.items():
-                if isinstance(t, bool) or not isinstance(t, int) or not 0 <= t <= INT64_MAX:
+                if not _is_integral(t) or not 0 <= t <= INT64_MAX:
                     raise ValueError(f"logit_bias keys must be token ids, got {t!r}")
-                if isinstance(b, bool) or not isinstance(b, (int, float)) or not -100 <= b <= 100:
+                if not _is_real(b) or not -100 <= b <= 100:
                     raise ValueError(f"logit_bias values must be numbers in [-100, 100], got {b!r} for {t}")
+                bias[int(t)] = float(b)
+            self.logit_bias = bias
 
     @property
     def num_samples(self) -> int:
@@ -352,18 +373,37 @@ class SamplingParams:
                     or self.logit_bias)
 
 
+# Any real or integral number type is accepted (Python's, numpy's float32 and int64, ...),
+# except bool, which is an int to Python but never what a user means by a temperature.
+def _is_real(v: object) -> bool:
+    return isinstance(v, numbers.Real) and not isinstance(v, (bool, np.bool_))
+
+
+def _is_integral(v: object) -> bool:
+    return isinstance(v, numbers.Integral) and not isinstance(v, (bool, np.bool_))
+
+
 def _finite(obj: object, name: str) -> float:
+    """obj.name, checked to be a finite real number and stored as a Python float (10**30 is a
+    valid int but not a float64 tensor's value)."""
     v = getattr(obj, name)
-    if isinstance(v, bool) or not isinstance(v, (int, float)) or not math.isfinite(v):
+    try:
+        f = float(v) if _is_real(v) else math.nan
+    except OverflowError:                         # an int beyond float64's range
+        f = math.inf
+    if not math.isfinite(f):
         raise ValueError(f"{name} must be a finite number, got {v!r}")
-    return v
+    setattr(obj, name, f)
+    return f
 
 
 def _integer(obj: object, name: str, low: int, high: int) -> int:
+    """obj.name, checked to be an integer in [low, high] and stored as a Python int."""
     v = getattr(obj, name)
-    if isinstance(v, bool) or not isinstance(v, int) or not low <= v <= high:
+    if not _is_integral(v) or not low <= v <= high:
         raise ValueError(f"{name} must be an integer in [{low}, {high}], got {v!r}")
-    return v
+    setattr(obj, name, int(v))
+    return int(v)
 
 
 # ============================================================================ weights loading
@@ -1569,6 +1609,31 @@ def load_model(model_dir: str | Path, dtype: torch.dtype, device: torch.device, 
 # its hash in the free list: a later request can still hit it, until the allocator
 # needs the block and evicts it, least recently used first.
 
+CPU_KV_MEMORY_FRACTION = 0.5      # of available memory, at most, for a CPU pool sized by default
+
+
+def available_cpu_memory() -> int:
+    """Bytes the OS could give this process now without swapping (Linux's MemAvailable;
+    elsewhere the free pages)."""
+    try:
+        for line in Path("/proc/meminfo").read_text().splitlines():
+            if line.startswith("MemAvailable:"):
+                return int(line.split()[1]) * 1024
+    except OSError:
+        pass
+    return os.sysconf("SC_AVPHYS_PAGES") * os.sysconf("SC_PAGE_SIZE")
+
+
+def zeros_committed_on_use(shape: tuple[int, ...], dtype: torch.dtype) -> Tensor:
+    """A zero CPU tensor in anonymous mapped memory: the OS hands out zero pages and commits
+    each only when it is first written, so a pool sized for the worst case costs resident
+    memory only for the blocks a workload touches (the block manager hands out the lowest
+    free blocks first). torch.zeros would write, and so commit, every page up front."""
+    nbytes = math.prod(shape) * dtype.itemsize
+    buf = mmap.mmap(-1, max(nbytes, 1))
+    return torch.frombuffer(buf, dtype=torch.uint8, count=nbytes).view(dtype).view(shape)
+
+
 class BlockManager:
     def __init__(self, num_blocks: int, block_size: int, enable_prefix_caching: bool):
         self.num_blocks, self.block_size = num_blocks, block_size
@@ -1907,6 +1972,43 @@ class Metrics:
         return (self.finished_time - self.first_token_time) / (num_tokens - 1)
 
 
+class StopStrings:
+    """A request's stop strings, matched as its text grows.
+
+    The strings are kept reversed in a trie (a dict per node). Walking back from a new
+    character through the trie finds every stop string that ends at that character in at
+    most max_len steps, so checking a token's new text costs O(new characters x longest
+    stop string), however many stop strings there are. The text ends before the stop
+    string that ends first (the longest, if several end at the same character), which is
+    what checking after every single character would give.
+    """
+
+    END = ""                                  # the key marking a complete string (never a character)
+
+    def __init__(self, stops: list[str]):
+        self.max_len = max(map(len, stops))
+        self.trie: dict = {}
+        for s in stops:
+            node = self.trie
+            for ch in reversed(s):
+                node = node.setdefault(ch, {})
+            node[self.END] = True
+
+    def find(self, text: str, start: int) -> int:
+        """Where the first stop string ending at text[start] or later begins; -1 if none."""
+        for end in range(start, len(text)):
+            node, begin = self.trie, -1
+            for i in range(end, max(-1, end - self.max_len), -1):
+                node = node.get(text[i])
+                if node is None:
+                    break
+                if self.END in node:
+                    begin = i                  # keep walking: a longer one may end here too
+            if begin >= 0:
+                return begin
+        return -1
+
+
 @dataclass(eq=False)                      # identity semantics: sequences are dict keys
 class Sequence:
     request_id: str
@@ -1930,6 +2032,7 @@ class Sequence:
     logprobs: list[dict[int, float]] | None = None
     prompt_logprobs: list[dict[int, float] | None] | None = None
     detok: IncrementalDetokenizer | None = None
+    stops: StopStrings | None = None      # params.stop, as a matcher (shared by a request's samples)
 
     @property
     def num_tokens(self) -> int:
@@ -2146,11 +2249,10 @@ class Scheduler:
             piece = seq.detok.step(token)
             seq.text += piece
             seq.token_texts.append(piece)
-            for s in p.stop:                   # only the new text (and a stop string's width before it)
-                i = seq.text.find(s, max(0, before - len(s) + 1))
-                if i >= 0:
-                    seq.text = seq.text[:i]
-                    return "stop"
+            i = seq.stops.find(seq.text, before) if seq.stops and piece else -1
+            if i >= 0:
+                seq.text = seq.text[:i]
+                return "stop"
         if is_eos and not p.ignore_eos:
             reason = "stop"
         elif seq.num_output_tokens >= p.max_tokens or seq.num_tokens >= self.max_model_len:
@@ -2283,10 +2385,10 @@ class ModelRunner:
         """Memory the KV pool(s) may take: a share of free GPU memory less the activations
         of the largest step and its logits, and for a quantized model the dense temporary the
         largest quantized projection dequantizes into when a step has
-        kernels.QUANT_GEMM_MAX_ROWS rows or more (kernels.quant_linear); EngineConfig.kv_cache_bytes
-        on the CPU."""
+        kernels.QUANT_GEMM_MAX_ROWS rows or more (kernels.quant_linear). On the CPU,
+        EngineConfig.kv_cache_bytes, else a share of the available memory."""
         if self.device.type != "cuda":
-            return self.cfg.kv_cache_bytes
+            return self.cfg.kv_cache_bytes or int(available_cpu_memory() * CPU_KV_MEMORY_FRACTION)
         free, _ = torch.cuda.mem_get_info(self.device)
         c = self.model.config
         act = self.cfg.max_num_batched_tokens * (4 * c.hidden_size + 3 * c.intermediate_size) * 4 \
@@ -2298,8 +2400,9 @@ class ModelRunner:
     def allocate_kv_cache(self, num_blocks: int) -> None:
         """The pool, allocated once: (layers, K/V, blocks, block_size, kv_heads, head_dim)."""
         c = self.model.config
-        self.kv_cache = torch.zeros(c.num_hidden_layers, 2, num_blocks, self.cfg.block_size,
-                                    c.num_key_value_heads, c.head_dim, dtype=self.dtype, device=self.device)
+        shape = (c.num_hidden_layers, 2, num_blocks, self.cfg.block_size, c.num_key_value_heads, c.head_dim)
+        self.kv_cache = zeros_committed_on_use(shape, self.dtype) if self.device.type == "cpu" else \
+            torch.zeros(shape, dtype=self.dtype, device=self.device)
 
     def copy_blocks(self, copies: list[tuple[int, int]]) -> None:
         """Copy-on-write: block src's K/V, every layer, into block dst."""
@@ -2619,6 +2722,12 @@ class LLMEngine:
         self.speculator = make_speculator(self)
         self.num_blocks = self._allocate_kv_pool()
         self.block_manager = BlockManager(self.num_blocks, cfg.block_size, cfg.enable_prefix_caching)
+        tokens = self.num_blocks * cfg.block_size
+        print(f"[nanoserve] KV cache: {self.num_blocks} blocks of {cfg.block_size} tokens, {tokens} tokens "
+              f"({tokens * self.kv_bytes_per_token / 2**20:.1f} MiB"
+              f"{', committed as blocks are first used' if self.device.type == 'cpu' else ''}; "
+              f"{tokens / self.max_model_len:.1f} sequences of max_model_len {self.max_model_len}); "
+              "num_blocks or kv_cache_bytes sets it", file=sys.stderr)
         # Generation stops at any EOS id: config.json's, generation_config.json's, the tokenizer's.
         eos = mc.eos_token_ids | set(generation_eos_ids(self.model_dir))
         eos |= self.tokenizer.eos_ids if self.tokenizer else set()
@@ -2626,6 +2735,7 @@ class LLMEngine:
         self.sampler = Sampler(self.device, cfg.seed)
         self.requests: dict[str, Sequence] = {}
         self._next_id = 0
+        self.owner: str | None = None           # who alone may step it, once a loop (the server's) owns it
         self.num_steps = 0
         self.peak_blocks_used = 0
         self.step_time = dict.fromkeys(("schedule", "draft", "model", "sample_and_output"), 0.0)
@@ -2653,6 +2763,11 @@ class LLMEngine:
             (self.speculator.kv_bytes_per_token if self.speculator else 0)
         block_bytes = self.kv_bytes_per_token * cfg.block_size
         num_blocks = cfg.num_blocks or max(1, self.runner.kv_budget_bytes() // block_bytes)
+        if cfg.num_blocks is None and cfg.kv_cache_bytes is None and self.device.type == "cpu":
+            # No more than the engine can fill: max_num_seqs sequences of max_model_len tokens,
+            # each with its speculative lookahead.
+            per_seq = -(-(self.max_model_len + cfg.num_speculative_tokens) // cfg.block_size)
+            num_blocks = min(num_blocks, cfg.max_num_seqs * per_seq)
         if num_blocks * cfg.block_size < self.max_model_len:
             raise ValueError(f"num_blocks={num_blocks} x block_size={cfg.block_size} tokens "
                              f"cannot hold one sequence of max_model_len={self.max_model_len}; "
@@ -2669,6 +2784,9 @@ class LLMEngine:
         """Validate a request and build its sequence (nothing is queued yet)."""
         if not isinstance(params, SamplingParams):
             raise ValueError(f"sampling_params must be a SamplingParams, got {type(params).__name__}")
+        # A copy, checked again: fields set after construction meet the same rules, and the
+        # caller may reuse or change its object while this request runs.
+        params = dataclasses.replace(params)
         text, ids = self._prompt_ids(prompt)
         if len(ids) >= self.max_model_len:
             raise ValueError(f"prompt is {len(ids)} tokens; max_model_len is {self.max_model_len} "
@@ -2694,6 +2812,7 @@ class LLMEngine:
             seq.logprobs = []
         if self.tokenizer:
             seq.detok = IncrementalDetokenizer(self.tokenizer, ids)
+            seq.stops = StopStrings(params.stop) if params.stop else None
         return seq
 
     def _prompt_ids(self, prompt: str | list[int]) -> tuple[str | None, list[int]]:
@@ -2882,6 +3001,7 @@ class LLMEngine:
         child.metrics.num_cached_prompt_tokens = parent.metrics.num_cached_prompt_tokens
         child.logprobs = [] if params.logprobs is not None else None
         child.detok = IncrementalDetokenizer(self.tokenizer, prompt) if self.tokenizer else None
+        child.stops = parent.stops
         parent.group.append(child)
         return child
 
@@ -2907,7 +3027,7 @@ class LLMEngine:
 
     def _sample_output(self, seq: Sequence) -> CompletionOutput:
         # While running, hold back text that might be the start of a stop string.
-        hold = 0 if seq.status == FINISHED else max((len(s) - 1 for s in seq.params.stop), default=0)
+        hold = 0 if seq.status == FINISHED or seq.stops is None else seq.stops.max_len - 1
         end = max(seq.num_chars_streamed, len(seq.text) - hold)
         delta, seq.num_chars_streamed = seq.text[seq.num_chars_streamed:end], end
         cumulative = seq.cumulative_logprob if seq.group or seq.logprobs is not None else None
@@ -2992,11 +3112,11 @@ class LLM:
     """The offline API, as in vLLM: `LLM(model_dir).generate(prompts, SamplingParams())`.
 
     Keyword arguments are EngineConfig's fields (block_size, max_model_len, draft_model, ...).
-    Any number of generate() calls and stream() iterators may be open on one LLM (from one
-    thread): they share the engine's continuous batch, and each step's outputs go to the
-    inbox of the call that owns the request. Not thread-safe; the server's AsyncEngine is
-    the way to share an engine between threads (an LLM handed to make_server belongs to the
-    server's engine thread from then on: do not call generate on it).
+    Any number of generate()/chat() calls and stream() iterators may be open on one LLM, from
+    any number of threads: they share the engine's continuous batch. One lock guards the
+    engine; whichever caller holds it runs the next step for everyone, and each step's
+    outputs go to the inbox of the call that owns the request. An LLM handed to make_server
+    belongs to the server's engine thread from then on: a call on it raises RuntimeError.
     """
 
     def __init__(self, model: str | Path = DEFAULT_MODEL, *, device: str | None = None,
@@ -3005,6 +3125,9 @@ class LLM:
         cfg = EngineConfig(device=device, dtype=dtype, **engine_kwargs)
         self.engine = LLMEngine(model, cfg, tokenizer=tokenizer)
         self._inbox: dict[str, deque[RequestOutput]] = {}   # request id -> its owner's inbox
+        # Held to touch the engine (submit, step, abort). Re-entrant: garbage collection can
+        # drop a stream, whose close() releases its requests, inside a step of the same thread.
+        self._lock = threading.RLock()
         self._stepping = False
         self._abandoned: list[str] = []             # released while a step ran: abort after it
 
@@ -3014,6 +3137,8 @@ class LLM:
 
     def _submit(self, prompts, sampling_params) -> tuple[list[str], deque[RequestOutput]]:
         """Validate every prompt, then queue them all; -> (request ids, their shared inbox)."""
+        if self.engine.owner is not None:
+            raise RuntimeError(f"this LLM's engine belongs to {self.engine.owner}: send requests there")
         prompts = normalize_prompts(prompts)
         if sampling_params is None:
             sampling_params = SamplingParams()
@@ -3021,39 +3146,45 @@ class LLM:
             sampling_params = [sampling_params] * len(prompts)
         if not isinstance(sampling_params, (list, tuple)) or len(sampling_params) != len(prompts):
             raise ValueError(f"sampling_params must be one SamplingParams or one per prompt ({len(prompts)})")
-        # Validate everything before queueing anything: a bad prompt rejects the call whole.
-        seqs = [self.engine.make_sequence(p, sp) for p, sp in zip(prompts, sampling_params)]
         inbox: deque[RequestOutput] = deque()
-        for seq in seqs:
-            self._inbox[seq.request_id] = inbox
-            self.engine.add_sequence(seq)
+        with self._lock:
+            # Validate everything before queueing anything: a bad prompt rejects the call whole.
+            seqs = [self.engine.make_sequence(p, sp) for p, sp in zip(prompts, sampling_params)]
+            for seq in seqs:
+                self._inbox[seq.request_id] = inbox
+                self.engine.add_sequence(seq)
         return [s.request_id for s in seqs], inbox
 
-    def _step(self) -> None:
-        """One engine step; each output goes to the inbox of the call that owns it."""
-        self._stepping = True
-        try:
-            outputs = self.engine.step()
-        finally:
-            self._stepping = False
-        for out in outputs:
-            inbox = self._inbox.get(out.request_id)
-            if inbox is not None:
-                inbox.append(out)
-        if self._abandoned:
-            ids, self._abandoned = self._abandoned, []
-            self._release(ids)
+    def _step(self, inbox: deque[RequestOutput]) -> None:
+        """Wait for the engine, then run one step unless another caller's step has meanwhile
+        brought `inbox` (the caller's) something; each output goes to its owner's inbox."""
+        with self._lock:
+            if inbox:
+                return
+            self._stepping = True
+            try:
+                outputs = self.engine.step()
+            finally:
+                self._stepping = False
+            for out in outputs:
+                owner = self._inbox.get(out.request_id)
+                if owner is not None:
+                    owner.append(out)
+            if self._abandoned:
+                ids, self._abandoned = self._abandoned, []
+                self._release(ids)
 
     def _release(self, ids: list[str]) -> None:
         """Forget these requests; abort those still running (their blocks go back). Called
-        when their owner is done or gone; deferred if that happens inside a step (garbage
-        collection can drop a stream at any allocation)."""
-        if self._stepping:
-            self._abandoned += ids
-            return
-        for rid in ids:
-            self._inbox.pop(rid, None)
-            self.engine.abort(rid)
+        when their owner is done or gone; deferred if that happens inside a step of this
+        thread (garbage collection can drop a stream at any allocation)."""
+        with self._lock:
+            if self._stepping:
+                self._abandoned += ids
+                return
+            for rid in ids:
+                self._inbox.pop(rid, None)
+                self.engine.abort(rid)
 
     @staticmethod
     def _check(out: RequestOutput) -> RequestOutput:
@@ -3074,7 +3205,7 @@ class LLM:
                     if out.finished:
                         done[out.request_id] = out
                 if len(done) < len(ids):
-                    self._step()
+                    self._step(inbox)
         finally:
             self._release(ids)
         return [done[r] for r in ids]
@@ -3124,7 +3255,7 @@ class RequestStream:
 
     def __next__(self) -> RequestOutput:
         while self.pending and not self.inbox:
-            self.llm._step()
+            self.llm._step(self.inbox)
         if not self.inbox:
             self.close()
             raise StopIteration
@@ -3490,6 +3621,7 @@ class AsyncEngine:
 
     def __init__(self, engine: LLMEngine, max_waiting: int = 256):
         self.engine, self.max_waiting = engine, max_waiting
+        engine.owner = "a server's engine thread"           # LLM.generate on it would race this loop
         self.commands: queue.SimpleQueue = queue.SimpleQueue()
         self.pending = 0                              # added, not yet seen by the loop
         self.pending_lock = threading.Lock()          # handler threads add, the loop subtracts
@@ -4208,7 +4340,10 @@ def add_engine_args(p: argparse.ArgumentParser) -> None:
     p.add_argument("--device", default=None, choices=["cpu", "cuda"])
     p.add_argument("--dtype", default="float32", choices=sorted(DTYPES))
     p.add_argument("--block-size", type=int, default=16)
-    p.add_argument("--num-blocks", type=int, default=None)
+    p.add_argument("--num-blocks", type=int, default=None, help="KV cache blocks (default: sized from memory)")
+    p.add_argument("--kv-cache-bytes", type=int, default=None,
+                   help="CPU: bytes for the KV cache (default: max-num-seqs sequences of max-model-len, "
+                        "at most half the available memory)")
     p.add_argument("--max-num-seqs", type=int, default=256)
     p.add_argument("--max-num-batched-tokens", type=int, default=2048)
     p.add_argument("--max-model-len", type=int, default=None)
@@ -4230,7 +4365,7 @@ def add_engine_args(p: argparse.ArgumentParser) -> None:
 def llm_kwargs_from_args(args: argparse.Namespace) -> dict:
     """argparse flags (add_engine_args) -> LLM(...) keyword arguments."""
     return dict(device=args.device, dtype=args.dtype, tokenizer=args.tokenizer,
-                block_size=args.block_size, num_blocks=args.num_blocks,
+                block_size=args.block_size, num_blocks=args.num_blocks, kv_cache_bytes=args.kv_cache_bytes,
                 max_num_seqs=args.max_num_seqs, max_num_batched_tokens=args.max_num_batched_tokens,
                 max_model_len=args.max_model_len, enable_prefix_caching=not args.no_prefix_caching,
                 enable_chunked_prefill=not args.no_chunked_prefill, draft_model=args.draft,

@@ -1,9 +1,11 @@
 """The core engine: model correctness, paged KV cache, continuous batching, API, CLI."""
 
 import json
+import os
 import random
 import subprocess
 import sys
+from pathlib import Path
 
 import pytest
 import torch
@@ -273,6 +275,26 @@ def test_kv_pool_is_sized_from_the_memory_budget(tiny_model_dir):
     assert llm.stats()["kv_blocks_total"] == (1 << 20) // (per_token * 16)
     with pytest.raises(ValueError, match="num_blocks"):
         LLM(tiny_model_dir, device="cpu", num_blocks=3, block_size=16)   # < one max-length sequence
+
+
+def resident_bytes() -> int:
+    return int(Path("/proc/self/statm").read_text().split()[1]) * os.sysconf("SC_PAGE_SIZE")
+
+
+def test_cpu_kv_pool_holds_what_the_engine_can_fill_is_printed_and_costs_memory_as_used(tiny_model_dir, capfd):
+    llm = LLM(tiny_model_dir, device="cpu", max_num_seqs=4, max_model_len=100, block_size=16)
+    assert llm.stats()["kv_blocks_total"] == 4 * 7            # 4 sequences of ceil(100 / 16) blocks
+    assert "KV cache: 28 blocks of 16 tokens" in capfd.readouterr().err
+    assert LLM(tiny_model_dir, device="cpu", num_blocks=50).stats()["kv_blocks_total"] == 50
+    if not Path("/proc/self/statm").is_file():
+        return
+    # The default pool is sized for the worst case, but its pages are committed as blocks are
+    # first written: a short request leaves most of it unallocated.
+    before = resident_bytes()
+    llm = LLM(nanoserve.DEFAULT_MODEL, device="cpu")
+    llm.generate("def f(x):", SamplingParams(max_tokens=8))
+    pool = llm.stats()["kv_blocks_total"] * llm.stats()["kv_bytes_per_token"] * 16
+    assert pool > 1 << 30 and resident_bytes() - before < pool / 8
 
 
 def test_stats_keys(tiny_model_dir):
