@@ -3472,12 +3472,14 @@ def make_speculator(engine: LLMEngine) -> Speculator | None:
 # threads only validate, enqueue, and wait on their request's output queue.
 
 class ServingError(Exception):
-    """An answer other than 200: HTTP status, message, the offending field, OpenAI's error type."""
+    """An answer other than 200: HTTP status, message, the offending field, OpenAI's error
+    type, and OpenAI's error code: a string ("invalid_api_key") or None, never a number
+    (the status is in the status line; clients read `code` as a string)."""
 
     def __init__(self, status: int, message: str, param: str | None = None, kind: str = "invalid_request_error",
-                 headers: dict | None = None):
+                 headers: dict | None = None, code: str | None = None):
         super().__init__(message)
-        self.status, self.message, self.param, self.kind = status, message, param, kind
+        self.status, self.message, self.param, self.kind, self.code = status, message, param, kind, code
         self.headers = headers or {}
 
 
@@ -3509,8 +3511,11 @@ class AsyncEngine:
         Raises ValueError for a bad request (also, with fit_max_tokens, when prompt plus
         max_tokens exceed max_model_len, as vLLM answers), ServingError(429) when the queue is full."""
         if len(self.engine.scheduler.waiting) + self.pending >= self.max_waiting:
+            # Retry-After: a seat opens whenever a running request finishes, so one second is
+            # the honest hint; the openai client waits that long, and longer on each retry.
             raise ServingError(429, f"server overloaded: {self.max_waiting} requests already waiting; "
-                               "retry later", kind="rate_limit_error")
+                               "retry later", kind="rate_limit_error", code="rate_limit_exceeded",
+                               headers={"Retry-After": "1"})
         seq = self.check(prompt, params, fit_max_tokens)
         return seq.request_id, seq.num_prompt_tokens, self.submit(seq)
 
@@ -3871,7 +3876,7 @@ class CompletionHandler(http.server.BaseHTTPRequestHandler):
     def send_error_json(self, e: ServingError) -> None:
         self.server.async_engine.errors += 1
         self.send_json(e.status, {"error": {"message": e.message, "type": e.kind, "param": e.param,
-                                            "code": e.status}}, e.headers)
+                                            "code": e.code}}, e.headers)
 
     def send_error(self, code: int, message: str | None = None, explain: str | None = None) -> None:
         # The base class's own errors (a malformed request line, headers too long): JSON too,
@@ -3944,7 +3949,7 @@ class CompletionHandler(http.server.BaseHTTPRequestHandler):
         params = req.params
         if body.get("model") not in (None, srv.model_name):
             raise ServingError(404, f"model {body['model']!r} does not exist; this server has "
-                               f"{srv.model_name!r}", "model", "not_found_error")
+                               f"{srv.model_name!r}", "model", "not_found_error", code="model_not_found")
         try:
             rid, n_prompt, q = srv.async_engine.add(req.prompt, params, fit_max_tokens=req.max_tokens_given)
         except ValueError as e:
@@ -4138,7 +4143,7 @@ class CompletionHandler(http.server.BaseHTTPRequestHandler):
             if out.finish_reason == "error":           # headers are out: an error event, then [DONE]
                 self.server.async_engine.errors += 1
                 error = {"message": f"the engine failed while running this request: {out.error}",
-                         "type": "server_error", "param": None, "code": 500}
+                         "type": "server_error", "param": None, "code": None}
                 self.wfile.write(f"data: {json.dumps({'error': error})}\n\n".encode())
                 break
             choices = []
