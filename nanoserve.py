@@ -3761,9 +3761,11 @@ def parse_completion_request(body: dict) -> CompletionRequest:
     for name, allowed in (("suffix", (None,)),):
         if name in body and body[name] not in allowed:
             raise ServingError(400, f"'{name}' = {body[name]!r} is not supported", name)
-    stream = body.get("stream", False)
+    stream = False if body.get("stream") is None else body["stream"]       # OpenAI: null is the default
     if not isinstance(stream, bool):
         raise ServingError(400, "'stream' must be a boolean", "stream")
+    if body.get("stream_options") is not None and not stream:
+        raise ServingError(400, "'stream_options' is only allowed when 'stream' is true", "stream_options")
     echo = body.get("echo") or False
     if not isinstance(echo, bool):
         raise ServingError(400, "'echo' must be a boolean", "echo")
@@ -3799,13 +3801,73 @@ def parse_completion_request(body: dict) -> CompletionRequest:
                              body.get("max_tokens") is not None, echo)
 
 
-def parse_chat_request(body: object) -> tuple[list, bool, CompletionRequest]:
-    """OpenAI /v1/chat/completions fields -> (messages, add_generation_prompt, a
-    CompletionRequest whose prompt is filled in once the messages are rendered)."""
+# OpenAI's roles. "developer" is the newer name of "system" (OpenAI's o1 and later); a
+# template that does not name it gets it as "system", the role the model was trained on.
+CHAT_ROLES = ("system", "developer", "user", "assistant", "tool", "function")
+
+
+def parse_chat_messages(messages: object, keep_developer: bool = False) -> list[dict]:
+    """OpenAI chat messages, checked as OpenAI checks them, -> [{role, content}] with string
+    contents for the chat template. An assistant message that only calls tools (content
+    null or absent, tool_calls given) renders with content "". Errors name the field as
+    OpenAI does: message 'messages[1].role', param "messages.[1].role". Raises ServingError."""
+    if not isinstance(messages, list) or not messages:
+        raise ServingError(400, "'messages' must be a non-empty list of {role, content} objects", "messages")
+    clean = []
+    for i, m in enumerate(messages):
+        where, param = f"messages[{i}]", f"messages.[{i}]"
+        if not isinstance(m, dict):
+            raise ServingError(400, f"'{where}' must be an object like {{\"role\": \"user\", \"content\": \"...\"}}",
+                               param)
+        role = m.get("role")
+        if not (isinstance(role, str) and role in CHAT_ROLES):
+            raise ServingError(400, f"'{where}.role' is {'missing' if role is None else repr(role)}; "
+                               f"use one of {', '.join(CHAT_ROLES)}", f"{param}.role")
+        for key in ("name", "tool_call_id"):
+            if m.get(key) is not None and not isinstance(m[key], str):
+                raise ServingError(400, f"'{where}.{key}' must be a string", f"{param}.{key}")
+        if role == "tool" and not m.get("tool_call_id"):
+            raise ServingError(400, f"'{where}.tool_call_id' is required in a tool message (the call it answers)",
+                               f"{param}.tool_call_id")
+        if role == "function" and not m.get("name"):
+            raise ServingError(400, f"'{where}.name' is required in a function message", f"{param}.name")
+        calls = m.get("tool_calls")
+        if calls is not None and not (role == "assistant" and isinstance(calls, list) and all(
+                isinstance(c, dict) and isinstance(c.get("id"), str) and c.get("type", "function") == "function"
+                and isinstance(c.get("function"), dict) and isinstance(c["function"].get("name"), str)
+                and isinstance(c["function"].get("arguments"), str) for c in calls)):
+            raise ServingError(400, f"'{where}.tool_calls' must be, in an assistant message, a list of "
+                               "{id, type: \"function\", function: {name, arguments}} with string values",
+                               f"{param}.tool_calls")
+        content = m.get("content")
+        if isinstance(content, list):                  # content parts: only text can be rendered
+            if not all(isinstance(c, dict) and c.get("type") == "text" and isinstance(c.get("text"), str)
+                       for c in content):
+                raise ServingError(400, f"'{where}.content' parts must be {{\"type\": \"text\", \"text\": ...}} "
+                                   "(this server reads text only)", f"{param}.content")
+            content = "".join(c["text"] for c in content)
+        elif content is None and (role == "function" or (role == "assistant" and (
+                calls or isinstance(m.get("function_call"), dict)))):
+            content = ""                               # a message that only calls a tool
+        if not isinstance(content, str):
+            raise ServingError(400, f"'{where}.content' must be a string or a list of text parts"
+                               + (" (or null with tool_calls)" if role == "assistant" else ""), f"{param}.content")
+        if role == "developer" and not keep_developer:
+            role = "system"
+        clean.append({"role": role, "content": content})
+    return clean
+
+
+def parse_chat_request(body: object, keep_developer: bool = False) -> tuple[list, bool, CompletionRequest]:
+    """OpenAI /v1/chat/completions fields -> (messages for the template, add_generation_prompt,
+    a CompletionRequest whose prompt is filled in once the messages are rendered).
+    max_completion_tokens is OpenAI's newer name of max_tokens; without either, the
+    handler lets the answer run to the end of the context (max_tokens_given False)."""
     if not isinstance(body, dict):
         raise ServingError(400, "request body must be a JSON object")
     if "messages" not in body:
         raise ServingError(400, "missing required field 'messages'", "messages")
+    messages = parse_chat_messages(body["messages"], keep_developer)
     add_generation_prompt = body.get("add_generation_prompt", True)
     if not isinstance(add_generation_prompt, bool):
         raise ServingError(400, "'add_generation_prompt' must be a boolean", "add_generation_prompt")
@@ -3817,18 +3879,17 @@ def parse_chat_request(body: object) -> tuple[list, bool, CompletionRequest]:
     fields = {k: body[k] for k in ("temperature", "top_p", "top_k", "seed", "stop", "stream", "stream_options",
                                    "presence_penalty", "frequency_penalty", "repetition_penalty", "logit_bias",
                                    "ignore_eos", "n", "model", "user") if k in body}
-    max_tokens = body.get("max_completion_tokens", body.get("max_tokens"))
-    if max_tokens is not None:
-        fields["max_tokens"] = max_tokens
+    max_name = next((k for k in ("max_completion_tokens", "max_tokens") if body.get(k) is not None), None)
+    if max_name is not None:
+        fields["max_tokens"] = body[max_name]
     if logprobs:
         fields["logprobs"] = 0 if top is None else top
     try:
         req = parse_completion_request(dict(fields, prompt=[0]))
     except ServingError as e:
-        if e.param == "logprobs":
-            e.param = "top_logprobs"
+        e.param = {"logprobs": "top_logprobs", "max_tokens": max_name or "max_tokens"}.get(e.param, e.param)
         raise
-    return body["messages"], add_generation_prompt, req
+    return messages, add_generation_prompt, req
 
 
 class CompletionHandler(http.server.BaseHTTPRequestHandler):
@@ -3939,11 +4000,20 @@ class CompletionHandler(http.server.BaseHTTPRequestHandler):
         srv = self.server
         body = self._read_json()
         if chat:
-            messages, add_generation_prompt, req = parse_chat_request(body)
-            try:        # rendering only reads the engine's tokenizer and template: safe from here
-                req.prompt = srv.llm.engine.chat_prompt(messages, add_generation_prompt)
+            engine = srv.llm.engine          # rendering only reads its tokenizer and template: safe from here
+            template = engine.chat_template or ""
+            messages, add_generation_prompt, req = parse_chat_request(
+                body, keep_developer="'developer'" in template or '"developer"' in template)
+            try:
+                req.prompt = engine.chat_prompt(messages, add_generation_prompt)
             except ValueError as e:
                 raise ServingError(400, str(e), "messages") from None
+            if not req.max_tokens_given:
+                # OpenAI and vLLM: a chat answer without max_tokens may fill the rest of the
+                # context, max_model_len - prompt. A prompt that fills it all is refused by
+                # the engine's own check, which names the prompt.
+                room = engine.max_model_len - len(req.prompt)
+                req.params = dataclasses.replace(req.params, max_tokens=max(1, room))
         else:
             req = parse_completion_request(body)
         params = req.params
