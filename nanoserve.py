@@ -3894,6 +3894,8 @@ def parse_chat_request(body: object, keep_developer: bool = False) -> tuple[list
 
 class CompletionHandler(http.server.BaseHTTPRequestHandler):
     """One HTTP connection: /v1/completions (plain and streamed), /v1/models, /health, /metrics.
+    With an API key (OpenAIServer.api_key), every /v1/ path wants `Authorization: Bearer KEY`
+    (as OpenAI and vLLM's --api-key); /health and /metrics stay open for probes and scrapers.
 
     Every request gets a well-formed answer: JSON errors for any method, path or body; a
     body is read (or discarded) before an early answer so a keep-alive connection stays
@@ -3954,6 +3956,8 @@ class CompletionHandler(http.server.BaseHTTPRequestHandler):
         self.answered, self.body_read = False, False
         path = self.path.split("?", 1)[0]
         try:
+            if self.server.api_key is not None and (path == "/v1" or path.startswith("/v1/")):
+                self._check_api_key()                  # before routing: no route is shown unauthenticated
             allowed = self.ROUTES.get(path)
             if allowed is None:
                 raise ServingError(404, f"no route {method} {path}", kind="not_found_error")
@@ -3975,6 +3979,21 @@ class CompletionHandler(http.server.BaseHTTPRequestHandler):
             self.close_connection = True
             if not self.answered:
                 self.send_error_json(ServingError(500, f"internal error: {type(e).__name__}", kind="server_error"))
+
+    def _check_api_key(self) -> None:
+        """Raises ServingError(401) unless the request carries `Authorization: Bearer KEY`,
+        in OpenAI's two shapes: no key (code null) or a wrong one (code "invalid_api_key")."""
+        import hmac                                    # only the key check needs it
+        scheme, _, token = (self.headers.get("Authorization") or "").partition(" ")
+        challenge = {"WWW-Authenticate": "Bearer"}     # what a 401 must name (RFC 9110)
+        if scheme.lower() != "bearer" or not token.strip():
+            raise ServingError(401, "no API key: send the header 'Authorization: Bearer KEY' "
+                               "(the openai client's api_key)", headers=challenge)
+        # http.server decoded the header as Latin-1, so encoding it back gives the bytes the
+        # client sent. compare_digest takes as long wherever the bytes differ: the answer's
+        # timing does not tell an attacker how much of a guess was right.
+        if not hmac.compare_digest(token.strip().encode("latin-1"), self.server.api_key):
+            raise ServingError(401, "incorrect API key", headers=challenge, code="invalid_api_key")
 
     def _get(self, path: str) -> None:
         srv = self.server
@@ -4250,11 +4269,12 @@ class OpenAIServer(http.server.ThreadingHTTPServer):
     request_queue_size = 1024                      # listen backlog (the default of 5 resets bursts)
 
     def __init__(self, llm: LLM | Cascade, host: str, port: int, model_name: str | None, max_waiting: int,
-                 max_body_bytes: int, read_timeout: float):
+                 max_body_bytes: int, read_timeout: float, api_key: str | None):
         super().__init__((host, port), CompletionHandler)          # binds first: a busy port raises here
         cascade = llm if isinstance(llm, Cascade) else None
         self.llm = cascade.large if cascade else llm                # the model the API names
         self.max_body_bytes, self.read_timeout = max_body_bytes, read_timeout
+        self.api_key = None if api_key is None else api_key.encode()   # as bytes, for hmac.compare_digest
         self.model_name = model_name or Path(str(self.llm.engine.model_dir)).name
         self.async_engine = AsyncCascade(cascade, max_waiting) if cascade else AsyncEngine(llm.engine, max_waiting)
 
@@ -4264,14 +4284,22 @@ class OpenAIServer(http.server.ThreadingHTTPServer):
 
 
 def make_server(llm: LLM | Cascade, host: str = "127.0.0.1", port: int = 8000, model_name: str | None = None,
-                max_waiting: int = 256, max_body_bytes: int = 1 << 20, read_timeout: float = 30.0) -> OpenAIServer:
+                max_waiting: int = 256, max_body_bytes: int = 1 << 20, read_timeout: float = 30.0,
+                api_key: str | None = None) -> OpenAIServer:
     """Build (not start) the server; `.serve_forever()` runs it, `.async_engine` is its loop.
     Given a Cascade, it serves the cascade under the large model's name.
     read_timeout: seconds a client may stall mid-request (or idle between requests) before
-    its connection is dropped."""
+    its connection is dropped. api_key: the bearer token every /v1/ request must carry
+    (None: no authentication)."""
     if not read_timeout > 0:
         raise ValueError(f"read_timeout must be > 0 seconds, got {read_timeout}")
-    return OpenAIServer(llm, host, port, model_name, max_waiting, max_body_bytes, read_timeout)
+    # A key no client could send (empty, spaces at either end, which header parsing strips,
+    # control characters) would lock every client out; refused here, without echoing it.
+    if api_key is not None and (not isinstance(api_key, str) or not api_key or api_key != api_key.strip()
+                                or not api_key.isprintable()):
+        raise ValueError("api_key must be a non-empty string of printable characters without spaces at either "
+                         "end, or None to serve without one (the CLI takes it from --api-key or NANOSERVE_API_KEY)")
+    return OpenAIServer(llm, host, port, model_name, max_waiting, max_body_bytes, read_timeout, api_key)
 
 
 # ============================================================================ CLI
@@ -4325,6 +4353,10 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--max-waiting", type=int, default=256, help="queued requests before answering 429")
     p.add_argument("--read-timeout", type=float, default=30.0,
                    help="seconds a client may stall mid-request before it is dropped")
+    # The environment is the safer place for a secret (argv is visible to every user in `ps`).
+    p.add_argument("--api-key", default=os.environ.get("NANOSERVE_API_KEY"), metavar="KEY",
+                   help="require 'Authorization: Bearer KEY' on /v1/ requests (default: $NANOSERVE_API_KEY; "
+                        "neither: no authentication)")
     p.add_argument("--max-tokens", type=int, default=128)
     p.add_argument("--temperature", type=float, default=0.8)
     p.add_argument("--top-p", type=float, default=0.95)
@@ -4361,12 +4393,14 @@ def make_llm(args: argparse.Namespace) -> LLM | Cascade:
 
 def serve(args: argparse.Namespace) -> int:
     llm = make_llm(args)
-    server = make_server(llm, args.host, args.port, max_waiting=args.max_waiting, read_timeout=args.read_timeout)
+    server = make_server(llm, args.host, args.port, max_waiting=args.max_waiting, read_timeout=args.read_timeout,
+                         api_key=args.api_key)
     host, port = server.server_address[:2]
     what = args.model if not isinstance(llm, Cascade) else \
         f"{args.model} behind {args.cascade_small} (cascade, threshold {llm.threshold} on {llm.confidence} confidence)"
     print(f"[nanoserve] serving {what} on http://{host}:{port}/v1 "
-          f"({server.llm.engine.device}, {server.llm.stats()['kv_blocks_total']} KV blocks)", file=sys.stderr)
+          f"({server.llm.engine.device}, {server.llm.stats()['kv_blocks_total']} KV blocks, "
+          f"{'API key required' if args.api_key is not None else 'no API key'})", file=sys.stderr)
     try:
         server.serve_forever()
     except KeyboardInterrupt:

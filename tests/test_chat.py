@@ -148,7 +148,9 @@ def test_bad_chat_requests_get_400s_naming_the_field(chatml):
 
 
 def test_openai_client_against_the_cli_server():
-    """`python nanoserve.py --serve` as a user starts it, the bundled model, the real client."""
+    """`python nanoserve.py --serve` as a user starts it (its API key in NANOSERVE_API_KEY),
+    the bundled model, the real client."""
+    import os
     import socket
     import subprocess
     import sys
@@ -160,9 +162,11 @@ def test_openai_client_against_the_cli_server():
         sock.bind(("127.0.0.1", 0))
         port = sock.getsockname()[1]
     proc = subprocess.Popen([sys.executable, str(ROOT / "nanoserve.py"), "--serve", "--port", str(port)],
-                            stdout=subprocess.DEVNULL, stderr=subprocess.PIPE, text=True)
+                            stdout=subprocess.DEVNULL, stderr=subprocess.PIPE, text=True,
+                            env=dict(os.environ, NANOSERVE_API_KEY="sk-from-env"))
     try:
-        client = openai.OpenAI(base_url=f"http://127.0.0.1:{port}/v1", api_key="none", max_retries=0, timeout=60)
+        client = openai.OpenAI(base_url=f"http://127.0.0.1:{port}/v1", api_key="sk-from-env", max_retries=0,
+                               timeout=60)
         deadline = time.time() + 120
         while True:
             try:
@@ -182,6 +186,9 @@ def test_openai_client_against_the_cli_server():
         done = client.completions.create(model=name, prompt="def add(a, b):", max_tokens=8, n=2, temperature=0.8,
                                          seed=1, presence_penalty=0.5, logit_bias={"3": -100}, logprobs=1, echo=True)
         assert len(done.choices) == 2 and all(c.text.startswith("def add(a, b):") for c in done.choices)
+        stranger = openai.OpenAI(base_url=f"http://127.0.0.1:{port}/v1", api_key="none", max_retries=0, timeout=60)
+        with pytest.raises(openai.AuthenticationError):
+            stranger.models.list()
     finally:
         proc.terminate()
         proc.wait(timeout=10)
