@@ -3603,12 +3603,14 @@ def make_speculator(engine: LLMEngine) -> Speculator | None:
 # threads only validate, enqueue, and wait on their request's output queue.
 
 class ServingError(Exception):
-    """An answer other than 200: HTTP status, message, the offending field, OpenAI's error type."""
+    """An answer other than 200: HTTP status, message, the offending field, OpenAI's error
+    type, and OpenAI's error code: a string ("invalid_api_key") or None, never a number
+    (the status is in the status line; clients read `code` as a string)."""
 
     def __init__(self, status: int, message: str, param: str | None = None, kind: str = "invalid_request_error",
-                 headers: dict | None = None):
+                 headers: dict | None = None, code: str | None = None):
         super().__init__(message)
-        self.status, self.message, self.param, self.kind = status, message, param, kind
+        self.status, self.message, self.param, self.kind, self.code = status, message, param, kind, code
         self.headers = headers or {}
 
 
@@ -3641,8 +3643,11 @@ class AsyncEngine:
         Raises ValueError for a bad request (also, with fit_max_tokens, when prompt plus
         max_tokens exceed max_model_len, as vLLM answers), ServingError(429) when the queue is full."""
         if len(self.engine.scheduler.waiting) + self.pending >= self.max_waiting:
+            # Retry-After: a seat opens whenever a running request finishes, so one second is
+            # the honest hint; the openai client waits that long, and longer on each retry.
             raise ServingError(429, f"server overloaded: {self.max_waiting} requests already waiting; "
-                               "retry later", kind="rate_limit_error")
+                               "retry later", kind="rate_limit_error", code="rate_limit_exceeded",
+                               headers={"Retry-After": "1"})
         seq = self.check(prompt, params, fit_max_tokens)
         return seq.request_id, seq.num_prompt_tokens, self.submit(seq)
 
@@ -3888,9 +3893,11 @@ def parse_completion_request(body: dict) -> CompletionRequest:
     for name, allowed in (("suffix", (None,)),):
         if name in body and body[name] not in allowed:
             raise ServingError(400, f"'{name}' = {body[name]!r} is not supported", name)
-    stream = body.get("stream", False)
+    stream = False if body.get("stream") is None else body["stream"]       # OpenAI: null is the default
     if not isinstance(stream, bool):
         raise ServingError(400, "'stream' must be a boolean", "stream")
+    if body.get("stream_options") is not None and not stream:
+        raise ServingError(400, "'stream_options' is only allowed when 'stream' is true", "stream_options")
     echo = body.get("echo") or False
     if not isinstance(echo, bool):
         raise ServingError(400, "'echo' must be a boolean", "echo")
@@ -3926,13 +3933,73 @@ def parse_completion_request(body: dict) -> CompletionRequest:
                              body.get("max_tokens") is not None, echo)
 
 
-def parse_chat_request(body: object) -> tuple[list, bool, CompletionRequest]:
-    """OpenAI /v1/chat/completions fields -> (messages, add_generation_prompt, a
-    CompletionRequest whose prompt is filled in once the messages are rendered)."""
+# OpenAI's roles. "developer" is the newer name of "system" (OpenAI's o1 and later); a
+# template that does not name it gets it as "system", the role the model was trained on.
+CHAT_ROLES = ("system", "developer", "user", "assistant", "tool", "function")
+
+
+def parse_chat_messages(messages: object, keep_developer: bool = False) -> list[dict]:
+    """OpenAI chat messages, checked as OpenAI checks them, -> [{role, content}] with string
+    contents for the chat template. An assistant message that only calls tools (content
+    null or absent, tool_calls given) renders with content "". Errors name the field as
+    OpenAI does: message 'messages[1].role', param "messages.[1].role". Raises ServingError."""
+    if not isinstance(messages, list) or not messages:
+        raise ServingError(400, "'messages' must be a non-empty list of {role, content} objects", "messages")
+    clean = []
+    for i, m in enumerate(messages):
+        where, param = f"messages[{i}]", f"messages.[{i}]"
+        if not isinstance(m, dict):
+            raise ServingError(400, f"'{where}' must be an object like {{\"role\": \"user\", \"content\": \"...\"}}",
+                               param)
+        role = m.get("role")
+        if not (isinstance(role, str) and role in CHAT_ROLES):
+            raise ServingError(400, f"'{where}.role' is {'missing' if role is None else repr(role)}; "
+                               f"use one of {', '.join(CHAT_ROLES)}", f"{param}.role")
+        for key in ("name", "tool_call_id"):
+            if m.get(key) is not None and not isinstance(m[key], str):
+                raise ServingError(400, f"'{where}.{key}' must be a string", f"{param}.{key}")
+        if role == "tool" and not m.get("tool_call_id"):
+            raise ServingError(400, f"'{where}.tool_call_id' is required in a tool message (the call it answers)",
+                               f"{param}.tool_call_id")
+        if role == "function" and not m.get("name"):
+            raise ServingError(400, f"'{where}.name' is required in a function message", f"{param}.name")
+        calls = m.get("tool_calls")
+        if calls is not None and not (role == "assistant" and isinstance(calls, list) and all(
+                isinstance(c, dict) and isinstance(c.get("id"), str) and c.get("type", "function") == "function"
+                and isinstance(c.get("function"), dict) and isinstance(c["function"].get("name"), str)
+                and isinstance(c["function"].get("arguments"), str) for c in calls)):
+            raise ServingError(400, f"'{where}.tool_calls' must be, in an assistant message, a list of "
+                               "{id, type: \"function\", function: {name, arguments}} with string values",
+                               f"{param}.tool_calls")
+        content = m.get("content")
+        if isinstance(content, list):                  # content parts: only text can be rendered
+            if not all(isinstance(c, dict) and c.get("type") == "text" and isinstance(c.get("text"), str)
+                       for c in content):
+                raise ServingError(400, f"'{where}.content' parts must be {{\"type\": \"text\", \"text\": ...}} "
+                                   "(this server reads text only)", f"{param}.content")
+            content = "".join(c["text"] for c in content)
+        elif content is None and (role == "function" or (role == "assistant" and (
+                calls or isinstance(m.get("function_call"), dict)))):
+            content = ""                               # a message that only calls a tool
+        if not isinstance(content, str):
+            raise ServingError(400, f"'{where}.content' must be a string or a list of text parts"
+                               + (" (or null with tool_calls)" if role == "assistant" else ""), f"{param}.content")
+        if role == "developer" and not keep_developer:
+            role = "system"
+        clean.append({"role": role, "content": content})
+    return clean
+
+
+def parse_chat_request(body: object, keep_developer: bool = False) -> tuple[list, bool, CompletionRequest]:
+    """OpenAI /v1/chat/completions fields -> (messages for the template, add_generation_prompt,
+    a CompletionRequest whose prompt is filled in once the messages are rendered).
+    max_completion_tokens is OpenAI's newer name of max_tokens; without either, the
+    handler lets the answer run to the end of the context (max_tokens_given False)."""
     if not isinstance(body, dict):
         raise ServingError(400, "request body must be a JSON object")
     if "messages" not in body:
         raise ServingError(400, "missing required field 'messages'", "messages")
+    messages = parse_chat_messages(body["messages"], keep_developer)
     add_generation_prompt = body.get("add_generation_prompt", True)
     if not isinstance(add_generation_prompt, bool):
         raise ServingError(400, "'add_generation_prompt' must be a boolean", "add_generation_prompt")
@@ -3944,22 +4011,23 @@ def parse_chat_request(body: object) -> tuple[list, bool, CompletionRequest]:
     fields = {k: body[k] for k in ("temperature", "top_p", "top_k", "seed", "stop", "stream", "stream_options",
                                    "presence_penalty", "frequency_penalty", "repetition_penalty", "logit_bias",
                                    "ignore_eos", "n", "model", "user") if k in body}
-    max_tokens = body.get("max_completion_tokens", body.get("max_tokens"))
-    if max_tokens is not None:
-        fields["max_tokens"] = max_tokens
+    max_name = next((k for k in ("max_completion_tokens", "max_tokens") if body.get(k) is not None), None)
+    if max_name is not None:
+        fields["max_tokens"] = body[max_name]
     if logprobs:
         fields["logprobs"] = 0 if top is None else top
     try:
         req = parse_completion_request(dict(fields, prompt=[0]))
     except ServingError as e:
-        if e.param == "logprobs":
-            e.param = "top_logprobs"
+        e.param = {"logprobs": "top_logprobs", "max_tokens": max_name or "max_tokens"}.get(e.param, e.param)
         raise
-    return body["messages"], add_generation_prompt, req
+    return messages, add_generation_prompt, req
 
 
 class CompletionHandler(http.server.BaseHTTPRequestHandler):
     """One HTTP connection: /v1/completions (plain and streamed), /v1/models, /health, /metrics.
+    With an API key (OpenAIServer.api_key), every /v1/ path wants `Authorization: Bearer KEY`
+    (as OpenAI and vLLM's --api-key); /health and /metrics stay open for probes and scrapers.
 
     Every request gets a well-formed answer: JSON errors for any method, path or body; a
     body is read (or discarded) before an early answer so a keep-alive connection stays
@@ -4003,7 +4071,7 @@ class CompletionHandler(http.server.BaseHTTPRequestHandler):
     def send_error_json(self, e: ServingError) -> None:
         self.server.async_engine.errors += 1
         self.send_json(e.status, {"error": {"message": e.message, "type": e.kind, "param": e.param,
-                                            "code": e.status}}, e.headers)
+                                            "code": e.code}}, e.headers)
 
     def send_error(self, code: int, message: str | None = None, explain: str | None = None) -> None:
         # The base class's own errors (a malformed request line, headers too long): JSON too,
@@ -4020,6 +4088,8 @@ class CompletionHandler(http.server.BaseHTTPRequestHandler):
         self.answered, self.body_read = False, False
         path = self.path.split("?", 1)[0]
         try:
+            if self.server.api_key is not None and (path == "/v1" or path.startswith("/v1/")):
+                self._check_api_key()                  # before routing: no route is shown unauthenticated
             allowed = self.ROUTES.get(path)
             if allowed is None:
                 raise ServingError(404, f"no route {method} {path}", kind="not_found_error")
@@ -4041,6 +4111,21 @@ class CompletionHandler(http.server.BaseHTTPRequestHandler):
             self.close_connection = True
             if not self.answered:
                 self.send_error_json(ServingError(500, f"internal error: {type(e).__name__}", kind="server_error"))
+
+    def _check_api_key(self) -> None:
+        """Raises ServingError(401) unless the request carries `Authorization: Bearer KEY`,
+        in OpenAI's two shapes: no key (code null) or a wrong one (code "invalid_api_key")."""
+        import hmac                                    # only the key check needs it
+        scheme, _, token = (self.headers.get("Authorization") or "").partition(" ")
+        challenge = {"WWW-Authenticate": "Bearer"}     # what a 401 must name (RFC 9110)
+        if scheme.lower() != "bearer" or not token.strip():
+            raise ServingError(401, "no API key: send the header 'Authorization: Bearer KEY' "
+                               "(the openai client's api_key)", headers=challenge)
+        # http.server decoded the header as Latin-1, so encoding it back gives the bytes the
+        # client sent. compare_digest takes as long wherever the bytes differ: the answer's
+        # timing does not tell an attacker how much of a guess was right.
+        if not hmac.compare_digest(token.strip().encode("latin-1"), self.server.api_key):
+            raise ServingError(401, "incorrect API key", headers=challenge, code="invalid_api_key")
 
     def _get(self, path: str) -> None:
         srv = self.server
@@ -4066,17 +4151,26 @@ class CompletionHandler(http.server.BaseHTTPRequestHandler):
         srv = self.server
         body = self._read_json()
         if chat:
-            messages, add_generation_prompt, req = parse_chat_request(body)
-            try:        # rendering only reads the engine's tokenizer and template: safe from here
-                req.prompt = srv.llm.engine.chat_prompt(messages, add_generation_prompt)
+            engine = srv.llm.engine          # rendering only reads its tokenizer and template: safe from here
+            template = engine.chat_template or ""
+            messages, add_generation_prompt, req = parse_chat_request(
+                body, keep_developer="'developer'" in template or '"developer"' in template)
+            try:
+                req.prompt = engine.chat_prompt(messages, add_generation_prompt)
             except ValueError as e:
                 raise ServingError(400, str(e), "messages") from None
+            if not req.max_tokens_given:
+                # OpenAI and vLLM: a chat answer without max_tokens may fill the rest of the
+                # context, max_model_len - prompt. A prompt that fills it all is refused by
+                # the engine's own check, which names the prompt.
+                room = engine.max_model_len - len(req.prompt)
+                req.params = dataclasses.replace(req.params, max_tokens=max(1, room))
         else:
             req = parse_completion_request(body)
         params = req.params
         if body.get("model") not in (None, srv.model_name):
             raise ServingError(404, f"model {body['model']!r} does not exist; this server has "
-                               f"{srv.model_name!r}", "model", "not_found_error")
+                               f"{srv.model_name!r}", "model", "not_found_error", code="model_not_found")
         try:
             rid, n_prompt, q = srv.async_engine.add(req.prompt, params, fit_max_tokens=req.max_tokens_given)
         except ValueError as e:
@@ -4270,7 +4364,7 @@ class CompletionHandler(http.server.BaseHTTPRequestHandler):
             if out.finish_reason == "error":           # headers are out: an error event, then [DONE]
                 self.server.async_engine.errors += 1
                 error = {"message": f"the engine failed while running this request: {out.error}",
-                         "type": "server_error", "param": None, "code": 500}
+                         "type": "server_error", "param": None, "code": None}
                 self.wfile.write(f"data: {json.dumps({'error': error})}\n\n".encode())
                 break
             choices = []
@@ -4307,11 +4401,12 @@ class OpenAIServer(http.server.ThreadingHTTPServer):
     request_queue_size = 1024                      # listen backlog (the default of 5 resets bursts)
 
     def __init__(self, llm: LLM | Cascade, host: str, port: int, model_name: str | None, max_waiting: int,
-                 max_body_bytes: int, read_timeout: float):
+                 max_body_bytes: int, read_timeout: float, api_key: str | None):
         super().__init__((host, port), CompletionHandler)          # binds first: a busy port raises here
         cascade = llm if isinstance(llm, Cascade) else None
         self.llm = cascade.large if cascade else llm                # the model the API names
         self.max_body_bytes, self.read_timeout = max_body_bytes, read_timeout
+        self.api_key = None if api_key is None else api_key.encode()   # as bytes, for hmac.compare_digest
         self.model_name = model_name or Path(str(self.llm.engine.model_dir)).name
         self.async_engine = AsyncCascade(cascade, max_waiting) if cascade else AsyncEngine(llm.engine, max_waiting)
 
@@ -4321,14 +4416,22 @@ class OpenAIServer(http.server.ThreadingHTTPServer):
 
 
 def make_server(llm: LLM | Cascade, host: str = "127.0.0.1", port: int = 8000, model_name: str | None = None,
-                max_waiting: int = 256, max_body_bytes: int = 1 << 20, read_timeout: float = 30.0) -> OpenAIServer:
+                max_waiting: int = 256, max_body_bytes: int = 1 << 20, read_timeout: float = 30.0,
+                api_key: str | None = None) -> OpenAIServer:
     """Build (not start) the server; `.serve_forever()` runs it, `.async_engine` is its loop.
     Given a Cascade, it serves the cascade under the large model's name.
     read_timeout: seconds a client may stall mid-request (or idle between requests) before
-    its connection is dropped."""
+    its connection is dropped. api_key: the bearer token every /v1/ request must carry
+    (None: no authentication)."""
     if not read_timeout > 0:
         raise ValueError(f"read_timeout must be > 0 seconds, got {read_timeout}")
-    return OpenAIServer(llm, host, port, model_name, max_waiting, max_body_bytes, read_timeout)
+    # A key no client could send (empty, spaces at either end, which header parsing strips,
+    # control characters) would lock every client out; refused here, without echoing it.
+    if api_key is not None and (not isinstance(api_key, str) or not api_key or api_key != api_key.strip()
+                                or not api_key.isprintable()):
+        raise ValueError("api_key must be a non-empty string of printable characters without spaces at either "
+                         "end, or None to serve without one (the CLI takes it from --api-key or NANOSERVE_API_KEY)")
+    return OpenAIServer(llm, host, port, model_name, max_waiting, max_body_bytes, read_timeout, api_key)
 
 
 # ============================================================================ CLI
@@ -4385,6 +4488,10 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--max-waiting", type=int, default=256, help="queued requests before answering 429")
     p.add_argument("--read-timeout", type=float, default=30.0,
                    help="seconds a client may stall mid-request before it is dropped")
+    # The environment is the safer place for a secret (argv is visible to every user in `ps`).
+    p.add_argument("--api-key", default=os.environ.get("NANOSERVE_API_KEY"), metavar="KEY",
+                   help="require 'Authorization: Bearer KEY' on /v1/ requests (default: $NANOSERVE_API_KEY; "
+                        "neither: no authentication)")
     p.add_argument("--max-tokens", type=int, default=128)
     p.add_argument("--temperature", type=float, default=0.8)
     p.add_argument("--top-p", type=float, default=0.95)
@@ -4421,12 +4528,14 @@ def make_llm(args: argparse.Namespace) -> LLM | Cascade:
 
 def serve(args: argparse.Namespace) -> int:
     llm = make_llm(args)
-    server = make_server(llm, args.host, args.port, max_waiting=args.max_waiting, read_timeout=args.read_timeout)
+    server = make_server(llm, args.host, args.port, max_waiting=args.max_waiting, read_timeout=args.read_timeout,
+                         api_key=args.api_key)
     host, port = server.server_address[:2]
     what = args.model if not isinstance(llm, Cascade) else \
         f"{args.model} behind {args.cascade_small} (cascade, threshold {llm.threshold} on {llm.confidence} confidence)"
     print(f"[nanoserve] serving {what} on http://{host}:{port}/v1 "
-          f"({server.llm.engine.device}, {server.llm.stats()['kv_blocks_total']} KV blocks)", file=sys.stderr)
+          f"({server.llm.engine.device}, {server.llm.stats()['kv_blocks_total']} KV blocks, "
+          f"{'API key required' if args.api_key is not None else 'no API key'})", file=sys.stderr)
     try:
         server.serve_forever()
     except KeyboardInterrupt:

@@ -133,7 +133,7 @@ def test_openai_client_chat_completions_plain_and_streamed(request, which):
 def test_bad_chat_requests_get_400s_naming_the_field(chatml):
     server, client = serve(chatml)
     try:
-        for kw, param in ((dict(messages="hi"), "messages"), (dict(messages=[{"content": "x"}]), "messages"),
+        for kw, param in ((dict(messages="hi"), "messages"), (dict(messages=[{"content": "x"}]), "messages.[0].role"),
                           (dict(messages=CONVERSATION, logprobs="yes"), "logprobs"),
                           (dict(messages=CONVERSATION, top_logprobs=2), "top_logprobs"),
                           (dict(messages=CONVERSATION, logprobs=True, top_logprobs=50), "top_logprobs"),
@@ -148,7 +148,9 @@ def test_bad_chat_requests_get_400s_naming_the_field(chatml):
 
 
 def test_openai_client_against_the_cli_server():
-    """`python nanoserve.py --serve` as a user starts it, the bundled model, the real client."""
+    """`python nanoserve.py --serve` as a user starts it (its API key in NANOSERVE_API_KEY),
+    the bundled model, the real client."""
+    import os
     import socket
     import subprocess
     import sys
@@ -160,9 +162,11 @@ def test_openai_client_against_the_cli_server():
         sock.bind(("127.0.0.1", 0))
         port = sock.getsockname()[1]
     proc = subprocess.Popen([sys.executable, str(ROOT / "nanoserve.py"), "--serve", "--port", str(port)],
-                            stdout=subprocess.DEVNULL, stderr=subprocess.PIPE, text=True)
+                            stdout=subprocess.DEVNULL, stderr=subprocess.PIPE, text=True,
+                            env=dict(os.environ, NANOSERVE_API_KEY="sk-from-env"))
     try:
-        client = openai.OpenAI(base_url=f"http://127.0.0.1:{port}/v1", api_key="none", max_retries=0, timeout=60)
+        client = openai.OpenAI(base_url=f"http://127.0.0.1:{port}/v1", api_key="sk-from-env", max_retries=0,
+                               timeout=60)
         deadline = time.time() + 120
         while True:
             try:
@@ -182,6 +186,96 @@ def test_openai_client_against_the_cli_server():
         done = client.completions.create(model=name, prompt="def add(a, b):", max_tokens=8, n=2, temperature=0.8,
                                          seed=1, presence_penalty=0.5, logit_bias={"3": -100}, logprobs=1, echo=True)
         assert len(done.choices) == 2 and all(c.text.startswith("def add(a, b):") for c in done.choices)
+        stranger = openai.OpenAI(base_url=f"http://127.0.0.1:{port}/v1", api_key="none", max_retries=0, timeout=60)
+        with pytest.raises(openai.AuthenticationError):
+            stranger.models.list()
     finally:
         proc.terminate()
         proc.wait(timeout=10)
+
+
+@pytest.fixture(scope="module")
+def chatml_served(chatml):
+    server, client = serve(chatml)
+    yield server, client, chatml
+    server.shutdown()
+    server.server_close()
+
+
+def test_chat_without_max_tokens_runs_to_the_end_of_the_context_and_completions_default_to_16(chatml_served):
+    server, client, llm = chatml_served
+    kw = dict(model=server.model_name, messages=CONVERSATION[1:2], temperature=0.8, seed=1,
+              extra_body={"ignore_eos": True})
+    r = client.chat.completions.create(**kw)
+    assert r.usage.prompt_tokens + r.usage.completion_tokens == 256            # max_model_len
+    assert r.choices[0].finish_reason == "length"
+    assert client.chat.completions.create(max_completion_tokens=5, **kw).usage.completion_tokens == 5
+    assert client.chat.completions.create(max_tokens=4, **kw).usage.completion_tokens == 4
+    chunks = list(client.chat.completions.create(stream=True, stream_options={"include_usage": True}, **kw))
+    assert chunks[-1].usage.completion_tokens == r.usage.completion_tokens
+    with pytest.raises(openai.BadRequestError) as e:                           # no room left: the prompt is named
+        client.chat.completions.create(model=server.model_name,
+                                       messages=[{"role": "user", "content": "Hello. " * 300}])
+    assert e.value.body["param"] == "prompt" and "max_model_len is 256" in e.value.body["message"]
+    done = client.completions.create(model=server.model_name, prompt="Hello", extra_body={"ignore_eos": True})
+    assert done.usage.completion_tokens == 16                                   # OpenAI's default
+
+
+@pytest.mark.parametrize("role", ["wizard", "", "System", 5, None])
+def test_unknown_or_empty_roles_are_400s_naming_the_field(chatml_served, role):
+    server, client, _ = chatml_served
+    messages = [{"role": "user", "content": "Hi"}, {"role": role, "content": "Hello."}]
+    if role is None:
+        del messages[1]["role"]
+    with pytest.raises(openai.BadRequestError) as e:
+        client.chat.completions.create(model=server.model_name, messages=messages, max_tokens=2)
+    assert e.value.body["param"] == "messages.[1].role" and "messages[1].role" in e.value.body["message"]
+    assert e.value.code is None
+
+
+def test_developer_messages_render_as_system_unless_the_template_names_them(chatml_served):
+    server, client, llm = chatml_served
+    kw = dict(model=server.model_name, max_tokens=6, temperature=0)
+    as_system = client.chat.completions.create(messages=CONVERSATION, **kw)
+    developer = [dict(CONVERSATION[0], role="developer")] + CONVERSATION[1:]
+    as_developer = client.chat.completions.create(messages=developer, **kw)
+    assert as_developer.usage.prompt_tokens == as_system.usage.prompt_tokens
+    assert as_developer.choices[0].message.content == as_system.choices[0].message.content
+    # ChatML's template adds its own system message when the first one is not "system":
+    # a developer message passed through unchanged would have made the prompt longer.
+    assert llm.engine.chat_prompt(developer) != llm.engine.chat_prompt(CONVERSATION)
+    assert nanoserve.parse_chat_messages(developer, keep_developer=True)[0]["role"] == "developer"
+
+
+def test_assistant_tool_calls_with_null_content_are_accepted_and_render_as_empty(chatml_served):
+    server, client, llm = chatml_served
+    call = {"id": "call_1", "type": "function", "function": {"name": "add", "arguments": '{"a": 1, "b": 2}'}}
+    messages = [{"role": "user", "content": "Add 1 and 2"},
+                {"role": "assistant", "content": None, "tool_calls": [call]},
+                {"role": "tool", "tool_call_id": "call_1", "content": "3"}, {"role": "user", "content": "Thanks"}]
+    r = client.chat.completions.create(model=server.model_name, messages=messages, max_tokens=3)
+    rendered = [dict(m, content=m["content"] or "") for m in messages]
+    assert r.usage.prompt_tokens == len(llm.engine.chat_prompt(rendered)) and r.usage.completion_tokens == 3
+    for bad, param in (({"role": "assistant", "content": None}, "messages.[1].content"),    # no tool_calls
+                       ({"role": "assistant", "content": None, "tool_calls": [{"id": 1}]}, "messages.[1].tool_calls"),
+                       ({"role": "tool", "content": "3"}, "messages.[1].tool_call_id"),
+                       ({"role": "user", "content": [{"type": "image_url", "image_url": {"url": "x"}}]},
+                        "messages.[1].content")):
+        with pytest.raises(openai.BadRequestError) as e:
+            client.chat.completions.create(model=server.model_name, messages=[messages[0], bad], max_tokens=2)
+        assert e.value.body["param"] == param, bad
+
+
+def test_stream_options_without_stream_is_a_400(chatml_served):
+    server, client, _ = chatml_served
+    with pytest.raises(openai.BadRequestError) as e:
+        client.chat.completions.create(model=server.model_name, messages=CONVERSATION, max_tokens=2,
+                                       stream_options={"include_usage": True})
+    assert e.value.body["param"] == "stream_options" and "'stream'" in e.value.body["message"]
+    with pytest.raises(openai.BadRequestError) as e:
+        client.completions.create(model=server.model_name, prompt="Hello", max_tokens=2, stream=False,
+                                  stream_options={"include_usage": True})
+    assert e.value.body["param"] == "stream_options"
+    ok = client.chat.completions.create(model=server.model_name, messages=CONVERSATION, max_tokens=2,
+                                        stream_options=None)
+    assert ok.usage.completion_tokens == 2

@@ -15,7 +15,7 @@ from nanoserve import LLM, SamplingParams
 
 def start(model, **kwargs):
     path, tok = model
-    server_kw = {k: kwargs.pop(k) for k in ("max_waiting",) if k in kwargs}
+    server_kw = {k: kwargs.pop(k) for k in ("max_waiting", "api_key") if k in kwargs}
     llm = LLM(path, device="cpu", tokenizer=tok, max_model_len=256, **kwargs)
     server = nanoserve.make_server(llm, "127.0.0.1", 0, **server_kw)
     threading.Thread(target=server.serve_forever, daemon=True).start()
@@ -38,6 +38,12 @@ def request(port, method, path, body=None, raw: bytes | None = None, timeout=60)
     text = resp.read().decode()
     conn.close()
     return resp.status, text
+
+
+def client(port, api_key="none"):
+    """The real `openai` client on the server, without retries (a test sees every answer)."""
+    openai = pytest.importorskip("openai")
+    return openai.OpenAI(base_url=f"http://127.0.0.1:{port}/v1", api_key=api_key, max_retries=0, timeout=60)
 
 
 def completion(port, **body):
@@ -240,18 +246,28 @@ def test_models_health_and_metrics(served):
 
 
 def test_overload_beyond_the_waiting_queue_answers_429(model):
+    openai = pytest.importorskip("openai")
     server, port, llm = start(model, max_num_seqs=1, max_waiting=2)
     try:
-        long = dict(prompt="x", max_tokens=150, ignore_eos=True)
-        threads = [threading.Thread(target=completion, args=(port,), kwargs=long) for _ in range(3)]
+        c = client(port)               # warmed up before the queue fills: its first call imports for a while
+        c.completions.create(model=server.model_name, prompt="y", max_tokens=1)
+        step = llm.engine.step
+        llm.engine.step = lambda: (time.sleep(0.02), step())[1]     # 100 tokens take 2 s or more
+        threads = [threading.Thread(target=completion, args=(port,), kwargs=dict(
+            prompt="x", max_tokens=100 if i == 0 else 2, ignore_eos=True)) for i in range(3)]
+
+        def wait_for(key, n):
+            end = time.time() + 10
+            while llm.stats()[key] < n and time.time() < end:
+                time.sleep(0.01)
         threads[0].start()
-        time.sleep(0.5)                                   # the first one is running
+        wait_for("num_running", 1)                        # the first one is running
         threads[1].start(), threads[2].start()
-        end = time.time() + 10
-        while llm.stats()["num_waiting"] < 2 and time.time() < end:
-            time.sleep(0.02)
-        status, out = completion(port, prompt="y", max_tokens=2)
-        assert status == 429 and out["error"]["type"] == "rate_limit_error"
+        wait_for("num_waiting", 2)                        # the other two wait for its seat
+        with pytest.raises(openai.RateLimitError) as e:
+            c.completions.create(model=server.model_name, prompt="y", max_tokens=2)
+        assert e.value.body["type"] == "rate_limit_error" and e.value.code == "rate_limit_exceeded"
+        assert int(e.value.response.headers["Retry-After"]) >= 1       # whole seconds, as HTTP defines it
         for t in threads:
             t.join()
         assert completion(port, prompt="y", max_tokens=2)[0] == 200
@@ -291,3 +307,70 @@ def test_echo_returns_the_prompt_and_its_logprobs_first(served, model):
     assert lp["token_logprobs"][1:n_prompt] == pytest.approx([ref[i][ids[i]] for i in range(1, n_prompt)], abs=1e-5)
     chunks = stream(port, echo=True, **body)
     assert "".join(c["choices"][0]["text"] for c in chunks) == choice["text"]
+
+
+def test_api_key_is_required_on_v1_routes_while_health_and_metrics_stay_open(model):
+    openai = pytest.importorskip("openai")
+    server, port, llm = start(model, api_key="sk-test-key")
+    try:
+        good = client(port, api_key="sk-test-key")
+        assert good.models.list().data[0].id == server.model_name
+        done = good.completions.create(model=server.model_name, prompt="def f(x):", max_tokens=3)
+        assert done.usage.completion_tokens == 3
+        for wrong in ("sk-test-ke", "sk-test-key2", "none"):
+            with pytest.raises(openai.AuthenticationError) as e:
+                client(port, api_key=wrong).completions.create(model=server.model_name, prompt="x", max_tokens=2)
+            assert e.value.status_code == 401 and e.value.code == "invalid_api_key"
+            assert e.value.body["type"] == "invalid_request_error"
+        with pytest.raises(openai.AuthenticationError):
+            client(port, api_key="wrong").models.list()
+        # Without the header: OpenAI's "no key" shape (code null), and the Bearer challenge.
+        conn = http.client.HTTPConnection("127.0.0.1", port, timeout=10)
+        for path in ("/v1/completions", "/v1/chat/completions", "/v1/nowhere"):   # even a 404 is not shown
+            conn.request("POST", path, json.dumps({"prompt": "x", "max_tokens": 2}))
+            r = conn.getresponse()
+            err = json.loads(r.read())["error"]
+            assert r.status == 401 and r.getheader("WWW-Authenticate") == "Bearer" and err["code"] is None, path
+        conn.request("GET", "/v1/models", headers={"Authorization": "Basic c2stdGVzdC1rZXk="})
+        r = conn.getresponse()
+        assert r.status == 401 and json.loads(r.read())["error"]["message"]
+        conn.close()                                   # the keep-alive connection stayed in step throughout
+        assert request(port, "GET", "/health")[0] == 200
+        status, text = request(port, "GET", "/metrics")
+        assert status == 200 and "nanoserve_request_errors_total" in text
+        wait_idle(llm)
+    finally:
+        server.shutdown()
+        server.server_close()
+
+
+def test_api_key_comes_from_the_flag_or_else_NANOSERVE_API_KEY_and_keys_no_client_can_send_are_refused(
+        served, monkeypatch):
+    _, llm, _ = served
+    monkeypatch.delenv("NANOSERVE_API_KEY", raising=False)
+    assert nanoserve.build_parser().parse_args(["--serve"]).api_key is None
+    monkeypatch.setenv("NANOSERVE_API_KEY", "from-env")
+    assert nanoserve.build_parser().parse_args(["--serve"]).api_key == "from-env"
+    assert nanoserve.build_parser().parse_args(["--serve", "--api-key", "from-flag"]).api_key == "from-flag"
+    for bad in ("", " sk-secret", "sk-secret\n", "sk-se\tcret"):
+        with pytest.raises(ValueError, match="api_key must be") as e:
+            nanoserve.make_server(llm, "127.0.0.1", 0, api_key=bad)
+        assert "secret" not in str(e.value)                              # the key is not echoed
+
+
+def test_error_codes_are_strings_or_null_never_numbers(served):
+    """OpenAI's error.code is a string ("model_not_found") or null; the status is the HTTP status."""
+    openai = pytest.importorskip("openai")
+    port, llm, server = served
+    c = client(port)
+    with pytest.raises(openai.BadRequestError) as e:
+        c.completions.create(model=server.model_name, prompt="x", temperature=-1)
+    assert e.value.code is None and e.value.body["param"] == "temperature"
+    with pytest.raises(openai.NotFoundError) as e:
+        c.completions.create(model="gpt-9", prompt="x")
+    assert e.value.code == "model_not_found"
+    for method, path, body in (("GET", "/v2/nothing", None), ("DELETE", "/v1/models", None),
+                               ("POST", "/v1/completions", {"prompt": 12})):
+        status, text = request(port, method, path, body)
+        code = json.loads(text)["error"]["code"]
+        assert status >= 400 and (code is None or isinstance(code, str)), (method, path, code)
