@@ -23,6 +23,7 @@ from __future__ import annotations
 
 import argparse
 import dataclasses
+import hmac
 import http.server
 import itertools
 import json
@@ -4115,7 +4116,6 @@ class CompletionHandler(http.server.BaseHTTPRequestHandler):
     def _check_api_key(self) -> None:
         """Raises ServingError(401) unless the request carries `Authorization: Bearer KEY`,
         in OpenAI's two shapes: no key (code null) or a wrong one (code "invalid_api_key")."""
-        import hmac                                    # only the key check needs it
         scheme, _, token = (self.headers.get("Authorization") or "").partition(" ")
         challenge = {"WWW-Authenticate": "Bearer"}     # what a 401 must name (RFC 9110)
         if scheme.lower() != "bearer" or not token.strip():
