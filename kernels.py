@@ -315,7 +315,7 @@ def dequantize_ref(codes: Tensor, scales: Tensor, zeros: Tensor | None, group_si
 
 def unpack_int4(packed: Tensor, in_features: int, signed: bool) -> Tensor:
     """(out, ceil(in/2)) uint8, byte = low | high << 4 -> (out, in) int8 codes. Signed
-    codes were stored offset by 8 (quant.pack_int4)."""
+    codes are stored offset by 8 (quant.pack_int4)."""
     lo, hi = packed & 0xF, packed >> 4
     u = torch.stack([lo, hi], dim=-1).flatten(1)[:, :in_features].to(torch.int8)
     return u - 8 if signed else u
@@ -744,7 +744,7 @@ paged_decode_kernel(T* __restrict__ out,             // [S, H, hd], when splits 
   const int first = start + wid * kpw;               // warp-uniform
   // Eight heads' queries and partial sums leave no registers for a second set of rows within
   // the 128 that two blocks per SM allow (ptxas spills), so GM = 8 loads the next step's rows
-  // after the current step, as the kernel did before it was pipelined.
+  // after the current step, unpipelined.
   constexpr bool PIPELINE = GM <= 4;
   uint4 cur[PD_UNROLL], nxt[PD_UNROLL] = {};
   // At the top of the step at t0: the next step's rows into nxt, in flight during this step.
@@ -1373,11 +1373,11 @@ torch::Tensor paged_prefill(torch::Tensor q, torch::Tensor k_cache, torch::Tenso
 // the only bytes that matter (1/4 (int4) or 1/2 (int8) of a bf16 GEMV's), and a kernel that
 // streams them at the bandwidth must also keep up in instructions: at 80% of an H200's measured
 // 4.2 TB/s copy bandwidth an SM (132 at 1.98 GHz) takes in about 26 int4 codes per clock and
-// issues 128 thread-instructions per clock, so a code may cost about 5 instructions in all. The
-// first version spent 7-9 per code (cuobjdump of its sm_90 code: per code a shift, two logic
-// ops and an fp32 subtract to make it a float, a shift or permute to widen its x, the FMA; an
-// integer division per chunk) and measured 13-23% of the copy bandwidth on an H200. This one
-// (about 4.3 per int4 code and 4.2-4.6 per int8 code in its sm_90 loop):
+// issues 128 thread-instructions per clock, so a code may cost about 5 instructions in all.
+// Decoding each code on its own costs 7-9 (in sm_90 code: a shift, two logic ops and an fp32
+// subtract to make it a float, a shift or permute to widen its x, the FMA; an integer division
+// per chunk), which measured 13-23% of the copy bandwidth on an H200. This kernel (about 4.3
+// instructions per int4 code and 4.2-4.6 per int8 code in its sm_90 loop):
 // - makes codes two per instruction (CodeDecoder below: one logic op and one half2 op per pair);
 // - stages x once per block in shared memory as fp32, so the loop reads it ready to use (one
 //   16-byte shared load per 4 codes and row) instead of widening it per code and per channel;
@@ -1449,7 +1449,7 @@ struct CodeDecoder {
 
 // A chunk's codes (CodeDecoder) -> (c - z) s as T, CODES values written as 16-byte stores
 // to dst (16-byte aligned): the dequantized weights. As c s - z s: one FMA per code, z s
-// once per chunk (it was a subtraction and a multiply per code). z s is rounded to fp32:
+// once per chunk (not a subtraction and a multiply per code). z s is rounded to fp32:
 // an error of at most 2^-24 z s <= 2^-16 (c - z) s for integer codes and zeros below 256,
 // 32x below fp16's rounding error (2^-11) at worst; where c = z it leaves that residue, not 0.
 template <typename T, int CODES>
@@ -1664,14 +1664,13 @@ torch::Tensor quant_gemv(torch::Tensor x, torch::Tensor qweight, torch::Tensor s
 
 // ---------------------------------------------------------------- W4A16 / W8A16 on tensor cores, 4-16 rows
 // From a few rows on, the GEMV above is bound by its arithmetic, not by the weights: an FMA
-// per code and row (before x was staged it measured 2-3% of copy bandwidth at 16 rows on an
-// H200). Tensor cores take all 16 rows at once: per step of 32 inputs, a warp dequantizes 64
-// output channels' codes into shared memory (the B operand, [n][k]), stages x's rows (A,
-// zero rows up to 16) beside them, and runs 2 x 4 mma 16x16x16 into fp32 accumulators; each
-// code is read once and x once per 64 channels. One warp per block; the grid is (N / 64
-// channel tiles, splits of K), so that a 4,096-wide layer still fills the GPU, and each split
-// writes fp32 partial sums that the host adds (deterministic, unlike atomics). The next
-// weight chunks are loaded while the current ones are multiplied.
+// per code and row. Tensor cores take all 16 rows at once: per step of 32 inputs, a warp
+// dequantizes 64 output channels' codes into shared memory (the B operand, [n][k]), stages x's
+// rows (A, zero rows up to 16) beside them, and runs 2 x 4 mma 16x16x16 into fp32
+// accumulators; each code is read once and x once per 64 channels. One warp per block; the
+// grid is (N / 64 channel tiles, splits of K), so that a 4,096-wide layer still fills the GPU,
+// and each split writes fp32 partial sums that the host adds (deterministic, unlike atomics).
+// The next weight chunks are loaded while the current ones are multiplied.
 constexpr int QG_N = 64, QG_K = 32, QG_LD = QG_K + 8;   // channel tile, K step, padded row (elements)
 constexpr int QG_SMEM = (QG_N + 16) * QG_LD * 2 + 16 * (QG_N + 4) * 4;   // 16-bit B and A, fp32 C
 
@@ -2137,7 +2136,6 @@ def decode_partition(S: int, n_kv: int, group: int, head_dim: int, max_context: 
 
 
 @functools.lru_cache(maxsize=None)
-@functools.lru_cache(maxsize=None)
 def _decode_device(device: torch.device) -> tuple[int, int]:
     """(SMs, shared-memory budget of a decode block) of a GPU; an H100's elsewhere (kemu).
     Cached: the decode attention and quantized-matmul dispatch ask on every call."""
@@ -2225,10 +2223,13 @@ def paged_attention(q: Tensor, k_cache: Tensor, v_cache: Tensor, block_tables: T
                                           max_query_len, scale, _tensor_cores(q.device))
 
 
-GEMM_TC_MIN_ROWS = 4   # from here to 16 rows W4A16/W8A16 run on tensor cores (a guess until measured)
-# From here on, dequantize + cuBLAS: the product is compute-bound and cuBLAS's Hopper GEMM
-# outruns a WMMA kernel by more than the extra pass costs. vLLM's AWQ layer turns at the same
-# 256 tokens; for nanoserve's kernels a guess until measured (gpu_goals times both sides).
+# Where quant_linear changes kernel, by rows of x. From GEMM_TC_MIN_ROWS to 16 the one-warp
+# tensor-core kernel, below it the GEMV: an estimate, not a timing (gpu_goals times both at 4
+# and 16 rows). From QUANT_GEMM_MAX_ROWS on, dequantize + cuBLAS: the product is
+# compute-bound and cuBLAS's Hopper GEMM outruns a WMMA kernel by more than the extra pass
+# costs. vLLM's AWQ layer turns at the same 256 tokens; gpu_goals times both sides at 64-2,048
+# rows.
+GEMM_TC_MIN_ROWS = 4
 QUANT_GEMM_MAX_ROWS = 256
 
 
@@ -2535,8 +2536,7 @@ def _time_cuda(fn, reps: int = 30, trials: int = 5) -> float:
     repeated calls do not run from L2), by CUDA events: the median of `trials` means.
     The reps calls are captured once as a CUDA graph and replayed, so the figure is the
     GPU's time without the host's dispatch of each call (15-25 us of Python for a small
-    kernel, which the first H200 run's GEMV figures included); if capture fails, the calls
-    are timed as launched."""
+    kernel); if capture fails, the calls are timed as launched."""
     stream = torch.cuda.Stream()
     stream.wait_stream(torch.cuda.current_stream())
     with torch.cuda.stream(stream):                     # warm-up off the capture (lazy init)
