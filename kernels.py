@@ -167,7 +167,8 @@ def paged_attention_ref(q: Tensor, k_cache: Tensor, v_cache: Tensor, block_table
 
 class DecodeBatch(NamedTuple):
     """Up to 32 single-query sequences attended together, padded to the longest context.
-    (NamedTuples, not dataclasses: this module also loads outside sys.modules, in kemu.)"""
+    (NamedTuples, not dataclasses: kemu's run_self_check.py loads this module without entering
+    it in sys.modules, and @dataclass then fails.)"""
     rows: Tensor | None   # (B,) their rows of q; None: rows 0 .. B-1 in order (the whole step)
     index: Tensor         # (B * Hkv * L,) rows of the cache viewed as (slots * Hkv, hd), ordered
                           # (sequence, kv head, position): one index_select yields K as (B, Hkv, L, hd)
@@ -388,7 +389,8 @@ CUDA_SOURCE = r"""
     AT_DISPATCH_CASE(at::ScalarType::Half, __VA_ARGS__) \
     AT_DISPATCH_CASE(at::ScalarType::BFloat16, __VA_ARGS__))
 // A failed launch (bad configuration, no image for this GPU) raises at the launch, not at
-// some later call. kemu, the CPU emulator, checks launches itself and lacks c10/cuda.
+// some later call. The fallback is for kemu, the CPU emulator: it checks launches itself and
+// its headers lack c10/cuda's macro.
 #ifndef C10_CUDA_KERNEL_LAUNCH_CHECK
 #define C10_CUDA_KERNEL_LAUNCH_CHECK() ((void)0)
 #endif
@@ -1643,7 +1645,9 @@ torch::Tensor quant_gemv(torch::Tensor x, torch::Tensor qweight, torch::Tensor s
   if (reinterpret_cast<uintptr_t>(x.data_ptr()) % 16) x = x.clone();   // 16-byte vector loads
   const QuantWeight w = quant_weight("quant_gemv", qweight, scales, zeros, bits, group_size, x.size(1),
                                      x.scalar_type());
-  const torch::Tensor qw = w.qw, sc = w.sc, z = w.z;   // plain names: kemu's translation wants them
+  // Plain names: kemu, the CPU emulator, rewrites `name.data_ptr()` for its bounds checker
+  // only where name is a plain identifier (w.qw.data_ptr() would not compile there).
+  const torch::Tensor qw = w.qw, sc = w.sc, z = w.z;
   const int rows = x.size(0);
   auto y = torch::empty({rows, w.N}, x.options());
   if (rows == 0 || w.N == 0) return y;
@@ -2103,8 +2107,9 @@ def cuda_extension():
 
 
 # ----------------------------------------------------------------------------- dispatch
-# The model calls only these functions. CUDA tensors take the kernels above, all others
-# the reference twins, except two CPU paths tested against their twins: attention
+# The model calls only these functions. CUDA tensors take the kernels above (an op with
+# several kernels picks one in its *_cuda function: paged_attention_cuda, quant_linear_cuda),
+# all others the reference twins, except two CPU paths tested against their twins: attention
 # (paged_attention_cpu) and quantized linears, which take PyTorch's own weight-only
 # int8/int4 kernels where the layout allows. NANOSERVE_KERNELS=ref makes every device
 # run the references. Cases a kernel does not cover (decode shapes outside
@@ -2137,8 +2142,10 @@ def decode_partition(S: int, n_kv: int, group: int, head_dim: int, max_context: 
 
 @functools.lru_cache(maxsize=None)
 def _decode_device(device: torch.device) -> tuple[int, int]:
-    """(SMs, shared-memory budget of a decode block) of a GPU; an H100's elsewhere (kemu).
-    Cached: the decode attention and quantized-matmul dispatch ask on every call."""
+    """(SMs, shared-memory budget of a decode block) of a GPU. Cached: the decode attention
+    and quantized-matmul dispatch ask on every call. Another device gets an H100's figures:
+    kemu, the CPU emulator, runs the kernels on CPU tensors through this dispatch (its
+    run_self_check.py and integ_engine.py patch only cuda_extension and _cuda)."""
     if device.type != "cuda":
         return 132, DECODE_SMEM_BYTES
     p = torch.cuda.get_device_properties(device)
@@ -2148,12 +2155,13 @@ def _decode_device(device: torch.device) -> tuple[int, int]:
 @functools.lru_cache(maxsize=None)
 def _tensor_cores(device: torch.device) -> bool:
     """Whether the prefill kernel may use its tensor-core path: WMMA in bf16 and cp.async need
-    compute capability 8.0 (Ampere) or newer; kemu (a CPU device here) emulates both."""
+    compute capability 8.0 (Ampere) or newer. Another device says yes: kemu, the CPU emulator
+    (CPU tensors here, as for _decode_device), emulates both."""
     return device.type != "cuda" or torch.cuda.get_device_capability(device) >= (8, 0)
 
 
 def _cuda(t: Tensor) -> bool:
-    return USE_CUDA_KERNELS and (t.is_cuda or _KernelsOnAnyDevice.active)
+    return USE_CUDA_KERNELS and t.is_cuda
 
 
 def _cpu_fp32(x: Tensor, weight: Tensor) -> bool:
@@ -2212,6 +2220,15 @@ def paged_attention(q: Tensor, k_cache: Tensor, v_cache: Tensor, block_tables: T
         return paged_attention_cpu(q, k_cache, v_cache, plan, scale)
     if not _cuda(q):
         return paged_attention_ref(q, k_cache, v_cache, block_tables, query_start_loc, context_lens, scale)
+    return paged_attention_cuda(q, k_cache, v_cache, block_tables, query_start_loc, context_lens, scale,
+                                max_context_len, max_query_len)
+
+
+def paged_attention_cuda(q: Tensor, k_cache: Tensor, v_cache: Tensor, block_tables: Tensor,
+                         query_start_loc: Tensor, context_lens: Tensor, scale: float,
+                         max_context_len: int | None = None, max_query_len: int | None = None) -> Tensor:
+    """paged_attention on the kernels: paged_decode for one query per sequence in a layout it
+    takes, paged_prefill for the rest (on tensor cores where the GPU has them)."""
     if q.shape[0] == block_tables.shape[0] and _decode_kernel_fits(q, k_cache):   # decode
         max_len = max_context_len if max_context_len is not None else int(context_lens.max())
         part = decode_partition(q.shape[0], k_cache.shape[2], q.shape[1] // k_cache.shape[2], q.shape[2], max_len,
@@ -2223,7 +2240,7 @@ def paged_attention(q: Tensor, k_cache: Tensor, v_cache: Tensor, block_tables: T
                                           max_query_len, scale, _tensor_cores(q.device))
 
 
-# Where quant_linear changes kernel, by rows of x. From GEMM_TC_MIN_ROWS to 16 the
+# Where quant_linear_cuda changes kernel, by rows of x. From GEMM_TC_MIN_ROWS to 16 the
 # one-warp tensor-core kernel, below it the GEMV: an estimate, not a timing (the kernel
 # benchmark, tools/kernel_bench.py, times both at 4 and 16 rows). From QUANT_GEMM_MAX_ROWS on,
 # dequantize + cuBLAS: the product is compute-bound and cuBLAS's Hopper GEMM outruns a WMMA
@@ -2243,41 +2260,14 @@ def _quant_gemm_splits(rows: int, N: int, K: int, bits: int, device: torch.devic
 
 def quant_linear(x: Tensor, qweight: Tensor, scales: Tensor, zeros: Tensor | None, bits: int,
                  group_size: int, cpu_cache: dict | None = None) -> Tensor:
-    """y = x W^T for a weight-only quantized W, by the rows of x on a GPU: 1-3 the GEMV
-    (memory-bound: the codes read once), 4-16 the one-warp tensor-core kernel (CUDA cores
-    would spend an FMA per code and row), 17-255 the tiled tensor-core GEMM that dequantizes
-    into shared memory (codes read once per 64 rows, no dense temporary), 256 and more the
-    dequantize kernel and cuBLAS (compute-bound); K and the group size multiples of 32, else
-    the twin. On the CPU, PyTorch's weight-only kernels where the layout fits. cpu_cache: a
-    dict the caller keeps per layer, holding the CPU repacking (made on first use, keyed by
-    dtype and the buffers' addresses so a reloaded weight repacks)."""
+    """y = x W^T for a weight-only quantized W: on a GPU the kernels (quant_linear_cuda) where
+    K and the group size are multiples of 32, else the twin. On the CPU, PyTorch's weight-only
+    kernels where the layout fits. cpu_cache: a dict the caller keeps per layer, holding the
+    CPU repacking (made on first use, keyed by dtype and the buffers' addresses so a reloaded
+    weight repacks)."""
     K = x.shape[-1]
-    rows = x.numel() // K
-    aligned = K % 32 == 0 and (group_size or K) % 32 == 0
-    kbits = 4 if bits <= 4 else 8                     # the kernels' code widths (3-bit codes are packed as 4)
-    if (_cuda(x) and aligned and GEMM_TC_MIN_ROWS <= rows <= 16 and x.dtype in (torch.float16, torch.bfloat16)
-            and _tensor_cores(x.device)):
-        n_tiles = -(-qweight.shape[0] // 64)
-        splits = max(1, min(-(-4 * _decode_device(x.device)[0] // n_tiles), K // 256))   # ~4 blocks per SM
-        part = cuda_extension().quant_gemm_tc(x.reshape(rows, K), qweight, scales, zeros, kbits, group_size,
-                                              splits)                                   # (splits, rows, N)
-        y = part[0] if part.shape[0] == 1 else part.sum(0)
-        return y.to(x.dtype).view(*x.shape[:-1], -1)
-    if (_cuda(x) and aligned and 16 < rows < QUANT_GEMM_MAX_ROWS and x.dtype in (torch.float16, torch.bfloat16)
-            and _tensor_cores(x.device)):
-        y = cuda_extension().quant_gemm(x.reshape(rows, K), qweight, scales, zeros, kbits, group_size,
-                                        _quant_gemm_splits(rows, qweight.shape[0], K, kbits, x.device))
-        return y.view(*x.shape[:-1], -1)
-    if _cuda(x) and rows <= 16 and aligned:
-        y = cuda_extension().quant_gemv(x.reshape(rows, K), qweight, scales, zeros, kbits, group_size, 0)
-        return y.view(*x.shape[:-1], -1)
-    if _cuda(x) and aligned:
-        # 256 rows and more (or fp32, or a GPU older than Ampere): compute-bound, so cuBLAS on a
-        # weight dequantized in one pass (a temporary of the layer's dense size, which
-        # kv_budget_bytes sets aside).
-        w = cuda_extension().dequantize(qweight, scales.to(x.dtype), None if zeros is None else zeros.to(x.dtype),
-                                        kbits, group_size, K)
-        return F.linear(x, w)
+    if _cuda(x) and K % 32 == 0 and (group_size or K) % 32 == 0:
+        return quant_linear_cuda(x, qweight, scales, zeros, bits, group_size)
     if USE_CPU_FAST_PATHS and cpu_cache is not None and not x.is_cuda:
         key = (x.dtype, qweight.data_ptr(), scales.data_ptr())
         if key not in cpu_cache:
@@ -2286,6 +2276,39 @@ def quant_linear(x: Tensor, qweight: Tensor, scales: Tensor, zeros: Tensor | Non
         if cpu_cache[key] is not None:
             return quant_linear_cpu(x, cpu_cache[key])
     return quant_linear_ref(x, qweight, scales, zeros, bits, group_size)
+
+
+def quant_linear_cuda(x: Tensor, qweight: Tensor, scales: Tensor, zeros: Tensor | None, bits: int,
+                      group_size: int) -> Tensor:
+    """quant_linear on the kernels (K and the group size multiples of 32), by the rows of x:
+    1-3 the GEMV (memory-bound: the codes read once), 4-16 the one-warp tensor-core kernel
+    (CUDA cores would spend an FMA per code and row), 17-255 the tiled tensor-core GEMM that
+    dequantizes into shared memory (codes read once per 64 rows, no dense temporary), 256 and
+    more the dequantize kernel and cuBLAS (compute-bound). fp32, or a GPU older than Ampere:
+    the GEMV up to 16 rows, dequantize + cuBLAS beyond."""
+    K = x.shape[-1]
+    rows = x.numel() // K
+    kbits = 4 if bits <= 4 else 8                     # the kernels' code widths (3-bit codes are packed as 4)
+    tc = x.dtype in (torch.float16, torch.bfloat16) and _tensor_cores(x.device)
+    if tc and GEMM_TC_MIN_ROWS <= rows <= 16:
+        n_tiles = -(-qweight.shape[0] // 64)
+        splits = max(1, min(-(-4 * _decode_device(x.device)[0] // n_tiles), K // 256))   # ~4 blocks per SM
+        part = cuda_extension().quant_gemm_tc(x.reshape(rows, K), qweight, scales, zeros, kbits, group_size,
+                                              splits)                                   # (splits, rows, N)
+        y = part[0] if part.shape[0] == 1 else part.sum(0)
+        return y.to(x.dtype).view(*x.shape[:-1], -1)
+    if tc and 16 < rows < QUANT_GEMM_MAX_ROWS:
+        y = cuda_extension().quant_gemm(x.reshape(rows, K), qweight, scales, zeros, kbits, group_size,
+                                        _quant_gemm_splits(rows, qweight.shape[0], K, kbits, x.device))
+        return y.view(*x.shape[:-1], -1)
+    if rows <= 16:
+        y = cuda_extension().quant_gemv(x.reshape(rows, K), qweight, scales, zeros, kbits, group_size, 0)
+        return y.view(*x.shape[:-1], -1)
+    # Compute-bound: cuBLAS on a weight dequantized in one pass (a temporary of the layer's
+    # dense size, which kv_budget_bytes sets aside).
+    w = cuda_extension().dequantize(qweight, scales.to(x.dtype), None if zeros is None else zeros.to(x.dtype),
+                                    kbits, group_size, K)
+    return F.linear(x, w)
 
 
 # ----------------------------------------------------------------------------- self-check
@@ -2315,19 +2338,6 @@ def _random_paged(S: int, ctx: list[int], Hkv: int, G: int, hd: int, bs: int, dt
     q = torch.randn(S, Hkv * G, hd, device=dev, dtype=dtype)
     lens = torch.tensor(ctx, dtype=torch.int32, device=dev)
     return q, k_cache, v_cache, bt, lens
-
-
-class _KernelsOnAnyDevice:
-    """Within `with`, the dispatch functions send CPU tensors to cuda_extension() too: how
-    self_check(device="cpu") reaches an emulated extension (kemu) through the same dispatch
-    conditions the model uses on a GPU."""
-    active = False
-
-    def __enter__(self):
-        _KernelsOnAnyDevice.active = True
-
-    def __exit__(self, *exc):
-        _KernelsOnAnyDevice.active = False
 
 
 def self_check(device: str = "cuda", quick: bool = False) -> list[tuple[str, float, float]]:
@@ -2392,7 +2402,7 @@ def self_check(device: str = "cuda", quick: bool = False) -> list[tuple[str, flo
                     qr = rope_and_cache_ref(q, k, v, pos, cos, sin, kc2, vc2, slots)
                     add(f"rope+cache {dn} G={G} bs={bs} T={T}", max(rel(qo, qr), rel(kc, kc2), rel(vc, vc2)),
                         lambda: ext.rope_and_cache(q, k, v, pos, cos, sin, kc, vc, slots))
-        # Decode (one query per sequence), through the dispatcher as the model calls it (its
+        # Decode (one query per sequence), through the kernels' side of the dispatch (its
         # split policy, decode_partition); quick: the kernel with a 64-key partition, so that
         # short contexts span several splits. Each group size takes its instantiation (G rounded
         # up to 1/2/4/8) and, from 2 heads over as many lanes, the reduce-scatter; a block size
@@ -2415,12 +2425,11 @@ def self_check(device: str = "cuda", quick: bool = False) -> list[tuple[str, flo
             part = given or (64 if quick else decode_partition(len(ctx), 2, G, hd_, max(ctx),
                                                                *_decode_device(torch.device(dev))))
             splits = -(-max(ctx) // part) if via == "decode" else 1
-            with _KernelsOnAnyDevice():
-                if via == "decode" and (quick or given):
-                    run = lambda: ext.paged_decode(q, kc, vc, bt, lens, max(ctx), hd_ ** -0.5, part)
-                else:
-                    run = lambda: paged_attention(q, kc, vc, bt, starts, lens, hd_ ** -0.5, max(ctx), 1)
-                out = run()
+            if via == "decode" and (quick or given):
+                run = lambda: ext.paged_decode(q, kc, vc, bt, lens, max(ctx), hd_ ** -0.5, part)
+            else:
+                run = lambda: paged_attention_cuda(q, kc, vc, bt, starts, lens, hd_ ** -0.5, max(ctx), 1)
+            out = run()
             t = _bench(run, dev)
             gbs = 2 * sum(ctx) * 2 * hd_ * kc.element_size() / t / 1e9 if t else 0.0
             shown = ctx if len(ctx) <= 4 else f"{len(ctx)} x {ctx[0]}"
@@ -2482,9 +2491,11 @@ def self_check(device: str = "cuda", quick: bool = False) -> list[tuple[str, flo
                     tc = tc16 and GEMM_TC_MIN_ROWS <= M <= 16
                     via = ("twin" if not aligned else "tensor cores" if tc else "GEMV" if M <= 16 else
                            "tiled tensor-core GEMM" if tc16 and M < QUANT_GEMM_MAX_ROWS else "dequantize + cuBLAS")
-                    with _KernelsOnAnyDevice():
-                        y = quant_linear(x, qw, sc, zp, bits, G)
-                    t = _bench(lambda: quant_linear(x, qw, sc, zp, bits, G), dev)
+                    # K = 100: quant_linear's own choice (the twin); the rest on the kernels
+                    run = (lambda: quant_linear_cuda(x, qw, sc, zp, bits, G)) if aligned else \
+                        (lambda: quant_linear(x, qw, sc, zp, bits, G))
+                    y = run()
+                    t = _bench(run, dev)
                     extra = ""
                     if t and aligned:
                         w16 = torch.randn(N, K, device=dev, dtype=dtype)
@@ -2493,8 +2504,7 @@ def self_check(device: str = "cuda", quick: bool = False) -> list[tuple[str, flo
                     rows.append((f"W{bits}A16 ({via}) {dn} {N}x{K} M={M} g={G}"
                                  f"{' asym' if asym else ''}{extra}", rel(y, ref), 1e3 * t))
                     if tc and aligned and M == 16:       # K split three ways: partial sums the host adds
-                        with _KernelsOnAnyDevice():
-                            part = ext.quant_gemm_tc(x, qw, sc, zp, bits, G, 3)
+                        part = ext.quant_gemm_tc(x, qw, sc, zp, bits, G, 3)
                         rows.append((f"W{bits}A16 (tensor cores, {part.shape[0]} splits) {dn} {N}x{K} M={M} g={G}"
                                      f"{' asym' if asym else ''}", rel(part.sum(0).to(dtype), ref), 0.0))
         # The GEMV called directly: x staged in several tiles (5 chunks each, the last one
@@ -2508,8 +2518,7 @@ def self_check(device: str = "cuda", quick: bool = False) -> list[tuple[str, flo
                   if bits == 4 or asym else torch.randint(-128, 128, (N, K), device=dev, dtype=torch.int8))
             sc = torch.rand(N, K // (G or K), device=dev, dtype=dtype) / 50
             zp = torch.randint(0, 2 ** bits, sc.shape, device=dev).to(dtype) if asym else None
-            with _KernelsOnAnyDevice():
-                y = ext.quant_gemv(x, qw, sc, zp, bits, G, 5)
+            y = ext.quant_gemv(x, qw, sc, zp, bits, G, 5)
             rows.append((f"W{bits}A16 (GEMV, x in tiles of 5 chunks) {dn} {N}x{K} M={M} g={G}"
                          f"{' asym' if asym else ''}", rel(y, quant_linear_ref(x, qw, sc, zp, bits, G)), 0.0))
         # The tiled tensor-core GEMM called directly: two row tiles (the second partial), 130
@@ -2523,8 +2532,7 @@ def self_check(device: str = "cuda", quick: bool = False) -> list[tuple[str, flo
                       if bits == 4 or asym else torch.randint(-128, 128, (N, K), device=dev, dtype=torch.int8))
                 sc = torch.rand(N, -(-K // (G or K)), device=dev, dtype=dtype) / 50
                 zp = torch.randint(0, 2 ** bits, sc.shape, device=dev).to(dtype) if asym else None
-                with _KernelsOnAnyDevice():
-                    y = ext.quant_gemm(x, qw, sc, zp, bits, G, splits)
+                y = ext.quant_gemm(x, qw, sc, zp, bits, G, splits)
                 rows.append((f"W{bits}A16 (tiled tensor-core GEMM, K in {splits} split{'s' * (splits > 1)}) {dn} "
                              f"{N}x{K} M={M} g={G}{' asym' if asym else ''}",
                              rel(y, quant_linear_ref(x, qw, sc, zp, bits, G)), 0.0))
