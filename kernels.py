@@ -2312,6 +2312,15 @@ def quant_linear_cuda(x: Tensor, qweight: Tensor, scales: Tensor, zeros: Tensor 
 
 
 # ----------------------------------------------------------------------------- self-check
+# Every kernel against its reference twin on fresh random inputs, one check per kernel
+# family, each over fp16, bf16 and fp32. The model's dispatch functions route only CUDA
+# tensors to the kernels; the checks call the kernels' side of the dispatch
+# (paged_attention_cuda, quant_linear_cuda) or the extension itself, so that on the CPU they
+# run whatever cuda_extension() returns: kemu, the CPU emulator (../shared/tools/kemu),
+# replaces it with its own build and calls self_check(device="cpu", quick=True).
+
+Rows = list[tuple[str, float, float]]      # (case, max error relative to max |reference|, ms per call)
+
 
 def _bench(fn, device: str, reps: int = 20) -> float:
     """Seconds per call on a GPU; 0 elsewhere (an emulator's timings mean nothing)."""
@@ -2324,6 +2333,15 @@ def _bench(fn, device: str, reps: int = 20) -> float:
         fn()
     torch.cuda.synchronize()
     return (time.perf_counter() - t) / reps
+
+
+def _rel(a: Tensor, b: Tensor) -> float:
+    """max |a - b| / max |b|: 0 for empty tensors, inf for a shape mismatch."""
+    if a.shape != b.shape:
+        return float("inf")
+    if b.numel() == 0:
+        return 0.0
+    return float((a.float() - b.float()).abs().max() / b.float().abs().max().clamp(min=1e-6))
 
 
 def _random_paged(S: int, ctx: list[int], Hkv: int, G: int, hd: int, bs: int, dtype: torch.dtype, dev: str):
@@ -2340,202 +2358,224 @@ def _random_paged(S: int, ctx: list[int], Hkv: int, G: int, hd: int, bs: int, dt
     return q, k_cache, v_cache, bt, lens
 
 
-def self_check(device: str = "cuda", quick: bool = False) -> list[tuple[str, float, float]]:
-    """Every kernel and every dispatch case against the reference twins on fresh random
-    inputs -> rows (case, max error relative to max |reference|, ms per call; 0 off a GPU).
+def _random_quant(N: int, K: int, bits: int, G: int, asym: bool, dtype: torch.dtype, dev: str,
+                  int8_min: int = -128) -> tuple[Tensor, Tensor, Tensor | None]:
+    """Random codes (int4 two per byte; int8 signed, or unsigned with zero points), scales
+    (N, groups; the last group partial where G does not divide K) and zero points."""
+    if bits == 4:
+        qw = torch.randint(0, 256, (N, (K + 1) // 2), device=dev, dtype=torch.uint8)
+    elif asym:
+        qw = torch.randint(0, 256, (N, K), device=dev, dtype=torch.uint8)
+    else:
+        qw = torch.randint(int8_min, 128, (N, K), device=dev, dtype=torch.int8)
+    sc = torch.rand(N, -(-K // (G or K)), device=dev, dtype=dtype) / 50
+    zp = torch.randint(0, 2 ** bits, sc.shape, device=dev).to(dtype) if asym else None
+    return qw, sc, zp
 
-    Cases: fp16, bf16 and fp32; zero-size inputs; RoPE with GQA groups 1/4/8; decode
-    attention with groups 1-8 (16 and head_dim 80 take the prefill kernel), block sizes
-    12/16/32, context 0 (a CUDA-graph padding row), one split (no merge) and several with
-    empty ones, a partition of several loop steps; prefill/verification windows (tensor
-    cores for fp16/bf16 at head_dim 64/128, CUDA cores otherwise), chunks after cached
-    context, several query and K/V tiles, a row that sees no key, a group that leaves tile
-    rows empty; W4A16/W8A16 symmetric and asymmetric, per channel and per group, partial
-    last groups, 1-3 rows (the GEMV, x in one or several shared-memory tiles), 4-16 (one-warp
-    tensor-core kernel, K split or not), 17-255 (the tiled tensor-core GEMM: several row and
-    channel tiles, partial ones, splits of K, a partial last step), 256+ (dequantize + cuBLAS),
-    odd K and groups that are not multiples of 32 (the twin). quick: shapes small enough for an emulator
-    (kemu's run_self_check.py calls self_check(device="cpu", quick=True) with the extension
-    replaced by its CPU build)."""
-    dev, rows = device, []
-    ext = cuda_extension()
 
-    def rel(a: Tensor, b: Tensor) -> float:
-        if a.shape != b.shape:
-            return float("inf")
-        if b.numel() == 0:
-            return 0.0
-        return float((a.float() - b.float()).abs().max() / b.float().abs().max().clamp(min=1e-6))
+def _check_norms(dev: str, dtype: torch.dtype, quick: bool, full: bool) -> Rows:
+    """rms_norm with and without the residual add, and silu_and_mul: a width that is not a
+    multiple of the vector width (1001) and zero rows."""
+    ext, dn, rows = cuda_extension(), str(dtype).removeprefix("torch."), []
+    shapes = ((1, 64), (3, 200), (2, 1001), (0, 64)) if quick else \
+        ((1, 2048), (7, 4096), (33, 5632), (2, 1001), (1, 16384), (0, 4096))
+    for T, D in shapes[:None if full else 1]:
+        x, r = torch.randn(T, D, device=dev, dtype=dtype), torch.randn(T, D, device=dev, dtype=dtype)
+        w = torch.randn(D, device=dev, dtype=dtype)
+        out, res = ext.rms_norm(x, w, r, 1e-5)
+        ref, ref_res = fused_add_rms_norm_ref(x, r, w, 1e-5)
+        rows.append((f"add+rmsnorm {dn} {T}x{D}", max(_rel(out, ref), _rel(res, ref_res)),
+                     1e3 * _bench(lambda: ext.rms_norm(x, w, r, 1e-5), dev)))
+        rows.append((f"rmsnorm {dn} {T}x{D}", _rel(ext.rms_norm(x, w, None, 1e-5)[0], rms_norm_ref(x, w, 1e-5)),
+                     1e3 * _bench(lambda: ext.rms_norm(x, w, None, 1e-5), dev)))
+        g, u = torch.randn(T, D, device=dev, dtype=dtype), torch.randn(T, D, device=dev, dtype=dtype)
+        rows.append((f"silu*mul {dn} {T}x{D}", _rel(ext.silu_and_mul(g, u), silu_and_mul_ref(g, u)),
+                     1e3 * _bench(lambda: ext.silu_and_mul(g, u), dev)))
+    return rows
 
-    def add(name: str, err: float, fn) -> None:
-        rows.append((name, err, 1e3 * _bench(fn, dev)))
 
-    dtypes = (torch.float16, torch.bfloat16, torch.float32)
-    for dtype in dtypes:
-        dn = str(dtype).split(".")[-1]
-        full = dtype != torch.float32 or not quick          # fp32: one case per kernel in quick mode
-        norm_shapes = ((1, 64), (3, 200), (2, 1001), (0, 64)) if quick else \
-            ((1, 2048), (7, 4096), (33, 5632), (2, 1001), (1, 16384), (0, 4096))
-        for T, D in norm_shapes[:None if full else 1]:
-            x, r = torch.randn(T, D, device=dev, dtype=dtype), torch.randn(T, D, device=dev, dtype=dtype)
-            w = torch.randn(D, device=dev, dtype=dtype)
-            out, res = ext.rms_norm(x, w, r, 1e-5)
-            ref, ref_res = fused_add_rms_norm_ref(x, r, w, 1e-5)
-            add(f"add+rmsnorm {dn} {T}x{D}", max(rel(out, ref), rel(res, ref_res)), lambda: ext.rms_norm(x, w, r, 1e-5))
-            add(f"rmsnorm {dn} {T}x{D}", rel(ext.rms_norm(x, w, None, 1e-5)[0], rms_norm_ref(x, w, 1e-5)),
-                lambda: ext.rms_norm(x, w, None, 1e-5))
-            g, u = torch.randn(T, D, device=dev, dtype=dtype), torch.randn(T, D, device=dev, dtype=dtype)
-            add(f"silu*mul {dn} {T}x{D}", rel(ext.silu_and_mul(g, u), silu_and_mul_ref(g, u)),
-                lambda: ext.silu_and_mul(g, u))
-        Hkv, hd = (2, 64) if quick else (4, 128)
-        for G in (1, 4, 8) if full else (4,):
-            for bs in ((16,) if quick else (16, 32)):
-                for T in ((5, 0) if quick else (13, 0)):
-                    cos, sin = rope_cos_sin(hd, 512, 10000.0, dev)
-                    q = torch.randn(T, Hkv * G, hd, device=dev, dtype=dtype)
-                    k, v = torch.randn(T, Hkv, hd, device=dev, dtype=dtype), torch.randn(T, Hkv, hd, device=dev, dtype=dtype)
-                    pos = torch.randint(0, 512, (T,), device=dev)
-                    kc, vc = torch.zeros(4, bs, Hkv, hd, device=dev, dtype=dtype), torch.zeros(4, bs, Hkv, hd, device=dev, dtype=dtype)
-                    kc2, vc2 = kc.clone(), vc.clone()
-                    slots = torch.randperm(4 * bs, device=dev)[:T]
-                    qo = ext.rope_and_cache(q, k, v, pos, cos, sin, kc, vc, slots)
-                    qr = rope_and_cache_ref(q, k, v, pos, cos, sin, kc2, vc2, slots)
-                    add(f"rope+cache {dn} G={G} bs={bs} T={T}", max(rel(qo, qr), rel(kc, kc2), rel(vc, vc2)),
-                        lambda: ext.rope_and_cache(q, k, v, pos, cos, sin, kc, vc, slots))
-        # Decode (one query per sequence), through the kernels' side of the dispatch (its
-        # split policy, decode_partition); quick: the kernel with a 64-key partition, so that
-        # short contexts span several splits. Each group size takes its instantiation (G rounded
-        # up to 1/2/4/8) and, from 2 heads over as many lanes, the reduce-scatter; a block size
-        # that is not a power of two takes the division instead of the shift.
-        groups = ((1, 64), (4, 64), (8, 64), (3, 64), (8, 32), (16, 32), (2, 80), (2, 64), (6, 128), (5, 32)) \
-            if quick else ((1, 128), (4, 128), (8, 128), (3, 128), (16, 64), (4, 80), (2, 128), (6, 128))
-        ctxs = ([0], [1, 17, 0, 40], [130, 5], [64]) if quick else \
-            ([0], [1, 17, 100, 0], [4097, 333], [16000], [512], [32768], [2048] * 64)
-        cases = [(G, hd_, bs, ctx, None) for G, hd_ in groups[:None if full else 2]
-                 for bs in ((16,) if quick else (16, 32)) for ctx in ctxs]
-        # Blocks of 12 tokens (the division path); one 320-key partition over 300 keys (several
-        # steps of each loop: the software pipeline's hand-over from one step to the next).
-        cases += [(6, 128, 12, [130, 5], None), (4, 64, 12, [1, 17, 0, 40], None), (4, 64, 16, [300, 7], 320),
-                  (1, 128, 16, [300], 320)]
-        for G, hd_, bs, ctx, given in cases:
-            q, kc, vc, bt, lens = _random_paged(len(ctx), ctx, 2, G, hd_, bs, dtype, dev)
-            starts = torch.arange(len(ctx) + 1, device=dev, dtype=torch.int32)
-            ref = paged_attention_ref(q, kc, vc, bt, starts, lens, hd_ ** -0.5)
-            via = "decode" if _decode_kernel_fits(q, kc) else "prefill kernel"
-            part = given or (64 if quick else decode_partition(len(ctx), 2, G, hd_, max(ctx),
-                                                               *_decode_device(torch.device(dev))))
-            splits = -(-max(ctx) // part) if via == "decode" else 1
-            if via == "decode" and (quick or given):
-                run = lambda: ext.paged_decode(q, kc, vc, bt, lens, max(ctx), hd_ ** -0.5, part)
-            else:
-                run = lambda: paged_attention_cuda(q, kc, vc, bt, starts, lens, hd_ ** -0.5, max(ctx), 1)
-            out = run()
-            t = _bench(run, dev)
-            gbs = 2 * sum(ctx) * 2 * hd_ * kc.element_size() / t / 1e9 if t else 0.0
-            shown = ctx if len(ctx) <= 4 else f"{len(ctx)} x {ctx[0]}"
-            rows.append((f"paged decode ({via}) {dn} G={G} hd={hd_} bs={bs} ctx={shown} splits={max(splits, 1)}"
-                         + (f" ({gbs:.0f} GB/s)" if t else ""), rel(out, ref), 1e3 * t))
-        # Several queries per sequence: a new prompt, a decode, a chunk after cached context,
-        # a verification window over a long context, and a row with no visible key (context 0).
-        # fp16/bf16 at head_dim 64/128 take the tensor-core kernel, the rest the CUDA-core one;
-        # 70 queries over 150 keys span several query tiles and K/V tiles (double buffering).
-        def prefill_case(G: int, Hkv: int, hd: int, bs: int, q_lens: list[int], ctx: list[int],
-                         tensor_cores: bool = True) -> None:
-            tensor_cores = tensor_cores and _tensor_cores(torch.device(dev))
-            _, kc, vc, bt, lens = _random_paged(len(ctx), ctx, Hkv, G, hd, bs, dtype, dev)
-            lens = torch.tensor([max(c, n) if c else 0 for c, n in zip(ctx, q_lens)], dtype=torch.int32, device=dev)
-            q = torch.randn(sum(q_lens), Hkv * G, hd, device=dev, dtype=dtype)
-            starts = torch.tensor([0] + q_lens, device=dev).cumsum(0).to(torch.int32)
-            out = ext.paged_prefill(q, kc, vc, bt, starts, lens, max(q_lens), hd ** -0.5, tensor_cores)
-            ref = paged_attention_ref(q, kc, vc, bt, starts, lens, hd ** -0.5)
-            t = _bench(lambda: ext.paged_prefill(q, kc, vc, bt, starts, lens, max(q_lens), hd ** -0.5, tensor_cores),
-                       dev)
-            flops = 4 * sum(n * (c - n / 2) for n, c in zip(q_lens, ctx)) * Hkv * G * hd
-            tc = tensor_cores and dtype != torch.float32 and hd in (64, 128)
-            rows.append((f"paged prefill ({'tensor cores' if tc else 'CUDA cores'}) {dn} G={G} hd={hd} bs={bs} "
-                         f"q={q_lens} ctx={ctx}" + (f" ({flops / t / 1e12:.1f} TFLOP/s)" if t else ""),
-                         rel(out, ref), 1e3 * t))
+def _check_rope_and_cache(dev: str, dtype: torch.dtype, quick: bool, full: bool) -> Rows:
+    """rope_and_cache: q and k rotated, k and v written to scattered cache slots; GQA groups
+    1/4/8, zero tokens."""
+    ext, dn, rows = cuda_extension(), str(dtype).removeprefix("torch."), []
+    Hkv, hd = (2, 64) if quick else (4, 128)
+    for G in (1, 4, 8) if full else (4,):
+        for bs in ((16,) if quick else (16, 32)):
+            for T in ((5, 0) if quick else (13, 0)):
+                cos, sin = rope_cos_sin(hd, 512, 10000.0, dev)
+                q = torch.randn(T, Hkv * G, hd, device=dev, dtype=dtype)
+                k, v = torch.randn(T, Hkv, hd, device=dev, dtype=dtype), torch.randn(T, Hkv, hd, device=dev, dtype=dtype)
+                pos = torch.randint(0, 512, (T,), device=dev)
+                kc, vc = torch.zeros(4, bs, Hkv, hd, device=dev, dtype=dtype), torch.zeros(4, bs, Hkv, hd, device=dev, dtype=dtype)
+                kc2, vc2 = kc.clone(), vc.clone()
+                slots = torch.randperm(4 * bs, device=dev)[:T]
+                qo = ext.rope_and_cache(q, k, v, pos, cos, sin, kc, vc, slots)
+                qr = rope_and_cache_ref(q, k, v, pos, cos, sin, kc2, vc2, slots)
+                rows.append((f"rope+cache {dn} G={G} bs={bs} T={T}", max(_rel(qo, qr), _rel(kc, kc2), _rel(vc, vc2)),
+                             1e3 * _bench(lambda: ext.rope_and_cache(q, k, v, pos, cos, sin, kc, vc, slots), dev)))
+    return rows
 
-        windows = ((([5, 1, 7], [5, 20, 40]), ([1, 4], [0, 9]), ([9], [75]), ([70], [150]))) if quick else \
-            (([5, 1, 37], [5, 100, 300]), ([9, 6], [4097, 6]), ([509], [1200]), ([1, 4], [0, 9]))
-        for G in ((1, 4, 8) if full else (4,)):
-            for bs in ((16,) if quick else (16, 32)):
-                for q_lens, ctx in windows:
-                    prefill_case(G, Hkv, hd, bs, q_lens, ctx)
-        # A group that does not divide the 64-row tile (empty rows), the other head size, one
-        # the tensor-core kernel does not take, and the CUDA-core kernel where a GPU older than
-        # Ampere would take it.
-        for G, hd_ in ((3, 64), (2, 128 if quick else 64), (2, 80)):
-            prefill_case(G, 1, hd_, 16, [30, 2], [130, 66])
-        prefill_case(4, 1, 64, 16, [30, 2], [130, 66], tensor_cores=False)
-        # W4A16 / W8A16 through quant_linear, each row count on the path it takes where K and
-        # the group are multiples of 32, the twin otherwise (odd K, other groups).
-        gemv_cases = ((4, 64, False), (4, 32, True), (8, 0, False), (8, 64, True))
-        shapes = ((64, 128), (32, 96)) if quick else ((4096, 4096), (4096, 11008))
-        for bits, G, asym in gemv_cases[:None if full else 1]:
-            for N, K in shapes + ((16, 100),):                # K = 100: odd for the kernel
-                for M in ((1, 3, 4, 16, 17, 256) if quick else (1, 3, 4, 16, 33, 100, 256)):
-                    x = torch.randn(M, K, device=dev, dtype=dtype)
-                    if bits == 4:
-                        qw = torch.randint(0, 256, (N, (K + 1) // 2), device=dev, dtype=torch.uint8)
-                    elif asym:
-                        qw = torch.randint(0, 256, (N, K), device=dev, dtype=torch.uint8)
-                    else:
-                        qw = torch.randint(-127, 128, (N, K), device=dev, dtype=torch.int8)
-                    n_groups = -(-K // (G or K))                              # a partial last group
-                    sc = torch.rand(N, n_groups, device=dev, dtype=dtype) / 50
-                    zp = torch.randint(0, 2 ** bits, sc.shape, device=dev).to(dtype) if asym else None
-                    ref = quant_linear_ref(x, qw, sc, zp, bits, G)
-                    aligned = K % 32 == 0 and (G or K) % 32 == 0
-                    tc16 = dtype != torch.float32 and _tensor_cores(torch.device(dev))
-                    tc = tc16 and GEMM_TC_MIN_ROWS <= M <= 16
-                    via = ("twin" if not aligned else "tensor cores" if tc else "GEMV" if M <= 16 else
-                           "tiled tensor-core GEMM" if tc16 and M < QUANT_GEMM_MAX_ROWS else "dequantize + cuBLAS")
-                    # K = 100: quant_linear's own choice (the twin); the rest on the kernels
-                    run = (lambda: quant_linear_cuda(x, qw, sc, zp, bits, G)) if aligned else \
-                        (lambda: quant_linear(x, qw, sc, zp, bits, G))
-                    y = run()
-                    t = _bench(run, dev)
-                    extra = ""
-                    if t and aligned:
-                        w16 = torch.randn(N, K, device=dev, dtype=dtype)
-                        t16 = _bench(lambda: x @ w16.T, dev)
-                        extra = f" ({qw.numel() / t / 1e9:.0f} GB/s of weights, {t16 / t:.2f}x cuBLAS {dn})"
-                    rows.append((f"W{bits}A16 ({via}) {dn} {N}x{K} M={M} g={G}"
-                                 f"{' asym' if asym else ''}{extra}", rel(y, ref), 1e3 * t))
-                    if tc and aligned and M == 16:       # K split three ways: partial sums the host adds
-                        part = ext.quant_gemm_tc(x, qw, sc, zp, bits, G, 3)
-                        rows.append((f"W{bits}A16 (tensor cores, {part.shape[0]} splits) {dn} {N}x{K} M={M} g={G}"
-                                     f"{' asym' if asym else ''}", rel(part.sum(0).to(dtype), ref), 0.0))
-        # The GEMV called directly: x staged in several tiles (5 chunks each, the last one
-        # partial), an odd channel count (the last warp's second channel absent), 5 rows (a
-        # 16-bit dtype sends these to tensor cores in quant_linear), groups of 3 and 6 chunks
-        # (a division, not a shift).
-        for bits, G, asym in ((4, 64, False), (4, 96, True), (8, 96, False), (8, 0, True))[:None if full else 2]:
-            N, K, M = 33, 384, 5
-            x = torch.randn(M, K, device=dev, dtype=dtype)
-            qw = (torch.randint(0, 256, (N, K // 2 if bits == 4 else K), device=dev, dtype=torch.uint8)
-                  if bits == 4 or asym else torch.randint(-128, 128, (N, K), device=dev, dtype=torch.int8))
-            sc = torch.rand(N, K // (G or K), device=dev, dtype=dtype) / 50
-            zp = torch.randint(0, 2 ** bits, sc.shape, device=dev).to(dtype) if asym else None
-            y = ext.quant_gemv(x, qw, sc, zp, bits, G, 5)
-            rows.append((f"W{bits}A16 (GEMV, x in tiles of 5 chunks) {dn} {N}x{K} M={M} g={G}"
-                         f"{' asym' if asym else ''}", rel(y, quant_linear_ref(x, qw, sc, zp, bits, G)), 0.0))
-        # The tiled tensor-core GEMM called directly: two row tiles (the second partial), 130
-        # rows (three), a channel tile cut short (N = 72, 33, 40), a last step of 32 inputs
-        # (K = 352, 96, 160), groups of 32 and 96 (a chunk's own group), K split 1-3 ways.
-        if dtype != torch.float32 and _tensor_cores(torch.device(dev)):
-            for bits, G, asym, N, K, M, splits in ((4, 64, False, 72, 352, 70, 3), (8, 96, True, 33, 288, 65, 2),
-                                                   (4, 32, True, 16, 96, 130, 2), (8, 0, False, 40, 160, 20, 1)):
+
+def _check_decode_attention(dev: str, dtype: torch.dtype, quick: bool, full: bool) -> Rows:
+    """One query per sequence, through paged_attention_cuda with its split policy
+    (decode_partition); quick: paged_decode with a 64-key partition, so that short contexts
+    span several splits. Each group size takes its instantiation (G rounded up to 1/2/4/8)
+    and, from 2 heads over as many lanes, the reduce-scatter; G = 16 and head_dim 80 take the
+    prefill kernel. Context 0 (a CUDA-graph padding row), one split (no merge) and several
+    with empty ones; block sizes of 12 (a division, not a shift), 16 and 32; a 320-key
+    partition over 300 keys (several steps of each loop: the software pipeline's hand-over
+    from one step to the next)."""
+    ext, dn, rows = cuda_extension(), str(dtype).removeprefix("torch."), []
+    groups = ((1, 64), (4, 64), (8, 64), (3, 64), (8, 32), (16, 32), (2, 80), (2, 64), (6, 128), (5, 32)) \
+        if quick else ((1, 128), (4, 128), (8, 128), (3, 128), (16, 64), (4, 80), (2, 128), (6, 128))
+    ctxs = ([0], [1, 17, 0, 40], [130, 5], [64]) if quick else \
+        ([0], [1, 17, 100, 0], [4097, 333], [16000], [512], [32768], [2048] * 64)
+    cases = [(G, hd, bs, ctx, None) for G, hd in groups[:None if full else 2]
+             for bs in ((16,) if quick else (16, 32)) for ctx in ctxs]
+    cases += [(6, 128, 12, [130, 5], None), (4, 64, 12, [1, 17, 0, 40], None), (4, 64, 16, [300, 7], 320),
+              (1, 128, 16, [300], 320)]
+    for G, hd, bs, ctx, given in cases:
+        q, kc, vc, bt, lens = _random_paged(len(ctx), ctx, 2, G, hd, bs, dtype, dev)
+        starts = torch.arange(len(ctx) + 1, device=dev, dtype=torch.int32)
+        ref = paged_attention_ref(q, kc, vc, bt, starts, lens, hd ** -0.5)
+        via = "decode" if _decode_kernel_fits(q, kc) else "prefill kernel"
+        part = given or (64 if quick else decode_partition(len(ctx), 2, G, hd, max(ctx),
+                                                           *_decode_device(torch.device(dev))))
+        splits = -(-max(ctx) // part) if via == "decode" else 1
+        if via == "decode" and (quick or given):
+            run = lambda: ext.paged_decode(q, kc, vc, bt, lens, max(ctx), hd ** -0.5, part)
+        else:
+            run = lambda: paged_attention_cuda(q, kc, vc, bt, starts, lens, hd ** -0.5, max(ctx), 1)
+        out = run()
+        t = _bench(run, dev)
+        gbs = 2 * sum(ctx) * 2 * hd * kc.element_size() / t / 1e9 if t else 0.0
+        shown = ctx if len(ctx) <= 4 else f"{len(ctx)} x {ctx[0]}"
+        rows.append((f"paged decode ({via}) {dn} G={G} hd={hd} bs={bs} ctx={shown} splits={max(splits, 1)}"
+                     + (f" ({gbs:.0f} GB/s)" if t else ""), _rel(out, ref), 1e3 * t))
+    return rows
+
+
+def _prefill_case(dev: str, dtype: torch.dtype, G: int, Hkv: int, hd: int, bs: int, q_lens: list[int],
+                  ctx: list[int], tensor_cores: bool = True) -> tuple[str, float, float]:
+    """paged_prefill for sequences with q_lens queries each, the last ones of ctx tokens
+    (context 0: a row that sees no key)."""
+    tensor_cores = tensor_cores and _tensor_cores(torch.device(dev))
+    _, kc, vc, bt, lens = _random_paged(len(ctx), ctx, Hkv, G, hd, bs, dtype, dev)
+    lens = torch.tensor([max(c, n) if c else 0 for c, n in zip(ctx, q_lens)], dtype=torch.int32, device=dev)
+    q = torch.randn(sum(q_lens), Hkv * G, hd, device=dev, dtype=dtype)
+    starts = torch.tensor([0] + q_lens, device=dev).cumsum(0).to(torch.int32)
+    run = lambda: cuda_extension().paged_prefill(q, kc, vc, bt, starts, lens, max(q_lens), hd ** -0.5, tensor_cores)
+    out = run()
+    ref = paged_attention_ref(q, kc, vc, bt, starts, lens, hd ** -0.5)
+    t = _bench(run, dev)
+    flops = 4 * sum(n * (c - n / 2) for n, c in zip(q_lens, ctx)) * Hkv * G * hd
+    tc = tensor_cores and dtype != torch.float32 and hd in (64, 128)
+    return (f"paged prefill ({'tensor cores' if tc else 'CUDA cores'}) {str(dtype).removeprefix('torch.')} G={G} "
+            f"hd={hd} bs={bs} q={q_lens} ctx={ctx}" + (f" ({flops / t / 1e12:.1f} TFLOP/s)" if t else ""),
+            _rel(out, ref), 1e3 * t)
+
+
+def _check_prefill_attention(dev: str, dtype: torch.dtype, quick: bool, full: bool) -> Rows:
+    """Several queries per sequence: a new prompt, a decode, a chunk after cached context, a
+    verification window over a long context, a row with no visible key (context 0). fp16/bf16
+    at head_dim 64/128 take the tensor-core kernel, the rest the CUDA-core one; 70 queries
+    over 150 keys span several query tiles and K/V tiles (double buffering). Then a group
+    that does not divide the 64-row tile (empty rows), the other head size, one the
+    tensor-core kernel does not take, and the CUDA-core kernel where a GPU older than Ampere
+    would take it."""
+    Hkv, hd = (2, 64) if quick else (4, 128)
+    windows = ((([5, 1, 7], [5, 20, 40]), ([1, 4], [0, 9]), ([9], [75]), ([70], [150]))) if quick else \
+        (([5, 1, 37], [5, 100, 300]), ([9, 6], [4097, 6]), ([509], [1200]), ([1, 4], [0, 9]))
+    rows = [_prefill_case(dev, dtype, G, Hkv, hd, bs, q_lens, ctx)
+            for G in ((1, 4, 8) if full else (4,)) for bs in ((16,) if quick else (16, 32)) for q_lens, ctx in windows]
+    rows += [_prefill_case(dev, dtype, G, 1, hd_, 16, [30, 2], [130, 66])
+             for G, hd_ in ((3, 64), (2, 128 if quick else 64), (2, 80))]
+    rows.append(_prefill_case(dev, dtype, 4, 1, 64, 16, [30, 2], [130, 66], tensor_cores=False))
+    return rows
+
+
+def _check_quant_linear(dev: str, dtype: torch.dtype, quick: bool, full: bool) -> Rows:
+    """W4A16 / W8A16, symmetric and asymmetric, per channel and per group with a partial last
+    group, each row count on the kernel quant_linear_cuda picks for it: 1-3 the GEMV, 4-16 the
+    one-warp tensor-core kernel (and at 16 rows with K split three ways, partial sums the host
+    adds), 17-255 the tiled tensor-core GEMM, 256 dequantize + cuBLAS; K = 100 (not a multiple
+    of 32) takes quant_linear's own choice, the twin."""
+    dn, rows = str(dtype).removeprefix("torch."), []
+    shapes = ((64, 128), (32, 96)) if quick else ((4096, 4096), (4096, 11008))
+    for bits, G, asym in ((4, 64, False), (4, 32, True), (8, 0, False), (8, 64, True))[:None if full else 1]:
+        for N, K in shapes + ((16, 100),):
+            for M in ((1, 3, 4, 16, 17, 256) if quick else (1, 3, 4, 16, 33, 100, 256)):
                 x = torch.randn(M, K, device=dev, dtype=dtype)
-                qw = (torch.randint(0, 256, (N, K // 2 if bits == 4 else K), device=dev, dtype=torch.uint8)
-                      if bits == 4 or asym else torch.randint(-128, 128, (N, K), device=dev, dtype=torch.int8))
-                sc = torch.rand(N, -(-K // (G or K)), device=dev, dtype=dtype) / 50
-                zp = torch.randint(0, 2 ** bits, sc.shape, device=dev).to(dtype) if asym else None
-                y = ext.quant_gemm(x, qw, sc, zp, bits, G, splits)
-                rows.append((f"W{bits}A16 (tiled tensor-core GEMM, K in {splits} split{'s' * (splits > 1)}) {dn} "
-                             f"{N}x{K} M={M} g={G}{' asym' if asym else ''}",
-                             rel(y, quant_linear_ref(x, qw, sc, zp, bits, G)), 0.0))
+                qw, sc, zp = _random_quant(N, K, bits, G, asym, dtype, dev, int8_min=-127)
+                ref = quant_linear_ref(x, qw, sc, zp, bits, G)
+                aligned = K % 32 == 0 and (G or K) % 32 == 0
+                tc16 = dtype != torch.float32 and _tensor_cores(torch.device(dev))
+                tc = tc16 and GEMM_TC_MIN_ROWS <= M <= 16
+                via = ("twin" if not aligned else "tensor cores" if tc else "GEMV" if M <= 16 else
+                       "tiled tensor-core GEMM" if tc16 and M < QUANT_GEMM_MAX_ROWS else "dequantize + cuBLAS")
+                run = (lambda: quant_linear_cuda(x, qw, sc, zp, bits, G)) if aligned else \
+                    (lambda: quant_linear(x, qw, sc, zp, bits, G))
+                y = run()
+                t = _bench(run, dev)
+                extra = ""
+                if t and aligned:
+                    w16 = torch.randn(N, K, device=dev, dtype=dtype)
+                    t16 = _bench(lambda: x @ w16.T, dev)
+                    extra = f" ({qw.numel() / t / 1e9:.0f} GB/s of weights, {t16 / t:.2f}x cuBLAS {dn})"
+                name = f"{dn} {N}x{K} M={M} g={G}{' asym' if asym else ''}"
+                rows.append((f"W{bits}A16 ({via}) {name}{extra}", _rel(y, ref), 1e3 * t))
+                if tc and aligned and M == 16:
+                    part = cuda_extension().quant_gemm_tc(x, qw, sc, zp, bits, G, 3)
+                    rows.append((f"W{bits}A16 (tensor cores, {part.shape[0]} splits) {name}",
+                                 _rel(part.sum(0).to(dtype), ref), 0.0))
+    return rows
+
+
+def _check_quant_gemv(dev: str, dtype: torch.dtype, quick: bool, full: bool) -> Rows:
+    """The GEMV called directly: x staged in several tiles (5 chunks each, the last one
+    partial), an odd channel count (the last warp's second channel absent), 5 rows (which
+    quant_linear sends to tensor cores in a 16-bit dtype), groups of 3 and 6 chunks (a
+    division, not a shift)."""
+    dn, rows = str(dtype).removeprefix("torch."), []
+    for bits, G, asym in ((4, 64, False), (4, 96, True), (8, 96, False), (8, 0, True))[:None if full else 2]:
+        N, K, M = 33, 384, 5
+        x = torch.randn(M, K, device=dev, dtype=dtype)
+        qw, sc, zp = _random_quant(N, K, bits, G, asym, dtype, dev)
+        y = cuda_extension().quant_gemv(x, qw, sc, zp, bits, G, 5)
+        rows.append((f"W{bits}A16 (GEMV, x in tiles of 5 chunks) {dn} {N}x{K} M={M} g={G}{' asym' if asym else ''}",
+                     _rel(y, quant_linear_ref(x, qw, sc, zp, bits, G)), 0.0))
+    return rows
+
+
+def _check_quant_gemm(dev: str, dtype: torch.dtype, quick: bool, full: bool) -> Rows:
+    """The tiled tensor-core GEMM called directly (fp16/bf16): two row tiles (the second
+    partial), 130 rows (three), a channel tile cut short (N = 72, 33, 40), a last step of 32
+    inputs (K = 352, 96, 160), groups of 32 and 96 (a chunk's own group), K split 1-3 ways."""
+    dn, rows = str(dtype).removeprefix("torch."), []
+    if dtype == torch.float32 or not _tensor_cores(torch.device(dev)):
+        return rows
+    for bits, G, asym, N, K, M, splits in ((4, 64, False, 72, 352, 70, 3), (8, 96, True, 33, 288, 65, 2),
+                                           (4, 32, True, 16, 96, 130, 2), (8, 0, False, 40, 160, 20, 1)):
+        x = torch.randn(M, K, device=dev, dtype=dtype)
+        qw, sc, zp = _random_quant(N, K, bits, G, asym, dtype, dev)
+        y = cuda_extension().quant_gemm(x, qw, sc, zp, bits, G, splits)
+        rows.append((f"W{bits}A16 (tiled tensor-core GEMM, K in {splits} split{'s' * (splits > 1)}) {dn} "
+                     f"{N}x{K} M={M} g={G}{' asym' if asym else ''}", _rel(y, quant_linear_ref(x, qw, sc, zp, bits, G)),
+                     0.0))
+    return rows
+
+
+def self_check(device: str = "cuda", quick: bool = False) -> Rows:
+    """Every kernel and every dispatch case against the reference twins on fresh random
+    inputs, in fp16, bf16 and fp32 -> rows (case, max error relative to max |reference|, ms
+    per call; 0 off a GPU). Each _check_* function below names its cases. quick: shapes small
+    enough for an emulator, and one case per kernel in fp32."""
+    rows = []
+    for dtype in (torch.float16, torch.bfloat16, torch.float32):
+        full = dtype != torch.float32 or not quick
+        for check in (_check_norms, _check_rope_and_cache, _check_decode_attention, _check_prefill_attention,
+                      _check_quant_linear, _check_quant_gemv, _check_quant_gemm):
+            rows += check(device, dtype, quick, full)
     return rows
 
 
