@@ -2,7 +2,8 @@
 
 Every op here has one *reference* function written in plain PyTorch. The reference is
 the CPU path and the oracle a hand-written CUDA kernel is tested against. One dispatch
-function per op (at the bottom) decides, once and visibly, which path runs.
+function per op (after the kernels) decides, once and visibly, which path runs; the
+self-check at the end runs every kernel against its twin.
 
 Layouts used throughout (the paged KV cache is vLLM's idea, PagedAttention):
     k_cache, v_cache : (num_blocks, block_size, n_kv_heads, head_dim)  one layer's pool
@@ -2568,11 +2569,11 @@ def _check_quant_gemm(dev: str, dtype: torch.dtype, quick: bool, full: bool) -> 
 def self_check(device: str = "cuda", quick: bool = False) -> Rows:
     """Every kernel and every dispatch case against the reference twins on fresh random
     inputs, in fp16, bf16 and fp32 -> rows (case, max error relative to max |reference|, ms
-    per call; 0 off a GPU). Each _check_* function below names its cases. quick: shapes small
-    enough for an emulator, and one case per kernel in fp32."""
+    per call; 0 off a GPU). Each _check_* function above names its cases. quick: shapes small
+    enough for an emulator, and in fp32 only the first few cases of each check."""
     rows = []
     for dtype in (torch.float16, torch.bfloat16, torch.float32):
-        full = dtype != torch.float32 or not quick
+        full = dtype != torch.float32 or not quick          # all of a check's cases
         for check in (_check_norms, _check_rope_and_cache, _check_decode_attention, _check_prefill_attention,
                       _check_quant_linear, _check_quant_gemv, _check_quant_gemm):
             rows += check(device, dtype, quick, full)
