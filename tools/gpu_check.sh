@@ -52,7 +52,8 @@ for r in bench.bench_sparse_speed(torch.device('cuda'))['rows']:
     wait $compile
     echo "compile: rc=$? after $(($(date +%s) - start)) s from the start" | tee -a "$OUT/summary.txt"
     # 1. Every kernel against its twin, then each at its goal's size.
-    step kernels 150 $PY kernels.py
+    step kernels 60 $PY kernels.py
+    step goals 90 $PY tools/kernel_bench.py goals
     # 2. Llama-2-7B shape, bf16, batch 1: decode with and without CUDA graphs against the copy
     #    roofline, where a step's time goes, int8/int4 decode and prefill against bf16.
     step llama7b 200 $PY tools/bench.py latency profile quant --model random:llama-2-7b --dtype bfloat16 \
@@ -60,7 +61,7 @@ for r in bench.bench_sparse_speed(torch.device('cuda'))['rows']:
     # 3. GPU tests: engine on CUDA vs CPU, CUDA graphs vs eager, prefill kernel in the engine, 2:4
     #    (the kernel self-check already ran in step 1).
     step gpu_tests 120 $PY -m pytest -q -x tests/test_kernels_gpu.py -k "not every_kernel"
-    names="sparse kernels llama7b gpu_tests"
+    names="sparse kernels goals llama7b gpu_tests"
 fi
 if [ "$PART" = 2 ] || [ "$PART" = all ]; then
     # 4. TinyLlama shape: batch-1 decode, a step's profile, the nano-vllm workload (256 requests,

@@ -1,0 +1,228 @@
+"""The CUDA kernels' benchmark: what ptxas made of each kernel, and each kernel's speed at
+its goal's sizes.
+
+    python tools/kernel_bench.py ptxas   # compile for sm_90 (TORCH_CUDA_ARCH_LIST), no GPU needed (a CUDA
+                                         # build of torch and nvcc): each kernel's registers, spills and
+                                         # static shared memory; exit 1 if one spills (CI's compile check)
+    python tools/kernel_bench.py goals   # on a GPU: each kernel at its goal's sizes (issue 16), CUDA events
+
+Correctness is kernels.py's self-check: `python kernels.py` on a GPU, and on the CPU under the
+emulator, `python ../shared/tools/kemu/run_self_check.py`.
+"""
+
+from __future__ import annotations
+
+import argparse
+import os
+import re
+import shutil
+import subprocess
+import sys
+import tempfile
+import time
+from pathlib import Path
+
+import torch
+
+ROOT = Path(__file__).resolve().parent.parent
+sys.path.insert(0, str(ROOT))
+from kernels import (GEMM_TC_MIN_ROWS, QUANT_GEMM_MAX_ROWS, _decode_device, _quant_gemm_splits,  # noqa: E402
+                     _random_paged, _tensor_cores, cuda_extension, decode_partition, gather_kv_ref,
+                     quant_linear)
+
+
+def time_cuda(fn, reps: int = 30, trials: int = 5) -> float:
+    """Seconds per call of fn(i) (i = 0, 1, ...: the caller rotates its inputs so that
+    repeated calls do not run from L2), by CUDA events: the median of `trials` means.
+    The reps calls are captured once as a CUDA graph and replayed, so the figure is the
+    GPU's time without the host's dispatch of each call (15-25 us of Python for a small
+    kernel); if capture fails, the calls are timed as launched."""
+    stream = torch.cuda.Stream()
+    stream.wait_stream(torch.cuda.current_stream())
+    with torch.cuda.stream(stream):                     # warm-up off the capture (lazy init)
+        fn(0)
+    torch.cuda.current_stream().wait_stream(stream)
+    torch.cuda.synchronize()
+    graph = torch.cuda.CUDAGraph()
+    try:
+        with torch.cuda.graph(graph):
+            for i in range(reps):
+                fn(i)
+        run = graph.replay
+    except RuntimeError:                                # not capturable: time the launches
+        def run():
+            for i in range(reps):
+                fn(i)
+    means = []
+    for _ in range(trials):
+        start, end = torch.cuda.Event(enable_timing=True), torch.cuda.Event(enable_timing=True)
+        start.record()
+        run()
+        end.record()
+        torch.cuda.synchronize()
+        means.append(start.elapsed_time(end) / 1e3 / reps)
+    return sorted(means)[trials // 2]
+
+
+def gpu_goals(device: str = "cuda") -> list[tuple[str, str]]:
+    """Each kernel at the sizes its goal names (issue 16), timed with CUDA events, against
+    this GPU's measured copy bandwidth (bytes read + written) and cuBLAS/SDPA where they do
+    the same work -> rows (what, figure and goal). Inputs rotate through copies totalling
+    several times the L2, so a repeated call reads device memory, as the model does."""
+    dev = torch.device(device)
+    props = torch.cuda.get_device_properties(dev)
+    l2 = props.L2_cache_size
+    copies = lambda nbytes: max(1, -(-4 * l2 // max(1, nbytes)))        # sets needed to defeat L2
+    rows = []
+    a = torch.empty(1 << 28, device=dev).uniform_()                  # 1 GiB
+    b = torch.empty_like(a)
+    copy_bw = 2 * a.numel() * 4 / time_cuda(lambda i: b.copy_(a), reps=10)
+    rows.append(("device-to-device copy (read + write)", f"{copy_bw / 1e9:.0f} GB/s: the ceiling below"))
+    del a, b
+    bf16 = torch.bfloat16
+
+    # Decode attention, Llama-3-8B's attention shape (32 query heads over 8 KV heads, head_dim
+    # 128), bf16 cache of 16-token blocks: bytes = the K and V rows the batch attends to.
+    Hkv, G, hd, bs = 8, 4, 128, 16
+    for S, ctx in ((64, 2048), (1, 32768)):
+        kv_bytes = 2 * S * ctx * Hkv * hd * 2
+        sets = [_random_paged(S, [ctx] * S, Hkv, G, hd, bs, bf16, device) for _ in range(copies(kv_bytes))]
+        part = decode_partition(S, Hkv, G, hd, ctx, *_decode_device(dev))
+        ext = cuda_extension()
+        t = time_cuda(lambda i: ext.paged_decode(*sets[i % len(sets)], ctx, hd ** -0.5, part))
+        rows.append((f"paged_decode bf16 {S} x {ctx} tokens, 32/8 heads, hd 128 ({-(-ctx // part)} splits)",
+                     f"{t * 1e6:.1f} us, {kv_bytes / t / 1e9:.0f} GB/s = {100 * kv_bytes / t / copy_bw:.0f}% "
+                     f"of copy (goal >= 80%)"))
+        del sets
+
+    # Prefill: one 4,096-token prompt, causal, 32/8 heads, hd 128, against PyTorch's SDPA
+    # (FlashAttention-2 inside) on the same tokens laid out contiguously.
+    T = 4096
+    _, kc, vc, bt, _ = _random_paged(1, [T], Hkv, G, hd, bs, bf16, device)
+    q = torch.randn(T, Hkv * G, hd, device=dev, dtype=bf16)
+    starts = torch.tensor([0, T], device=dev, dtype=torch.int32)
+    lens = torch.tensor([T], device=dev, dtype=torch.int32)
+    flops = 4 * T * (T / 2) * Hkv * G * hd                 # QK^T and PV over the causal half
+    t = time_cuda(lambda i: cuda_extension().paged_prefill(q, kc, vc, bt, starts, lens, T, hd ** -0.5,
+                                                                  _tensor_cores(q.device)), reps=5)
+    k = gather_kv_ref(kc, bt[0], T).transpose(0, 1)[None]            # (1, Hkv, T, hd)
+    v = gather_kv_ref(vc, bt[0], T).transpose(0, 1)[None]
+    qs = q.transpose(0, 1)[None]                                      # (1, H, T, hd)
+    sdpa = lambda i: torch.nn.functional.scaled_dot_product_attention(qs, k, v, is_causal=True, enable_gqa=True)
+    ts = time_cuda(sdpa, reps=5)
+    tcc = time_cuda(lambda i: cuda_extension().paged_prefill(q, kc, vc, bt, starts, lens, T, hd ** -0.5, False),
+                     reps=2)                                          # the CUDA-core kernel, for the record
+    qh, kh, vh = q.half(), kc.half(), vc.half()                      # fp16: the same kernel, for load_frag's sake
+    th = time_cuda(lambda i: cuda_extension().paged_prefill(qh, kh, vh, bt, starts, lens, T, hd ** -0.5, True),
+                    reps=5)
+    rows.append((f"paged_prefill bf16 {T}-token prompt, 32/8 heads, hd 128",
+                 f"{flops / t / 1e12:.1f} TFLOP/s (goal >= 150; PyTorch SDPA {flops / ts / 1e12:.0f} TFLOP/s, "
+                 f"the CUDA-core kernel {flops / tcc / 1e12:.1f}, fp16 {flops / th / 1e12:.1f})"))
+    del kc, vc, q, k, v, qs, qh, kh, vh
+
+    # Weight-only int4 (groups of 128) and int8 (per channel): Llama-2-7B's projection shapes
+    # through quant_linear's path for each row count (the GEMV, the one-warp tensor-core
+    # kernel, the tiled GEMM, dequantize + cuBLAS), against the same product in bf16 by cuBLAS;
+    # past 16 rows the other of the two big-row paths too, which sets QUANT_GEMM_MAX_ROWS.
+    for N, K in ((4096, 4096), (11008, 4096), (4096, 11008)):
+        for bits, group in ((4, 128), (8, 0)):
+            packed = N * (K // 2 if bits == 4 else K) + N * (K // (group or K)) * 2      # codes + scales
+            ws = [(torch.randint(0, 256, (N, K // 2), device=dev, dtype=torch.uint8) if bits == 4 else
+                   torch.randint(-127, 128, (N, K), device=dev, dtype=torch.int8),
+                   torch.rand(N, K // (group or K), device=dev, dtype=bf16) / 50) for _ in range(copies(packed))]
+            dense = [torch.randn(N, K, device=dev, dtype=bf16) for _ in range(copies(2 * N * K))]
+            for M in ((1, 4, 16, 64, 128, 256, 2048) if bits == 4 else (1,)):
+                x = torch.randn(M, K, device=dev, dtype=bf16)
+                tq = time_cuda(lambda i: quant_linear(x, *ws[i % len(ws)], None, bits, group), reps=20)
+                td = time_cuda(lambda i: x @ dense[i % len(dense)].T, reps=20)
+                if M <= 16:
+                    figure = (f"{packed / tq / 1e9:.0f} GB/s = {100 * packed / tq / copy_bw:.0f}% of copy (goal >= 80%); "
+                              f"bf16 cuBLAS {2 * N * K / td / 1e9:.0f} GB/s; int{bits} at {td / tq:.2f}x bf16's speed")
+                    if M >= GEMM_TC_MIN_ROWS:                # tensor cores above; the GEMV for comparison
+                        tg = time_cuda(lambda i: cuda_extension().quant_gemv(x, *ws[i % len(ws)], None, bits, group, 0),
+                                        reps=20)
+                        figure += f"; the GEMV {packed / tg / 1e9:.0f} GB/s"
+                else:
+                    splits = _quant_gemm_splits(M, N, K, bits, x.device)
+                    fused = lambda i: cuda_extension().quant_gemm(x, *ws[i % len(ws)], None, bits, group, splits)
+                    dequant = lambda i: x @ cuda_extension().dequantize(*ws[i % len(ws)], None, bits, group, K).T
+                    other = time_cuda(dequant if M < QUANT_GEMM_MAX_ROWS else fused, reps=20)
+                    figure = (f"{2 * M * N * K / tq / 1e12:.0f} TFLOP/s ({packed / tq / 1e9:.0f} GB/s of weights), "
+                              f"{tq / td:.2f}x bf16 cuBLAS's time "
+                              f"({2 * M * N * K / td / 1e12:.0f} TFLOP/s; goal <= 1.3x); "
+                              f"{'dequantize + cuBLAS' if M < QUANT_GEMM_MAX_ROWS else 'the tiled GEMM'} "
+                              f"{other / td:.2f}x")
+                rows.append((f"W{bits}A16 {'g' + str(group) if group else 'per channel'} {N}x{K}, {M} rows", figure))
+            del ws, dense
+    return rows
+
+
+def compile_with_ptxas_verbose() -> str:
+    """Compile the extension from scratch (in a temporary folder, in a child process: no GPU
+    needed) with ptxas -v -> the compiler's output."""
+    with tempfile.TemporaryDirectory() as tmp:
+        env = dict(os.environ, NANOSERVE_PTXAS_VERBOSE="1", TORCH_EXTENSIONS_DIR=tmp)
+        env.setdefault("TORCH_CUDA_ARCH_LIST", "9.0")
+        r = subprocess.run([sys.executable, "-c", "import kernels; kernels.cuda_extension()"], env=env,
+                           cwd=ROOT, capture_output=True, text=True)
+    log = r.stdout + r.stderr
+    if r.returncode:
+        raise RuntimeError(f"the CUDA extension did not compile:\n{log[-4000:]}")
+    return log
+
+
+def ptxas_report(log: str) -> list[tuple[str, int, int, int]]:
+    """ptxas -v output -> per kernel (demangled name, registers, spill store + load bytes,
+    static shared memory bytes)."""
+    rows, name, spills = [], None, 0
+    for line in log.splitlines():
+        if m := re.search(r"Compiling entry function '(\w+)'", line):
+            name = m.group(1)
+        elif (m := re.search(r"(\d+) bytes spill stores, (\d+) bytes spill loads", line)) and name:
+            spills = int(m.group(1)) + int(m.group(2))
+        elif (m := re.search(r"Used (\d+) registers", line)) and name:
+            smem = re.search(r"(\d+) bytes smem", line)
+            rows.append((name, int(m.group(1)), spills, int(smem.group(1)) if smem else 0))
+            name, spills = None, 0
+    if shutil.which("c++filt") and rows:
+        names = subprocess.run(["c++filt"], input="\n".join(r[0] for r in rows), capture_output=True,
+                               text=True).stdout.splitlines()
+        rows = [(n, *r[1:]) for n, r in zip(names, rows)]
+    return rows
+
+
+def print_ptxas_report() -> int:
+    """The compile check: each kernel's registers and spills -> exit status (1 on a spill)."""
+    if torch.version.cuda is None:
+        print("kernel_bench: torch is a CPU build; skipping the CUDA compile check "
+              "(the reference path serves the CPU)")
+        return 0
+    t = time.perf_counter()
+    report = ptxas_report(compile_with_ptxas_verbose())
+    for name, regs, spill, smem in report:
+        print(f"{name[:110]:110s} {regs:4d} registers  {spill:5d} B spilled  {smem:6d} B static smem")
+    spilling = [n for n, _, sp, _ in report if sp]
+    print(f"kernel_bench: CUDA extension compiled in {time.perf_counter() - t:.0f} s for "
+          f"sm_{os.environ.get('TORCH_CUDA_ARCH_LIST', '9.0').replace('.', '')}, {len(report)} kernels, "
+          f"{len(spilling)} spilling")
+    return 1 if spilling or not report else 0
+
+
+def print_gpu_goals() -> int:
+    if not torch.cuda.is_available():
+        print("kernel_bench: goals: needs a CUDA GPU", file=sys.stderr)
+        return 2
+    print(f"At the goals' sizes on {torch.cuda.get_device_name()} (torch {torch.__version__}):")
+    for what, figure in gpu_goals():
+        print(f"{what:70s} {figure}")
+    return 0
+
+
+def main(argv: list[str] | None = None) -> int:
+    ap = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
+    ap.add_argument("what", choices=("ptxas", "goals"), help="ptxas: the compile report; goals: timings on a GPU")
+    return print_ptxas_report() if ap.parse_args(argv).what == "ptxas" else print_gpu_goals()
+
+
+if __name__ == "__main__":
+    sys.exit(main())
