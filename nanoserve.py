@@ -31,7 +31,6 @@ import math
 import mmap
 import numbers
 import os
-import pickle
 import queue
 import select
 import socket
@@ -42,13 +41,11 @@ import uuid
 import weakref
 from collections import OrderedDict, deque
 from dataclasses import dataclass, field
-from datetime import timedelta
 from pathlib import Path
 from typing import Callable, Iterator
 
 import numpy as np
 import torch
-import torch.distributed as dist
 import torch.nn as nn
 import torch.nn.functional as F
 from torch import Tensor
@@ -714,12 +711,8 @@ class AttentionMetadata:
 
 
 class LlamaAttention(nn.Module):
-    """Under tensor parallelism cfg is this rank's share (its query and KV heads), o_proj
-    holds the matching columns, and the partial outputs are summed across ranks."""
-
-    def __init__(self, cfg: ModelConfig, tp: TPGroup | None = None):
+    def __init__(self, cfg: ModelConfig):
         super().__init__()
-        self.tp = tp or TPGroup()
         self.n_heads, self.n_kv, self.head_dim = cfg.num_attention_heads, cfg.num_key_value_heads, cfg.head_dim
         self.scale = self.head_dim ** -0.5
         D = cfg.hidden_size
@@ -746,17 +739,14 @@ class LlamaAttention(nn.Module):
         o = kernels.paged_attention(q, k_cache, v_cache, meta.block_tables, meta.query_start_loc,
                                     meta.context_lens, self.scale, meta.max_context_len, meta.max_query_len,
                                     plan=meta.cpu_plan)
-        return self.tp.all_reduce(self.o_proj(o.reshape(T, self.n_heads * self.head_dim)))
+        return self.o_proj(o.reshape(T, self.n_heads * self.head_dim))
 
 
 class LlamaMLP(nn.Module):
-    """SwiGLU: down(silu(gate(x)) * up(x)). Under tensor parallelism each rank holds F / N
-    rows of gate and up and the matching F / N columns of down; the partial sums are added
-    across ranks (silu acts elementwise, so the split along F needs no communication)."""
+    """SwiGLU: down(silu(gate(x)) * up(x))."""
 
-    def __init__(self, cfg: ModelConfig, tp: TPGroup | None = None):
+    def __init__(self, cfg: ModelConfig):
         super().__init__()
-        self.tp = tp or TPGroup()
         self.gate_proj = nn.Linear(cfg.hidden_size, cfg.intermediate_size, bias=cfg.mlp_bias)  # (F, D)
         self.up_proj = nn.Linear(cfg.hidden_size, cfg.intermediate_size, bias=cfg.mlp_bias)    # (F, D)
         self.down_proj = nn.Linear(cfg.intermediate_size, cfg.hidden_size, bias=cfg.mlp_bias)  # (D, F)
@@ -765,8 +755,8 @@ class LlamaMLP(nn.Module):
     def forward(self, x: Tensor) -> Tensor:
         if self.gate_up is not None and self.gate_up.holds(self.gate_proj, self.up_proj):
             gate, up = self.gate_up(x).chunk(2, dim=-1)                 # (T, 2F) -> 2 x (T, F)
-            return self.tp.all_reduce(self.down_proj(kernels.silu_and_mul(gate, up)))
-        return self.tp.all_reduce(self.separate(x))
+            return self.down_proj(kernels.silu_and_mul(gate, up))
+        return self.separate(x)
 
     def separate(self, x: Tensor) -> Tensor:
         """Through each projection module (what forward hooks, e.g. quant.py's, observe)."""
@@ -849,10 +839,10 @@ class RMSNorm(nn.Module):
 
 
 class LlamaDecoderLayer(nn.Module):
-    def __init__(self, cfg: ModelConfig, tp: TPGroup | None = None):
+    def __init__(self, cfg: ModelConfig):
         super().__init__()
-        self.self_attn = LlamaAttention(cfg, tp)
-        self.mlp = LlamaMLP(cfg, tp)
+        self.self_attn = LlamaAttention(cfg)
+        self.mlp = LlamaMLP(cfg)
         self.input_layernorm = RMSNorm(cfg.hidden_size, cfg.rms_norm_eps)
         self.post_attention_layernorm = RMSNorm(cfg.hidden_size, cfg.rms_norm_eps)
 
@@ -885,10 +875,10 @@ class LlamaDecoderLayer(nn.Module):
 
 
 class LlamaModel(nn.Module):
-    def __init__(self, cfg: ModelConfig, tp: TPGroup | None = None):
+    def __init__(self, cfg: ModelConfig):
         super().__init__()
         self.embed_tokens = nn.Embedding(cfg.vocab_size, cfg.hidden_size)      # (V, D)
-        self.layers = nn.ModuleList(LlamaDecoderLayer(cfg, tp) for _ in range(cfg.num_hidden_layers))
+        self.layers = nn.ModuleList(LlamaDecoderLayer(cfg) for _ in range(cfg.num_hidden_layers))
         self.norm = RMSNorm(cfg.hidden_size, cfg.rms_norm_eps)
 
 
@@ -943,14 +933,11 @@ def rope_frequencies(cfg: ModelConfig) -> tuple[Tensor, float]:
 class LlamaForCausalLM(nn.Module):
     """The Llama family (Llama 2/3, TinyLlama, SmolLM, Mistral, Qwen2) under Hugging Face weight names."""
 
-    def __init__(self, cfg: ModelConfig, tp: TPGroup | None = None, vocab_size: int | None = None):
-        """tp: the ranks this model is sharded over; cfg is then this rank's share
-        (tp_local_config) and vocab_size the whole vocabulary's size."""
+    def __init__(self, cfg: ModelConfig):
         super().__init__()
         self.config = cfg
-        self.tp = tp or TPGroup()
-        self.vocab_size = vocab_size or cfg.vocab_size
-        self.model = LlamaModel(cfg, self.tp)
+        self.vocab_size = cfg.vocab_size                                     # the logits' width
+        self.model = LlamaModel(cfg)
         self.lm_head = nn.Linear(cfg.hidden_size, cfg.vocab_size, bias=False)   # (V, D)
         self.rope: tuple[Tensor, Tensor] | None = None
 
@@ -961,31 +948,15 @@ class LlamaForCausalLM(nn.Module):
     def forward(self, input_ids: Tensor, positions: Tensor, kv_caches: Tensor,
                 meta: AttentionMetadata) -> Tensor:
         """input_ids, positions: (T,); kv_caches: (L, 2, blocks, block_size, Hkv, hd) -> (T, D)."""
-        x, residual = self.embed(input_ids), None                            # (T, D)
+        x, residual = self.model.embed_tokens(input_ids), None               # (T, D)
         for i, layer in enumerate(self.model.layers):
             x, residual = layer(x, residual, positions, kv_caches[i], meta, self.rope)
         x, _ = self.model.norm(x, residual)
         return x
 
-    def embed(self, input_ids: Tensor) -> Tensor:
-        """(T,) -> (T, D). Vocabulary-parallel under tensor parallelism: a rank holds rows
-        [rank V/N, (rank + 1) V/N) and looks up the ids in its range, zeros elsewhere; the
-        sum over ranks is every id's row."""
-        if self.tp.world == 1:
-            return self.model.embed_tokens(input_ids)
-        n = self.config.vocab_size                                           # rows per rank
-        local = input_ids - self.tp.rank * n
-        mine = ((local >= 0) & (local < n)).to(self.lm_head.weight.dtype)
-        return self.tp.all_reduce(self.model.embed_tokens(local.clamp(0, n - 1)) * mine[:, None])
-
     def compute_logits(self, hidden: Tensor) -> Tensor:
-        """(N, D) -> (N, V) fp32. Under tensor parallelism each rank scores its share of the
-        vocabulary and the shares are gathered (the vocabulary is padded to a multiple of
-        the ranks; the padding's columns are cut off)."""
-        logits = self.lm_head(hidden).float()                                # (N, V / ranks)
-        if self.tp.world > 1:
-            logits = self.tp.all_gather(logits)[:, :self.vocab_size]         # (N, V)
-        return logits
+        """(N, D) -> (N, V) fp32."""
+        return self.lm_head(hidden).float()
 
     def fuse_projections(self) -> None:
         """q/k/v, and gate/up, of every layer as one matmul each (FusedLinear), for serving;
@@ -1026,146 +997,6 @@ class LlamaForCausalLM(nn.Module):
         for layer in self.model.layers:
             x = layer.forward_dense(x, rope)
         return self.lm_head(self.model.norm(x)).float()                      # (B, T, V)
-
-
-# ---------------------------------------------------------------------------- tensor parallelism
-# Megatron-LM's sharding of a decoder over N ranks, two all-reduces per layer:
-#   attention  q/k/v column-parallel: rank r computes its H/N query heads and their KV
-#              heads (whole heads, so attention itself needs no communication); o_proj
-#              row-parallel: rank r holds the columns of its heads and the partial outputs
-#              (T, D) are summed across ranks (all-reduce 1).
-#   MLP        gate/up column-parallel (F/N rows each), down row-parallel: all-reduce 2.
-#   vocabulary the embedding and the LM head are split by vocabulary rows; the embedding's
-#              lookups are summed (a rank contributes only the ids in its range), the LM
-#              head's logits are gathered (each rank scores its share of the vocabulary,
-#              which is what an LM head of 128K x 8K weights should not replicate).
-# With fewer KV heads than ranks (GQA/MQA), KV heads are replicated: rank r keeps KV head
-# r // (N / Hkv), the one its query heads use (vLLM does the same). Each rank keeps its
-# own paged KV pool for its heads; all ranks share block ids and tables, since one
-# scheduler (rank 0) decides them for all.
-
-class TPGroup:
-    """The ranks one model is sharded over and the collectives the model needs; world 1
-    (the default) makes each a no-op. `pg` carries tensors (gloo on the CPU, NCCL on GPUs);
-    `ctrl`, always gloo, carries rank 0's commands to the workers as pickled objects."""
-
-    def __init__(self, rank: int = 0, world: int = 1, pg=None, ctrl=None, device: str = "cpu"):
-        self.rank, self.world, self.pg, self.ctrl, self.device = rank, world, pg, ctrl, device
-        self.reduce_seconds = 0.0           # time spent in all-reduce (the benchmark's share)
-
-    def all_reduce(self, x: Tensor) -> Tensor:
-        """Sum x (in place) over the ranks."""
-        if self.world > 1:
-            t = time.perf_counter()
-            self.pg.allreduce([x]).wait()
-            self.reduce_seconds += time.perf_counter() - t
-        return x
-
-    def all_gather(self, x: Tensor) -> Tensor:
-        """(N, k) on every rank -> (N, world * k), rank order."""
-        parts = [torch.empty_like(x) for _ in range(self.world)]
-        self.pg.allgather([parts], [x.contiguous()]).wait()
-        return torch.cat(parts, dim=-1)
-
-    def broadcast(self, x: Tensor) -> Tensor:
-        """Rank 0's x into x on every rank."""
-        self.pg.broadcast(x, 0).wait()
-        return x
-
-    def min_int(self, value: int) -> int:
-        """The smallest of the ranks' values (e.g. the KV bytes every rank's memory holds)."""
-        t = torch.tensor([value], dtype=torch.int64)
-        opts = dist.AllreduceOptions()
-        opts.reduceOp = dist.ReduceOp.MIN
-        self.ctrl.allreduce([t], opts).wait()
-        return int(t)
-
-    def send(self, command: tuple) -> None:
-        """Rank 0: a command (a tuple of picklable values) to every worker."""
-        data = torch.frombuffer(bytearray(pickle.dumps(command)), dtype=torch.uint8)
-        size = torch.tensor([data.numel()], dtype=torch.int64)
-        self.ctrl.broadcast(size, 0).wait()
-        self.ctrl.broadcast(data, 0).wait()
-
-    def recv(self) -> tuple:
-        """A worker: wait for rank 0's next command."""
-        size = torch.zeros(1, dtype=torch.int64)
-        self.ctrl.broadcast(size, 0).wait()
-        data = torch.empty(int(size), dtype=torch.uint8)
-        self.ctrl.broadcast(data, 0).wait()
-        return pickle.loads(data.numpy().tobytes())
-
-
-def tp_local_config(cfg: ModelConfig, world: int) -> ModelConfig:
-    """One rank's share of a model: H/N query heads, max(Hkv/N, 1) KV heads, F/N of the
-    MLP, ceil(V/N) vocabulary rows. Shapes that do not split are refused by name."""
-    H, Hkv, F_ = cfg.num_attention_heads, cfg.num_key_value_heads, cfg.intermediate_size
-    if H % world:
-        raise ValueError(f"tensor_parallel_size {world} must divide the model's num_attention_heads ({H})")
-    if Hkv % world and world % Hkv:
-        raise ValueError(f"tensor_parallel_size {world} and num_key_value_heads ({Hkv}) must divide one "
-                         "another (KV heads are split, or replicated when fewer than the ranks)")
-    if F_ % world:
-        raise ValueError(f"tensor_parallel_size {world} must divide the model's intermediate_size ({F_})")
-    return dataclasses.replace(cfg, num_attention_heads=H // world, num_key_value_heads=max(1, Hkv // world),
-                               intermediate_size=F_ // world, vocab_size=-(-cfg.vocab_size // world),
-                               head_dim=cfg.head_dim)
-
-
-COLUMN_PARALLEL = ("q_proj", "k_proj", "v_proj", "gate_proj", "up_proj")
-ROW_PARALLEL = ("o_proj", "down_proj")
-
-
-def tp_shard(name: str, t: Tensor, cfg: ModelConfig, tp: TPGroup) -> Tensor:
-    """Rank tp.rank's part of checkpoint tensor `name` (its full shape; usually a view of the
-    memory-mapped file, so only the part is read). Column-parallel projections keep their
-    rows (outputs), row-parallel ones their columns (inputs): for a packed 4-bit qweight two
-    inputs per byte, for scales and zero points whole groups. A row-parallel bias is added
-    once, by rank 0. Norm weights are replicated."""
-    r, N = tp.rank, tp.world
-    hd, H, Hkv = cfg.head_dim, cfg.num_attention_heads, cfg.num_key_value_heads
-    module, _, leaf = name.rpartition(".")
-    kind = module.rpartition(".")[2]
-    if kind in ("embed_tokens", "lm_head"):
-        n = -(-cfg.vocab_size // N)                                         # rows per rank
-        part = t[r * n:(r + 1) * n]
-        return torch.cat([part, part.new_zeros(n - part.shape[0], *part.shape[1:])]) if part.shape[0] < n else part
-    if kind in COLUMN_PARALLEL:
-        if leaf == "perm":                  # act-order: the input order, the same on every rank
-            return t
-        if kind == "q_proj":
-            lo, n = r * (H // N) * hd, (H // N) * hd
-        elif kind in ("k_proj", "v_proj"):
-            head = r * Hkv // N if Hkv >= N else r // (N // Hkv)
-            lo, n = head * hd, max(1, Hkv // N) * hd
-        else:
-            lo, n = r * (cfg.intermediate_size // N), cfg.intermediate_size // N
-        return t[lo:lo + n]
-    if kind in ROW_PARALLEL:
-        full_in = H * hd if kind == "o_proj" else cfg.intermediate_size
-        n = full_in // N
-        if leaf == "bias":
-            return t if r == 0 else torch.zeros_like(t)
-        if leaf == "perm":
-            raise ValueError(f"{name}: an act-order (desc_act) checkpoint's row-parallel layers read "
-                             "their inputs in a global order and cannot be split across ranks")
-        if leaf == "weight":
-            return t[:, r * n:(r + 1) * n]
-        if leaf == "qweight":
-            per = t.shape[1] / full_in                                      # bytes per input: 1/2 or 1
-            if (n * per) % 1:
-                raise ValueError(f"{name}: {n} inputs per rank do not fill whole bytes of packed codes")
-            w = int(n * per)
-            return t[:, r * w:(r + 1) * w]
-        if leaf in ("scales", "zeros"):
-            groups = t.shape[1]
-            if groups == 1:                                                # per channel: replicated
-                return t
-            if groups % N or full_in % groups:
-                raise ValueError(f"{name}: {groups} quantization groups do not split over {N} ranks")
-            g = groups // N
-            return t[:, r * g:(r + 1) * g]
-    return t
 
 
 # ---------------------------------------------------------------------------- GPTQ and AWQ checkpoints
@@ -1533,22 +1364,17 @@ def read_model_config(model_dir: str | Path) -> ModelConfig:
     return ModelConfig.from_dir(model_dir)
 
 
-def load_model(model_dir: str | Path, dtype: torch.dtype, device: torch.device, tp: TPGroup | None = None
+def load_model(model_dir: str | Path, dtype: torch.dtype | None, device: torch.device
                ) -> tuple[LlamaForCausalLM, ModelConfig]:
     """Build the module on the meta device (no memory), then assign the checkpoint's tensors.
 
-    Under tensor parallelism (tp) the module is this rank's share and each tensor is cut to
-    this rank's part before it is copied out of the memory-mapped file, so a rank never
-    holds the whole model. -> (model, the whole model's config)."""
-    tp = tp or TPGroup()
+    dtype None keeps each tensor as the checkpoint stores it. A tensor already of the
+    requested dtype on the CPU stays a view of the memory-mapped file: nothing is read
+    until it is used. -> (model, its config)."""
     if str(model_dir).startswith("random:"):
-        model, cfg = random_model(str(model_dir)[len("random:"):], dtype, device)
-        if tp.world == 1:
-            return model, cfg
-        state = dict(model.state_dict())                  # random weights: every rank makes them all
-    else:
-        cfg = ModelConfig.from_dir(model_dir)
-        state = load_checkpoint(model_dir)
+        return random_model(str(model_dir)[len("random:"):], dtype or torch.float32, device)
+    cfg = ModelConfig.from_dir(model_dir)
+    state = load_checkpoint(model_dir)
     state = {k: v for k, v in state.items() if not k.endswith("rotary_emb.inv_freq")}
     if "lm_head.weight" not in state:
         if not cfg.tie_word_embeddings and "model.embed_tokens.weight" not in state:
@@ -1571,20 +1397,8 @@ def load_model(model_dir: str | Path, dtype: torch.dtype, device: torch.device, 
         if tuple(v.shape) != tuple(expected[k].shape):
             raise ValueError(f"{model_dir}: {k} has shape {tuple(v.shape)}, config.json implies "
                              f"{tuple(expected[k].shape)}")
-    if tp.world > 1:                                        # this rank's share of every tensor
-        whole = model
-        with torch.device("meta"):
-            model = LlamaForCausalLM(tp_local_config(cfg, tp.world), tp, cfg.vocab_size)
-        for name in quantized_linear_names(whole):
-            q = whole.get_submodule(name)
-            if isinstance(q, QuantLinear):
-                lin = model.get_submodule(name)
-                set_module(model, name, QuantLinear(lin.in_features, lin.out_features, q.bits, q.group_size,
-                                                    q.symmetric, "meta", q.scales.dtype, bias=q.bias is not None,
-                                                    input_perm=q.perm is not None))
-        state = {k: tp_shard(k, v, cfg, tp) for k, v in state.items()}
     for k, v in state.items():
-        state[k] = v.to(device=device, dtype=dtype if v.is_floating_point() else v.dtype)
+        state[k] = v.to(device=device, dtype=dtype if dtype and v.is_floating_point() else v.dtype)
     if cfg.tie_word_embeddings:
         state["lm_head.weight"] = state["model.embed_tokens.weight"]
     model.load_state_dict(state, assign=True)
@@ -2453,169 +2267,6 @@ class ModelRunner:
         return self.model.compute_logits(hidden)                              # (N, V) fp32
 
 
-# ============================================================================ tensor parallelism: the ranks
-# Rank 0 is the engine: it schedules, samples and talks to clients, and its ModelRunner is
-# a TensorParallelRunner that sends every call to the workers before making it itself, so
-# all ranks run the same forward pass on their shards (the all-reduces inside keep them in
-# step). Workers are a loop: receive a command, run it on their own ModelRunner. On one
-# machine the engine starts them (torch.multiprocessing, "spawn"); across machines
-# torchrun starts one process per rank and the rank > 0 processes enter the same loop
-# (tp_worker_from_env). A speculative draft model runs on rank 0 only, unsharded: it is
-# small, and its proposals are host-side token ids the target's pass then verifies.
-
-class TensorParallelRunner(ModelRunner):
-    """Rank 0's runner: each call is first sent to the workers."""
-
-    def __init__(self, model: LlamaForCausalLM, cfg: EngineConfig, max_positions: int, tp: TPGroup,
-                 workers: list):
-        super().__init__(model, cfg, max_positions)
-        self.tp, self.workers = tp, workers        # the engine stops the workers (stop_workers)
-
-    def kv_budget_bytes(self) -> int:
-        self.tp.send(("kv_budget",))
-        return self.tp.min_int(super().kv_budget_bytes())             # what every rank can hold
-
-    def allocate_kv_cache(self, num_blocks: int) -> None:
-        self.tp.send(("allocate", num_blocks))
-        super().allocate_kv_cache(num_blocks)
-
-    def copy_blocks(self, copies: list[tuple[int, int]]) -> None:
-        self.tp.send(("copy_blocks", copies))
-        super().copy_blocks(copies)
-
-    def run(self, tokens: list[list[int]], starts: list[int], tables: list[list[int]]) -> tuple[Tensor, list[int]]:
-        self.tp.send(("run", tokens, starts, tables))
-        return super().run(tokens, starts, tables)
-
-    def compute_logits(self, hidden: Tensor) -> Tensor:
-        """The workers get the rows to score from rank 0 (every rank's hidden states are
-        the same after the last all-reduce, but only rank 0 knows which rows it samples)."""
-        self.tp.send(("logits", tuple(hidden.shape)))
-        self.tp.broadcast(hidden.contiguous())
-        return super().compute_logits(hidden)
-
-
-def stop_workers(tp: TPGroup, workers: list) -> None:
-    """Tell the workers to exit and wait for them (spawned ones are terminated if they hang)."""
-    if tp.world == 1:
-        return
-    try:
-        tp.send(("exit",))
-    except Exception:                        # a worker already gone: nothing left to tell
-        pass
-    for p in workers:
-        p.join(timeout=10)
-        if p.is_alive():
-            p.terminate()
-            p.join(timeout=5)
-
-
-def tp_worker_loop(tp: TPGroup) -> None:
-    """A worker's life: build its shard from rank 0's ("init", ...) command, then run each
-    command until ("exit",)."""
-    _, model_dir, cfg = tp.recv()
-    model, mc = load_model(model_dir, DTYPES[cfg.dtype], torch.device(tp.device), tp)
-    if tp.device == "cpu":
-        threads = cfg.cpu_threads or default_cpu_threads(sum(p.numel() for p in model.parameters()), tp.world)
-        if threads:
-            torch.set_num_threads(threads)
-    max_positions = LLMEngine._max_model_len(cfg.max_model_len, mc) + cfg.num_speculative_tokens + 1
-    runner = ModelRunner(model, dataclasses.replace(cfg, device=tp.device), max_positions)
-    with torch.inference_mode():
-        while True:
-            command, *args = tp.recv()
-            if command == "run":
-                runner.run(*args)
-            elif command == "logits":
-                runner.compute_logits(tp.broadcast(torch.empty(args[0], dtype=runner.dtype, device=tp.device)))
-            elif command == "kv_budget":
-                tp.min_int(runner.kv_budget_bytes())
-            elif command == "allocate":
-                runner.allocate_kv_cache(*args)
-            elif command == "copy_blocks":
-                runner.copy_blocks(*args)
-            elif command == "exit":
-                return
-
-
-def make_tp_group(rank: int, world: int, store, device: str) -> TPGroup:
-    """Process groups over a shared key-value store: NCCL for tensors on GPUs, gloo on the
-    CPU, and a gloo group for commands. The command group never times out: an idle server
-    sends none for as long as it is idle (a dead rank 0 still ends the wait: its sockets close)."""
-    data = dist.PrefixStore("data/", store)
-    if device.startswith("cuda"):
-        torch.cuda.set_device(device)
-        pg = dist.ProcessGroupNCCL(data, rank, world)
-    else:
-        pg = dist.ProcessGroupGloo(data, rank, world, timedelta(minutes=30))
-    ctrl = dist.ProcessGroupGloo(dist.PrefixStore("ctrl/", store), rank, world, timedelta(days=365))
-    return TPGroup(rank, world, pg, ctrl, device)
-
-
-def rank_device(device: str, local_rank: int) -> str:
-    return f"cuda:{local_rank}" if device.startswith("cuda") else "cpu"
-
-
-def _spawned_worker(rank: int, world: int, port: int, device: str, parent: int) -> None:
-    """Entry point of a worker the engine spawned on this machine. It exits with its parent:
-    a watchdog thread sees the parent go (re-parenting changes getppid) and ends the process."""
-    def watchdog() -> None:
-        while os.getppid() == parent:
-            time.sleep(0.2)
-        os._exit(1)
-    threading.Thread(target=watchdog, daemon=True).start()
-    store = dist.TCPStore("127.0.0.1", port, world, is_master=False, timeout=timedelta(seconds=120))
-    try:
-        tp_worker_loop(make_tp_group(rank, world, store, rank_device(device, rank)))
-    except Exception as e:                   # rank 0 gone, or a failure here: say so and exit
-        print(f"[nanoserve] tensor-parallel worker {rank} exits: {type(e).__name__}: {e}", file=sys.stderr)
-        os._exit(1)
-
-
-def start_tensor_parallel(model_dir: str | Path, cfg: EngineConfig) -> tuple[TPGroup, list]:
-    """Rank 0's side: join a torchrun job (RANK/WORLD_SIZE/MASTER_ADDR/MASTER_PORT in the
-    environment), or spawn tensor_parallel_size - 1 workers on this machine; then send
-    them the model to load. -> (the group, the spawned processes)."""
-    world = cfg.tensor_parallel_size
-    if int(os.environ.get("WORLD_SIZE", "1")) > 1:                       # under torchrun
-        if int(os.environ["WORLD_SIZE"]) != world:
-            raise ValueError(f"torchrun started {os.environ['WORLD_SIZE']} processes but "
-                             f"tensor_parallel_size is {world}")
-        tp = make_tp_group(0, world, torchrun_store(), rank_device(cfg.device, int(os.environ.get("LOCAL_RANK", 0))))
-        workers = []
-    else:
-        with socket.socket() as s:                                     # a free port for the store
-            s.bind(("127.0.0.1", 0))
-            port = s.getsockname()[1]
-        store = dist.TCPStore("127.0.0.1", port, world, is_master=True, timeout=timedelta(seconds=120),
-                              wait_for_workers=False)
-        ctx = torch.multiprocessing.get_context("spawn")
-        workers = [ctx.Process(target=_spawned_worker, args=(r, world, port, cfg.device, os.getpid()), daemon=True,
-                               name=f"nanoserve-tp-{r}") for r in range(1, world)]
-        for p in workers:
-            p.start()
-        tp = make_tp_group(0, world, store, rank_device(cfg.device, 0))
-    tp.send(("init", str(model_dir), cfg))
-    return tp, workers
-
-
-def torchrun_store():
-    """The key-value store of a torchrun job: torchrun's own agent store when it offers it
-    (TORCHELASTIC_USE_AGENT_STORE), else one hosted by rank 0 at MASTER_ADDR:MASTER_PORT."""
-    rank, world = int(os.environ["RANK"]), int(os.environ["WORLD_SIZE"])
-    agent = os.environ.get("TORCHELASTIC_USE_AGENT_STORE") == "True"
-    store = dist.TCPStore(os.environ["MASTER_ADDR"], int(os.environ["MASTER_PORT"]), world,
-                          is_master=rank == 0 and not agent, timeout=timedelta(seconds=300), wait_for_workers=False)
-    return dist.PrefixStore("nanoserve/", store)
-
-
-def tp_worker_from_env(device: str) -> None:
-    """A rank > 0 process of a torchrun job: serve rank 0's commands until it exits."""
-    rank = int(os.environ["RANK"])
-    tp_worker_loop(make_tp_group(rank, int(os.environ["WORLD_SIZE"]), torchrun_store(),
-                                 rank_device(device, int(os.environ.get("LOCAL_RANK", 0)))))
-
-
 # ============================================================================ engine
 
 @dataclass
@@ -2692,19 +2343,22 @@ class LLMEngine:
                              f"{model_dir} has no sparsity_config.json saying 2:4")
         if cfg.semi_structured_sparsity and cfg.tensor_parallel_size > 1:
             raise ValueError("semi_structured_sparsity is not supported with tensor_parallel_size > 1")
-        self.tp, workers = TPGroup(), []
+        self.tp = None                  # the ranks (parallel.TPGroup) when the model is sharded over several
+        self._stop_workers: Callable[[], object] | None = None
         if cfg.tensor_parallel_size > 1:
-            tp_local_config(read_model_config(model_dir), cfg.tensor_parallel_size)   # refused before any start
-            self.tp, workers = start_tensor_parallel(model_dir, cfg)
-        # The workers stop with the engine: close(), garbage collection, or a failure below.
-        self._stop_workers = weakref.finalize(self, stop_workers, self.tp, workers)
-        self.model, self.model_config = load_model(model_dir, self.dtype, self.device, self.tp)
+            import parallel     # the one upward import: an optional backend, chosen here (as vLLM's executors)
+            self.tp, workers = parallel.start_tensor_parallel(model_dir, cfg)
+            # The workers stop with the engine: close(), garbage collection, or a failure below.
+            self._stop_workers = weakref.finalize(self, parallel.stop_workers, self.tp, workers)
+            self.model, self.model_config = parallel.load_sharded(model_dir, self.dtype, self.device, self.tp)
+        else:
+            self.model, self.model_config = load_model(model_dir, self.dtype, self.device)
         if cfg.semi_structured_sparsity:
             use_semi_structured(self.model)                   # a no-op off a GPU with sparse tensor cores
         mc = self.model_config
         if self.device.type == "cpu":
             threads = cfg.cpu_threads or default_cpu_threads(sum(p.numel() for p in self.model.parameters()),
-                                                             self.tp.world)
+                                                             cfg.tensor_parallel_size)
             if threads:
                 torch.set_num_threads(threads)
         self.max_model_len = self._max_model_len(cfg.max_model_len, mc)
@@ -2718,8 +2372,8 @@ class LLMEngine:
                              f"({cfg.max_num_batched_tokens} < {self.max_model_len})")
         # Positions go up to max_model_len plus a speculative window's lookahead.
         max_positions = self.max_model_len + cfg.num_speculative_tokens + 1
-        self.runner = ModelRunner(self.model, cfg, max_positions) if self.tp.world == 1 else \
-            TensorParallelRunner(self.model, cfg, max_positions, self.tp, workers)
+        self.runner = ModelRunner(self.model, cfg, max_positions) if self.tp is None else \
+            parallel.TensorParallelRunner(self.model, cfg, max_positions, self.tp, workers)
         self.speculator = make_speculator(self)
         self.num_blocks = self._allocate_kv_pool()
         self.block_manager = BlockManager(self.num_blocks, cfg.block_size, cfg.enable_prefix_caching)
@@ -3058,7 +2712,8 @@ class LLMEngine:
 
     def close(self) -> None:
         """Stop the tensor-parallel workers, if any (also done when the engine is collected)."""
-        self._stop_workers()
+        if self._stop_workers is not None:
+            self._stop_workers()
 
     def stats(self) -> dict:
         s, bm, spec = self.scheduler, self.block_manager, self.speculator
@@ -4578,7 +4233,8 @@ def main(argv: list[str] | None = None) -> int:
     try:
         if args.tensor_parallel_size > 1 and int(os.environ.get("RANK", "0")) > 0:
             # A torchrun job: rank 0 runs this command; the other ranks serve it as workers.
-            tp_worker_from_env(args.device or ("cuda" if torch.cuda.is_available() else "cpu"))
+            import parallel                # an optional backend, imported where it is chosen (see LLMEngine)
+            parallel.tp_worker_from_env(args.device or ("cuda" if torch.cuda.is_available() else "cpu"))
             return 0
         if args.serve:
             return serve(args)

@@ -449,15 +449,16 @@ def bench_tp(model: str, kw: dict, configs: tuple[tuple[int, int | None], ...], 
             for b in batches:
                 prompts = [[1] + np.random.default_rng(i).integers(3, vocab, 16).tolist() for i in range(b)]
                 llm.generate(prompts, SamplingParams(temperature=0, max_tokens=2, ignore_eos=True))    # warm-up
-                tp, steps = llm.engine.tp, llm.engine.num_steps
-                tp.reduce_seconds = 0.0
+                tp, steps = llm.engine.tp, llm.engine.num_steps               # tp: None on one rank
+                if tp is not None:
+                    tp.reduce_seconds = 0.0
                 t = time.perf_counter()
                 llm.generate(prompts, SamplingParams(temperature=0, max_tokens=new_tokens, ignore_eos=True))
                 elapsed = time.perf_counter() - t
                 n_steps = llm.engine.num_steps - steps
                 rows.append({"ranks": n, "threads_per_rank": torch.get_num_threads(), "batch": b,
                              "step_ms": 1e3 * elapsed / n_steps, "decode_tok_s": b * new_tokens / elapsed,
-                             "all_reduce_share": tp.reduce_seconds / elapsed})
+                             "all_reduce_share": tp.reduce_seconds / elapsed if tp is not None else 0.0})
                 _progress(f"tp={n}", batches.index(b) + 1, len(batches))
     base = {r["batch"]: r["step_ms"] for r in rows if r is rows[0] or r["ranks"] == rows[0]["ranks"] and
             r["threads_per_rank"] == rows[0]["threads_per_rank"]}
