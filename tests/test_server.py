@@ -11,13 +11,14 @@ import pytest
 
 import nanoserve
 from nanoserve import LLM, SamplingParams
+from server import make_server
 
 
 def start(model, **kwargs):
     path, tok = model
     server_kw = {k: kwargs.pop(k) for k in ("max_waiting", "api_key") if k in kwargs}
     llm = LLM(path, device="cpu", tokenizer=tok, max_model_len=256, **kwargs)
-    server = nanoserve.make_server(llm, "127.0.0.1", 0, **server_kw)
+    server = make_server(llm, "127.0.0.1", 0, **server_kw)
     threading.Thread(target=server.serve_forever, daemon=True).start()
     return server, server.server_address[1], llm
 
@@ -354,7 +355,7 @@ def test_api_key_comes_from_the_flag_or_else_NANOSERVE_API_KEY_and_keys_no_clien
     assert nanoserve.build_parser().parse_args(["--serve", "--api-key", "from-flag"]).api_key == "from-flag"
     for bad in ("", " sk-secret", "sk-secret\n", "sk-se\tcret"):
         with pytest.raises(ValueError, match="api_key must be") as e:
-            nanoserve.make_server(llm, "127.0.0.1", 0, api_key=bad)
+            make_server(llm, "127.0.0.1", 0, api_key=bad)
         assert "secret" not in str(e.value)                              # the key is not echoed
 
 
