@@ -11,9 +11,9 @@ Hypercorn was chosen by trying a trivial Starlette app on the three maintained s
 (2-core machine, one header byte every 5 s, 2,000 concurrent 5 s event streams):
   hypercorn 0.18: closed the trickling connection after 5.0 s (its keep_alive_timeout,
                   which also bounds the wait for a request's headers); 2,000 streams in
-                  8.2 s on one thread; runs in-process on a socket bound beforehand.
-  granian 2.8:    closed it after 30 s (fixed); 2,000 streams in 10.6 s, 6 threads, a
-                  Rust runtime embedded through an experimental API.
+                  8.2 s; pure asyncio, so it runs in-process on a socket bound beforehand.
+  granian 2.8:    closed it after 30 s; 2,000 streams in 10.6 s; a Rust server that
+                  runs its own workers.
   uvicorn 0.55:   still open after 80 s.
 All three answered conflicting Content-Length headers and a malformed request line with
 400, read chunked bodies, and went on serving after a client left mid-body. None
