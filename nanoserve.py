@@ -3,7 +3,7 @@
 Read top to bottom, this file follows a request's path through a modern inference server:
 
     config -> weights loading -> tokenizer -> model -> paged KV cache -> sampling
-    -> scheduler -> model runner -> engine -> speculative decoding -> server -> CLI
+    -> scheduler -> model runner -> engine -> model cascade -> speculative decoding -> CLI
 
 The two phases of inference set the design. *Prefill* pushes a whole prompt through
 the model at once: many tokens per weight read, compute-bound. *Decode* makes one
@@ -15,6 +15,7 @@ scheduler is what keeps the batch full.
 
 Usage:
     python nanoserve.py --prompt "def fibonacci(n):"
+    python nanoserve.py --serve          # the OpenAI-compatible HTTP server, server.py
     from nanoserve import LLM, SamplingParams
 Benchmarks live in tools/bench.py, the quantization algorithms in quant.py.
 """
@@ -23,21 +24,15 @@ from __future__ import annotations
 
 import argparse
 import dataclasses
-import hmac
-import http.server
 import itertools
 import json
 import math
 import mmap
 import numbers
 import os
-import queue
-import select
-import socket
 import sys
 import threading
 import time
-import uuid
 import weakref
 from collections import OrderedDict, deque
 from dataclasses import dataclass, field
@@ -2300,8 +2295,6 @@ class RequestOutput:
     error: str | None = None              # what failed, when finish_reason is "error"
     token_texts: list[str] | None = None  # per generated token, the text it added (they join to text)
     outputs: list[CompletionOutput] = field(default_factory=list)
-    escalated: bool | None = None         # Cascade: answered by the large model
-    confidence: float | None = None       # Cascade: the small model's confidence in its answer
 
     @property
     def finished(self) -> bool:
@@ -2771,7 +2764,7 @@ class LLM:
     Any number of generate()/chat() calls and stream() iterators may be open on one LLM, from
     any number of threads: they share the engine's continuous batch. One lock guards the
     engine; whichever caller holds it runs the next step for everyone, and each step's
-    outputs go to the inbox of the call that owns the request. An LLM handed to make_server
+    outputs go to the inbox of the call that owns the request. An LLM handed to server.make_server
     belongs to the server's engine thread from then on: a call on it raises RuntimeError.
     """
 
@@ -2941,6 +2934,15 @@ class RequestStream:
 # Both models run through their own engines, so the escalated requests are batched too
 # and the large model's prefix cache still applies.
 
+@dataclass
+class CascadeOutput:
+    """What Cascade.generate returns per prompt: the answer kept, which model gave it, and
+    the small model's confidence in its own answer (the number the threshold was held to)."""
+    output: RequestOutput
+    escalated: bool                       # answered by the large model
+    confidence: float
+
+
 class Cascade:
     def __init__(self, small: LLM, large: LLM, threshold: float, confidence: str = "mean"):
         if not isinstance(threshold, (int, float)) or not math.isfinite(threshold) or threshold < 0:
@@ -2968,30 +2970,33 @@ class Cascade:
         """The small model also reports its chosen tokens' logprobs (logprobs=0: no alternatives)."""
         return p if p.logprobs is not None else dataclasses.replace(p, logprobs=0)
 
-    def judge(self, out: RequestOutput, p: SamplingParams) -> bool:
-        """Mark the small model's finished output with its confidence; -> whether it escalates.
-        Logprobs asked for only to score are dropped."""
-        out.confidence, out.escalated = self.score(out), False
+    def judge(self, out: RequestOutput, p: SamplingParams) -> float:
+        """The small model's confidence in its finished output (it escalates below the
+        threshold). Logprobs asked for only to score are dropped from out."""
+        confidence = self.score(out)
         if p.logprobs is None:
             out.logprobs = None
             out.outputs = [dataclasses.replace(c, logprobs=None) for c in out.outputs]
-        return out.confidence < self.threshold
+        return confidence
 
     def generate(self, prompts: str | list[int] | list[str] | list[list[int]],
-                 sampling_params: SamplingParams | list[SamplingParams] | None = None) -> list[RequestOutput]:
-        """Like LLM.generate; each output says whether it escalated and the small model's confidence."""
+                 sampling_params: SamplingParams | list[SamplingParams] | None = None) -> list[CascadeOutput]:
+        """Like LLM.generate; each output also says whether it escalated and the small model's confidence."""
         prompts = normalize_prompts(prompts)
         params = sampling_params or SamplingParams()
         params = list(params) if isinstance(params, (list, tuple)) else [params] * len(prompts)
         if len(params) != len(prompts):
             raise ValueError(f"sampling_params must be one SamplingParams or one per prompt ({len(prompts)})")
-        outs = self.small.generate(prompts, [self.small_params(p) for p in params])
-        escalate = [i for i, (out, p) in enumerate(zip(outs, params)) if self.judge(out, p)]
+        small = self.small.generate(prompts, [self.small_params(p) for p in params])
+        outs = []
+        for out, p in zip(small, params):
+            confidence = self.judge(out, p)
+            outs.append(CascadeOutput(out, confidence < self.threshold, confidence))
+        escalate = [i for i, o in enumerate(outs) if o.escalated]
         if escalate:
             large = self.large.generate([prompts[i] for i in escalate], [params[i] for i in escalate])
             for i, out in zip(escalate, large):
-                out.confidence, out.escalated = outs[i].confidence, True
-                outs[i] = out
+                outs[i].output = out
         self.num_requests += len(outs)
         self.num_escalated += len(escalate)
         return outs
@@ -3252,843 +3257,6 @@ def make_speculator(engine: LLMEngine) -> Speculator | None:
     return None
 
 
-# ============================================================================ server
-# An OpenAI-compatible HTTP server on the standard library. One background thread owns
-# the engine and steps it whenever there is work: requests from all connections share
-# that one continuous batch, so concurrent clients interleave token by token. Handler
-# threads only validate, enqueue, and wait on their request's output queue.
-
-class ServingError(Exception):
-    """An answer other than 200: HTTP status, message, the offending field, OpenAI's error
-    type, and OpenAI's error code: a string ("invalid_api_key") or None, never a number
-    (the status is in the status line; clients read `code` as a string)."""
-
-    def __init__(self, status: int, message: str, param: str | None = None, kind: str = "invalid_request_error",
-                 headers: dict | None = None, code: str | None = None):
-        super().__init__(message)
-        self.status, self.message, self.param, self.kind, self.code = status, message, param, kind, code
-        self.headers = headers or {}
-
-
-class AsyncEngine:
-    """Runs LLMEngine.step() in its own thread. Other threads never touch the engine: they
-    validate a request (read-only), then hand it over through a command queue that the
-    loop drains between steps, and read results from a per-request output queue."""
-
-    TTFT_BUCKETS = (0.005, 0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1.0, 2.5, 5.0, 10.0)
-
-    def __init__(self, engine: LLMEngine, max_waiting: int = 256):
-        self.engine, self.max_waiting = engine, max_waiting
-        engine.owner = "a server's engine thread"           # LLM.generate on it would race this loop
-        self.commands: queue.SimpleQueue = queue.SimpleQueue()
-        self.pending = 0                              # added, not yet seen by the loop
-        self.pending_lock = threading.Lock()          # handler threads add, the loop subtracts
-        self.wake = threading.Event()
-        self.queues: dict[str, queue.Queue] = {}
-        self.ttft_counts = [0] * (len(self.TTFT_BUCKETS) + 1)
-        self.ttft_sum, self.finished, self.errors = 0.0, {}, 0
-        self.loop_errors = 0                          # exceptions outside a step (none expected)
-        self.prompt_tokens = 0
-        self.seen: set[str] = set()
-        self._stop = False
-        self.thread = threading.Thread(target=self._loop, name="nanoserve-engine", daemon=True)
-        self.thread.start()
-
-    def add(self, prompt: str | list[int], params: SamplingParams, fit_max_tokens: bool = False):
-        """Validate and enqueue; -> (request_id, prompt length, queue of RequestOutput).
-        Raises ValueError for a bad request (also, with fit_max_tokens, when prompt plus
-        max_tokens exceed max_model_len, as vLLM answers), ServingError(429) when the queue is full."""
-        if len(self.engine.scheduler.waiting) + self.pending >= self.max_waiting:
-            # Retry-After: a seat opens whenever a running request finishes, so one second is
-            # the honest hint; the openai client waits that long, and longer on each retry.
-            raise ServingError(429, f"server overloaded: {self.max_waiting} requests already waiting; "
-                               "retry later", kind="rate_limit_error", code="rate_limit_exceeded",
-                               headers={"Retry-After": "1"})
-        seq = self.check(prompt, params, fit_max_tokens)
-        return seq.request_id, seq.num_prompt_tokens, self.submit(seq)
-
-    def submit(self, seq: Sequence) -> queue.Queue:
-        """Hand a checked request to the loop; -> the queue its outputs arrive on."""
-        q: queue.Queue = queue.Queue()
-        self.queues[seq.request_id] = q
-        with self.pending_lock:
-            self.pending += 1
-        self.commands.put(("add", seq))
-        self.wake.set()
-        return q
-
-    def check(self, prompt: str | list[int], params: SamplingParams, fit_max_tokens: bool = False) -> Sequence:
-        """The request as a Sequence, or ValueError (read-only: safe from any thread)."""
-        seq = self.engine.make_sequence(prompt, params, request_id=f"srv-{uuid.uuid4().hex}")
-        limit = self.engine.max_model_len
-        if fit_max_tokens and seq.num_prompt_tokens + params.max_tokens > limit:
-            raise ValueError(f"max_tokens {params.max_tokens} plus the prompt's {seq.num_prompt_tokens} tokens "
-                             f"exceed max_model_len {limit}: ask for at most {limit - seq.num_prompt_tokens}")
-        return seq
-
-    def abort(self, request_id: str) -> None:
-        self.commands.put(("abort", request_id))
-        self.wake.set()
-
-    def alive(self) -> bool:
-        return self.thread.is_alive() and not self._stop
-
-    def _loop(self) -> None:
-        """Apply the handlers' commands, step, hand each output to its request's queue.
-        A step that fails fails only its own requests (LLMEngine.step); anything else that
-        raises here is reported, and the loop goes on."""
-        while not self._stop:
-            try:
-                self._apply_commands()
-                if not self.engine.has_unfinished():
-                    self.wake.wait(0.05)
-                    self.wake.clear()
-                    continue
-                for out in self.engine.step():
-                    self._deliver(out)
-            except Exception as e:
-                self.loop_errors += 1
-                print(f"[nanoserve] engine loop: {type(e).__name__}: {e}", file=sys.stderr)
-                time.sleep(0.01)
-
-    def _apply_commands(self) -> None:
-        while True:
-            try:
-                op, arg = self.commands.get_nowait()
-            except queue.Empty:
-                return
-            if op == "add":
-                with self.pending_lock:
-                    self.pending -= 1
-                self.prompt_tokens += arg.num_prompt_tokens
-                self.engine.add_sequence(arg)
-            elif arg in self.engine.requests:            # abort a request still in flight
-                self.engine.abort(arg)
-                self.finished["abort"] = self.finished.get("abort", 0) + 1
-                self.queues.pop(arg, None)
-
-    def _deliver(self, out: RequestOutput) -> None:
-        self._record(out)
-        q = self.queues.get(out.request_id)
-        if q is not None:
-            q.put(out)
-            if out.finished:
-                del self.queues[out.request_id]
-
-    def _record(self, out: RequestOutput) -> None:
-        ttft = out.metrics["time_to_first_token"]
-        if ttft is not None and out.request_id not in self.seen:      # its first output
-            self.seen.add(out.request_id)
-            i = next((i for i, b in enumerate(self.TTFT_BUCKETS) if ttft <= b), len(self.TTFT_BUCKETS))
-            self.ttft_counts[i] += 1
-            self.ttft_sum += ttft
-        if out.finished:
-            self.seen.discard(out.request_id)
-            self.finished[out.finish_reason] = self.finished.get(out.finish_reason, 0) + 1
-
-    def close(self) -> None:
-        self._stop = True
-        self.wake.set()
-        self.thread.join(timeout=5)
-
-    def metrics_text(self) -> str:
-        st = self.engine.stats()                          # plain reads, safe from another thread
-        lines = [
-            "# HELP nanoserve_kv_blocks_total KV cache blocks in the pool.",
-            "# TYPE nanoserve_kv_blocks_total gauge", f"nanoserve_kv_blocks_total {st['kv_blocks_total']}",
-            "# HELP nanoserve_kv_blocks_free KV cache blocks a new request could take.",
-            "# TYPE nanoserve_kv_blocks_free gauge", f"nanoserve_kv_blocks_free {st['kv_blocks_free']}",
-            "# TYPE nanoserve_requests_running gauge", f"nanoserve_requests_running {st['num_running']}",
-            "# TYPE nanoserve_requests_waiting gauge", f"nanoserve_requests_waiting {st['num_waiting']}",
-            "# TYPE nanoserve_generation_tokens_total counter",
-            f"nanoserve_generation_tokens_total {st['generated_tokens']}",
-            "# TYPE nanoserve_prompt_tokens_total counter", f"nanoserve_prompt_tokens_total {self.prompt_tokens}",
-            "# TYPE nanoserve_preemptions_total counter", f"nanoserve_preemptions_total {st['preemptions']}",
-            "# TYPE nanoserve_request_errors_total counter", f"nanoserve_request_errors_total {self.errors}",
-            "# TYPE nanoserve_requests_finished_total counter",
-        ]
-        lines += [f'nanoserve_requests_finished_total{{finish_reason="{r}"}} {n}'
-                  for r, n in sorted(self.finished.items())]
-        for key in ("prefix_cache_hit_rate", "spec_acceptance_rate"):
-            if st[key] is not None:
-                lines += [f"# TYPE nanoserve_{key} gauge", f"nanoserve_{key} {st[key]:.6f}"]
-        lines += ["# HELP nanoserve_time_to_first_token_seconds Time from arrival to first token.",
-                  "# TYPE nanoserve_time_to_first_token_seconds histogram"]
-        cum = 0
-        for b, c in zip(self.TTFT_BUCKETS, self.ttft_counts):
-            cum += c
-            lines.append(f'nanoserve_time_to_first_token_seconds_bucket{{le="{b}"}} {cum}')
-        cum += self.ttft_counts[-1]
-        lines += [f'nanoserve_time_to_first_token_seconds_bucket{{le="+Inf"}} {cum}',
-                  f"nanoserve_time_to_first_token_seconds_sum {self.ttft_sum:.6f}",
-                  f"nanoserve_time_to_first_token_seconds_count {cum}"]
-        return "\n".join(lines) + "\n"
-
-
-class AsyncCascade:
-    """The server's loop for a model cascade (--cascade-small): an AsyncEngine per model.
-    A request runs on the small model first; when it finishes, Cascade.judge decides, and
-    an unsure answer is submitted to the large model, whose output the client gets. The
-    small model's tokens are never streamed (they may be thrown away): a streaming client
-    sees the kept answer from the decision on. Looks like an AsyncEngine to the handlers."""
-
-    def __init__(self, cascade: Cascade, max_waiting: int = 256):
-        self.cascade = cascade
-        self.small = AsyncEngine(cascade.small.engine, max_waiting)
-        self.large = AsyncEngine(cascade.large.engine, max_waiting)
-        self.lock = threading.Lock()                  # the counters below, from handler threads
-        self.num_requests = self.num_escalated = 0
-        self.active: dict[str, CascadeRequest] = {}
-
-    def add(self, prompt: str | list[int], params: SamplingParams, fit_max_tokens: bool = False):
-        self.large.check(prompt, params, fit_max_tokens)   # the large model must be able to take it
-        rid, n_prompt, q = self.small.add(prompt, self.cascade.small_params(params), fit_max_tokens)
-        request = CascadeRequest(self, rid, prompt, params, q)
-        self.active[rid] = request
-        return rid, n_prompt, request
-
-    def abort(self, request_id: str) -> None:
-        request = self.active.pop(request_id, None)
-        if request is not None:
-            (self.large if request.escalated else self.small).abort(request.engine_id)
-
-    @property
-    def errors(self) -> int:                          # failed requests, in the large model's metrics
-        return self.large.errors
-
-    @errors.setter
-    def errors(self, n: int) -> None:
-        self.large.errors = n
-
-    def alive(self) -> bool:
-        return self.small.alive() and self.large.alive()
-
-    def close(self) -> None:
-        self.small.close()
-        self.large.close()
-
-    def metrics_text(self) -> str:
-        """The large model's metrics (nanoserve_*, as without a cascade), then the cascade's."""
-        small = self.small.engine.stats()
-        lines = [
-            "# HELP nanoserve_cascade_requests_total Requests the small model answered or escalated.",
-            "# TYPE nanoserve_cascade_requests_total counter", f"nanoserve_cascade_requests_total {self.num_requests}",
-            "# HELP nanoserve_cascade_escalated_total Requests regenerated by the large model.",
-            "# TYPE nanoserve_cascade_escalated_total counter", f"nanoserve_cascade_escalated_total {self.num_escalated}",
-            "# TYPE nanoserve_cascade_threshold gauge", f"nanoserve_cascade_threshold {self.cascade.threshold}",
-            "# HELP nanoserve_cascade_small_generation_tokens_total Tokens the small model generated.",
-            "# TYPE nanoserve_cascade_small_generation_tokens_total counter",
-            f"nanoserve_cascade_small_generation_tokens_total {small['generated_tokens']}"]
-        return self.large.metrics_text() + "\n".join(lines) + "\n"
-
-
-class CascadeRequest:
-    """One cascade request as the handler sees it: a queue whose get() yields the small
-    model's finished answer, or, once it escalated, the large model's outputs."""
-
-    def __init__(self, owner: AsyncCascade, rid: str, prompt: str | list[int], params: SamplingParams,
-                 q: queue.Queue):
-        self.owner, self.rid, self.prompt, self.params = owner, rid, prompt, params
-        self.engine_id, self.q, self.escalated, self.confidence = rid, q, False, None
-
-    def get(self, timeout: float) -> RequestOutput:
-        """The next output to show the client; raises queue.Empty after timeout seconds."""
-        end = time.monotonic() + timeout
-        while True:
-            out = self.q.get(timeout=max(0.0, end - time.monotonic()))
-            if self.escalated:
-                out.confidence, out.escalated = self.confidence, True
-                if out.finished:
-                    self.owner.active.pop(self.rid, None)
-                return out
-            if not out.finished:
-                continue                               # the small model's tokens are not shown
-            owner = self.owner
-            if out.finish_reason in ("error", "abort") or not owner.cascade.judge(out, self.params):
-                with owner.lock:
-                    owner.num_requests += out.finish_reason not in ("error", "abort")
-                owner.active.pop(self.rid, None)
-                # Shown at once: each sample's delta is its whole text.
-                out.delta = out.text
-                out.outputs = [dataclasses.replace(c, delta=c.text) for c in out.outputs]
-                return out
-            with owner.lock:
-                owner.num_requests += 1
-                owner.num_escalated += 1
-            self.confidence, self.escalated = out.confidence, True
-            # Past the waiting-queue limit too: the request was already admitted.
-            seq = owner.large.check(self.prompt, self.params)
-            self.q, self.engine_id = owner.large.submit(seq), seq.request_id
-
-
-@dataclass
-class CompletionRequest:
-    """A validated /v1/completions body."""
-    prompt: str | list[int]
-    params: SamplingParams
-    stream: bool
-    include_usage: bool                   # stream_options.include_usage: a last chunk with usage
-    max_tokens_given: bool                # an explicit max_tokens must fit the context (else 400)
-    echo: bool = False                    # the prompt (and its logprobs) before the completion
-
-
-def parse_completion_request(body: dict) -> CompletionRequest:
-    """OpenAI /v1/completions fields -> a CompletionRequest. Unknown fields (user, ...) are
-    ignored, as OpenAI does. Raises ServingError."""
-    if not isinstance(body, dict):
-        raise ServingError(400, "request body must be a JSON object")
-    if "prompt" not in body:
-        raise ServingError(400, "missing required field 'prompt'", "prompt")
-    prompt = body["prompt"]
-    if isinstance(prompt, list) and len(prompt) == 1 and isinstance(prompt[0], (str, list)):
-        prompt = prompt[0]                           # a batch of one
-    if not (isinstance(prompt, str) or (isinstance(prompt, list) and all(
-            isinstance(t, int) and not isinstance(t, bool) for t in prompt))):
-        raise ServingError(400, "'prompt' must be a string or a list of token ids (one prompt per request)",
-                           "prompt")
-    for name, allowed in (("suffix", (None,)),):
-        if name in body and body[name] not in allowed:
-            raise ServingError(400, f"'{name}' = {body[name]!r} is not supported", name)
-    stream = False if body.get("stream") is None else body["stream"]       # OpenAI: null is the default
-    if not isinstance(stream, bool):
-        raise ServingError(400, "'stream' must be a boolean", "stream")
-    if body.get("stream_options") is not None and not stream:
-        raise ServingError(400, "'stream_options' is only allowed when 'stream' is true", "stream_options")
-    echo = body.get("echo") or False
-    if not isinstance(echo, bool):
-        raise ServingError(400, "'echo' must be a boolean", "echo")
-    options = body.get("stream_options") or {}
-    if not isinstance(options, dict) or not isinstance(options.get("include_usage", False), bool):
-        raise ServingError(400, "'stream_options' must be an object like {\"include_usage\": true}",
-                           "stream_options")
-    fields = {"max_tokens": 16, "temperature": 1.0, "top_p": 1.0, "top_k": 0, "seed": None,
-              "stop": None, "logprobs": None, "ignore_eos": False, "presence_penalty": 0.0,
-              "frequency_penalty": 0.0, "repetition_penalty": 1.0, "logit_bias": None, "n": 1, "best_of": None}
-    kwargs = {}
-    for name, default in fields.items():
-        v = body.get(name, default)
-        kwargs[name] = default if v is None and default is not None else v
-    if isinstance(kwargs["logit_bias"], dict):          # JSON object keys are strings: "50256": -100
-        try:
-            kwargs["logit_bias"] = {int(k): v for k, v in kwargs["logit_bias"].items()}
-        except ValueError:
-            raise ServingError(400, "logit_bias keys must be token ids", "logit_bias") from None
-    if not isinstance(kwargs["ignore_eos"], bool):
-        raise ServingError(400, "'ignore_eos' must be a boolean", "ignore_eos")
-    if kwargs["top_k"] == -1:                         # vLLM's spelling of "disabled"
-        kwargs["top_k"] = 0
-    if echo and kwargs["logprobs"] is not None:
-        kwargs["prompt_logprobs"] = kwargs["logprobs"]       # echo's logprobs cover the prompt too
-    try:
-        params = SamplingParams(**kwargs)
-    except ValueError as e:
-        raise ServingError(400, str(e), str(e).split(" ")[0]) from None
-    if stream and params.num_samples > params.n:
-        raise ServingError(400, "best_of > n cannot be streamed (the best are known only at the end)", "best_of")
-    return CompletionRequest(prompt, params, stream, stream and options.get("include_usage", False),
-                             body.get("max_tokens") is not None, echo)
-
-
-# OpenAI's roles. "developer" is the newer name of "system" (OpenAI's o1 and later); a
-# template that does not name it gets it as "system", the role the model was trained on.
-CHAT_ROLES = ("system", "developer", "user", "assistant", "tool", "function")
-
-
-def parse_chat_messages(messages: object, keep_developer: bool = False) -> list[dict]:
-    """OpenAI chat messages, checked as OpenAI checks them, -> [{role, content}] with string
-    contents for the chat template. An assistant message that only calls tools (content
-    null or absent, tool_calls given) renders with content "". Errors name the field as
-    OpenAI does: message 'messages[1].role', param "messages.[1].role". Raises ServingError."""
-    if not isinstance(messages, list) or not messages:
-        raise ServingError(400, "'messages' must be a non-empty list of {role, content} objects", "messages")
-    clean = []
-    for i, m in enumerate(messages):
-        where, param = f"messages[{i}]", f"messages.[{i}]"
-        if not isinstance(m, dict):
-            raise ServingError(400, f"'{where}' must be an object like {{\"role\": \"user\", \"content\": \"...\"}}",
-                               param)
-        role = m.get("role")
-        if not (isinstance(role, str) and role in CHAT_ROLES):
-            raise ServingError(400, f"'{where}.role' is {'missing' if role is None else repr(role)}; "
-                               f"use one of {', '.join(CHAT_ROLES)}", f"{param}.role")
-        for key in ("name", "tool_call_id"):
-            if m.get(key) is not None and not isinstance(m[key], str):
-                raise ServingError(400, f"'{where}.{key}' must be a string", f"{param}.{key}")
-        if role == "tool" and not m.get("tool_call_id"):
-            raise ServingError(400, f"'{where}.tool_call_id' is required in a tool message (the call it answers)",
-                               f"{param}.tool_call_id")
-        if role == "function" and not m.get("name"):
-            raise ServingError(400, f"'{where}.name' is required in a function message", f"{param}.name")
-        calls = m.get("tool_calls")
-        if calls is not None and not (role == "assistant" and isinstance(calls, list) and all(
-                isinstance(c, dict) and isinstance(c.get("id"), str) and c.get("type", "function") == "function"
-                and isinstance(c.get("function"), dict) and isinstance(c["function"].get("name"), str)
-                and isinstance(c["function"].get("arguments"), str) for c in calls)):
-            raise ServingError(400, f"'{where}.tool_calls' must be, in an assistant message, a list of "
-                               "{id, type: \"function\", function: {name, arguments}} with string values",
-                               f"{param}.tool_calls")
-        content = m.get("content")
-        if isinstance(content, list):                  # content parts: only text can be rendered
-            if not all(isinstance(c, dict) and c.get("type") == "text" and isinstance(c.get("text"), str)
-                       for c in content):
-                raise ServingError(400, f"'{where}.content' parts must be {{\"type\": \"text\", \"text\": ...}} "
-                                   "(this server reads text only)", f"{param}.content")
-            content = "".join(c["text"] for c in content)
-        elif content is None and (role == "function" or (role == "assistant" and (
-                calls or isinstance(m.get("function_call"), dict)))):
-            content = ""                               # a message that only calls a tool
-        if not isinstance(content, str):
-            raise ServingError(400, f"'{where}.content' must be a string or a list of text parts"
-                               + (" (or null with tool_calls)" if role == "assistant" else ""), f"{param}.content")
-        if role == "developer" and not keep_developer:
-            role = "system"
-        clean.append({"role": role, "content": content})
-    return clean
-
-
-def parse_chat_request(body: object, keep_developer: bool = False) -> tuple[list, bool, CompletionRequest]:
-    """OpenAI /v1/chat/completions fields -> (messages for the template, add_generation_prompt,
-    a CompletionRequest whose prompt is filled in once the messages are rendered).
-    max_completion_tokens is OpenAI's newer name of max_tokens; without either, the
-    handler lets the answer run to the end of the context (max_tokens_given False)."""
-    if not isinstance(body, dict):
-        raise ServingError(400, "request body must be a JSON object")
-    if "messages" not in body:
-        raise ServingError(400, "missing required field 'messages'", "messages")
-    messages = parse_chat_messages(body["messages"], keep_developer)
-    add_generation_prompt = body.get("add_generation_prompt", True)
-    if not isinstance(add_generation_prompt, bool):
-        raise ServingError(400, "'add_generation_prompt' must be a boolean", "add_generation_prompt")
-    logprobs, top = body.get("logprobs") or False, body.get("top_logprobs")
-    if not isinstance(logprobs, bool):
-        raise ServingError(400, "'logprobs' must be a boolean in the chat API (top_logprobs: how many)", "logprobs")
-    if top is not None and not logprobs:
-        raise ServingError(400, "'top_logprobs' needs 'logprobs': true", "top_logprobs")
-    fields = {k: body[k] for k in ("temperature", "top_p", "top_k", "seed", "stop", "stream", "stream_options",
-                                   "presence_penalty", "frequency_penalty", "repetition_penalty", "logit_bias",
-                                   "ignore_eos", "n", "model", "user") if k in body}
-    max_name = next((k for k in ("max_completion_tokens", "max_tokens") if body.get(k) is not None), None)
-    if max_name is not None:
-        fields["max_tokens"] = body[max_name]
-    if logprobs:
-        fields["logprobs"] = 0 if top is None else top
-    try:
-        req = parse_completion_request(dict(fields, prompt=[0]))
-    except ServingError as e:
-        e.param = {"logprobs": "top_logprobs", "max_tokens": max_name or "max_tokens"}.get(e.param, e.param)
-        raise
-    return messages, add_generation_prompt, req
-
-
-class CompletionHandler(http.server.BaseHTTPRequestHandler):
-    """One HTTP connection: /v1/completions (plain and streamed), /v1/models, /health, /metrics.
-    With an API key (OpenAIServer.api_key), every /v1/ path wants `Authorization: Bearer KEY`
-    (as OpenAI and vLLM's --api-key); /health and /metrics stay open for probes and scrapers.
-
-    Every request gets a well-formed answer: JSON errors for any method, path or body; a
-    body is read (or discarded) before an early answer so a keep-alive connection stays
-    in step, and a connection that cannot be resynchronised is closed. Reads time out
-    (OpenAIServer.read_timeout): a client that stalls mid-request is dropped, and since a
-    request reaches the engine only once its body is in, it never holds an engine slot.
-    """
-    protocol_version = "HTTP/1.1"
-    server_version = "nanoserve"
-    server: "OpenAIServer"
-    ROUTES = {"/v1/completions": ("POST",), "/v1/chat/completions": ("POST",), "/v1/models": ("GET",),
-              "/health": ("GET",), "/metrics": ("GET",)}
-
-    def setup(self) -> None:
-        self.timeout = self.server.read_timeout        # socket timeout on every read and write
-        super().setup()
-
-    def log_message(self, fmt, *args):                # quiet; errors go to /metrics
-        pass
-
-    def __getattr__(self, name: str):
-        # BaseHTTPRequestHandler calls do_<METHOD>; every method, known or not, is routed.
-        if name.startswith("do_"):
-            return lambda: self._dispatch(name[3:])
-        raise AttributeError(name)
-
-    def send_json(self, status: int, obj: dict, headers: dict | None = None) -> None:
-        data = json.dumps(obj).encode()
-        self.send_response(status)
-        self.send_header("Content-Type", "application/json")
-        self.send_header("Content-Length", str(len(data)))
-        for k, v in (headers or {}).items():
-            self.send_header(k, v)
-        if self.close_connection:
-            self.send_header("Connection", "close")
-        self.end_headers()
-        self.answered = True
-        if self.command != "HEAD":
-            self.wfile.write(data)
-
-    def send_error_json(self, e: ServingError) -> None:
-        self.server.async_engine.errors += 1
-        self.send_json(e.status, {"error": {"message": e.message, "type": e.kind, "param": e.param,
-                                            "code": e.code}}, e.headers)
-
-    def send_error(self, code: int, message: str | None = None, explain: str | None = None) -> None:
-        # The base class's own errors (a malformed request line, headers too long): JSON too,
-        # with a status line (the base class would answer an unparsable line as HTTP/0.9).
-        self.close_connection = True
-        if self.request_version == "HTTP/0.9":
-            self.request_version = "HTTP/1.0"
-        try:
-            self.send_error_json(ServingError(code, message or "bad request", kind="invalid_request_error"))
-        except OSError:
-            pass                                       # the client is gone already: nobody to tell
-
-    def _dispatch(self, method: str) -> None:
-        self.answered, self.body_read = False, False
-        path = self.path.split("?", 1)[0]
-        try:
-            if self.server.api_key is not None and (path == "/v1" or path.startswith("/v1/")):
-                self._check_api_key()                  # before routing: no route is shown unauthenticated
-            allowed = self.ROUTES.get(path)
-            if allowed is None:
-                raise ServingError(404, f"no route {method} {path}", kind="not_found_error")
-            if method not in allowed:
-                raise ServingError(405, f"{method} is not allowed on {path}; use {', '.join(allowed)}",
-                                   kind="method_not_allowed", headers={"Allow": ", ".join(allowed)})
-            if method == "POST":
-                self._completions(chat=path == "/v1/chat/completions")
-            else:
-                self._get(path)
-        except ServingError as e:
-            self._discard_body()
-            if not self.answered:
-                self.send_error_json(e)
-        except (BrokenPipeError, ConnectionResetError, TimeoutError):
-            self.close_connection = True               # the client went away or stalled
-        except Exception as e:                         # a bug: answer 500 rather than drop the client
-            print(f"[nanoserve] handler: {type(e).__name__}: {e}", file=sys.stderr)
-            self.close_connection = True
-            if not self.answered:
-                self.send_error_json(ServingError(500, f"internal error: {type(e).__name__}", kind="server_error"))
-
-    def _check_api_key(self) -> None:
-        """Raises ServingError(401) unless the request carries `Authorization: Bearer KEY`,
-        in OpenAI's two shapes: no key (code null) or a wrong one (code "invalid_api_key")."""
-        scheme, _, token = (self.headers.get("Authorization") or "").partition(" ")
-        challenge = {"WWW-Authenticate": "Bearer"}     # what a 401 must name (RFC 9110)
-        if scheme.lower() != "bearer" or not token.strip():
-            raise ServingError(401, "no API key: send the header 'Authorization: Bearer KEY' "
-                               "(the openai client's api_key)", headers=challenge)
-        # http.server decoded the header as Latin-1, so encoding it back gives the bytes the
-        # client sent. compare_digest takes as long wherever the bytes differ: the answer's
-        # timing does not tell an attacker how much of a guess was right.
-        if not hmac.compare_digest(token.strip().encode("latin-1"), self.server.api_key):
-            raise ServingError(401, "incorrect API key", headers=challenge, code="invalid_api_key")
-
-    def _get(self, path: str) -> None:
-        srv = self.server
-        if path == "/health":
-            if srv.async_engine.alive():
-                self.send_json(200, {"status": "ok"})
-            else:
-                self.send_json(503, {"status": "error", "message": "the engine loop is not running"})
-        elif path == "/v1/models":
-            self.send_json(200, {"object": "list", "data": [{
-                "id": srv.model_name, "object": "model", "owned_by": "nanoserve", "created": 0,
-                "max_model_len": srv.llm.engine.max_model_len}]})
-        else:                                          # /metrics, Prometheus text format
-            data = srv.async_engine.metrics_text().encode()
-            self.send_response(200)
-            self.send_header("Content-Type", "text/plain; version=0.0.4")
-            self.send_header("Content-Length", str(len(data)))
-            self.end_headers()
-            self.answered = True
-            self.wfile.write(data)
-
-    def _completions(self, chat: bool) -> None:
-        srv = self.server
-        body = self._read_json()
-        if chat:
-            engine = srv.llm.engine          # rendering only reads its tokenizer and template: safe from here
-            template = engine.chat_template or ""
-            messages, add_generation_prompt, req = parse_chat_request(
-                body, keep_developer="'developer'" in template or '"developer"' in template)
-            try:
-                req.prompt = engine.chat_prompt(messages, add_generation_prompt)
-            except ValueError as e:
-                raise ServingError(400, str(e), "messages") from None
-            if not req.max_tokens_given:
-                # OpenAI and vLLM: a chat answer without max_tokens may fill the rest of the
-                # context, max_model_len - prompt. A prompt that fills it all is refused by
-                # the engine's own check, which names the prompt.
-                room = engine.max_model_len - len(req.prompt)
-                req.params = dataclasses.replace(req.params, max_tokens=max(1, room))
-        else:
-            req = parse_completion_request(body)
-        params = req.params
-        if body.get("model") not in (None, srv.model_name):
-            raise ServingError(404, f"model {body['model']!r} does not exist; this server has "
-                               f"{srv.model_name!r}", "model", "not_found_error", code="model_not_found")
-        try:
-            rid, n_prompt, q = srv.async_engine.add(req.prompt, params, fit_max_tokens=req.max_tokens_given)
-        except ValueError as e:
-            word = str(e).split(" ")[0]
-            raise ServingError(400, str(e), word if word in ("max_tokens", "logit_bias") else
-                               "prompt" if "prompt" in str(e) else None) from None
-        head = {"id": f"{'chatcmpl' if chat else 'cmpl'}-{uuid.uuid4().hex[:16]}",
-                "object": "chat.completion" if chat else "text_completion",
-                "created": int(time.time()), "model": srv.model_name}
-        try:
-            if req.stream:
-                self._stream(rid, q, head, params, req.include_usage, req.echo, chat)
-                return
-            out = self._wait(q, until_finished=True)
-        except (BrokenPipeError, ConnectionResetError, TimeoutError):
-            srv.async_engine.abort(rid)                # the client went away: free its blocks
-            raise
-        if out.finish_reason == "error":
-            raise ServingError(500, f"the engine failed while running this request: {out.error}",
-                               kind="server_error")
-        choices = [self._chat_choice(out, c, i, params) if chat else
-                   self._choice(out, c, i, c.text, params, echo=req.echo) for i, c in enumerate(out.outputs)]
-        self.send_json(200, dict(head, choices=choices, usage=self._usage(n_prompt, out), **self._cascade(out)))
-
-    def _read_json(self) -> object:
-        """The request body as JSON. Raises ServingError (4xx) for anything else."""
-        self.body_read = True
-        if self.headers.get("Transfer-Encoding"):
-            self.close_connection = True               # not supported: the body's end is unknown
-            raise ServingError(411, "send the body with a Content-Length header (no Transfer-Encoding)")
-        length = self.headers.get("Content-Length", "0").strip()
-        if not length.isdigit():
-            self.close_connection = True
-            raise ServingError(400, f"invalid Content-Length {length!r}")
-        if int(length) > self.server.max_body_bytes:
-            self.close_connection = True
-            raise ServingError(413, f"request body of {length} bytes exceeds {self.server.max_body_bytes}")
-        try:
-            raw = self.rfile.read(int(length))
-        except TimeoutError:
-            self.close_connection = True
-            raise ServingError(408, f"the request body did not arrive within {self.server.read_timeout} s") from None
-        if len(raw) < int(length):
-            self.close_connection = True               # the client closed mid-body
-            raise ServingError(400, f"request body ended after {len(raw)} of {length} bytes")
-        try:
-            return json.loads(raw or b"null")
-        except (json.JSONDecodeError, UnicodeDecodeError) as e:
-            raise ServingError(400, f"invalid JSON: {e}") from None
-        except RecursionError:
-            raise ServingError(400, "invalid JSON: nested too deeply") from None
-
-    def _discard_body(self) -> None:
-        """Read and drop an unread body before an early answer, or close the connection."""
-        if self.body_read:
-            return
-        self.body_read = True
-        length = self.headers.get("Content-Length", "0").strip()
-        if self.headers.get("Transfer-Encoding") or not length.isdigit() or int(length) > self.server.max_body_bytes:
-            self.close_connection = True
-            return
-        try:
-            if len(self.rfile.read(int(length))) < int(length):
-                self.close_connection = True
-        except OSError:
-            self.close_connection = True
-
-    def _client_gone(self) -> bool:
-        r, _, _ = select.select([self.connection], [], [], 0)
-        return bool(r) and not self.connection.recv(1, socket.MSG_PEEK)
-
-    def _wait(self, q: queue.Queue, until_finished: bool) -> RequestOutput:
-        """The request's next output (or its last); raises BrokenPipeError if the client left."""
-        checked = time.monotonic()
-        while True:
-            try:
-                out = q.get(timeout=0.25)
-            except queue.Empty:
-                out = None
-            if time.monotonic() - checked > 0.25:    # is anyone still listening?
-                if self._client_gone():
-                    raise BrokenPipeError
-                checked = time.monotonic()
-            if out is not None and (out.finished or not until_finished):
-                return out
-
-    def _token_str(self, t: int) -> str:
-        tok = self.server.llm.engine.tokenizer
-        return tok.token_text(t) if tok else f"token_id:{t}"
-
-    def _text_after(self, prev: int | None, t: int) -> str:
-        """The text token t adds after token prev (a candidate of top_logprobs)."""
-        tok = self.server.llm.engine.tokenizer
-        if tok is None:
-            return f"token_id:{t}"
-        if prev is None:
-            return tok.decode([t])
-        return tok.decode([prev, t])[len(tok.decode([prev])):]
-
-    def _prompt_texts(self, ids: list[int]) -> list[str]:
-        """The text each prompt token adds (they join to the decoded prompt)."""
-        tok = self.server.llm.engine.tokenizer
-        if tok is None:
-            return ["" for _ in ids]
-        detok = IncrementalDetokenizer(tok, [])
-        texts = [detok.step(t) for t in ids]
-        texts[-1] += detok.step(-1, final=True)
-        return texts
-
-    def _choice(self, out: RequestOutput, c: CompletionOutput, index: int, text: str, params: SamplingParams,
-                first: int = 0, echo: bool = False, prompt_chars: int = 0) -> dict:
-        """One choice of a response or chunk, for sample c: `text`, and the logprobs of its
-        tokens first.. (their decoded texts, which join to the text; text_offset; top_logprobs
-        keyed by text). echo: the prompt and its tokens come first. prompt_chars: an echoed
-        prompt's length sent in an earlier chunk (text_offset counts from the start of the echo)."""
-        prompt_texts = self._prompt_texts(out.prompt_token_ids) if echo else []
-        if echo:
-            text = "".join(prompt_texts) + text
-        logprobs = None
-        if params.logprobs is not None and c.logprobs is not None:
-            ids = c.token_ids[first:len(c.logprobs)]
-            lps = c.logprobs[first:first + len(ids)]
-            texts = c.token_texts[first:first + len(ids)] if c.token_texts else [self._token_str(t) for t in ids]
-            prev = ([out.prompt_token_ids[-1]] + c.token_ids)[first:first + len(ids)]
-            tokens, token_lps = list(texts), [d[t] for t, d in zip(ids, lps)]
-            tops = [{self._text_after(p, k): v for k, v in d.items()} for p, d in zip(prev, lps)]
-            if echo and out.prompt_logprobs is not None:
-                p_ids = out.prompt_token_ids
-                tokens = prompt_texts + tokens
-                token_lps = [None] + [out.prompt_logprobs[i][p_ids[i]] for i in range(1, len(p_ids))] + token_lps
-                tops = [None] + [{self._text_after(p_ids[i - 1], k): v for k, v in out.prompt_logprobs[i].items()}
-                                 for i in range(1, len(p_ids))] + tops
-            offsets, at = [], prompt_chars + len("".join((c.token_texts or [])[:first]))
-            for t in tokens:
-                offsets.append(at)
-                at += len(t)
-            logprobs = {"tokens": tokens, "token_logprobs": token_lps, "top_logprobs": tops, "text_offset": offsets}
-        return {"index": index, "text": text, "logprobs": logprobs, "finish_reason": c.finish_reason}
-
-    def _chat_logprobs(self, out: RequestOutput, c: CompletionOutput, params: SamplingParams,
-                       first: int = 0) -> dict | None:
-        """The chat API's logprobs: per token its text, logprob, UTF-8 bytes and top alternatives."""
-        if params.logprobs is None or c.logprobs is None:
-            return None
-        ids = c.token_ids[first:len(c.logprobs)]
-        texts = c.token_texts[first:first + len(ids)] if c.token_texts else [self._token_str(t) for t in ids]
-        prev = ([out.prompt_token_ids[-1]] + c.token_ids)[first:first + len(ids)]
-        content = []
-        for t, text, p, d in zip(ids, texts, prev, c.logprobs[first:first + len(ids)]):
-            top = sorted(((self._text_after(p, k), v) for k, v in d.items()), key=lambda kv: -kv[1])[:params.logprobs]
-            content.append({"token": text, "logprob": d[t], "bytes": list(text.encode("utf-8", "replace")),
-                            "top_logprobs": [{"token": k, "logprob": v, "bytes": list(k.encode("utf-8", "replace"))}
-                                             for k, v in top]})
-        return {"content": content}
-
-    def _chat_choice(self, out: RequestOutput, c: CompletionOutput, index: int, params: SamplingParams) -> dict:
-        return {"index": index, "message": {"role": "assistant", "content": c.text},
-                "logprobs": self._chat_logprobs(out, c, params), "finish_reason": c.finish_reason}
-
-    @staticmethod
-    def _cascade(out: RequestOutput) -> dict:
-        """Under a cascade, a response (a stream's last chunk) says which model answered."""
-        if out.escalated is None:
-            return {}
-        return {"cascade": {"escalated": out.escalated, "confidence": out.confidence}}
-
-    @staticmethod
-    def _usage(n_prompt: int, out: RequestOutput) -> dict:
-        generated = sum(len(c.token_ids) for c in out.outputs)
-        return {"prompt_tokens": n_prompt, "completion_tokens": generated, "total_tokens": n_prompt + generated}
-
-    def _stream(self, rid: str, q: queue.Queue, head: dict, params: SamplingParams, include_usage: bool,
-                echo: bool, chat: bool = False) -> None:
-        """Server-sent events: one chunk per step with each sample's text delta, a last chunk
-        with the usage when stream_options.include_usage asked for it (as OpenAI does), then [DONE]."""
-        self.send_response(200)
-        self.send_header("Content-Type", "text/event-stream")
-        self.send_header("Cache-Control", "no-cache")
-        self.send_header("Connection", "close")
-        self.end_headers()
-        self.answered = self.close_connection = True
-        n = params.n
-        sent, done, prompt_chars = [0] * n, [False] * n, [0] * n    # per sample: tokens sent, finished, echo
-        if chat:                                       # the chat API opens with the role
-            head = dict(head, object="chat.completion.chunk")
-            first = [{"index": i, "delta": {"role": "assistant", "content": ""}, "logprobs": None,
-                      "finish_reason": None} for i in range(n)]
-            self.wfile.write(f"data: {json.dumps(dict(head, choices=first))}\n\n".encode())
-        while True:
-            out = self._wait(q, until_finished=False)
-            if out.finish_reason == "error":           # headers are out: an error event, then [DONE]
-                self.server.async_engine.errors += 1
-                error = {"message": f"the engine failed while running this request: {out.error}",
-                         "type": "server_error", "param": None, "code": None}
-                self.wfile.write(f"data: {json.dumps({'error': error})}\n\n".encode())
-                break
-            choices = []
-            for i, c in enumerate(out.outputs):
-                if done[i] or (len(c.token_ids) == sent[i] and not c.finish_reason):
-                    continue                           # nothing new for this sample
-                if chat:
-                    choice = {"index": i, "delta": {"content": c.delta} if c.delta else {},
-                              "logprobs": self._chat_logprobs(out, c, params, sent[i]),
-                              "finish_reason": c.finish_reason}
-                else:
-                    choice = self._choice(out, c, i, c.delta, params, sent[i], echo=echo and sent[i] == 0,
-                                          prompt_chars=prompt_chars[i])
-                    if echo and sent[i] == 0:
-                        prompt_chars[i] = len(choice["text"]) - len(c.delta)
-                sent[i], done[i] = len(c.token_ids), c.finish_reason is not None
-                choices.append(choice)
-            if choices:
-                extra = self._cascade(out) if out.finished else {}
-                self.wfile.write(f"data: {json.dumps(dict(head, choices=choices, **extra))}\n\n".encode())
-            if out.finished and include_usage:
-                usage = dict(head, choices=[], usage=self._usage(len(out.prompt_token_ids), out))
-                self.wfile.write(f"data: {json.dumps(usage)}\n\n".encode())
-            self.wfile.flush()
-            if out.finished:
-                break
-        self.wfile.write(b"data: [DONE]\n\n")
-        self.wfile.flush()
-
-
-class OpenAIServer(http.server.ThreadingHTTPServer):
-    """A ThreadingHTTPServer (one thread per connection) around one AsyncEngine."""
-    daemon_threads = True
-    request_queue_size = 1024                      # listen backlog (the default of 5 resets bursts)
-
-    def __init__(self, llm: LLM | Cascade, host: str, port: int, model_name: str | None, max_waiting: int,
-                 max_body_bytes: int, read_timeout: float, api_key: str | None):
-        super().__init__((host, port), CompletionHandler)          # binds first: a busy port raises here
-        cascade = llm if isinstance(llm, Cascade) else None
-        self.llm = cascade.large if cascade else llm                # the model the API names
-        self.max_body_bytes, self.read_timeout = max_body_bytes, read_timeout
-        self.api_key = None if api_key is None else api_key.encode()   # as bytes, for hmac.compare_digest
-        self.model_name = model_name or Path(str(self.llm.engine.model_dir)).name
-        self.async_engine = AsyncCascade(cascade, max_waiting) if cascade else AsyncEngine(llm.engine, max_waiting)
-
-    def server_close(self) -> None:
-        super().server_close()
-        self.async_engine.close()
-
-
-def make_server(llm: LLM | Cascade, host: str = "127.0.0.1", port: int = 8000, model_name: str | None = None,
-                max_waiting: int = 256, max_body_bytes: int = 1 << 20, read_timeout: float = 30.0,
-                api_key: str | None = None) -> OpenAIServer:
-    """Build (not start) the server; `.serve_forever()` runs it, `.async_engine` is its loop.
-    Given a Cascade, it serves the cascade under the large model's name.
-    read_timeout: seconds a client may stall mid-request (or idle between requests) before
-    its connection is dropped. api_key: the bearer token every /v1/ request must carry
-    (None: no authentication)."""
-    if not read_timeout > 0:
-        raise ValueError(f"read_timeout must be > 0 seconds, got {read_timeout}")
-    # A key no client could send (empty, spaces at either end, which header parsing strips,
-    # control characters) would lock every client out; refused here, without echoing it.
-    if api_key is not None and (not isinstance(api_key, str) or not api_key or api_key != api_key.strip()
-                                or not api_key.isprintable()):
-        raise ValueError("api_key must be a non-empty string of printable characters without spaces at either "
-                         "end, or None to serve without one (the CLI takes it from --api-key or NANOSERVE_API_KEY)")
-    return OpenAIServer(llm, host, port, model_name, max_waiting, max_body_bytes, read_timeout, api_key)
-
-
 # ============================================================================ CLI
 
 def add_engine_args(p: argparse.ArgumentParser) -> None:
@@ -4142,7 +3310,10 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--port", type=int, default=8000)
     p.add_argument("--max-waiting", type=int, default=256, help="queued requests before answering 429")
     p.add_argument("--read-timeout", type=float, default=30.0,
-                   help="seconds a client may stall mid-request before it is dropped")
+                   help="seconds a client may take to send its request's headers, or its body, or stay idle "
+                        "between requests, before its connection is dropped")
+    p.add_argument("--max-connections", type=int, default=2048,
+                   help="requests in flight (open streams included) before answering 503")
     # The environment is the safer place for a secret (argv is visible to every user in `ps`).
     p.add_argument("--api-key", default=os.environ.get("NANOSERVE_API_KEY"), metavar="KEY",
                    help="require 'Authorization: Bearer KEY' on /v1/ requests (default: $NANOSERVE_API_KEY; "
@@ -4182,21 +3353,26 @@ def make_llm(args: argparse.Namespace) -> LLM | Cascade:
 
 
 def serve(args: argparse.Namespace) -> int:
+    # The one import of a module above this one: the HTTP server is an optional backend,
+    # selected here at its entry point (as vLLM selects its executors).
+    import server
+    # The port first: a busy one fails in a moment, not after the model has loaded.
+    sock = server.listen(args.host, args.port)
     llm = make_llm(args)
-    server = make_server(llm, args.host, args.port, max_waiting=args.max_waiting, read_timeout=args.read_timeout,
-                         api_key=args.api_key)
-    host, port = server.server_address[:2]
+    srv = server.make_server(llm, sock=sock, max_waiting=args.max_waiting, read_timeout=args.read_timeout,
+                             api_key=args.api_key, max_connections=args.max_connections)
+    host, port = srv.server_address[:2]
     what = args.model if not isinstance(llm, Cascade) else \
         f"{args.model} behind {args.cascade_small} (cascade, threshold {llm.threshold} on {llm.confidence} confidence)"
     print(f"[nanoserve] serving {what} on http://{host}:{port}/v1 "
-          f"({server.llm.engine.device}, {server.llm.stats()['kv_blocks_total']} KV blocks, "
+          f"({srv.llm.engine.device}, {srv.llm.stats()['kv_blocks_total']} KV blocks, "
           f"{'API key required' if args.api_key is not None else 'no API key'})", file=sys.stderr)
     try:
-        server.serve_forever()
+        srv.serve_forever()
     except KeyboardInterrupt:
         pass
     finally:
-        server.server_close()
+        srv.server_close()
     return 0
 
 
@@ -4208,11 +3384,12 @@ def generate_to_stdout(args: argparse.Namespace) -> int:
                             repetition_penalty=args.repetition_penalty)
     llm = make_llm(args)
     if isinstance(llm, Cascade):                  # not streamed: the small model's answer may be dropped
-        out = llm.generate([args.prompt], params)[0]
+        answer = llm.generate([args.prompt], params)[0]
+        out = answer.output
         print(out.text)
         print(f"[nanoserve] {len(out.token_ids)} tokens, finish={out.finish_reason}, answered by the "
-              f"{'large' if out.escalated else 'small'} model (small model's {llm.confidence} confidence "
-              f"{out.confidence:.3f}, threshold {llm.threshold})", file=sys.stderr)
+              f"{'large' if answer.escalated else 'small'} model (small model's {llm.confidence} confidence "
+              f"{answer.confidence:.3f}, threshold {llm.threshold})", file=sys.stderr)
         return 0
     out = None
     for out in llm.stream(args.prompt, params):
@@ -4249,4 +3426,8 @@ def main(argv: list[str] | None = None) -> int:
 
 
 if __name__ == "__main__":
-    sys.exit(main())
+    # Run as a script, this file is the module __main__, and server.py's `import nanoserve`
+    # would load a second copy whose classes are not this copy's (an LLM made here would
+    # refuse its SamplingParams). Running main from the imported module leaves one copy.
+    import nanoserve
+    sys.exit(nanoserve.main())

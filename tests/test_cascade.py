@@ -6,6 +6,7 @@ import pytest
 
 import nanoserve
 from nanoserve import LLM, Cascade, SamplingParams
+from server import make_server
 
 PROMPTS = ["import os\n", "def main(", "class Stack:\n    def push(self, x):\n", "for i in range(", "x = ["]
 GREEDY = SamplingParams(temperature=0, max_tokens=10)
@@ -30,8 +31,8 @@ def test_threshold_routes_each_request_to_the_model_that_answers_it(pair):
         for i, out in enumerate(outs):
             assert out.confidence == pytest.approx(want[i], abs=1e-6)
             assert out.escalated == (want[i] < threshold)
-            assert out.token_ids == alone["large" if out.escalated else "small"][i].token_ids
-            assert out.logprobs is None                        # not asked for, not returned
+            assert out.output.token_ids == alone["large" if out.escalated else "small"][i].token_ids
+            assert out.output.logprobs is None                 # not asked for, not returned
         assert c.num_escalated == sum(w < threshold for w in want) and c.num_requests == len(PROMPTS)
     assert not any(o.escalated for o in Cascade(small, large, 0).generate(PROMPTS, GREEDY))
     assert all(o.escalated for o in Cascade(small, large, 1.01).generate(PROMPTS, GREEDY))
@@ -58,7 +59,7 @@ def test_n_samples_escalate_on_the_least_confident_one_and_vocabularies_must_mat
         per_sample = [sum(math.exp(lp[t]) for t, lp in zip(c.token_ids, c.logprobs)) / len(c.token_ids)
                       for c in s.outputs]
         assert len(per_sample) == 3 and out.confidence == pytest.approx(min(per_sample), abs=1e-6)
-        assert all(c.logprobs is None for c in out.outputs)
+        assert all(c.logprobs is None for c in out.output.outputs)
     other = LLM(tiny_model_dir, device="cpu")                    # not the pair's 2048 tokens
     with pytest.raises(ValueError, match="vocabulary"):
         Cascade(other, large, 0.5)
@@ -77,18 +78,18 @@ def test_server_serves_the_cascade_and_counts_escalations(pair):
     cascade = Cascade(small, large, mean[len(mean) // 2])
     want = cascade.generate(PROMPTS, GREEDY)
     assert 0 < sum(o.escalated for o in want) < len(want)
-    server = nanoserve.make_server(cascade, "127.0.0.1", 0)
+    server = make_server(cascade, "127.0.0.1", 0)
     threading.Thread(target=server.serve_forever, daemon=True).start()
     port = server.server_address[1]
     try:
         for prompt, w in zip(PROMPTS, want):
             status, body = completion(port, prompt=prompt, max_tokens=10, temperature=0)
-            assert status == 200 and body["choices"][0]["text"] == w.text
+            assert status == 200 and body["choices"][0]["text"] == w.output.text
             assert body["cascade"]["escalated"] == w.escalated
             assert body["cascade"]["confidence"] == pytest.approx(w.confidence, abs=1e-6)
-            assert body["model"] == "nanocoder-5m" and body["usage"]["completion_tokens"] == len(w.token_ids)
+            assert body["model"] == "nanocoder-5m" and body["usage"]["completion_tokens"] == len(w.output.token_ids)
             chunks = stream(port, prompt=prompt, max_tokens=10, temperature=0)
-            assert "".join(c["choices"][0]["text"] for c in chunks if c["choices"]) == w.text
+            assert "".join(c["choices"][0]["text"] for c in chunks if c["choices"]) == w.output.text
             assert chunks[-1]["cascade"]["escalated"] == w.escalated
         status, text = request(port, "GET", "/metrics")
         metrics = dict(line.rsplit(" ", 1) for line in text.splitlines() if line and not line.startswith("#"))

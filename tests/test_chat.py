@@ -8,6 +8,7 @@ import pytest
 
 import nanoserve
 from nanoserve import LLM, SamplingParams
+from server import make_server, parse_chat_messages
 from conftest import LLAMA2_TOKENIZER, TINY_CONFIG, needs_llama2_tokenizer, write_random_checkpoint
 
 openai = pytest.importorskip("openai")
@@ -94,7 +95,7 @@ def test_models_without_a_template_use_the_documented_default(tmp_path):
 
 
 def serve(llm):
-    server = nanoserve.make_server(llm, "127.0.0.1", 0)
+    server = make_server(llm, "127.0.0.1", 0)
     threading.Thread(target=server.serve_forever, daemon=True).start()
     client = openai.OpenAI(base_url=f"http://127.0.0.1:{server.server_address[1]}/v1", api_key="none",
                            max_retries=0)
@@ -244,7 +245,7 @@ def test_developer_messages_render_as_system_unless_the_template_names_them(chat
     # ChatML's template adds its own system message when the first one is not "system":
     # a developer message passed through unchanged would have made the prompt longer.
     assert llm.engine.chat_prompt(developer) != llm.engine.chat_prompt(CONVERSATION)
-    assert nanoserve.parse_chat_messages(developer, keep_developer=True)[0]["role"] == "developer"
+    assert parse_chat_messages(developer, keep_developer=True)[0]["role"] == "developer"
 
 
 def test_assistant_tool_calls_with_null_content_are_accepted_and_render_as_empty(chatml_served):

@@ -12,7 +12,8 @@ import numpy as np
 import pytest
 
 import nanoserve
-from nanoserve import LLM, SamplingParams, StopStrings
+from nanoserve import SamplingParams, StopStrings
+from server import make_server
 from test_robustness import assert_no_leak, make_llm
 
 
@@ -156,7 +157,7 @@ def test_a_request_with_the_most_stop_strings_leaves_other_clients_latency_withi
     llm = make_llm(model, max_model_len=512)
     sample = llm.generate("def f(x):", SamplingParams(temperature=0.8, seed=1, max_tokens=200,
                                                      ignore_eos=True))[0].text
-    server = nanoserve.make_server(llm, "127.0.0.1", 0)
+    server = make_server(llm, "127.0.0.1", 0)
     threading.Thread(target=server.serve_forever, daemon=True).start()
     port = server.server_address[1]
     with pytest.raises(RuntimeError, match="belongs to a server"):

@@ -9,6 +9,7 @@ import pytest
 
 import nanoserve
 from nanoserve import LLM, SamplingParams
+from server import make_server
 from conftest import TINY_CONFIG, write_random_checkpoint
 
 PROMPT = [1] + [(11 * i + 7) % 290 + 3 for i in range(37)]          # 38 tokens: a partly filled block
@@ -84,7 +85,7 @@ def test_best_of_returns_the_n_most_likely_samples(model_dir):
 def test_server_n_choices_plain_streamed_and_through_the_openai_client(model_dir):
     openai = pytest.importorskip("openai")
     llm = LLM(model_dir, device="cpu", max_model_len=128)
-    server = nanoserve.make_server(llm, "127.0.0.1", 0)
+    server = make_server(llm, "127.0.0.1", 0)
     threading.Thread(target=server.serve_forever, daemon=True).start()
     port = server.server_address[1]
     try:

@@ -1,9 +1,13 @@
 """The OpenAI-compatible server, exercised over real HTTP on a free loopback port."""
 
+import asyncio
 import http.client
 import json
 import re
+import resource
 import socket
+import subprocess
+import sys
 import threading
 import time
 
@@ -11,13 +15,15 @@ import pytest
 
 import nanoserve
 from nanoserve import LLM, SamplingParams
+from server import make_server
 
 
 def start(model, **kwargs):
     path, tok = model
-    server_kw = {k: kwargs.pop(k) for k in ("max_waiting", "api_key") if k in kwargs}
+    server_kw = {k: kwargs.pop(k) for k in ("max_waiting", "api_key", "read_timeout", "max_connections")
+                 if k in kwargs}
     llm = LLM(path, device="cpu", tokenizer=tok, max_model_len=256, **kwargs)
-    server = nanoserve.make_server(llm, "127.0.0.1", 0, **server_kw)
+    server = make_server(llm, "127.0.0.1", 0, **server_kw)
     threading.Thread(target=server.serve_forever, daemon=True).start()
     return server, server.server_address[1], llm
 
@@ -354,7 +360,7 @@ def test_api_key_comes_from_the_flag_or_else_NANOSERVE_API_KEY_and_keys_no_clien
     assert nanoserve.build_parser().parse_args(["--serve", "--api-key", "from-flag"]).api_key == "from-flag"
     for bad in ("", " sk-secret", "sk-secret\n", "sk-se\tcret"):
         with pytest.raises(ValueError, match="api_key must be") as e:
-            nanoserve.make_server(llm, "127.0.0.1", 0, api_key=bad)
+            make_server(llm, "127.0.0.1", 0, api_key=bad)
         assert "secret" not in str(e.value)                              # the key is not echoed
 
 
@@ -374,3 +380,196 @@ def test_error_codes_are_strings_or_null_never_numbers(served):
         status, text = request(port, method, path, body)
         code = json.loads(text)["error"]["code"]
         assert status >= 400 and (code is None or isinstance(code, str)), (method, path, code)
+
+
+# ----------------------------------------------------------------------------- HTTP, Hypercorn's work
+
+def read_reply(sock: socket.socket) -> bytes:
+    """Bytes until the server closes the connection or a Content-Length response is complete."""
+    reply = b""
+    while True:
+        head, sep, body = reply.partition(b"\r\n\r\n")
+        length = re.search(rb"(?im)^content-length: *(\d+)", head)
+        if sep and length and len(body) >= int(length.group(1)):
+            return reply
+        chunk = sock.recv(65536)
+        if not chunk:
+            return reply
+        reply += chunk
+
+
+def test_two_requests_share_one_keep_alive_connection(served):
+    port, _, _ = served
+    conn = http.client.HTTPConnection("127.0.0.1", port, timeout=30)
+    ends = []
+    for _ in range(2):
+        conn.request("POST", "/v1/completions", json.dumps({"prompt": "x", "max_tokens": 2}))
+        r = conn.getresponse()
+        assert r.status == 200 and json.loads(r.read())["usage"]["completion_tokens"] == 2
+        ends.append(conn.sock.getsockname())
+    assert ends[0] == ends[1]                                  # the same connection: no reconnect
+    conn.close()
+
+
+def test_a_chunked_request_body_is_read(served):
+    port, _, _ = served
+    body = json.dumps({"prompt": "def f(x):", "max_tokens": 3}).encode()
+    chunks = b"".join(b"%x\r\n%s\r\n" % (len(body[i:i + 7]), body[i:i + 7]) for i in range(0, len(body), 7))
+    with socket.create_connection(("127.0.0.1", port), timeout=30) as sock:
+        sock.sendall(b"POST /v1/completions HTTP/1.1\r\nHost: x\r\nTransfer-Encoding: chunked\r\n\r\n"
+                     + chunks + b"0\r\n\r\n")
+        reply = read_reply(sock)
+    assert reply.startswith(b"HTTP/1.1 200")
+    assert json.loads(reply.partition(b"\r\n\r\n")[2])["usage"]["completion_tokens"] == 3
+
+
+def test_conflicting_content_lengths_get_a_400(served):
+    port, _, _ = served
+    body = b'{"prompt": "x", "max_tokens": 2}'
+    with socket.create_connection(("127.0.0.1", port), timeout=30) as sock:
+        sock.sendall(b"POST /v1/completions HTTP/1.1\r\nHost: x\r\nContent-Length: %d\r\n"
+                     b"Content-Length: %d\r\n\r\n%s" % (len(body), len(body) - 4, body))
+        assert read_reply(sock).startswith(b"HTTP/1.1 400")
+    assert completion(port, prompt="ok", max_tokens=2)[0] == 200
+
+
+def test_a_client_trickling_its_headers_is_dropped_at_the_read_timeout(model):
+    """One header byte every 0.2 s: the connection is closed read_timeout (1 s) after it
+    opened, long before the headers are complete, and no request reaches the engine."""
+    server, port, llm = start(model, read_timeout=1.0)
+    try:
+        head = b"POST /v1/completions HTTP/1.1\r\nHost: x\r\nX-Slow: " + b"a" * 100
+        with socket.create_connection(("127.0.0.1", port), timeout=0.2) as sock:
+            t = time.perf_counter()
+            closed_after = None
+            for byte in head:
+                try:
+                    sock.send(bytes([byte]))
+                    if sock.recv(100) == b"":
+                        closed_after = time.perf_counter() - t
+                        break
+                except socket.timeout:
+                    continue                                  # still open: the next byte
+                except OSError:
+                    closed_after = time.perf_counter() - t
+                    break
+        assert closed_after is not None and 0.8 < closed_after < 3, closed_after
+        assert llm.stats()["generated_tokens"] == 0
+        assert completion(port, prompt="ok", max_tokens=2)[0] == 200
+    finally:
+        server.shutdown()
+        server.server_close()
+
+
+def test_requests_beyond_max_connections_get_a_503_and_the_server_recovers(model):
+    server, port, llm = start(model, max_connections=2)
+    step = llm.engine.step
+    llm.engine.step = lambda: (time.sleep(0.02), step())[1]     # 100 tokens take 2 s or more
+    try:
+        streams = []
+        for i in range(2):                                         # two streams hold both places
+            sock = socket.create_connection(("127.0.0.1", port), timeout=30)
+            body = json.dumps({"prompt": f"x{i}", "max_tokens": 100, "ignore_eos": True, "stream": True}).encode()
+            sock.sendall(b"POST /v1/completions HTTP/1.1\r\nHost: x\r\nContent-Length: %d\r\n\r\n%s"
+                         % (len(body), body))
+            assert sock.recv(100).startswith(b"HTTP/1.1 200")
+            streams.append(sock)
+        conn = http.client.HTTPConnection("127.0.0.1", port, timeout=30)
+        conn.request("GET", "/health")
+        r = conn.getresponse()
+        err = json.loads(r.read())["error"]
+        assert r.status == 503 and r.getheader("Retry-After") == "1" and "--max-connections" in err["message"]
+        conn.close()
+        for sock in streams:
+            sock.close()
+        deadline = time.time() + 10
+        while server.in_flight and time.time() < deadline:       # the aborted streams end
+            time.sleep(0.05)
+        assert completion(port, prompt="ok", max_tokens=2)[0] == 200
+        wait_idle(llm)
+    finally:
+        server.shutdown()
+        server.server_close()
+
+
+def test_a_client_leaving_mid_body_leaves_no_traceback_and_the_server_serves_on(served, capfd):
+    port, llm, _ = served
+    capfd.readouterr()
+    for is_stream in (False, True):
+        body = json.dumps({"prompt": "x", "max_tokens": 50, "stream": is_stream}).encode()
+        sock = socket.create_connection(("127.0.0.1", port), timeout=30)
+        sock.sendall(b"POST /v1/completions HTTP/1.1\r\nHost: x\r\nContent-Length: %d\r\n\r\n%s"
+                     % (len(body), body[:10]))
+        time.sleep(0.3)
+        sock.close()
+    time.sleep(0.5)
+    assert completion(port, prompt="ok", max_tokens=2)[0] == 200
+    err = capfd.readouterr().err
+    assert "Traceback" not in err and "Error" not in err, err
+    wait_idle(llm)
+
+
+def test_a_thousand_concurrent_streams_share_one_thread(model):
+    """1,000 clients stream at once (asyncio clients in this thread): every stream ends
+    with [DONE], most were open at the same time, and the process holds no more threads
+    than before: the server's streams live on its one event loop, not a thread each.
+    About 6 s on 2 cores."""
+    n = 1000
+    soft, hard = resource.getrlimit(resource.RLIMIT_NOFILE)
+    if soft < 2 * n + 200:                            # both ends of every connection are in this process
+        if hard != resource.RLIM_INFINITY and hard < 2 * n + 200:
+            pytest.skip(f"{2 * n + 200} file descriptors needed, the hard limit is {hard}")
+        resource.setrlimit(resource.RLIMIT_NOFILE, (2 * n + 200, hard))
+    server, port, llm = start(model, max_waiting=2 * n)
+    threads = threading.active_count()
+    peak = [threads, 0]                               # threads, requests in flight
+
+    async def client(i: int) -> bytes:
+        reader, writer = await asyncio.open_connection("127.0.0.1", port)
+        body = json.dumps({"prompt": [1, 10 + i % 50], "max_tokens": 4, "ignore_eos": True, "stream": True}).encode()
+        writer.write(b"POST /v1/completions HTTP/1.1\r\nHost: x\r\nConnection: close\r\n"
+                     b"Content-Length: %d\r\n\r\n%s" % (len(body), body))
+        reply = await reader.read()                   # to the end: the server closes after [DONE]
+        writer.close()
+        return reply
+
+    async def all_clients() -> list:
+        async def watch() -> None:
+            while True:
+                peak[0] = max(peak[0], threading.active_count())
+                peak[1] = max(peak[1], server.in_flight)
+                await asyncio.sleep(0.1)
+        watcher = asyncio.create_task(watch())
+        replies = await asyncio.gather(*[client(i) for i in range(n)], return_exceptions=True)
+        watcher.cancel()
+        return replies
+
+    try:
+        t = time.perf_counter()
+        replies = asyncio.run(all_clients())
+        elapsed = time.perf_counter() - t
+        failed = [r for r in replies if not (isinstance(r, bytes) and b"data: [DONE]" in r)]
+        assert not failed, (len(failed), failed[:2])
+        assert peak[0] <= threads, (peak[0], threads)
+        assert peak[1] >= n // 2, peak[1]             # most streams were open at once
+        assert elapsed < 120, elapsed
+        wait_idle(llm)
+    finally:
+        server.shutdown()
+        server.server_close()
+
+
+def test_a_busy_port_is_one_line_and_exit_2_before_the_model_loads():
+    """The port is bound first: with it taken, --serve fails at once, one line, exit 2,
+    before it would have found that the model directory does not exist."""
+    from conftest import ROOT
+    with socket.create_server(("127.0.0.1", 0)) as taken:
+        port = taken.getsockname()[1]
+        t = time.perf_counter()
+        proc = subprocess.run([sys.executable, str(ROOT / "nanoserve.py"), "--serve", "--port", str(port),
+                               "--model", "/no/such/model"], capture_output=True, text=True, timeout=60)
+        elapsed = time.perf_counter() - t
+    lines = proc.stderr.strip().splitlines()
+    assert proc.returncode == 2 and len(lines) == 1, proc.stderr
+    assert lines[0].startswith(f"nanoserve: error: cannot listen on 127.0.0.1:{port}: ") and "in use" in lines[0]
+    assert elapsed < 30, elapsed                      # the interpreter and torch's import, no model

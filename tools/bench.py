@@ -33,6 +33,7 @@ ROOT = Path(__file__).resolve().parent.parent
 sys.path.insert(0, str(ROOT))
 import nanoserve  # noqa: E402
 import quant  # noqa: E402
+import server as http_server  # noqa: E402
 from nanoserve import DTYPES, LLM, SamplingParams  # noqa: E402
 
 SHARED_LLAMA2_TOKENIZER = ROOT.parent / "shared" / "models" / "tokenizers" / "llama2" / "tokenizer.model"
@@ -573,10 +574,10 @@ def bench_cascade(small_dir: str, large_dir: str, kw: dict, n: int, thresholds: 
     for th in thresholds:
         cascade = nanoserve.Cascade(small, large, th)
         t = time.perf_counter()
-        outs = cascade.generate(prompts, sp)
+        answers = cascade.generate(prompts, sp)
         elapsed = time.perf_counter() - t
         rows.append({"config": f"cascade, threshold {th:g}", "threshold": th, "seconds": elapsed,
-                     **score(outs, [o.escalated for o in outs], "cascade")})
+                     **score([a.output for a in answers], [a.escalated for a in answers], "cascade")})
         _progress("thresholds", thresholds.index(th) + 1, len(thresholds))
     small.close(), large.close()
     return {"tasks": len(tasks), "small": small_dir, "large": large_dir, "params": params, "rows": rows}
@@ -784,7 +785,7 @@ def _streaming_client(port: int, body: dict, log: ClientLog) -> None:
 
 def bench_server(llm: LLM, levels: tuple[int, ...], requests_per_client: int, max_tokens: int) -> dict:
     """N concurrent streaming clients against the HTTP server on a loopback port."""
-    server = nanoserve.make_server(llm, "127.0.0.1", 0)
+    server = http_server.make_server(llm, "127.0.0.1", 0)
     port = server.server_address[1]
     threading.Thread(target=server.serve_forever, daemon=True).start()
     prompt = "def main():\n" if llm.tokenizer else [1, 10, 20, 30]
