@@ -299,39 +299,64 @@ def bench_profile(llm: LLM, batches: tuple[int, ...], steps: int = 8) -> dict:
     return {"steps": steps, "rows": out}
 
 
-def bench_host(batch: int = 256, steps: int = 100) -> dict:
+def bench_host(batch: int = 256, steps: int = 100, warmup: int = 4) -> dict:
     """The engine's own cost per decode step, without a model: the forward pass replaced by
     zeros and the logits by random numbers, so what is left is what the host does every step
     (scheduling, the runner's inputs through the CUDA-graph input path, sampling with
     per-request seeds, outputs) for `batch` running requests of the nano-vllm workload: the
     floor of a step on a fast GPU. On a GPU the stubs and the sampling run there; the rest
-    is host Python either way, so a CPU measures most of it too."""
-    llm = LLM("random:nanocoder-5m-8k", max_model_len=2048, num_blocks=40000)
-    eng = llm.engine
-    D, V = eng.model_config.hidden_size, eng.model_config.vocab_size
-    eng.runner.use_graphs = True                         # the padded static-buffer path, not captured
-    stub = nanoserve.DecodeGraphs._forward
-    dev = eng.device
-    nanoserve.DecodeGraphs._forward = lambda self, b, ctx: torch.zeros(b, D, device=dev)
-    g = torch.Generator(dev).manual_seed(0)
-    eng.runner.compute_logits = lambda h: torch.randn(h.shape[0], V, generator=g, device=dev)
-    try:
-        prompts, params = nano_vllm_workload(V, batch, 100, 1024)
+    is host Python either way, so a CPU measures most of it too.
+
+    The prompts (100-1024 tokens each) are prefilled first, with the forward stubbed there
+    too (the stubbed decode steps never read the cache it would have written), over many
+    steps: the step's token budget (max_num_batched_tokens) takes a few prompts at a time, and
+    the requests already prefilled decode meanwhile. Every request's max_tokens is one more
+    than the steps that run, prefill included, so none finishes before the last timed step: a
+    first engine counts the prefill steps (which requests a step schedules does not depend on
+    the tokens sampled: no EOS, no stop strings), a second one runs them again, then `warmup`
+    decode steps and the `steps` timed ones."""
+    def stubbed_engine() -> nanoserve.LLMEngine:
+        eng = LLM("random:nanocoder-5m-8k", max_model_len=2048, num_blocks=40000).engine
+        D, V = eng.model_config.hidden_size, eng.model_config.vocab_size
+        dev = eng.device
+        eng.runner.use_graphs = True                     # the padded static-buffer path (captured on a GPU)
+        eng.model.forward = lambda input_ids, positions, kv_caches, meta: torch.zeros(len(input_ids), D, device=dev)
+        g = torch.Generator(dev).manual_seed(0)
+        eng.runner.compute_logits = lambda h: torch.randn(h.shape[0], V, generator=g, device=dev)
+        return eng
+
+    def prefill(eng: nanoserve.LLMEngine, max_tokens: int) -> int:
+        """Add the requests and step until every prompt is computed -> the steps that took."""
         for p, sp in zip(prompts, params):
-            eng.add_request(p, SamplingParams(temperature=0.6, max_tokens=steps + 8, ignore_eos=True, seed=sp.seed))
-        while any(s.num_computed < s.num_prompt_tokens for s in eng.scheduler.running) or eng.scheduler.waiting:
-            eng.step()                                   # prefills (the forward is a stub)
-        eng.step_time = dict.fromkeys(eng.step_time, 0.0)
-        t = time.perf_counter()
-        for _ in range(steps):
+            eng.add_request(p, SamplingParams(temperature=0.6, max_tokens=max_tokens, ignore_eos=True, seed=sp.seed))
+        n = 0
+        while eng.scheduler.waiting or any(s.num_computed < s.num_prompt_tokens for s in eng.scheduler.running):
             eng.step()
-        per_step = (time.perf_counter() - t) / steps
-        if len(eng.scheduler.running) != batch:         # the engine ends a failed step's requests
-            raise RuntimeError(f"bench host: {batch - len(eng.scheduler.running)} requests ended early; "
-                               "a step failed (see the engine's message above)")
-    finally:
-        nanoserve.DecodeGraphs._forward = stub
-    return {"batch": batch, "ms_per_step": 1e3 * per_step,
+            n += 1
+        return n
+
+    eng = stubbed_engine()
+    prompts, params = nano_vllm_workload(eng.model_config.vocab_size, batch, 100, 1024)
+    prefill_steps = prefill(eng, max_tokens=eng.max_model_len)          # counted; only the context ends one
+    del eng
+    _free_memory()
+    eng = stubbed_engine()
+    again = prefill(eng, max_tokens=prefill_steps + warmup + steps + 1)
+    if again != prefill_steps:
+        raise RuntimeError(f"bench host: the prefill took {again} steps, not the {prefill_steps} counted")
+    for _ in range(warmup):
+        eng.step()
+    graph_steps = eng.runner.graphs.steps if eng.runner.graphs else 0
+    eng.step_time = dict.fromkeys(eng.step_time, 0.0)
+    t = time.perf_counter()
+    for _ in range(steps):
+        eng.step()
+    per_step = (time.perf_counter() - t) / steps
+    if len(eng.scheduler.running) != batch:             # the engine ends a failed step's requests
+        raise RuntimeError(f"bench host: {batch - len(eng.scheduler.running)} requests ended early; "
+                           "a step failed (see the engine's message above)")
+    return {"batch": batch, "ms_per_step": 1e3 * per_step, "prefill_steps": prefill_steps, "warmup_steps": warmup,
+            "steps": steps, "graph_path_steps": eng.runner.graphs.steps - graph_steps,
             **{f"{k}_ms": 1e3 * v / steps for k, v in eng.step_time.items() if k != "draft"}}
 
 
@@ -914,7 +939,8 @@ def suite_profile(b: Bench) -> tuple[dict, str, Rows]:
 def suite_host(b: Bench) -> tuple[dict, str, Rows]:
     r = bench_host()
     return r, f"Host time per decode step, model stubbed out: {r['batch']} running seeded requests", [
-        ("step", f"{r['ms_per_step']:.2f} ms"),
+        ("step", f"{r['ms_per_step']:.2f} ms (mean of {r['steps']} steps, after {r['prefill_steps']} prefill "
+                 f"and {r['warmup_steps']} warm-up steps)"),
         ("of which", f"schedule {r['schedule_ms']:.2f} ms, runner inputs {r['model_ms']:.2f} ms, "
                      f"logits stub + sampling + outputs {r['sample_and_output_ms']:.2f} ms")]
 
