@@ -881,7 +881,12 @@ def bench_server(llm: LLM, levels: tuple[int, ...], requests_per_client: int, ma
 @dataclass
 class Bench:
     """What the suites share: the command line, LLM keyword arguments, the workload size
-    and one engine, built when first needed."""
+    and one engine, built when first needed.
+
+    threads: torch's threads when the benchmark started. An engine sets torch's threads for
+    the whole process (one for a tiny model), and an engine left to torch's choice keeps what
+    an earlier one set; so the shared engine, and each suite that builds its own, starts from
+    these, as in a run of that suite alone."""
     args: argparse.Namespace
     kw: dict
     device: str
@@ -889,10 +894,12 @@ class Bench:
     lo: int
     hi: int
     small: bool
+    threads: int
     _llm: LLM | None = None
 
     def llm(self) -> LLM:
         if self._llm is None:
+            torch.set_num_threads(self.threads)
             self._llm = LLM(self.args.model, **self.kw)
         return self._llm
 
@@ -1204,7 +1211,7 @@ def run(args: argparse.Namespace) -> dict:
         f"CPU ({os.cpu_count()} cores, {torch.get_num_threads()} threads)"
     small = dev == "cpu"
     lo, hi = args.lengths or ((32, 256) if small else (100, 1024))
-    b = Bench(args, kw, dev, args.requests or (48 if small else 256), lo, hi, small)
+    b = Bench(args, kw, dev, args.requests or (48 if small else 256), lo, hi, small, torch.get_num_threads())
     results: dict = {"machine": machine, "torch": torch.__version__, "model": args.model,
                      "dtype": args.dtype, "random_weights": preset is not None}
     print(f"# nanoserve benchmarks: {args.model} ({'random weights' if preset else 'trained'}), "
@@ -1214,6 +1221,7 @@ def run(args: argparse.Namespace) -> dict:
         suite = SUITES[name]
         if suite.own_engines:
             b.release()
+            torch.set_num_threads(b.threads)
         results[name], title, rows = suite.run(b)
         print(table(title, rows), flush=True)
     if args.out:
