@@ -626,15 +626,19 @@ def test_decode_split_policy_fills_the_gpu_fits_shared_memory_and_merges_only_wh
             assert (9 * G * hd + G * part + part + 2) * 4 <= budget
 
 
-def test_host_benchmark_stubs_the_decode_graph_forward():
-    """tools/bench.py host replaces DecodeGraphs._forward with a stub of the same signature;
-    run it small so a change of that signature cannot break the benchmark unnoticed."""
+def test_host_benchmark_runs_past_a_prefill_of_several_steps():
+    """tools/bench.py host stubs the model's forward and the logits on engines of its own,
+    prefills its requests and times decode steps through the CUDA-graph input path. Run at a
+    size whose prefill takes several steps (32 prompts of 100-1024 tokens, 2048 tokens a
+    step): requests given a fixed max_tokens ended there before the timed steps did. The
+    stub has the forward's signature, so a change of that signature fails here too."""
     import importlib.util
     spec = importlib.util.spec_from_file_location("bench_under_test", ROOT / "tools" / "bench.py")
     bench = importlib.util.module_from_spec(spec)
     sys.modules[spec.name] = bench                                  # its dataclasses look themselves up
     spec.loader.exec_module(bench)
-    forward = nanoserve.DecodeGraphs._forward
-    r = bench.bench_host(batch=4, steps=2)
-    assert r["batch"] == 4 and r["ms_per_step"] > 0
-    assert nanoserve.DecodeGraphs._forward is forward              # the stub is undone
+    forward, graph_forward = nanoserve.LlamaForCausalLM.forward, nanoserve.DecodeGraphs._forward
+    r = bench.bench_host(batch=32, steps=3, warmup=2)
+    assert r["batch"] == 32 and r["prefill_steps"] >= 5 and r["warmup_steps"] == 2
+    assert r["graph_path_steps"] == r["steps"] == 3 and r["ms_per_step"] > 0
+    assert nanoserve.LlamaForCausalLM.forward is forward and nanoserve.DecodeGraphs._forward is graph_forward

@@ -3,18 +3,24 @@
 Each case builds a tiny random model with transformers (its config class, its weights),
 saves it with save_pretrained, loads the directory into nanoserve, and compares fp32
 prompt logprobs (within 1e-4) and greedy tokens (equal) over a prompt longer than the
-scaled RoPE's original context. Skipped without transformers (it is in requirements-dev.txt).
+scaled RoPE's original context. transformers runs in an interpreter of its own
+(hf_oracle.py says why): it builds every family's checkpoint once and computes the
+references there. Skipped without transformers (it is in requirements-dev.txt).
 """
 
 import json
+import shutil
+from pathlib import Path
 
 import pytest
 import torch
 
 import nanoserve
+from hf_oracle import HAS_TRANSFORMERS, run_clean
 from nanoserve import LLM, SamplingParams
 
-transformers = pytest.importorskip("transformers")
+if not HAS_TRANSFORMERS:
+    pytest.skip("transformers is not installed (it is in requirements-dev.txt)", allow_module_level=True)
 tokenizers = pytest.importorskip("tokenizers")
 
 SMALL = dict(hidden_size=64, intermediate_size=96, num_hidden_layers=2, num_attention_heads=4,
@@ -41,47 +47,67 @@ FAMILIES = {
 }
 
 
-def save_hf_model(path, family: str, seed: int = 0):
-    """A transformers model of the family with peaked random weights, saved as users have it."""
-    cls_name, fields = FAMILIES[family]
-    cfg = getattr(transformers, cls_name)(**fields)
-    torch.manual_seed(seed)
-    model = transformers.AutoModelForCausalLM.from_config(cfg).float().eval()
-    with torch.no_grad():
-        for name, p in model.named_parameters():
-            if p.dim() == 2:            # large enough that greedy tokens have no near-ties
-                p.normal_(0, 2.0 / p.shape[-1] ** 0.5)
-            elif name.endswith("bias"):
-                p.normal_(0, 0.5)
-    model.save_pretrained(path)
-    return model
+PROMPT = [(37 * i + 11) % 300 + 3 for i in range(100)]      # 100 positions: past the original 64
+NEW_TOKENS = 20
 
 
-def hf_logprobs(model, ids: list[int]) -> torch.Tensor:
-    with torch.no_grad():
-        return model(torch.tensor([ids])).logits[0].float().log_softmax(-1)                # (T, V)
+def build_hf_models(out_dir: str, families: dict, prompt: list[int], new_tokens: int) -> dict:
+    """Run by run_clean, where transformers can be imported: each family's transformers model
+    with peaked random weights, saved as users have it in out_dir/<family>, and its references
+    over prompt -> {family: {"logprobs": fp32 (T, V), "greedy": new_tokens token ids}}."""
+    import torch
+    import transformers
+    refs = {}
+    for family, (cls_name, fields) in families.items():
+        cfg = getattr(transformers, cls_name)(**fields)
+        torch.manual_seed(0)
+        model = transformers.AutoModelForCausalLM.from_config(cfg).float().eval()
+        with torch.no_grad():
+            for name, p in model.named_parameters():
+                if p.dim() == 2:            # large enough that greedy tokens have no near-ties
+                    p.normal_(0, 2.0 / p.shape[-1] ** 0.5)
+                elif name.endswith("bias"):
+                    p.normal_(0, 0.5)
+        model.save_pretrained(f"{out_dir}/{family}")
+        with torch.no_grad():
+            logprobs = model(torch.tensor([prompt])).logits[0].float().log_softmax(-1)            # (T, V)
+            greedy = model.generate(torch.tensor([prompt]), max_new_tokens=new_tokens, min_new_tokens=new_tokens,
+                                    do_sample=False, pad_token_id=0)[0, len(prompt):].tolist()
+        refs[family] = {"logprobs": logprobs, "greedy": greedy}
+    return refs
+
+
+@pytest.fixture(scope="module")
+def hf_models(tmp_path_factory) -> tuple[Path, dict]:
+    """(directory of every family's checkpoint, the references build_hf_models computed)."""
+    out = tmp_path_factory.mktemp("hf")
+    return out, run_clean(build_hf_models, str(out), FAMILIES, PROMPT, NEW_TOKENS)
+
+
+def save_hf_model(hf_models: tuple[Path, dict], path: Path, family: str) -> dict:
+    """The family's transformers checkpoint, copied into path (tests change its files)
+    -> its references."""
+    out, refs = hf_models
+    shutil.copytree(out / family, path, dirs_exist_ok=True)
+    return refs[family]
 
 
 @pytest.mark.parametrize("family", list(FAMILIES))
-def test_family_matches_transformers(tmp_path, family):
-    hf = save_hf_model(tmp_path, family)
+def test_family_matches_transformers(tmp_path, hf_models, family):
+    ref = save_hf_model(hf_models, tmp_path, family)
     llm = LLM(tmp_path, device="cpu", dtype="float32", max_model_len=200)
-    prompt = [(37 * i + 11) % 300 + 3 for i in range(100)]      # 100 positions: past the original 64
-    out = llm.generate(prompt, SamplingParams(temperature=0, max_tokens=20, ignore_eos=True, prompt_logprobs=0))[0]
-    ref = hf_logprobs(hf, prompt)
-    ours = torch.tensor([out.prompt_logprobs[i][prompt[i]] for i in range(1, len(prompt))])
-    theirs = ref[torch.arange(len(prompt) - 1), torch.tensor(prompt[1:])]
+    out = llm.generate(PROMPT, SamplingParams(temperature=0, max_tokens=NEW_TOKENS, ignore_eos=True,
+                                              prompt_logprobs=0))[0]
+    ours = torch.tensor([out.prompt_logprobs[i][PROMPT[i]] for i in range(1, len(PROMPT))])
+    theirs = ref["logprobs"][torch.arange(len(PROMPT) - 1), torch.tensor(PROMPT[1:])]
     assert (ours - theirs).abs().max() < 1e-4, family
-    with torch.no_grad():
-        greedy = hf.generate(torch.tensor([prompt]), max_new_tokens=20, min_new_tokens=20, do_sample=False,
-                             pad_token_id=0)[0, len(prompt):].tolist()
-    assert out.token_ids == greedy, family
+    assert out.token_ids == ref["greedy"], family
 
 
-def test_both_config_generations_load_the_same_network(tmp_path):
+def test_both_config_generations_load_the_same_network(tmp_path, hf_models):
     """transformers 5 writes rope_theta and its scaling inside rope_parameters; older configs
     have them at the top level (rope_scaling with "type"). Both give the same logits."""
-    hf = save_hf_model(tmp_path / "new", "llama3.1")
+    save_hf_model(hf_models, tmp_path / "new", "llama3.1")
     raw = json.loads((tmp_path / "new" / "config.json").read_text())
     rope = raw.pop("rope_parameters")
     legacy = dict(raw, rope_theta=rope.pop("rope_theta"), rope_scaling=dict(rope, type=rope.pop("rope_type")))
@@ -94,7 +120,6 @@ def test_both_config_generations_load_the_same_network(tmp_path):
     old = LLM(tmp_path / "old", device="cpu").generate(ids, p)[0].prompt_logprobs
     assert new == old
     assert nanoserve.ModelConfig.from_dir(tmp_path / "old").rope_scaling["rope_type"] == "llama3"
-    del hf
 
 
 @pytest.mark.parametrize("change,field", [
@@ -105,16 +130,16 @@ def test_both_config_generations_load_the_same_network(tmp_path):
     ({"hidden_act": "gelu"}, "hidden_act"),
     ({"partial_rotary_factor": 0.5}, "partial_rotary_factor"),
 ])
-def test_unsupported_configs_are_refused_by_name(tmp_path, change, field):
-    save_hf_model(tmp_path, "llama2")
+def test_unsupported_configs_are_refused_by_name(tmp_path, hf_models, change, field):
+    save_hf_model(hf_models, tmp_path, "llama2")
     raw = json.loads((tmp_path / "config.json").read_text())
     (tmp_path / "config.json").write_text(json.dumps(dict(raw, **change)))
     with pytest.raises(ValueError, match=field):
         LLM(tmp_path, device="cpu")
 
 
-def test_a_sliding_window_shorter_than_the_context_caps_it_and_longer_asks_are_refused(tmp_path):
-    save_hf_model(tmp_path, "mistral")
+def test_a_sliding_window_shorter_than_the_context_caps_it_and_longer_asks_are_refused(tmp_path, hf_models):
+    save_hf_model(hf_models, tmp_path, "mistral")
     raw = json.loads((tmp_path / "config.json").read_text())
     (tmp_path / "config.json").write_text(json.dumps(dict(raw, sliding_window=128)))
     assert LLM(tmp_path, device="cpu").engine.max_model_len == 128
@@ -142,8 +167,8 @@ def train_byte_level_bpe(path, vocab_size: int = 300) -> "tokenizers.Tokenizer":
     return tok
 
 
-def test_tokenizer_json_loads_with_bos_eos_and_generation_config_eos_ids(tmp_path):
-    save_hf_model(tmp_path, "qwen2")
+def test_tokenizer_json_loads_with_bos_eos_and_generation_config_eos_ids(tmp_path, hf_models):
+    save_hf_model(hf_models, tmp_path, "qwen2")
     tok = train_byte_level_bpe(tmp_path)
     (tmp_path / "generation_config.json").write_text(json.dumps({"eos_token_id": [1, 2]}))
     llm = LLM(tmp_path, device="cpu")
@@ -175,20 +200,20 @@ def test_streaming_detokenization_of_byte_level_bpe_with_split_characters(tmp_pa
     assert tok.decode(ids) == text
 
 
-def test_a_directory_with_both_tokenizers_uses_tokenizer_json(tmp_path):
-    save_hf_model(tmp_path, "llama2")
+def test_a_directory_with_both_tokenizers_uses_tokenizer_json(tmp_path, hf_models):
+    save_hf_model(hf_models, tmp_path, "llama2")
     train_byte_level_bpe(tmp_path)
     (tmp_path / "tokenizer.model").write_bytes(b"not read")
     assert isinstance(LLM(tmp_path, device="cpu").tokenizer, nanoserve.HFTokenizer)
 
 
 @pytest.mark.parametrize("method", ["rtn", "awq"])
-def test_a_quantized_qwen2_keeps_its_biases(tmp_path, method):
+def test_a_quantized_qwen2_keeps_its_biases(tmp_path, hf_models, method):
     """q/k/v biases survive quantization (AWQ folds its scale into v_proj's bias too) and
     reload bit-exactly; int8 logprobs stay near fp32's, much nearer than without the biases
     (random weights of these peaked scales put int8 per channel within about 0.3)."""
     import quant
-    save_hf_model(tmp_path / "fp", "qwen2")
+    save_hf_model(hf_models, tmp_path / "fp", "qwen2")
     llm = LLM(tmp_path / "fp", device="cpu")
     ids = [(7 * i) % 300 + 3 for i in range(60)]
     p = SamplingParams(temperature=0, max_tokens=1, prompt_logprobs=0)

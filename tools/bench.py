@@ -19,7 +19,9 @@ import http.client
 import importlib.util
 import json
 import os
+import subprocess
 import sys
+import tempfile
 import threading
 import time
 from dataclasses import dataclass
@@ -298,73 +300,137 @@ def bench_profile(llm: LLM, batches: tuple[int, ...], steps: int = 8) -> dict:
     return {"steps": steps, "rows": out}
 
 
-def bench_host(batch: int = 256, steps: int = 100) -> dict:
+def bench_host(batch: int = 256, steps: int = 100, warmup: int = 4) -> dict:
     """The engine's own cost per decode step, without a model: the forward pass replaced by
     zeros and the logits by random numbers, so what is left is what the host does every step
     (scheduling, the runner's inputs through the CUDA-graph input path, sampling with
     per-request seeds, outputs) for `batch` running requests of the nano-vllm workload: the
     floor of a step on a fast GPU. On a GPU the stubs and the sampling run there; the rest
-    is host Python either way, so a CPU measures most of it too."""
-    llm = LLM("random:nanocoder-5m-8k", max_model_len=2048, num_blocks=40000)
-    eng = llm.engine
-    D, V = eng.model_config.hidden_size, eng.model_config.vocab_size
-    eng.runner.use_graphs = True                         # the padded static-buffer path, not captured
-    stub = nanoserve.DecodeGraphs._forward
-    dev = eng.device
-    nanoserve.DecodeGraphs._forward = lambda self, b, ctx: torch.zeros(b, D, device=dev)
-    g = torch.Generator(dev).manual_seed(0)
-    eng.runner.compute_logits = lambda h: torch.randn(h.shape[0], V, generator=g, device=dev)
-    try:
-        prompts, params = nano_vllm_workload(V, batch, 100, 1024)
+    is host Python either way, so a CPU measures most of it too.
+
+    The prompts (100-1024 tokens each) are prefilled first, with the forward stubbed there
+    too (the stubbed decode steps never read the cache it would have written), over many
+    steps: the step's token budget (max_num_batched_tokens) takes a few prompts at a time, and
+    the requests already prefilled decode meanwhile. Every request's max_tokens is one more
+    than the steps that run, prefill included, so none finishes before the last timed step: a
+    first engine counts the prefill steps (which requests a step schedules does not depend on
+    the tokens sampled: no EOS, no stop strings), a second one runs them again, then `warmup`
+    decode steps and the `steps` timed ones."""
+    def stubbed_engine() -> nanoserve.LLMEngine:
+        eng = LLM("random:nanocoder-5m-8k", max_model_len=2048, num_blocks=40000).engine
+        D, V = eng.model_config.hidden_size, eng.model_config.vocab_size
+        dev = eng.device
+        eng.runner.use_graphs = True                     # the padded static-buffer path (captured on a GPU)
+        eng.model.forward = lambda input_ids, positions, kv_caches, meta: torch.zeros(len(input_ids), D, device=dev)
+        g = torch.Generator(dev).manual_seed(0)
+        eng.runner.compute_logits = lambda h: torch.randn(h.shape[0], V, generator=g, device=dev)
+        return eng
+
+    def prefill(eng: nanoserve.LLMEngine, max_tokens: int) -> int:
+        """Add the requests and step until every prompt is computed -> the steps that took."""
         for p, sp in zip(prompts, params):
-            eng.add_request(p, SamplingParams(temperature=0.6, max_tokens=steps + 8, ignore_eos=True, seed=sp.seed))
-        while any(s.num_computed < s.num_prompt_tokens for s in eng.scheduler.running) or eng.scheduler.waiting:
-            eng.step()                                   # prefills (the forward is a stub)
-        eng.step_time = dict.fromkeys(eng.step_time, 0.0)
-        t = time.perf_counter()
-        for _ in range(steps):
+            eng.add_request(p, SamplingParams(temperature=0.6, max_tokens=max_tokens, ignore_eos=True, seed=sp.seed))
+        n = 0
+        while eng.scheduler.waiting or any(s.num_computed < s.num_prompt_tokens for s in eng.scheduler.running):
             eng.step()
-        per_step = (time.perf_counter() - t) / steps
-        if len(eng.scheduler.running) != batch:         # the engine ends a failed step's requests
-            raise RuntimeError(f"bench host: {batch - len(eng.scheduler.running)} requests ended early; "
-                               "a step failed (see the engine's message above)")
-    finally:
-        nanoserve.DecodeGraphs._forward = stub
-    return {"batch": batch, "ms_per_step": 1e3 * per_step,
+            n += 1
+        return n
+
+    eng = stubbed_engine()
+    prompts, params = nano_vllm_workload(eng.model_config.vocab_size, batch, 100, 1024)
+    prefill_steps = prefill(eng, max_tokens=eng.max_model_len)          # counted; only the context ends one
+    del eng
+    _free_memory()
+    eng = stubbed_engine()
+    again = prefill(eng, max_tokens=prefill_steps + warmup + steps + 1)
+    if again != prefill_steps:
+        raise RuntimeError(f"bench host: the prefill took {again} steps, not the {prefill_steps} counted")
+    for _ in range(warmup):
+        eng.step()
+    graph_steps = eng.runner.graphs.steps if eng.runner.graphs else 0
+    eng.step_time = dict.fromkeys(eng.step_time, 0.0)
+    t = time.perf_counter()
+    for _ in range(steps):
+        eng.step()
+    per_step = (time.perf_counter() - t) / steps
+    if len(eng.scheduler.running) != batch:             # the engine ends a failed step's requests
+        raise RuntimeError(f"bench host: {batch - len(eng.scheduler.running)} requests ended early; "
+                           "a step failed (see the engine's message above)")
+    return {"batch": batch, "ms_per_step": 1e3 * per_step, "prefill_steps": prefill_steps, "warmup_steps": warmup,
+            "steps": steps, "graph_path_steps": eng.runner.graphs.steps - graph_steps,
             **{f"{k}_ms": 1e3 * v / steps for k, v in eng.step_time.items() if k != "draft"}}
+
+
+class TransformersBaseline:
+    """Hugging Face transformers' `generate` in a child interpreter, tools/hf_generate.py
+    (which says why it cannot run in this process), asked over a pipe. The child's stderr is
+    this process's, so its errors show where the benchmark's do."""
+
+    def __init__(self, model_dir: str, device: str, dtype: str, threads: int):
+        self.proc = subprocess.Popen(
+            [sys.executable, "-I", str(ROOT / "tools" / "hf_generate.py"), str(Path(model_dir).resolve()),
+             device, dtype, str(threads)],
+            stdin=subprocess.PIPE, stdout=subprocess.PIPE, text=True, cwd=tempfile.gettempdir())
+        self.info = self._read()                     # {"transformers": version, "vocab_size", "threads"}
+
+    def generate(self, prompts: list[list[int]], new_tokens: list[int], **options) -> tuple[float, list[list[int]]]:
+        """The prompts as one left-padded batch, run to the longest of new_tokens ->
+        (seconds of the generate call, each prompt's first new_tokens[i] tokens)."""
+        self.proc.stdin.write(json.dumps({"prompts": prompts, "new_tokens": new_tokens, "generate": options}) + "\n")
+        self.proc.stdin.flush()
+        r = self._read()
+        return r["seconds"], r["tokens"]
+
+    def _read(self) -> dict:
+        line = self.proc.stdout.readline()
+        if not line:
+            raise RuntimeError(f"tools/hf_generate.py exited with code {self.proc.wait()} (its error is above)")
+        return json.loads(line)
+
+    def close(self) -> None:
+        self.proc.stdin.close()
+        self.proc.wait()
+
+    def __enter__(self) -> "TransformersBaseline":
+        return self
+
+    def __exit__(self, *exc) -> None:
+        self.close()
 
 
 def bench_hf_static(model_dir: str, device: str, dtype: str, n: int, lo: int, hi: int, batch: int) -> dict | None:
     """The same workload through Hugging Face transformers' `generate`, statically batched
-    (left padding, every request runs to its batch's longest output). None when transformers
-    is not installed or the model is not a checkpoint directory."""
+    (left padding, every request runs to its batch's longest output), in a child process
+    (TransformersBaseline) with as many torch threads as this process has; the time is
+    the sum of its generate calls. None when transformers is not installed or the model is
+    not a checkpoint directory."""
     if importlib.util.find_spec("transformers") is None or str(model_dir).startswith("random:"):
         return None
-    import transformers
-    from transformers import AutoModelForCausalLM
-    hf = AutoModelForCausalLM.from_pretrained(model_dir, torch_dtype=DTYPES[dtype]).to(device).eval()
-    prompts, params = nano_vllm_workload(hf.config.vocab_size, n, lo, hi)
-    t = time.perf_counter()
-    for b in range(0, n, batch):
-        group, gp = prompts[b:b + batch], params[b:b + batch]
-        width = max(map(len, group))
-        ids = torch.tensor([[0] * (width - len(p)) + p for p in group], device=device)
-        mask = torch.tensor([[0] * (width - len(p)) + [1] * len(p) for p in group], device=device)
-        longest = max(p.max_tokens for p in gp)
-        with torch.inference_mode():
-            hf.generate(input_ids=ids, attention_mask=mask, max_new_tokens=longest, min_new_tokens=longest,
-                        do_sample=True, temperature=0.6, top_k=0, pad_token_id=0)
-        _progress("transformers batches", b // batch + 1, -(-n // batch))
-    elapsed = time.perf_counter() - t
+    with TransformersBaseline(model_dir, device, dtype, torch.get_num_threads()) as hf:
+        prompts, params = nano_vllm_workload(hf.info["vocab_size"], n, lo, hi)
+        elapsed = 0.0
+        for b in range(0, n, batch):
+            group, gp = prompts[b:b + batch], params[b:b + batch]
+            longest = max(p.max_tokens for p in gp)
+            seconds, _ = hf.generate(group, [longest] * len(group), do_sample=True, temperature=0.6, top_k=0)
+            elapsed += seconds
+            _progress("transformers batches", b // batch + 1, -(-n // batch))
     useful = sum(p.max_tokens for p in params)
-    return {"transformers": transformers.__version__, "batch": batch, "seconds": elapsed,
-            "tok_s": useful / elapsed}
+    return {"transformers": hf.info["transformers"], "batch": batch, "threads": hf.info["threads"],
+            "seconds": elapsed, "tok_s": useful / elapsed}
 
 
 def bench_versus_transformers(model_dir: str, kw: dict, rounds: int, prefix_len: int) -> dict | None:
-    """nanoserve beside Hugging Face transformers' `generate` in this process, one torch
-    thread each, rounds alternating (nanoserve then transformers, then the other way round)
-    so that both see the same machine noise; greedy fp32, so both must produce the same tokens.
+    """nanoserve in this process beside Hugging Face transformers' `generate` in a child
+    process (TransformersBaseline), one torch thread each; greedy, so both must produce the
+    same tokens.
+
+    How the two are compared: rounds alternate which goes first (nanoserve then transformers,
+    then the other way round), so that both see the same machine noise; while the child
+    generates this process waits on the pipe, so the two never run at the same time. Each
+    side's time is its own generate call (the child times `generate` alone; sending the
+    prompts and reading the tokens back are outside it), and the figures are medians of the
+    rounds.
 
     Three workloads: one request (a 32-token prompt, 256 new tokens); 64 requests at once
     (prompts of 16-64 tokens, 16-128 new tokens each; transformers gets them as one
@@ -374,66 +440,57 @@ def bench_versus_transformers(model_dir: str, kw: dict, rounds: int, prefix_len:
     -> per workload the useful output tok/s of every round, medians and per-round ratios."""
     if importlib.util.find_spec("transformers") is None or str(model_dir).startswith("random:"):
         return None
-    import transformers
-    from transformers import AutoModelForCausalLM
     torch.set_num_threads(1)
     llm = LLM(model_dir, **{**kw, "cpu_threads": 1})
-    hf = AutoModelForCausalLM.from_pretrained(model_dir, dtype=DTYPES[kw["dtype"]]).to(kw["device"]).eval()
-    vocab = hf.config.vocab_size
-    rng = np.random.default_rng(0)
+    with TransformersBaseline(model_dir, kw["device"], kw["dtype"], threads=1) as hf:
+        vocab = hf.info["vocab_size"]
+        rng = np.random.default_rng(0)
 
-    def ids(n: int) -> list[int]:
-        return [1] + rng.integers(3, vocab, n - 1).tolist()
+        def ids(n: int) -> list[int]:
+            return [1] + rng.integers(3, vocab, n - 1).tolist()
 
-    def workload(name: str) -> tuple[list[list[int]], list[int]]:
-        if name == "batch 1":
-            return [ids(32)], [256]
-        if name == "64 requests":
-            return [ids(int(n)) for n in rng.integers(16, 65, 64)], rng.integers(16, 129, 64).tolist()
-        prefix = ids(prefix_len)
-        return [prefix + rng.integers(3, vocab, 16).tolist() for _ in range(16)], [32] * 16
+        def workload(name: str) -> tuple[list[list[int]], list[int]]:
+            if name == "batch 1":
+                return [ids(32)], [256]
+            if name == "64 requests":
+                return [ids(int(n)) for n in rng.integers(16, 65, 64)], rng.integers(16, 129, 64).tolist()
+            prefix = ids(prefix_len)
+            return [prefix + rng.integers(3, vocab, 16).tolist() for _ in range(16)], [32] * 16
 
-    def run_nano(prompts: list[list[int]], new: list[int]) -> tuple[float, list[list[int]]]:
-        params = [SamplingParams(temperature=0, max_tokens=n, ignore_eos=True) for n in new]
-        t = time.perf_counter()
-        outs = llm.generate(prompts, params)
-        return time.perf_counter() - t, [o.token_ids for o in outs]
+        def run_nano(prompts: list[list[int]], new: list[int]) -> tuple[float, list[list[int]]]:
+            params = [SamplingParams(temperature=0, max_tokens=n, ignore_eos=True) for n in new]
+            t = time.perf_counter()
+            outs = llm.generate(prompts, params)
+            return time.perf_counter() - t, [o.token_ids for o in outs]
 
-    def run_hf(prompts: list[list[int]], new: list[int]) -> tuple[float, list[list[int]]]:
-        width = max(map(len, prompts))
-        x = torch.tensor([[0] * (width - len(p)) + p for p in prompts], device=kw["device"])
-        mask = torch.tensor([[0] * (width - len(p)) + [1] * len(p) for p in prompts], device=kw["device"])
-        t = time.perf_counter()
-        with torch.inference_mode():
-            out = hf.generate(input_ids=x, attention_mask=mask, max_new_tokens=max(new), min_new_tokens=max(new),
-                              do_sample=False, pad_token_id=0)
-        return time.perf_counter() - t, [row[:n] for row, n in zip(out[:, width:].tolist(), new)]
+        def run_hf(prompts: list[list[int]], new: list[int]) -> tuple[float, list[list[int]]]:
+            return hf.generate(prompts, new, do_sample=False)
 
-    result = {"transformers": transformers.__version__, "threads": torch.get_num_threads(), "rounds": rounds,
-              "prefix_len": prefix_len}
-    for name in ("batch 1", "64 requests", f"16 requests, shared {prefix_len}-token prefix"):
-        prompts, new = workload(name)
-        run_nano(prompts, [4] * len(new)), run_hf(prompts, [4] * len(new))         # warm-up
-        nano_s, hf_s, same, tokens = [], [], 0, 0
-        for r in range(rounds):
+        result = {"transformers": hf.info["transformers"], "threads": torch.get_num_threads(),
+                  "hf_threads": hf.info["threads"], "rounds": rounds, "prefix_len": prefix_len}
+        for name in ("batch 1", "64 requests", f"16 requests, shared {prefix_len}-token prefix"):
             prompts, new = workload(name)
-            if r % 2:                                       # alternate who goes first
-                (b, tb), (a, ta) = run_hf(prompts, new), run_nano(prompts, new)
-            else:
-                (a, ta), (b, tb) = run_nano(prompts, new), run_hf(prompts, new)
-            nano_s.append(a)
-            hf_s.append(b)
-            same += sum(x == y for x, y in zip(ta, tb))
-            tokens += sum(new)
-            _progress(name, r + 1, rounds)
-        tokens /= rounds                                    # useful output tokens per round (mean)
-        ratios = sorted(h / n for n, h in zip(nano_s, hf_s))
-        result[name] = {"requests": len(prompts), "output_tokens_per_round": tokens,
-                        "nano_tok_s": [tokens / s for s in nano_s], "hf_tok_s": [tokens / s for s in hf_s],
-                        "nano_tok_s_median": tokens / float(np.median(nano_s)),
-                        "hf_tok_s_median": tokens / float(np.median(hf_s)),
-                        "speedup_median": float(np.median(ratios)), "speedup_range": [ratios[0], ratios[-1]],
-                        "identical_outputs": same, "outputs": rounds * len(prompts)}
+            run_nano(prompts, [4] * len(new)), run_hf(prompts, [4] * len(new))         # warm-up
+            nano_s, hf_s, same, tokens = [], [], 0, 0
+            for r in range(rounds):
+                prompts, new = workload(name)
+                if r % 2:                                       # alternate who goes first
+                    (b, tb), (a, ta) = run_hf(prompts, new), run_nano(prompts, new)
+                else:
+                    (a, ta), (b, tb) = run_nano(prompts, new), run_hf(prompts, new)
+                nano_s.append(a)
+                hf_s.append(b)
+                same += sum(x == y for x, y in zip(ta, tb))
+                tokens += sum(new)
+                _progress(name, r + 1, rounds)
+            tokens /= rounds                                    # useful output tokens per round (mean)
+            ratios = sorted(h / n for n, h in zip(nano_s, hf_s))
+            result[name] = {"requests": len(prompts), "output_tokens_per_round": tokens,
+                            "nano_tok_s": [tokens / s for s in nano_s], "hf_tok_s": [tokens / s for s in hf_s],
+                            "nano_tok_s_median": tokens / float(np.median(nano_s)),
+                            "hf_tok_s_median": tokens / float(np.median(hf_s)),
+                            "speedup_median": float(np.median(ratios)), "speedup_range": [ratios[0], ratios[-1]],
+                            "identical_outputs": same, "outputs": rounds * len(prompts)}
     return result
 
 
@@ -826,7 +883,12 @@ def bench_server(llm: LLM, levels: tuple[int, ...], requests_per_client: int, ma
 @dataclass
 class Bench:
     """What the suites share: the command line, LLM keyword arguments, the workload size
-    and one engine, built when first needed."""
+    and one engine, built when first needed.
+
+    threads: torch's threads when the benchmark started. An engine sets torch's threads for
+    the whole process (one for a tiny model), and an engine left to torch's choice keeps what
+    an earlier one set; so the shared engine, and each suite that builds its own, starts from
+    these, as in a run of that suite alone."""
     args: argparse.Namespace
     kw: dict
     device: str
@@ -834,10 +896,12 @@ class Bench:
     lo: int
     hi: int
     small: bool
+    threads: int
     _llm: LLM | None = None
 
     def llm(self) -> LLM:
         if self._llm is None:
+            torch.set_num_threads(self.threads)
             self._llm = LLM(self.args.model, **self.kw)
         return self._llm
 
@@ -884,7 +948,8 @@ def suite_profile(b: Bench) -> tuple[dict, str, Rows]:
 def suite_host(b: Bench) -> tuple[dict, str, Rows]:
     r = bench_host()
     return r, f"Host time per decode step, model stubbed out: {r['batch']} running seeded requests", [
-        ("step", f"{r['ms_per_step']:.2f} ms"),
+        ("step", f"{r['ms_per_step']:.2f} ms (mean of {r['steps']} steps, after {r['prefill_steps']} prefill "
+                 f"and {r['warmup_steps']} warm-up steps)"),
         ("of which", f"schedule {r['schedule_ms']:.2f} ms, runner inputs {r['model_ms']:.2f} ms, "
                      f"logits stub + sampling + outputs {r['sample_and_output_ms']:.2f} ms")]
 
@@ -1148,7 +1213,7 @@ def run(args: argparse.Namespace) -> dict:
         f"CPU ({os.cpu_count()} cores, {torch.get_num_threads()} threads)"
     small = dev == "cpu"
     lo, hi = args.lengths or ((32, 256) if small else (100, 1024))
-    b = Bench(args, kw, dev, args.requests or (48 if small else 256), lo, hi, small)
+    b = Bench(args, kw, dev, args.requests or (48 if small else 256), lo, hi, small, torch.get_num_threads())
     results: dict = {"machine": machine, "torch": torch.__version__, "model": args.model,
                      "dtype": args.dtype, "random_weights": preset is not None}
     print(f"# nanoserve benchmarks: {args.model} ({'random weights' if preset else 'trained'}), "
@@ -1158,6 +1223,7 @@ def run(args: argparse.Namespace) -> dict:
         suite = SUITES[name]
         if suite.own_engines:
             b.release()
+            torch.set_num_threads(b.threads)
         results[name], title, rows = suite.run(b)
         print(table(title, rows), flush=True)
     if args.out:
