@@ -53,13 +53,6 @@ def silu_and_mul_ref(gate: Tensor, up: Tensor) -> Tensor:
 
 # ----------------------------------------------------------------------------- rotary embedding
 
-def rope_cos_sin(head_dim: int, max_positions: int, theta: float,
-                 device: torch.device | str = "cpu") -> tuple[Tensor, Tensor]:
-    """Tables for plain RoPE. Frequency i rotates dims (i, i + head_dim/2) by angle p * theta^(-2i/d)."""
-    inv_freq = 1.0 / (theta ** (torch.arange(0, head_dim, 2, dtype=torch.float64) / head_dim))
-    return rope_tables(inv_freq, max_positions, 1.0, device)
-
-
 def rope_tables(inv_freq: Tensor, max_positions: int, scale: float = 1.0,
                 device: torch.device | str = "cpu") -> tuple[Tensor, Tensor]:
     """cos and sin tables (max_positions, head_dim) for per-pair frequencies inv_freq
@@ -67,6 +60,13 @@ def rope_tables(inv_freq: Tensor, max_positions: int, scale: float = 1.0,
     angles = torch.outer(torch.arange(max_positions, dtype=torch.float64), inv_freq.double())
     angles = torch.cat([angles, angles], dim=-1)                    # (P, head_dim)
     return (scale * angles.cos()).float().to(device), (scale * angles.sin()).float().to(device)
+
+
+def rope_cos_sin(head_dim: int, max_positions: int, theta: float,
+                 device: torch.device | str = "cpu") -> tuple[Tensor, Tensor]:
+    """Tables for plain RoPE. Frequency i rotates dims (i, i + head_dim/2) by angle p * theta^(-2i/d)."""
+    inv_freq = 1.0 / (theta ** (torch.arange(0, head_dim, 2, dtype=torch.float64) / head_dim))
+    return rope_tables(inv_freq, max_positions, 1.0, device)
 
 
 def rotary_embedding_ref(q: Tensor, k: Tensor, positions: Tensor, cos: Tensor,
@@ -89,14 +89,6 @@ def rotary_embedding_ref(q: Tensor, k: Tensor, positions: Tensor, cos: Tensor,
 
 # ----------------------------------------------------------------------------- paged KV cache
 
-def rope_and_cache_ref(q: Tensor, k: Tensor, v: Tensor, positions: Tensor, cos: Tensor, sin: Tensor,
-                       k_cache: Tensor, v_cache: Tensor, slot_mapping: Tensor) -> Tensor:
-    """RoPE on q and k, then k and v written to their cache slots; returns the rotated q."""
-    q, k = rotary_embedding_ref(q, k, positions, cos, sin)
-    reshape_and_cache_ref(k, v, k_cache, v_cache, slot_mapping)
-    return q
-
-
 def reshape_and_cache_ref(k: Tensor, v: Tensor, k_cache: Tensor, v_cache: Tensor,
                           slot_mapping: Tensor) -> None:
     """Write this step's K and V into their slots of the paged cache (in place).
@@ -110,6 +102,14 @@ def reshape_and_cache_ref(k: Tensor, v: Tensor, k_cache: Tensor, v_cache: Tensor
         k, v, slot_mapping = k[keep], v[keep], slot_mapping[keep]
     k_cache.view(num_blocks * block_size, *k_cache.shape[2:])[slot_mapping] = k
     v_cache.view(num_blocks * block_size, *v_cache.shape[2:])[slot_mapping] = v
+
+
+def rope_and_cache_ref(q: Tensor, k: Tensor, v: Tensor, positions: Tensor, cos: Tensor, sin: Tensor,
+                       k_cache: Tensor, v_cache: Tensor, slot_mapping: Tensor) -> Tensor:
+    """RoPE on q and k, then k and v written to their cache slots; returns the rotated q."""
+    q, k = rotary_embedding_ref(q, k, positions, cos, sin)
+    reshape_and_cache_ref(k, v, k_cache, v_cache, slot_mapping)
+    return q
 
 
 def gather_kv_ref(cache: Tensor, block_table: Tensor, length: int) -> Tensor:
@@ -187,6 +187,12 @@ class CpuStepPlan(NamedTuple):
                                                     # multi-query sequence: these take the twin
 
 
+@functools.lru_cache(maxsize=None)
+def _slot_row_offsets(block_size: int, n_kv_heads: int) -> Tensor:
+    """(Hkv, 1, block_size): j Hkv + h, the row of head h at offset j within a block."""
+    return (torch.arange(block_size) * n_kv_heads + torch.arange(n_kv_heads)[:, None])[:, None, :]
+
+
 def plan_cpu_step(q_lens: list[int], context_lens: list[int], block_tables: list[list[int]],
                   positions: Tensor, slots: Tensor, cos: Tensor, sin: Tensor, block_size: int,
                   n_kv_heads: int) -> CpuStepPlan:
@@ -225,12 +231,6 @@ def plan_cpu_step(q_lens: list[int], context_lens: list[int], block_tables: list
     multi = [(starts[i], starts[i + 1], torch.tensor([block_tables[i]], dtype=torch.int32), context_lens[i])
              for i, n in enumerate(q_lens) if n > 1]
     return CpuStepPlan(cos=c, sin=s, slots=slots, decode=decode, multi=multi)
-
-
-@functools.lru_cache(maxsize=None)
-def _slot_row_offsets(block_size: int, n_kv_heads: int) -> Tensor:
-    """(Hkv, 1, block_size): j Hkv + h, the row of head h at offset j within a block."""
-    return (torch.arange(block_size) * n_kv_heads + torch.arange(n_kv_heads)[:, None])[:, None, :]
 
 
 def plan_from_tensors(block_tables: Tensor, query_start_loc: Tensor, context_lens: Tensor,
@@ -2211,20 +2211,6 @@ def _decode_kernel_fits(q: Tensor, k_cache: Tensor) -> bool:
     return q.shape[1] // k_cache.shape[2] <= 8 and rem == 0 and 0 < lanes <= 32 and lanes & (lanes - 1) == 0
 
 
-def paged_attention(q: Tensor, k_cache: Tensor, v_cache: Tensor, block_tables: Tensor,
-                    query_start_loc: Tensor, context_lens: Tensor, scale: float,
-                    max_context_len: int | None = None, max_query_len: int | None = None,
-                    plan: CpuStepPlan | None = None) -> Tensor:
-    """max_context_len / max_query_len: host-side maxima (they size the grid); computed
-    from the tensors, with a device sync, when not given. plan: as for rope_and_cache."""
-    if plan is not None and USE_CPU_FAST_PATHS and not q.is_cuda:
-        return paged_attention_cpu(q, k_cache, v_cache, plan, scale)
-    if not _cuda(q):
-        return paged_attention_ref(q, k_cache, v_cache, block_tables, query_start_loc, context_lens, scale)
-    return paged_attention_cuda(q, k_cache, v_cache, block_tables, query_start_loc, context_lens, scale,
-                                max_context_len, max_query_len)
-
-
 def paged_attention_cuda(q: Tensor, k_cache: Tensor, v_cache: Tensor, block_tables: Tensor,
                          query_start_loc: Tensor, context_lens: Tensor, scale: float,
                          max_context_len: int | None = None, max_query_len: int | None = None) -> Tensor:
@@ -2239,6 +2225,20 @@ def paged_attention_cuda(q: Tensor, k_cache: Tensor, v_cache: Tensor, block_tabl
         max_query_len = int((query_start_loc[1:] - query_start_loc[:-1]).max())
     return cuda_extension().paged_prefill(q, k_cache, v_cache, block_tables, query_start_loc, context_lens,
                                           max_query_len, scale, _tensor_cores(q.device))
+
+
+def paged_attention(q: Tensor, k_cache: Tensor, v_cache: Tensor, block_tables: Tensor,
+                    query_start_loc: Tensor, context_lens: Tensor, scale: float,
+                    max_context_len: int | None = None, max_query_len: int | None = None,
+                    plan: CpuStepPlan | None = None) -> Tensor:
+    """max_context_len / max_query_len: host-side maxima (they size the grid); computed
+    from the tensors, with a device sync, when not given. plan: as for rope_and_cache."""
+    if plan is not None and USE_CPU_FAST_PATHS and not q.is_cuda:
+        return paged_attention_cpu(q, k_cache, v_cache, plan, scale)
+    if not _cuda(q):
+        return paged_attention_ref(q, k_cache, v_cache, block_tables, query_start_loc, context_lens, scale)
+    return paged_attention_cuda(q, k_cache, v_cache, block_tables, query_start_loc, context_lens, scale,
+                                max_context_len, max_query_len)
 
 
 # Where quant_linear_cuda changes kernel, by rows of x. From GEMM_TC_MIN_ROWS to 16 the
@@ -2257,26 +2257,6 @@ def _quant_gemm_splits(rows: int, N: int, K: int, bits: int, device: torch.devic
     (splits * rows * N * 4 <= N * K * bits / 16)."""
     blocks = -(-N // 64) * -(-rows // 64)
     return max(1, min(-(-2 * _decode_device(device)[0] // blocks), K * bits // (64 * rows)))
-
-
-def quant_linear(x: Tensor, qweight: Tensor, scales: Tensor, zeros: Tensor | None, bits: int,
-                 group_size: int, cpu_cache: dict | None = None) -> Tensor:
-    """y = x W^T for a weight-only quantized W: on a GPU the kernels (quant_linear_cuda) where
-    K and the group size are multiples of 32, else the twin. On the CPU, PyTorch's weight-only
-    kernels where the layout fits. cpu_cache: a dict the caller keeps per layer, holding the
-    CPU repacking (made on first use, keyed by dtype and the buffers' addresses so a reloaded
-    weight repacks)."""
-    K = x.shape[-1]
-    if _cuda(x) and K % 32 == 0 and (group_size or K) % 32 == 0:
-        return quant_linear_cuda(x, qweight, scales, zeros, bits, group_size)
-    if USE_CPU_FAST_PATHS and cpu_cache is not None and not x.is_cuda:
-        key = (x.dtype, qweight.data_ptr(), scales.data_ptr())
-        if key not in cpu_cache:
-            cpu_cache.clear()
-            cpu_cache[key] = pack_for_cpu(qweight, scales, zeros, bits, group_size, K, x.dtype)
-        if cpu_cache[key] is not None:
-            return quant_linear_cpu(x, cpu_cache[key])
-    return quant_linear_ref(x, qweight, scales, zeros, bits, group_size)
 
 
 def quant_linear_cuda(x: Tensor, qweight: Tensor, scales: Tensor, zeros: Tensor | None, bits: int,
@@ -2310,6 +2290,26 @@ def quant_linear_cuda(x: Tensor, qweight: Tensor, scales: Tensor, zeros: Tensor 
     w = cuda_extension().dequantize(qweight, scales.to(x.dtype), None if zeros is None else zeros.to(x.dtype),
                                     kbits, group_size, K)
     return F.linear(x, w)
+
+
+def quant_linear(x: Tensor, qweight: Tensor, scales: Tensor, zeros: Tensor | None, bits: int,
+                 group_size: int, cpu_cache: dict | None = None) -> Tensor:
+    """y = x W^T for a weight-only quantized W: on a GPU the kernels (quant_linear_cuda) where
+    K and the group size are multiples of 32, else the twin. On the CPU, PyTorch's weight-only
+    kernels where the layout fits. cpu_cache: a dict the caller keeps per layer, holding the
+    CPU repacking (made on first use, keyed by dtype and the buffers' addresses so a reloaded
+    weight repacks)."""
+    K = x.shape[-1]
+    if _cuda(x) and K % 32 == 0 and (group_size or K) % 32 == 0:
+        return quant_linear_cuda(x, qweight, scales, zeros, bits, group_size)
+    if USE_CPU_FAST_PATHS and cpu_cache is not None and not x.is_cuda:
+        key = (x.dtype, qweight.data_ptr(), scales.data_ptr())
+        if key not in cpu_cache:
+            cpu_cache.clear()
+            cpu_cache[key] = pack_for_cpu(qweight, scales, zeros, bits, group_size, K, x.dtype)
+        if cpu_cache[key] is not None:
+            return quant_linear_cpu(x, cpu_cache[key])
+    return quant_linear_ref(x, qweight, scales, zeros, bits, group_size)
 
 
 # ----------------------------------------------------------------------------- self-check

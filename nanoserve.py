@@ -3,7 +3,11 @@
 Read top to bottom, this file follows a request's path through a modern inference server:
 
     config -> weights loading -> tokenizer -> model -> paged KV cache -> sampling
-    -> scheduler -> model runner -> engine -> model cascade -> speculative decoding -> CLI
+    -> scheduler -> model runner -> engine -> speculative decoding -> the LLM API
+    -> model cascade -> CLI
+
+The HTTP server (server.py) and tensor parallelism (parallel.py) stand beside this file;
+the CLI and the engine import them where a user asks for them.
 
 The two phases of inference set the design. *Prefill* pushes a whole prompt through
 the model at once: many tokens per weight read, compute-bound. *Decode* makes one
@@ -37,7 +41,7 @@ import weakref
 from collections import OrderedDict, deque
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Callable, Iterator
+from typing import Callable, Iterator, Protocol
 
 import numpy as np
 import torch
@@ -56,6 +60,47 @@ DEFAULT_DRAFT = HERE / "models" / "nanocoder-1m-draft"
 
 MODEL_TYPES = ("llama", "mistral", "qwen2")             # Llama-family decoders nanoserve runs
 ROPE_TYPES = ("default", "linear", "llama3", "yarn")     # RoPE variants it applies (see rope_frequencies)
+
+
+def hf_config_fields(raw: dict) -> dict:
+    """A Hugging Face config.json (either generation: transformers 4's top-level rope_theta
+    and rope_scaling, or transformers 5's rope_parameters) -> ModelConfig's fields.
+    Anything that would change the network in a way nanoserve does not implement is
+    refused here, by name, rather than silently ignored."""
+    model_type = raw.get("model_type", "llama")
+    if raw.get("hidden_act", "silu") != "silu":
+        raise ValueError(f"hidden_act {raw['hidden_act']!r} is not supported (SwiGLU needs silu)")
+    # RoPE: transformers 5 keeps theta and scaling together in rope_parameters; older configs
+    # have a top-level rope_theta and an optional rope_scaling (its kind under "type" or "rope_type").
+    rope = dict(raw.get("rope_parameters") or {})
+    if rope and all(isinstance(v, dict) for v in rope.values()):
+        raise ValueError(f"per-layer-type rope_parameters ({', '.join(rope)}) are not supported")
+    rope = {**(raw.get("rope_scaling") or {}), **rope}
+    theta = rope.pop("rope_theta", raw.get("rope_theta", 10000.0))
+    kind = rope.pop("rope_type", rope.pop("type", "default"))
+    partial = rope.pop("partial_rotary_factor", raw.get("partial_rotary_factor", 1.0))
+    if partial != 1.0:
+        raise ValueError(f"partial_rotary_factor {partial} is not supported (RoPE over the whole head)")
+    scaling = None
+    if kind != "default":
+        scaling = {"rope_type": kind, **rope}
+        if kind in ("llama3", "yarn"):       # the pre-training context, as transformers reads it
+            scaling["original_max_position_embeddings"] = raw.get("original_max_position_embeddings") or \
+                rope.get("original_max_position_embeddings") or raw.get("max_position_embeddings")
+    # Sliding-window attention: Mistral's sliding_window; Qwen2's only with use_sliding_window.
+    window = raw.get("sliding_window")
+    if model_type == "qwen2" and not raw.get("use_sliding_window", False):
+        window = None
+    if raw.get("layer_types") and "sliding_attention" not in raw["layer_types"]:
+        window = None
+    fields = {k: raw[k] for k in ("hidden_size", "intermediate_size", "num_hidden_layers", "num_attention_heads",
+                                  "vocab_size", "max_position_embeddings", "rms_norm_eps", "tie_word_embeddings",
+                                  "head_dim", "bos_token_id", "eos_token_id", "torch_dtype") if raw.get(k) is not None}
+    return dict(fields, num_key_value_heads=raw.get("num_key_value_heads") or raw.get("num_attention_heads"),
+                rope_theta=theta, rope_scaling=scaling, sliding_window=window, model_type=model_type,
+                qkv_bias=model_type == "qwen2" or bool(raw.get("attention_bias")),
+                o_bias=bool(raw.get("attention_bias")), mlp_bias=bool(raw.get("mlp_bias")),
+                quantization_config=raw.get("quantization_config"))
 
 
 @dataclass
@@ -147,47 +192,6 @@ class ModelConfig:
             raise ValueError(f"{path}: {e}") from None
 
 
-def hf_config_fields(raw: dict) -> dict:
-    """A Hugging Face config.json (either generation: transformers 4's top-level rope_theta
-    and rope_scaling, or transformers 5's rope_parameters) -> ModelConfig's fields.
-    Anything that would change the network in a way nanoserve does not implement is
-    refused here, by name, rather than silently ignored."""
-    model_type = raw.get("model_type", "llama")
-    if raw.get("hidden_act", "silu") != "silu":
-        raise ValueError(f"hidden_act {raw['hidden_act']!r} is not supported (SwiGLU needs silu)")
-    # RoPE: transformers 5 keeps theta and scaling together in rope_parameters; older configs
-    # have a top-level rope_theta and an optional rope_scaling (its kind under "type" or "rope_type").
-    rope = dict(raw.get("rope_parameters") or {})
-    if rope and all(isinstance(v, dict) for v in rope.values()):
-        raise ValueError(f"per-layer-type rope_parameters ({', '.join(rope)}) are not supported")
-    rope = {**(raw.get("rope_scaling") or {}), **rope}
-    theta = rope.pop("rope_theta", raw.get("rope_theta", 10000.0))
-    kind = rope.pop("rope_type", rope.pop("type", "default"))
-    partial = rope.pop("partial_rotary_factor", raw.get("partial_rotary_factor", 1.0))
-    if partial != 1.0:
-        raise ValueError(f"partial_rotary_factor {partial} is not supported (RoPE over the whole head)")
-    scaling = None
-    if kind != "default":
-        scaling = {"rope_type": kind, **rope}
-        if kind in ("llama3", "yarn"):       # the pre-training context, as transformers reads it
-            scaling["original_max_position_embeddings"] = raw.get("original_max_position_embeddings") or \
-                rope.get("original_max_position_embeddings") or raw.get("max_position_embeddings")
-    # Sliding-window attention: Mistral's sliding_window; Qwen2's only with use_sliding_window.
-    window = raw.get("sliding_window")
-    if model_type == "qwen2" and not raw.get("use_sliding_window", False):
-        window = None
-    if raw.get("layer_types") and "sliding_attention" not in raw["layer_types"]:
-        window = None
-    fields = {k: raw[k] for k in ("hidden_size", "intermediate_size", "num_hidden_layers", "num_attention_heads",
-                                  "vocab_size", "max_position_embeddings", "rms_norm_eps", "tie_word_embeddings",
-                                  "head_dim", "bos_token_id", "eos_token_id", "torch_dtype") if raw.get(k) is not None}
-    return dict(fields, num_key_value_heads=raw.get("num_key_value_heads") or raw.get("num_attention_heads"),
-                rope_theta=theta, rope_scaling=scaling, sliding_window=window, model_type=model_type,
-                qkv_bias=model_type == "qwen2" or bool(raw.get("attention_bias")),
-                o_bias=bool(raw.get("attention_bias")), mlp_bias=bool(raw.get("mlp_bias")),
-                quantization_config=raw.get("quantization_config"))
-
-
 DTYPES = {"float32": torch.float32, "float16": torch.float16, "bfloat16": torch.bfloat16}
 
 
@@ -269,6 +273,39 @@ GREEDY_BELOW = 1e-5          # temperatures under this are greedy: logits / T wo
 # (StopStrings), so the length bounds the cost; the count bounds the matcher's memory.
 MAX_STOP_STRINGS = 128
 MAX_STOP_CHARS = 256
+
+
+# Any real or integral number type is accepted (Python's, numpy's float32 and int64, ...),
+# except bool, which is an int to Python but never what a user means by a temperature.
+def _is_real(v: object) -> bool:
+    return isinstance(v, numbers.Real) and not isinstance(v, (bool, np.bool_))
+
+
+def _is_integral(v: object) -> bool:
+    return isinstance(v, numbers.Integral) and not isinstance(v, (bool, np.bool_))
+
+
+def _finite(obj: object, name: str) -> float:
+    """obj.name, checked to be a finite real number and stored as a Python float (10**30 is a
+    valid int but not a float64 tensor's value)."""
+    v = getattr(obj, name)
+    try:
+        f = float(v) if _is_real(v) else math.nan
+    except OverflowError:                         # an int beyond float64's range
+        f = math.inf
+    if not math.isfinite(f):
+        raise ValueError(f"{name} must be a finite number, got {v!r}")
+    setattr(obj, name, f)
+    return f
+
+
+def _integer(obj: object, name: str, low: int, high: int) -> int:
+    """obj.name, checked to be an integer in [low, high] and stored as a Python int."""
+    v = getattr(obj, name)
+    if not _is_integral(v) or not low <= v <= high:
+        raise ValueError(f"{name} must be an integer in [{low}, {high}], got {v!r}")
+    setattr(obj, name, int(v))
+    return int(v)
 
 
 @dataclass
@@ -364,39 +401,6 @@ class SamplingParams:
         """Does this request change the logits before sampling (penalties, logit_bias)?"""
         return bool(self.presence_penalty or self.frequency_penalty or self.repetition_penalty != 1
                     or self.logit_bias)
-
-
-# Any real or integral number type is accepted (Python's, numpy's float32 and int64, ...),
-# except bool, which is an int to Python but never what a user means by a temperature.
-def _is_real(v: object) -> bool:
-    return isinstance(v, numbers.Real) and not isinstance(v, (bool, np.bool_))
-
-
-def _is_integral(v: object) -> bool:
-    return isinstance(v, numbers.Integral) and not isinstance(v, (bool, np.bool_))
-
-
-def _finite(obj: object, name: str) -> float:
-    """obj.name, checked to be a finite real number and stored as a Python float (10**30 is a
-    valid int but not a float64 tensor's value)."""
-    v = getattr(obj, name)
-    try:
-        f = float(v) if _is_real(v) else math.nan
-    except OverflowError:                         # an int beyond float64's range
-        f = math.inf
-    if not math.isfinite(f):
-        raise ValueError(f"{name} must be a finite number, got {v!r}")
-    setattr(obj, name, f)
-    return f
-
-
-def _integer(obj: object, name: str, low: int, high: int) -> int:
-    """obj.name, checked to be an integer in [low, high] and stored as a Python int."""
-    v = getattr(obj, name)
-    if not _is_integral(v) or not low <= v <= high:
-        raise ValueError(f"{name} must be an integer in [{low}, {high}], got {v!r}")
-    setattr(obj, name, int(v))
-    return int(v)
 
 
 # ============================================================================ weights loading
@@ -705,6 +709,69 @@ class AttentionMetadata:
     cpu_plan: kernels.CpuStepPlan | None = None   # the CPU path's per-step precomputation
 
 
+INPUT_MAJOR_MIN_WEIGHTS = 1 << 16
+
+
+def input_major(linear: nn.Linear) -> None:
+    """Store linear's weight transposed: the same (out, in) tensor to every reader, laid out
+    as (in, out) in memory. A matrix-vector product y = W x can stream W by rows (a dot
+    product per output, each ending in a horizontal sum across the vector lanes) or by
+    columns (y += x_i W[:, i]: every load feeds whole-vector multiply-adds into y, no
+    reductions). F.linear takes the transposed view without a copy. Measured with one
+    thread on the 2-core EPYC (README, "CPU decode beside transformers"): the bundled
+    model's linears, all 25 of a step, 2.13 -> 1.63 ms at 1 row and 5.09 -> 4.36 ms at 16;
+    TinyLlama's 5632 x 2048 1.26x at 1 row, about even from 8 rows. Weights under 64K
+    values (256 KB in fp32, cache-resident) gained nothing: stories260K's took 120 us row-
+    major, 142 us input-major. So the CPU serves larger fp32 weights from this layout."""
+    linear.weight = nn.Parameter(linear.weight.detach().t().contiguous().t(), requires_grad=False)
+
+
+class FusedLinear:
+    """Several nn.Linear that read the same input, run as one matmul (vLLM's
+    QKVParallelLinear and MergedColumnParallelLinear): one larger op instead of two or
+    three small ones, which is what a small model's decode step pays for on a CPU (each op
+    costs microseconds of dispatch) and in kernel launches on a GPU. The weights are
+    concatenated along the output once, and each original module's weight becomes a view
+    of its rows: no second copy, and the Hugging Face names still address the weights.
+    Not a module (it owns no parameters of its own, so state_dict is unchanged). Changing
+    a weight in place (AWQ's scaling) changes the fused one too; replacing a module or its
+    weight (quantization) ends the fusion: `holds` is then false and the modules run.
+    Calibration and training (forward_dense) always run the separate modules.
+    input_major: the concatenated weight is stored transposed (see input_major)."""
+
+    def __init__(self, linears: list[nn.Linear], input_major: bool = False):
+        if input_major:                           # (sum out, in) view of an (in, sum out) tensor
+            weight = torch.cat([m.weight.detach().t() for m in linears], dim=1).t()
+        else:
+            weight = torch.cat([m.weight.detach() for m in linears])              # (sum out, in)
+        bias = None if linears[0].bias is None else torch.cat([m.bias.detach() for m in linears])
+        row = 0
+        for m in linears:
+            n = m.out_features
+            m.weight = nn.Parameter(weight[row:row + n], requires_grad=False)
+            if bias is not None:
+                m.bias = nn.Parameter(bias[row:row + n], requires_grad=False)
+            row += n
+        self.weight, self.bias = weight, bias
+        self.parts = [m.weight for m in linears]
+
+    def holds(self, *linears: nn.Module) -> bool:
+        """Whether these modules still compute with the views made here (read from
+        _parameters directly: this runs twice per layer and step)."""
+        return all(m._parameters.get("weight") is w for m, w in zip(linears, self.parts))
+
+    def __call__(self, x: Tensor) -> Tensor:
+        return F.linear(x, self.weight, self.bias)
+
+    @staticmethod
+    def fusable(linears: list[nn.Module]) -> bool:
+        """Plain linears of one dtype and device, all with or all without a bias (a QuantLinear
+        keeps its own packed kernel)."""
+        return all(type(m) is nn.Linear and type(m.weight) is nn.Parameter       # not a 2:4 sparse weight
+                   for m in linears) and len({m.bias is None for m in linears}) == 1 \
+            and len({(m.weight.dtype, m.weight.device) for m in linears}) == 1
+
+
 class LlamaAttention(nn.Module):
     def __init__(self, cfg: ModelConfig):
         super().__init__()
@@ -756,69 +823,6 @@ class LlamaMLP(nn.Module):
     def separate(self, x: Tensor) -> Tensor:
         """Through each projection module (what forward hooks, e.g. quant.py's, observe)."""
         return self.down_proj(kernels.silu_and_mul(self.gate_proj(x), self.up_proj(x)))
-
-
-class FusedLinear:
-    """Several nn.Linear that read the same input, run as one matmul (vLLM's
-    QKVParallelLinear and MergedColumnParallelLinear): one larger op instead of two or
-    three small ones, which is what a small model's decode step pays for on a CPU (each op
-    costs microseconds of dispatch) and in kernel launches on a GPU. The weights are
-    concatenated along the output once, and each original module's weight becomes a view
-    of its rows: no second copy, and the Hugging Face names still address the weights.
-    Not a module (it owns no parameters of its own, so state_dict is unchanged). Changing
-    a weight in place (AWQ's scaling) changes the fused one too; replacing a module or its
-    weight (quantization) ends the fusion: `holds` is then false and the modules run.
-    Calibration and training (forward_dense) always run the separate modules.
-    input_major: the concatenated weight is stored transposed (see input_major)."""
-
-    def __init__(self, linears: list[nn.Linear], input_major: bool = False):
-        if input_major:                           # (sum out, in) view of an (in, sum out) tensor
-            weight = torch.cat([m.weight.detach().t() for m in linears], dim=1).t()
-        else:
-            weight = torch.cat([m.weight.detach() for m in linears])              # (sum out, in)
-        bias = None if linears[0].bias is None else torch.cat([m.bias.detach() for m in linears])
-        row = 0
-        for m in linears:
-            n = m.out_features
-            m.weight = nn.Parameter(weight[row:row + n], requires_grad=False)
-            if bias is not None:
-                m.bias = nn.Parameter(bias[row:row + n], requires_grad=False)
-            row += n
-        self.weight, self.bias = weight, bias
-        self.parts = [m.weight for m in linears]
-
-    def holds(self, *linears: nn.Module) -> bool:
-        """Whether these modules still compute with the views made here (read from
-        _parameters directly: this runs twice per layer and step)."""
-        return all(m._parameters.get("weight") is w for m, w in zip(linears, self.parts))
-
-    def __call__(self, x: Tensor) -> Tensor:
-        return F.linear(x, self.weight, self.bias)
-
-    @staticmethod
-    def fusable(linears: list[nn.Module]) -> bool:
-        """Plain linears of one dtype and device, all with or all without a bias (a QuantLinear
-        keeps its own packed kernel)."""
-        return all(type(m) is nn.Linear and type(m.weight) is nn.Parameter       # not a 2:4 sparse weight
-                   for m in linears) and len({m.bias is None for m in linears}) == 1 \
-            and len({(m.weight.dtype, m.weight.device) for m in linears}) == 1
-
-
-INPUT_MAJOR_MIN_WEIGHTS = 1 << 16
-
-
-def input_major(linear: nn.Linear) -> None:
-    """Store linear's weight transposed: the same (out, in) tensor to every reader, laid out
-    as (in, out) in memory. A matrix-vector product y = W x can stream W by rows (a dot
-    product per output, each ending in a horizontal sum across the vector lanes) or by
-    columns (y += x_i W[:, i]: every load feeds whole-vector multiply-adds into y, no
-    reductions). F.linear takes the transposed view without a copy. Measured with one
-    thread on the 2-core EPYC (README, "CPU decode beside transformers"): the bundled
-    model's linears, all 25 of a step, 2.13 -> 1.63 ms at 1 row and 5.09 -> 4.36 ms at 16;
-    TinyLlama's 5632 x 2048 1.26x at 1 row, about even from 8 rows. Weights under 64K
-    values (256 KB in fp32, cache-resident) gained nothing: stories260K's took 120 us row-
-    major, 142 us input-major. So the CPU serves larger fp32 weights from this layout."""
-    linear.weight = nn.Parameter(linear.weight.detach().t().contiguous().t(), requires_grad=False)
 
 
 class RMSNorm(nn.Module):
@@ -994,6 +998,136 @@ class LlamaForCausalLM(nn.Module):
         return self.lm_head(self.model.norm(x)).float()                      # (B, T, V)
 
 
+# ---------------------------------------------------------------------------- quantized linear layers
+# A quantized checkpoint (written by quant.py: RTN, GPTQ or AWQ) stores each decoder
+# projection as integer codes plus per-group scales: w ~ s * q (symmetric) or
+# s * (q - z) (asymmetric), one scale per group_size input channels (or per output
+# channel). Codes of 4 bits or fewer are packed two per byte, byte = low | high << 4,
+# signed codes offset by 8 into [0, 15] (kernels.unpack_int4 is the inverse); 8-bit
+# codes are stored as int8 (symmetric) or uint8. Loading one is two steps, as in
+# gpt-fast: swap each nn.Linear for an empty QuantLinear, then load the state dict.
+
+QUANTIZED_LINEARS = ("self_attn.q_proj", "self_attn.k_proj", "self_attn.v_proj", "self_attn.o_proj",
+                     "mlp.gate_proj", "mlp.up_proj", "mlp.down_proj")
+
+
+def pack_int4(codes: Tensor, signed: bool) -> Tensor:
+    """(out, in) integer codes -> (out, ceil(in / 2)) uint8."""
+    u = (codes.to(torch.int16) + (8 if signed else 0)).to(torch.uint8)
+    if u.shape[1] % 2:
+        u = torch.cat([u, torch.zeros_like(u[:, :1])], dim=1)
+    return u[:, 0::2] | (u[:, 1::2] << 4)
+
+
+class QuantLinear(nn.Module):
+    """A linear layer with integer weights and per-group scales.
+
+    Buffers (names as saved in a quantized checkpoint):
+        qweight (out, ceil(in / 2)) uint8 for bits <= 4; (out, in) int8 (uint8 with zeros) for 8
+        scales  (out, n_groups) float
+        zeros   (out, n_groups) float, asymmetric only
+        bias    (out,) float, when the layer has one (Qwen2's q/k/v), kept in float
+        perm    (in,) int64, act-order GPTQ checkpoints only: x is read in this order
+    The forward pass is kernels.quant_linear: the reference twin dequantizes, then
+    multiplies; the CUDA kernels read the packed weights directly up to 255 rows (a GEMV,
+    then tensor cores dequantizing into shared memory), dequantize once for cuBLAS beyond,
+    and on the CPU PyTorch's int8/int4 weight-only kernels do (kernels.pack_for_cpu).
+    """
+
+    def __init__(self, in_features: int, out_features: int, bits: int, group_size: int,
+                 symmetric: bool, device: torch.device | str | None = None, dtype: torch.dtype = torch.float32,
+                 bias: bool = False, input_perm: bool = False):
+        super().__init__()
+        self.in_features, self.out_features = in_features, out_features
+        self.bits, self.group_size, self.symmetric = bits, group_size, symmetric
+        n_groups = math.ceil(in_features / (group_size or in_features))
+        packed = bits <= 4
+        self.register_buffer("qweight", torch.empty(out_features, (in_features + 1) // 2 if packed else in_features,
+                                                    dtype=torch.int8 if symmetric and not packed else torch.uint8,
+                                                    device=device))
+        self.register_buffer("scales", torch.empty(out_features, n_groups, dtype=dtype, device=device))
+        if not symmetric:
+            self.register_buffer("zeros", torch.empty(out_features, n_groups, dtype=dtype, device=device))
+        else:
+            self.zeros = None
+        if bias:
+            self.register_buffer("bias", torch.empty(out_features, dtype=dtype, device=device))
+        else:
+            self.bias = None
+        if input_perm:             # act-order checkpoints: input channels sorted by group
+            self.register_buffer("perm", torch.empty(in_features, dtype=torch.int64, device=device))
+        else:
+            self.perm = None
+        self.cpu_cache: dict = {}     # the weight repacked for PyTorch's CPU kernels, made on first use
+
+    @classmethod
+    def from_codes(cls, codes: Tensor, scale: Tensor, zero: Tensor | None, bits: int, group_size: int,
+                   dtype: torch.dtype, bias: Tensor | None = None) -> "QuantLinear":
+        """From integer codes (out, in) and scale/zero (out, n_groups); zero None: symmetric."""
+        m = cls(codes.shape[1], codes.shape[0], bits, group_size, zero is None, codes.device, dtype,
+                bias=bias is not None)
+        if bias is not None:
+            m.bias = bias.detach().to(dtype).clone()
+        m.qweight = pack_int4(codes, zero is None) if bits <= 4 else codes.to(m.qweight.dtype)
+        m.scales = scale.to(dtype)
+        if zero is not None:
+            m.zeros = zero.to(dtype)
+        return m
+
+    def codes(self) -> Tensor:
+        """The integer codes, unpacked: (out, in)."""
+        if self.bits <= 4:
+            return kernels.unpack_int4(self.qweight, self.in_features, self.symmetric)
+        return self.qweight
+
+    def forward(self, x: Tensor) -> Tensor:
+        if self.perm is not None:
+            x = x.index_select(-1, self.perm)                              # (..., in), channels by group
+        y = kernels.quant_linear(x, self.qweight, self.scales, self.zeros, self.bits, self.group_size,
+                                 self.cpu_cache)
+        return y if self.bias is None else y + self.bias.to(y.dtype)
+
+    # New or reloaded buffers invalidate the CPU repacking.
+    def _apply(self, fn, *args, **kwargs):
+        self.cpu_cache.clear()
+        return super()._apply(fn, *args, **kwargs)
+
+    def _load_from_state_dict(self, *args, **kwargs):
+        self.cpu_cache.clear()
+        super()._load_from_state_dict(*args, **kwargs)
+
+    def extra_repr(self) -> str:
+        return (f"in={self.in_features}, out={self.out_features}, bits={self.bits}, "
+                f"group_size={self.group_size}, symmetric={self.symmetric}")
+
+
+def quantized_linear_names(model: LlamaForCausalLM) -> list[str]:
+    """The layers a quantized checkpoint quantizes: every projection of every decoder layer
+    (not the embeddings or the LM head)."""
+    return [f"model.layers.{i}.{n}" for i in range(len(model.model.layers)) for n in QUANTIZED_LINEARS]
+
+
+def set_module(root: nn.Module, name: str, module: nn.Module) -> None:
+    """Replace the submodule at a dotted name (`model.layers.0.mlp.up_proj`)."""
+    parent, _, child = name.rpartition(".")
+    setattr(root.get_submodule(parent) if parent else root, child, module)
+
+
+def swap_in_quantized_linears(model: LlamaForCausalLM, quant_config: dict) -> None:
+    """Replace nn.Linear by empty QuantLinear modules, ready for a quantized state dict.
+
+    quant_config: quantize_config.json's {"bits", "group_size", "symmetric", ...}."""
+    try:
+        bits, G, sym = quant_config["bits"], quant_config["group_size"], quant_config.get("symmetric", True)
+    except (KeyError, TypeError) as e:
+        raise ValueError(f"quantize_config.json lacks {e}: it needs bits and group_size") from None
+    for name in quantized_linear_names(model):
+        lin = model.get_submodule(name)
+        set_module(model, name, QuantLinear(lin.in_features, lin.out_features, bits, G, sym,
+                                            device=lin.weight.device, dtype=lin.weight.dtype,
+                                            bias=lin.bias is not None))
+
+
 # ---------------------------------------------------------------------------- GPTQ and AWQ checkpoints
 # Most 4-bit checkpoints on the Hugging Face hub were written by AutoGPTQ/GPTQModel or
 # AutoAWQ; config.json's quantization_config says which. They are converted at load time
@@ -1130,138 +1264,9 @@ def swap_in_hub_quantized_linears(model: LlamaForCausalLM, state: dict[str, Tens
         state.update({f"{name}.{k}": v for k, v in buffers.items()})
 
 
+# ---------------------------------------------------------------------------- loading a model
 # Real model shapes with random weights, for benchmarks where no checkpoint is at hand
 # (`--model random:llama-2-7b`). Timings depend on shapes, not on what the weights say.
-# ---------------------------------------------------------------------------- quantized linear layers
-# A quantized checkpoint (written by quant.py: RTN, GPTQ or AWQ) stores each decoder
-# projection as integer codes plus per-group scales: w ~ s * q (symmetric) or
-# s * (q - z) (asymmetric), one scale per group_size input channels (or per output
-# channel). Codes of 4 bits or fewer are packed two per byte, byte = low | high << 4,
-# signed codes offset by 8 into [0, 15] (kernels.unpack_int4 is the inverse); 8-bit
-# codes are stored as int8 (symmetric) or uint8. Loading one is two steps, as in
-# gpt-fast: swap each nn.Linear for an empty QuantLinear, then load the state dict.
-
-QUANTIZED_LINEARS = ("self_attn.q_proj", "self_attn.k_proj", "self_attn.v_proj", "self_attn.o_proj",
-                     "mlp.gate_proj", "mlp.up_proj", "mlp.down_proj")
-
-
-def pack_int4(codes: Tensor, signed: bool) -> Tensor:
-    """(out, in) integer codes -> (out, ceil(in / 2)) uint8."""
-    u = (codes.to(torch.int16) + (8 if signed else 0)).to(torch.uint8)
-    if u.shape[1] % 2:
-        u = torch.cat([u, torch.zeros_like(u[:, :1])], dim=1)
-    return u[:, 0::2] | (u[:, 1::2] << 4)
-
-
-class QuantLinear(nn.Module):
-    """A linear layer with integer weights and per-group scales.
-
-    Buffers (names as saved in a quantized checkpoint):
-        qweight (out, ceil(in / 2)) uint8 for bits <= 4; (out, in) int8 (uint8 with zeros) for 8
-        scales  (out, n_groups) float
-        zeros   (out, n_groups) float, asymmetric only
-        bias    (out,) float, when the layer has one (Qwen2's q/k/v), kept in float
-        perm    (in,) int64, act-order GPTQ checkpoints only: x is read in this order
-    The forward pass is kernels.quant_linear: the reference twin dequantizes, then
-    multiplies; the CUDA kernels read the packed weights directly up to 255 rows (a GEMV,
-    then tensor cores dequantizing into shared memory), dequantize once for cuBLAS beyond,
-    and on the CPU PyTorch's int8/int4 weight-only kernels do (kernels.pack_for_cpu).
-    """
-
-    def __init__(self, in_features: int, out_features: int, bits: int, group_size: int,
-                 symmetric: bool, device: torch.device | str | None = None, dtype: torch.dtype = torch.float32,
-                 bias: bool = False, input_perm: bool = False):
-        super().__init__()
-        self.in_features, self.out_features = in_features, out_features
-        self.bits, self.group_size, self.symmetric = bits, group_size, symmetric
-        n_groups = math.ceil(in_features / (group_size or in_features))
-        packed = bits <= 4
-        self.register_buffer("qweight", torch.empty(out_features, (in_features + 1) // 2 if packed else in_features,
-                                                    dtype=torch.int8 if symmetric and not packed else torch.uint8,
-                                                    device=device))
-        self.register_buffer("scales", torch.empty(out_features, n_groups, dtype=dtype, device=device))
-        if not symmetric:
-            self.register_buffer("zeros", torch.empty(out_features, n_groups, dtype=dtype, device=device))
-        else:
-            self.zeros = None
-        if bias:
-            self.register_buffer("bias", torch.empty(out_features, dtype=dtype, device=device))
-        else:
-            self.bias = None
-        if input_perm:             # act-order checkpoints: input channels sorted by group
-            self.register_buffer("perm", torch.empty(in_features, dtype=torch.int64, device=device))
-        else:
-            self.perm = None
-        self.cpu_cache: dict = {}     # the weight repacked for PyTorch's CPU kernels, made on first use
-
-    @classmethod
-    def from_codes(cls, codes: Tensor, scale: Tensor, zero: Tensor | None, bits: int, group_size: int,
-                   dtype: torch.dtype, bias: Tensor | None = None) -> "QuantLinear":
-        """From integer codes (out, in) and scale/zero (out, n_groups); zero None: symmetric."""
-        m = cls(codes.shape[1], codes.shape[0], bits, group_size, zero is None, codes.device, dtype,
-                bias=bias is not None)
-        if bias is not None:
-            m.bias = bias.detach().to(dtype).clone()
-        m.qweight = pack_int4(codes, zero is None) if bits <= 4 else codes.to(m.qweight.dtype)
-        m.scales = scale.to(dtype)
-        if zero is not None:
-            m.zeros = zero.to(dtype)
-        return m
-
-    def codes(self) -> Tensor:
-        """The integer codes, unpacked: (out, in)."""
-        if self.bits <= 4:
-            return kernels.unpack_int4(self.qweight, self.in_features, self.symmetric)
-        return self.qweight
-
-    def forward(self, x: Tensor) -> Tensor:
-        if self.perm is not None:
-            x = x.index_select(-1, self.perm)                              # (..., in), channels by group
-        y = kernels.quant_linear(x, self.qweight, self.scales, self.zeros, self.bits, self.group_size,
-                                 self.cpu_cache)
-        return y if self.bias is None else y + self.bias.to(y.dtype)
-
-    # New or reloaded buffers invalidate the CPU repacking.
-    def _apply(self, fn, *args, **kwargs):
-        self.cpu_cache.clear()
-        return super()._apply(fn, *args, **kwargs)
-
-    def _load_from_state_dict(self, *args, **kwargs):
-        self.cpu_cache.clear()
-        super()._load_from_state_dict(*args, **kwargs)
-
-    def extra_repr(self) -> str:
-        return (f"in={self.in_features}, out={self.out_features}, bits={self.bits}, "
-                f"group_size={self.group_size}, symmetric={self.symmetric}")
-
-
-def quantized_linear_names(model: LlamaForCausalLM) -> list[str]:
-    """The layers a quantized checkpoint quantizes: every projection of every decoder layer
-    (not the embeddings or the LM head)."""
-    return [f"model.layers.{i}.{n}" for i in range(len(model.model.layers)) for n in QUANTIZED_LINEARS]
-
-
-def set_module(root: nn.Module, name: str, module: nn.Module) -> None:
-    """Replace the submodule at a dotted name (`model.layers.0.mlp.up_proj`)."""
-    parent, _, child = name.rpartition(".")
-    setattr(root.get_submodule(parent) if parent else root, child, module)
-
-
-def swap_in_quantized_linears(model: LlamaForCausalLM, quant_config: dict) -> None:
-    """Replace nn.Linear by empty QuantLinear modules, ready for a quantized state dict.
-
-    quant_config: quantize_config.json's {"bits", "group_size", "symmetric", ...}."""
-    try:
-        bits, G, sym = quant_config["bits"], quant_config["group_size"], quant_config.get("symmetric", True)
-    except (KeyError, TypeError) as e:
-        raise ValueError(f"quantize_config.json lacks {e}: it needs bits and group_size") from None
-    for name in quantized_linear_names(model):
-        lin = model.get_submodule(name)
-        set_module(model, name, QuantLinear(lin.in_features, lin.out_features, bits, G, sym,
-                                            device=lin.weight.device, dtype=lin.weight.dtype,
-                                            bias=lin.bias is not None))
-
-
 PRESETS = {
     "tinyllama-1.1b": dict(hidden_size=2048, intermediate_size=5632, num_hidden_layers=22,
                            num_attention_heads=32, num_key_value_heads=4, vocab_size=32000,
@@ -1281,6 +1286,16 @@ PRESETS = {
                             num_attention_heads=8, num_key_value_heads=2, vocab_size=2048,
                             max_position_embeddings=8192, tie_word_embeddings=True),
 }
+
+
+def read_model_config(model_dir: str | Path) -> ModelConfig:
+    """config.json of a checkpoint directory, or a random:PRESET's shape."""
+    if str(model_dir).startswith("random:"):
+        preset = str(model_dir)[len("random:"):]
+        if preset not in PRESETS:
+            raise ValueError(f"unknown preset {preset!r}; choose from {sorted(PRESETS)}")
+        return ModelConfig(**PRESETS[preset])
+    return ModelConfig.from_dir(model_dir)
 
 
 def random_model(preset: str, dtype: torch.dtype, device: torch.device, seed: int = 0
@@ -1347,16 +1362,6 @@ def use_semi_structured(model: LlamaForCausalLM) -> list[str]:
             m.weight = nn.Parameter(to_sparse_semi_structured(m.weight.detach().contiguous()), requires_grad=False)
             done.append(name)
     return done
-
-
-def read_model_config(model_dir: str | Path) -> ModelConfig:
-    """config.json of a checkpoint directory, or a random:PRESET's shape."""
-    if str(model_dir).startswith("random:"):
-        preset = str(model_dir)[len("random:"):]
-        if preset not in PRESETS:
-            raise ValueError(f"unknown preset {preset!r}; choose from {sorted(PRESETS)}")
-        return ModelConfig(**PRESETS[preset])
-    return ModelConfig.from_dir(model_dir)
 
 
 def load_model(model_dir: str | Path, dtype: torch.dtype | None, device: torch.device
@@ -1605,18 +1610,6 @@ def apply_penalties(logits: Tensor, params: list[SamplingParams], prompts: list[
     return logits
 
 
-def penalize(logits: Tensor, params: list[SamplingParams], seqs: list[Sequence],
-             extra: list[list[int]] | None = None) -> Tensor:
-    """apply_penalties for rows that belong to sequences: row i is seqs[i] having also
-    generated extra[i] (draft tokens, say). The token lists copy every prompt and output,
-    so they are built only when some row is penalized (not on every decode step)."""
-    if not any(p.penalized for p in params):
-        return logits
-    extra = extra or [[]] * len(seqs)
-    return apply_penalties(logits, params, [s.token_ids[:s.num_prompt_tokens] for s in seqs],
-                           [s.output_ids + e for s, e in zip(seqs, extra)])
-
-
 def sampling_probs(logits: Tensor, params: list[SamplingParams]) -> Tensor:
     """(B, V) logits -> the (B, V) distribution each request samples from.
 
@@ -1633,40 +1626,6 @@ def sampling_probs(logits: Tensor, params: list[SamplingParams]) -> Tensor:
     probs = filtered_probs(logits, temperature, top_k, top_p)
     greedy = F.one_hot(logits.argmax(-1), logits.shape[-1]).to(probs.dtype)
     return torch.where((temperature == 0)[:, None], greedy, probs)
-
-
-def draw(probs: Tensor, keys: list[int | None], default: torch.Generator) -> Tensor:
-    """One sample per row of probs (B, V) by the exponential race: with E_v ~ Exp(1)
-    independent, argmax_v p_v / E_v is distributed as p. A seeded row (an event key, see
-    Sampler) takes its noise from keyed_uniform, the others from the shared generator."""
-    seeded = [i for i, k in enumerate(keys) if k is not None]
-    noise = torch.empty_like(probs)
-    if len(seeded) < len(keys):
-        noise.exponential_(generator=default)
-    if seeded:                                                         # per-request seeds, one batch
-        u = keyed_uniform([keys[i] for i in seeded], probs.shape[-1], probs.device)
-        noise[seeded] = -torch.log(u).to(noise.dtype)                  # Exp(1) from a uniform
-    return (probs / noise).argmax(-1)
-
-
-def sample(logits: Tensor, params: list[SamplingParams],
-           keys: list[int | None], default: torch.Generator) -> Tensor:
-    """One token per row of logits (B, V). Temperature 0 is a plain argmax."""
-    if all(p.temperature == 0 for p in params):
-        return logits.argmax(-1)
-    return draw(sampling_probs(logits, params), keys, default)
-
-
-def top_logprobs(logprobs: Tensor, chosen: Tensor, n: int) -> list[dict[int, float]]:
-    """(B, V) log-probabilities -> per row {token: logprob} with the chosen token and top n."""
-    top = logprobs.topk(n, dim=-1) if n else None
-    out = []
-    for i in range(logprobs.shape[0]):
-        d = {int(chosen[i]): float(logprobs[i, chosen[i]])}
-        if top is not None:
-            d.update(zip(top.indices[i].tolist(), top.values[i].tolist()))
-        out.append(d)
-    return out
 
 
 # A seeded request draws the noise of each sampling event from a counter-based generator
@@ -1718,6 +1677,40 @@ def keyed_uniform(keys: list[int], n: int, device: torch.device | str) -> Tensor
     else:
         bits = _column_bits(torch.tensor(k32, device=device)[:, None], torch.arange(n, device=device))
     return (bits.float() + 0.5) * 2.0 ** -24
+
+
+def draw(probs: Tensor, keys: list[int | None], default: torch.Generator) -> Tensor:
+    """One sample per row of probs (B, V) by the exponential race: with E_v ~ Exp(1)
+    independent, argmax_v p_v / E_v is distributed as p. A seeded row (an event key, see
+    Sampler) takes its noise from keyed_uniform, the others from the shared generator."""
+    seeded = [i for i, k in enumerate(keys) if k is not None]
+    noise = torch.empty_like(probs)
+    if len(seeded) < len(keys):
+        noise.exponential_(generator=default)
+    if seeded:                                                         # per-request seeds, one batch
+        u = keyed_uniform([keys[i] for i in seeded], probs.shape[-1], probs.device)
+        noise[seeded] = -torch.log(u).to(noise.dtype)                  # Exp(1) from a uniform
+    return (probs / noise).argmax(-1)
+
+
+def sample(logits: Tensor, params: list[SamplingParams],
+           keys: list[int | None], default: torch.Generator) -> Tensor:
+    """One token per row of logits (B, V). Temperature 0 is a plain argmax."""
+    if all(p.temperature == 0 for p in params):
+        return logits.argmax(-1)
+    return draw(sampling_probs(logits, params), keys, default)
+
+
+def top_logprobs(logprobs: Tensor, chosen: Tensor, n: int) -> list[dict[int, float]]:
+    """(B, V) log-probabilities -> per row {token: logprob} with the chosen token and top n."""
+    top = logprobs.topk(n, dim=-1) if n else None
+    out = []
+    for i in range(logprobs.shape[0]):
+        d = {int(chosen[i]): float(logprobs[i, chosen[i]])}
+        if top is not None:
+            d.update(zip(top.indices[i].tolist(), top.values[i].tolist()))
+        out.append(d)
+    return out
 
 
 class Sampler:
@@ -1857,12 +1850,33 @@ class Sequence:
         return len(self.token_ids) - self.num_prompt_tokens
 
 
+class SpeculativeDecoding(Protocol):
+    """Speculative decoding as the scheduler and the engine use it (Speculator implements
+    it, in its own section below). The scheduler gives a decoding sequence up to
+    lookahead() draft slots when the draft's cache can hold them too (can_reserve, reserve,
+    release); the engine has drafts proposed before the model runs and verified after it."""
+
+    kv_bytes_per_token: int               # a draft model's KV cache, which shares the pool's budget
+
+    def lookahead(self, seq: Sequence, budget: int) -> int: ...
+    def can_reserve(self, seq: Sequence, k: int) -> bool: ...
+    def reserve(self, seq: Sequence, k: int) -> None: ...
+    def release(self, seq: Sequence) -> None: ...
+    def allocate_kv_cache(self, num_blocks: int) -> None: ...
+    def propose(self, scheduled: dict[Sequence, int]) -> dict[Sequence, list[int]]: ...
+    def verify(self, windows: list[tuple[Sequence, int]], drafts: dict[Sequence, list[int]],
+               hidden: Tensor) -> dict[Sequence, list[int]]: ...
+    def acceptance_rate(self) -> float | None: ...
+    def token_acceptance(self) -> float | None: ...
+    def tokens_per_step(self) -> float | None: ...
+
+
 class Scheduler:
     """Chooses, every step, which sequences run and how many tokens each computes; after
     the step, appends the sampled tokens and finishes sequences that are done."""
 
     def __init__(self, cfg: EngineConfig, block_manager: BlockManager, max_model_len: int,
-                 eos_token_ids: set[int], speculator: "Speculator | None" = None):
+                 eos_token_ids: set[int], speculator: SpeculativeDecoding | None = None):
         self.cfg, self.bm = cfg, block_manager
         self.max_model_len, self.eos_token_ids = max_model_len, eos_token_ids
         self.speculator = speculator
@@ -2320,11 +2334,32 @@ def default_cpu_threads(num_params: int, ranks: int = 1) -> int | None:
     return max(1, (os.cpu_count() or 1) // ranks) if ranks > 1 else None
 
 
+def penalize(logits: Tensor, params: list[SamplingParams], seqs: list[Sequence],
+             extra: list[list[int]] | None = None) -> Tensor:
+    """apply_penalties for rows that belong to sequences: row i is seqs[i] having also
+    generated extra[i] (draft tokens, say). The token lists copy every prompt and output,
+    so they are built only when some row is penalized (not on every decode step)."""
+    if not any(p.penalized for p in params):
+        return logits
+    extra = extra or [[]] * len(seqs)
+    return apply_penalties(logits, params, [s.token_ids[:s.num_prompt_tokens] for s in seqs],
+                           [s.output_ids + e for s, e in zip(seqs, extra)])
+
+
+# What LLMEngine is given to build speculative decoding from its target's runner, its
+# sampler, the config and max_model_len (the speculative decoding section's make_speculator).
+SpeculatorFactory = Callable[[ModelRunner, Sampler, EngineConfig, int], SpeculativeDecoding | None]
+
+
 class LLMEngine:
     """Owns the model runner, the KV block manager, the scheduler and the sampler;
     `step()` runs one iteration of continuous batching."""
 
-    def __init__(self, model_dir: str | Path, cfg: EngineConfig, tokenizer: str | Path | None = None):
+    def __init__(self, model_dir: str | Path, cfg: EngineConfig, tokenizer: str | Path | None = None,
+                 speculator_factory: SpeculatorFactory | None = None):
+        """speculator_factory builds speculative decoding from the target's runner, the
+        sampler, the config and max_model_len, or returns None when cfg asks for none (the
+        LLM API passes make_speculator, from the speculative decoding section below)."""
         self.cfg = cfg
         self.device = torch.device(cfg.device)
         if self.device.type == "cuda" and not torch.cuda.is_available():
@@ -2367,7 +2402,9 @@ class LLMEngine:
         max_positions = self.max_model_len + cfg.num_speculative_tokens + 1
         self.runner = ModelRunner(self.model, cfg, max_positions) if self.tp is None else \
             parallel.TensorParallelRunner(self.model, cfg, max_positions, self.tp, workers)
-        self.speculator = make_speculator(self)
+        self.sampler = Sampler(self.device, cfg.seed)
+        self.speculator = speculator_factory(self.runner, self.sampler, cfg, self.max_model_len) \
+            if speculator_factory else None
         self.num_blocks = self._allocate_kv_pool()
         self.block_manager = BlockManager(self.num_blocks, cfg.block_size, cfg.enable_prefix_caching)
         tokens = self.num_blocks * cfg.block_size
@@ -2380,7 +2417,6 @@ class LLMEngine:
         eos = mc.eos_token_ids | set(generation_eos_ids(self.model_dir))
         eos |= self.tokenizer.eos_ids if self.tokenizer else set()
         self.scheduler = Scheduler(cfg, self.block_manager, self.max_model_len, eos, self.speculator)
-        self.sampler = Sampler(self.device, cfg.seed)
         self.requests: dict[str, Sequence] = {}
         self._next_id = 0
         self.owner: str | None = None           # who alone may step it, once a loop (the server's) owns it
@@ -2730,6 +2766,270 @@ class LLMEngine:
         }
 
 
+# ============================================================================ speculative decoding
+# A cheap proposer guesses k tokens; the target model scores all k + 1 positions in one
+# pass (the step's forward pass above, with the drafts appended to the sequence's last
+# token), and the acceptance rule keeps a prefix of the guesses plus one token of its
+# own. Decode is memory-bound, so scoring k + 1 tokens costs about what scoring one does:
+# every accepted draft is a token for free. The engine and scheduler call a Speculator
+# through SpeculativeDecoding's few methods: lookahead / can_reserve / reserve
+# (scheduling), propose (before the forward pass), verify (after it), release (a sequence
+# finishes or is preempted).
+
+def rejection_sample(p: Tensor, q: Tensor | None, draft: list[int],
+                     key: Callable[[int, int], int | None],
+                     default: torch.Generator) -> list[int]:
+    """Speculative sampling (Leviathan et al. 2023; Chen et al. 2023), for one sequence.
+
+    p: (k + 1, V) the target's distributions at the k draft positions and one past them.
+    q: (k, V) the draft's distributions the k draft tokens were sampled from; None for a
+       deterministic proposal (n-gram lookup), which is a point mass: q = one_hot(draft).
+    key(j, purpose): the event key for window position j (None: use default, the shared generator).
+    Returns the accepted prefix of draft plus one more token, 1 to k + 1 tokens.
+
+    For each draft token x in order:
+        accept with probability min(1, p(x) / q(x));
+        on the first rejection, sample from normalize(max(0, p - q)) and stop.
+    If all k are accepted, sample a bonus token from p[k].
+    Each emitted token is then distributed exactly as the target alone would sample it:
+    P(x) = q(x) min(1, p(x)/q(x)) + (1 - sum_y min(p(y), q(y))) * max(0, p(x) - q(x)) / Z
+         = min(q(x), p(x)) + max(0, p(x) - q(x)) = p(x),
+    because the rejection mass 1 - sum min(p, q) equals Z = sum max(0, p - q).
+    """
+    def one(probs: Tensor, k: int | None) -> int:
+        return int(draw(probs[None], [k], default)[0])
+
+    out = []
+    for j, x in enumerate(draft):
+        qj = q[j] if q is not None else F.one_hot(torch.tensor(x, device=p.device), p.shape[-1]).to(p.dtype)
+        k = key(j, ACCEPT)
+        u = torch.rand((), generator=default, device=p.device) if k is None else \
+            keyed_uniform([k], 1, p.device)[0, 0]
+        if u * qj[x] <= p[j, x]:                     # accept with prob min(1, p(x)/q(x))
+            out.append(x)
+            continue
+        residual = (p[j] - qj).clamp(min=0)
+        out.append(one(residual / residual.sum() if residual.sum() > 0 else p[j], key(j, RESIDUAL)))
+        return out
+    out.append(one(p[len(draft)], key(len(draft), SAMPLE)))   # the bonus token
+    return out
+
+
+def ngram_propose(tokens: list[int], k: int, max_n: int = 3) -> list[int]:
+    """Prompt lookup: find the latest earlier occurrence of the last n tokens (n = max_n
+    down to 1) and propose the k tokens that followed it. Free, and strong when the
+    output copies from the prompt (code edits, summaries, retrieval answers)."""
+    for n in range(min(max_n, len(tokens) - 1), 0, -1):
+        tail = tokens[-n:]
+        for i in range(len(tokens) - n - 1, -1, -1):
+            if tokens[i:i + n] == tail:
+                return tokens[i + n:i + n + k]
+    return []
+
+
+class Speculator:
+    """Speculative decoding as the scheduler and the engine use it (SpeculativeDecoding).
+    Subclasses propose; verification (the acceptance rule above) and the statistics are
+    shared. Built from the target's model runner (whose logits verify the drafts), the
+    engine's sampler (whose keyed noise makes seeded requests reproducible) and the config."""
+
+    kv_bytes_per_token = 0                      # a draft model's KV cache, per token
+
+    def __init__(self, target: ModelRunner, sampler: Sampler, cfg: EngineConfig, max_model_len: int):
+        self.target, self.sampler, self.cfg, self.max_model_len = target, sampler, cfg, max_model_len
+        self.k = cfg.num_speculative_tokens
+        self.planned: dict[Sequence, int] = {}  # drafts reserved for this step, per sequence
+        self.q: dict[Sequence, Tensor] = {}     # (k, V) the draft distributions of this step
+        self.proposed = self.accepted = self.judged = self.verify_steps = self.tokens_emitted = 0
+
+    def allocate_kv_cache(self, num_blocks: int) -> None:
+        pass
+
+    def lookahead(self, seq: Sequence, budget: int) -> int:
+        """Drafts to verify for a decoding sequence: at most k, within the step's token
+        budget, and no further than the request (max_tokens) or the context can go."""
+        left = min(seq.params.max_tokens - seq.num_output_tokens, self.max_model_len - seq.num_tokens)
+        return max(0, min(self.k, left - 1, budget))
+
+    def can_reserve(self, seq: Sequence, k: int) -> bool:
+        return True
+
+    def reserve(self, seq: Sequence, k: int) -> None:
+        self.planned[seq] = k
+
+    def release(self, seq: Sequence) -> None:
+        self.planned.pop(seq, None)
+        self.q.pop(seq, None)
+
+    def propose(self, scheduled: dict[Sequence, int]) -> dict[Sequence, list[int]]:
+        """-> up to planned[seq] draft tokens per planned sequence (none where nothing is found)."""
+        raise NotImplementedError
+
+    def rollback(self, seq: Sequence, num_kept: int) -> None:
+        """Forget the proposer's state past the first num_kept tokens of seq."""
+
+    def verify(self, windows: list[tuple[Sequence, int]], drafts: dict[Sequence, list[int]],
+               hidden: Tensor) -> dict[Sequence, list[int]]:
+        """windows: (sequence, row of its last real token); rows row .. row + k hold the
+        target's view of the k draft positions and of the bonus position.
+        -> the accepted drafts plus one token, per sequence."""
+        k_of = [len(drafts[s]) for s, _ in windows]
+        rows = [r + j for (_, r), k in zip(windows, k_of) for j in range(k + 1)]
+        logits = self.target.compute_logits(hidden[rows])                         # (sum(k+1), V)
+        # Row j of a window is the target's distribution after the drafts before it: the
+        # penalties count those drafts as generated, so the emitted tokens stay distributed
+        # exactly as the target alone (with its penalties) would sample them.
+        per_row = [(s, j) for (s, _), k in zip(windows, k_of) for j in range(k + 1)]
+        params = [s.params for s, _ in per_row]
+        penalized = penalize(logits, params, [s for s, _ in per_row], [drafts[s][:j] for s, j in per_row])
+        p_all = sampling_probs(penalized, params)
+        out, at = {}, 0
+        for (seq, _), k in zip(windows, k_of):
+            p, lg = p_all[at:at + k + 1], logits[at:at + k + 1]
+            at += k + 1
+            key = lambda j, purpose, s=seq: Sampler.key(s.params.seed, s.num_tokens + j, purpose)  # noqa: E731
+            toks = rejection_sample(p, self.q.pop(seq, None), drafts[seq], key, self.sampler.default)
+            acc = len(toks) - 1
+            self.proposed += k
+            self.accepted += acc
+            self.judged += acc + (acc < k)            # draft tokens the rule was applied to
+            self.verify_steps += 1
+            self.tokens_emitted += len(toks)
+            seq.metrics.spec_proposed += k
+            seq.metrics.spec_accepted += acc
+            if seq.logprobs is not None or seq.group:
+                lp = lg[:len(toks)].log_softmax(-1)                               # (len(toks), V)
+                seq.cumulative_logprob += float(lp[torch.arange(len(toks)), torch.tensor(toks)].sum())
+                if seq.logprobs is not None:
+                    seq.logprobs += top_logprobs(lp, torch.tensor(toks), seq.params.logprobs)
+            # The cache keeps the last real token and the accepted drafts (the scheduler's
+            # postprocess gives back the target's other slots).
+            self.rollback(seq, seq.num_computed + 1 + acc)
+            out[seq] = toks
+        return out
+
+    def acceptance_rate(self) -> float | None:
+        """Accepted / proposed draft tokens (tokens after a rejection count as proposed)."""
+        return self.accepted / self.proposed if self.proposed else None
+
+    def token_acceptance(self) -> float | None:
+        """Per-token acceptance probability a: accepted / draft tokens that were judged.
+        This is the a of the expected-speedup formula (1 - a^(k+1)) / ((1 - a)(k c + 1))."""
+        return self.accepted / self.judged if self.judged else None
+
+    def tokens_per_step(self) -> float | None:
+        return self.tokens_emitted / self.verify_steps if self.verify_steps else None
+
+
+class NgramSpeculator(Speculator):
+    """Drafts by prompt lookup (ngram_propose): no model, no cache."""
+
+    def propose(self, scheduled: dict[Sequence, int]) -> dict[Sequence, list[int]]:
+        drafts = {s: ngram_propose(s.token_ids, k) for s, k in self.planned.items()}
+        self.planned.clear()
+        return {s: d for s, d in drafts.items() if d}
+
+
+@dataclass
+class DraftState:
+    """A sequence's place in the draft model's own paged KV cache."""
+    block_table: list[int] = field(default_factory=list)
+    num_computed: int = 0
+
+
+class DraftModelSpeculator(Speculator):
+    """Drafts with a small model sharing the target's vocabulary.
+
+    The draft keeps its own paged KV cache (same block size and number of blocks as the
+    target's, its own block manager) and its own model runner. Each step it first catches
+    up on tokens it has not seen (the whole prompt the first time), then runs k
+    single-token steps, all sequences batched. Rejected positions are rolled back.
+    """
+
+    def __init__(self, target: ModelRunner, sampler: Sampler, cfg: EngineConfig, max_model_len: int,
+                 draft_dir: str | Path):
+        super().__init__(target, sampler, cfg, max_model_len)
+        self.draft, dcfg = load_model(draft_dir, target.dtype, target.device)
+        vocab = target.model.vocab_size                 # the whole vocabulary, also when sharded
+        if dcfg.vocab_size != vocab:
+            raise ValueError(f"draft model {draft_dir} has vocab_size {dcfg.vocab_size}, the target "
+                             f"{vocab}: they must share a vocabulary")
+        if dcfg.max_position_embeddings < max_model_len:
+            raise ValueError(f"draft model {draft_dir} supports {dcfg.max_position_embeddings} "
+                             f"positions, fewer than max_model_len {max_model_len}")
+        self.runner = ModelRunner(self.draft, cfg, target.max_positions)
+        self.kv_bytes_per_token = self.runner.kv_bytes_per_token
+        self.state: dict[Sequence, DraftState] = {}
+
+    def allocate_kv_cache(self, num_blocks: int) -> None:
+        self.runner.allocate_kv_cache(num_blocks)
+        self.bm = BlockManager(num_blocks, self.cfg.block_size, enable_prefix_caching=False)
+
+    def can_reserve(self, seq: Sequence, k: int) -> bool:
+        # The draft computes the tokens it has not seen and k - 1 drafts (the last is never fed).
+        st = self.state.get(seq) or DraftState()
+        return self.bm.can_allocate(st.block_table, seq.num_tokens + k - 1)
+
+    def reserve(self, seq: Sequence, k: int) -> None:
+        super().reserve(seq, k)
+        st = self.state.setdefault(seq, DraftState())
+        self.bm.allocate(st.block_table, seq.num_tokens + k - 1)
+
+    def release(self, seq: Sequence) -> None:
+        super().release(seq)
+        st = self.state.pop(seq, None)
+        if st is not None:
+            self.bm.release(st.block_table)
+
+    def propose(self, scheduled: dict[Sequence, int]) -> dict[Sequence, list[int]]:
+        ks, self.planned = self.planned, {}
+        drafts: dict[Sequence, list[int]] = {s: [] for s in ks}
+        probs: dict[Sequence, list[Tensor]] = {s: [] for s in ks}
+        sampler = self.sampler
+        for j in range(self.k):
+            active = [s for s in ks if j < ks[s]]
+            if not active:
+                break
+            states = [self.state[s] for s in active]
+            # What the draft has not seen yet: the sequence's tail, then this step's drafts.
+            tokens = [s.token_ids[st.num_computed:] + drafts[s][max(0, st.num_computed - s.num_tokens):]
+                      for s, st in zip(active, states)]
+            hidden, starts = self.runner.run(tokens, [st.num_computed for st in states],
+                                             [st.block_table for st in states])
+            rows = [start + len(t) - 1 for start, t in zip(starts, tokens)]
+            params = [s.params for s in active]
+            logits = penalize(self.runner.compute_logits(hidden[rows]), params, active,     # (B, V)
+                              [drafts[s] for s in active])
+            q = sampling_probs(logits, params)
+            x = sampler.draw(q, [Sampler.key(s.params.seed, s.num_tokens + j, DRAFT) for s in active])
+            for i, (s, st) in enumerate(zip(active, states)):
+                st.num_computed += len(tokens[i])
+                drafts[s].append(int(x[i]))
+                probs[s].append(q[i])
+        self.q = {s: torch.stack(probs[s]) for s in ks}
+        return drafts
+
+    def rollback(self, seq: Sequence, num_kept: int) -> None:
+        st = self.state[seq]
+        st.num_computed = min(st.num_computed, num_kept)
+        self.bm.truncate(st.block_table, st.num_computed)
+
+
+def make_speculator(target: ModelRunner, sampler: Sampler, cfg: EngineConfig,
+                    max_model_len: int) -> Speculator | None:
+    """The one place that turns EngineConfig.speculative_method into a proposer."""
+    if cfg.speculative_method == "draft":
+        return DraftModelSpeculator(target, sampler, cfg, max_model_len, cfg.draft_model)
+    if cfg.speculative_method == "ngram":
+        return NgramSpeculator(target, sampler, cfg, max_model_len)
+    return None
+
+
+# ============================================================================ the LLM API
+# vLLM's offline API: LLM builds an engine (with speculative decoding when the config asks
+# for it) and runs its steps on behalf of whoever waits for outputs; generate() and chat()
+# wait for whole answers, stream() yields them step by step.
+
 def _is_token_id(t: object) -> bool:
     return isinstance(t, int) and not isinstance(t, bool)
 
@@ -2757,6 +3057,49 @@ def normalize_prompts(prompts: object) -> list[str | list[int]]:
     return out
 
 
+def raise_if_failed(out: RequestOutput) -> RequestOutput:
+    """out, unless its request failed inside the engine: then a RuntimeError saying why."""
+    if out.finish_reason == "error":
+        raise RuntimeError(f"request {out.request_id} failed inside the engine: {out.error}")
+    return out
+
+
+class RequestStream:
+    """The iterator LLM.stream returns: its requests' outputs in step order. `step(inbox)`
+    runs engine steps until the inbox has something; `release(ids)` aborts what is unfinished."""
+
+    def __init__(self, ids: list[str], inbox: deque[RequestOutput],
+                 step: Callable[[deque[RequestOutput]], None], release: Callable[[list[str]], None]):
+        self.ids, self.inbox, self.step, self.release = ids, inbox, step, release
+        self.pending = set(ids)
+
+    def __iter__(self) -> "RequestStream":
+        return self
+
+    def __next__(self) -> RequestOutput:
+        while self.pending and not self.inbox:
+            self.step(self.inbox)
+        if not self.inbox:
+            self.close()
+            raise StopIteration
+        out = self.inbox.popleft()
+        if out.finished:
+            self.pending.discard(out.request_id)
+        if out.finish_reason == "error":
+            self.close()
+        return raise_if_failed(out)
+
+    def close(self) -> None:
+        """Abort the requests not finished yet and free their blocks."""
+        if self.ids:
+            ids, self.ids, self.pending = self.ids, [], set()
+            self.inbox.clear()
+            self.release(ids)
+
+    def __del__(self) -> None:
+        self.close()
+
+
 class LLM:
     """The offline API, as in vLLM: `LLM(model_dir).generate(prompts, SamplingParams())`.
 
@@ -2772,7 +3115,7 @@ class LLM:
                  dtype: str = "float32", tokenizer: str | Path | None = None, **engine_kwargs):
         device = device or ("cuda" if torch.cuda.is_available() else "cpu")
         cfg = EngineConfig(device=device, dtype=dtype, **engine_kwargs)
-        self.engine = LLMEngine(model, cfg, tokenizer=tokenizer)
+        self.engine = LLMEngine(model, cfg, tokenizer=tokenizer, speculator_factory=make_speculator)
         self._inbox: dict[str, deque[RequestOutput]] = {}   # request id -> its owner's inbox
         # Held to touch the engine (submit, step, abort). Re-entrant: garbage collection can
         # drop a stream, whose close() releases its requests, inside a step of the same thread.
@@ -2835,12 +3178,6 @@ class LLM:
                 self._inbox.pop(rid, None)
                 self.engine.abort(rid)
 
-    @staticmethod
-    def _check(out: RequestOutput) -> RequestOutput:
-        if out.finish_reason == "error":
-            raise RuntimeError(f"request {out.request_id} failed inside the engine: {out.error}")
-        return out
-
     def generate(self, prompts: str | list[int] | list[str] | list[list[int]],
                  sampling_params: SamplingParams | list[SamplingParams] | None = None
                  ) -> list[RequestOutput]:
@@ -2850,7 +3187,7 @@ class LLM:
         try:
             while len(done) < len(ids):
                 while inbox:
-                    out = self._check(inbox.popleft())
+                    out = raise_if_failed(inbox.popleft())
                     if out.finished:
                         done[out.request_id] = out
                 if len(done) < len(ids):
@@ -2876,7 +3213,7 @@ class LLM:
         The prompts are validated and queued now; closing or dropping the iterator aborts
         the requests it has not finished."""
         ids, inbox = self._submit(prompts, sampling_params)
-        return RequestStream(self, ids, inbox)
+        return RequestStream(ids, inbox, self._step, self._release)
 
     def stats(self) -> dict:
         return self.engine.stats()
@@ -2889,40 +3226,6 @@ class LLM:
         return self
 
     def __exit__(self, *exc) -> None:
-        self.close()
-
-
-class RequestStream:
-    """The iterator LLM.stream returns: its requests' outputs in step order."""
-
-    def __init__(self, llm: LLM, ids: list[str], inbox: deque[RequestOutput]):
-        self.llm, self.ids, self.inbox = llm, ids, inbox
-        self.pending = set(ids)
-
-    def __iter__(self) -> "RequestStream":
-        return self
-
-    def __next__(self) -> RequestOutput:
-        while self.pending and not self.inbox:
-            self.llm._step(self.inbox)
-        if not self.inbox:
-            self.close()
-            raise StopIteration
-        out = self.inbox.popleft()
-        if out.finished:
-            self.pending.discard(out.request_id)
-        if out.finish_reason == "error":
-            self.close()
-        return LLM._check(out)
-
-    def close(self) -> None:
-        """Abort the requests not finished yet and free their blocks."""
-        if self.ids:
-            ids, self.ids, self.pending = self.ids, [], set()
-            self.inbox.clear()
-            self.llm._release(ids)
-
-    def __del__(self) -> None:
         self.close()
 
 
@@ -3000,261 +3303,6 @@ class Cascade:
         self.num_requests += len(outs)
         self.num_escalated += len(escalate)
         return outs
-
-
-# ============================================================================ speculative decoding
-# A cheap proposer guesses k tokens; the target model scores all k + 1 positions in one
-# pass (the step's forward pass above, with the drafts appended to the sequence's last
-# token), and the acceptance rule keeps a prefix of the guesses plus one token of its
-# own. Decode is memory-bound, so scoring k + 1 tokens costs about what scoring one does:
-# every accepted draft is a token for free. The engine and scheduler call a Speculator
-# in a few named places: lookahead / can_reserve / reserve (scheduling), propose (before
-# the forward pass), verify (after it), release (a sequence finishes or is preempted).
-
-def rejection_sample(p: Tensor, q: Tensor | None, draft: list[int],
-                     key: Callable[[int, int], int | None],
-                     default: torch.Generator) -> list[int]:
-    """Speculative sampling (Leviathan et al. 2023; Chen et al. 2023), for one sequence.
-
-    p: (k + 1, V) the target's distributions at the k draft positions and one past them.
-    q: (k, V) the draft's distributions the k draft tokens were sampled from; None for a
-       deterministic proposal (n-gram lookup), which is a point mass: q = one_hot(draft).
-    key(j, purpose): the event key for window position j (None: use default, the shared generator).
-    Returns the accepted prefix of draft plus one more token, 1 to k + 1 tokens.
-
-    For each draft token x in order:
-        accept with probability min(1, p(x) / q(x));
-        on the first rejection, sample from normalize(max(0, p - q)) and stop.
-    If all k are accepted, sample a bonus token from p[k].
-    Each emitted token is then distributed exactly as the target alone would sample it:
-    P(x) = q(x) min(1, p(x)/q(x)) + (1 - sum_y min(p(y), q(y))) * max(0, p(x) - q(x)) / Z
-         = min(q(x), p(x)) + max(0, p(x) - q(x)) = p(x),
-    because the rejection mass 1 - sum min(p, q) equals Z = sum max(0, p - q).
-    """
-    def one(probs: Tensor, k: int | None) -> int:
-        return int(draw(probs[None], [k], default)[0])
-
-    out = []
-    for j, x in enumerate(draft):
-        qj = q[j] if q is not None else F.one_hot(torch.tensor(x, device=p.device), p.shape[-1]).to(p.dtype)
-        k = key(j, ACCEPT)
-        u = torch.rand((), generator=default, device=p.device) if k is None else \
-            keyed_uniform([k], 1, p.device)[0, 0]
-        if u * qj[x] <= p[j, x]:                     # accept with prob min(1, p(x)/q(x))
-            out.append(x)
-            continue
-        residual = (p[j] - qj).clamp(min=0)
-        out.append(one(residual / residual.sum() if residual.sum() > 0 else p[j], key(j, RESIDUAL)))
-        return out
-    out.append(one(p[len(draft)], key(len(draft), SAMPLE)))   # the bonus token
-    return out
-
-
-def ngram_propose(tokens: list[int], k: int, max_n: int = 3) -> list[int]:
-    """Prompt lookup: find the latest earlier occurrence of the last n tokens (n = max_n
-    down to 1) and propose the k tokens that followed it. Free, and strong when the
-    output copies from the prompt (code edits, summaries, retrieval answers)."""
-    for n in range(min(max_n, len(tokens) - 1), 0, -1):
-        tail = tokens[-n:]
-        for i in range(len(tokens) - n - 1, -1, -1):
-            if tokens[i:i + n] == tail:
-                return tokens[i + n:i + n + k]
-    return []
-
-
-class Speculator:
-    """What the engine and scheduler see of speculative decoding. Subclasses propose;
-    verification (the acceptance rule above) and the statistics are shared."""
-
-    kv_bytes_per_token = 0                      # a draft model's KV cache, per token
-
-    def __init__(self, engine: LLMEngine):
-        self.engine = engine
-        self.k = engine.cfg.num_speculative_tokens
-        self.planned: dict[Sequence, int] = {}  # drafts reserved for this step, per sequence
-        self.q: dict[Sequence, Tensor] = {}     # (k, V) the draft distributions of this step
-        self.proposed = self.accepted = self.judged = self.verify_steps = self.tokens_emitted = 0
-
-    def allocate_kv_cache(self, num_blocks: int) -> None:
-        pass
-
-    def lookahead(self, seq: Sequence, budget: int) -> int:
-        """Drafts to verify for a decoding sequence: at most k, within the step's token
-        budget, and no further than the request (max_tokens) or the context can go."""
-        left = min(seq.params.max_tokens - seq.num_output_tokens, self.engine.max_model_len - seq.num_tokens)
-        return max(0, min(self.k, left - 1, budget))
-
-    def can_reserve(self, seq: Sequence, k: int) -> bool:
-        return True
-
-    def reserve(self, seq: Sequence, k: int) -> None:
-        self.planned[seq] = k
-
-    def release(self, seq: Sequence) -> None:
-        self.planned.pop(seq, None)
-        self.q.pop(seq, None)
-
-    def propose(self, scheduled: dict[Sequence, int]) -> dict[Sequence, list[int]]:
-        """-> up to planned[seq] draft tokens per planned sequence (none where nothing is found)."""
-        raise NotImplementedError
-
-    def rollback(self, seq: Sequence, num_kept: int) -> None:
-        """Forget the proposer's state past the first num_kept tokens of seq."""
-
-    def verify(self, windows: list[tuple[Sequence, int]], drafts: dict[Sequence, list[int]],
-               hidden: Tensor) -> dict[Sequence, list[int]]:
-        """windows: (sequence, row of its last real token); rows row .. row + k hold the
-        target's view of the k draft positions and of the bonus position.
-        -> the accepted drafts plus one token, per sequence."""
-        eng = self.engine
-        k_of = [len(drafts[s]) for s, _ in windows]
-        rows = [r + j for (_, r), k in zip(windows, k_of) for j in range(k + 1)]
-        logits = eng.runner.compute_logits(hidden[rows])                          # (sum(k+1), V)
-        # Row j of a window is the target's distribution after the drafts before it: the
-        # penalties count those drafts as generated, so the emitted tokens stay distributed
-        # exactly as the target alone (with its penalties) would sample them.
-        per_row = [(s, j) for (s, _), k in zip(windows, k_of) for j in range(k + 1)]
-        params = [s.params for s, _ in per_row]
-        penalized = penalize(logits, params, [s for s, _ in per_row], [drafts[s][:j] for s, j in per_row])
-        p_all = sampling_probs(penalized, params)
-        out, at = {}, 0
-        for (seq, _), k in zip(windows, k_of):
-            p, lg = p_all[at:at + k + 1], logits[at:at + k + 1]
-            at += k + 1
-            key = lambda j, purpose, s=seq: Sampler.key(s.params.seed, s.num_tokens + j, purpose)  # noqa: E731
-            toks = rejection_sample(p, self.q.pop(seq, None), drafts[seq], key, eng.sampler.default)
-            acc = len(toks) - 1
-            self.proposed += k
-            self.accepted += acc
-            self.judged += acc + (acc < k)            # draft tokens the rule was applied to
-            self.verify_steps += 1
-            self.tokens_emitted += len(toks)
-            seq.metrics.spec_proposed += k
-            seq.metrics.spec_accepted += acc
-            if seq.logprobs is not None or seq.group:
-                lp = lg[:len(toks)].log_softmax(-1)                               # (len(toks), V)
-                seq.cumulative_logprob += float(lp[torch.arange(len(toks)), torch.tensor(toks)].sum())
-                if seq.logprobs is not None:
-                    seq.logprobs += top_logprobs(lp, torch.tensor(toks), seq.params.logprobs)
-            # The cache keeps the last real token and the accepted drafts (the scheduler's
-            # postprocess gives back the target's other slots).
-            self.rollback(seq, seq.num_computed + 1 + acc)
-            out[seq] = toks
-        return out
-
-    def acceptance_rate(self) -> float | None:
-        """Accepted / proposed draft tokens (tokens after a rejection count as proposed)."""
-        return self.accepted / self.proposed if self.proposed else None
-
-    def token_acceptance(self) -> float | None:
-        """Per-token acceptance probability a: accepted / draft tokens that were judged.
-        This is the a of the expected-speedup formula (1 - a^(k+1)) / ((1 - a)(k c + 1))."""
-        return self.accepted / self.judged if self.judged else None
-
-    def tokens_per_step(self) -> float | None:
-        return self.tokens_emitted / self.verify_steps if self.verify_steps else None
-
-
-class NgramSpeculator(Speculator):
-    """Drafts by prompt lookup (ngram_propose): no model, no cache."""
-
-    def propose(self, scheduled: dict[Sequence, int]) -> dict[Sequence, list[int]]:
-        drafts = {s: ngram_propose(s.token_ids, k) for s, k in self.planned.items()}
-        self.planned.clear()
-        return {s: d for s, d in drafts.items() if d}
-
-
-@dataclass
-class DraftState:
-    """A sequence's place in the draft model's own paged KV cache."""
-    block_table: list[int] = field(default_factory=list)
-    num_computed: int = 0
-
-
-class DraftModelSpeculator(Speculator):
-    """Drafts with a small model sharing the target's vocabulary.
-
-    The draft keeps its own paged KV cache (same block size and number of blocks as the
-    target's, its own block manager) and its own model runner. Each step it first catches
-    up on tokens it has not seen (the whole prompt the first time), then runs k
-    single-token steps, all sequences batched. Rejected positions are rolled back.
-    """
-
-    def __init__(self, engine: LLMEngine, draft_dir: str | Path):
-        super().__init__(engine)
-        self.draft, dcfg = load_model(draft_dir, engine.dtype, engine.device)
-        if dcfg.vocab_size != engine.model_config.vocab_size:
-            raise ValueError(f"draft model {draft_dir} has vocab_size {dcfg.vocab_size}, the target "
-                             f"{engine.model_config.vocab_size}: they must share a vocabulary")
-        if dcfg.max_position_embeddings < engine.max_model_len:
-            raise ValueError(f"draft model {draft_dir} supports {dcfg.max_position_embeddings} "
-                             f"positions, fewer than max_model_len {engine.max_model_len}")
-        self.runner = ModelRunner(self.draft, engine.cfg, engine.runner.max_positions)
-        self.kv_bytes_per_token = self.runner.kv_bytes_per_token
-        self.state: dict[Sequence, DraftState] = {}
-
-    def allocate_kv_cache(self, num_blocks: int) -> None:
-        self.runner.allocate_kv_cache(num_blocks)
-        self.bm = BlockManager(num_blocks, self.engine.cfg.block_size, enable_prefix_caching=False)
-
-    def can_reserve(self, seq: Sequence, k: int) -> bool:
-        # The draft computes the tokens it has not seen and k - 1 drafts (the last is never fed).
-        st = self.state.get(seq) or DraftState()
-        return self.bm.can_allocate(st.block_table, seq.num_tokens + k - 1)
-
-    def reserve(self, seq: Sequence, k: int) -> None:
-        super().reserve(seq, k)
-        st = self.state.setdefault(seq, DraftState())
-        self.bm.allocate(st.block_table, seq.num_tokens + k - 1)
-
-    def release(self, seq: Sequence) -> None:
-        super().release(seq)
-        st = self.state.pop(seq, None)
-        if st is not None:
-            self.bm.release(st.block_table)
-
-    def propose(self, scheduled: dict[Sequence, int]) -> dict[Sequence, list[int]]:
-        ks, self.planned = self.planned, {}
-        drafts: dict[Sequence, list[int]] = {s: [] for s in ks}
-        probs: dict[Sequence, list[Tensor]] = {s: [] for s in ks}
-        sampler = self.engine.sampler
-        for j in range(self.k):
-            active = [s for s in ks if j < ks[s]]
-            if not active:
-                break
-            states = [self.state[s] for s in active]
-            # What the draft has not seen yet: the sequence's tail, then this step's drafts.
-            tokens = [s.token_ids[st.num_computed:] + drafts[s][max(0, st.num_computed - s.num_tokens):]
-                      for s, st in zip(active, states)]
-            hidden, starts = self.runner.run(tokens, [st.num_computed for st in states],
-                                             [st.block_table for st in states])
-            rows = [start + len(t) - 1 for start, t in zip(starts, tokens)]
-            params = [s.params for s in active]
-            logits = penalize(self.runner.compute_logits(hidden[rows]), params, active,     # (B, V)
-                              [drafts[s] for s in active])
-            q = sampling_probs(logits, params)
-            x = sampler.draw(q, [Sampler.key(s.params.seed, s.num_tokens + j, DRAFT) for s in active])
-            for i, (s, st) in enumerate(zip(active, states)):
-                st.num_computed += len(tokens[i])
-                drafts[s].append(int(x[i]))
-                probs[s].append(q[i])
-        self.q = {s: torch.stack(probs[s]) for s in ks}
-        return drafts
-
-    def rollback(self, seq: Sequence, num_kept: int) -> None:
-        st = self.state[seq]
-        st.num_computed = min(st.num_computed, num_kept)
-        self.bm.truncate(st.block_table, st.num_computed)
-
-
-def make_speculator(engine: LLMEngine) -> Speculator | None:
-    """The one place that turns EngineConfig.speculative_method into a proposer."""
-    method = engine.cfg.speculative_method
-    if method == "draft":
-        return DraftModelSpeculator(engine, engine.cfg.draft_model)
-    if method == "ngram":
-        return NgramSpeculator(engine)
-    return None
 
 
 # ============================================================================ CLI

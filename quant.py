@@ -41,6 +41,15 @@ from nanoserve import LlamaForCausalLM, QuantLinear, set_module
 # Scales are per output channel (group_size 0) or per group of group_size input channels;
 # an in_features that is not a multiple of group_size gets a smaller last group.
 
+def _check(W: Tensor, bits: int, group_size: int) -> None:
+    if bits not in (2, 3, 4, 8):
+        raise ValueError(f"bits must be 2, 3, 4 or 8, got {bits}")
+    if group_size < 0:
+        raise ValueError(f"group_size must be >= 0 (0: per output channel), got {group_size}")
+    if W.dim() != 2:
+        raise ValueError(f"expected a 2-D weight, got shape {tuple(W.shape)}")
+
+
 def _grouped(W: Tensor, group_size: int) -> tuple[Tensor, int]:
     """(out, in) -> (out, n_groups, G), the last group padded by repeating its last column
     (which changes neither its max|w| nor its min and max)."""
@@ -80,15 +89,6 @@ def quantize_rtn(W: Tensor, bits: int, group_size: int = 0, symmetric: bool = Tr
     _check(W, bits, group_size)
     scale, zero = find_params(W, bits, group_size, symmetric)
     return quantize_with(W, scale, zero, bits, group_size), scale, zero
-
-
-def _check(W: Tensor, bits: int, group_size: int) -> None:
-    if bits not in (2, 3, 4, 8):
-        raise ValueError(f"bits must be 2, 3, 4 or 8, got {bits}")
-    if group_size < 0:
-        raise ValueError(f"group_size must be >= 0 (0: per output channel), got {group_size}")
-    if W.dim() != 2:
-        raise ValueError(f"expected a 2-D weight, got shape {tuple(W.shape)}")
 
 
 # ============================================================================ GPTQ
@@ -202,6 +202,27 @@ def _record_inputs(layer: nn.Module, names: tuple[str, ...], run: Callable[[], N
     return {n: torch.cat(v) for n, v in seen.items()}
 
 
+def _awq_stage(layer: nn.Module, stage: tuple[str, ...], X: Tensor, bits: int, group_size: int,
+               symmetric: bool) -> float | None:
+    """Search the AWQ scale for one stage, fold it into the operation before it; -> alpha."""
+    a = layer.self_attn
+    if stage[0] == "self_attn.o_proj" and a.n_heads != a.n_kv:
+        return None      # with GQA a v_proj row feeds several o_proj inputs: no exact fold (as AutoAWQ)
+    weights = [layer.get_submodule(n).weight for n in stage]
+    s, alpha = awq_search_scale(weights, X, bits, group_size, symmetric)
+    for n in stage:
+        layer.get_submodule(n).weight.mul_(s)                         # W diag(s)
+    prev = {"self_attn.q_proj": layer.input_layernorm, "self_attn.o_proj": a.v_proj,
+            "mlp.gate_proj": layer.post_attention_layernorm, "mlp.down_proj": layer.mlp.up_proj}[stage[0]]
+    if prev.weight.dim() == 1:
+        prev.weight.div_(s)                                           # RMSNorm weight
+    else:
+        prev.weight.div_(s[:, None])                                  # rows of the producer
+        if prev.bias is not None:
+            prev.bias.div_(s)                                         # and its bias (Qwen2's v_proj)
+    return alpha
+
+
 @torch.no_grad()
 def quantize_model(model: LlamaForCausalLM, calib: Tensor, method: str, bits: int, group_size: int,
                    symmetric: bool = True, act_order: bool = False,
@@ -251,27 +272,6 @@ def quantize_model(model: LlamaForCausalLM, calib: Tensor, method: str, bits: in
     if method == "awq":
         cfg["awq_alpha"] = alphas
     return cfg
-
-
-def _awq_stage(layer: nn.Module, stage: tuple[str, ...], X: Tensor, bits: int, group_size: int,
-               symmetric: bool) -> float | None:
-    """Search the AWQ scale for one stage, fold it into the operation before it; -> alpha."""
-    a = layer.self_attn
-    if stage[0] == "self_attn.o_proj" and a.n_heads != a.n_kv:
-        return None      # with GQA a v_proj row feeds several o_proj inputs: no exact fold (as AutoAWQ)
-    weights = [layer.get_submodule(n).weight for n in stage]
-    s, alpha = awq_search_scale(weights, X, bits, group_size, symmetric)
-    for n in stage:
-        layer.get_submodule(n).weight.mul_(s)                         # W diag(s)
-    prev = {"self_attn.q_proj": layer.input_layernorm, "self_attn.o_proj": a.v_proj,
-            "mlp.gate_proj": layer.post_attention_layernorm, "mlp.down_proj": layer.mlp.up_proj}[stage[0]]
-    if prev.weight.dim() == 1:
-        prev.weight.div_(s)                                           # RMSNorm weight
-    else:
-        prev.weight.div_(s[:, None])                                  # rows of the producer
-        if prev.bias is not None:
-            prev.bias.div_(s)                                         # and its bias (Qwen2's v_proj)
-    return alpha
 
 
 # ============================================================================ 2:4 sparsity

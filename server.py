@@ -270,6 +270,45 @@ class AsyncEngine:
 
 # ============================================================================ the cascade's serving side
 
+class CascadeRequest:
+    """One cascade request as the handler sees it: a queue whose get() yields the small
+    model's finished answer, or, once it escalated, the large model's outputs. `cascade`
+    says which model answered, from the decision on."""
+
+    def __init__(self, owner: AsyncCascade, rid: str, prompt: str | list[int], params: SamplingParams,
+                 q: OutputQueue):
+        self.owner, self.rid, self.prompt, self.params = owner, rid, prompt, params
+        self.engine_id, self.q, self.cascade = rid, q, None
+
+    async def get(self) -> RequestOutput:
+        """The next output to show the client."""
+        owner = self.owner
+        while True:
+            out = await self.q.get()
+            if self.cascade and self.cascade["escalated"]:
+                if out.finished:
+                    owner.active.pop(self.rid, None)
+                return out
+            if not out.finished:
+                continue                               # the small model's tokens are not shown
+            if out.finish_reason in ("error", "abort"):
+                owner.active.pop(self.rid, None)
+                return out
+            confidence = owner.cascade.judge(out, self.params)
+            owner.num_requests += 1
+            self.cascade = {"escalated": confidence < owner.cascade.threshold, "confidence": confidence}
+            if not self.cascade["escalated"]:
+                owner.active.pop(self.rid, None)
+                # Shown at once: each sample's delta is its whole text.
+                out.delta = out.text
+                out.outputs = [dataclasses.replace(c, delta=c.text) for c in out.outputs]
+                return out
+            owner.num_escalated += 1
+            # Past the waiting-queue limit too: the request was already admitted.
+            seq = owner.large.check(self.prompt, self.params)
+            self.q, self.engine_id = owner.large.submit(seq), seq.request_id
+
+
 class AsyncCascade:
     """The server's loop for a model cascade (--cascade-small): an AsyncEngine per model.
     A request runs on the small model first; when it finishes, Cascade.judge decides, and
@@ -325,45 +364,6 @@ class AsyncCascade:
             "# TYPE nanoserve_cascade_small_generation_tokens_total counter",
             f"nanoserve_cascade_small_generation_tokens_total {small['generated_tokens']}"]
         return self.large.metrics_text() + "\n".join(lines) + "\n"
-
-
-class CascadeRequest:
-    """One cascade request as the handler sees it: a queue whose get() yields the small
-    model's finished answer, or, once it escalated, the large model's outputs. `cascade`
-    says which model answered, from the decision on."""
-
-    def __init__(self, owner: AsyncCascade, rid: str, prompt: str | list[int], params: SamplingParams,
-                 q: OutputQueue):
-        self.owner, self.rid, self.prompt, self.params = owner, rid, prompt, params
-        self.engine_id, self.q, self.cascade = rid, q, None
-
-    async def get(self) -> RequestOutput:
-        """The next output to show the client."""
-        owner = self.owner
-        while True:
-            out = await self.q.get()
-            if self.cascade and self.cascade["escalated"]:
-                if out.finished:
-                    owner.active.pop(self.rid, None)
-                return out
-            if not out.finished:
-                continue                               # the small model's tokens are not shown
-            if out.finish_reason in ("error", "abort"):
-                owner.active.pop(self.rid, None)
-                return out
-            confidence = owner.cascade.judge(out, self.params)
-            owner.num_requests += 1
-            self.cascade = {"escalated": confidence < owner.cascade.threshold, "confidence": confidence}
-            if not self.cascade["escalated"]:
-                owner.active.pop(self.rid, None)
-                # Shown at once: each sample's delta is its whole text.
-                out.delta = out.text
-                out.outputs = [dataclasses.replace(c, delta=c.text) for c in out.outputs]
-                return out
-            owner.num_escalated += 1
-            # Past the waiting-queue limit too: the request was already admitted.
-            seq = owner.large.check(self.prompt, self.params)
-            self.q, self.engine_id = owner.large.submit(seq), seq.request_id
 
 
 # ============================================================================ requests

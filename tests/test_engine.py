@@ -449,6 +449,35 @@ def test_greedy_output_is_pinned_on_stories260k():
 
 # ----------------------------------------------------------------------------- layout
 
+def test_no_name_is_used_above_its_definition():
+    """Each module reads top to bottom: a function, class or constant of the module is used
+    (called, built, read) only below the line that defines it. Type annotations may name a
+    class defined further down (two classes that refer to each other)."""
+    import ast
+    for name in ("nanoserve", "parallel", "server", "quant", "kernels"):
+        tree = ast.parse((ROOT / f"{name}.py").read_text())
+        defined = {}
+        for node in tree.body:
+            targets = [node.name] if isinstance(node, (ast.FunctionDef, ast.AsyncFunctionDef, ast.ClassDef)) else \
+                [t.id for t in getattr(node, "targets", []) if isinstance(t, ast.Name)]
+            for t in targets:
+                defined.setdefault(t, node.lineno)
+        annotations = set()
+        for node in ast.walk(tree):
+            if isinstance(node, (ast.FunctionDef, ast.AsyncFunctionDef)):
+                args = node.args.args + node.args.kwonlyargs + node.args.posonlyargs
+                parts = [a.annotation for a in args] + [node.returns]
+            elif isinstance(node, ast.AnnAssign):
+                parts = [node.annotation]
+            else:
+                continue
+            annotations |= {id(n) for part in parts if part is not None for n in ast.walk(part)}
+        early = sorted({(n.lineno, n.id) for node in tree.body for n in ast.walk(node)
+                        if isinstance(n, ast.Name) and id(n) not in annotations
+                        and defined.get(n.id, 0) > n.lineno})
+        assert early == [], f"{name}.py uses names above their definitions: {early}"
+
+
 def test_imports_point_one_way():
     """tools -> quant / server / parallel -> nanoserve -> kernels, each import at the top of
     its module, with one stated exception: an entry point that selects an optional backend
