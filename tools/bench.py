@@ -36,7 +36,7 @@ sys.path.insert(0, str(ROOT))
 import nanoserve  # noqa: E402
 import quant  # noqa: E402
 import server as http_server  # noqa: E402
-from nanoserve import DTYPES, LLM, SamplingParams  # noqa: E402
+from nanoserve import LLM, SamplingParams  # noqa: E402
 
 SHARED_LLAMA2_TOKENIZER = ROOT.parent / "shared" / "models" / "tokenizers" / "llama2" / "tokenizer.model"
 
@@ -364,7 +364,8 @@ def bench_host(batch: int = 256, steps: int = 100, warmup: int = 4) -> dict:
 class TransformersBaseline:
     """Hugging Face transformers' `generate` in a child interpreter, tools/hf_generate.py
     (which says why it cannot run in this process), asked over a pipe. The child's stderr is
-    this process's, so its errors show where the benchmark's do."""
+    this process's, so its errors show where the benchmark's do; it ends when its stdin
+    closes (close(), or this process ending)."""
 
     def __init__(self, model_dir: str, device: str, dtype: str, threads: int):
         self.proc = subprocess.Popen(
@@ -442,55 +443,56 @@ def bench_versus_transformers(model_dir: str, kw: dict, rounds: int, prefix_len:
         return None
     torch.set_num_threads(1)
     llm = LLM(model_dir, **{**kw, "cpu_threads": 1})
-    with TransformersBaseline(model_dir, kw["device"], kw["dtype"], threads=1) as hf:
-        vocab = hf.info["vocab_size"]
-        rng = np.random.default_rng(0)
+    hf = TransformersBaseline(model_dir, kw["device"], kw["dtype"], threads=1)
+    vocab = hf.info["vocab_size"]
+    rng = np.random.default_rng(0)
 
-        def ids(n: int) -> list[int]:
-            return [1] + rng.integers(3, vocab, n - 1).tolist()
+    def ids(n: int) -> list[int]:
+        return [1] + rng.integers(3, vocab, n - 1).tolist()
 
-        def workload(name: str) -> tuple[list[list[int]], list[int]]:
-            if name == "batch 1":
-                return [ids(32)], [256]
-            if name == "64 requests":
-                return [ids(int(n)) for n in rng.integers(16, 65, 64)], rng.integers(16, 129, 64).tolist()
-            prefix = ids(prefix_len)
-            return [prefix + rng.integers(3, vocab, 16).tolist() for _ in range(16)], [32] * 16
+    def workload(name: str) -> tuple[list[list[int]], list[int]]:
+        if name == "batch 1":
+            return [ids(32)], [256]
+        if name == "64 requests":
+            return [ids(int(n)) for n in rng.integers(16, 65, 64)], rng.integers(16, 129, 64).tolist()
+        prefix = ids(prefix_len)
+        return [prefix + rng.integers(3, vocab, 16).tolist() for _ in range(16)], [32] * 16
 
-        def run_nano(prompts: list[list[int]], new: list[int]) -> tuple[float, list[list[int]]]:
-            params = [SamplingParams(temperature=0, max_tokens=n, ignore_eos=True) for n in new]
-            t = time.perf_counter()
-            outs = llm.generate(prompts, params)
-            return time.perf_counter() - t, [o.token_ids for o in outs]
+    def run_nano(prompts: list[list[int]], new: list[int]) -> tuple[float, list[list[int]]]:
+        params = [SamplingParams(temperature=0, max_tokens=n, ignore_eos=True) for n in new]
+        t = time.perf_counter()
+        outs = llm.generate(prompts, params)
+        return time.perf_counter() - t, [o.token_ids for o in outs]
 
-        def run_hf(prompts: list[list[int]], new: list[int]) -> tuple[float, list[list[int]]]:
-            return hf.generate(prompts, new, do_sample=False)
+    def run_hf(prompts: list[list[int]], new: list[int]) -> tuple[float, list[list[int]]]:
+        return hf.generate(prompts, new, do_sample=False)
 
-        result = {"transformers": hf.info["transformers"], "threads": torch.get_num_threads(),
-                  "hf_threads": hf.info["threads"], "rounds": rounds, "prefix_len": prefix_len}
-        for name in ("batch 1", "64 requests", f"16 requests, shared {prefix_len}-token prefix"):
+    result = {"transformers": hf.info["transformers"], "threads": torch.get_num_threads(),
+              "hf_threads": hf.info["threads"], "rounds": rounds, "prefix_len": prefix_len}
+    for name in ("batch 1", "64 requests", f"16 requests, shared {prefix_len}-token prefix"):
+        prompts, new = workload(name)
+        run_nano(prompts, [4] * len(new)), run_hf(prompts, [4] * len(new))         # warm-up
+        nano_s, hf_s, same, tokens = [], [], 0, 0
+        for r in range(rounds):
             prompts, new = workload(name)
-            run_nano(prompts, [4] * len(new)), run_hf(prompts, [4] * len(new))         # warm-up
-            nano_s, hf_s, same, tokens = [], [], 0, 0
-            for r in range(rounds):
-                prompts, new = workload(name)
-                if r % 2:                                       # alternate who goes first
-                    (b, tb), (a, ta) = run_hf(prompts, new), run_nano(prompts, new)
-                else:
-                    (a, ta), (b, tb) = run_nano(prompts, new), run_hf(prompts, new)
-                nano_s.append(a)
-                hf_s.append(b)
-                same += sum(x == y for x, y in zip(ta, tb))
-                tokens += sum(new)
-                _progress(name, r + 1, rounds)
-            tokens /= rounds                                    # useful output tokens per round (mean)
-            ratios = sorted(h / n for n, h in zip(nano_s, hf_s))
-            result[name] = {"requests": len(prompts), "output_tokens_per_round": tokens,
-                            "nano_tok_s": [tokens / s for s in nano_s], "hf_tok_s": [tokens / s for s in hf_s],
-                            "nano_tok_s_median": tokens / float(np.median(nano_s)),
-                            "hf_tok_s_median": tokens / float(np.median(hf_s)),
-                            "speedup_median": float(np.median(ratios)), "speedup_range": [ratios[0], ratios[-1]],
-                            "identical_outputs": same, "outputs": rounds * len(prompts)}
+            if r % 2:                                       # alternate who goes first
+                (b, tb), (a, ta) = run_hf(prompts, new), run_nano(prompts, new)
+            else:
+                (a, ta), (b, tb) = run_nano(prompts, new), run_hf(prompts, new)
+            nano_s.append(a)
+            hf_s.append(b)
+            same += sum(x == y for x, y in zip(ta, tb))
+            tokens += sum(new)
+            _progress(name, r + 1, rounds)
+        tokens /= rounds                                    # useful output tokens per round (mean)
+        ratios = sorted(h / n for n, h in zip(nano_s, hf_s))
+        result[name] = {"requests": len(prompts), "output_tokens_per_round": tokens,
+                        "nano_tok_s": [tokens / s for s in nano_s], "hf_tok_s": [tokens / s for s in hf_s],
+                        "nano_tok_s_median": tokens / float(np.median(nano_s)),
+                        "hf_tok_s_median": tokens / float(np.median(hf_s)),
+                        "speedup_median": float(np.median(ratios)), "speedup_range": [ratios[0], ratios[-1]],
+                        "identical_outputs": same, "outputs": rounds * len(prompts)}
+    hf.close()
     return result
 
 
