@@ -478,6 +478,33 @@ def test_no_name_is_used_above_its_definition():
         assert early == [], f"{name}.py uses names above their definitions: {early}"
 
 
+def test_the_readme_reading_map_matches_the_sections():
+    """The README's "Read in this order" table: for each file, ranges that run from line 1
+    to its last line without a gap, each after the first starting at the banner of the
+    section it names."""
+    import re
+    readme = (ROOT / "README.md").read_text()
+    table = readme[readme.index("## Read in this order"):readme.index("## Features")]
+    ranges: dict[str, list[tuple[int, int, str]]] = {}
+    current = None
+    for row in table.splitlines():
+        m = re.match(r"\| (?:`([^`]+)`)? *\| (\d+)-(\d+) \| (.+?): ", row)
+        if m:
+            current = m.group(1) or current
+            ranges.setdefault(current, []).append((int(m.group(2)), int(m.group(3)), m.group(4)))
+    assert {"nanoserve.py", "server.py", "parallel.py", "kernels.py", "quant.py"} <= set(ranges)
+    for name, rows in ranges.items():
+        lines = (ROOT / name).read_text().splitlines()
+        starts = [1] + [i + 1 for i, line in enumerate(lines) if re.match(r"# (={20,}|-{20,}) ", line)]
+        now = ", ".join(f"{a}-{b - 1}" for a, b in zip(starts, starts[1:] + [len(lines) + 1]))
+        hint = f"{name}'s sections are now at lines {now}: update the README's table"
+        assert rows[0][0] == 1 and rows[-1][1] == len(lines), hint
+        for (_, end, _), (start, _, _) in zip(rows, rows[1:]):
+            assert start == end + 1, hint
+        for start, _, section in rows[1:]:
+            assert re.match(rf"# [=-]+ {re.escape(section)}$", lines[start - 1]), hint
+
+
 def test_imports_point_one_way():
     """tools -> quant / server / parallel -> nanoserve -> kernels, each import at the top of
     its module, with one stated exception: an entry point that selects an optional backend
