@@ -369,7 +369,7 @@ class SamplingParams:
         if len(stop) > MAX_STOP_STRINGS:
             raise ValueError(f"stop may hold at most {MAX_STOP_STRINGS} strings, got {len(stop)}")
         if any(len(s) > MAX_STOP_CHARS for s in stop):
-            raise ValueError(f"each stop string may be at most {MAX_STOP_CHARS} characters, got one of "
+            raise ValueError(f"stop strings may be at most {MAX_STOP_CHARS} characters each, got one of "
                              f"{max(map(len, stop))}")
         self.stop = list(stop)
         for name in ("presence_penalty", "frequency_penalty"):

@@ -110,7 +110,7 @@ def test_stop_strings_have_documented_limits():
     SamplingParams(stop=["x" * nanoserve.MAX_STOP_CHARS] * nanoserve.MAX_STOP_STRINGS)
     with pytest.raises(ValueError, match="stop may hold at most"):
         SamplingParams(stop=["x"] * (nanoserve.MAX_STOP_STRINGS + 1))
-    with pytest.raises(ValueError, match="stop string may be at most"):
+    with pytest.raises(ValueError, match="stop strings may be at most"):
         SamplingParams(stop=["x" * (nanoserve.MAX_STOP_CHARS + 1)])
 
 
@@ -193,6 +193,25 @@ def test_a_request_with_the_most_stop_strings_leaves_other_clients_latency_withi
         server.shutdown()
         server.server_close()
     assert stopped <= 2 * plain, f"{stopped * 1000:.0f} ms with the stop strings, {plain * 1000:.0f} ms without"
+
+
+def test_stop_lists_beyond_the_limits_get_a_400_naming_stop(model):
+    llm = make_llm(model, max_model_len=64)
+    server = make_server(llm, "127.0.0.1", 0)
+    threading.Thread(target=server.serve_forever, daemon=True).start()
+    try:
+        for stop in (["x"] * (nanoserve.MAX_STOP_STRINGS + 1), "y" * (nanoserve.MAX_STOP_CHARS + 1),
+                     ["ab"] * 90_000):
+            conn = http.client.HTTPConnection("127.0.0.1", server.server_address[1], timeout=30)
+            conn.request("POST", "/v1/completions", json.dumps({"prompt": "x", "max_tokens": 2, "stop": stop}),
+                         {"Content-Type": "application/json"})
+            reply = conn.getresponse()
+            body = json.loads(reply.read())
+            conn.close()
+            assert reply.status == 400 and body["error"]["param"] == "stop", body
+    finally:
+        server.shutdown()
+        server.server_close()
 
 
 # ----------------------------------------------------------------------------- sampling parameters
