@@ -613,6 +613,9 @@ def generation_eos_ids(model_dir: Path) -> list[int]:
 # transformers' apply_chat_template and vLLM render it. The rendered text already holds
 # the special tokens (a "<s>" or "<|im_start|>"), so it is tokenized with them recognised
 # as tokens and without adding another BOS.
+# The roles of OpenAI's chat API. Any other role would be pasted into the prompt as text,
+# which no model was trained on, so it is refused.
+CHAT_ROLES = ("system", "developer", "user", "assistant", "tool", "function")
 DEFAULT_CHAT_TEMPLATE = (                      # for models without one (the bundled code model)
     "{{ bos_token }}{% for m in messages %}{{ '# ' + m['role'] + ':\n' + m['content'] + '\n' }}{% endfor %}"
     "{% if add_generation_prompt %}{{ '# assistant:\n' }}{% endif %}")
@@ -2536,8 +2539,9 @@ class LLMEngine:
             raise ValueError("messages must be a non-empty list of {role, content} objects")
         clean = []
         for i, m in enumerate(messages):
-            if not isinstance(m, dict) or not isinstance(m.get("role"), str):
-                raise ValueError(f"messages[{i}] must be an object with a string role")
+            if not isinstance(m, dict) or m.get("role") not in CHAT_ROLES:
+                raise ValueError(f"messages[{i}] must be an object with a role among {', '.join(CHAT_ROLES)}, "
+                                 f"got {m.get('role') if isinstance(m, dict) else m!r}")
             content = m.get("content")
             if isinstance(content, list):              # OpenAI's content parts: text only
                 if not all(isinstance(c, dict) and c.get("type") == "text" and isinstance(c.get("text"), str)

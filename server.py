@@ -51,7 +51,7 @@ from starlette.responses import Response, StreamingResponse
 from starlette.routing import Route
 from starlette.types import Receive, Scope, Send
 
-from nanoserve import (LLM, Cascade, CompletionOutput, HFTokenizer, IncrementalDetokenizer, LLMEngine,
+from nanoserve import (CHAT_ROLES, LLM, Cascade, CompletionOutput, HFTokenizer, IncrementalDetokenizer, LLMEngine,
                        RequestOutput, SamplingParams, Sequence, Tokenizer)
 
 # ============================================================================ errors
@@ -438,9 +438,6 @@ def parse_completion_request(body: dict) -> CompletionRequest:
 
 # OpenAI's roles. "developer" is the newer name of "system" (OpenAI's o1 and later); a
 # template that does not name it gets it as "system", the role the model was trained on.
-CHAT_ROLES = ("system", "developer", "user", "assistant", "tool", "function")
-
-
 def parse_chat_messages(messages: object, keep_developer: bool = False) -> list[dict]:
     """OpenAI chat messages, checked as OpenAI checks them, -> [{role, content}] with string
     contents for the chat template. An assistant message that only calls tools (content

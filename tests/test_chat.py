@@ -86,6 +86,12 @@ def test_chatml_template_renders_special_tokens_and_the_generation_prompt(chatml
     assert out.prompt_token_ids == ids and len(out.token_ids) == 5
 
 
+@pytest.mark.parametrize("role", ["wizard", "", None, 7])
+def test_the_python_api_refuses_a_role_openai_does_not_have(chatml, role):
+    with pytest.raises(ValueError, match=r"messages\[1\] must be an object with a role among"):
+        chatml.chat([{"role": "system", "content": "Be brief."}, {"role": role, "content": "Hi"}])
+
+
 def test_models_without_a_template_use_the_documented_default(tmp_path):
     if not (nanoserve.DEFAULT_MODEL / "model.safetensors").is_file():
         pytest.skip("the bundled model is not in this checkout")

@@ -169,26 +169,31 @@ def served(model):
     server.server_close()
 
 
+def read_reply(sock: socket.socket) -> bytes:
+    """Read until the server closes the connection or a complete response is in (headers
+    and a Content-Length body, or a chunked body's last chunk)."""
+    reply = b""
+    while True:
+        head, sep, body = reply.partition(b"\r\n\r\n")
+        if sep:
+            length = [int(line.split(b":")[1]) for line in head.split(b"\r\n")
+                      if line.lower().startswith(b"content-length:")]
+            if length and len(body) >= length[0]:
+                return reply
+            if not length and body.endswith(b"\r\n0\r\n\r\n"):
+                return reply
+        chunk = sock.recv(65536)
+        if not chunk:
+            return reply
+        reply += chunk
+
+
 def raw_exchange(port: int, data: bytes, timeout: float = 10) -> bytes:
-    """Send bytes on a fresh connection; read until the server closes it or a complete
-    response (headers + Content-Length body, or a chunked body's last chunk) is in."""
+    """Send bytes on a fresh connection; the reply (read_reply)."""
     sock = socket.create_connection(("127.0.0.1", port), timeout=timeout)
     try:
         sock.sendall(data)
-        reply = b""
-        while True:
-            head, sep, body = reply.partition(b"\r\n\r\n")
-            if sep:
-                length = [int(line.split(b":")[1]) for line in head.split(b"\r\n")
-                          if line.lower().startswith(b"content-length:")]
-                if length and len(body) >= length[0]:
-                    return reply
-                if not length and body.endswith(b"\r\n0\r\n\r\n"):
-                    return reply
-            chunk = sock.recv(65536)
-            if not chunk:
-                return reply
-            reply += chunk
+        return read_reply(sock)
     finally:
         sock.close()
 

@@ -16,6 +16,7 @@ import pytest
 import nanoserve
 from nanoserve import LLM, SamplingParams
 from server import make_server
+from test_robustness import read_reply
 
 
 def start(model, **kwargs):
@@ -383,20 +384,6 @@ def test_error_codes_are_strings_or_null_never_numbers(served):
 
 
 # ----------------------------------------------------------------------------- HTTP, Hypercorn's work
-
-def read_reply(sock: socket.socket) -> bytes:
-    """Bytes until the server closes the connection or a Content-Length response is complete."""
-    reply = b""
-    while True:
-        head, sep, body = reply.partition(b"\r\n\r\n")
-        length = re.search(rb"(?im)^content-length: *(\d+)", head)
-        if sep and length and len(body) >= int(length.group(1)):
-            return reply
-        chunk = sock.recv(65536)
-        if not chunk:
-            return reply
-        reply += chunk
-
 
 def test_two_requests_share_one_keep_alive_connection(served):
     port, _, _ = served
