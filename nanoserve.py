@@ -1778,45 +1778,10 @@ class Metrics:
         return (self.finished_time - self.first_token_time) / (num_tokens - 1)
 
 
-class StopStrings:
-    """A request's stop strings, matched as its text grows.
-
-    The strings are kept reversed in a trie (a dict per node). Walking back from a new
-    character through the trie finds every stop string that ends at that character in at
-    most max_len steps, so checking a token's new text costs O(new characters x longest
-    stop string), however many stop strings there are. The text ends before the stop
-    string that ends first (the longest, if several end at the same character), which is
-    what checking after every single character would give.
-    """
-
-    END = ""                                  # the key marking a complete string (never a character)
-
-    def __init__(self, stops: list[str]):
-        self.max_len = max(map(len, stops))
-        self.trie: dict = {}
-        for s in stops:
-            node = self.trie
-            for ch in reversed(s):
-                node = node.setdefault(ch, {})
-            node[self.END] = True
-
-    def find(self, text: str, start: int) -> int:
-        """Where the first stop string ending at text[start] or later begins; -1 if none."""
-        for end in range(start, len(text)):
-            node, begin = self.trie, -1
-            for i in range(end, max(-1, end - self.max_len), -1):
-                node = node.get(text[i])
-                if node is None:
-                    break
-                if self.END in node:
-                    begin = i                  # keep walking: a longer one may end here too
-            if begin >= 0:
-                return begin
-        return -1
-
-
 @dataclass(eq=False)                      # identity semantics: sequences are dict keys
 class Sequence:
+    """What the scheduler knows of one sample of a request: its tokens and its cache. The
+    text and logprobs a caller sees are the output processor's (engine section)."""
     request_id: str
     prompt: str | None
     token_ids: list[int]                  # prompt + generated so far
@@ -1828,17 +1793,7 @@ class Sequence:
     block_table: list[int] = field(default_factory=list)
     block_hashes: list[int] = field(default_factory=list)   # chained hashes of its full blocks
     finish_reason: str | None = None
-    text: str = ""
-    num_chars_streamed: int = 0           # characters of text already in a RequestOutput delta
-    token_texts: list[str] = field(default_factory=list)   # the text each generated token added
-    cumulative_logprob: float = 0.0       # of its generated tokens (best_of ranks samples by it)
-    sample_index: int = 0                 # which of its request's samples (n, best_of) this is
-    group: list["Sequence"] | None = None # all samples of a request with several, shared by them
     forks_pending: list[SamplingParams] = field(default_factory=list)  # samples to start at the first token
-    logprobs: list[dict[int, float]] | None = None
-    prompt_logprobs: list[dict[int, float] | None] | None = None
-    detok: IncrementalDetokenizer | None = None
-    stops: StopStrings | None = None      # params.stop, as a matcher (shared by a request's samples)
 
     @property
     def num_tokens(self) -> int:
@@ -1868,7 +1823,7 @@ class SpeculativeDecoding(Protocol):
     def allocate_kv_cache(self, num_blocks: int) -> None: ...
     def propose(self, scheduled: dict[Sequence, int]) -> dict[Sequence, list[int]]: ...
     def verify(self, windows: list[tuple[Sequence, int]], drafts: dict[Sequence, list[int]],
-               hidden: Tensor) -> dict[Sequence, list[int]]: ...
+               hidden: Tensor) -> dict[Sequence, tuple[list[int], Tensor]]: ...
     def acceptance_rate(self) -> float | None: ...
     def token_acceptance(self) -> float | None: ...
     def tokens_per_step(self) -> float | None: ...
@@ -2039,7 +1994,7 @@ class Scheduler:
             for t in tokens:
                 seq.token_ids.append(t)
                 self.num_generated += 1
-                reason = self._stop_reason(seq, t)
+                reason = self._finish_reason(seq, t)
                 if reason:
                     break
             self.bm.cache_full_blocks(seq.block_table, seq.block_hashes, seq.token_ids,
@@ -2061,36 +2016,29 @@ class Scheduler:
         self.running.append(child)
         child.token_ids.append(token)
         self.num_generated += 1
-        reason = self._stop_reason(child, token)
+        reason = self._finish_reason(child, token)
         if reason:
             self.finish(child, reason)
 
-    def _stop_reason(self, seq: Sequence, token: int) -> str | None:
-        """Update seq.text with the new token; -> "stop" or "length" when seq is done."""
-        p = seq.params
-        is_eos = token in self.eos_token_ids
-        if seq.detok and is_eos:
-            seq.token_texts.append("")                     # EOS adds no text
-        elif seq.detok:
-            before = len(seq.text)
-            piece = seq.detok.step(token)
-            seq.text += piece
-            seq.token_texts.append(piece)
-            i = seq.stops.find(seq.text, before) if seq.stops and piece else -1
-            if i >= 0:
-                seq.text = seq.text[:i]
-                return "stop"
-        if is_eos and not p.ignore_eos:
-            reason = "stop"
-        elif seq.num_output_tokens >= p.max_tokens or seq.num_tokens >= self.max_model_len:
-            reason = "length"
+    def _finish_reason(self, seq: Sequence, token: int) -> str | None:
+        """-> "stop" (an EOS token) or "length" when seq ends with its new token. Stop
+        strings need the text, which the output processor makes: it ends the sequence
+        with stop() when one appears."""
+        if token in self.eos_token_ids and not seq.params.ignore_eos:
+            return "stop"
+        if seq.num_output_tokens >= seq.params.max_tokens or seq.num_tokens >= self.max_model_len:
+            return "length"
+        return None
+
+    def stop(self, seq: Sequence, num_output_tokens: int) -> None:
+        """End seq after its first num_output_tokens generated tokens (a stop string ends
+        there); the tokens after them are dropped. seq may have ended in this step already."""
+        self.num_generated -= seq.num_output_tokens - num_output_tokens
+        del seq.token_ids[seq.num_prompt_tokens + num_output_tokens:]
+        if seq.status == FINISHED:
+            seq.finish_reason = "stop"
         else:
-            return None
-        if seq.detok:
-            flush = seq.detok.step(-1, final=True)         # an unfinished character
-            seq.text += flush
-            seq.token_texts[-1] += flush
-        return reason
+            self.finish(seq, "stop")
 
 
 # ============================================================================ model runner
@@ -2280,6 +2228,20 @@ class ModelRunner:
 
 
 # ============================================================================ engine
+# The engine runs the loop of continuous batching. Each step: schedule -> copy shared blocks
+# -> propose drafts -> run the model -> sample (or verify the drafts) -> postprocess (the
+# scheduler appends the tokens) -> outputs (the output processor turns ids into text).
+
+# ---------------------------------------------------------------------------- outputs
+# What a caller sees of a request is made here, after the scheduler has appended a step's
+# tokens: the text (incremental detokenization), stop strings (which end a sequence on the
+# token that completes one), logprobs, and the samples of a request (n, best_of) gathered
+# into one RequestOutput. The scheduler sees token ids only. A request costs here what its
+# caller asked for: one that streams gets a RequestOutput at every step that gives it
+# tokens; one that does not (LLM.generate, a non-streaming HTTP request) gets one when all
+# its samples have finished, and unless it has stop strings (which need the text as it
+# grows) its text is made then too, in one pass over its ids. The server asks the same
+# processor for the text of logprobs' tokens and alternatives.
 
 @dataclass
 class CompletionOutput:
@@ -2317,6 +2279,250 @@ class RequestOutput:
     def finished(self) -> bool:
         return self.finish_reason is not None
 
+
+class StopStrings:
+    """A request's stop strings, matched as its text grows.
+
+    The strings are kept reversed in a trie (a dict per node). Walking back from a new
+    character through the trie finds every stop string that ends at that character in at
+    most max_len steps, so checking a token's new text costs O(new characters x longest
+    stop string), however many stop strings there are. The text ends before the stop
+    string that ends first (the longest, if several end at the same character), which is
+    what checking after every single character would give.
+    """
+
+    END = ""                                  # the key marking a complete string (never a character)
+
+    def __init__(self, stops: list[str]):
+        self.max_len = max(map(len, stops))
+        self.trie: dict = {}
+        for s in stops:
+            node = self.trie
+            for ch in reversed(s):
+                node = node.setdefault(ch, {})
+            node[self.END] = True
+
+    def find(self, text: str, start: int) -> int:
+        """Where the first stop string ending at text[start] or later begins; -1 if none."""
+        for end in range(start, len(text)):
+            node, begin = self.trie, -1
+            for i in range(end, max(-1, end - self.max_len), -1):
+                node = node.get(text[i])
+                if node is None:
+                    break
+                if self.END in node:
+                    begin = i                  # keep walking: a longer one may end here too
+            if begin >= 0:
+                return begin
+        return -1
+
+
+class SampleState:
+    """The output side of one sample (one Sequence): its text and its logprobs so far."""
+
+    def __init__(self, seq: Sequence, index: int, detok: IncrementalDetokenizer | None):
+        self.seq, self.index, self.detok = seq, index, detok
+        self.text = ""
+        self.token_texts: list[str] = []     # the text each generated token added (they join to text)
+        self.final = False                   # the text is complete (the sequence ended)
+        self.num_chars_streamed = 0          # characters of text already in an output's delta
+        self.logprobs: list[dict[int, float]] | None = [] if seq.params.logprobs is not None else None
+        self.chosen_logprobs: list[float] = []   # the chosen tokens' (n > 1 or logprobs asked for)
+
+    @property
+    def cumulative_logprob(self) -> float:
+        """The sum over its generated tokens (best_of ranks samples by it)."""
+        return sum(self.chosen_logprobs)
+
+
+@dataclass(eq=False)
+class RequestState:
+    """The output side of one request: its samples (one, or n / best_of of them)."""
+    request_id: str
+    prompt: str | None
+    prompt_token_ids: list[int]
+    params: SamplingParams
+    stream: bool                          # an output at every step with new tokens, not only the last
+    stops: StopStrings | None             # params.stop as a matcher, shared by the samples
+    samples: list[SampleState] = field(default_factory=list)
+    prompt_logprobs: list[dict[int, float] | None] | None = None
+
+
+class OutputProcessor:
+    """Token ids -> what callers see: text, stop strings, logprobs, RequestOutputs."""
+
+    def __init__(self, tokenizer: Tokenizer | HFTokenizer | None, scheduler: Scheduler):
+        self.tokenizer, self.scheduler = tokenizer, scheduler
+        self.requests: dict[str, RequestState] = {}
+        self.samples: dict[Sequence, SampleState] = {}
+
+    def add(self, seq: Sequence, stream: bool) -> None:
+        """Follow a new request (its first sample, seq)."""
+        stops = StopStrings(seq.params.stop) if seq.params.stop and self.tokenizer else None
+        req = RequestState(seq.request_id, seq.prompt, seq.token_ids[:seq.num_prompt_tokens], seq.params,
+                           stream, stops)
+        self.requests[seq.request_id] = req
+        self.add_sample(req, seq)
+
+    def add_sample(self, req: RequestState, seq: Sequence) -> None:
+        detok = IncrementalDetokenizer(self.tokenizer, req.prompt_token_ids) if self.tokenizer else None
+        state = SampleState(seq, len(req.samples), detok)
+        req.samples.append(state)
+        self.samples[seq] = state
+
+    def remove(self, request_id: str) -> list[Sequence]:
+        """Forget a request (aborted) -> its samples' sequences."""
+        req = self.requests.pop(request_id, None)
+        for s in req.samples if req else []:
+            del self.samples[s.seq]
+        return [s.seq for s in req.samples] if req else []
+
+    def wants_logprobs(self, seq: Sequence) -> bool:
+        """Logprobs asked for, or a sample among several (their cumulative logprobs rank them)?"""
+        return seq.params.logprobs is not None or self.requests[seq.request_id].params.num_samples > 1
+
+    # -------------------------------------------------------------- logprobs
+
+    def record_logprobs(self, new_tokens: dict[Sequence, list[int]], logits: dict[Sequence, Tensor]) -> None:
+        """Logprobs of a step's new tokens new_tokens[seq], from the (k, V) logits[seq] they
+        were drawn from, once the scheduler has appended them (those it did not append, past
+        an EOS, are not counted). Logprobs are of the model's own distribution, before
+        penalties, temperature and filters, as vLLM and OpenAI report them."""
+        seqs = list(logits)
+        if not seqs:
+            return
+        lp = torch.cat([logits[s] for s in seqs]).log_softmax(-1)                      # (rows, V)
+        chosen = torch.tensor([t for s in seqs for t in new_tokens[s]], device=lp.device)
+        picked = lp[torch.arange(len(chosen), device=lp.device), chosen].tolist()
+        at = 0
+        for seq in seqs:
+            state, k = self.samples[seq], len(new_tokens[seq])
+            kept = min(k, seq.num_output_tokens - len(state.chosen_logprobs))
+            state.chosen_logprobs += picked[at:at + kept]
+            if state.logprobs is not None:
+                state.logprobs += top_logprobs(lp[at:at + kept], chosen[at:at + kept], seq.params.logprobs)
+            at += k
+
+    def record_prompt_logprobs(self, seq: Sequence, hidden: Tensor, compute_logits: Callable[[Tensor], Tensor]
+                               ) -> None:
+        """Logprob of each prompt token given those before it (position 0 has none), from
+        hidden (n, D): a prefill chunk of seq starting at seq.num_computed."""
+        req = self.requests[seq.request_id]
+        if req.prompt_logprobs is None:
+            req.prompt_logprobs = [None]
+        # Row j of the chunk predicts position num_computed + 1 + j. Positions already
+        # recorded (before a preemption made the prompt be recomputed) are skipped.
+        first = len(req.prompt_logprobs) - 1 - seq.num_computed           # first row still needed
+        last = min(hidden.shape[0], seq.num_prompt_tokens - 1 - seq.num_computed)
+        if last <= first:
+            return
+        lp = compute_logits(hidden[first:last]).log_softmax(-1)
+        pos = seq.num_computed + 1
+        targets = torch.tensor(seq.token_ids[pos + first:pos + last], device=lp.device)
+        req.prompt_logprobs += top_logprobs(lp, targets, seq.params.prompt_logprobs)
+
+    # -------------------------------------------------------------- text
+
+    def detokenize(self, req: RequestState, state: SampleState) -> None:
+        """Text for the sample's tokens that have none yet. A stop string ends the sequence
+        on the token that completes it (scheduler.stop) and the text before it."""
+        seq = state.seq
+        if state.detok is None or state.final:
+            return
+        for i in range(len(state.token_texts), seq.num_output_tokens):
+            t = seq.token_ids[seq.num_prompt_tokens + i]
+            if t in self.scheduler.eos_token_ids:
+                state.token_texts.append("")                  # EOS adds no text
+                continue
+            before = len(state.text)
+            piece = state.detok.step(t)
+            state.text += piece
+            state.token_texts.append(piece)
+            at = req.stops.find(state.text, before) if req.stops and piece else -1
+            if at >= 0:
+                state.text, state.final = state.text[:at], True
+                self.scheduler.stop(seq, i + 1)
+                del state.chosen_logprobs[i + 1:]
+                if state.logprobs is not None:
+                    del state.logprobs[i + 1:]
+                return
+        if seq.status == FINISHED and seq.finish_reason in ("stop", "length"):
+            flush = state.detok.step(-1, final=True)          # an unfinished character
+            state.text += flush
+            if state.token_texts:
+                state.token_texts[-1] += flush
+            state.final = True
+
+    def token_text(self, t: int) -> str:
+        """A token as the vocabulary spells it ("▁new"); token_id:N without a tokenizer."""
+        return self.tokenizer.token_text(t) if self.tokenizer else f"token_id:{t}"
+
+    def text_after(self, prev: int | None, t: int) -> str:
+        """The text token t adds after token prev (a top_logprobs alternative)."""
+        tok = self.tokenizer
+        if tok is None:
+            return f"token_id:{t}"
+        if prev is None:
+            return tok.decode([t])
+        return tok.decode([prev, t])[len(tok.decode([prev])):]
+
+    def prompt_texts(self, ids: list[int]) -> list[str]:
+        """The text each prompt token adds (they join to the decoded prompt)."""
+        if self.tokenizer is None:
+            return ["" for _ in ids]
+        detok = IncrementalDetokenizer(self.tokenizer, [])
+        texts = [detok.step(t) for t in ids]
+        texts[-1] += detok.step(-1, final=True)
+        return texts
+
+    # -------------------------------------------------------------- outputs
+
+    def process(self, seqs: list[Sequence]) -> list[RequestOutput]:
+        """After the scheduler appended a step's tokens to seqs: stop strings, then the
+        outputs due (every request among them that streams; the others once finished)."""
+        touched: dict[str, RequestState] = {}
+        for seq in seqs:
+            req = self.requests[seq.request_id]
+            if req.stops:                                     # stop strings need the text now
+                self.detokenize(req, self.samples[seq])
+            touched[req.request_id] = req
+        return [self.output(req) for req in touched.values()
+                if req.stream or all(s.seq.status == FINISHED for s in req.samples)]
+
+    def output(self, req: RequestState, error: str | None = None) -> RequestOutput:
+        """The request's progress: every sample's; its first sample's in the top-level fields.
+        A finished request is forgotten."""
+        samples = [self._sample_output(req, s) for s in req.samples]
+        done = all(s.seq.status == FINISHED for s in req.samples)
+        if done and len(samples) > req.params.n:             # best_of: the n most likely samples
+            samples = sorted(samples, key=lambda c: -c.cumulative_logprob)[:req.params.n]
+        first, head = samples[0], req.samples[0].seq
+        m = head.metrics
+        metrics = {"time_to_first_token": m.time_to_first_token, "e2e_latency": m.e2e_latency,
+                   "time_per_output_token": m.time_per_output_token(head.num_output_tokens),
+                   "num_cached_prompt_tokens": m.num_cached_prompt_tokens}
+        if m.spec_proposed:
+            metrics["spec_acceptance_rate"] = m.spec_accepted / m.spec_proposed
+        if done:
+            self.remove(req.request_id)
+        return RequestOutput(req.request_id, req.prompt, req.prompt_token_ids, first.token_ids, first.text,
+                             first.delta, first.logprobs, req.prompt_logprobs,
+                             first.finish_reason if done else None, metrics, error=error,
+                             token_texts=first.token_texts, outputs=samples)
+
+    def _sample_output(self, req: RequestState, state: SampleState) -> CompletionOutput:
+        self.detokenize(req, state)
+        seq = state.seq
+        # While running, hold back text that might be the start of a stop string.
+        hold = 0 if seq.status == FINISHED or req.stops is None else req.stops.max_len - 1
+        end = max(state.num_chars_streamed, len(state.text) - hold)
+        delta, state.num_chars_streamed = state.text[state.num_chars_streamed:end], end
+        cumulative = state.cumulative_logprob if self.wants_logprobs(seq) else None
+        return CompletionOutput(state.index, state.text, seq.output_ids, delta, state.logprobs, cumulative, seq.finish_reason,
+                                list(state.token_texts) if state.detok else None)
+
+
+# ---------------------------------------------------------------------------- LLMEngine
 
 TINY_MODEL_PARAMS = 30_000_000
 
@@ -2420,14 +2626,14 @@ class LLMEngine:
         eos = mc.eos_token_ids | set(generation_eos_ids(self.model_dir))
         eos |= self.tokenizer.eos_ids if self.tokenizer else set()
         self.scheduler = Scheduler(cfg, self.block_manager, self.max_model_len, eos, self.speculator)
-        self.requests: dict[str, Sequence] = {}
+        self.outputs = OutputProcessor(self.tokenizer, self.scheduler)
+        self.requests: dict[str, Sequence] = {}    # request id -> its first sample, until it finishes
         self._next_id = 0
         self.owner: str | None = None           # who alone may step it, once a loop (the server's) owns it
         self.num_steps = 0
         self.peak_blocks_used = 0
         self.step_time = dict.fromkeys(("schedule", "draft", "model", "sample_and_output"), 0.0)
         self._held: list[Sequence] = []            # the sequences of the step in progress
-        self._forks: dict[Sequence, list[tuple[Sequence, int]]] = {}   # samples started this step
 
     @staticmethod
     def _max_model_len(requested: int | None, mc: ModelConfig) -> int:
@@ -2491,15 +2697,9 @@ class LLMEngine:
         if params.num_samples > 1:
             # Parallel sampling: the prompt is prefilled once; at its first token the other
             # samples start on its blocks. A seeded request's samples get seeds of their own.
-            seq.group = [seq]
             seq.forks_pending = [dataclasses.replace(params, n=1, best_of=None, seed=None if params.seed is None
                                                      else (params.seed * 1_000_003 + i) % INT64_MAX)
                                  for i in range(1, params.num_samples)]
-        if params.logprobs is not None:
-            seq.logprobs = []
-        if self.tokenizer:
-            seq.detok = IncrementalDetokenizer(self.tokenizer, ids)
-            seq.stops = StopStrings(params.stop) if params.stop else None
         return seq
 
     def _prompt_ids(self, prompt: str | list[int]) -> tuple[str | None, list[int]]:
@@ -2560,20 +2760,23 @@ class LLMEngine:
             raise ValueError(f"messages are not valid Unicode text ({e.reason})") from None
         return tok.encode_with_special_tokens(text)
 
-    def add_sequence(self, seq: Sequence) -> None:
+    def add_sequence(self, seq: Sequence, stream: bool = True) -> None:
+        """Queue a request made by make_sequence. stream: step() returns its progress at
+        every step that gives it tokens; else only its final output."""
         self.requests[seq.request_id] = seq
+        self.outputs.add(seq, stream)
         self.scheduler.add(seq)
 
     def add_request(self, prompt: str | list[int], params: SamplingParams,
-                    request_id: str | None = None) -> str:
+                    request_id: str | None = None, stream: bool = True) -> str:
         seq = self.make_sequence(prompt, params, request_id)
-        self.add_sequence(seq)
+        self.add_sequence(seq, stream)
         return seq.request_id
 
     def abort(self, request_id: str) -> None:
         """Stop a request now (a client went away); its blocks go back to the pool."""
-        seq = self.requests.pop(request_id, None)
-        for s in (seq.group or [seq]) if seq is not None else []:
+        self.requests.pop(request_id, None)
+        for s in self.outputs.remove(request_id):
             if s.status != FINISHED:
                 self.scheduler.finish(s, "abort")
 
@@ -2612,10 +2815,13 @@ class LLMEngine:
         tokens = [s.token_ids[s.num_computed:s.num_computed + scheduled[s]] + drafts.get(s, []) for s in seqs]
         hidden, starts = self.runner.run(tokens, [s.num_computed for s in seqs], [s.block_table for s in seqs])
         t3 = time.perf_counter()
-        self._forks: dict[Sequence, list[tuple[Sequence, int]]] = {}
-        new_tokens = self._next_tokens(scheduled, starts, hidden, drafts)
-        self.scheduler.postprocess(scheduled, new_tokens, self._forks)
-        outputs = self._outputs(list(new_tokens) + [c for f in self._forks.values() for c, _ in f])
+        new_tokens, logits, forks = self._next_tokens(scheduled, starts, hidden, drafts)
+        self.scheduler.postprocess(scheduled, new_tokens, forks)
+        self.outputs.record_logprobs(new_tokens, logits)
+        outputs = self.outputs.process(list(new_tokens))                     # forks included
+        for out in outputs:
+            if out.finished:
+                self.requests.pop(out.request_id, None)
         self.num_steps += 1
         self.peak_blocks_used = max(self.peak_blocks_used, self.num_blocks - self.block_manager.num_free)
         # Where a step's time goes (on a GPU "model" is launch time; sampling waits for it).
@@ -2629,31 +2835,44 @@ class LLMEngine:
         failed) with finish_reason "error"; -> their final outputs."""
         message = f"{type(e).__name__}: {e}"
         print(f"[nanoserve] a step failed, its requests are finished with an error: {message}", file=sys.stderr)
-        held = self._held or list(self.scheduler.running)
-        for seq in [s for h in held for s in (h.group or [h])]:       # every sample of their requests
-            if seq.status != FINISHED:
-                self.scheduler.finish(seq, "error")
-        return [dataclasses.replace(out, error=message) for out in self._outputs(held)]
+        held = {s.request_id for s in (self._held or self.scheduler.running)}
+        outputs = []
+        for rid in held:
+            req = self.outputs.requests.get(rid)
+            if req is None:
+                continue
+            for seq in [s.seq for s in req.samples]:              # every sample of the request
+                if seq.status != FINISHED:
+                    self.scheduler.finish(seq, "error")
+            outputs.append(self.outputs.output(req, error=message))
+            self.requests.pop(rid, None)
+        return outputs
 
     def _next_tokens(self, scheduled: dict[Sequence, int], starts: list[int], hidden: Tensor,
-                     drafts: dict[Sequence, list[int]]) -> dict[Sequence, list[int]]:
-        """A token for each sequence whose step reached the end of its tokens (a prefill
-        chunk with more to come gets none); speculative windows are verified instead."""
+                     drafts: dict[Sequence, list[int]]) -> tuple[dict, dict, dict]:
+        """New tokens for each sequence whose step reached the end of its tokens (a prefill
+        chunk with more to come gets none); speculative windows are verified instead.
+        -> ({sequence: its new tokens}, {sequence: (k, V) logits its k tokens were drawn
+        from, where the output processor wants logprobs}, {sequence: [(new sample, its
+        first token)]}: the samples started at a prompt's first token (n, best_of))."""
         ready, windows = [], []                            # (sequence, row of its last real token)
         for (seq, n), start in zip(scheduled.items(), starts):
             if seq.params.prompt_logprobs is not None and seq.num_computed < seq.num_prompt_tokens:
-                self._prompt_logprobs(seq, hidden[start:start + n])
+                self.outputs.record_prompt_logprobs(seq, hidden[start:start + n], self.runner.compute_logits)
             if seq.num_computed + n == seq.num_tokens:
                 (windows if seq in drafts else ready).append((seq, start + n - 1))
-        new_tokens = self._sample(ready, hidden) if ready else {}
+        new_tokens, logits, forks = self._sample(ready, hidden) if ready else ({}, {}, {})
         if windows:
-            new_tokens.update(self.speculator.verify(windows, drafts, hidden))
-        return new_tokens
+            for seq, (toks, rows) in self.speculator.verify(windows, drafts, hidden).items():
+                new_tokens[seq] = toks
+                if self.outputs.wants_logprobs(seq):
+                    logits[seq] = rows
+        return new_tokens, logits, forks
 
-    def _sample(self, ready: list[tuple[Sequence, int]], hidden: Tensor) -> dict[Sequence, list[int]]:
+    def _sample(self, ready: list[tuple[Sequence, int]], hidden: Tensor) -> tuple[dict, dict, dict]:
         """A token for each ready sequence. A prompt that has just been prefilled for several
         samples draws one token per sample from the same logits: the first goes to it, the
-        others start new sequences that share its blocks (self._forks, for postprocess)."""
+        others start new sequences that share its blocks (the forks, for postprocess)."""
         rows, owners = [], []                            # logits row, (sequence, the sample's params)
         for seq, row in ready:
             for p in [seq.params] + seq.forks_pending:
@@ -2664,84 +2883,28 @@ class LLMEngine:
         params = [p for _, p in owners]
         penalized = penalize(logits, params, [s for s, _ in owners])
         tokens = self.sampler.sample(penalized, params, [s.num_tokens for s, _ in owners]).tolist()
-        lp = logits.log_softmax(-1) if any(s.logprobs is not None or s.group for s, _ in owners) else None
         new_tokens: dict[Sequence, list[int]] = {}
+        scored: dict[Sequence, Tensor] = {}
+        forks: dict[Sequence, list[tuple[Sequence, int]]] = {}
         for i, ((seq, p), t) in enumerate(zip(owners, tokens)):
-            if p is seq.params:
-                target = seq
-                new_tokens[seq] = [t]
-            else:
+            target = seq
+            if p is not seq.params:
                 target = self._new_sample(seq, p)
-                self._forks.setdefault(seq, []).append((target, t))
-            if lp is not None:
-                target.cumulative_logprob += float(lp[i, t])
-                if target.logprobs is not None:
-                    target.logprobs += top_logprobs(lp[i:i + 1], torch.tensor([t]), p.logprobs)
-        for seq in self._forks:
+                forks.setdefault(seq, []).append((target, t))
+            new_tokens[target] = [t]
+            if self.outputs.wants_logprobs(target):
+                scored[target] = logits[i:i + 1]
+        for seq in forks:
             seq.forks_pending = []
-        return new_tokens
+        return new_tokens, scored, forks
 
     def _new_sample(self, parent: Sequence, params: SamplingParams) -> Sequence:
         """Another sample of parent's request; the scheduler starts it on parent's blocks."""
-        prompt = parent.token_ids[:parent.num_prompt_tokens]
-        child = Sequence(parent.request_id, parent.prompt, list(prompt), parent.num_prompt_tokens, params,
-                         Metrics(parent.metrics.arrival_time), sample_index=len(parent.group), group=parent.group)
+        child = Sequence(parent.request_id, parent.prompt, parent.token_ids[:parent.num_prompt_tokens],
+                         parent.num_prompt_tokens, params, Metrics(parent.metrics.arrival_time))
         child.metrics.num_cached_prompt_tokens = parent.metrics.num_cached_prompt_tokens
-        child.logprobs = [] if params.logprobs is not None else None
-        child.detok = IncrementalDetokenizer(self.tokenizer, prompt) if self.tokenizer else None
-        child.stops = parent.stops
-        parent.group.append(child)
+        self.outputs.add_sample(self.outputs.requests[parent.request_id], child)
         return child
-
-    def _prompt_logprobs(self, seq: Sequence, hidden: Tensor) -> None:
-        """Logprob of each prompt token given those before it (position 0 has none)."""
-        if seq.prompt_logprobs is None:
-            seq.prompt_logprobs = [None]
-        # Row j of this chunk predicts position num_computed + 1 + j. Positions already
-        # recorded (before a preemption made the prompt be recomputed) are skipped.
-        first = len(seq.prompt_logprobs) - 1 - seq.num_computed           # first row still needed
-        last = min(hidden.shape[0], seq.num_prompt_tokens - 1 - seq.num_computed)
-        if last <= first:
-            return
-        lp = self.runner.compute_logits(hidden[first:last]).log_softmax(-1)
-        pos = seq.num_computed + 1
-        targets = torch.tensor(seq.token_ids[pos + first:pos + last], device=lp.device)
-        seq.prompt_logprobs += top_logprobs(lp, targets, seq.params.prompt_logprobs)
-
-    def _outputs(self, seqs: list[Sequence]) -> list[RequestOutput]:
-        """One RequestOutput per request among seqs, in order."""
-        heads = {id(h): h for h in ((s.group[0] if s.group else s) for s in seqs)}
-        return [self._output(h) for h in heads.values()]
-
-    def _sample_output(self, seq: Sequence) -> CompletionOutput:
-        # While running, hold back text that might be the start of a stop string.
-        hold = 0 if seq.status == FINISHED or seq.stops is None else seq.stops.max_len - 1
-        end = max(seq.num_chars_streamed, len(seq.text) - hold)
-        delta, seq.num_chars_streamed = seq.text[seq.num_chars_streamed:end], end
-        cumulative = seq.cumulative_logprob if seq.group or seq.logprobs is not None else None
-        return CompletionOutput(seq.sample_index, seq.text, seq.output_ids, delta, seq.logprobs, cumulative,
-                                seq.finish_reason, list(seq.token_texts) if seq.detok else None)
-
-    def _output(self, head: Sequence) -> RequestOutput:
-        """The request's progress: every sample's; its first sample's in the top-level fields."""
-        samples = [self._sample_output(s) for s in (head.group or [head])]
-        done = all(s.status == FINISHED for s in (head.group or [head]))
-        n = head.params.n
-        if done and len(samples) > n:           # best_of: the n most likely samples
-            samples = sorted(samples, key=lambda c: -c.cumulative_logprob)[:n]
-        first = samples[0]
-        m = head.metrics
-        metrics = {"time_to_first_token": m.time_to_first_token, "e2e_latency": m.e2e_latency,
-                   "time_per_output_token": m.time_per_output_token(head.num_output_tokens),
-                   "num_cached_prompt_tokens": m.num_cached_prompt_tokens}
-        if m.spec_proposed:
-            metrics["spec_acceptance_rate"] = m.spec_accepted / m.spec_proposed
-        if done:
-            self.requests.pop(head.request_id, None)
-        return RequestOutput(head.request_id, head.prompt, head.token_ids[:head.num_prompt_tokens],
-                             first.token_ids, first.text, first.delta, first.logprobs, head.prompt_logprobs,
-                             first.finish_reason if done else None, metrics, token_texts=first.token_texts,
-                             outputs=samples)
 
     def close(self) -> None:
         """Stop the tensor-parallel workers, if any (also done when the engine is collected)."""
@@ -2873,10 +3036,11 @@ class Speculator:
         """Forget the proposer's state past the first num_kept tokens of seq."""
 
     def verify(self, windows: list[tuple[Sequence, int]], drafts: dict[Sequence, list[int]],
-               hidden: Tensor) -> dict[Sequence, list[int]]:
+               hidden: Tensor) -> dict[Sequence, tuple[list[int], Tensor]]:
         """windows: (sequence, row of its last real token); rows row .. row + k hold the
         target's view of the k draft positions and of the bonus position.
-        -> the accepted drafts plus one token, per sequence."""
+        -> per sequence, (the accepted drafts plus one token, the (len, V) target logits
+        they were judged by: their logprobs)."""
         k_of = [len(drafts[s]) for s, _ in windows]
         rows = [r + j for (_, r), k in zip(windows, k_of) for j in range(k + 1)]
         logits = self.target.compute_logits(hidden[rows])                         # (sum(k+1), V)
@@ -2901,15 +3065,10 @@ class Speculator:
             self.tokens_emitted += len(toks)
             seq.metrics.spec_proposed += k
             seq.metrics.spec_accepted += acc
-            if seq.logprobs is not None or seq.group:
-                lp = lg[:len(toks)].log_softmax(-1)                               # (len(toks), V)
-                seq.cumulative_logprob += float(lp[torch.arange(len(toks)), torch.tensor(toks)].sum())
-                if seq.logprobs is not None:
-                    seq.logprobs += top_logprobs(lp, torch.tensor(toks), seq.params.logprobs)
             # The cache keeps the last real token and the accepted drafts (the scheduler's
             # postprocess gives back the target's other slots).
             self.rollback(seq, seq.num_computed + 1 + acc)
-            out[seq] = toks
+            out[seq] = (toks, lg[:len(toks)])
         return out
 
     def acceptance_rate(self) -> float | None:
@@ -3131,8 +3290,9 @@ class LLM:
     def tokenizer(self) -> Tokenizer | HFTokenizer | None:
         return self.engine.tokenizer
 
-    def _submit(self, prompts, sampling_params) -> tuple[list[str], deque[RequestOutput]]:
-        """Validate every prompt, then queue them all; -> (request ids, their shared inbox)."""
+    def _submit(self, prompts, sampling_params, stream: bool) -> tuple[list[str], deque[RequestOutput]]:
+        """Validate every prompt, then queue them all; -> (request ids, their shared inbox).
+        stream: every step's progress comes to the inbox, not only the final outputs."""
         if self.engine.owner is not None:
             raise RuntimeError(f"this LLM's engine belongs to {self.engine.owner}: send requests there")
         prompts = normalize_prompts(prompts)
@@ -3148,7 +3308,7 @@ class LLM:
             seqs = [self.engine.make_sequence(p, sp) for p, sp in zip(prompts, sampling_params)]
             for seq in seqs:
                 self._inbox[seq.request_id] = inbox
-                self.engine.add_sequence(seq)
+                self.engine.add_sequence(seq, stream)
         return [s.request_id for s in seqs], inbox
 
     def _step(self, inbox: deque[RequestOutput]) -> None:
@@ -3186,7 +3346,7 @@ class LLM:
                  sampling_params: SamplingParams | list[SamplingParams] | None = None
                  ) -> list[RequestOutput]:
         """Run prompts to completion with continuous batching; outputs in prompt order."""
-        ids, inbox = self._submit(prompts, sampling_params)
+        ids, inbox = self._submit(prompts, sampling_params, stream=False)
         done: dict[str, RequestOutput] = {}
         try:
             while len(done) < len(ids):
@@ -3216,7 +3376,7 @@ class LLM:
         """Like generate, but yield each request's progress (with its text delta) per step.
         The prompts are validated and queued now; closing or dropping the iterator aborts
         the requests it has not finished."""
-        ids, inbox = self._submit(prompts, sampling_params)
+        ids, inbox = self._submit(prompts, sampling_params, stream=True)
         return RequestStream(ids, inbox, self._step, self._release)
 
     def stats(self) -> dict:

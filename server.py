@@ -51,8 +51,8 @@ from starlette.responses import Response, StreamingResponse
 from starlette.routing import Route
 from starlette.types import Receive, Scope, Send
 
-from nanoserve import (CHAT_ROLES, LLM, Cascade, CompletionOutput, HFTokenizer, IncrementalDetokenizer, LLMEngine,
-                       RequestOutput, SamplingParams, Sequence, Tokenizer)
+from nanoserve import (CHAT_ROLES, LLM, Cascade, CompletionOutput, LLMEngine, OutputProcessor, RequestOutput,
+                       SamplingParams, Sequence)
 
 # ============================================================================ errors
 
@@ -136,10 +136,10 @@ class AsyncEngine:
         self.thread = threading.Thread(target=self._loop, name="nanoserve-engine", daemon=True)
         self.thread.start()
 
-    def add(self, prompt: str | list[int], params: SamplingParams,
-            fit_max_tokens: bool = False) -> tuple[str, int, OutputQueue]:
-        """Validate and enqueue; -> (request_id, prompt length, its OutputQueue). Called on the
-        event loop. Raises ValueError for a bad request (also, with fit_max_tokens, when prompt
+    def add(self, prompt: str | list[int], params: SamplingParams, fit_max_tokens: bool = False,
+            stream: bool = True) -> tuple[str, int, OutputQueue]:
+        """Validate and enqueue; -> (request_id, prompt length, its OutputQueue: every step's
+        progress if stream, else the final output only). Called on the event loop. Raises ValueError for a bad request (also, with fit_max_tokens, when prompt
         plus max_tokens exceed max_model_len, as vLLM answers), ServingError(429) when the queue is full."""
         if len(self.engine.scheduler.waiting) + self.pending >= self.max_waiting:
             # Retry-After: a seat opens whenever a running request finishes, so one second is
@@ -148,15 +148,15 @@ class AsyncEngine:
                                "retry later", kind="rate_limit_error", code="rate_limit_exceeded",
                                headers={"Retry-After": "1"})
         seq = self.check(prompt, params, fit_max_tokens)
-        return seq.request_id, seq.num_prompt_tokens, self.submit(seq)
+        return seq.request_id, seq.num_prompt_tokens, self.submit(seq, stream)
 
-    def submit(self, seq: Sequence) -> OutputQueue:
+    def submit(self, seq: Sequence, stream: bool) -> OutputQueue:
         """Hand a checked request to the loop; -> the queue its outputs arrive on."""
         q = OutputQueue(asyncio.get_running_loop())
         self.queues[seq.request_id] = q
         with self.pending_lock:
             self.pending += 1
-        self.commands.put(("add", seq))
+        self.commands.put(("add", (seq, stream)))
         self.wake.set()
         return q
 
@@ -203,8 +203,9 @@ class AsyncEngine:
             if op == "add":
                 with self.pending_lock:
                     self.pending -= 1
-                self.prompt_tokens += arg.num_prompt_tokens
-                self.engine.add_sequence(arg)
+                seq, stream = arg
+                self.prompt_tokens += seq.num_prompt_tokens
+                self.engine.add_sequence(seq, stream)
             elif arg in self.engine.requests:            # abort a request still in flight
                 self.engine.abort(arg)
                 self.finished["abort"] = self.finished.get("abort", 0) + 1
@@ -276,8 +277,8 @@ class CascadeRequest:
     says which model answered, from the decision on."""
 
     def __init__(self, owner: AsyncCascade, rid: str, prompt: str | list[int], params: SamplingParams,
-                 q: OutputQueue):
-        self.owner, self.rid, self.prompt, self.params = owner, rid, prompt, params
+                 q: OutputQueue, stream: bool):
+        self.owner, self.rid, self.prompt, self.params, self.stream = owner, rid, prompt, params, stream
         self.engine_id, self.q, self.cascade = rid, q, None
 
     async def get(self) -> RequestOutput:
@@ -306,7 +307,7 @@ class CascadeRequest:
             owner.num_escalated += 1
             # Past the waiting-queue limit too: the request was already admitted.
             seq = owner.large.check(self.prompt, self.params)
-            self.q, self.engine_id = owner.large.submit(seq), seq.request_id
+            self.q, self.engine_id = owner.large.submit(seq, self.stream), seq.request_id
 
 
 class AsyncCascade:
@@ -323,11 +324,12 @@ class AsyncCascade:
         self.num_requests = self.num_escalated = 0    # only the event loop counts
         self.active: dict[str, CascadeRequest] = {}
 
-    def add(self, prompt: str | list[int], params: SamplingParams,
-            fit_max_tokens: bool = False) -> tuple[str, int, CascadeRequest]:
+    def add(self, prompt: str | list[int], params: SamplingParams, fit_max_tokens: bool = False,
+            stream: bool = True) -> tuple[str, int, CascadeRequest]:
         self.large.check(prompt, params, fit_max_tokens)   # the large model must be able to take it
-        rid, n_prompt, q = self.small.add(prompt, self.cascade.small_params(params), fit_max_tokens)
-        request = CascadeRequest(self, rid, prompt, params, q)
+        rid, n_prompt, q = self.small.add(prompt, self.cascade.small_params(params), fit_max_tokens,
+                                          stream=False)   # judged once finished, never shown while running
+        request = CascadeRequest(self, rid, prompt, params, q, stream)
         self.active[rid] = request
         return rid, n_prompt, request
 
@@ -527,53 +529,30 @@ def parse_chat_request(body: object, keep_developer: bool = False) -> tuple[list
 # ============================================================================ responses
 # OpenAI's shapes. Logprobs are given per token as text: the decoded pieces of the chosen
 # tokens join to the completion's text, and top_logprobs are keyed by the text each
-# alternative would have added.
+# alternative would have added. The engine's output processor makes those texts.
 
-def token_str(tok: Tokenizer | HFTokenizer | None, t: int) -> str:
-    return tok.token_text(t) if tok else f"token_id:{t}"
-
-
-def text_after(tok: Tokenizer | HFTokenizer | None, prev: int | None, t: int) -> str:
-    """The text token t adds after token prev (a candidate of top_logprobs)."""
-    if tok is None:
-        return f"token_id:{t}"
-    if prev is None:
-        return tok.decode([t])
-    return tok.decode([prev, t])[len(tok.decode([prev])):]
-
-
-def prompt_texts(tok: Tokenizer | HFTokenizer | None, ids: list[int]) -> list[str]:
-    """The text each prompt token adds (they join to the decoded prompt)."""
-    if tok is None:
-        return ["" for _ in ids]
-    detok = IncrementalDetokenizer(tok, [])
-    texts = [detok.step(t) for t in ids]
-    texts[-1] += detok.step(-1, final=True)
-    return texts
-
-
-def completion_choice(tok: Tokenizer | HFTokenizer | None, out: RequestOutput, c: CompletionOutput, index: int, text: str,
+def completion_choice(op: OutputProcessor, out: RequestOutput, c: CompletionOutput, index: int, text: str,
                       params: SamplingParams, first: int = 0, echo: bool = False, prompt_chars: int = 0) -> dict:
     """One choice of a response or chunk, for sample c: `text`, and the logprobs of its
     tokens first.. (their decoded texts, which join to the text; text_offset; top_logprobs
     keyed by text). echo: the prompt and its tokens come first. prompt_chars: an echoed
     prompt's length sent in an earlier chunk (text_offset counts from the start of the echo)."""
-    echoed = prompt_texts(tok, out.prompt_token_ids) if echo else []
+    echoed = op.prompt_texts(out.prompt_token_ids) if echo else []
     if echo:
         text = "".join(echoed) + text
     logprobs = None
     if params.logprobs is not None and c.logprobs is not None:
         ids = c.token_ids[first:len(c.logprobs)]
         lps = c.logprobs[first:first + len(ids)]
-        texts = c.token_texts[first:first + len(ids)] if c.token_texts else [token_str(tok, t) for t in ids]
+        texts = c.token_texts[first:first + len(ids)] if c.token_texts else [op.token_text(t) for t in ids]
         prev = ([out.prompt_token_ids[-1]] + c.token_ids)[first:first + len(ids)]
         tokens, token_lps = list(texts), [d[t] for t, d in zip(ids, lps)]
-        tops = [{text_after(tok, p, k): v for k, v in d.items()} for p, d in zip(prev, lps)]
+        tops = [{op.text_after(p, k): v for k, v in d.items()} for p, d in zip(prev, lps)]
         if echo and out.prompt_logprobs is not None:
             p_ids = out.prompt_token_ids
             tokens = echoed + tokens
             token_lps = [None] + [out.prompt_logprobs[i][p_ids[i]] for i in range(1, len(p_ids))] + token_lps
-            tops = [None] + [{text_after(tok, p_ids[i - 1], k): v for k, v in out.prompt_logprobs[i].items()}
+            tops = [None] + [{op.text_after(p_ids[i - 1], k): v for k, v in out.prompt_logprobs[i].items()}
                              for i in range(1, len(p_ids))] + tops
         offsets, at = [], prompt_chars + len("".join((c.token_texts or [])[:first]))
         for t in tokens:
@@ -583,27 +562,27 @@ def completion_choice(tok: Tokenizer | HFTokenizer | None, out: RequestOutput, c
     return {"index": index, "text": text, "logprobs": logprobs, "finish_reason": c.finish_reason}
 
 
-def chat_logprobs(tok: Tokenizer | HFTokenizer | None, out: RequestOutput, c: CompletionOutput, params: SamplingParams,
+def chat_logprobs(op: OutputProcessor, out: RequestOutput, c: CompletionOutput, params: SamplingParams,
                   first: int = 0) -> dict | None:
     """The chat API's logprobs: per token its text, logprob, UTF-8 bytes and top alternatives."""
     if params.logprobs is None or c.logprobs is None:
         return None
     ids = c.token_ids[first:len(c.logprobs)]
-    texts = c.token_texts[first:first + len(ids)] if c.token_texts else [token_str(tok, t) for t in ids]
+    texts = c.token_texts[first:first + len(ids)] if c.token_texts else [op.token_text(t) for t in ids]
     prev = ([out.prompt_token_ids[-1]] + c.token_ids)[first:first + len(ids)]
     content = []
     for t, text, p, d in zip(ids, texts, prev, c.logprobs[first:first + len(ids)]):
-        top = sorted(((text_after(tok, p, k), v) for k, v in d.items()), key=lambda kv: -kv[1])[:params.logprobs]
+        top = sorted(((op.text_after(p, k), v) for k, v in d.items()), key=lambda kv: -kv[1])[:params.logprobs]
         content.append({"token": text, "logprob": d[t], "bytes": list(text.encode("utf-8", "replace")),
                         "top_logprobs": [{"token": k, "logprob": v, "bytes": list(k.encode("utf-8", "replace"))}
                                          for k, v in top]})
     return {"content": content}
 
 
-def chat_choice(tok: Tokenizer | HFTokenizer | None, out: RequestOutput, c: CompletionOutput, index: int,
+def chat_choice(op: OutputProcessor, out: RequestOutput, c: CompletionOutput, index: int,
                 params: SamplingParams) -> dict:
     return {"index": index, "message": {"role": "assistant", "content": c.text},
-            "logprobs": chat_logprobs(tok, out, c, params), "finish_reason": c.finish_reason}
+            "logprobs": chat_logprobs(op, out, c, params), "finish_reason": c.finish_reason}
 
 
 def usage(n_prompt: int, out: RequestOutput) -> dict:
@@ -813,7 +792,8 @@ class OpenAIServer:
             raise ServingError(404, f"model {body['model']!r} does not exist; this server has "
                                f"{self.model_name!r}", "model", "not_found_error", code="model_not_found")
         try:
-            rid, n_prompt, q = self.async_engine.add(req.prompt, params, fit_max_tokens=req.max_tokens_given)
+            rid, n_prompt, q = self.async_engine.add(req.prompt, params, fit_max_tokens=req.max_tokens_given,
+                                                      stream=req.stream)
         except ValueError as e:
             word = str(e).split(" ")[0]
             raise ServingError(400, str(e), word if word in ("max_tokens", "logit_bias") else
@@ -834,9 +814,9 @@ class OpenAIServer:
         if out.finish_reason == "error":
             raise ServingError(500, f"the engine failed while running this request: {out.error}",
                                kind="server_error")
-        tok = self.llm.engine.tokenizer
-        choices = [chat_choice(tok, out, c, i, params) if chat else
-                   completion_choice(tok, out, c, i, c.text, params, echo=req.echo)
+        op = self.llm.engine.outputs
+        choices = [chat_choice(op, out, c, i, params) if chat else
+                   completion_choice(op, out, c, i, c.text, params, echo=req.echo)
                    for i, c in enumerate(out.outputs)]
         return json_response(200, dict(head, choices=choices, usage=usage(n_prompt, out), **cascade_field(q)))
 
@@ -861,7 +841,7 @@ class OpenAIServer:
                      include_usage: bool, echo: bool, chat: bool) -> AsyncIterator[str]:
         """Server-sent events: one chunk per step with each sample's text delta, a last chunk
         with the usage when stream_options.include_usage asked for it (as OpenAI does), then [DONE]."""
-        tok, n, finished = self.llm.engine.tokenizer, params.n, False
+        op, n, finished = self.llm.engine.outputs, params.n, False
         sent, done, prompt_chars = [0] * n, [False] * n, [0] * n    # per sample: tokens sent, finished, echo
         try:
             if chat:                                   # the chat API opens with the role
@@ -884,10 +864,10 @@ class OpenAIServer:
                         continue                       # nothing new for this sample
                     if chat:
                         choice = {"index": i, "delta": {"content": c.delta} if c.delta else {},
-                                  "logprobs": chat_logprobs(tok, out, c, params, sent[i]),
+                                  "logprobs": chat_logprobs(op, out, c, params, sent[i]),
                                   "finish_reason": c.finish_reason}
                     else:
-                        choice = completion_choice(tok, out, c, i, c.delta, params, sent[i],
+                        choice = completion_choice(op, out, c, i, c.delta, params, sent[i],
                                                    echo=echo and sent[i] == 0, prompt_chars=prompt_chars[i])
                         if echo and sent[i] == 0:
                             prompt_chars[i] = len(choice["text"]) - len(c.delta)

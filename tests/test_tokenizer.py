@@ -1,5 +1,7 @@
 """Tokenizer and streaming detokenization with the real Llama 2 sentencepiece model."""
 
+import dataclasses
+
 import pytest
 
 import nanoserve
@@ -73,6 +75,40 @@ def test_engine_stream_equals_final_text(tmp_path):
         assert streamed[rid] == out.text
         whole = tok.decode(out.prompt_token_ids + out.token_ids)
         assert out.text == whole[len(tok.decode(out.prompt_token_ids)):]
+
+
+@needs_llama2_tokenizer
+def test_outputs_cost_what_is_asked(tmp_path):
+    """A request that does not stream gets one RequestOutput, when it finishes, and without
+    stop strings its text is made only then (no decode call before); with stop strings its
+    text grows every step, still without outputs; a streamed twin gets an output every step.
+    All three end with the same tokens, text and token texts (same seed)."""
+    cfg = dict(TINY_CONFIG, vocab_size=32000, hidden_size=32, num_attention_heads=4, num_key_value_heads=2)
+    eng = LLM(write_random_checkpoint(tmp_path / "m", cfg), device="cpu", tokenizer=LLAMA2_TOKENIZER).engine
+    calls = []
+    decode = eng.tokenizer.decode
+    eng.tokenizer.decode = lambda ids: calls.append(ids) or decode(ids)
+    params = SamplingParams(temperature=1.0, max_tokens=12, seed=3, ignore_eos=True)
+    runs = {}
+    for name, stream, stop in (("streamed", True, None), ("quiet", False, None), ("stops", False, ["@@@@"])):
+        eng.add_request("The café", dataclasses.replace(params, stop=stop), stream=stream)
+        per_step = []                                   # (outputs, decode calls) of each step
+        while eng.has_unfinished():
+            calls.clear()
+            outs = eng.step()
+            per_step.append((outs, len(calls)))
+        runs[name] = per_step
+    assert len(runs["streamed"]) == 12 and all(len(outs) == 1 for outs, _ in runs["streamed"])
+    for name in ("quiet", "stops"):
+        assert [len(outs) for outs, _ in runs[name]] == [0] * 11 + [1]
+    assert all(n == 0 for _, n in runs["quiet"][:-1]) and runs["quiet"][-1][1] > 0
+    assert all(n > 0 for _, n in runs["stops"])
+    last = {name: per_step[-1][0][0] for name, per_step in runs.items()}
+    assert "".join(outs[0].delta for outs, _ in runs["streamed"]) == last["streamed"].text
+    for name in ("quiet", "stops"):
+        assert last[name].finished and last[name].delta == last[name].text
+        for field in ("token_ids", "text", "token_texts", "finish_reason"):
+            assert getattr(last[name], field) == getattr(last["streamed"], field)
 
 
 @needs_llama2_tokenizer

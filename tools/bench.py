@@ -315,7 +315,9 @@ def bench_host(batch: int = 256, steps: int = 100, warmup: int = 4) -> dict:
     than the steps that run, prefill included, so none finishes before the last timed step: a
     first engine counts the prefill steps (which requests a step schedules does not depend on
     the tokens sampled: no EOS, no stop strings), a second one runs them again, then `warmup`
-    decode steps and the `steps` timed ones."""
+    decode steps and the `steps` timed ones, twice: every request streaming (a RequestOutput
+    each per step, as 256 SSE clients get) and none (LLM.generate's requests, which get one
+    when they finish)."""
     def stubbed_engine() -> nanoserve.LLMEngine:
         eng = LLM("random:nanocoder-5m-8k", max_model_len=2048, num_blocks=40000).engine
         D, V = eng.model_config.hidden_size, eng.model_config.vocab_size
@@ -342,23 +344,27 @@ def bench_host(batch: int = 256, steps: int = 100, warmup: int = 4) -> dict:
     del eng
     _free_memory()
     eng = stubbed_engine()
-    again = prefill(eng, max_tokens=prefill_steps + warmup + steps + 1)
+    again = prefill(eng, max_tokens=prefill_steps + warmup + 2 * steps + 1)
     if again != prefill_steps:
         raise RuntimeError(f"bench host: the prefill took {again} steps, not the {prefill_steps} counted")
     for _ in range(warmup):
         eng.step()
     graph_steps = eng.runner.graphs.steps if eng.runner.graphs else 0
-    eng.step_time = dict.fromkeys(eng.step_time, 0.0)
-    t = time.perf_counter()
-    for _ in range(steps):
-        eng.step()
-    per_step = (time.perf_counter() - t) / steps
+    r = {"batch": batch, "prefill_steps": prefill_steps, "warmup_steps": warmup, "steps": steps}
+    for streaming in (True, False):
+        for req in eng.outputs.requests.values():
+            req.stream = streaming
+        eng.step_time = dict.fromkeys(eng.step_time, 0.0)
+        t = time.perf_counter()
+        for _ in range(steps):
+            eng.step()
+        per_step = (time.perf_counter() - t) / steps
+        r["streaming" if streaming else "final_only"] = {
+            "ms_per_step": 1e3 * per_step, **{f"{k}_ms": 1e3 * v / steps for k, v in eng.step_time.items() if k != "draft"}}
     if len(eng.scheduler.running) != batch:             # the engine ends a failed step's requests
         raise RuntimeError(f"bench host: {batch - len(eng.scheduler.running)} requests ended early; "
                            "a step failed (see the engine's message above)")
-    return {"batch": batch, "ms_per_step": 1e3 * per_step, "prefill_steps": prefill_steps, "warmup_steps": warmup,
-            "steps": steps, "graph_path_steps": eng.runner.graphs.steps - graph_steps,
-            **{f"{k}_ms": 1e3 * v / steps for k, v in eng.step_time.items() if k != "draft"}}
+    return dict(r, graph_path_steps=eng.runner.graphs.steps - graph_steps)
 
 
 class TransformersBaseline:
@@ -949,11 +955,14 @@ def suite_profile(b: Bench) -> tuple[dict, str, Rows]:
 
 def suite_host(b: Bench) -> tuple[dict, str, Rows]:
     r = bench_host()
-    return r, f"Host time per decode step, model stubbed out: {r['batch']} running seeded requests", [
-        ("step", f"{r['ms_per_step']:.2f} ms (mean of {r['steps']} steps, after {r['prefill_steps']} prefill "
-                 f"and {r['warmup_steps']} warm-up steps)"),
-        ("of which", f"schedule {r['schedule_ms']:.2f} ms, runner inputs {r['model_ms']:.2f} ms, "
-                     f"logits stub + sampling + outputs {r['sample_and_output_ms']:.2f} ms")]
+    rows = []
+    for key, who in (("streaming", "every request streaming"), ("final_only", "no request streaming")):
+        t = r[key]
+        rows += [(f"step, {who}", f"{t['ms_per_step']:.2f} ms (mean of {r['steps']} steps, after "
+                                  f"{r['prefill_steps']} prefill and {r['warmup_steps']} warm-up steps)"),
+                 ("of which", f"schedule {t['schedule_ms']:.2f} ms, runner inputs {t['model_ms']:.2f} ms, "
+                              f"logits stub + sampling + outputs {t['sample_and_output_ms']:.2f} ms")]
+    return r, f"Host time per decode step, model stubbed out: {r['batch']} running seeded requests", rows
 
 
 def suite_throughput(b: Bench) -> tuple[dict, str, Rows]:
