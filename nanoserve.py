@@ -1642,8 +1642,11 @@ _M32 = 0xFFFFFFFF
 
 
 def _mul32(h, c: int):
-    """(h * c) mod 2^32 for h in [0, 2^32) (an int, an int64 tensor or a uint64 array): c is
-    split into 16-bit halves so that no product overflows 64 bits."""
+    """(h * c) mod 2^32 for h in [0, 2^32). A uint32 array's multiply wraps mod 2^32 by
+    itself; an int or an int64 tensor (torch has few uint32 operations) splits c into 16-bit
+    halves so that no product overflows 64 bits."""
+    if isinstance(h, np.ndarray):
+        return h * np.uint32(c)
     return (h * (c & 0xFFFF) + (((h * (c >> 16)) & 0xFFFF) << 16)) & _M32
 
 
@@ -1659,26 +1662,40 @@ def _fmix32(h):
 
 def _column_bits(k32, col):
     """24 random bits for each (row, column): k32 (B, 1) the rows' hashed keys, col (n,)
-    column indices; int64 tensors or uint64 arrays, the same integers either way."""
+    column indices; int64 tensors or uint32 arrays, the same integers either way."""
     return _fmix32((col * 0x9E3779B9 + k32) & _M32) >> 8                          # (B, n)
+
+
+def _uniform_rows(k32: np.ndarray, n: int) -> np.ndarray:
+    """keyed_uniform's (B, n) uniforms as numpy from the rows' hashed keys k32 (B,) uint32.
+    Rows go a block of about 64k values (256 KB) at a time, so that each of the hash's dozen
+    passes over a block stays in the L2 cache: 3.5x faster than whole rows at n = 32,000."""
+    u = np.empty((len(k32), n), dtype=np.float32)                                # (B, n)
+    col = np.arange(n, dtype=np.uint32)
+    rows = max(1, 2**16 // n)
+    for i in range(0, len(k32), rows):
+        block = u[i:i + rows]
+        block[...] = _column_bits(k32[i:i + rows, None], col)       # 24-bit ints: exact in float32
+        block += 0.5
+        block *= 2.0 ** -24
+    return u
 
 
 def keyed_uniform(keys: list[int], n: int, device: torch.device | str) -> Tensor:
     """(len(keys), n) uniforms in (0, 1), row i a pure function of the 63-bit event key
-    keys[i]: the key hashed to 32 bits (in Python), then column j is fmix32(key32 + j x the
-    golden ratio) (a Weyl sequence through the finalizer, SplitMix's construction), 24 bits
-    kept. The columns run as numpy on the CPU (a row or a few: torch's per-operation
-    overhead would cost more than a torch.Generator) and as tensor kernels on a GPU; the
-    bits are the same."""
+    keys[i]: the key hashed to 32 bits, then column j is fmix32(key32 + j x the golden
+    ratio) (a Weyl sequence through the finalizer, SplitMix's construction), 24 bits kept.
+    The hash runs as numpy uint32 arrays on the CPU, whose multiply wraps mod 2^32 in one
+    operation (256 x 2048 uniforms in 0.6 ms, against 3.9 ms as int64 tensors on 2 cores), and
+    for a single column on any device (an acceptance test: a kernel launch would cost more);
+    as int64 tensor kernels otherwise. The bits are the same."""
     device = torch.device(device)
-    k32 = [_fmix32((key & _M32) ^ _fmix32(key >> 32)) for key in keys]
-    if n == 1:                                  # one draw per key (an acceptance test): plain ints
-        bits = torch.tensor([[_fmix32(k) >> 8] for k in k32], device=device)     # column 0: fmix32(key32)
-    elif device.type == "cpu":
-        bits = torch.from_numpy(_column_bits(np.array(k32, dtype=np.uint64)[:, None],
-                                             np.arange(n, dtype=np.uint64)).astype(np.int64))
-    else:
-        bits = _column_bits(torch.tensor(k32, device=device)[:, None], torch.arange(n, device=device))
+    k = np.array(keys, dtype=np.uint64)
+    k32 = _fmix32((k & _M32).astype(np.uint32) ^ _fmix32((k >> 32).astype(np.uint32)))   # (B,)
+    if device.type == "cpu" or n == 1:
+        return torch.from_numpy(_uniform_rows(k32, n)).to(device)
+    bits = _column_bits(torch.from_numpy(k32.astype(np.int64)).to(device)[:, None],
+                        torch.arange(n, device=device))
     return (bits.float() + 0.5) * 2.0 ** -24
 
 
@@ -1687,13 +1704,15 @@ def draw(probs: Tensor, keys: list[int | None], default: torch.Generator) -> Ten
     independent, argmax_v p_v / E_v is distributed as p. A seeded row (an event key, see
     Sampler) takes its noise from keyed_uniform, the others from the shared generator."""
     seeded = [i for i, k in enumerate(keys) if k is not None]
-    noise = torch.empty_like(probs)
-    if len(seeded) < len(keys):
-        noise.exponential_(generator=default)
-    if seeded:                                                         # per-request seeds, one batch
-        u = keyed_uniform([keys[i] for i in seeded], probs.shape[-1], probs.device)
-        noise[seeded] = -torch.log(u).to(noise.dtype)                  # Exp(1) from a uniform
-    return (probs / noise).argmax(-1)
+    V = probs.shape[-1]
+    if len(seeded) == len(keys):                                  # all seeded: no shared draw
+        noise = keyed_uniform(keys, V, probs.device).log_().neg_().to(probs.dtype)  # Exp(1): -log U
+    else:
+        noise = torch.empty_like(probs).exponential_(generator=default)
+        if seeded:                                                # per-request seeds, one batch
+            u = keyed_uniform([keys[i] for i in seeded], V, probs.device)
+            noise[seeded] = u.log_().neg_().to(noise.dtype)
+    return torch.div(probs, noise, out=noise).argmax(-1)
 
 
 def sample(logits: Tensor, params: list[SamplingParams],

@@ -130,13 +130,41 @@ def test_keyed_noise_samples_the_distribution():
     unmixed = lambda k, n: -torch.log(((torch.tensor(k)[:, None] + torch.arange(n)) % 1000 + 0.5) / 1000)  # noqa: E731
     assert chi_square_pvalue(_keyed_counts(LOGITS, keys, unmixed), probs) < ALPHA
     u = nanoserve.keyed_uniform(keys[:64], 4096, "cpu")
-    # The GPU's path (int64 tensors) gives the CPU's bits (numpy uint64), and one column alone
-    # (plain ints) the first column of many.
+    # The GPU's path (int64 tensors) gives the CPU's bits (numpy uint32), and one column alone
+    # the first column of many.
     k32 = [nanoserve._fmix32((k & 0xFFFFFFFF) ^ nanoserve._fmix32(k >> 32)) for k in keys[:64]]
     as_tensors = nanoserve._column_bits(torch.tensor(k32)[:, None], torch.arange(4096))
     assert torch.equal((as_tensors.float() + 0.5) * 2.0 ** -24, u)
     assert torch.equal(nanoserve.keyed_uniform(keys[:64], 1, "cpu")[:, 0], u[:, 0])
     assert 0 < u.min() and u.max() < 1 and abs(float(u.mean()) - 0.5) < 0.01
+
+
+def _fmix32_as_published(h: int) -> int:
+    """MurmurHash3's fmix32 on a Python int, written independently of nanoserve's."""
+    for shift, c in ((16, 0x85EBCA6B), (13, 0xC2B2AE35)):
+        h = ((h ^ (h >> shift)) * c) & 0xFFFFFFFF
+    return h ^ (h >> 16)
+
+
+def test_keyed_uniform_is_one_hash_on_every_path():
+    """The CPU's numpy uint32 columns, the GPU's int64 tensor kernels (run here on CPU
+    tensors, and on a GPU when there is one) and a plain-Python fmix32 give the same bits:
+    keys at the edges of their 32-bit halves, and B, n that leave the CPU's last block of
+    rows short (blocks of 65536 // 3000 = 21 rows)."""
+    g = torch.Generator().manual_seed(0)
+    keys = [0, 1, 2**31, 2**32 - 1, 2**32, 2**62, 2**63 - 2**32, 2**63 - 1]
+    keys += torch.randint(2**63 - 1, (56,), generator=g).tolist()
+    n = 3000
+    u = nanoserve.keyed_uniform(keys, n, "cpu")                                      # (64, n)
+    k32 = [_fmix32_as_published((k & 0xFFFFFFFF) ^ _fmix32_as_published(k >> 32)) for k in keys]
+    for i in range(len(keys)):
+        for j in (0, 1, 1234, n - 1):
+            bits = _fmix32_as_published((k32[i] + j * 0x9E3779B9) & 0xFFFFFFFF) >> 8
+            assert u[i, j] == (bits + 0.5) * 2.0 ** -24, (keys[i], j)
+    as_tensors = nanoserve._column_bits(torch.tensor(k32)[:, None], torch.arange(n))
+    assert torch.equal((as_tensors.float() + 0.5) * 2.0 ** -24, u)
+    if torch.cuda.is_available():
+        assert torch.equal(nanoserve.keyed_uniform(keys, n, "cuda").cpu(), u)
 
 
 def test_chi_square_pvalue_is_calibrated():
