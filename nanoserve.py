@@ -1627,6 +1627,8 @@ def sampling_probs(logits: Tensor, params: list[SamplingParams]) -> Tensor:
         top_k = torch.tensor([min(p.top_k, V) for p in params], device=dev)       # k > V: keep all
         top_p = torch.tensor([p.top_p for p in params], device=dev, dtype=torch.float32)
     probs = filtered_probs(logits, temperature, top_k, top_p)
+    if all(p.temperature > 0 for p in params):          # read from the host's params: no sync
+        return probs
     greedy = F.one_hot(logits.argmax(-1), logits.shape[-1]).to(probs.dtype)
     return torch.where((temperature == 0)[:, None], greedy, probs)
 
@@ -2100,6 +2102,12 @@ class DecodeGraphs:
         self.block_tables = torch.zeros(top, max_blocks, dtype=torch.int32, device=dev)  # (B, max_blocks)
         self.context_lens = torch.zeros(top, dtype=torch.int32, device=dev)              # (B,)
         self.query_start_loc = torch.arange(top + 1, dtype=torch.int32, device=dev)      # one token each
+        # A step's inputs cross to the device in one copy: written on the host into one int64
+        # buffer (pinned, so the copy neither waits for the GPU nor makes it wait; the step's
+        # sampled ids come back before the next step writes it), then spread over the static
+        # buffers by the device.
+        self.host_inputs = torch.zeros(top * (3 + max_blocks), dtype=torch.int64, pin_memory=dev.type == "cuda")
+        self.inputs = torch.zeros_like(self.host_inputs, device=dev)
         self.graphs: dict[tuple[int, int], tuple[torch.cuda.CUDAGraph, Tensor]] = {}   # (batch, context) buckets
         self.pool = None
         self.steps = 0                                 # decode steps served
@@ -2119,17 +2127,21 @@ class DecodeGraphs:
         b = next(x for x in self.buckets if x >= n)
         ctx = next(x for x in self.context_buckets if x > max(positions))     # longest context: max + 1
         pad = b - n
-        self.input_ids[:b].copy_(torch.tensor(ids + [0] * pad))
-        self.positions[:b].copy_(torch.tensor(positions + [0] * pad))
-        self.slot_mapping[:b].copy_(torch.tensor(slots + [-1] * pad))
-        self.context_lens[:b].copy_(torch.tensor([p + 1 for p in positions] + [0] * pad, dtype=torch.int32))
-        # Only the columns some table uses, and only the real rows: a row reads no entry past
-        # its own context, and a padding row (context 0) none. Built flat: turning a nested
-        # list into a tensor costs the host more than the step's other inputs together.
+        # Only the block-table columns some table uses, and only the real rows: a row reads
+        # no entry past its own context, and a padding row (context 0) none.
         width = max(map(len, tables))
-        self.block_tables[:n, :width].copy_(torch.tensor(                                 # (n, width)
-            list(itertools.chain.from_iterable(t + [0] * (width - len(t)) for t in tables)),
-            dtype=torch.int32).view(n, width))
+        m = 3 * b + n * width
+        self.host_inputs.numpy()[:m] = ids + [0] * pad + positions + [0] * pad + slots + [-1] * pad + \
+            list(itertools.chain.from_iterable(t + [0] * (width - len(t)) for t in tables))
+        inputs = self.inputs[:m]
+        inputs.copy_(self.host_inputs[:m], non_blocking=True)
+        self.input_ids[:b].copy_(inputs[:b])
+        self.positions[:b].copy_(inputs[b:2 * b])
+        self.slot_mapping[:b].copy_(inputs[2 * b:3 * b])
+        self.context_lens[:b].copy_(inputs[b:2 * b])
+        self.context_lens[:b] += 1                                       # a row's context: its position + 1
+        self.context_lens[n:b] = 0                                       # padding rows: none
+        self.block_tables[:n, :width].copy_(inputs[3 * b:].view(n, width))             # (n, width)
         self.steps += 1
         if not self.capture:
             return self._forward(b, ctx)[:n]
