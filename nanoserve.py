@@ -1529,6 +1529,8 @@ class BlockManager:
 
     def truncate(self, block_table: list[int], num_tokens: int) -> None:
         """Give back blocks past the first num_tokens tokens (speculative rollback)."""
+        if len(block_table) <= self.blocks_needed(num_tokens):
+            return
         tail = block_table[self.blocks_needed(num_tokens):]
         del block_table[len(block_table) - len(tail):]
         self.release(tail)
@@ -1594,22 +1596,26 @@ def apply_penalties(logits: Tensor, params: list[SamplingParams], prompts: list[
         return logits
     B, V = logits.shape
     dev = logits.device
-    counts = torch.zeros(B, V, device=dev)
-    seen = torch.zeros(B, V, dtype=torch.bool, device=dev)
-    for i, (prompt, out) in enumerate(zip(prompts, outputs)):
-        if out:
-            counts[i].index_add_(0, torch.tensor(out, device=dev), torch.ones(len(out), device=dev))
-        seen[i, torch.tensor(prompt, device=dev, dtype=torch.long)] = True
-    seen |= counts > 0
+    # The whole batch in a few tensor operations: each (row, token) pair is the flat index
+    # row * V + token, so one index_add_ counts every row's generated tokens, one write marks
+    # every prompt token seen, and one index_put_ adds every logit bias.
+    generated = torch.tensor([i * V + t for i, out in enumerate(outputs) for t in out], dtype=torch.long)
+    prompt = torch.tensor([i * V + t for i, ids in enumerate(prompts) for t in ids], dtype=torch.long)
+    counts = torch.zeros(B * V, device=dev).index_add_(0, generated.to(dev), torch.ones(len(generated), device=dev))
+    counts = counts.view(B, V)
+    seen = torch.zeros(B * V, dtype=torch.bool, device=dev)
+    seen[prompt.to(dev)] = True
+    seen = seen.view(B, V) | (counts > 0)
     rep = torch.tensor([p.repetition_penalty for p in params], device=dev)[:, None]
     logits = torch.where(seen, torch.where(logits > 0, logits / rep, logits * rep), logits)
     freq = torch.tensor([p.frequency_penalty for p in params], device=dev)[:, None]
     pres = torch.tensor([p.presence_penalty for p in params], device=dev)[:, None]
     logits = logits - freq * counts - pres * (counts > 0)
-    for i, p in enumerate(params):
-        for token, bias in (p.logit_bias or {}).items():
-            if token < V:
-                logits[i, token] += bias
+    bias = [(i, t, b) for i, p in enumerate(params) for t, b in (p.logit_bias or {}).items() if t < V]
+    if bias:
+        rows, tokens, values = zip(*bias)
+        logits = logits.index_put_((torch.tensor(rows, device=dev), torch.tensor(tokens, device=dev)),
+                                   torch.tensor(values, device=dev, dtype=logits.dtype), accumulate=True)
     return logits
 
 

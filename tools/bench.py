@@ -14,11 +14,13 @@ where no checkpoint is at hand.
 from __future__ import annotations
 
 import argparse
+import cProfile
 import gc
 import http.client
 import importlib.util
 import json
 import os
+import pstats
 import subprocess
 import sys
 import tempfile
@@ -317,7 +319,9 @@ def bench_host(batch: int = 256, steps: int = 100, warmup: int = 4) -> dict:
     the tokens sampled: no EOS, no stop strings), a second one runs them again, then `warmup`
     decode steps and the `steps` timed ones, twice: every request streaming (a RequestOutput
     each per step, as 256 SSE clients get) and none (LLM.generate's requests, which get one
-    when they finish)."""
+    when they finish). Then `steps` // 4 more final-only steps under cProfile: where the host's
+    time goes, by function (its own time, without what it calls), as a share of the profiled
+    steps' time (the profiler slows Python calls, so the shares, not the times, are the figure)."""
     def stubbed_engine() -> nanoserve.LLMEngine:
         eng = LLM("random:nanocoder-5m-8k", max_model_len=2048, num_blocks=40000).engine
         D, V = eng.model_config.hidden_size, eng.model_config.vocab_size
@@ -344,7 +348,7 @@ def bench_host(batch: int = 256, steps: int = 100, warmup: int = 4) -> dict:
     del eng
     _free_memory()
     eng = stubbed_engine()
-    again = prefill(eng, max_tokens=prefill_steps + warmup + 2 * steps + 1)
+    again = prefill(eng, max_tokens=prefill_steps + warmup + 2 * steps + steps // 4 + 1)
     if again != prefill_steps:
         raise RuntimeError(f"bench host: the prefill took {again} steps, not the {prefill_steps} counted")
     for _ in range(warmup):
@@ -361,9 +365,19 @@ def bench_host(batch: int = 256, steps: int = 100, warmup: int = 4) -> dict:
         per_step = (time.perf_counter() - t) / steps
         r["streaming" if streaming else "final_only"] = {
             "ms_per_step": 1e3 * per_step, **{f"{k}_ms": 1e3 * v / steps for k, v in eng.step_time.items() if k != "draft"}}
+    profile = cProfile.Profile()
+    profile.enable()
+    for _ in range(steps // 4):
+        eng.step()
+    profile.disable()
     if len(eng.scheduler.running) != batch:             # the engine ends a failed step's requests
         raise RuntimeError(f"bench host: {batch - len(eng.scheduler.running)} requests ended early; "
                            "a step failed (see the engine's message above)")
+    stats = pstats.Stats(profile).stats                  # {(file, line, name): (calls, _, own time, ...)}
+    total = sum(v[2] for v in stats.values()) or 1.0
+    top = sorted(stats.items(), key=lambda kv: -kv[1][2])[:8]
+    r["profile"] = [{"function": f"{Path(f).name}:{line} {name}" if line else name, "share": v[2] / total,
+                     "calls_per_step": v[0] / max(1, steps // 4)} for (f, line, name), v in top]
     return dict(r, graph_path_steps=eng.runner.graphs.steps - graph_steps)
 
 
@@ -962,6 +976,8 @@ def suite_host(b: Bench) -> tuple[dict, str, Rows]:
                                   f"{r['prefill_steps']} prefill and {r['warmup_steps']} warm-up steps)"),
                  ("of which", f"schedule {t['schedule_ms']:.2f} ms, runner inputs {t['model_ms']:.2f} ms, "
                               f"logits stub + sampling + outputs {t['sample_and_output_ms']:.2f} ms")]
+    rows += [(f"profile, final-only: {p['function']}", f"{100 * p['share']:.0f}% of the host's time "
+              f"({p['calls_per_step']:.0f} calls per step)") for p in r["profile"]]
     return r, f"Host time per decode step, model stubbed out: {r['batch']} running seeded requests", rows
 
 
