@@ -2386,7 +2386,9 @@ class RequestState:
 
 
 class OutputProcessor:
-    """Token ids -> what callers see: text, stop strings, logprobs, RequestOutputs."""
+    """Token ids -> what callers see: text, stop strings, logprobs, RequestOutputs. Its text
+    helpers for logprobs (token_text, text_after, prompt_texts) read only the tokenizer, so
+    the server's event loop may call them while the engine's thread steps."""
 
     def __init__(self, tokenizer: Tokenizer | HFTokenizer | None, scheduler: Scheduler):
         self.tokenizer, self.scheduler = tokenizer, scheduler
@@ -2516,20 +2518,26 @@ class OutputProcessor:
 
     def process(self, seqs: list[Sequence]) -> list[RequestOutput]:
         """After the scheduler appended a step's tokens to seqs: stop strings, then the
-        outputs due (every request among them that streams; the others once finished)."""
+        outputs due (every request among them that streams; the others once finished).
+        Finished requests are forgotten once all the outputs are made."""
         touched: dict[str, RequestState] = {}
         for seq in seqs:
             req = self.requests[seq.request_id]
             if req.stops:                                     # stop strings need the text now
                 self.detokenize(req, self.samples[seq])
             touched[req.request_id] = req
-        return [self.output(req) for req in touched.values()
-                if req.stream or all(s.seq.status == FINISHED for s in req.samples)]
+        outputs = [self.output(req) for req in touched.values()
+                   if req.stream or all(s.seq.status == FINISHED for s in req.samples)]
+        for out in outputs:
+            if out.finished:
+                self.remove(out.request_id)
+        return outputs
 
-    def output(self, req: RequestState, error: str | None = None) -> RequestOutput:
+    def output(self, req: RequestState, error: str | None = None, make_text: bool = True) -> RequestOutput:
         """The request's progress: every sample's; its first sample's in the top-level fields.
-        A finished request is forgotten."""
-        samples = [self._sample_output(req, s) for s in req.samples]
+        make_text=False: the text made so far, nothing decoded (a failed step's outputs: the
+        tokenizer may be what failed)."""
+        samples = [self._sample_output(req, s, make_text) for s in req.samples]
         done = all(s.seq.status == FINISHED for s in req.samples)
         if done and len(samples) > req.params.n:             # best_of: the n most likely samples
             samples = sorted(samples, key=lambda c: -c.cumulative_logprob)[:req.params.n]
@@ -2540,23 +2548,22 @@ class OutputProcessor:
                    "num_cached_prompt_tokens": m.num_cached_prompt_tokens}
         if m.spec_proposed:
             metrics["spec_acceptance_rate"] = m.spec_accepted / m.spec_proposed
-        if done:
-            self.remove(req.request_id)
         return RequestOutput(req.request_id, req.prompt, req.prompt_token_ids, first.token_ids, first.text,
                              first.delta, first.logprobs, req.prompt_logprobs,
                              first.finish_reason if done else None, metrics, error=error,
                              token_texts=first.token_texts, outputs=samples)
 
-    def _sample_output(self, req: RequestState, state: SampleState) -> CompletionOutput:
-        self.detokenize(req, state)
+    def _sample_output(self, req: RequestState, state: SampleState, make_text: bool) -> CompletionOutput:
+        if make_text:
+            self.detokenize(req, state)
         seq = state.seq
         # While running, hold back text that might be the start of a stop string.
         hold = 0 if seq.status == FINISHED or req.stops is None else req.stops.max_len - 1
         end = max(state.num_chars_streamed, len(state.text) - hold)
         delta, state.num_chars_streamed = state.text[state.num_chars_streamed:end], end
         cumulative = state.cumulative_logprob if self.wants_logprobs(seq) else None
-        return CompletionOutput(state.index, state.text, seq.output_ids, delta, state.logprobs, cumulative, seq.finish_reason,
-                                list(state.token_texts) if state.detok else None)
+        return CompletionOutput(state.index, state.text, seq.output_ids, delta, state.logprobs, cumulative,
+                                seq.finish_reason, list(state.token_texts) if state.detok else None)
 
 
 # ---------------------------------------------------------------------------- LLMEngine
@@ -2664,7 +2671,6 @@ class LLMEngine:
         eos |= self.tokenizer.eos_ids if self.tokenizer else set()
         self.scheduler = Scheduler(cfg, self.block_manager, self.max_model_len, eos, self.speculator)
         self.outputs = OutputProcessor(self.tokenizer, self.scheduler)
-        self.requests: dict[str, Sequence] = {}    # request id -> its first sample, until it finishes
         self._next_id = 0
         self.owner: str | None = None           # who alone may step it, once a loop (the server's) owns it
         self.num_steps = 0
@@ -2728,7 +2734,7 @@ class LLMEngine:
         if request_id is None:
             request_id = f"req-{self._next_id}"
             self._next_id += 1
-        if request_id in self.requests:
+        if request_id in self.outputs.requests:
             raise ValueError(f"request_id {request_id!r} is already in use")
         seq = Sequence(request_id, text, ids, len(ids), params, Metrics(time.perf_counter()))
         if params.num_samples > 1:
@@ -2800,7 +2806,6 @@ class LLMEngine:
     def add_sequence(self, seq: Sequence, stream: bool = True) -> None:
         """Queue a request made by make_sequence. stream: step() returns its progress at
         every step that gives it tokens; else only its final output."""
-        self.requests[seq.request_id] = seq
         self.outputs.add(seq, stream)
         self.scheduler.add(seq)
 
@@ -2812,10 +2817,14 @@ class LLMEngine:
 
     def abort(self, request_id: str) -> None:
         """Stop a request now (a client went away); its blocks go back to the pool."""
-        self.requests.pop(request_id, None)
         for s in self.outputs.remove(request_id):
             if s.status != FINISHED:
                 self.scheduler.finish(s, "abort")
+
+    @property
+    def requests(self) -> dict[str, Sequence]:
+        """The requests in flight: request id -> its first sample (a new dict each call)."""
+        return {rid: req.samples[0].seq for rid, req in self.outputs.requests.items()}
 
     def has_unfinished(self) -> bool:
         return bool(self.scheduler.waiting or self.scheduler.running)
@@ -2856,9 +2865,6 @@ class LLMEngine:
         self.scheduler.postprocess(scheduled, new_tokens, forks)
         self.outputs.record_logprobs(new_tokens, logits)
         outputs = self.outputs.process(list(new_tokens))                     # forks included
-        for out in outputs:
-            if out.finished:
-                self.requests.pop(out.request_id, None)
         self.num_steps += 1
         self.peak_blocks_used = max(self.peak_blocks_used, self.num_blocks - self.block_manager.num_free)
         # Where a step's time goes (on a GPU "model" is launch time; sampling waits for it).
@@ -2872,17 +2878,17 @@ class LLMEngine:
         failed) with finish_reason "error"; -> their final outputs."""
         message = f"{type(e).__name__}: {e}"
         print(f"[nanoserve] a step failed, its requests are finished with an error: {message}", file=sys.stderr)
-        held = {s.request_id for s in (self._held or self.scheduler.running)}
         outputs = []
-        for rid in held:
+        for rid in dict.fromkeys(s.request_id for s in (self._held or self.scheduler.running)):
             req = self.outputs.requests.get(rid)
             if req is None:
                 continue
             for seq in [s.seq for s in req.samples]:              # every sample of the request
                 if seq.status != FINISHED:
                     self.scheduler.finish(seq, "error")
-            outputs.append(self.outputs.output(req, error=message))
-            self.requests.pop(rid, None)
+                seq.finish_reason = "error"      # also one this step ended: its output failed
+            outputs.append(self.outputs.output(req, error=message, make_text=False))
+            self.outputs.remove(rid)
         return outputs
 
     def _next_tokens(self, scheduled: dict[Sequence, int], starts: list[int], hidden: Tensor,

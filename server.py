@@ -139,8 +139,9 @@ class AsyncEngine:
     def add(self, prompt: str | list[int], params: SamplingParams, fit_max_tokens: bool = False,
             stream: bool = True) -> tuple[str, int, OutputQueue]:
         """Validate and enqueue; -> (request_id, prompt length, its OutputQueue: every step's
-        progress if stream, else the final output only). Called on the event loop. Raises ValueError for a bad request (also, with fit_max_tokens, when prompt
-        plus max_tokens exceed max_model_len, as vLLM answers), ServingError(429) when the queue is full."""
+        progress if stream, else the final output only). Called on the event loop. Raises
+        ValueError for a bad request (also, with fit_max_tokens, when prompt plus max_tokens
+        exceed max_model_len, as vLLM answers), ServingError(429) when the queue is full."""
         if len(self.engine.scheduler.waiting) + self.pending >= self.max_waiting:
             # Retry-After: a seat opens whenever a running request finishes, so one second is
             # the honest hint; the openai client waits that long, and longer on each retry.
@@ -206,7 +207,7 @@ class AsyncEngine:
                 seq, stream = arg
                 self.prompt_tokens += seq.num_prompt_tokens
                 self.engine.add_sequence(seq, stream)
-            elif arg in self.engine.requests:            # abort a request still in flight
+            elif arg in self.engine.outputs.requests:    # abort a request still in flight
                 self.engine.abort(arg)
                 self.finished["abort"] = self.finished.get("abort", 0) + 1
                 self.queues.pop(arg, None)

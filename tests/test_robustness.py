@@ -78,6 +78,25 @@ def test_the_python_api_raises_for_its_own_failed_request_only(model):
     assert_no_leak(llm)
 
 
+def test_a_failing_tokenizer_fails_its_requests_and_leaves_nothing_behind(model):
+    """Text is made in the output processor, after the scheduler has appended the tokens; a
+    tokenizer that raises there (a sampled id it cannot decode, say) fails the step's requests
+    like any fault: an error output each (made without decoding again), no state left."""
+    llm = make_llm(model)
+    tok = llm.engine.tokenizer
+    decode = tok.decode
+
+    def broken(ids):
+        raise LookupError("injected decode fault")
+    tok.decode = broken
+    with pytest.raises(RuntimeError, match="failed inside the engine: LookupError: injected decode fault"):
+        llm.generate(["x = 1", "y = 2"], SamplingParams(temperature=0, max_tokens=4))
+    tok.decode = decode
+    assert not llm.engine.outputs.requests and not llm.engine.outputs.samples
+    assert len(llm.generate(["x = 1", "y = 2"], GREEDY)) == 2
+    assert_no_leak(llm)
+
+
 # ----------------------------------------------------------------------------- validation
 
 @pytest.mark.parametrize("kwargs,field", [

@@ -364,7 +364,9 @@ def bench_host(batch: int = 256, steps: int = 100, warmup: int = 4) -> dict:
             eng.step()
         per_step = (time.perf_counter() - t) / steps
         r["streaming" if streaming else "final_only"] = {
-            "ms_per_step": 1e3 * per_step, **{f"{k}_ms": 1e3 * v / steps for k, v in eng.step_time.items() if k != "draft"}}
+            "ms_per_step": 1e3 * per_step,
+            **{f"{k}_ms": 1e3 * v / steps for k, v in eng.step_time.items() if k != "draft"}}
+    r["graph_path_steps"] = eng.runner.graphs.steps - graph_steps
     profile = cProfile.Profile()
     profile.enable()
     for _ in range(steps // 4):
@@ -378,7 +380,7 @@ def bench_host(batch: int = 256, steps: int = 100, warmup: int = 4) -> dict:
     top = sorted(stats.items(), key=lambda kv: -kv[1][2])[:8]
     r["profile"] = [{"function": f"{Path(f).name}:{line} {name}" if line else name, "share": v[2] / total,
                      "calls_per_step": v[0] / max(1, steps // 4)} for (f, line, name), v in top]
-    return dict(r, graph_path_steps=eng.runner.graphs.steps - graph_steps)
+    return r
 
 
 class TransformersBaseline:
