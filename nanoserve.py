@@ -1582,41 +1582,107 @@ def filtered_probs(logits: Tensor, temperature: Tensor, top_k: Tensor | None, to
     return probs / probs.sum(-1, keepdim=True)
 
 
-def apply_penalties(logits: Tensor, params: list[SamplingParams], prompts: list[list[int]],
-                    outputs: list[list[int]]) -> Tensor:
-    """(B, V) logits -> the logits each request samples from, before temperature
-    (vLLM's definitions; row i's request has prompts[i] and has generated outputs[i]):
+def token_counts(lists: list[list[int]], V: int, device: torch.device | str) -> Tensor:
+    """(B, V): how many times row i's list holds each token. Each (row, token) pair is the
+    flat index row * V + token, so one index_add_ counts the whole batch."""
+    flat = torch.tensor([i * V + t for i, ids in enumerate(lists) for t in ids], dtype=torch.long)
+    counts = torch.zeros(len(lists) * V, device=device)
+    return counts.index_add_(0, flat.to(device), torch.ones(len(flat), device=device)).view(len(lists), V)
+
+
+def penalties_from_counts(logits: Tensor, params: list[SamplingParams], counts: Tensor, in_prompt: Tensor
+                          ) -> Tensor:
+    """(B, V) logits -> the logits each request samples from, before temperature (vLLM's
+    definitions), given counts (B, V), how often row i's request has generated each token,
+    and in_prompt (B, V), which tokens its prompt holds:
 
       repetition  l / r if l > 0 else l * r, for every token in the prompt or the output
       frequency   l - f * (times the token was generated)
       presence    l - p * (1 if the token was generated at all)
       logit_bias  l + b[token]   (-100 bans a token, +100 forces it, as in OpenAI's API)
-    """
+
+    A row without penalties comes out unchanged: r = 1, f = p = 0 change no value. The
+    result is a new tensor whenever some row is penalized (logits itself is not written)."""
+    V, dev = logits.shape[-1], logits.device
+    # Each kind only when some row has it (the host's params say so, without a sync).
+    if any(p.repetition_penalty != 1 for p in params):
+        rep = torch.tensor([p.repetition_penalty for p in params], device=dev)[:, None]
+        seen = in_prompt | (counts > 0)
+        logits = torch.where(seen, torch.where(logits > 0, logits / rep, logits * rep), logits)
+    if any(p.frequency_penalty or p.presence_penalty for p in params):
+        freq = torch.tensor([p.frequency_penalty for p in params], device=dev)[:, None]
+        pres = torch.tensor([p.presence_penalty for p in params], device=dev)[:, None]
+        logits = logits - freq * counts - pres * (counts > 0)
+    bias = [(i, t, b) for i, p in enumerate(params) for t, b in (p.logit_bias or {}).items() if t < V]
+    if bias:                                                    # one index_put_ for every bias
+        rows, tokens, values = zip(*bias)
+        logits = logits.index_put((torch.tensor(rows, device=dev), torch.tensor(tokens, device=dev)),
+                                  torch.tensor(values, device=dev, dtype=logits.dtype), accumulate=True)
+    return logits
+
+
+def apply_penalties(logits: Tensor, params: list[SamplingParams], prompts: list[list[int]],
+                    outputs: list[list[int]]) -> Tensor:
+    """penalties_from_counts for rows whose request has prompts[i] and has generated
+    outputs[i], counted from the lists (the engine keeps the counts instead: PenaltyCounts)."""
     if not any(p.penalized for p in params):
         return logits
-    B, V = logits.shape
-    dev = logits.device
-    # The whole batch in a few tensor operations: each (row, token) pair is the flat index
-    # row * V + token, so one index_add_ counts every row's generated tokens, one write marks
-    # every prompt token seen, and one index_put_ adds every logit bias.
-    generated = torch.tensor([i * V + t for i, out in enumerate(outputs) for t in out], dtype=torch.long)
-    prompt = torch.tensor([i * V + t for i, ids in enumerate(prompts) for t in ids], dtype=torch.long)
-    counts = torch.zeros(B * V, device=dev).index_add_(0, generated.to(dev), torch.ones(len(generated), device=dev))
-    counts = counts.view(B, V)
-    seen = torch.zeros(B * V, dtype=torch.bool, device=dev)
-    seen[prompt.to(dev)] = True
-    seen = seen.view(B, V) | (counts > 0)
-    rep = torch.tensor([p.repetition_penalty for p in params], device=dev)[:, None]
-    logits = torch.where(seen, torch.where(logits > 0, logits / rep, logits * rep), logits)
-    freq = torch.tensor([p.frequency_penalty for p in params], device=dev)[:, None]
-    pres = torch.tensor([p.presence_penalty for p in params], device=dev)[:, None]
-    logits = logits - freq * counts - pres * (counts > 0)
-    bias = [(i, t, b) for i, p in enumerate(params) for t, b in (p.logit_bias or {}).items() if t < V]
-    if bias:
-        rows, tokens, values = zip(*bias)
-        logits = logits.index_put_((torch.tensor(rows, device=dev), torch.tensor(tokens, device=dev)),
-                                   torch.tensor(values, device=dev, dtype=logits.dtype), accumulate=True)
-    return logits
+    V = logits.shape[-1]
+    return penalties_from_counts(logits, params, token_counts(outputs, V, logits.device),
+                                 token_counts(prompts, V, logits.device) > 0)
+
+
+class PenaltyCounts:
+    """For each penalized sequence, kept on the device: how often it has generated each
+    token, and which tokens its prompt holds (a row of each per sequence, as vLLM keeps them
+    per request). Each step counts only the tokens appended since the last one: building
+    the counts from the token lists would cost the host O(every token of every penalized
+    request) per step. Row 0 stays zero, for sequences without penalties. A sequence's row
+    is freed once it has finished."""
+
+    def __init__(self, vocab_size: int, device: torch.device):
+        self.V, self.device = vocab_size, device
+        self.counts = torch.zeros(1, vocab_size, device=device)                  # (rows, V)
+        self.in_prompt = torch.zeros(1, vocab_size, dtype=torch.bool, device=device)
+        self.row: dict[Sequence, int] = {}
+        self.counted: dict[Sequence, int] = {}            # generated tokens already in its row
+        self.free: list[int] = []
+
+    def rows(self, seqs: list[Sequence]) -> Tensor:
+        """(len(seqs),) the row of each sequence, brought up to date."""
+        for seq in [s for s in self.row if s.finish_reason is not None]:
+            self.free.append(self.row.pop(seq))
+            del self.counted[seq]
+        rows, new = [], []                                # new: flat indices row * V + token
+        for seq in seqs:
+            if not seq.params.penalized:
+                rows.append(0)
+                continue
+            if seq not in self.row or self.counted[seq] > seq.num_output_tokens:
+                self._start(seq)
+            r = self.row[seq]
+            new += [r * self.V + t for t in seq.token_ids[seq.num_prompt_tokens + self.counted[seq]:]]
+            self.counted[seq] = seq.num_output_tokens
+            rows.append(r)
+        if new:
+            self.counts.view(-1).index_add_(0, torch.tensor(new, device=self.device),
+                                            torch.ones(len(new), device=self.device))
+        return torch.tensor(rows, device=self.device)
+
+    def _start(self, seq: Sequence) -> None:
+        """A row for seq: zero counts, its prompt's tokens marked."""
+        if not self.free:                                 # grow: twice the rows
+            n = self.counts.shape[0]
+            self.counts = torch.cat([self.counts, torch.zeros_like(self.counts)])
+            self.in_prompt = torch.cat([self.in_prompt, torch.zeros_like(self.in_prompt)])
+            self.free = list(range(2 * n - 1, n - 1, -1))
+        if seq not in self.row:
+            self.row[seq] = self.free.pop()
+        r = self.row[seq]
+        self.counted[seq] = 0
+        self.counts[r] = 0
+        self.in_prompt[r] = False
+        self.in_prompt[r, torch.tensor(seq.token_ids[:seq.num_prompt_tokens], device=self.device)] = True
 
 
 def sampling_probs(logits: Tensor, params: list[SamplingParams]) -> Tensor:
@@ -1748,9 +1814,10 @@ class Sampler:
     EngineConfig.seed) for unseeded requests, and keyed noise (keyed_uniform) for each
     sampling event of a seeded one."""
 
-    def __init__(self, device: torch.device, seed: int):
+    def __init__(self, device: torch.device, seed: int, vocab_size: int):
         self.device = device
         self.default = torch.Generator(device).manual_seed(seed)
+        self.penalty_counts = PenaltyCounts(vocab_size, device)
 
     @staticmethod
     def key(seed: int | None, position: int, purpose: int) -> int | None:
@@ -1766,6 +1833,18 @@ class Sampler:
 
     def draw(self, probs: Tensor, keys: list[int | None]) -> Tensor:
         return draw(probs, keys, self.default)
+
+    def penalize(self, logits: Tensor, params: list[SamplingParams], seqs: list[Sequence],
+                 extra: list[list[int]] | None = None) -> Tensor:
+        """Penalties for rows that belong to sequences: row i is seqs[i] having also
+        generated extra[i] (draft tokens, counted on top of its row)."""
+        if not any(p.penalized for p in params):
+            return logits
+        rows = self.penalty_counts.rows(seqs)
+        counts = self.penalty_counts.counts[rows]                                   # (B, V)
+        if extra and any(extra):
+            counts += token_counts(extra, logits.shape[-1], logits.device)
+        return penalties_from_counts(logits, params, counts, self.penalty_counts.in_prompt[rows])
 
 
 # ============================================================================ scheduler
@@ -2587,18 +2666,6 @@ def default_cpu_threads(num_params: int, ranks: int = 1) -> int | None:
     return max(1, (os.cpu_count() or 1) // ranks) if ranks > 1 else None
 
 
-def penalize(logits: Tensor, params: list[SamplingParams], seqs: list[Sequence],
-             extra: list[list[int]] | None = None) -> Tensor:
-    """apply_penalties for rows that belong to sequences: row i is seqs[i] having also
-    generated extra[i] (draft tokens, say). The token lists copy every prompt and output,
-    so they are built only when some row is penalized (not on every decode step)."""
-    if not any(p.penalized for p in params):
-        return logits
-    extra = extra or [[]] * len(seqs)
-    return apply_penalties(logits, params, [s.token_ids[:s.num_prompt_tokens] for s in seqs],
-                           [s.output_ids + e for s, e in zip(seqs, extra)])
-
-
 # What LLMEngine is given to build speculative decoding from its target's runner, its
 # sampler, the config and max_model_len (the speculative decoding section's make_speculator).
 SpeculatorFactory = Callable[[ModelRunner, Sampler, EngineConfig, int], SpeculativeDecoding | None]
@@ -2655,7 +2722,7 @@ class LLMEngine:
         max_positions = self.max_model_len + cfg.num_speculative_tokens + 1
         self.runner = ModelRunner(self.model, cfg, max_positions) if self.tp is None else \
             parallel.TensorParallelRunner(self.model, cfg, max_positions, self.tp, workers)
-        self.sampler = Sampler(self.device, cfg.seed)
+        self.sampler = Sampler(self.device, cfg.seed, mc.vocab_size)
         self.speculator = speculator_factory(self.runner, self.sampler, cfg, self.max_model_len) \
             if speculator_factory else None
         self.num_blocks = self._allocate_kv_pool()
@@ -2924,7 +2991,7 @@ class LLMEngine:
         every_row = len(rows) == hidden.shape[0] and rows == list(range(len(rows)))   # batch-1 decode, ...
         logits = self.runner.compute_logits(hidden if every_row else hidden[rows])        # (B, V)
         params = [p for _, p in owners]
-        penalized = penalize(logits, params, [s for s, _ in owners])
+        penalized = self.sampler.penalize(logits, params, [s for s, _ in owners])
         tokens = self.sampler.sample(penalized, params, [s.num_tokens for s, _ in owners]).tolist()
         new_tokens: dict[Sequence, list[int]] = {}
         scored: dict[Sequence, Tensor] = {}
@@ -3092,7 +3159,8 @@ class Speculator:
         # exactly as the target alone (with its penalties) would sample them.
         per_row = [(s, j) for (s, _), k in zip(windows, k_of) for j in range(k + 1)]
         params = [s.params for s, _ in per_row]
-        penalized = penalize(logits, params, [s for s, _ in per_row], [drafts[s][:j] for s, j in per_row])
+        penalized = self.sampler.penalize(logits, params, [s for s, _ in per_row],
+                                           [drafts[s][:j] for s, j in per_row])
         p_all = sampling_probs(penalized, params)
         out, at = {}, 0
         for (seq, _), k in zip(windows, k_of):
@@ -3204,8 +3272,8 @@ class DraftModelSpeculator(Speculator):
                                              [st.block_table for st in states])
             rows = [start + len(t) - 1 for start, t in zip(starts, tokens)]
             params = [s.params for s in active]
-            logits = penalize(self.runner.compute_logits(hidden[rows]), params, active,     # (B, V)
-                              [drafts[s] for s in active])
+            logits = sampler.penalize(self.runner.compute_logits(hidden[rows]), params, active,  # (B, V)
+                                      [drafts[s] for s in active])
             q = sampling_probs(logits, params)
             x = sampler.draw(q, [Sampler.key(s.params.seed, s.num_tokens + j, DRAFT) for s in active])
             for i, (s, st) in enumerate(zip(active, states)):

@@ -7,6 +7,7 @@ samplers (filtering off, temperature ignored), which must be rejected.
 """
 
 import math
+import random
 
 import pytest
 import torch
@@ -201,11 +202,50 @@ def test_penalties_and_logit_bias_match_a_direct_computation(kw):
     logits = torch.randn(3, 12, generator=g) * 3
     prompts, outputs = [[1, 2], [5], []], [[3, 3, 4], [], [9, 9, 9, 1]]
     params = [SamplingParams(**kw)] * 3
+    before = logits.clone()
     got = nanoserve.apply_penalties(logits, params, prompts, outputs)
+    assert torch.equal(logits, before)                          # a new tensor: the logprobs read these
     for i in range(3):
         torch.testing.assert_close(got[i], _reference_penalties(logits[i], params[i], prompts[i], outputs[i]))
     plain = nanoserve.apply_penalties(logits, [SamplingParams()] * 3, prompts, outputs)
     assert plain is logits                                      # nothing to do: no copy
+
+
+def test_penalty_counts_kept_per_sequence_equal_counting_the_lists():
+    """The engine's penalties (Sampler.penalize over PenaltyCounts, which counts only the
+    tokens appended since the last step) equal apply_penalties on the whole token lists,
+    bit for bit, through 30 steps of: tokens appended one or three at a time (a speculative
+    window), a sequence listed twice in a step (a window's rows), draft tokens on top, a
+    sequence without penalties beside them, one cut short (a stop string), finished ones
+    whose rows new sequences reuse."""
+    rng = random.Random(0)
+    V = 50
+    sampler = nanoserve.Sampler(torch.device("cpu"), 0, V)
+    kinds = [dict(frequency_penalty=0.5), dict(presence_penalty=-1.0, repetition_penalty=1.3),
+             dict(repetition_penalty=0.7, logit_bias={4: 3.0}), {}]
+
+    def new_seq(i):
+        prompt = [rng.randrange(V) for _ in range(rng.randrange(1, 9))]
+        return nanoserve.Sequence(f"r{i}", None, prompt, len(prompt), SamplingParams(**kinds[i % 4]),
+                                  nanoserve.Metrics(0.0))
+    seqs = [new_seq(i) for i in range(6)]
+    for step in range(30):
+        for s in seqs:
+            s.token_ids += [rng.randrange(V) for _ in range(rng.choice([1, 1, 3]))]
+        if step % 7 == 3:                                       # a stop string cuts one short
+            seqs[1].token_ids = seqs[1].token_ids[:seqs[1].num_prompt_tokens + 1]
+        if step % 5 == 4:                                       # one finishes, a new one comes
+            seqs[0].finish_reason = "length"
+            seqs = seqs[1:] + [new_seq(6 + step)]
+        rows = seqs + seqs[:2]
+        extra = [[rng.randrange(V) for _ in range(rng.randrange(3))] for _ in rows]
+        logits = torch.randn(len(rows), V, generator=torch.Generator().manual_seed(step)) * 3
+        params = [s.params for s in rows]
+        got = sampler.penalize(logits, params, rows, extra)
+        want = nanoserve.apply_penalties(logits, params, [s.token_ids[:s.num_prompt_tokens] for s in rows],
+                                         [s.output_ids + e for s, e in zip(rows, extra)])
+        assert torch.equal(got, want), step
+    assert len(sampler.penalty_counts.row) <= 6                 # finished sequences gave their rows back
 
 
 def test_penalties_apply_per_row_in_a_mixed_batch():

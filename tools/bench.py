@@ -321,7 +321,8 @@ def bench_host(batch: int = 256, steps: int = 100, warmup: int = 4) -> dict:
     each per step, as 256 SSE clients get) and none (LLM.generate's requests, which get one
     when they finish). Then `steps` // 4 more final-only steps under cProfile: where the host's
     time goes, by function (its own time, without what it calls), as a share of the profiled
-    steps' time (the profiler slows Python calls, so the shares, not the times, are the figure)."""
+    steps' time (the profiler slows Python calls, so the shares, not the times, are the figure).
+    Last, `steps` final-only steps with a frequency penalty on every request."""
     def stubbed_engine() -> nanoserve.LLMEngine:
         eng = LLM("random:nanocoder-5m-8k", max_model_len=2048, num_blocks=40000).engine
         D, V = eng.model_config.hidden_size, eng.model_config.vocab_size
@@ -348,30 +349,34 @@ def bench_host(batch: int = 256, steps: int = 100, warmup: int = 4) -> dict:
     del eng
     _free_memory()
     eng = stubbed_engine()
-    again = prefill(eng, max_tokens=prefill_steps + warmup + 2 * steps + steps // 4 + 1)
+    again = prefill(eng, max_tokens=prefill_steps + warmup + 3 * steps + steps // 4 + 1)
     if again != prefill_steps:
         raise RuntimeError(f"bench host: the prefill took {again} steps, not the {prefill_steps} counted")
     for _ in range(warmup):
         eng.step()
     graph_steps = eng.runner.graphs.steps if eng.runner.graphs else 0
     r = {"batch": batch, "prefill_steps": prefill_steps, "warmup_steps": warmup, "steps": steps}
-    for streaming in (True, False):
-        for req in eng.outputs.requests.values():
-            req.stream = streaming
+    def timed(key: str) -> None:
         eng.step_time = dict.fromkeys(eng.step_time, 0.0)
         t = time.perf_counter()
         for _ in range(steps):
             eng.step()
-        per_step = (time.perf_counter() - t) / steps
-        r["streaming" if streaming else "final_only"] = {
-            "ms_per_step": 1e3 * per_step,
-            **{f"{k}_ms": 1e3 * v / steps for k, v in eng.step_time.items() if k != "draft"}}
-    r["graph_path_steps"] = eng.runner.graphs.steps - graph_steps
+        r[key] = {"ms_per_step": 1e3 * (time.perf_counter() - t) / steps,
+                  **{f"{k}_ms": 1e3 * v / steps for k, v in eng.step_time.items() if k != "draft"}}
+
+    for streaming in (True, False):
+        for req in eng.outputs.requests.values():
+            req.stream = streaming
+        timed("streaming" if streaming else "final_only")
     profile = cProfile.Profile()
     profile.enable()
     for _ in range(steps // 4):
         eng.step()
     profile.disable()
+    for seq in eng.scheduler.running:                   # every request now penalizes repeats too
+        seq.params.frequency_penalty = 0.1
+    timed("final_only_penalized")
+    r["graph_path_steps"] = eng.runner.graphs.steps - graph_steps
     if len(eng.scheduler.running) != batch:             # the engine ends a failed step's requests
         raise RuntimeError(f"bench host: {batch - len(eng.scheduler.running)} requests ended early; "
                            "a step failed (see the engine's message above)")
@@ -972,7 +977,8 @@ def suite_profile(b: Bench) -> tuple[dict, str, Rows]:
 def suite_host(b: Bench) -> tuple[dict, str, Rows]:
     r = bench_host()
     rows = []
-    for key, who in (("streaming", "every request streaming"), ("final_only", "no request streaming")):
+    for key, who in (("streaming", "every request streaming"), ("final_only", "no request streaming"),
+                     ("final_only_penalized", "no request streaming, frequency_penalty 0.1")):
         t = r[key]
         rows += [(f"step, {who}", f"{t['ms_per_step']:.2f} ms (mean of {r['steps']} steps, after "
                                   f"{r['prefill_steps']} prefill and {r['warmup_steps']} warm-up steps)"),
