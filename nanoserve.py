@@ -28,7 +28,6 @@ from __future__ import annotations
 
 import argparse
 import dataclasses
-import itertools
 import json
 import math
 import mmap
@@ -41,7 +40,7 @@ import weakref
 from collections import OrderedDict, deque
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Callable, Iterator, Protocol
+from typing import Callable, Iterable, Iterator, Protocol
 
 import numpy as np
 import torch
@@ -1452,6 +1451,45 @@ def zeros_committed_on_use(shape: tuple[int, ...], dtype: torch.dtype) -> Tensor
     return torch.frombuffer(buf, dtype=torch.uint8, count=nbytes).view(dtype).view(shape)
 
 
+class BlockTable(list):
+    """A sequence's block ids in order: a list that also counts how many of its leading
+    entries a model runner has copied to the device and nobody has changed since (synced).
+    Appending keeps them; setting, deleting or clearing entries lowers the count, so the
+    runner copies only what changed (the entries a decode step appends, every 16 tokens)."""
+
+    def __init__(self, blocks: Iterable[int] = ()):
+        super().__init__(blocks)
+        self.synced = 0
+
+    def __setitem__(self, i, value) -> None:
+        self.synced = min(self.synced, self._first(i))
+        super().__setitem__(i, value)
+
+    def __delitem__(self, i) -> None:
+        self.synced = min(self.synced, self._first(i))
+        super().__delitem__(i)
+
+    def _first(self, i: int | slice) -> int:
+        """The first index that setting or deleting i touches."""
+        return i.indices(len(self))[0] if isinstance(i, slice) else i % max(1, len(self))
+
+    def clear(self) -> None:
+        self.synced = 0
+        super().clear()
+
+    def pop(self, i: int = -1) -> int:
+        self.synced = 0
+        return super().pop(i)
+
+    def insert(self, i: int, value: int) -> None:
+        self.synced = 0
+        super().insert(i, value)
+
+    def remove(self, value: int) -> None:
+        self.synced = 0
+        super().remove(value)
+
+
 class BlockManager:
     def __init__(self, num_blocks: int, block_size: int, enable_prefix_caching: bool):
         self.num_blocks, self.block_size = num_blocks, block_size
@@ -1516,7 +1554,7 @@ class BlockManager:
         prompt share its blocks; one that writes into a shared block copies it first)."""
         for b in block_table:
             self.ref_count[b] += 1
-        return list(block_table)
+        return BlockTable(block_table)
 
     def release(self, block_table: list[int]) -> None:
         """Drop a sequence's references. Tail blocks go first in line for eviction."""
@@ -1896,7 +1934,7 @@ class Sequence:
     metrics: Metrics
     status: str = WAITING
     num_computed: int = 0                 # tokens whose K/V sit in the cache
-    block_table: list[int] = field(default_factory=list)
+    block_table: BlockTable = field(default_factory=BlockTable)
     block_hashes: list[int] = field(default_factory=list)   # chained hashes of its full blocks
     finish_reason: str | None = None
     forks_pending: list[SamplingParams] = field(default_factory=list)  # samples to start at the first token
@@ -2187,11 +2225,15 @@ class DecodeGraphs:
         self.block_tables = torch.zeros(top, max_blocks, dtype=torch.int32, device=dev)  # (B, max_blocks)
         self.context_lens = torch.zeros(top, dtype=torch.int32, device=dev)              # (B,)
         self.query_start_loc = torch.arange(top + 1, dtype=torch.int32, device=dev)      # one token each
-        # A step's inputs cross to the device in one copy: written on the host into one int64
+        # A step's inputs cross to the device in one copy: written on the host into one int32
         # buffer (pinned, so the copy neither waits for the GPU nor makes it wait; the step's
         # sampled ids come back before the next step writes it), then spread over the static
-        # buffers by the device.
-        self.host_inputs = torch.zeros(top * (3 + max_blocks), dtype=torch.int64, pin_memory=dev.type == "cuda")
+        # buffers by the device. Its first 3 x top entries take the ids, positions and slots;
+        # the rest holds a block table per row and persists between steps: a row whose
+        # sequence held it in the previous step too gets only its table's changed entries.
+        self.host_inputs = torch.zeros(top * (3 + max_blocks), dtype=torch.int32, pin_memory=dev.type == "cuda")
+        self.host_tables = self.host_inputs[3 * top:].view(top, max_blocks).numpy()     # (top, max_blocks)
+        self.row_tables: list[list[int] | None] = [None] * top    # the table each row holds
         self.inputs = torch.zeros_like(self.host_inputs, device=dev)
         self.graphs: dict[tuple[int, int], tuple[torch.cuda.CUDAGraph, Tensor]] = {}   # (batch, context) buckets
         self.pool = None
@@ -2212,21 +2254,28 @@ class DecodeGraphs:
         b = next(x for x in self.buckets if x >= n)
         ctx = next(x for x in self.context_buckets if x > max(positions))     # longest context: max + 1
         pad = b - n
-        # Only the block-table columns some table uses, and only the real rows: a row reads
-        # no entry past its own context, and a padding row (context 0) none.
-        width = max(map(len, tables))
-        m = 3 * b + n * width
-        self.host_inputs.numpy()[:m] = ids + [0] * pad + positions + [0] * pad + slots + [-1] * pad + \
-            list(itertools.chain.from_iterable(t + [0] * (width - len(t)) for t in tables))
-        inputs = self.inputs[:m]
-        inputs.copy_(self.host_inputs[:m], non_blocking=True)
+        top = len(self.row_tables)
+        self.host_inputs.numpy()[:3 * b] = ids + [0] * pad + positions + [0] * pad + slots + [-1] * pad
+        for row, table in enumerate(tables):
+            kept = table.synced if self.row_tables[row] is table and isinstance(table, BlockTable) else 0
+            if kept < len(table):
+                self.host_tables[row, kept:len(table)] = table[kept:]
+            if isinstance(table, BlockTable):
+                table.synced = len(table)
+            self.row_tables[row] = table
+        self.row_tables[n:] = [None] * (top - n)
+        inputs = self.inputs[:3 * top + n * self.max_blocks]
+        inputs.copy_(self.host_inputs[:len(inputs)], non_blocking=True)
         self.input_ids[:b].copy_(inputs[:b])
         self.positions[:b].copy_(inputs[b:2 * b])
         self.slot_mapping[:b].copy_(inputs[2 * b:3 * b])
         self.context_lens[:b].copy_(inputs[b:2 * b])
         self.context_lens[:b] += 1                                       # a row's context: its position + 1
         self.context_lens[n:b] = 0                                       # padding rows: none
-        self.block_tables[:n, :width].copy_(inputs[3 * b:].view(n, width))             # (n, width)
+        # Only the columns some table uses, and only the real rows: a row reads no entry past
+        # its own context (entries past a table's end are stale, never read), a padding row none.
+        width = max(map(len, tables))
+        self.block_tables[:n, :width].copy_(inputs[3 * top:].view(n, self.max_blocks)[:, :width])
         self.steps += 1
         if not self.capture:
             return self._forward(b, ctx)[:n]
@@ -3207,7 +3256,7 @@ class NgramSpeculator(Speculator):
 @dataclass
 class DraftState:
     """A sequence's place in the draft model's own paged KV cache."""
-    block_table: list[int] = field(default_factory=list)
+    block_table: BlockTable = field(default_factory=BlockTable)
     num_computed: int = 0
 
 

@@ -1,5 +1,6 @@
 """The core engine: model correctness, paged KV cache, continuous batching, API, CLI."""
 
+import dataclasses
 import json
 import os
 import random
@@ -222,6 +223,89 @@ def test_decode_graph_path_pads_to_buckets_and_matches_eager(model_dirs):
         assert graphs.buckets == [1, 2, 4, 8, 12] and not graphs.capture
         assert graphs.steps > 0 and graphed.stats()["preemptions"] > 0
         assert eng.block_manager.ref_count == [0] * 40
+
+
+def test_block_table_counts_the_entries_nobody_changed():
+    t = nanoserve.BlockTable([5, 6, 7])
+    assert t == [5, 6, 7] and t.synced == 0
+    t.synced = 3
+    t.append(8)                                         # appending keeps what was copied
+    assert t.synced == 3
+    t[1] = 9                                            # copy-on-write
+    assert t.synced == 1
+    t.synced = 4
+    del t[2:]                                           # truncation (speculative rollback)
+    assert t == [5, 9] and t.synced == 2
+    t[-1] = 4
+    assert t.synced == 1
+    t.clear()                                           # release (preemption)
+    assert t.synced == 0
+    bm = nanoserve.BlockManager(8, 4, True)
+    table = nanoserve.BlockTable()
+    bm.allocate(table, 10)
+    assert isinstance(bm.fork(table), nanoserve.BlockTable)
+
+
+def test_graph_rows_hold_each_table_after_every_kind_of_change(tiny_model_dir):
+    """What the decode graph's block-table buffer holds after steps whose tables were
+    appended to, copied on write, truncated, cleared and regrown, or moved to another row:
+    exactly each table (the columns it uses), although only changed entries are copied."""
+    eng = LLM(tiny_model_dir, device="cpu", num_blocks=64, block_size=4, max_model_len=64).engine
+    graphs = nanoserve.DecodeGraphs(eng.model, eng.runner.kv_cache, 8, 16, 64, capture=False)
+
+    def run_and_check(batch):
+        n = len(batch)
+        graphs.run([0] * n, [len(b) * 4 - 1 for b in batch], [-1] * n, batch)   # slot -1: no cache write
+        for row, b in enumerate(batch):
+            assert graphs.block_tables[row, :len(b)].tolist() == b, (row, b)
+
+    a, b = nanoserve.BlockTable([1, 2, 3, 4]), nanoserve.BlockTable([5, 6])
+    run_and_check([a, b])
+    del a[2:]                                   # a lookahead given back, then a new block
+    a.append(7)
+    b[0] = 8                                    # copy-on-write
+    run_and_check([a, b])
+    a.clear()                                   # preempted, readmitted with other blocks
+    a += [9, 10, 11, 12, 13]
+    run_and_check([a, b])
+    run_and_check([b, a])                       # rows swapped
+    rng = random.Random(0)
+    tables = [nanoserve.BlockTable(rng.sample(range(64), rng.randrange(1, 6))) for _ in range(5)]
+    for step in range(300):
+        for _ in range(rng.randrange(1, 4)):     # several changes between two steps
+            t, change = rng.choice(tables), rng.randrange(6)
+            if change <= 1 and len(t) < 16:
+                t.append(rng.randrange(64))
+            elif change == 2 and len(t) > 1:
+                t[rng.randrange(len(t))] = rng.randrange(64)
+            elif change == 3 and len(t) > 1:
+                del t[rng.randrange(1, len(t)):]
+            elif change == 4:
+                t.clear()
+                t += rng.sample(range(64), rng.randrange(1, 6))
+            elif change == 5 and rng.random() < 0.3:
+                tables.insert(0, tables.pop())
+        run_and_check(tables[:rng.choice([5, 5, 5, 3])])
+
+
+def test_graph_path_copies_changed_block_table_entries_only_and_matches_eager(model_dirs):
+    """The decode graph path keeps each row's block table between steps and copies only the
+    entries that changed. Under everything that changes a table other than by appending
+    (copy-on-write of parallel samples' shared prompt block, speculative lookahead given
+    back, preemption in a small pool), its tokens equal the plain path's."""
+    model_dir = model_dirs[0]
+    kw = dict(device="cpu", num_blocks=48, block_size=4, max_model_len=150, max_num_batched_tokens=64,
+              max_num_seqs=12, speculative_method="ngram", num_speculative_tokens=2)
+    prompts, params = _workload(LLM(model_dir, device="cpu").engine.model_config.vocab_size, 12, seed=1)
+    params = [dataclasses.replace(p, n=2) if i % 3 == 0 else p for i, p in enumerate(params)]
+    plain = LLM(model_dir, **kw)
+    ref = [[c.token_ids for c in o.outputs] for o in plain.generate(prompts, params)]
+    graphed = LLM(model_dir, **kw)
+    eng = graphed.engine
+    eng.runner.use_graphs = True
+    assert [[c.token_ids for c in o.outputs] for o in graphed.generate(prompts, params)] == ref
+    assert eng.runner.graphs.steps > 0 and graphed.stats()["preemptions"] > 0
+    assert eng.block_manager.ref_count == [0] * 48
 
 
 def test_decode_graphs_bucket_the_context_bound_for_the_split_count():
