@@ -1455,7 +1455,7 @@ class BlockTable(list):
     """A sequence's block ids in order: a list that also counts how many of its leading
     entries a model runner has copied to the device and nobody has changed since (synced).
     Appending keeps them; setting, deleting or clearing entries lowers the count, so the
-    runner copies only what changed (the entries a decode step appends, every 16 tokens)."""
+    runner copies only what changed (mostly the entry a decode step appends, one per block)."""
 
     def __init__(self, blocks: Iterable[int] = ()):
         super().__init__(blocks)
@@ -2538,7 +2538,7 @@ class OutputProcessor:
         self.samples[seq] = state
 
     def remove(self, request_id: str) -> list[Sequence]:
-        """Forget a request (aborted) -> its samples' sequences."""
+        """Forget a request (finished, failed or aborted) -> its samples' sequences."""
         req = self.requests.pop(request_id, None)
         for s in req.samples if req else []:
             del self.samples[s.seq]
