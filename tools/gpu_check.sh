@@ -2,9 +2,14 @@
 # Everything a session with a GPU should run (GPU time is scarce; see ../shared/PERF.md), in
 # two parts that each fit one device call, the second meant for the same warm machine (it
 # reuses the extension the first compiled into .torch_ext):
-#   OUT=$OUT BUDGET=450 bash tools/gpu_check.sh 1   # compile + kernels vs twins + goals, Llama-2-7B, GPU tests
-#   OUT=$OUT BUDGET=200 bash tools/gpu_check.sh 2   # TinyLlama: batch-1 decode, the nano-vllm workload
+#   OUT=$OUT BUDGET=450 bash tools/gpu_check.sh 1   # compile beside gpt-fast 7B, kernels vs twins + goals,
+#                                                   # Llama-2-7B, GPU tests
+#   OUT=$OUT BUDGET=300 bash tools/gpu_check.sh 2   # TinyLlama beside gpt-fast: batch-1 decode, the
+#                                                   # nano-vllm workload; the host's time per step
 #   OUT=$OUT BUDGET=540 bash tools/gpu_check.sh all # both, one call
+# gpt-fast, the peer every decode figure stands beside, comes from ../shared/tools/peers; where
+# the device gets only the checkout, copy it in first (git-ignored; pass .peers to the call's carry):
+#   cp -r ../shared/tools/peers .peers
 # Full outputs land in $OUT (default ./gpu_out), one file per step; a summary prints last.
 # Each step gets at most its cap and never more than what is left of BUDGET seconds.
 set -u
@@ -18,6 +23,8 @@ export TORCH_CUDA_ARCH_LIST=${TORCH_CUDA_ARCH_LIST:-9.0}          # H100/H200: b
 export TORCH_EXTENSIONS_DIR=${TORCH_EXTENSIONS_DIR:-$PWD/.torch_ext}  # compile once, reuse in later steps
 export PYTHONUNBUFFERED=1
 PY=${PYTHON:-python3}
+PEER=.peers/gptfast_peer.py
+[ -f "$PEER" ] || PEER=../shared/tools/peers/gptfast_peer.py
 
 step() {  # step NAME CAP_SECONDS COMMAND...
     local name=$1 cap=$2
@@ -41,9 +48,11 @@ if [ "$PART" = 1 ] || [ "$PART" = all ]; then
     { nvidia-smi; $PY -c "import torch; print(torch.__version__, torch.version.cuda, torch.cuda.get_device_name())"; } \
         >"$OUT/env.txt" 2>&1
     # 0. Compile the extension in the background (CPU only, ~2 min) while the GPU measures
-    #    what needs no kernels of ours: 2:4 sparse against dense matmuls.
+    #    what needs no kernels of ours: gpt-fast's batch-1 decode (its torch.compile takes
+    #    60-110 s of CPU too), then 2:4 sparse against dense matmuls.
     $PY -c "import kernels; kernels.cuda_extension()" >"$OUT/compile.txt" 2>&1 &
     compile=$!
+    step gptfast_7b 170 $PY "$PEER" llama-2-7b
     step sparse 90 $PY -c "
 import torch, sys; sys.path.insert(0, 'tools'); import bench
 for r in bench.bench_sparse_speed(torch.device('cuda'))['rows']:
@@ -61,14 +70,17 @@ for r in bench.bench_sparse_speed(torch.device('cuda'))['rows']:
     # 3. GPU tests: engine on CUDA vs CPU, CUDA graphs vs eager, prefill kernel in the engine, 2:4
     #    (the kernel self-check already ran in step 1).
     step gpu_tests 120 $PY -m pytest -q -x tests/test_kernels_gpu.py -k "not every_kernel"
-    names="sparse kernels goals llama7b gpu_tests"
+    names="gptfast_7b sparse kernels goals llama7b gpu_tests"
 fi
 if [ "$PART" = 2 ] || [ "$PART" = all ]; then
     # 4. TinyLlama shape: batch-1 decode, a step's profile, the nano-vllm workload (256 requests,
     #    100-1024 tokens).
     step tinyllama 190 $PY tools/bench.py latency profile throughput --model random:tinyllama-1.1b --dtype bfloat16 \
         --out "$OUT/tinyllama.json"
-    names="$names tinyllama"
+    step gptfast_tiny 130 $PY "$PEER" tinyllama-1.1b
+    # 5. The engine's own time per decode step, model stubbed (issue 32), on this machine's host.
+    step host 60 $PY tools/bench.py host --out "$OUT/host.json"
+    names="$names tinyllama gptfast_tiny host"
 fi
 
 echo
