@@ -2665,10 +2665,11 @@ class OutputProcessor:
         """The request's progress: every sample's; its first sample's in the top-level fields.
         make_text=False: the text made so far, nothing decoded (a failed step's outputs: the
         tokenizer may be what failed)."""
-        samples = [self._sample_output(req, s, make_text) for s in req.samples]
-        done = all(s.seq.status == FINISHED for s in req.samples)
-        if done and len(samples) > req.params.n:             # best_of: the n most likely samples
-            samples = sorted(samples, key=lambda c: -c.cumulative_logprob)[:req.params.n]
+        states = req.samples
+        done = all(s.seq.status == FINISHED for s in states)
+        if done and len(states) > req.params.n:              # best_of: the n most likely samples
+            states = sorted(states, key=lambda s: -s.cumulative_logprob)[:req.params.n]
+        samples = [self._sample_output(req, s, make_text) for s in states]      # text for those only
         first, head = samples[0], req.samples[0].seq
         m = head.metrics
         metrics = {"time_to_first_token": m.time_to_first_token, "e2e_latency": m.e2e_latency,
