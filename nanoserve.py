@@ -2373,14 +2373,18 @@ class ModelRunner:
         lens = [c + len(t) for c, t in zip(starts, tokens)]
         positions = torch.tensor(pos, device=dev)
         slot_mapping = torch.tensor(slots, dtype=torch.int64, device=dev)
+        cpu_plan = self.device.type == "cpu" and kernels.USE_CPU_FAST_PATHS
+        # The CPU plan gathers the cache through indices of its own, made from the table
+        # lists; the padded tables tensor is for the other paths (and costs the host ~1 ms
+        # at 256 sequences to build).
+        block_tables = torch.zeros(len(tables), 0, dtype=torch.int32) if cpu_plan else \
+            torch.tensor([t + [0] * (width - len(t)) for t in tables], dtype=torch.int32).to(dev)   # (S, width)
         meta = AttentionMetadata(
-            slot_mapping=slot_mapping,
-            block_tables=torch.tensor([t + [0] * (width - len(t)) for t in tables],      # (S, width)
-                                      dtype=torch.int32).to(dev),
+            slot_mapping=slot_mapping, block_tables=block_tables,
             query_start_loc=torch.tensor(rows, dtype=torch.int32, device=dev),
             context_lens=torch.tensor(lens, dtype=torch.int32, device=dev),
             max_context_len=max(lens), max_query_len=max(map(len, tokens)))
-        if self.device.type == "cpu" and kernels.USE_CPU_FAST_PATHS:
+        if cpu_plan:
             # The layers' shared work, done once: cos/sin rows, gather indices, masks.
             meta.cpu_plan = kernels.plan_cpu_step([len(t) for t in tokens], lens, tables, positions,
                                                   slot_mapping, *self.model.rope, bs,
