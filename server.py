@@ -113,9 +113,11 @@ class OutputQueue:
 
 
 class AsyncEngine:
-    """Runs LLMEngine.step() in its own thread. Other threads never touch the engine: they
+    """Runs LLMEngine.step() in its own thread. Other threads never change the engine: they
     validate a request (read-only), then hand it over through a command queue that the
-    loop drains between steps, and await results on the request's OutputQueue."""
+    loop drains between steps, and await results on the request's OutputQueue. (The
+    responses' logprob texts come from engine.outputs' text helpers, which only read the
+    tokenizer.)"""
 
     TTFT_BUCKETS = (0.005, 0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1.0, 2.5, 5.0, 10.0)
 
