@@ -2197,7 +2197,7 @@ def rope_and_cache(q: Tensor, k: Tensor, v: Tensor, positions: Tensor, cos: Tens
                    k_cache: Tensor, v_cache: Tensor, slot_mapping: Tensor,
                    plan: CpuStepPlan | None = None) -> Tensor:
     """plan: the step's CpuStepPlan on the CPU path (the model runner builds one per step)."""
-    if plan is not None and USE_CPU_FAST_PATHS and not q.is_cuda:
+    if plan is not None and not q.is_cuda:         # the runner made a plan: the CPU path
         return rope_and_cache_cpu(q, k, v, k_cache, v_cache, plan)
     if _cuda(q):
         return cuda_extension().rope_and_cache(q, k, v, positions, cos, sin, k_cache, v_cache, slot_mapping)
@@ -2233,7 +2233,7 @@ def paged_attention(q: Tensor, k_cache: Tensor, v_cache: Tensor, block_tables: T
                     plan: CpuStepPlan | None = None) -> Tensor:
     """max_context_len / max_query_len: host-side maxima (they size the grid); computed
     from the tensors, with a device sync, when not given. plan: as for rope_and_cache."""
-    if plan is not None and USE_CPU_FAST_PATHS and not q.is_cuda:
+    if plan is not None and not q.is_cuda:         # the runner made a plan: the CPU path
         return paged_attention_cpu(q, k_cache, v_cache, plan, scale)
     if not _cuda(q):
         return paged_attention_ref(q, k_cache, v_cache, block_tables, query_start_loc, context_lens, scale)

@@ -318,7 +318,7 @@ class SamplingParams:
     same for each prompt token. Logprobs are of the model's own distribution, before
     temperature, top-k and top-p. presence_penalty, frequency_penalty (in [-2, 2]) and
     repetition_penalty (> 0; 1 is off) follow vLLM's definitions, logit_bias {token id:
-    bias in [-100, 100]} OpenAI's (see apply_penalties). stop: up to MAX_STOP_STRINGS strings
+    bias in [-100, 100]} OpenAI's (see penalties_from_counts). stop: up to MAX_STOP_STRINGS strings
     of up to MAX_STOP_CHARS characters; the text ends before the first one it contains.
     Every field is checked here, with a ValueError that names it: the same rules hold for
     the Python API and the server. Numbers of any real or integral type (numpy's too) are
@@ -703,7 +703,7 @@ class IncrementalDetokenizer:
 @dataclass
 class AttentionMetadata:
     slot_mapping: Tensor      # (T,) int64 cache slot each new token's K/V is written to
-    block_tables: Tensor      # (S, max_blocks) int32 physical blocks of each sequence
+    block_tables: Tensor      # (S, max_blocks) int32 physical blocks of each sequence ((S, 0) with a cpu_plan)
     query_start_loc: Tensor   # (S + 1,) int32 sequence s owns tokens [start[s], start[s+1])
     context_lens: Tensor      # (S,) int32 cached tokens of s after this step's writes
     max_context_len: int      # max of context_lens, known on the host (no device sync)
@@ -1455,17 +1455,19 @@ class BlockTable(list):
     """A sequence's block ids in order: a list that also counts how many of its leading
     entries a model runner has copied to the device and nobody has changed since (synced).
     Appending keeps them; setting, deleting or clearing entries lowers the count, so the
-    runner copies only what changed (mostly the entry a decode step appends, one per block)."""
+    runner copies only what changed (mostly the entry a decode step appends, one per block).
+    Nothing sorts, reverses or repeats a table, so those are not tracked. Pickled (to a
+    tensor-parallel worker) it is a plain list: the count means nothing in another process."""
 
     def __init__(self, blocks: Iterable[int] = ()):
         super().__init__(blocks)
         self.synced = 0
 
-    def __setitem__(self, i, value) -> None:
+    def __setitem__(self, i: int | slice, value) -> None:
         self.synced = min(self.synced, self._first(i))
         super().__setitem__(i, value)
 
-    def __delitem__(self, i) -> None:
+    def __delitem__(self, i: int | slice) -> None:
         self.synced = min(self.synced, self._first(i))
         super().__delitem__(i)
 
@@ -1488,6 +1490,9 @@ class BlockTable(list):
     def remove(self, value: int) -> None:
         self.synced = 0
         super().remove(value)
+
+    def __reduce__(self):
+        return list, (list(self),)
 
 
 class BlockManager:
@@ -1549,7 +1554,7 @@ class BlockManager:
         self.ref_count[b] = 1
         return b
 
-    def fork(self, block_table: list[int]) -> list[int]:
+    def fork(self, block_table: list[int]) -> BlockTable:
         """A second reference to every block of a table (parallel sampling: the samples of a
         prompt share its blocks; one that writes into a shared block copies it first)."""
         for b in block_table:
@@ -1628,8 +1633,8 @@ def token_counts(lists: list[list[int]], V: int, device: torch.device | str) -> 
     return counts.index_add_(0, flat.to(device), torch.ones(len(flat), device=device)).view(len(lists), V)
 
 
-def penalties_from_counts(logits: Tensor, params: list[SamplingParams], counts: Tensor, in_prompt: Tensor
-                          ) -> Tensor:
+def penalties_from_counts(logits: Tensor, params: list[SamplingParams], counts: Tensor | None,
+                          in_prompt: Tensor | None) -> Tensor:
     """(B, V) logits -> the logits each request samples from, before temperature (vLLM's
     definitions), given counts (B, V), how often row i's request has generated each token,
     and in_prompt (B, V), which tokens its prompt holds:
@@ -1640,7 +1645,8 @@ def penalties_from_counts(logits: Tensor, params: list[SamplingParams], counts: 
       logit_bias  l + b[token]   (-100 bans a token, +100 forces it, as in OpenAI's API)
 
     A row without penalties comes out unchanged: r = 1, f = p = 0 change no value. The
-    result is a new tensor whenever some row is penalized (logits itself is not written)."""
+    result is a new tensor whenever some row is penalized (logits itself is not written).
+    counts and in_prompt may be None when no row has a penalty that counts tokens."""
     V, dev = logits.shape[-1], logits.device
     # Each kind only when some row has it (the host's params say so, without a sync).
     if any(p.repetition_penalty != 1 for p in params):
@@ -1670,16 +1676,23 @@ def apply_penalties(logits: Tensor, params: list[SamplingParams], prompts: list[
                                  token_counts(prompts, V, logits.device) > 0)
 
 
-class PenaltyCounts:
-    """For each penalized sequence, kept on the device: how often it has generated each
-    token, and which tokens its prompt holds (a row of each per sequence, as vLLM keeps them
-    per request). Each step counts only the tokens appended since the last one: building
-    the counts from the token lists would cost the host O(every token of every penalized
-    request) per step. Row 0 stays zero, for sequences without penalties. A sequence's row
-    is freed once it has finished."""
+def counts_tokens(p: SamplingParams) -> bool:
+    """Do the request's penalties depend on the tokens it has seen (all but logit_bias do)?"""
+    return p.repetition_penalty != 1 or bool(p.frequency_penalty or p.presence_penalty)
 
-    def __init__(self, vocab_size: int, device: torch.device):
-        self.V, self.device = vocab_size, device
+
+class PenaltyCounts:
+    """For each sequence whose penalties count tokens, kept on the device: how often it has
+    generated each token, and which tokens its prompt holds (a row of each per sequence, as
+    vLLM keeps them per request). Each step counts only the tokens appended since the last
+    one: building the counts from the token lists would cost the host O(every token of
+    every penalized request) per step. Row 0 stays zero, for the other sequences. The rows
+    grow by doubling up to max_rows (max_num_seqs + 1: every sequence of a step and row 0);
+    a finished sequence's row is freed, and a sequence outside the step gives its row up
+    when one is needed (it is rebuilt if the sequence comes back)."""
+
+    def __init__(self, vocab_size: int, device: torch.device, max_rows: int):
+        self.V, self.device, self.max_rows = vocab_size, device, max_rows
         self.counts = torch.zeros(1, vocab_size, device=device)                  # (rows, V)
         self.in_prompt = torch.zeros(1, vocab_size, dtype=torch.bool, device=device)
         self.row: dict[Sequence, int] = {}
@@ -1689,15 +1702,14 @@ class PenaltyCounts:
     def rows(self, seqs: list[Sequence]) -> Tensor:
         """(len(seqs),) the row of each sequence, brought up to date."""
         for seq in [s for s in self.row if s.finish_reason is not None]:
-            self.free.append(self.row.pop(seq))
-            del self.counted[seq]
+            self._free(seq)
         rows, new = [], []                                # new: flat indices row * V + token
         for seq in seqs:
-            if not seq.params.penalized:
+            if not counts_tokens(seq.params):
                 rows.append(0)
                 continue
             if seq not in self.row or self.counted[seq] > seq.num_output_tokens:
-                self._start(seq)
+                self._start(seq, seqs)
             r = self.row[seq]
             new += [r * self.V + t for t in seq.token_ids[seq.num_prompt_tokens + self.counted[seq]:]]
             self.counted[seq] = seq.num_output_tokens
@@ -1707,14 +1719,22 @@ class PenaltyCounts:
                                             torch.ones(len(new), device=self.device))
         return torch.tensor(rows, device=self.device)
 
-    def _start(self, seq: Sequence) -> None:
+    def _free(self, seq: Sequence) -> None:
+        self.free.append(self.row.pop(seq))
+        del self.counted[seq]
+
+    def _start(self, seq: Sequence, step: list[Sequence]) -> None:
         """A row for seq: zero counts, its prompt's tokens marked."""
-        if not self.free:                                 # grow: twice the rows
-            n = self.counts.shape[0]
-            self.counts = torch.cat([self.counts, torch.zeros_like(self.counts)])
-            self.in_prompt = torch.cat([self.in_prompt, torch.zeros_like(self.in_prompt)])
-            self.free = list(range(2 * n - 1, n - 1, -1))
         if seq not in self.row:
+            if not self.free and self.counts.shape[0] < self.max_rows:        # grow: twice the rows
+                n = self.counts.shape[0]
+                m = min(2 * n, self.max_rows)
+                self.counts = torch.cat([self.counts, self.counts.new_zeros(m - n, self.V)])
+                self.in_prompt = torch.cat([self.in_prompt, self.in_prompt.new_zeros(m - n, self.V)])
+                self.free = list(range(m - 1, n - 1, -1))
+            if not self.free:                             # full: take the row of one outside the step
+                in_step = set(step)
+                self._free(next(s for s in self.row if s not in in_step))
             self.row[seq] = self.free.pop()
         r = self.row[seq]
         self.counted[seq] = 0
@@ -1850,12 +1870,13 @@ def top_logprobs(logprobs: Tensor, chosen: Tensor, n: int) -> list[dict[int, flo
 class Sampler:
     """Draws the engine's random numbers: one shared generator (seeded by
     EngineConfig.seed) for unseeded requests, and keyed noise (keyed_uniform) for each
-    sampling event of a seeded one."""
+    sampling event of a seeded one. Applies the penalties, from the token counts it keeps
+    per sequence (PenaltyCounts)."""
 
-    def __init__(self, device: torch.device, seed: int, vocab_size: int):
+    def __init__(self, device: torch.device, seed: int, vocab_size: int, max_num_seqs: int):
         self.device = device
         self.default = torch.Generator(device).manual_seed(seed)
-        self.penalty_counts = PenaltyCounts(vocab_size, device)
+        self.penalty_counts = PenaltyCounts(vocab_size, device, max_num_seqs + 1)
 
     @staticmethod
     def key(seed: int | None, position: int, purpose: int) -> int | None:
@@ -1878,6 +1899,8 @@ class Sampler:
         generated extra[i] (draft tokens, counted on top of its row)."""
         if not any(p.penalized for p in params):
             return logits
+        if not any(counts_tokens(p) for p in params):      # logit_bias alone: no counts needed
+            return penalties_from_counts(logits, params, None, None)
         rows = self.penalty_counts.rows(seqs)
         counts = self.penalty_counts.counts[rows]                                   # (B, V)
         if extra and any(extra):
@@ -2231,9 +2254,11 @@ class DecodeGraphs:
         # buffers by the device. Its first 3 x top entries take the ids, positions and slots;
         # the rest holds a block table per row and persists between steps: a row whose
         # sequence held it in the previous step too gets only its table's changed entries.
+        # The copy takes whole rows, n x max_blocks entries (as vLLM's block table does):
+        # 8 MB at 256 sequences of a 128k context, a fraction of a millisecond.
         self.host_inputs = torch.zeros(top * (3 + max_blocks), dtype=torch.int32, pin_memory=dev.type == "cuda")
         self.host_tables = self.host_inputs[3 * top:].view(top, max_blocks).numpy()     # (top, max_blocks)
-        self.row_tables: list[list[int] | None] = [None] * top    # the table each row holds
+        self.row_tables: list[BlockTable | list[int] | None] = [None] * top   # the table each row holds
         self.inputs = torch.zeros_like(self.host_inputs, device=dev)
         self.graphs: dict[tuple[int, int], tuple[torch.cuda.CUDAGraph, Tensor]] = {}   # (batch, context) buckets
         self.pool = None
@@ -2323,16 +2348,17 @@ class ModelRunner:
 
     def kv_budget_bytes(self) -> int:
         """Memory the KV pool(s) may take: a share of free GPU memory less the activations
-        of the largest step and its logits, and for a quantized model the dense temporary the
-        largest quantized projection dequantizes into when a step has
-        kernels.QUANT_GEMM_MAX_ROWS rows or more (kernels.quant_linear). On the CPU,
-        EngineConfig.kv_cache_bytes, else a share of the available memory."""
+        of the largest step, its logits and the penalty counts (Sampler), and for a quantized
+        model the dense temporary the largest quantized projection dequantizes into when a
+        step has kernels.QUANT_GEMM_MAX_ROWS rows or more (kernels.quant_linear). On the
+        CPU, EngineConfig.kv_cache_bytes, else a share of the available memory."""
         if self.device.type != "cuda":
             return self.cfg.kv_cache_bytes or int(available_cpu_memory() * CPU_KV_MEMORY_FRACTION)
         free, _ = torch.cuda.mem_get_info(self.device)
         c = self.model.config
         act = self.cfg.max_num_batched_tokens * (4 * c.hidden_size + 3 * c.intermediate_size) * 4 \
-            + self.cfg.max_num_seqs * c.vocab_size * 4 * 4
+            + self.cfg.max_num_seqs * c.vocab_size * 4 * 4 \
+            + 2 * (self.cfg.max_num_seqs + 1) * c.vocab_size * 5      # penalty counts, and a copy as they grow
         dequant = max((m.in_features * m.out_features * self.dtype.itemsize
                        for m in self.model.modules() if isinstance(m, QuantLinear)), default=0)
         return int(free * self.cfg.gpu_memory_utilization) - act - dequant
@@ -2776,7 +2802,7 @@ class LLMEngine:
         max_positions = self.max_model_len + cfg.num_speculative_tokens + 1
         self.runner = ModelRunner(self.model, cfg, max_positions) if self.tp is None else \
             parallel.TensorParallelRunner(self.model, cfg, max_positions, self.tp, workers)
-        self.sampler = Sampler(self.device, cfg.seed, mc.vocab_size)
+        self.sampler = Sampler(self.device, cfg.seed, mc.vocab_size, cfg.max_num_seqs)
         self.speculator = speculator_factory(self.runner, self.sampler, cfg, self.max_model_len) \
             if speculator_factory else None
         self.num_blocks = self._allocate_kv_pool()

@@ -217,10 +217,11 @@ def test_penalty_counts_kept_per_sequence_equal_counting_the_lists():
     bit for bit, through 30 steps of: tokens appended one or three at a time (a speculative
     window), a sequence listed twice in a step (a window's rows), draft tokens on top, a
     sequence without penalties beside them, one cut short (a stop string), finished ones
-    whose rows new sequences reuse."""
+    whose rows new sequences reuse, and steps that take 4 of the 6 sequences with rows for
+    only 4 (max_num_seqs): a sequence outside the step gives its row up, rebuilt later."""
     rng = random.Random(0)
     V = 50
-    sampler = nanoserve.Sampler(torch.device("cpu"), 0, V)
+    sampler = nanoserve.Sampler(torch.device("cpu"), 0, V, 4)
     kinds = [dict(frequency_penalty=0.5), dict(presence_penalty=-1.0, repetition_penalty=1.3),
              dict(repetition_penalty=0.7, logit_bias={4: 3.0}), {}]
 
@@ -237,7 +238,8 @@ def test_penalty_counts_kept_per_sequence_equal_counting_the_lists():
         if step % 5 == 4:                                       # one finishes, a new one comes
             seqs[0].finish_reason = "length"
             seqs = seqs[1:] + [new_seq(6 + step)]
-        rows = seqs + seqs[:2]
+        step_seqs = rng.sample(seqs, 4)
+        rows = step_seqs + step_seqs[:2]
         extra = [[rng.randrange(V) for _ in range(rng.randrange(3))] for _ in rows]
         logits = torch.randn(len(rows), V, generator=torch.Generator().manual_seed(step)) * 3
         params = [s.params for s in rows]
@@ -245,7 +247,7 @@ def test_penalty_counts_kept_per_sequence_equal_counting_the_lists():
         want = nanoserve.apply_penalties(logits, params, [s.token_ids[:s.num_prompt_tokens] for s in rows],
                                          [s.output_ids + e for s, e in zip(rows, extra)])
         assert torch.equal(got, want), step
-    assert len(sampler.penalty_counts.row) <= 6                 # finished sequences gave their rows back
+    assert sampler.penalty_counts.counts.shape[0] == 5          # never more rows than max_num_seqs + 1
 
 
 def test_penalties_apply_per_row_in_a_mixed_batch():

@@ -60,25 +60,24 @@ for r in bench.bench_sparse_speed(torch.device('cuda'))['rows']:
           f\"dense {r['dense_TFLOPs']:.0f} TFLOP/s, max |diff| {r['max_abs_diff']:.3g})\")"
     wait $compile
     echo "compile: rc=$? after $(($(date +%s) - start)) s from the start" | tee -a "$OUT/summary.txt"
-    # 1. Every kernel against its twin, then each at its goal's size.
+    # 1. Every kernel against its twin; the GPU tests (engine on CUDA vs CPU, CUDA graphs vs
+    #    eager, prefill kernel in the engine, 2:4); then each kernel at its goal's size.
     step kernels 60 $PY kernels.py
+    step gpu_tests 120 $PY -m pytest -q -x tests/test_kernels_gpu.py -k "not every_kernel"
     step goals 90 $PY tools/kernel_bench.py goals
     # 2. Llama-2-7B shape, bf16, batch 1: decode with and without CUDA graphs against the copy
     #    roofline, where a step's time goes, int8/int4 decode and prefill against bf16.
     step llama7b 200 $PY tools/bench.py latency profile quant --model random:llama-2-7b --dtype bfloat16 \
         --max-model-len 1024 --out "$OUT/llama7b.json"
-    # 3. GPU tests: engine on CUDA vs CPU, CUDA graphs vs eager, prefill kernel in the engine, 2:4
-    #    (the kernel self-check already ran in step 1).
-    step gpu_tests 120 $PY -m pytest -q -x tests/test_kernels_gpu.py -k "not every_kernel"
-    names="gptfast_7b sparse kernels goals llama7b gpu_tests"
+    names="gptfast_7b sparse kernels gpu_tests goals llama7b"
 fi
 if [ "$PART" = 2 ] || [ "$PART" = all ]; then
-    # 4. TinyLlama shape: batch-1 decode, a step's profile, the nano-vllm workload (256 requests,
+    # 3. TinyLlama shape: batch-1 decode, a step's profile, the nano-vllm workload (256 requests,
     #    100-1024 tokens).
     step tinyllama 190 $PY tools/bench.py latency profile throughput --model random:tinyllama-1.1b --dtype bfloat16 \
         --out "$OUT/tinyllama.json"
     step gptfast_tiny 130 $PY "$PEER" tinyllama-1.1b
-    # 5. The engine's own time per decode step, model stubbed (issue 32), on this machine's host.
+    # 4. The engine's own time per decode step, model stubbed (issue 32), on this machine's host.
     step host 60 $PY tools/bench.py host --out "$OUT/host.json"
     names="$names tinyllama gptfast_tiny host"
 fi
