@@ -268,8 +268,8 @@ class EngineConfig:
 
 INT64_MAX = 2**63 - 1
 GREEDY_BELOW = 1e-5          # temperatures under this are greedy: logits / T would overflow
-# A request's stop strings are matched in O(new characters x longest stop string) per token
-# (StopStrings), so the length bounds the cost; the count bounds the matcher's memory.
+# A request's stop strings are matched in O(new characters) per token (StopStrings, an
+# automaton), whatever their number and length; the limits bound its memory and build time.
 MAX_STOP_STRINGS = 128
 MAX_STOP_CHARS = 256
 
@@ -2476,39 +2476,63 @@ class RequestOutput:
 
 
 class StopStrings:
-    """A request's stop strings, matched as its text grows.
+    """A request's stop strings, matched as its text grows: an Aho-Corasick automaton.
 
-    The strings are kept reversed in a trie (a dict per node). Walking back from a new
-    character through the trie finds every stop string that ends at that character in at
-    most max_len steps, so checking a token's new text costs O(new characters x longest
-    stop string), however many stop strings there are. The text ends before the stop
+    The strings form a trie; each node also links to the node of its longest proper suffix
+    that is a trie node too (fail), and knows the longest stop string ending there (itself
+    or along its fail links). Feeding the text one character at a time, a sample keeps its
+    node between steps, so checking a token's new text costs O(new characters) amortized,
+    whatever the number and length of the stop strings. The text ends before the stop
     string that ends first (the longest, if several end at the same character), which is
     what checking after every single character would give.
     """
 
-    END = ""                                  # the key marking a complete string (never a character)
-
     def __init__(self, stops: list[str]):
         self.max_len = max(map(len, stops))
-        self.trie: dict = {}
+        self.goto: list[dict[str, int]] = [{}]            # node -> {character: child}
+        self.longest = [0]                                # longest stop string ending at the node
         for s in stops:
-            node = self.trie
-            for ch in reversed(s):
-                node = node.setdefault(ch, {})
-            node[self.END] = True
+            node = 0
+            for ch in s:
+                if ch not in self.goto[node]:
+                    self.goto[node][ch] = len(self.goto)
+                    self.goto.append({})
+                    self.longest.append(0)
+                node = self.goto[node][ch]
+            self.longest[node] = len(s)
+        self.fail = [0] * len(self.goto)
+        queue = deque(self.goto[0].values())              # breadth first: a fail link points up
+        while queue:
+            node = queue.popleft()
+            for ch, child in self.goto[node].items():
+                self.fail[child] = self.step(self.fail[node], ch) if node else 0
+                self.longest[child] = max(self.longest[child], self.longest[self.fail[child]])
+                queue.append(child)
+
+    def step(self, node: int, ch: str) -> int:
+        """The node after reading ch at node."""
+        while node and ch not in self.goto[node]:
+            node = self.fail[node]
+        return self.goto[node].get(ch, 0)
+
+    def feed(self, node: int, text: str, start: int) -> tuple[int, int]:
+        """Read text[start:] from node (where text[:start] left the automaton) -> (the node
+        after it, where the first stop string ending at text[start] or later begins, or -1)."""
+        for end in range(start, len(text)):
+            node = self.step(node, text[end])
+            if self.longest[node]:
+                return node, end - self.longest[node] + 1
+        return node, -1
 
     def find(self, text: str, start: int) -> int:
-        """Where the first stop string ending at text[start] or later begins; -1 if none."""
-        for end in range(start, len(text)):
-            node, begin = self.trie, -1
-            for i in range(end, max(-1, end - self.max_len), -1):
-                node = node.get(text[i])
-                if node is None:
-                    break
-                if self.END in node:
-                    begin = i                  # keep walking: a longer one may end here too
-            if begin >= 0:
-                return begin
+        """Where the first stop string ending at text[start] or later begins; -1 if none.
+        Without a kept node: such a string begins at start - max_len + 1 or later, so the
+        automaton reads from there."""
+        node = 0
+        for end in range(max(0, start - self.max_len + 1), len(text)):
+            node = self.step(node, text[end])
+            if end >= start and self.longest[node]:
+                return end - self.longest[node] + 1
         return -1
 
 
@@ -2520,6 +2544,7 @@ class SampleState:
         self.text = ""
         self.token_texts: list[str] = []     # the text each generated token added (they join to text)
         self.final = False                   # the text is complete (the sequence ended)
+        self.stop_node = 0                   # where its text has left the stop strings' automaton
         self.num_chars_streamed = 0          # characters of text already in an output's delta
         self.logprobs: list[dict[int, float]] | None = [] if seq.params.logprobs is not None else None
         self.chosen_logprobs: list[float] = []   # the chosen tokens' (n > 1 or logprobs asked for)
@@ -2635,7 +2660,9 @@ class OutputProcessor:
             piece = state.detok.step(t)
             state.text += piece
             state.token_texts.append(piece)
-            at = req.stops.find(state.text, before) if req.stops and piece else -1
+            at = -1
+            if req.stops and piece:
+                state.stop_node, at = req.stops.feed(state.stop_node, state.text, before)
             if at >= 0:
                 state.text, state.final = state.text[:at], True
                 self.scheduler.stop(seq, i + 1)

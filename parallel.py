@@ -61,6 +61,13 @@ class TPGroup:
         self.rank, self.world, self.pg, self.ctrl, self.device = rank, world, pg, ctrl, device
         self.reduce_seconds = 0.0           # time spent in all-reduce (the benchmark's share)
 
+    def close(self) -> None:
+        """Drop the process groups now, while the interpreter can still run their destructors
+        (which stop gloo's threads). Left to the interpreter's teardown, a thread can be
+        destroyed still running, which aborts the process ("terminate called without an
+        active exception") after its work is done."""
+        self.pg = self.ctrl = None
+
     def all_reduce(self, x: Tensor) -> Tensor:
         """Sum x (in place) over the ranks."""
         if self.world > 1:
@@ -310,6 +317,7 @@ def stop_workers(tp: TPGroup, workers: list) -> None:
         if p.is_alive():
             p.terminate()
             p.join(timeout=5)
+    tp.close()
 
 
 def tp_worker_loop(tp: TPGroup) -> None:
@@ -337,6 +345,7 @@ def tp_worker_loop(tp: TPGroup) -> None:
             elif command == "copy_blocks":
                 runner.copy_blocks(*args)
             elif command == "exit":
+                tp.close()
                 return
 
 

@@ -106,6 +106,21 @@ def test_stop_strings_match_where_the_first_one_ends():
         assert StopStrings(stops).find(text, start) == naive_find(stops, text, start), (stops, text, start)
 
 
+def test_stop_strings_fed_piece_by_piece_find_what_the_whole_text_gives():
+    """The engine feeds each token's new text to the automaton from the node the text so far
+    left it at: over random splits into pieces, it stops where find on the whole text does."""
+    rng = np.random.default_rng(1)
+    for _ in range(2000):
+        stops = ["".join(rng.choice(list("abc"), size=rng.integers(1, 6))) for _ in range(rng.integers(1, 6))]
+        text = "".join(rng.choice(list("abcd"), size=rng.integers(0, 30)))
+        m, node, at, fed = StopStrings(stops), 0, -1, 0
+        while at < 0 and fed < len(text):
+            piece = int(rng.integers(1, 5))
+            node, at = m.feed(node, text[:fed + piece], fed)
+            fed += piece
+        assert at == naive_find(stops, text, 0), (stops, text)
+
+
 def test_stop_strings_have_documented_limits():
     SamplingParams(stop=["x" * nanoserve.MAX_STOP_CHARS] * nanoserve.MAX_STOP_STRINGS)
     with pytest.raises(ValueError, match="stop may hold at most"):
