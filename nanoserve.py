@@ -396,10 +396,14 @@ class SamplingParams:
         return self.best_of or self.n
 
     @property
+    def counts_tokens(self) -> bool:
+        """Do its penalties depend on the tokens it has seen (all but logit_bias do)?"""
+        return bool(self.presence_penalty or self.frequency_penalty or self.repetition_penalty != 1)
+
+    @property
     def penalized(self) -> bool:
         """Does this request change the logits before sampling (penalties, logit_bias)?"""
-        return bool(self.presence_penalty or self.frequency_penalty or self.repetition_penalty != 1
-                    or self.logit_bias)
+        return self.counts_tokens or bool(self.logit_bias)
 
 
 # ============================================================================ weights loading
@@ -1456,7 +1460,7 @@ class BlockTable(list):
     entries a model runner has copied to the device and nobody has changed since (synced).
     Appending keeps them; setting, deleting or clearing entries lowers the count, so the
     runner copies only what changed (mostly the entry a decode step appends, one per block).
-    Nothing sorts, reverses or repeats a table, so those are not tracked. Pickled (to a
+    Nothing pops, inserts, removes, sorts, reverses or repeats entries, so those are not tracked. Pickled (to a
     tensor-parallel worker) it is a plain list: the count means nothing in another process."""
 
     def __init__(self, blocks: Iterable[int] = ()):
@@ -1478,18 +1482,6 @@ class BlockTable(list):
     def clear(self) -> None:
         self.synced = 0
         super().clear()
-
-    def pop(self, i: int = -1) -> int:
-        self.synced = 0
-        return super().pop(i)
-
-    def insert(self, i: int, value: int) -> None:
-        self.synced = 0
-        super().insert(i, value)
-
-    def remove(self, value: int) -> None:
-        self.synced = 0
-        super().remove(value)
 
     def __reduce__(self):
         return list, (list(self),)
@@ -1676,11 +1668,6 @@ def apply_penalties(logits: Tensor, params: list[SamplingParams], prompts: list[
                                  token_counts(prompts, V, logits.device) > 0)
 
 
-def counts_tokens(p: SamplingParams) -> bool:
-    """Do the request's penalties depend on the tokens it has seen (all but logit_bias do)?"""
-    return p.repetition_penalty != 1 or bool(p.frequency_penalty or p.presence_penalty)
-
-
 class PenaltyCounts:
     """For each sequence whose penalties count tokens, kept on the device: how often it has
     generated each token, and which tokens its prompt holds (a row of each per sequence, as
@@ -1705,7 +1692,7 @@ class PenaltyCounts:
             self._free(seq)
         rows, new = [], []                                # new: flat indices row * V + token
         for seq in seqs:
-            if not counts_tokens(seq.params):
+            if not seq.params.counts_tokens:
                 rows.append(0)
                 continue
             if seq not in self.row or self.counted[seq] > seq.num_output_tokens:
@@ -1899,7 +1886,7 @@ class Sampler:
         generated extra[i] (draft tokens, counted on top of its row)."""
         if not any(p.penalized for p in params):
             return logits
-        if not any(counts_tokens(p) for p in params):      # logit_bias alone: no counts needed
+        if not any(p.counts_tokens for p in params):       # logit_bias alone: no counts needed
             return penalties_from_counts(logits, params, None, None)
         rows = self.penalty_counts.rows(seqs)
         counts = self.penalty_counts.counts[rows]                                   # (B, V)
@@ -2282,7 +2269,7 @@ class DecodeGraphs:
         top = len(self.row_tables)
         self.host_inputs.numpy()[:3 * b] = ids + [0] * pad + positions + [0] * pad + slots + [-1] * pad
         for row, table in enumerate(tables):
-            kept = table.synced if self.row_tables[row] is table and isinstance(table, BlockTable) else 0
+            kept = getattr(table, "synced", 0) if self.row_tables[row] is table else 0   # a plain list: 0
             if kept < len(table):
                 self.host_tables[row, kept:len(table)] = table[kept:]
             if isinstance(table, BlockTable):
@@ -2710,7 +2697,8 @@ class OutputProcessor:
             req = self.requests[seq.request_id]
             if req.stops:                                     # stop strings need the text now
                 self.detokenize(req, self.samples[seq])
-            touched[req.request_id] = req
+            if req.stream or seq.status == FINISHED:          # the others only accumulate ids
+                touched[req.request_id] = req
         outputs = [self.output(req) for req in touched.values()
                    if req.stream or all(s.seq.status == FINISHED for s in req.samples)]
         for out in outputs:
@@ -2980,6 +2968,8 @@ class LLMEngine:
     def add_sequence(self, seq: Sequence, stream: bool = True) -> None:
         """Queue a request made by make_sequence. stream: step() returns its progress at
         every step that gives it tokens; else only its final output."""
+        if not isinstance(stream, bool):
+            raise ValueError(f"stream must be true or false, got {stream!r}")
         self.outputs.add(seq, stream)
         self.scheduler.add(seq)
 

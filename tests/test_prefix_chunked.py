@@ -85,8 +85,7 @@ def test_second_request_with_shared_200_token_prefix_prefills_only_its_suffix(ti
     (seq, n), = scheduled.items()
     assert seq.num_computed == 192                            # 12 full blocks of the prefix hit
     assert n == 205 - 192                                     # only the suffix is prefilled
-    eng.scheduler.finish(seq, "abort")                        # and compare with a real run:
-    eng.requests.clear()
+    eng.abort(seq.request_id)                                 # and compare with a real run:
     second = llm.generate(prefix + [220, 221, 222, 223, 224], SamplingParams(max_tokens=5, **GREEDY))[0]
     assert second.metrics["num_cached_prompt_tokens"] == 192
     cold = LLM(tiny_model_dir, device="cpu", enable_prefix_caching=False)
