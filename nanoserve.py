@@ -194,6 +194,15 @@ class ModelConfig:
 DTYPES = {"float32": torch.float32, "float16": torch.float16, "bfloat16": torch.bfloat16}
 
 
+def to_device(data: object, device: torch.device, dtype: torch.dtype | None = None) -> Tensor:
+    """Host data (a list, a numpy array) as a tensor on device, without waiting for the device.
+    A copy to a GPU from pageable memory waits until the GPU has done all the work queued
+    before it; from pinned memory it is queued behind that work and the host goes on (what
+    lets the host prepare step n+1 while the GPU runs step n: async_scheduling)."""
+    t = torch.as_tensor(data, dtype=dtype)
+    return t.pin_memory().to(device, non_blocking=True) if device.type == "cuda" else t
+
+
 @dataclass
 class EngineConfig:
     """How the engine runs a model: device, KV cache size, scheduler limits, speculation.
@@ -204,6 +213,13 @@ class EngineConfig:
     max_model_len) up to half the available memory. max_num_seqs /
     max_num_batched_tokens bound one step's batch. On CUDA,
     decode steps replay captured CUDA graphs unless enforce_eager (vLLM's name for it).
+    async_scheduling (vLLM's name): the host schedules and launches step n+1 while the device
+    still runs step n, and turns step n's ids into outputs after that launch (LLMEngine.step);
+    None turns it on for CUDA, where the host's work then hides behind the GPU's, unless
+    speculative decoding or tensor parallelism is on (a draft's proposals and the other
+    ranks need every token on the host). On the CPU the host is the device, so there is
+    nothing to hide (True there runs the same logic, for the tests). A step with a penalty
+    that counts tokens runs synchronously: its counts are kept from the host's tokens.
     cpu_threads: torch's intra-op threads on the CPU (process-wide); None picks one thread
     for models under 30M parameters, whose small matmuls gain nothing from more threads
     and lose badly when the cores are busy, unless OMP_NUM_THREADS is set.
@@ -230,6 +246,7 @@ class EngineConfig:
     speculative_method: str | None = None
     num_speculative_tokens: int = 0
     enforce_eager: bool = False
+    async_scheduling: bool | None = None
     semi_structured_sparsity: bool = False
     cpu_threads: int | None = None
     tensor_parallel_size: int = 1
@@ -264,6 +281,14 @@ class EngineConfig:
             raise ValueError(f"num_speculative_tokens must be >= 0, got {self.num_speculative_tokens}")
         if self.speculative_method and not self.num_speculative_tokens:
             self.num_speculative_tokens = 4
+        synchronous = self.speculative_method or self.tensor_parallel_size > 1
+        if self.async_scheduling is None:
+            self.async_scheduling = self.device.startswith("cuda") and not synchronous
+        elif not isinstance(self.async_scheduling, bool):
+            raise ValueError(f"async_scheduling must be true, false or None, got {self.async_scheduling!r}")
+        elif self.async_scheduling and synchronous:
+            raise ValueError("async_scheduling is not supported with speculative decoding or "
+                             "tensor_parallel_size > 1 (they need every step's tokens on the host)")
 
 
 INT64_MAX = 2**63 - 1
@@ -1620,9 +1645,9 @@ def filtered_probs(logits: Tensor, temperature: Tensor, top_k: Tensor | None, to
 def token_counts(lists: list[list[int]], V: int, device: torch.device | str) -> Tensor:
     """(B, V): how many times row i's list holds each token. Each (row, token) pair is the
     flat index row * V + token, so one index_add_ counts the whole batch."""
-    flat = torch.tensor([i * V + t for i, ids in enumerate(lists) for t in ids], dtype=torch.long)
+    flat = to_device([i * V + t for i, ids in enumerate(lists) for t in ids], torch.device(device), torch.long)
     counts = torch.zeros(len(lists) * V, device=device)
-    return counts.index_add_(0, flat.to(device), torch.ones(len(flat), device=device)).view(len(lists), V)
+    return counts.index_add_(0, flat, torch.ones(len(flat), device=device)).view(len(lists), V)
 
 
 def penalties_from_counts(logits: Tensor, params: list[SamplingParams], counts: Tensor | None,
@@ -1642,18 +1667,18 @@ def penalties_from_counts(logits: Tensor, params: list[SamplingParams], counts: 
     V, dev = logits.shape[-1], logits.device
     # Each kind only when some row has it (the host's params say so, without a sync).
     if any(p.repetition_penalty != 1 for p in params):
-        rep = torch.tensor([p.repetition_penalty for p in params], device=dev)[:, None]
+        rep = to_device([p.repetition_penalty for p in params], dev, torch.float32)[:, None]
         seen = in_prompt | (counts > 0)
         logits = torch.where(seen, torch.where(logits > 0, logits / rep, logits * rep), logits)
     if any(p.frequency_penalty or p.presence_penalty for p in params):
-        freq = torch.tensor([p.frequency_penalty for p in params], device=dev)[:, None]
-        pres = torch.tensor([p.presence_penalty for p in params], device=dev)[:, None]
+        freq = to_device([p.frequency_penalty for p in params], dev, torch.float32)[:, None]
+        pres = to_device([p.presence_penalty for p in params], dev, torch.float32)[:, None]
         logits = logits - freq * counts - pres * (counts > 0)
     bias = [(i, t, b) for i, p in enumerate(params) for t, b in (p.logit_bias or {}).items() if t < V]
     if bias:                                                    # one index_put_ for every bias
         rows, tokens, values = zip(*bias)
-        logits = logits.index_put((torch.tensor(rows, device=dev), torch.tensor(tokens, device=dev)),
-                                  torch.tensor(values, device=dev, dtype=logits.dtype), accumulate=True)
+        logits = logits.index_put((to_device(rows, dev), to_device(tokens, dev)),
+                                  to_device(values, dev, logits.dtype), accumulate=True)
     return logits
 
 
@@ -1702,9 +1727,9 @@ class PenaltyCounts:
             self.counted[seq] = seq.num_output_tokens
             rows.append(r)
         if new:
-            self.counts.view(-1).index_add_(0, torch.tensor(new, device=self.device),
+            self.counts.view(-1).index_add_(0, to_device(new, self.device, torch.long),
                                             torch.ones(len(new), device=self.device))
-        return torch.tensor(rows, device=self.device)
+        return to_device(rows, self.device, torch.long)
 
     def _free(self, seq: Sequence) -> None:
         self.free.append(self.row.pop(seq))
@@ -1727,7 +1752,7 @@ class PenaltyCounts:
         self.counted[seq] = 0
         self.counts[r] = 0
         self.in_prompt[r] = False
-        self.in_prompt[r, torch.tensor(seq.token_ids[:seq.num_prompt_tokens], device=self.device)] = True
+        self.in_prompt[r, to_device(seq.token_ids[:seq.num_prompt_tokens], self.device, torch.long)] = True
 
 
 def sampling_probs(logits: Tensor, params: list[SamplingParams]) -> Tensor:
@@ -1738,11 +1763,11 @@ def sampling_probs(logits: Tensor, params: list[SamplingParams]) -> Tensor:
     """
     dev = logits.device
     V = logits.shape[-1]
-    temperature = torch.tensor([p.temperature for p in params], device=dev, dtype=torch.float32)
+    temperature = to_device([p.temperature for p in params], dev, torch.float32)
     top_k = top_p = None
     if any(0 < p.top_k < V or p.top_p < 1 for p in params):
-        top_k = torch.tensor([min(p.top_k, V) for p in params], device=dev)       # k > V: keep all
-        top_p = torch.tensor([p.top_p for p in params], device=dev, dtype=torch.float32)
+        top_k = to_device([min(p.top_k, V) for p in params], dev, torch.long)       # k > V: keep all
+        top_p = to_device([p.top_p for p in params], dev, torch.float32)
     probs = filtered_probs(logits, temperature, top_k, top_p)
     if all(p.temperature > 0 for p in params):          # read from the host's params: no sync
         return probs
@@ -1812,8 +1837,8 @@ def keyed_uniform(keys: list[int], n: int, device: torch.device | str) -> Tensor
     k = np.array(keys, dtype=np.uint64)
     k32 = _fmix32((k & _M32).astype(np.uint32) ^ _fmix32((k >> 32).astype(np.uint32)))   # (B,)
     if device.type == "cpu" or n == 1:
-        return torch.from_numpy(_uniform_rows(k32, n)).to(device)
-    bits = _column_bits(torch.from_numpy(k32.astype(np.int64)).to(device)[:, None],
+        return to_device(_uniform_rows(k32, n), device)
+    bits = _column_bits(to_device(k32.astype(np.int64), device)[:, None],
                         torch.arange(n, device=device))
     return (bits.float() + 0.5) * 2.0 ** -24
 
@@ -1830,7 +1855,7 @@ def draw(probs: Tensor, keys: list[int | None], default: torch.Generator) -> Ten
         noise = torch.empty_like(probs).exponential_(generator=default)
         if seeded:                                                # per-request seeds, one batch
             u = keyed_uniform([keys[i] for i in seeded], V, probs.device)
-            noise[seeded] = u.log_().neg_().to(noise.dtype)
+            noise[to_device(seeded, probs.device)] = u.log_().neg_().to(noise.dtype)
     return torch.div(probs, noise, out=noise).argmax(-1)
 
 
@@ -1903,9 +1928,13 @@ class Sampler:
 # Every sequence is just token_ids plus num_computed (tokens whose K/V are cached).
 # A step computes num_tokens - num_computed tokens of it: the whole prompt (prefill),
 # a chunk of it (chunked prefill) or one token (decode). When the step reaches the end
-# of its tokens, a new token is sampled and appended (postprocess).
+# of its tokens, a new token is sampled and appended (postprocess). The token is appended
+# as PLACEHOLDER while its id is still on the device, and put in place (resolve) when the
+# id reaches the host: with async scheduling that is after the next step has been launched,
+# so the scheduler plans step n+1 with step n's tokens counted but not yet known.
 
 WAITING, RUNNING, FINISHED = "waiting", "running", "finished"
+PLACEHOLDER = -1                          # a sampled token whose id has not reached the host
 
 
 @dataclass
@@ -2135,13 +2164,15 @@ class Scheduler:
         """
         now = time.perf_counter()
         for seq, n in scheduled.items():
+            if seq.status == FINISHED:        # ended by the previous step's tokens (resolve)
+                continue
             tokens = new_tokens.get(seq, [])
             # Tokens before the last one are accepted drafts, whose K/V this step computed.
             seq.num_computed += n + max(0, len(tokens) - 1)
             # Give back lookahead slots past what is kept (rejected drafts' K/V).
             self.bm.truncate(seq.block_table, seq.num_computed)
-            if tokens and seq.metrics.first_token_time is None:
-                seq.metrics.first_token_time = now
+            if tokens and tokens[0] != PLACEHOLDER and seq.metrics.first_token_time is None:
+                seq.metrics.first_token_time = now                   # else when resolved
             for child, token in (forks or {}).get(seq, []):
                 self._fork(seq, child, token, now)
             reason = None
@@ -2174,10 +2205,34 @@ class Scheduler:
         if reason:
             self.finish(child, reason)
 
+    def resolve(self, seq: Sequence, index: int, token: int) -> bool:
+        """The id sampled for seq.token_ids[index] (a PLACEHOLDER) has reached the host: put
+        it in place; an EOS ends seq there. -> False when seq ended before it (an EOS or a
+        stop string of the previous step, an abort): the step's work for it is discarded.
+        A sequence that reached max_tokens with this token ended in postprocess already."""
+        if seq.finish_reason not in (None, "length") or index >= seq.num_tokens \
+                or seq.token_ids[index] != PLACEHOLDER:
+            return False
+        seq.token_ids[index] = token
+        now = time.perf_counter()
+        if seq.metrics.first_token_time is None:
+            seq.metrics.first_token_time = now
+        if seq.status == FINISHED:                  # at max_tokens: it ends now that the token is here
+            seq.metrics.finished_time = now
+        if token in self.eos_token_ids and not seq.params.ignore_eos:
+            self.stop(seq, index + 1 - seq.num_prompt_tokens)
+        return True
+
+    def drop_pending(self, seq: Sequence) -> None:
+        """Drop seq's trailing placeholders (a failed step's tokens, never resolved)."""
+        while seq.token_ids and seq.token_ids[-1] == PLACEHOLDER:
+            seq.token_ids.pop()
+            self.num_generated -= 1
+
     def _finish_reason(self, seq: Sequence, token: int) -> str | None:
-        """-> "stop" (an EOS token) or "length" when seq ends with its new token. Stop
-        strings need the text, which the output processor makes: it ends the sequence
-        with stop() when one appears."""
+        """-> "stop" (an EOS token) or "length" when seq ends with its new token (an EOS
+        still on the device ends it in resolve). Stop strings need the text, which the
+        output processor makes: it ends the sequence with stop() when one appears."""
         if token in self.eos_token_ids and not seq.params.ignore_eos:
             return "stop"
         if seq.num_output_tokens >= seq.params.max_tokens or seq.num_tokens >= self.max_model_len:
@@ -2199,6 +2254,15 @@ class Scheduler:
 # The model runner turns a scheduled batch into tensors and runs the forward pass. It
 # owns what lives on the device for one model: the KV cache pool, the per-step input
 # tensors (token ids, positions, cache slots, block tables) and the CUDA graphs.
+
+def fill_pending(ids: Tensor, pending: Tensor | None) -> Tensor:
+    """Token ids (N,) in which -1 - j stands for pending[j]: with async scheduling the host
+    launches a step before the previous one's sampled ids (pending, on the device) have
+    reached it, so a decode's input is taken from them on the device."""
+    if pending is None:
+        return ids
+    return torch.where(ids >= 0, ids, pending[(-1 - ids).clamp(min=0)])
+
 
 class DecodeGraphs:
     """Decode steps replayed as CUDA graphs, one graph per bucketed batch size and
@@ -2236,9 +2300,9 @@ class DecodeGraphs:
         self.context_lens = torch.zeros(top, dtype=torch.int32, device=dev)              # (B,)
         self.query_start_loc = torch.arange(top + 1, dtype=torch.int32, device=dev)      # one token each
         # A step's inputs cross to the device in one copy: written on the host into one int32
-        # buffer (pinned, so the copy neither waits for the GPU nor makes it wait; the step's
-        # sampled ids come back before the next step writes it), then spread over the static
-        # buffers by the device. Its first 3 x top entries take the ids, positions and slots;
+        # buffer (pinned, so the copy neither waits for the GPU nor makes it wait; the next
+        # step writes it once the copy is done, `copied`), then spread over the static buffers
+        # by the device. Its first 3 x top entries take the ids, positions and slots;
         # the rest holds a block table per row and persists between steps: a row whose
         # sequence held it in the previous step too gets only its table's changed entries.
         # The copy takes whole rows, n x max_blocks entries (as vLLM's block table does):
@@ -2247,6 +2311,7 @@ class DecodeGraphs:
         self.host_tables = self.host_inputs[3 * top:].view(top, max_blocks).numpy()     # (top, max_blocks)
         self.row_tables: list[BlockTable | list[int] | None] = [None] * top   # the table each row holds
         self.inputs = torch.zeros_like(self.host_inputs, device=dev)
+        self.copied: torch.cuda.Event | None = None    # recorded after each step's copy of host_inputs
         self.graphs: dict[tuple[int, int], tuple[torch.cuda.CUDAGraph, Tensor]] = {}   # (batch, context) buckets
         self.pool = None
         self.steps = 0                                 # decode steps served
@@ -2259,14 +2324,17 @@ class DecodeGraphs:
                                  self.context_lens[:b], max_context_len=ctx, max_query_len=1)
         return self.model(self.input_ids[:b], self.positions[:b], self.kv_cache, meta)   # (b, D)
 
-    def run(self, ids: list[int], positions: list[int], slots: list[int], tables: list[list[int]]) -> Tensor:
+    def run(self, ids: list[int], positions: list[int], slots: list[int], tables: list[list[int]],
+            pending: Tensor | None = None) -> Tensor:
         """One decode step of n sequences (token ids, their positions, cache slots and
-        block tables) -> hidden states (n, D)."""
+        block tables) -> hidden states (n, D). An id -1 - j is pending[j] (fill_pending)."""
         n = len(ids)
         b = next(x for x in self.buckets if x >= n)
         ctx = next(x for x in self.context_buckets if x > max(positions))     # longest context: max + 1
         pad = b - n
         top = len(self.row_tables)
+        if self.copied is not None:          # with async scheduling the last copy may still be queued
+            self.copied.synchronize()
         self.host_inputs.numpy()[:3 * b] = ids + [0] * pad + positions + [0] * pad + slots + [-1] * pad
         for row, table in enumerate(tables):
             kept = getattr(table, "synced", 0) if self.row_tables[row] is table else 0   # a plain list: 0
@@ -2278,7 +2346,10 @@ class DecodeGraphs:
         self.row_tables[n:] = [None] * (top - n)
         inputs = self.inputs[:3 * top + n * self.max_blocks]
         inputs.copy_(self.host_inputs[:len(inputs)], non_blocking=True)
-        self.input_ids[:b].copy_(inputs[:b])
+        if inputs.is_cuda:
+            self.copied = torch.cuda.Event()
+            self.copied.record()
+        self.input_ids[:b].copy_(fill_pending(inputs[:b], pending))
         self.positions[:b].copy_(inputs[b:2 * b])
         self.slot_mapping[:b].copy_(inputs[2 * b:3 * b])
         self.context_lens[:b].copy_(inputs[b:2 * b])
@@ -2359,13 +2430,15 @@ class ModelRunner:
 
     def copy_blocks(self, copies: list[tuple[int, int]]) -> None:
         """Copy-on-write: block src's K/V, every layer, into block dst."""
-        src = torch.tensor([a for a, _ in copies], device=self.device)
-        dst = torch.tensor([b for _, b in copies], device=self.device)
+        src = to_device([a for a, _ in copies], self.device, torch.long)
+        dst = to_device([b for _, b in copies], self.device, torch.long)
         self.kv_cache[:, :, dst] = self.kv_cache[:, :, src]          # (L, 2, n, block_size, Hkv, hd)
 
-    def run(self, tokens: list[list[int]], starts: list[int], tables: list[list[int]]) -> tuple[Tensor, list[int]]:
+    def run(self, tokens: list[list[int]], starts: list[int], tables: list[list[int]],
+            pending: Tensor | None = None) -> tuple[Tensor, list[int]]:
         """One forward pass over a flat batch: sequence i computes tokens[i], which sit at
         positions starts[i], starts[i] + 1, ... and whose K/V go to the blocks of tables[i].
+        A token -1 - j is pending[j], the previous step's j-th sampled id (fill_pending).
         -> (hidden (T, D), the row of each sequence's first token)."""
         bs = self.cfg.block_size
         ids, pos, slots, rows = [], [], [], [0]
@@ -2381,28 +2454,28 @@ class ModelRunner:
                                            -(-self.max_positions // bs), self.max_positions,
                                            capture=self.device.type == "cuda")
             if self.graphs.fits(len(tokens), width):
-                return self.graphs.run(ids, pos, slots, tables), rows[:-1]
+                return self.graphs.run(ids, pos, slots, tables, pending), rows[:-1]
         dev = self.device
         lens = [c + len(t) for c, t in zip(starts, tokens)]
-        positions = torch.tensor(pos, device=dev)
-        slot_mapping = torch.tensor(slots, dtype=torch.int64, device=dev)
+        positions = to_device(pos, dev, torch.long)
+        slot_mapping = to_device(slots, dev, torch.long)
         cpu_plan = self.device.type == "cpu" and kernels.USE_CPU_FAST_PATHS
         # The CPU plan gathers the cache through indices of its own, made from the table
         # lists; the padded tables tensor is for the other paths (and costs the host ~1 ms
         # at 256 sequences to build).
         block_tables = torch.zeros(len(tables), 0, dtype=torch.int32) if cpu_plan else \
-            torch.tensor([t + [0] * (width - len(t)) for t in tables], dtype=torch.int32).to(dev)   # (S, width)
+            to_device([t + [0] * (width - len(t)) for t in tables], dev, torch.int32)   # (S, width)
         meta = AttentionMetadata(
             slot_mapping=slot_mapping, block_tables=block_tables,
-            query_start_loc=torch.tensor(rows, dtype=torch.int32, device=dev),
-            context_lens=torch.tensor(lens, dtype=torch.int32, device=dev),
+            query_start_loc=to_device(rows, dev, torch.int32),
+            context_lens=to_device(lens, dev, torch.int32),
             max_context_len=max(lens), max_query_len=max(map(len, tokens)))
         if cpu_plan:
             # The layers' shared work, done once: cos/sin rows, gather indices, masks.
             meta.cpu_plan = kernels.plan_cpu_step([len(t) for t in tokens], lens, tables, positions,
                                                   slot_mapping, *self.model.rope, bs,
                                                   self.model.config.num_key_value_heads)
-        hidden = self.model(torch.tensor(ids, device=dev), positions, self.kv_cache, meta)
+        hidden = self.model(fill_pending(to_device(ids, dev, torch.long), pending), positions, self.kv_cache, meta)
         return hidden, rows[:-1]
 
     def compute_logits(self, hidden: Tensor) -> Tensor:
@@ -2413,6 +2486,9 @@ class ModelRunner:
 # The engine runs the loop of continuous batching. Each step: schedule -> copy shared blocks
 # -> propose drafts -> run the model -> sample (or verify the drafts) -> postprocess (the
 # scheduler appends the tokens) -> outputs (the output processor turns ids into text).
+# With async scheduling (vLLM's name; SGLang's overlap scheduler) a step's outputs are made
+# in the next step, after it is launched: the GPU never waits for the host's bookkeeping,
+# and the scheduler plans with the previous step's tokens as placeholders.
 
 # ---------------------------------------------------------------------------- outputs
 # What a caller sees of a request is made here, after the scheduler has appended a step's
@@ -2766,6 +2842,30 @@ def default_cpu_threads(num_params: int, ranks: int = 1) -> int | None:
 SpeculatorFactory = Callable[[ModelRunner, Sampler, EngineConfig, int], SpeculativeDecoding | None]
 
 
+class Sampled:
+    """A step's new tokens: the sampled ids, which stay on the device until host_ids()
+    (one device-to-host copy, started here and waited for only there), and the tokens of
+    verified speculative windows, already on the host."""
+
+    def __init__(self, ids: Tensor | None):
+        self.ids = ids                                         # (rows,) on the device
+        self.host, self.ready = ids, None
+        if ids is not None and ids.is_cuda:                    # a copy into pinned memory: no wait
+            self.host = torch.empty(ids.shape, dtype=ids.dtype, pin_memory=True).copy_(ids, non_blocking=True)
+            self.ready = torch.cuda.Event()
+            self.ready.record()
+        self.rows: dict[Sequence, int] = {}                    # sequence -> its row of ids
+        self.index: dict[Sequence, int] = {}                   # where its PLACEHOLDER sits in token_ids
+        self.forks: dict[Sequence, list[Sequence]] = {}        # new samples started at a prompt's first token
+        self.verified: dict[Sequence, list[int]] = {}          # accepted drafts + one more token
+        self.logits: dict[Sequence, Tensor] = {}               # (k, V) for those that want logprobs
+
+    def host_ids(self) -> list[int]:
+        if self.ready is not None:
+            self.ready.synchronize()
+        return [] if self.host is None else self.host.tolist()
+
+
 class LLMEngine:
     """Owns the model runner, the KV block manager, the scheduler and the sampler;
     `step()` runs one iteration of continuous batching."""
@@ -2839,6 +2939,9 @@ class LLMEngine:
         self.peak_blocks_used = 0
         self.step_time = dict.fromkeys(("schedule", "draft", "model", "sample_and_output"), 0.0)
         self._held: list[Sequence] = []            # the sequences of the step in progress
+        self.async_scheduling = cfg.async_scheduling     # (EngineConfig: never with a speculator or ranks)
+        self._in_flight: Sampled | None = None     # the launched step whose ids are still on the device
+        self.num_overlapped_steps = 0               # steps launched while the previous one was in flight
 
     @staticmethod
     def _max_model_len(requested: int | None, mc: ModelConfig) -> int:
@@ -2991,14 +3094,18 @@ class LLMEngine:
         return {rid: req.samples[0].seq for rid, req in self.outputs.requests.items()}
 
     def has_unfinished(self) -> bool:
-        return bool(self.scheduler.waiting or self.scheduler.running)
+        return bool(self.scheduler.waiting or self.scheduler.running or self._in_flight)
 
     # -------------------------------------------------------------- one step
 
     @torch.inference_mode()
     def step(self) -> list[RequestOutput]:
-        """Schedule -> run the model once over the whole batch -> sample -> postprocess.
-        Returns the progress of every request that got new tokens.
+        """Schedule -> run the model once over the whole batch -> sample -> postprocess ->
+        outputs. Returns the progress of every request that got new tokens.
+
+        With async scheduling the outputs are those of the previous step: this step is
+        launched first, and the previous step's ids, on their way to the host meanwhile,
+        are turned into outputs while the device runs it.
 
         A step that raises fails only the requests it held: each is finished with
         finish_reason "error" (its blocks go back to the pool) and its output carries the
@@ -3012,9 +3119,10 @@ class LLMEngine:
     def _step(self) -> list[RequestOutput]:
         t0 = time.perf_counter()
         scheduled = self.scheduler.schedule()                          # {sequence: new tokens}
-        self._held = list(scheduled)
+        prev, self._in_flight = self._in_flight, None                   # the step still on the device
+        self._held = list(scheduled) + (list(prev.rows) if prev else [])
         if not scheduled:
-            return []
+            return self._outputs(prev) if prev else []
         copies = self.scheduler.take_block_copies()                    # copy-on-write of shared blocks
         if copies:
             self.runner.copy_blocks(copies)
@@ -3022,13 +3130,21 @@ class LLMEngine:
         drafts = self.speculator.propose(scheduled) if self.speculator else {}
         t2 = time.perf_counter()
         seqs = list(scheduled)
-        tokens = [s.token_ids[s.num_computed:s.num_computed + scheduled[s]] + drafts.get(s, []) for s in seqs]
-        hidden, starts = self.runner.run(tokens, [s.num_computed for s in seqs], [s.block_table for s in seqs])
+        tokens = [self._input_tokens(s, scheduled[s], prev) + drafts.get(s, []) for s in seqs]
+        hidden, starts = self.runner.run(tokens, [s.num_computed for s in seqs], [s.block_table for s in seqs],
+                                         prev.ids if prev else None)
         t3 = time.perf_counter()
-        new_tokens, logits, forks = self._next_tokens(scheduled, starts, hidden, drafts)
-        self.scheduler.postprocess(scheduled, new_tokens, forks)
-        self.outputs.record_logprobs(new_tokens, logits)
-        outputs = self.outputs.process(list(new_tokens))                     # forks included
+        sampled = self._next_tokens(scheduled, starts, hidden, drafts)      # launched, ids on the device
+        outputs = self._outputs(prev) if prev else []                  # while the device runs this step
+        self.num_overlapped_steps += prev is not None
+        self.scheduler.postprocess(scheduled, {**{s: [PLACEHOLDER] for s in sampled.rows}, **sampled.verified},
+                                   {p: [(c, PLACEHOLDER) for c in cs] for p, cs in sampled.forks.items()})
+        sampled.index = {s: len(s.token_ids) - 1 for s in sampled.rows}
+        if self.async_scheduling and not sampled.verified and \
+                not any(s.params.counts_tokens for s in sampled.rows):     # penalties count on the host
+            self._in_flight = sampled
+        else:
+            outputs += self._outputs(sampled)
         self.num_steps += 1
         self.peak_blocks_used = max(self.peak_blocks_used, self.num_blocks - self.block_manager.num_free)
         # Where a step's time goes (on a GPU "model" is launch time; sampling waits for it).
@@ -3036,6 +3152,25 @@ class LLMEngine:
                         ("sample_and_output", time.perf_counter() - t3)):
             self.step_time[key] += dt
         return outputs
+
+    @staticmethod
+    def _input_tokens(seq: Sequence, n: int, prev: Sampled | None) -> list[int]:
+        """The n tokens seq computes this step. A decode's input may be the previous step's
+        token, still on the device: -1 - its row there, which the runner fills in."""
+        tokens = seq.token_ids[seq.num_computed:seq.num_computed + n]
+        if tokens[-1] == PLACEHOLDER:
+            tokens[-1] = -1 - prev.rows[seq]
+        return tokens
+
+    def _outputs(self, sampled: Sampled) -> list[RequestOutput]:
+        """A step's ids have reached the host: each takes its placeholder's place (unless
+        its sequence ended before it), then logprobs, stop strings and outputs."""
+        ids = sampled.host_ids()
+        new_tokens = {seq: [ids[row]] for seq, row in sampled.rows.items()
+                      if self.scheduler.resolve(seq, sampled.index[seq], ids[row])}
+        new_tokens.update(sampled.verified)
+        self.outputs.record_logprobs(new_tokens, {s: x for s, x in sampled.logits.items() if s in new_tokens})
+        return self.outputs.process(list(new_tokens))                   # forks included
 
     def _fail_held_requests(self, e: Exception) -> list[RequestOutput]:
         """Finish the requests the failed step held (all running ones if scheduling itself
@@ -3051,32 +3186,30 @@ class LLMEngine:
                 if seq.status != FINISHED:
                     self.scheduler.finish(seq, "error")
                 seq.finish_reason = "error"      # also one this step ended: its output failed
+                self.scheduler.drop_pending(seq)
             outputs.append(self.outputs.output(req, error=message, make_text=False))
             self.outputs.remove(rid)
         return outputs
 
     def _next_tokens(self, scheduled: dict[Sequence, int], starts: list[int], hidden: Tensor,
-                     drafts: dict[Sequence, list[int]]) -> tuple[dict, dict, dict]:
+                     drafts: dict[Sequence, list[int]]) -> Sampled:
         """New tokens for each sequence whose step reached the end of its tokens (a prefill
-        chunk with more to come gets none); speculative windows are verified instead.
-        -> ({sequence: its new tokens}, {sequence: (k, V) logits its k tokens were drawn
-        from, where the output processor wants logprobs}, {sequence: [(new sample, its
-        first token)]}: the samples started at a prompt's first token (n, best_of))."""
+        chunk with more to come gets none): sampled, or verified for a speculative window."""
         ready, windows = [], []                            # (sequence, row of its last real token)
         for (seq, n), start in zip(scheduled.items(), starts):
             if seq.params.prompt_logprobs is not None and seq.num_computed < seq.num_prompt_tokens:
                 self.outputs.record_prompt_logprobs(seq, hidden[start:start + n], self.runner.compute_logits)
             if seq.num_computed + n == seq.num_tokens:
                 (windows if seq in drafts else ready).append((seq, start + n - 1))
-        new_tokens, logits, forks = self._sample(ready, hidden) if ready else ({}, {}, {})
+        sampled = self._sample(ready, hidden) if ready else Sampled(None)
         if windows:
             for seq, (toks, rows) in self.speculator.verify(windows, drafts, hidden).items():
-                new_tokens[seq] = toks
+                sampled.verified[seq] = toks
                 if self.outputs.wants_logprobs(seq):
-                    logits[seq] = rows
-        return new_tokens, logits, forks
+                    sampled.logits[seq] = rows
+        return sampled
 
-    def _sample(self, ready: list[tuple[Sequence, int]], hidden: Tensor) -> tuple[dict, dict, dict]:
+    def _sample(self, ready: list[tuple[Sequence, int]], hidden: Tensor) -> Sampled:
         """A token for each ready sequence. A prompt that has just been prefilled for several
         samples draws one token per sample from the same logits: the first goes to it, the
         others start new sequences that share its blocks (the forks, for postprocess)."""
@@ -3086,24 +3219,22 @@ class LLMEngine:
                 rows.append(row)
                 owners.append((seq, p))
         every_row = len(rows) == hidden.shape[0] and rows == list(range(len(rows)))   # batch-1 decode, ...
-        logits = self.runner.compute_logits(hidden if every_row else hidden[rows])        # (B, V)
+        picked = hidden if every_row else hidden[to_device(rows, hidden.device)]
+        logits = self.runner.compute_logits(picked)                                       # (B, V)
         params = [p for _, p in owners]
         penalized = self.sampler.penalize(logits, params, [s for s, _ in owners])
-        tokens = self.sampler.sample(penalized, params, [s.num_tokens for s, _ in owners]).tolist()
-        new_tokens: dict[Sequence, list[int]] = {}
-        scored: dict[Sequence, Tensor] = {}
-        forks: dict[Sequence, list[tuple[Sequence, int]]] = {}
-        for i, ((seq, p), t) in enumerate(zip(owners, tokens)):
+        sampled = Sampled(self.sampler.sample(penalized, params, [s.num_tokens for s, _ in owners]))
+        for i, (seq, p) in enumerate(owners):
             target = seq
             if p is not seq.params:
                 target = self._new_sample(seq, p)
-                forks.setdefault(seq, []).append((target, t))
-            new_tokens[target] = [t]
+                sampled.forks.setdefault(seq, []).append(target)
+            sampled.rows[target] = i
             if self.outputs.wants_logprobs(target):
-                scored[target] = logits[i:i + 1]
-        for seq in forks:
+                sampled.logits[target] = logits[i:i + 1]
+        for seq in sampled.forks:
             seq.forks_pending = []
-        return new_tokens, scored, forks
+        return sampled
 
     def _new_sample(self, parent: Sequence, params: SamplingParams) -> Sequence:
         """Another sample of parent's request; the scheduler starts it on parent's blocks."""
@@ -3699,6 +3830,9 @@ def add_engine_args(p: argparse.ArgumentParser) -> None:
                    help="2:4 checkpoints: run the projections as semi-structured sparse tensors on a GPU "
                         "(measured slower than dense on an H200; see the README)")
     p.add_argument("--enforce-eager", action="store_true", help="no CUDA graphs for decode steps")
+    p.add_argument("--async-scheduling", action=argparse.BooleanOptionalAction, default=None,
+                   help="launch each step before the previous one's tokens reach the host "
+                        "(default: on with CUDA, without speculation or tensor parallelism)")
     p.add_argument("--cpu-threads", type=int, default=None,
                    help="torch threads on the CPU (default: 1 for models under 30M parameters, else torch's)")
     p.add_argument("--draft", default=None, help="draft model directory for speculative decoding")
@@ -3717,8 +3851,8 @@ def llm_kwargs_from_args(args: argparse.Namespace) -> dict:
                 enable_chunked_prefill=not args.no_chunked_prefill, draft_model=args.draft,
                 speculative_method=args.speculative_method,
                 num_speculative_tokens=args.num_speculative_tokens, enforce_eager=args.enforce_eager,
-                cpu_threads=args.cpu_threads, tensor_parallel_size=args.tensor_parallel_size,
-                semi_structured_sparsity=args.semi_structured_sparsity)
+                async_scheduling=args.async_scheduling, cpu_threads=args.cpu_threads,
+                tensor_parallel_size=args.tensor_parallel_size, semi_structured_sparsity=args.semi_structured_sparsity)
 
 
 def build_parser() -> argparse.ArgumentParser:

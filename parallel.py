@@ -294,7 +294,11 @@ class TensorParallelRunner(ModelRunner):
         self.tp.send(("copy_blocks", copies))
         super().copy_blocks(copies)
 
-    def run(self, tokens: list[list[int]], starts: list[int], tables: list[list[int]]) -> tuple[Tensor, list[int]]:
+    def run(self, tokens: list[list[int]], starts: list[int], tables: list[list[int]],
+            pending: Tensor | None = None) -> tuple[Tensor, list[int]]:
+        """pending is always None: the engine schedules synchronously (its tokens are sent)."""
+        if pending is not None:
+            raise ValueError("async scheduling cannot run a sharded model: the workers need every token")
         self.tp.send(("run", tokens, starts, tables))
         return super().run(tokens, starts, tables)
 

@@ -36,6 +36,42 @@ def test_engine_on_cuda_matches_cpu(model_dirs):
 
 
 @cuda
+@pytest.mark.parametrize("enforce_eager", [False, True])
+def test_async_scheduling_launches_steps_without_waiting_for_the_gpu(model_dirs, enforce_eager):
+    """With async scheduling the host schedules and launches a step without waiting for the
+    device: torch's sync debug mode raises at any call that would wait, everywhere but where
+    the previous step's ids are turned into outputs (LLMEngine._outputs). Its tokens equal
+    synchronous steps' (fp32; greedy and seeded rows; the last, unseeded, draws from the
+    engine's generator, whose draws depend on the batches)."""
+    prompts = [[1] + list(range(20 + i, 60 + 3 * i)) for i in range(7)]
+    params = [SamplingParams(temperature=0 if i % 2 else 0.8, top_p=0.9 if i % 3 else 1.0,
+                             seed=None if i == 6 else i, max_tokens=24, ignore_eos=True) for i in range(7)]
+    kw = dict(device="cuda", dtype="float32", enforce_eager=enforce_eager)
+    ref = LLM(model_dirs[0], async_scheduling=False, **kw).generate(prompts, params)
+    llm = LLM(model_dirs[0], async_scheduling=True, **kw)
+    eng = llm.engine
+    llm.generate(prompts, params)                      # warm-up: graphs captured, kernels loaded
+    outputs = eng._outputs
+
+    def outputs_may_wait(sampled):
+        torch.cuda.set_sync_debug_mode(0)
+        try:
+            return outputs(sampled)
+        finally:
+            torch.cuda.set_sync_debug_mode("error")
+
+    eng._outputs = outputs_may_wait
+    steps = eng.num_overlapped_steps
+    torch.cuda.set_sync_debug_mode("error")
+    try:
+        got = llm.generate(prompts, params)
+    finally:
+        torch.cuda.set_sync_debug_mode(0)
+    assert [o.token_ids for o in got[:6]] == [o.token_ids for o in ref[:6]]
+    assert eng.num_overlapped_steps - steps >= 20
+
+
+@cuda
 def test_cuda_graph_decode_equals_eager_decode(model_dirs):
     for model_dir in model_dirs:
         prompts = [[1] + list(range(5, 5 + n)) for n in (3, 40, 17, 90, 1)]   # batches 5..1: buckets 8, 4, 2, 1

@@ -271,6 +271,9 @@ def test_bad_speculative_configs_are_refused(pair, tmp_path):
         LLM(target, device="cpu", speculative_method="medusa")
     with pytest.raises(ValueError, match="draft_model"):
         LLM(target, device="cpu", speculative_method="draft")
+    with pytest.raises(ValueError, match="async_scheduling"):     # proposals need the tokens on the host
+        LLM(target, device="cpu", speculative_method="ngram", async_scheduling=True)
+    assert nanoserve.EngineConfig(device="cuda", speculative_method="ngram").async_scheduling is False
     other = write_random_checkpoint(tmp_path / "v", dict(TINY_CONFIG, vocab_size=999))
     with pytest.raises(ValueError, match="vocab"):
         LLM(target, device="cpu", draft_model=other)

@@ -125,8 +125,7 @@ def run_timed(llm: LLM, prompts: list, params: list[SamplingParams],
         if not eng.has_unfinished():
             time.sleep(max(0.0, arrivals[order[nxt]] - now))
             continue
-        outs = eng.step()
-        _sync(eng.device)
+        outs = eng.step()            # its outputs' ids are on the host: no sync needed to time them
         now = time.perf_counter() - t0
         for out in outs:
             i = ids[out.request_id]
@@ -203,6 +202,11 @@ def bench_throughput(llm: LLM, n: int, lo: int, hi: int, static_batch: int) -> d
     prompts, params = nano_vllm_workload(llm.engine.model_config.vocab_size, n, lo, hi)
     useful = sum(p.max_tokens for p in params)
     cont = run_timed(llm, prompts, params)
+    eng, sync = llm.engine, None
+    if eng.async_scheduling:                    # the same, each step waiting for its own ids
+        eng.async_scheduling = False
+        sync = run_timed(llm, prompts, params)["elapsed"]
+        eng.async_scheduling = True
     t = time.perf_counter()
     for b in range(0, n, static_batch):
         group = params[b:b + static_batch]
@@ -215,7 +219,9 @@ def bench_throughput(llm: LLM, n: int, lo: int, hi: int, static_batch: int) -> d
     return {"requests": n, "lengths": [lo, hi], "useful_output_tokens": useful,
             "continuous_s": cont["elapsed"], "continuous_tok_s": useful / cont["elapsed"],
             "static_batch": static_batch, "static_s": static_s, "static_tok_s": useful / static_s,
-            "speedup": static_s / cont["elapsed"]}
+            "speedup": static_s / cont["elapsed"], "async_scheduling": eng.async_scheduling,
+            "synchronous_tok_s": useful / sync if sync else None,
+            "async_speedup": sync / cont["elapsed"] if sync else None}
 
 
 def bench_overhead(llm: LLM, batches: tuple[int, ...] = (1, 64), new_tokens: int = 64) -> dict:
@@ -322,7 +328,9 @@ def bench_host(batch: int = 256, steps: int = 100, warmup: int = 4) -> dict:
     when they finish). Then `steps` // 4 more final-only steps under cProfile: where the host's
     time goes, by function (its own time, without what it calls), as a share of the profiled
     steps' time (the profiler slows Python calls, so the shares, not the times, are the figure).
-    Last, `steps` final-only steps with a frequency penalty on every request."""
+    Then `steps` final-only steps with async scheduling (LLMEngine.step: on a CPU the host is
+    the device, so this measures its bookkeeping, not an overlap), and last `steps` final-only
+    steps with a frequency penalty on every request."""
     def stubbed_engine() -> nanoserve.LLMEngine:
         eng = LLM("random:nanocoder-5m-8k", max_model_len=2048, num_blocks=40000).engine
         D, V = eng.model_config.hidden_size, eng.model_config.vocab_size
@@ -349,7 +357,7 @@ def bench_host(batch: int = 256, steps: int = 100, warmup: int = 4) -> dict:
     del eng
     _free_memory()
     eng = stubbed_engine()
-    again = prefill(eng, max_tokens=prefill_steps + warmup + 3 * steps + steps // 4 + 1)
+    again = prefill(eng, max_tokens=prefill_steps + warmup + 4 * steps + steps // 4 + 2)
     if again != prefill_steps:
         raise RuntimeError(f"bench host: the prefill took {again} steps, not the {prefill_steps} counted")
     for _ in range(warmup):
@@ -368,6 +376,10 @@ def bench_host(batch: int = 256, steps: int = 100, warmup: int = 4) -> dict:
         for req in eng.outputs.requests.values():
             req.stream = streaming
         timed("streaming" if streaming else "final_only")
+    eng.async_scheduling = True              # the host's bookkeeping of it (the CPU has nothing to overlap)
+    timed("final_only_async")
+    eng.async_scheduling = False
+    eng.step()                               # the step still in flight: its outputs
     profile = cProfile.Profile()
     profile.enable()
     for _ in range(steps // 4):
@@ -978,6 +990,7 @@ def suite_host(b: Bench) -> tuple[dict, str, Rows]:
     r = bench_host()
     rows = []
     for key, who in (("streaming", "every request streaming"), ("final_only", "no request streaming"),
+                     ("final_only_async", "no request streaming, async scheduling's bookkeeping"),
                      ("final_only_penalized", "no request streaming, frequency_penalty 0.1")):
         t = r[key]
         rows += [(f"step, {who}", f"{t['ms_per_step']:.2f} ms (mean of {r['steps']} steps, after "
@@ -999,6 +1012,10 @@ def suite_throughput(b: Bench) -> tuple[dict, str, Rows]:
         (f"static batching (batch {r['static_batch']}, padded)",
          f"{r['static_tok_s']:.0f} output tok/s ({r['static_s']:.1f} s)"),
         ("continuous / static", f"{r['speedup']:.2f}x"),
+        ("continuous batching, synchronous steps (async scheduling off)",
+         "not run (the engine schedules synchronously: CPU, speculation or tensor parallelism)"
+         if r["synchronous_tok_s"] is None else
+         f"{r['synchronous_tok_s']:.0f} output tok/s; async scheduling {r['async_speedup']:.2f}x faster"),
         ("Hugging Face transformers generate (static batch, padded)",
          "not run (--no-transformers, or not installed)" if hf is None else f"{hf['tok_s']:.0f} output tok/s ({hf['seconds']:.1f} s, "
          f"transformers {hf['transformers']})")]
