@@ -1699,9 +1699,10 @@ class PenaltyCounts:
     vLLM keeps them per request). Each step counts only the tokens appended since the last
     one: building the counts from the token lists would cost the host O(every token of
     every penalized request) per step. Row 0 stays zero, for the other sequences. The rows
-    grow by doubling up to max_rows (max_num_seqs + 1: every sequence of a step and row 0);
-    a finished sequence's row is freed, and a sequence outside the step gives its row up
-    when one is needed (it is rebuilt if the sequence comes back)."""
+    grow by doubling up to max_rows (max_num_seqs + 1: every sequence of a step and row 0;
+    more only for the step in which a prompt's samples start); a finished sequence's row is
+    freed, and a sequence outside the step gives its row up when one is needed (it is
+    rebuilt if the sequence comes back)."""
 
     def __init__(self, vocab_size: int, device: torch.device, max_rows: int):
         self.V, self.device, self.max_rows = vocab_size, device, max_rows
@@ -1738,15 +1739,19 @@ class PenaltyCounts:
     def _start(self, seq: Sequence, step: list[Sequence]) -> None:
         """A row for seq: zero counts, its prompt's tokens marked."""
         if seq not in self.row:
-            if not self.free and self.counts.shape[0] < self.max_rows:        # grow: twice the rows
-                n = self.counts.shape[0]
-                m = min(2 * n, self.max_rows)
+            n = self.counts.shape[0]
+            if not self.free and n >= self.max_rows:      # full: take the row of one outside the step
+                in_step = set(step)
+                outside = next((s for s in self.row if s not in in_step), None)
+                if outside is not None:
+                    self._free(outside)
+            if not self.free:
+                # Grow: twice the rows, up to max_rows; past it only when every row belongs to
+                # this step (a prompt's many samples, n or best_of, start in one step).
+                m = min(2 * n, self.max_rows) if n < self.max_rows else 2 * n
                 self.counts = torch.cat([self.counts, self.counts.new_zeros(m - n, self.V)])
                 self.in_prompt = torch.cat([self.in_prompt, self.in_prompt.new_zeros(m - n, self.V)])
                 self.free = list(range(m - 1, n - 1, -1))
-            if not self.free:                             # full: take the row of one outside the step
-                in_step = set(step)
-                self._free(next(s for s in self.row if s not in in_step))
             self.row[seq] = self.free.pop()
         r = self.row[seq]
         self.counted[seq] = 0
@@ -2138,7 +2143,7 @@ class Scheduler:
     def finish(self, seq: Sequence, reason: str) -> None:
         if seq.status == RUNNING:
             self.running.remove(seq)
-        elif seq.status == WAITING:
+        elif seq.status == WAITING and seq in self.waiting:     # (a new sample not yet started is not)
             self.waiting.remove(seq)
         self._free_blocks(seq)
         seq.status, seq.finish_reason = FINISHED, reason
@@ -2939,6 +2944,7 @@ class LLMEngine:
         self.peak_blocks_used = 0
         self.step_time = dict.fromkeys(("schedule", "draft", "model", "sample_and_output"), 0.0)
         self._held: list[Sequence] = []            # the sequences of the step in progress
+        self._made: list[RequestOutput] = []       # the outputs it has made so far
         self.async_scheduling = cfg.async_scheduling     # (EngineConfig: never with a speculator or ranks)
         self._in_flight: Sampled | None = None     # the launched step whose ids are still on the device
         self.num_overlapped_steps = 0               # steps launched while the previous one was in flight
@@ -3087,10 +3093,14 @@ class LLMEngine:
         for s in self.outputs.remove(request_id):
             if s.status != FINISHED:
                 self.scheduler.finish(s, "abort")
+            s.finish_reason = "abort"            # also one that ended on a token still on the device
+            self.scheduler.drop_pending(s)
 
     @property
     def requests(self) -> dict[str, Sequence]:
-        """The requests in flight: request id -> its first sample (a new dict each call)."""
+        """The requests in flight: request id -> its first sample (a new dict each call). With
+        async scheduling its token_ids may end in a PLACEHOLDER between steps (an id still on
+        the device); outputs never show one."""
         return {rid: req.samples[0].seq for rid, req in self.outputs.requests.items()}
 
     def has_unfinished(self) -> bool:
@@ -3110,7 +3120,7 @@ class LLMEngine:
         A step that raises fails only the requests it held: each is finished with
         finish_reason "error" (its blocks go back to the pool) and its output carries the
         error; every other request goes on in the next step."""
-        self._held = []
+        self._held, self._made = [], []
         try:
             return self._step()
         except Exception as e:                  # isolate the fault: fail its requests, keep serving
@@ -3119,10 +3129,10 @@ class LLMEngine:
     def _step(self) -> list[RequestOutput]:
         t0 = time.perf_counter()
         scheduled = self.scheduler.schedule()                          # {sequence: new tokens}
-        prev, self._in_flight = self._in_flight, None                   # the step still on the device
-        self._held = list(scheduled) + (list(prev.rows) if prev else [])
+        self._held = list(scheduled)
+        prev = self._in_flight                                         # the step still on the device
         if not scheduled:
-            return self._outputs(prev) if prev else []
+            return self._take_outputs(prev) if prev else []
         copies = self.scheduler.take_block_copies()                    # copy-on-write of shared blocks
         if copies:
             self.runner.copy_blocks(copies)
@@ -3135,8 +3145,9 @@ class LLMEngine:
                                          prev.ids if prev else None)
         t3 = time.perf_counter()
         sampled = self._next_tokens(scheduled, starts, hidden, drafts)      # launched, ids on the device
-        outputs = self._outputs(prev) if prev else []                  # while the device runs this step
-        self.num_overlapped_steps += prev is not None
+        if prev:
+            self._made = self._take_outputs(prev)                      # while the device runs this step
+            self.num_overlapped_steps += 1
         self.scheduler.postprocess(scheduled, {**{s: [PLACEHOLDER] for s in sampled.rows}, **sampled.verified},
                                    {p: [(c, PLACEHOLDER) for c in cs] for p, cs in sampled.forks.items()})
         sampled.index = {s: len(s.token_ids) - 1 for s in sampled.rows}
@@ -3144,14 +3155,14 @@ class LLMEngine:
                 not any(s.params.counts_tokens for s in sampled.rows):     # penalties count on the host
             self._in_flight = sampled
         else:
-            outputs += self._outputs(sampled)
+            self._made += self._outputs(sampled)
         self.num_steps += 1
         self.peak_blocks_used = max(self.peak_blocks_used, self.num_blocks - self.block_manager.num_free)
         # Where a step's time goes (on a GPU "model" is launch time; sampling waits for it).
         for key, dt in (("schedule", t1 - t0), ("draft", t2 - t1), ("model", t3 - t2),
                         ("sample_and_output", time.perf_counter() - t3)):
             self.step_time[key] += dt
-        return outputs
+        return self._made
 
     @staticmethod
     def _input_tokens(seq: Sequence, n: int, prev: Sampled | None) -> list[int]:
@@ -3162,22 +3173,32 @@ class LLMEngine:
             tokens[-1] = -1 - prev.rows[seq]
         return tokens
 
+    def _take_outputs(self, prev: Sampled) -> list[RequestOutput]:
+        """The outputs of the step in flight. Until they are made, a fault fails its requests
+        too; one before (the launch of the next step) leaves it in flight for the next call."""
+        self._in_flight = None
+        held, self._held = self._held, self._held + list(prev.rows)
+        outputs = self._outputs(prev)
+        self._held = held
+        return outputs
+
     def _outputs(self, sampled: Sampled) -> list[RequestOutput]:
         """A step's ids have reached the host: each takes its placeholder's place (unless
         its sequence ended before it), then logprobs, stop strings and outputs."""
         ids = sampled.host_ids()
         new_tokens = {seq: [ids[row]] for seq, row in sampled.rows.items()
-                      if self.scheduler.resolve(seq, sampled.index[seq], ids[row])}
+                      if seq in self.outputs.samples and self.scheduler.resolve(seq, sampled.index[seq], ids[row])}
         new_tokens.update(sampled.verified)
         self.outputs.record_logprobs(new_tokens, {s: x for s, x in sampled.logits.items() if s in new_tokens})
         return self.outputs.process(list(new_tokens))                   # forks included
 
     def _fail_held_requests(self, e: Exception) -> list[RequestOutput]:
         """Finish the requests the failed step held (all running ones if scheduling itself
-        failed) with finish_reason "error"; -> their final outputs."""
+        failed) with finish_reason "error"; -> the outputs made before the fault and their
+        final outputs."""
         message = f"{type(e).__name__}: {e}"
         print(f"[nanoserve] a step failed, its requests are finished with an error: {message}", file=sys.stderr)
-        outputs = []
+        outputs = self._made
         for rid in dict.fromkeys(s.request_id for s in (self._held or self.scheduler.running)):
             req = self.outputs.requests.get(rid)
             if req is None:

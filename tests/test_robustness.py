@@ -97,6 +97,83 @@ def test_a_failing_tokenizer_fails_its_requests_and_leaves_nothing_behind(model)
     assert_no_leak(llm)
 
 
+@pytest.mark.parametrize("async_scheduling", [False, True])
+def test_a_stream_closed_while_its_last_token_is_on_the_device_leaves_the_next_request_alone(
+        model, async_scheduling):
+    """A stream closed after its next-to-last token: with async scheduling its last token,
+    the one that reached max_tokens, is still on the device and is dropped with it."""
+    llm = make_llm(model, async_scheduling=async_scheduling)
+    expected = llm.generate("import os\n", GREEDY)[0].token_ids
+    for out in llm.stream("def add(a, b):", SamplingParams(temperature=0, max_tokens=3, ignore_eos=True)):
+        if len(out.token_ids) == 2:
+            break                                     # closes the stream: aborts the request
+    assert llm.generate("import os\n", GREEDY)[0].token_ids == expected
+    assert_no_leak(llm)
+
+
+@pytest.mark.parametrize("async_scheduling", [False, True])
+def test_a_fault_in_a_launch_fails_only_that_steps_requests(model, async_scheduling):
+    """Request a ends (max_tokens 1) in the step before the fault; with async scheduling its
+    token is still on the device when the next launch fails, and it still ends well."""
+    llm = make_llm(model, async_scheduling=async_scheduling)
+    eng = llm.engine
+    a = eng.add_request("def add(a, b):", SamplingParams(temperature=0, max_tokens=1))
+    b = eng.add_request("import os\n", SamplingParams(temperature=0, max_tokens=6, ignore_eos=True))
+    outs = eng.step()
+    fail_once(eng.runner)
+    while eng.has_unfinished():
+        outs += eng.step()
+    final = {o.request_id: o.finish_reason for o in outs if o.finished}
+    assert final == {a: "length", b: "error"}
+    assert_no_leak(llm)
+
+
+@pytest.mark.parametrize("async_scheduling", [False, True])
+@pytest.mark.parametrize("where", ["first request's text", "penalized request's text"])
+def test_a_fault_making_outputs_fails_its_requests_and_keeps_the_others_outputs(model, async_scheduling, where):
+    """A tokenizer fault while outputs are made. "first request's text": request 0's text fails
+    in the step where request 1's two samples (n = 2) start (with async scheduling, before the
+    scheduler has started the second one): both fail, cleanly. "penalized request's text":
+    request 1 (a frequency penalty: its steps are synchronous) fails in a step that also made
+    request 0's final output first: request 0 gets it."""
+    llm = make_llm(model, async_scheduling=async_scheduling, max_num_batched_tokens=16)
+    eng = llm.engine
+    detokenize = eng.outputs.detokenize
+    bad = "req-0" if where == "first request's text" else "req-1"
+
+    def broken(req, state):
+        if req.request_id == bad:
+            raise LookupError("injected decode fault")
+        return detokenize(req, state)
+    if bad == "req-0":
+        eng.add_request("def f():", SamplingParams(temperature=0, max_tokens=5, ignore_eos=True))   # streamed
+        outs = eng.step()
+        eng.outputs.detokenize = broken
+        eng.add_request("import os\n", SamplingParams(temperature=0, max_tokens=5, n=2, ignore_eos=True))
+        want = {"req-0": "error", "req-1": "error"}
+    else:
+        eng.outputs.detokenize = broken
+        eng.add_request("def f():", SamplingParams(temperature=0, max_tokens=1), stream=False)
+        eng.add_request([1] + list(range(100, 119)), SamplingParams(temperature=0, max_tokens=1,
+                                                                   frequency_penalty=0.5), stream=False)
+        outs = []
+        want = {"req-0": "length", "req-1": "error"}
+    while eng.has_unfinished():
+        outs += eng.step()
+    assert {o.request_id: o.finish_reason for o in outs if o.finished} == want
+    assert not eng.outputs.requests
+    assert_no_leak(llm)
+
+
+def test_penalized_samples_beyond_max_num_seqs_get_rows_of_their_own(model):
+    """A penalized request's n samples all start in one step, each needing a row of penalty
+    counts: past the max_num_seqs + 1 rows while they start; the same tokens as with room."""
+    p = SamplingParams(temperature=0.8, seed=3, max_tokens=6, n=5, frequency_penalty=0.5, ignore_eos=True)
+    small = make_llm(model, max_num_seqs=2).generate("def f():", p)[0]
+    roomy = make_llm(model).generate("def f():", p)[0]
+    assert [c.token_ids for c in small.outputs] == [c.token_ids for c in roomy.outputs]
+
+
 # ----------------------------------------------------------------------------- validation
 
 @pytest.mark.parametrize("kwargs,field", [

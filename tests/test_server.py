@@ -1,6 +1,7 @@
 """The OpenAI-compatible server, exercised over real HTTP on a free loopback port."""
 
 import asyncio
+import concurrent.futures
 import http.client
 import json
 import re
@@ -159,8 +160,9 @@ def test_fifty_concurrent_streams_interleave(served):
     wait_idle(llm)
 
 
-def test_client_disconnect_aborts_the_request_and_frees_its_blocks(model):
-    server, port, llm = start(model)
+@pytest.mark.parametrize("async_scheduling", [False, True])
+def test_client_disconnect_aborts_the_request_and_frees_its_blocks(model, async_scheduling):
+    server, port, llm = start(model, async_scheduling=async_scheduling)
     step = llm.engine.step
     llm.engine.step = lambda: (time.sleep(0.02), step())[1]     # 200 tokens take 4 s or more
     before = server.async_engine.finished.get("abort", 0)
@@ -179,6 +181,32 @@ def test_client_disconnect_aborts_the_request_and_frees_its_blocks(model):
     assert server.async_engine.finished.get("abort", 0) == before + 2
     server.shutdown()
     server.server_close()
+
+
+def test_async_scheduling_serves_what_synchronous_steps_serve(model):
+    """The server's engine loop with async scheduling on: concurrent plain and streamed
+    completions (greedy or seeded, stop strings, logprobs) get exactly the text, finish
+    reasons and logprob tokens a synchronous engine serves, and the engine ends idle."""
+    bodies = [dict(prompt=f"def f{i}(x):\n", max_tokens=10 + 2 * i, temperature=0 if i % 3 == 0 else 0.8, seed=i,
+                   logprobs=2 if i % 2 else None, stop=["\n\n", ":"] if i % 4 == 1 else None) for i in range(8)]
+    served = {}
+    for async_scheduling in (False, True):
+        server, port, llm = start(model, async_scheduling=async_scheduling)
+        try:
+            assert llm.engine.async_scheduling is async_scheduling
+            with concurrent.futures.ThreadPoolExecutor(8) as pool:
+                plain = list(pool.map(lambda b: completion(port, **b)[1]["choices"][0], bodies))
+                streamed = list(pool.map(lambda b: "".join(c["choices"][0]["text"] for c in stream(port, **b)),
+                                         bodies))
+            assert streamed == [c["text"] for c in plain]
+            served[async_scheduling] = [(c["text"], c["finish_reason"], (c["logprobs"] or {}).get("tokens"))
+                                        for c in plain]
+            wait_idle(llm)
+        finally:
+            server.shutdown()
+            server.server_close()
+    assert served[True] == served[False]
+    assert {reason for _, reason, _ in served[True]} == {"stop", "length"}
 
 
 @pytest.mark.parametrize("body,status,param", [

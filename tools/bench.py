@@ -258,17 +258,22 @@ KERNEL_KINDS = (   # (kind, substrings of a GPU kernel's or CPU op's name), firs
 def bench_profile(llm: LLM, batches: tuple[int, ...], steps: int = 8) -> dict:
     """Where a decode step's time goes, kernel by kernel (torch.profiler): for each batch
     size, `steps` decode steps of that many running sequences, with CUDA graphs and without
-    (on a GPU), each kernel's time per step, the kinds summed, and the step's wall time
-    against the device's busy time (the difference: the GPU waiting for the host)."""
+    (on a GPU), and with synchronous steps where the engine schedules asynchronously, each
+    kernel's time per step, the kinds summed, and the step's wall time against the device's
+    busy time (the difference: the GPU waiting for the host)."""
     from torch.profiler import ProfilerActivity, profile
     eng = llm.engine
     vocab = eng.model_config.vocab_size
     gpu = eng.device.type == "cuda"
-    modes = (("graphs", True), ("eager", False)) if eng.runner.use_graphs else (("eager", False),)
+    graphed, overlap = eng.runner.use_graphs, eng.async_scheduling
+    modes = [("graphs", True, overlap)] if graphed else []              # (mode, CUDA graphs, async steps)
+    modes.append(("eager", False, overlap))
+    if overlap:                                   # the same steps, each waiting for its own ids
+        modes.append(("graphs, synchronous steps" if graphed else "synchronous steps", graphed, False))
     out = []
     for b in batches:
-        for mode, graphs in modes:
-            eng.runner.use_graphs = graphs
+        for mode, graphs, async_steps in modes:
+            eng.runner.use_graphs, eng.async_scheduling = graphs, async_steps
             prompts = [[1] + np.random.default_rng(i).integers(3, vocab, 16).tolist() for i in range(b)]
             p = SamplingParams(temperature=0, max_tokens=2 * steps + 8, ignore_eos=True)
             for q in prompts:
@@ -304,7 +309,7 @@ def bench_profile(llm: LLM, batches: tuple[int, ...], steps: int = 8) -> dict:
                 kinds[r["kind"]] = kinds.get(r["kind"], 0.0) + r["us_per_step"]
             out.append({"batch": b, "mode": mode, "wall_ms_per_step": 1e3 * wall, "busy_ms_per_step": busy / 1e3,
                         "kinds_us": kinds, "top": rows[:12]})
-    eng.runner.use_graphs = modes[0][1]
+    eng.runner.use_graphs, eng.async_scheduling = graphed, overlap
     return {"steps": steps, "rows": out}
 
 
