@@ -218,8 +218,7 @@ class EngineConfig:
     None turns it on for CUDA, where the host's work then hides behind the GPU's, unless
     speculative decoding or tensor parallelism is on (a draft's proposals and the other
     ranks need every token on the host). On the CPU the host is the device, so there is
-    nothing to hide (True there runs the same logic, for the tests). A step with a penalty
-    that counts tokens runs synchronously: its counts are kept from the host's tokens.
+    nothing to hide (True there runs the same logic, for the tests).
     cpu_threads: torch's intra-op threads on the CPU (process-wide); None picks one thread
     for models under 30M parameters, whose small matmuls gain nothing from more threads
     and lose badly when the cores are busy, unless OMP_NUM_THREADS is set.
@@ -1712,11 +1711,14 @@ class PenaltyCounts:
         self.counted: dict[Sequence, int] = {}            # generated tokens already in its row
         self.free: list[int] = []
 
-    def rows(self, seqs: list[Sequence]) -> Tensor:
-        """(len(seqs),) the row of each sequence, brought up to date."""
+    def rows(self, seqs: list[Sequence], pending: tuple[Tensor, dict[Sequence, int]] | None = None) -> Tensor:
+        """(len(seqs),) the row of each sequence, brought up to date. With async scheduling
+        a sequence's last token may still be on the device (a negative placeholder in its
+        token_ids): it is counted there, from pending = (the previous step's sampled ids,
+        each sequence's index into them)."""
         for seq in [s for s in self.row if s.finish_reason is not None]:
             self._free(seq)
-        rows, new = [], []                                # new: flat indices row * V + token
+        rows, new, in_flight = [], [], []    # flat indices row * V + token; (row, index into pending ids)
         for seq in seqs:
             if not seq.params.counts_tokens:
                 rows.append(0)
@@ -1724,12 +1726,19 @@ class PenaltyCounts:
             if seq not in self.row or self.counted[seq] > seq.num_output_tokens:
                 self._start(seq, seqs)
             r = self.row[seq]
-            new += [r * self.V + t for t in seq.token_ids[seq.num_prompt_tokens + self.counted[seq]:]]
+            tokens = seq.token_ids[seq.num_prompt_tokens + self.counted[seq]:]
+            if tokens and tokens[-1] < 0:                 # its id is still on the device
+                in_flight.append((r, pending[1][seq]))
+                tokens = tokens[:-1]
+            new += [r * self.V + t for t in tokens]
             self.counted[seq] = seq.num_output_tokens
             rows.append(r)
         if new:
             self.counts.view(-1).index_add_(0, to_device(new, self.device, torch.long),
                                             torch.ones(len(new), device=self.device))
+        if in_flight:
+            r, j = (to_device(list(x), self.device, torch.long) for x in zip(*in_flight))
+            self.counts.view(-1).index_add_(0, r * self.V + pending[0][j], torch.ones(len(r), device=self.device))
         return to_device(rows, self.device, torch.long)
 
     def _free(self, seq: Sequence) -> None:
@@ -1911,14 +1920,16 @@ class Sampler:
         return draw(probs, keys, self.default)
 
     def penalize(self, logits: Tensor, params: list[SamplingParams], seqs: list[Sequence],
-                 extra: list[list[int]] | None = None) -> Tensor:
+                 extra: list[list[int]] | None = None,
+                 pending: tuple[Tensor, dict[Sequence, int]] | None = None) -> Tensor:
         """Penalties for rows that belong to sequences: row i is seqs[i] having also
-        generated extra[i] (draft tokens, counted on top of its row)."""
+        generated extra[i] (draft tokens, counted on top of its row). pending: the ids of the
+        step still in flight (PenaltyCounts.rows)."""
         if not any(p.penalized for p in params):
             return logits
         if not any(p.counts_tokens for p in params):       # logit_bias alone: no counts needed
             return penalties_from_counts(logits, params, None, None)
-        rows = self.penalty_counts.rows(seqs)
+        rows = self.penalty_counts.rows(seqs, pending)
         counts = self.penalty_counts.counts[rows]                                   # (B, V)
         if extra and any(extra):
             counts += token_counts(extra, logits.shape[-1], logits.device)
@@ -3144,15 +3155,14 @@ class LLMEngine:
         hidden, starts = self.runner.run(tokens, [s.num_computed for s in seqs], [s.block_table for s in seqs],
                                          prev.ids if prev else None)
         t3 = time.perf_counter()
-        sampled = self._next_tokens(scheduled, starts, hidden, drafts)      # launched, ids on the device
+        sampled = self._next_tokens(scheduled, starts, hidden, drafts, prev)   # launched, ids on the device
         if prev:
             self._made = self._take_outputs(prev)                      # while the device runs this step
             self.num_overlapped_steps += 1
         self.scheduler.postprocess(scheduled, {**{s: [PLACEHOLDER] for s in sampled.rows}, **sampled.verified},
                                    {p: [(c, PLACEHOLDER) for c in cs] for p, cs in sampled.forks.items()})
         sampled.index = {s: len(s.token_ids) - 1 for s in sampled.rows}
-        if self.async_scheduling and not sampled.verified and \
-                not any(s.params.counts_tokens for s in sampled.rows):     # penalties count on the host
+        if self.async_scheduling and not sampled.verified:
             self._in_flight = sampled
         else:
             self._made += self._outputs(sampled)
@@ -3213,7 +3223,7 @@ class LLMEngine:
         return outputs
 
     def _next_tokens(self, scheduled: dict[Sequence, int], starts: list[int], hidden: Tensor,
-                     drafts: dict[Sequence, list[int]]) -> Sampled:
+                     drafts: dict[Sequence, list[int]], prev: Sampled | None) -> Sampled:
         """New tokens for each sequence whose step reached the end of its tokens (a prefill
         chunk with more to come gets none): sampled, or verified for a speculative window."""
         ready, windows = [], []                            # (sequence, row of its last real token)
@@ -3222,7 +3232,7 @@ class LLMEngine:
                 self.outputs.record_prompt_logprobs(seq, hidden[start:start + n], self.runner.compute_logits)
             if seq.num_computed + n == seq.num_tokens:
                 (windows if seq in drafts else ready).append((seq, start + n - 1))
-        sampled = self._sample(ready, hidden) if ready else Sampled(None)
+        sampled = self._sample(ready, hidden, prev) if ready else Sampled(None)
         if windows:
             for seq, (toks, rows) in self.speculator.verify(windows, drafts, hidden).items():
                 sampled.verified[seq] = toks
@@ -3230,7 +3240,7 @@ class LLMEngine:
                     sampled.logits[seq] = rows
         return sampled
 
-    def _sample(self, ready: list[tuple[Sequence, int]], hidden: Tensor) -> Sampled:
+    def _sample(self, ready: list[tuple[Sequence, int]], hidden: Tensor, prev: Sampled | None) -> Sampled:
         """A token for each ready sequence. A prompt that has just been prefilled for several
         samples draws one token per sample from the same logits: the first goes to it, the
         others start new sequences that share its blocks (the forks, for postprocess)."""
@@ -3243,7 +3253,8 @@ class LLMEngine:
         picked = hidden if every_row else hidden[to_device(rows, hidden.device)]
         logits = self.runner.compute_logits(picked)                                       # (B, V)
         params = [p for _, p in owners]
-        penalized = self.sampler.penalize(logits, params, [s for s, _ in owners])
+        penalized = self.sampler.penalize(logits, params, [s for s, _ in owners],
+                                          pending=(prev.ids, prev.rows) if prev else None)
         sampled = Sampled(self.sampler.sample(penalized, params, [s.num_tokens for s, _ in owners]))
         for i, (seq, p) in enumerate(owners):
             target = seq

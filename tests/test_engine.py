@@ -356,8 +356,8 @@ def test_requests_join_and_leave_the_running_batch_every_step(tiny_model_dir):
 
 def _async_workload(llm: LLM):
     """Requests that end in every way (EOS, a stop string, max_tokens, max_tokens of 1, an
-    abort), with parallel samples, logprobs, prompt logprobs, logit_bias, a penalty that
-    counts tokens, shared prefixes and streams. Every request is greedy or seeded, so its
+    abort), with parallel samples, logprobs, prompt logprobs, logit_bias, penalties (counted
+    on the device for a token still there), shared prefixes and streams. Every request is greedy or seeded, so its
     output does not depend on what it was batched with."""
     rng = random.Random(5)
     V = llm.engine.model_config.vocab_size
@@ -377,7 +377,9 @@ def _async_workload(llm: LLM):
         if i % 8 == 5:
             p = dataclasses.replace(p, prompt_logprobs=1, logit_bias={7: 3.0})
         if i == 9:
-            p = dataclasses.replace(p, frequency_penalty=0.5, max_tokens=4)   # its steps run synchronously
+            p = dataclasses.replace(p, frequency_penalty=0.5)
+        if i == 12:
+            p = dataclasses.replace(p, repetition_penalty=1.3, presence_penalty=0.4)
         reqs.append((prompt, p, i % 2 == 1))
     return reqs
 

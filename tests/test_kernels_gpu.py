@@ -41,11 +41,13 @@ def test_async_scheduling_launches_steps_without_waiting_for_the_gpu(model_dirs,
     """With async scheduling the host schedules and launches a step without waiting for the
     device: torch's sync debug mode raises at any call that would wait, everywhere but where
     the previous step's ids are turned into outputs (LLMEngine._outputs). Its tokens equal
-    synchronous steps' (fp32; greedy and seeded rows; the last, unseeded, draws from the
-    engine's generator, whose draws depend on the batches)."""
+    synchronous steps' (fp32; greedy and seeded rows, one penalized: its in-flight token is
+    counted on the device; the last, unseeded, draws from the engine's generator, whose draws
+    depend on the batches)."""
     prompts = [[1] + list(range(20 + i, 60 + 3 * i)) for i in range(7)]
     params = [SamplingParams(temperature=0 if i % 2 else 0.8, top_p=0.9 if i % 3 else 1.0,
-                             seed=None if i == 6 else i, max_tokens=24, ignore_eos=True) for i in range(7)]
+                             seed=None if i == 6 else i, max_tokens=24, ignore_eos=True,
+                             frequency_penalty=0.5 if i == 2 else 0.0) for i in range(7)]
     kw = dict(device="cuda", dtype="float32", enforce_eager=enforce_eager)
     ref = LLM(model_dirs[0], async_scheduling=False, **kw).generate(prompts, params)
     llm = LLM(model_dirs[0], async_scheduling=True, **kw)

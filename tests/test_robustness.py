@@ -129,38 +129,50 @@ def test_a_fault_in_a_launch_fails_only_that_steps_requests(model, async_schedul
 
 
 @pytest.mark.parametrize("async_scheduling", [False, True])
-@pytest.mark.parametrize("where", ["first request's text", "penalized request's text"])
-def test_a_fault_making_outputs_fails_its_requests_and_keeps_the_others_outputs(model, async_scheduling, where):
-    """A tokenizer fault while outputs are made. "first request's text": request 0's text fails
-    in the step where request 1's two samples (n = 2) start (with async scheduling, before the
-    scheduler has started the second one): both fail, cleanly. "penalized request's text":
-    request 1 (a frequency penalty: its steps are synchronous) fails in a step that also made
-    request 0's final output first: request 0 gets it."""
-    llm = make_llm(model, async_scheduling=async_scheduling, max_num_batched_tokens=16)
+def test_a_tokenizer_fault_as_a_prompts_samples_start_fails_both_requests_cleanly(model, async_scheduling):
+    """Request 0's text fails in the step where request 1's two samples (n = 2) start: with
+    async scheduling the second sample exists then but the scheduler has not started it."""
+    llm = make_llm(model, async_scheduling=async_scheduling)
     eng = llm.engine
     detokenize = eng.outputs.detokenize
-    bad = "req-0" if where == "first request's text" else "req-1"
 
     def broken(req, state):
-        if req.request_id == bad:
+        if req.request_id == "req-0":
             raise LookupError("injected decode fault")
         return detokenize(req, state)
-    if bad == "req-0":
-        eng.add_request("def f():", SamplingParams(temperature=0, max_tokens=5, ignore_eos=True))   # streamed
-        outs = eng.step()
-        eng.outputs.detokenize = broken
-        eng.add_request("import os\n", SamplingParams(temperature=0, max_tokens=5, n=2, ignore_eos=True))
-        want = {"req-0": "error", "req-1": "error"}
-    else:
-        eng.outputs.detokenize = broken
-        eng.add_request("def f():", SamplingParams(temperature=0, max_tokens=1), stream=False)
-        eng.add_request([1] + list(range(100, 119)), SamplingParams(temperature=0, max_tokens=1,
-                                                                   frequency_penalty=0.5), stream=False)
-        outs = []
-        want = {"req-0": "length", "req-1": "error"}
+    eng.add_request("def f():", SamplingParams(temperature=0, max_tokens=5, ignore_eos=True))   # streamed
+    outs = eng.step()
+    eng.outputs.detokenize = broken
+    eng.add_request("import os\n", SamplingParams(temperature=0, max_tokens=5, n=2, ignore_eos=True))
     while eng.has_unfinished():
         outs += eng.step()
-    assert {o.request_id: o.finish_reason for o in outs if o.finished} == want
+    assert {o.request_id: o.finish_reason for o in outs if o.finished} == {"req-0": "error", "req-1": "error"}
+    assert not eng.outputs.requests
+    assert_no_leak(llm)
+
+
+@pytest.mark.parametrize("async_scheduling", [False, True])
+def test_outputs_made_before_a_fault_in_the_same_step_are_returned(model, async_scheduling):
+    """Request 0 (one token) and request 1 (a prompt of two chunks) start together; the
+    scheduler's postprocess fails in the second step. With async scheduling request 0's
+    final output is made in that step, before the fault: it is returned with request 1's
+    error output (and was, synchronously, the step before)."""
+    llm = make_llm(model, async_scheduling=async_scheduling, max_num_batched_tokens=16)
+    eng = llm.engine
+    postprocess, calls = eng.scheduler.postprocess, []
+
+    def fails_second(*args):
+        calls.append(1)
+        if len(calls) == 2:
+            raise RuntimeError("injected fault")
+        return postprocess(*args)
+    eng.scheduler.postprocess = fails_second
+    eng.add_request("def f():", SamplingParams(temperature=0, max_tokens=1), stream=False)
+    eng.add_request([1] + list(range(100, 119)), SamplingParams(temperature=0, max_tokens=3), stream=False)
+    outs = []
+    while eng.has_unfinished():
+        outs += eng.step()
+    assert {o.request_id: o.finish_reason for o in outs if o.finished} == {"req-0": "length", "req-1": "error"}
     assert not eng.outputs.requests
     assert_no_leak(llm)
 
