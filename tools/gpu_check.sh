@@ -72,10 +72,10 @@ for r in bench.bench_sparse_speed(torch.device('cuda'))['rows']:
     names="gptfast_7b sparse kernels gpu_tests goals llama7b"
 fi
 if [ "$PART" = 2 ] || [ "$PART" = all ]; then
-    # 3. TinyLlama shape: batch-1 decode, a step's profile, the nano-vllm workload (256 requests,
-    #    100-1024 tokens).
-    step tinyllama 190 $PY tools/bench.py latency profile throughput --model random:tinyllama-1.1b --dtype bfloat16 \
-        --out "$OUT/tinyllama.json"
+    # 3. TinyLlama shape: batch-1 decode, a step's profile and the nano-vllm workload (256
+    #    requests, 100-1024 tokens); the last two with async scheduling and synchronous steps.
+    step tinyllama 190 $PY tools/bench.py latency profile throughput --model random:tinyllama-1.1b \
+        --dtype bfloat16 --no-transformers --out "$OUT/tinyllama.json"
     step gptfast_tiny 130 $PY "$PEER" tinyllama-1.1b
     # 4. The engine's own time per decode step, model stubbed (issue 32), on this machine's host.
     step host 60 $PY tools/bench.py host --out "$OUT/host.json"
