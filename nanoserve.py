@@ -1673,11 +1673,11 @@ def penalties_from_counts(logits: Tensor, params: list[SamplingParams], counts: 
         freq = to_device([p.frequency_penalty for p in params], dev, torch.float32)[:, None]
         pres = to_device([p.presence_penalty for p in params], dev, torch.float32)[:, None]
         logits = logits - freq * counts - pres * (counts > 0)
-    bias = [(i, t, b) for i, p in enumerate(params) for t, b in (p.logit_bias or {}).items() if t < V]
-    if bias:                                                    # one index_put_ for every bias
-        rows, tokens, values = zip(*bias)
-        logits = logits.index_put((to_device(rows, dev), to_device(tokens, dev)),
-                                  to_device(values, dev, logits.dtype), accumulate=True)
+    bias = [(i * V + t, b) for i, p in enumerate(params) for t, b in (p.logit_bias or {}).items() if t < V]
+    if bias:      # one index_add over the flat logits (index_put's accumulate on CUDA syncs with the host)
+        flat, values = zip(*bias)
+        logits = logits.reshape(-1).index_add(0, to_device(flat, dev, torch.long),
+                                              to_device(values, dev, logits.dtype)).view_as(logits)
     return logits
 
 
@@ -1766,7 +1766,10 @@ class PenaltyCounts:
         self.counted[seq] = 0
         self.counts[r] = 0
         self.in_prompt[r] = False
-        self.in_prompt[r, to_device(seq.token_ids[:seq.num_prompt_tokens], self.device, torch.long)] = True
+        # index_fill_, not `in_prompt[r, ids] = True`: a Python value put through an index
+        # tensor is copied to the GPU first, and that copy waits for the device.
+        self.in_prompt[r].index_fill_(0, to_device(seq.token_ids[:seq.num_prompt_tokens], self.device, torch.long),
+                                      True)
 
 
 def sampling_probs(logits: Tensor, params: list[SamplingParams]) -> Tensor:
@@ -2297,8 +2300,9 @@ class DecodeGraphs:
     of two from 512 up to max_context_len, and a step takes the smallest bucket its longest
     context fits.
     Graphs are captured on first use of a bucket and share one memory pool (vLLM captures
-    every bucket at start-up instead). capture=False runs the same padded static-buffer
-    path eagerly: the CPU tests check it, a GPU captures it.
+    every bucket at start-up instead; a capture waits for the device, once per bucket).
+    capture=False runs the same padded static-buffer path eagerly: the CPU tests check it,
+    a GPU captures it.
     """
 
     def __init__(self, model: LlamaForCausalLM, kv_cache: Tensor, max_batch: int, max_blocks: int,
@@ -2704,22 +2708,22 @@ class OutputProcessor:
                 state.logprobs += top_logprobs(lp[at:at + kept], chosen[at:at + kept], seq.params.logprobs)
             at += k
 
-    def record_prompt_logprobs(self, seq: Sequence, hidden: Tensor, compute_logits: Callable[[Tensor], Tensor]
-                               ) -> None:
+    def record_prompt_logprobs(self, seq: Sequence, start: int, hidden: Tensor,
+                               compute_logits: Callable[[Tensor], Tensor]) -> None:
         """Logprob of each prompt token given those before it (position 0 has none), from
-        hidden (n, D): a prefill chunk of seq starting at seq.num_computed."""
+        hidden (n, D): a prefill chunk of seq starting at position start."""
         req = self.requests[seq.request_id]
         if req.prompt_logprobs is None:
             req.prompt_logprobs = [None]
-        # Row j of the chunk predicts position num_computed + 1 + j. Positions already
-        # recorded (before a preemption made the prompt be recomputed) are skipped.
-        first = len(req.prompt_logprobs) - 1 - seq.num_computed           # first row still needed
-        last = min(hidden.shape[0], seq.num_prompt_tokens - 1 - seq.num_computed)
+        # Row j of the chunk predicts position start + 1 + j. Positions already recorded
+        # (before a preemption made the prompt be recomputed) are skipped.
+        first = len(req.prompt_logprobs) - 1 - start                      # first row still needed
+        last = min(hidden.shape[0], seq.num_prompt_tokens - 1 - start)
         if last <= first:
             return
         lp = compute_logits(hidden[first:last]).log_softmax(-1)
-        pos = seq.num_computed + 1
-        targets = torch.tensor(seq.token_ids[pos + first:pos + last], device=lp.device)
+        pos = start + 1
+        targets = to_device(seq.token_ids[pos + first:pos + last], lp.device, torch.long)
         req.prompt_logprobs += top_logprobs(lp, targets, seq.params.prompt_logprobs)
 
     # -------------------------------------------------------------- text
@@ -2874,6 +2878,7 @@ class Sampled:
         self.index: dict[Sequence, int] = {}                   # where its PLACEHOLDER sits in token_ids
         self.forks: dict[Sequence, list[Sequence]] = {}        # new samples started at a prompt's first token
         self.verified: dict[Sequence, list[int]] = {}          # accepted drafts + one more token
+        self.prompt_chunks: list[tuple[Sequence, int, Tensor]] = []   # (seq, first position, hidden rows)
         self.logits: dict[Sequence, Tensor] = {}               # (k, V) for those that want logprobs
 
     def host_ids(self) -> list[int]:
@@ -3194,7 +3199,11 @@ class LLMEngine:
 
     def _outputs(self, sampled: Sampled) -> list[RequestOutput]:
         """A step's ids have reached the host: each takes its placeholder's place (unless
-        its sequence ended before it), then logprobs, stop strings and outputs."""
+        its sequence ended before it), then logprobs (the prompt's too), stop strings and
+        outputs."""
+        for seq, start, hidden in sampled.prompt_chunks:
+            if seq in self.outputs.samples:                        # not failed or aborted meanwhile
+                self.outputs.record_prompt_logprobs(seq, start, hidden, self.runner.compute_logits)
         ids = sampled.host_ids()
         new_tokens = {seq: [ids[row]] for seq, row in sampled.rows.items()
                       if seq in self.outputs.samples and self.scheduler.resolve(seq, sampled.index[seq], ids[row])}
@@ -3228,11 +3237,12 @@ class LLMEngine:
         chunk with more to come gets none): sampled, or verified for a speculative window."""
         ready, windows = [], []                            # (sequence, row of its last real token)
         for (seq, n), start in zip(scheduled.items(), starts):
-            if seq.params.prompt_logprobs is not None and seq.num_computed < seq.num_prompt_tokens:
-                self.outputs.record_prompt_logprobs(seq, hidden[start:start + n], self.runner.compute_logits)
             if seq.num_computed + n == seq.num_tokens:
                 (windows if seq in drafts else ready).append((seq, start + n - 1))
         sampled = self._sample(ready, hidden, prev) if ready else Sampled(None)
+        for (seq, n), start in zip(scheduled.items(), starts):     # their logprobs: read with the ids
+            if seq.params.prompt_logprobs is not None and seq.num_computed < seq.num_prompt_tokens:
+                sampled.prompt_chunks.append((seq, seq.num_computed, hidden[start:start + n]))
         if windows:
             for seq, (toks, rows) in self.speculator.verify(windows, drafts, hidden).items():
                 sampled.verified[seq] = toks
