@@ -357,8 +357,8 @@ def test_requests_join_and_leave_the_running_batch_every_step(tiny_model_dir):
 def _async_workload(llm: LLM):
     """Requests that end in every way (EOS, a stop string, max_tokens, max_tokens of 1, an
     abort), with parallel samples, logprobs, prompt logprobs, logit_bias, penalties (counted
-    on the device for a token still there), shared prefixes and streams. Every request is greedy or seeded, so its
-    output does not depend on what it was batched with."""
+    on the device for a token still there), shared prefixes and streams. Every request is
+    greedy or seeded, so its output does not depend on what it was batched with."""
     rng = random.Random(5)
     V = llm.engine.model_config.vocab_size
     head = "def fibonacci(n):\n    "
@@ -421,9 +421,10 @@ def test_async_scheduling_gives_the_synchronous_outputs(graphs):
     reach the host (they reach the runner on the device); a request's tokens, text, stop
     and finish reason, logprobs and streamed deltas are exactly those of synchronous
     steps: under preemption (a pool of 36 blocks of 4), chunked prefill, prefix caching,
-    parallel samples and an abort, on the eager and the decode-graph paths. Fails with
-    the device-side input ids (fill_pending), the EOS check in resolve, or the discarding
-    of a token sampled after its sequence ended, broken."""
+    parallel samples, penalties and an abort, on the eager and the decode-graph paths.
+    Fails with any of these broken: the device-side input ids (fill_pending), the EOS check
+    in resolve, the discarding of a token sampled after its sequence ended, the penalty
+    count of a token still on the device."""
     if not (nanoserve.DEFAULT_MODEL / "model.safetensors").is_file():
         pytest.skip("the bundled model is not here")
     kw = dict(device="cpu", num_blocks=36, block_size=4, max_model_len=120, max_num_batched_tokens=48,
