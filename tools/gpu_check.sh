@@ -56,8 +56,7 @@ if [ "$PART" = 1 ] || [ "$PART" = all ]; then
     step sparse 90 $PY -c "
 import torch, sys; sys.path.insert(0, 'tools'); import bench
 for r in bench.bench_sparse_speed(torch.device('cuda'))['rows']:
-    print(r['shape'], r['rows'], f\"2:4 {r['speedup']:.2f}x dense ({r['sparse_s'] * 1e6:.1f} vs {r['dense_s'] * 1e6:.1f} us, \"
-          f\"dense {r['dense_TFLOPs']:.0f} TFLOP/s, max |diff| {r['max_abs_diff']:.3g})\")"
+    print(r['shape'], r['rows'], bench.sparse_speed_text(r))"
     wait $compile
     echo "compile: rc=$? after $(($(date +%s) - start)) s from the start" | tee -a "$OUT/summary.txt"
     # 1. Every kernel against its twin; the GPU tests (engine on CUDA vs CPU, CUDA graphs vs
