@@ -282,7 +282,7 @@ class EngineConfig:
             self.num_speculative_tokens = 4
         synchronous = self.speculative_method or self.tensor_parallel_size > 1
         if self.async_scheduling is None:
-            self.async_scheduling = self.device.startswith("cuda") and not synchronous
+            self.async_scheduling = str(self.device).startswith("cuda") and not synchronous
         elif not isinstance(self.async_scheduling, bool):
             raise ValueError(f"async_scheduling must be true, false or None, got {self.async_scheduling!r}")
         elif self.async_scheduling and synchronous:
