@@ -2172,16 +2172,15 @@ class Scheduler:
     # -------------------------------------------------------------- after a step
 
     def postprocess(self, scheduled: dict[Sequence, int], new_tokens: dict[Sequence, list[int]],
-                    forks: dict[Sequence, list[tuple[Sequence, int]]] | None = None) -> None:
+                    forks: dict[Sequence, list[Sequence]] | None = None) -> None:
         """Token bookkeeping after a step: advance what is cached, append the new tokens,
         name newly completed blocks for the prefix cache, and finish what is done.
 
-        new_tokens[seq] is one sampled token, or (speculative decoding) the accepted
-        drafts followed by one more token; a prefill chunk with more to come has none.
-        forks[seq]: new samples of seq's request (n, best_of) with their first tokens; they
-        share seq's prompt blocks from here on.
+        new_tokens[seq] is one sampled token (a PLACEHOLDER until resolve), or (speculative
+        decoding) the accepted drafts followed by one more token; a prefill chunk with more
+        to come has none. forks[seq]: new samples of seq's request (n, best_of), each with
+        a sampled first token; they share seq's prompt blocks from here on.
         """
-        now = time.perf_counter()
         for seq, n in scheduled.items():
             if seq.status == FINISHED:        # ended by the previous step's tokens (resolve)
                 continue
@@ -2190,10 +2189,8 @@ class Scheduler:
             seq.num_computed += n + max(0, len(tokens) - 1)
             # Give back lookahead slots past what is kept (rejected drafts' K/V).
             self.bm.truncate(seq.block_table, seq.num_computed)
-            if tokens and tokens[0] != PLACEHOLDER and seq.metrics.first_token_time is None:
-                seq.metrics.first_token_time = now                   # else when resolved
-            for child, token in (forks or {}).get(seq, []):
-                self._fork(seq, child, token, now)
+            for child in (forks or {}).get(seq, []):
+                self._fork(seq, child)
             reason = None
             for t in tokens:
                 seq.token_ids.append(t)
@@ -2210,17 +2207,17 @@ class Scheduler:
         copies, self.block_copies = self.block_copies, []
         return copies
 
-    def _fork(self, parent: Sequence, child: Sequence, token: int, now: float) -> None:
+    def _fork(self, parent: Sequence, child: Sequence) -> None:
         """Start `child`, a new sample of parent's request, on parent's blocks (whose K/V
-        hold the prompt), with its own first token."""
+        hold the prompt), with its own first token (sampled: a PLACEHOLDER until resolve)."""
         child.block_table = self.bm.fork(parent.block_table)
         child.block_hashes = list(parent.block_hashes)
         child.num_computed, child.status = parent.num_computed, RUNNING
-        child.metrics.first_scheduled_time, child.metrics.first_token_time = parent.metrics.first_scheduled_time, now
+        child.metrics.first_scheduled_time = parent.metrics.first_scheduled_time
         self.running.append(child)
-        child.token_ids.append(token)
+        child.token_ids.append(PLACEHOLDER)
         self.num_generated += 1
-        reason = self._finish_reason(child, token)
+        reason = self._finish_reason(child, PLACEHOLDER)
         if reason:
             self.finish(child, reason)
 
@@ -3165,7 +3162,7 @@ class LLMEngine:
             self._made = self._take_outputs(prev)                      # while the device runs this step
             self.num_overlapped_steps += 1
         self.scheduler.postprocess(scheduled, {**{s: [PLACEHOLDER] for s in sampled.rows}, **sampled.verified},
-                                   {p: [(c, PLACEHOLDER) for c in cs] for p, cs in sampled.forks.items()})
+                                   sampled.forks)
         sampled.index = {s: len(s.token_ids) - 1 for s in sampled.rows}
         if self.async_scheduling and not sampled.verified:
             self._in_flight = sampled
@@ -3235,14 +3232,14 @@ class LLMEngine:
                      drafts: dict[Sequence, list[int]], prev: Sampled | None) -> Sampled:
         """New tokens for each sequence whose step reached the end of its tokens (a prefill
         chunk with more to come gets none): sampled, or verified for a speculative window."""
-        ready, windows = [], []                            # (sequence, row of its last real token)
+        ready, windows, chunks = [], [], []                # (sequence, row of its last real token)
         for (seq, n), start in zip(scheduled.items(), starts):
+            if seq.params.prompt_logprobs is not None and seq.num_computed < seq.num_prompt_tokens:
+                chunks.append((seq, seq.num_computed, hidden[start:start + n]))   # read with the ids
             if seq.num_computed + n == seq.num_tokens:
                 (windows if seq in drafts else ready).append((seq, start + n - 1))
         sampled = self._sample(ready, hidden, prev) if ready else Sampled(None)
-        for (seq, n), start in zip(scheduled.items(), starts):     # their logprobs: read with the ids
-            if seq.params.prompt_logprobs is not None and seq.num_computed < seq.num_prompt_tokens:
-                sampled.prompt_chunks.append((seq, seq.num_computed, hidden[start:start + n]))
+        sampled.prompt_chunks = chunks
         if windows:
             for seq, (toks, rows) in self.speculator.verify(windows, drafts, hidden).items():
                 sampled.verified[seq] = toks
