@@ -1669,10 +1669,14 @@ def penalties_from_counts(logits: Tensor, params: list[SamplingParams], counts: 
         rep = to_device([p.repetition_penalty for p in params], dev, torch.float32)[:, None]
         seen = in_prompt | (counts > 0)
         logits = torch.where(seen, torch.where(logits > 0, logits / rep, logits * rep), logits)
-    if any(p.frequency_penalty or p.presence_penalty for p in params):
+    # Each as one fused pass over (B, V), l - f * c (addcmul): a batch's penalties cost what
+    # its logits take to stream, a few passes, not one per elementwise operation.
+    if any(p.frequency_penalty for p in params):
         freq = to_device([p.frequency_penalty for p in params], dev, torch.float32)[:, None]
+        logits = torch.addcmul(logits, counts, freq, value=-1)
+    if any(p.presence_penalty for p in params):
         pres = to_device([p.presence_penalty for p in params], dev, torch.float32)[:, None]
-        logits = logits - freq * counts - pres * (counts > 0)
+        logits = torch.addcmul(logits, counts.sign(), pres, value=-1)        # counts >= 0: sign is 0 or 1
     bias = [(i * V + t, b) for i, p in enumerate(params) for t, b in (p.logit_bias or {}).items() if t < V]
     if bias:      # one index_add over the flat logits (index_put's accumulate on CUDA syncs with the host)
         flat, values = zip(*bias)
