@@ -2959,7 +2959,7 @@ class LLMEngine:
         self.owner: str | None = None           # who alone may step it, once a loop (the server's) owns it
         self.num_steps = 0
         self.peak_blocks_used = 0
-        self.step_time = dict.fromkeys(("schedule", "draft", "model", "sample_and_output"), 0.0)
+        self.step_time = dict.fromkeys(("schedule", "draft", "model", "sample", "output"), 0.0)
         self._held: list[Sequence] = []            # the sequences of the step in progress
         self._made: list[RequestOutput] = []       # the outputs it has made so far
         self.async_scheduling = cfg.async_scheduling     # (EngineConfig: never with a speculator or ranks)
@@ -3162,6 +3162,7 @@ class LLMEngine:
                                          prev.ids if prev else None)
         t3 = time.perf_counter()
         sampled = self._next_tokens(scheduled, starts, hidden, drafts, prev)   # launched, ids on the device
+        t4 = time.perf_counter()
         if prev:
             self._made = self._take_outputs(prev)                      # while the device runs this step
             self.num_overlapped_steps += 1
@@ -3174,9 +3175,10 @@ class LLMEngine:
             self._made += self._outputs(sampled)
         self.num_steps += 1
         self.peak_blocks_used = max(self.peak_blocks_used, self.num_blocks - self.block_manager.num_free)
-        # Where a step's time goes (on a GPU "model" is launch time; sampling waits for it).
-        for key, dt in (("schedule", t1 - t0), ("draft", t2 - t1), ("model", t3 - t2),
-                        ("sample_and_output", time.perf_counter() - t3)):
+        # Where a step's time goes. On a GPU "model" and "sample" are launch time, and a
+        # synchronous step's "output" waits for the device to finish.
+        for key, dt in (("schedule", t1 - t0), ("draft", t2 - t1), ("model", t3 - t2), ("sample", t4 - t3),
+                        ("output", time.perf_counter() - t4)):
             self.step_time[key] += dt
         return self._made
 

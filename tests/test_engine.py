@@ -885,4 +885,8 @@ def test_host_benchmark_runs_past_a_prefill_of_several_steps():
     assert r["graph_path_steps"] == 4 * r["steps"] + 1 + r["steps"] // 4 == 13
     modes = ("streaming", "final_only", "final_only_async", "final_only_penalized")
     assert all(r[k]["ms_per_step"] > 0 for k in modes)
+    # each row's parts: the logits stub is timed inside sampling, and the parts fit in the step
+    assert all(0 < r[k]["stub_ms"] <= r[k]["sample_ms"] for k in modes)
+    assert all(sum(r[k][f"{part}_ms"] for part in ("schedule", "model", "sample", "output")) <= r[k]["ms_per_step"]
+               for k in modes)
     assert nanoserve.LlamaForCausalLM.forward is forward and nanoserve.DecodeGraphs._forward is graph_forward
