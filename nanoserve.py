@@ -291,6 +291,7 @@ class EngineConfig:
 
 
 INT64_MAX = 2**63 - 1
+INT32_MAX = 2**31 - 1
 GREEDY_BELOW = 1e-5          # temperatures under this are greedy: logits / T would overflow
 # A request's stop strings are matched in O(new characters) per token (StopStrings, an
 # automaton), whatever their number and length; the limits bound its memory and build time.
@@ -2476,27 +2477,32 @@ class ModelRunner:
                                            capture=self.device.type == "cuda")
             if self.graphs.fits(len(tokens), width):
                 return self.graphs.run(ids, pos, slots, tables, pending), rows[:-1]
-        dev = self.device
+        S, T = len(tokens), len(ids)
         lens = [c + len(t) for c, t in zip(starts, tokens)]
-        positions = to_device(pos, dev, torch.long)
-        slot_mapping = to_device(slots, dev, torch.long)
-        cpu_plan = self.device.type == "cpu" and kernels.USE_CPU_FAST_PATHS
         # The CPU plan gathers the cache through indices of its own, made from the table
-        # lists; the padded tables tensor is for the other paths (and costs the host ~1 ms
-        # at 256 sequences to build).
-        block_tables = torch.zeros(len(tables), 0, dtype=torch.int32) if cpu_plan else \
-            to_device([t + [0] * (width - len(t)) for t in tables], dev, torch.int32)   # (S, width)
+        # lists; the padded tables are for the other paths.
+        cpu_plan = self.device.type == "cpu" and kernels.USE_CPU_FAST_PATHS
+        # One copy to the device: ids, positions, slots (T each), sequence starts (S + 1),
+        # context lengths (S) and the padded block tables (S x width), written into one int32
+        # host buffer and split on the device (views; the indices it wants as int64 converted there).
+        W = 0 if cpu_plan else width
+        host = np.zeros(3 * T + 2 * S + 1 + S * W, dtype=np.int32)
+        host[:3 * T + 2 * S + 1] = ids + pos + slots + rows + lens
+        padded = host[3 * T + 2 * S + 1:].reshape(S, W)                              # (S, W)
+        for i, table in enumerate(tables if W else []):
+            padded[i, :len(table)] = table
+        buf = to_device(host, self.device)
+        input_ids, positions, slot_mapping = (buf[i * T:(i + 1) * T].long() for i in range(3))
         meta = AttentionMetadata(
-            slot_mapping=slot_mapping, block_tables=block_tables,
-            query_start_loc=to_device(rows, dev, torch.int32),
-            context_lens=to_device(lens, dev, torch.int32),
+            slot_mapping=slot_mapping, block_tables=buf[3 * T + 2 * S + 1:].view(S, W),
+            query_start_loc=buf[3 * T:3 * T + S + 1], context_lens=buf[3 * T + S + 1:3 * T + 2 * S + 1],
             max_context_len=max(lens), max_query_len=max(map(len, tokens)))
         if cpu_plan:
             # The layers' shared work, done once: cos/sin rows, gather indices, masks.
             meta.cpu_plan = kernels.plan_cpu_step([len(t) for t in tokens], lens, tables, positions,
                                                   slot_mapping, *self.model.rope, bs,
                                                   self.model.config.num_key_value_heads)
-        hidden = self.model(fill_pending(to_device(ids, dev, torch.long), pending), positions, self.kv_cache, meta)
+        hidden = self.model(fill_pending(input_ids, pending), positions, self.kv_cache, meta)
         return hidden, rows[:-1]
 
     def compute_logits(self, hidden: Tensor) -> Tensor:
@@ -2992,6 +2998,11 @@ class LLMEngine:
             # each with its speculative lookahead.
             per_seq = -(-(self.max_model_len + cfg.num_speculative_tokens) // cfg.block_size)
             num_blocks = min(num_blocks, cfg.max_num_seqs * per_seq)
+        if num_blocks * cfg.block_size > INT32_MAX:    # a step's cache slots reach the device as int32
+            if cfg.num_blocks:
+                raise ValueError(f"num_blocks={num_blocks} x block_size={cfg.block_size} exceeds the "
+                                 f"{INT32_MAX} cache slots a step can address")
+            num_blocks = INT32_MAX // cfg.block_size
         if num_blocks * cfg.block_size < self.max_model_len:
             raise ValueError(f"num_blocks={num_blocks} x block_size={cfg.block_size} tokens "
                              f"cannot hold one sequence of max_model_len={self.max_model_len}; "
