@@ -1618,6 +1618,27 @@ class BlockManager:
 # independent, argmax_i p_i / E_i is distributed exactly as p (it is the Gumbel-max
 # trick in another form), and needs no cumulative sum and no host sync.
 
+@dataclass
+class SamplingMetadata:
+    """A batch's sampling parameters as device tensors (vLLM's name), row i for params[i].
+    All fields cross to the device in one copy, and the Sampler keeps them for as long as
+    the batch's rows are the same requests (Sampler.metadata)."""
+    params: list[SamplingParams]
+    temperature: Tensor            # (B,) float32, 0 for greedy rows
+    top_k: Tensor                  # (B,) int64, min(top_k, V); 0: no filter
+    top_p: Tensor                  # (B,) float32
+    repetition_penalty: Tensor     # (B,) float32
+    frequency_penalty: Tensor      # (B,) float32
+    presence_penalty: Tensor       # (B,) float32
+
+    @classmethod
+    def make(cls, params: list[SamplingParams], vocab_size: int, device: torch.device) -> SamplingMetadata:
+        host = np.array([(p.temperature, min(p.top_k, vocab_size), p.top_p, p.repetition_penalty,
+                          p.frequency_penalty, p.presence_penalty) for p in params], dtype=np.float32)  # (B, 6)
+        cols = to_device(np.ascontiguousarray(host.T), device)     # (6, B); top_k exact: V < 2^24
+        return cls(params, cols[0], cols[1].long(), *cols[2:])
+
+
 def filtered_probs(logits: Tensor, temperature: Tensor, top_k: Tensor | None, top_p: Tensor | None) -> Tensor:
     """(B, V) logits -> (B, V) probabilities after temperature, top-k and top-p.
 
@@ -1651,7 +1672,7 @@ def token_counts(lists: list[list[int]], V: int, device: torch.device | str) -> 
 
 
 def penalties_from_counts(logits: Tensor, params: list[SamplingParams], counts: Tensor | None,
-                          in_prompt: Tensor | None) -> Tensor:
+                          in_prompt: Tensor | None, meta: SamplingMetadata | None = None) -> Tensor:
     """(B, V) logits -> the logits each request samples from, before temperature (vLLM's
     definitions), given counts (B, V), how often row i's request has generated each token,
     and in_prompt (B, V), which tokens its prompt holds:
@@ -1663,21 +1684,23 @@ def penalties_from_counts(logits: Tensor, params: list[SamplingParams], counts: 
 
     A row without penalties comes out unchanged: r = 1, f = p = 0 change no value. The
     result is a new tensor whenever some row is penalized (logits itself is not written).
-    counts and in_prompt may be None when no row has a penalty that counts tokens."""
+    counts and in_prompt may be None when no row has a penalty that counts tokens. meta:
+    params' SamplingMetadata, made here when not given and needed."""
     V, dev = logits.shape[-1], logits.device
+    if meta is None and any(p.counts_tokens for p in params):
+        meta = SamplingMetadata.make(params, V, dev)
     # Each kind only when some row has it (the host's params say so, without a sync).
     if any(p.repetition_penalty != 1 for p in params):
-        rep = to_device([p.repetition_penalty for p in params], dev, torch.float32)[:, None]
+        rep = meta.repetition_penalty[:, None]
         seen = in_prompt | (counts > 0)
         logits = torch.where(seen, torch.where(logits > 0, logits / rep, logits * rep), logits)
     # Each as one fused pass over (B, V), l - f * c (addcmul): a batch's penalties cost what
     # its logits take to stream, a few passes, not one per elementwise operation.
     if any(p.frequency_penalty for p in params):
-        freq = to_device([p.frequency_penalty for p in params], dev, torch.float32)[:, None]
-        logits = torch.addcmul(logits, counts, freq, value=-1)
+        logits = torch.addcmul(logits, counts, meta.frequency_penalty[:, None], value=-1)
     if any(p.presence_penalty for p in params):
-        pres = to_device([p.presence_penalty for p in params], dev, torch.float32)[:, None]
-        logits = torch.addcmul(logits, counts.sign(), pres, value=-1)        # counts >= 0: sign is 0 or 1
+        presence = meta.presence_penalty[:, None]
+        logits = torch.addcmul(logits, counts.sign(), presence, value=-1)    # counts >= 0: sign is 0 or 1
     bias = [(i * V + t, b) for i, p in enumerate(params) for t, b in (p.logit_bias or {}).items() if t < V]
     if bias:      # one index_add over the flat logits (index_put's accumulate on CUDA syncs with the host)
         flat, values = zip(*bias)
@@ -1777,24 +1800,21 @@ class PenaltyCounts:
                                       True)
 
 
-def sampling_probs(logits: Tensor, params: list[SamplingParams]) -> Tensor:
-    """(B, V) logits -> the (B, V) distribution each request samples from.
+def sampling_probs(logits: Tensor, params: list[SamplingParams], meta: SamplingMetadata | None = None) -> Tensor:
+    """(B, V) logits -> the (B, V) distribution each request samples from (meta: params'
+    SamplingMetadata, made here when not given).
 
     Greedy rows (temperature 0) become one-hot on the argmax, so that speculative
     decoding's acceptance rule treats greedy and sampled requests alike.
     """
-    dev = logits.device
     V = logits.shape[-1]
-    temperature = to_device([p.temperature for p in params], dev, torch.float32)
-    top_k = top_p = None
-    if any(0 < p.top_k < V or p.top_p < 1 for p in params):
-        top_k = to_device([min(p.top_k, V) for p in params], dev, torch.long)       # k > V: keep all
-        top_p = to_device([p.top_p for p in params], dev, torch.float32)
-    probs = filtered_probs(logits, temperature, top_k, top_p)
+    meta = meta or SamplingMetadata.make(params, V, logits.device)
+    filters = any(0 < p.top_k < V or p.top_p < 1 for p in params)     # k >= V keeps all
+    probs = filtered_probs(logits, meta.temperature, meta.top_k if filters else None, meta.top_p if filters else None)
     if all(p.temperature > 0 for p in params):          # read from the host's params: no sync
         return probs
     greedy = F.one_hot(logits.argmax(-1), logits.shape[-1]).to(probs.dtype)
-    return torch.where((temperature == 0)[:, None], greedy, probs)
+    return torch.where((meta.temperature == 0)[:, None], greedy, probs)
 
 
 # A seeded request draws the noise of each sampling event from a counter-based generator
@@ -1881,12 +1901,12 @@ def draw(probs: Tensor, keys: list[int | None], default: torch.Generator) -> Ten
     return torch.div(probs, noise, out=noise).argmax(-1)
 
 
-def sample(logits: Tensor, params: list[SamplingParams],
-           keys: list[int | None], default: torch.Generator) -> Tensor:
+def sample(logits: Tensor, params: list[SamplingParams], keys: list[int | None], default: torch.Generator,
+           meta: SamplingMetadata | None = None) -> Tensor:
     """One token per row of logits (B, V). Temperature 0 is a plain argmax."""
     if all(p.temperature == 0 for p in params):
         return logits.argmax(-1)
-    return draw(sampling_probs(logits, params), keys, default)
+    return draw(sampling_probs(logits, params, meta), keys, default)
 
 
 def top_logprobs(logprobs: Tensor, chosen: Tensor, n: int) -> list[dict[int, float]]:
@@ -1908,9 +1928,20 @@ class Sampler:
     per sequence (PenaltyCounts)."""
 
     def __init__(self, device: torch.device, seed: int, vocab_size: int, max_num_seqs: int):
-        self.device = device
+        self.device, self.vocab_size = device, vocab_size
         self.default = torch.Generator(device).manual_seed(seed)
         self.penalty_counts = PenaltyCounts(vocab_size, device, max_num_seqs + 1)
+        self._metadata: SamplingMetadata | None = None
+
+    def metadata(self, params: list[SamplingParams]) -> SamplingMetadata:
+        """params' SamplingMetadata: the last one made while the rows are the same requests
+        in the same order (a batch that only decodes keeps its rows step after step, and then
+        copies nothing), else a new one. A request's params are its own copy (make_sequence),
+        never changed while it runs, so the objects' identity stands for their values."""
+        last = self._metadata
+        if last is None or len(last.params) != len(params) or any(a is not b for a, b in zip(params, last.params)):
+            self._metadata = SamplingMetadata.make(params, self.vocab_size, self.device)
+        return self._metadata
 
     @staticmethod
     def key(seed: int | None, position: int, purpose: int) -> int | None:
@@ -1922,7 +1953,7 @@ class Sampler:
     def sample(self, logits: Tensor, params: list[SamplingParams], positions: list[int]) -> Tensor:
         """(B, V) logits -> (B,) tokens; row i is the token at positions[i]."""
         return sample(logits, params, [self.key(p.seed, pos, SAMPLE) for p, pos in zip(params, positions)],
-                      self.default)
+                      self.default, self.metadata(params))
 
     def draw(self, probs: Tensor, keys: list[int | None]) -> Tensor:
         return draw(probs, keys, self.default)
@@ -1941,7 +1972,7 @@ class Sampler:
         counts = self.penalty_counts.counts[rows]                                   # (B, V)
         if extra and any(extra):
             counts += token_counts(extra, logits.shape[-1], logits.device)
-        return penalties_from_counts(logits, params, counts, self.penalty_counts.in_prompt[rows])
+        return penalties_from_counts(logits, params, counts, self.penalty_counts.in_prompt[rows], self.metadata(params))
 
 
 # ============================================================================ scheduler

@@ -255,3 +255,26 @@ def test_penalties_apply_per_row_in_a_mixed_batch():
     params = [SamplingParams(frequency_penalty=1.0), SamplingParams()]
     got = nanoserve.apply_penalties(logits, params, [[0], [0]], [[2, 2], [2, 2]])
     assert got[0, 2] == -2.0 and got[1, 2] == 0.0
+
+
+def test_sampling_metadata_is_remade_only_when_the_batch_changes_its_requests(tiny_model_dir, monkeypatch):
+    """The sampler's parameter tensors (SamplingMetadata) cross to the device when a step's
+    rows are other requests than the last step's, not at every step. Two rows at a time: a
+    request that finishes hands its row to a waiting one with other parameters (greedy after
+    sampled, top-k, top-p), which the kept tensors must not carry over: every request's
+    tokens are those it gets alone."""
+    requests = [SamplingParams(temperature=1.0, seed=1, max_tokens=2, ignore_eos=True),
+                SamplingParams(temperature=0.7, top_k=5, seed=2, max_tokens=11, ignore_eos=True),
+                SamplingParams(temperature=0, max_tokens=4, ignore_eos=True),
+                SamplingParams(temperature=1.3, top_p=0.8, seed=4, max_tokens=3, ignore_eos=True)]
+    prompts = [[1, 5, 9], [1, 7], [1, 3, 3, 8], [1, 2]]
+    llm = nanoserve.LLM(tiny_model_dir, device="cpu", max_num_seqs=2)
+    alone = [llm.generate([q], p)[0].token_ids for q, p in zip(prompts, requests)]
+    made, make = [], nanoserve.SamplingMetadata.make
+    monkeypatch.setattr(nanoserve.SamplingMetadata, "make",
+                        staticmethod(lambda params, *a: made.append(len(params)) or make(params, *a)))
+    steps = llm.engine.num_steps
+    together = [o.token_ids for o in llm.generate(prompts, requests)]
+    assert together == alone
+    # 11 steps: {0, 1} for 2, then 2 joins as 0 ends (4 steps), then 3 as 2 ends (3), then 1 alone.
+    assert made == [2, 2, 2, 1] and llm.engine.num_steps - steps == 11

@@ -15,6 +15,7 @@ from __future__ import annotations
 
 import argparse
 import cProfile
+import dataclasses
 import gc
 import http.client
 import importlib.util
@@ -406,7 +407,7 @@ def bench_host(batch: int = 256, steps: int = 100, warmup: int = 4) -> dict:
         eng.step()
     profile.disable()
     for seq in eng.scheduler.running:                   # every request now penalizes repeats too
-        seq.params.frequency_penalty = 0.1
+        seq.params = dataclasses.replace(seq.params, frequency_penalty=0.1)
     timed("final_only_penalized")
     r["graph_path_steps"] = eng.runner.graphs.steps - graph_steps
     if len(eng.scheduler.running) != batch:             # the engine ends a failed step's requests
