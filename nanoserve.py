@@ -815,8 +815,11 @@ class LlamaAttention(nn.Module):
         self.o_proj = nn.Linear(self.n_heads * self.head_dim, D, bias=cfg.o_bias)    # (D, H*hd)
         self.qkv: FusedLinear | None = None       # q, k, v as one matmul, once fuse_projections ran
 
-    def forward(self, x: Tensor, positions: Tensor, kv_cache: Tensor, meta: AttentionMetadata,
+    # Attention is o_proj(attend(project(x))); the decoder layer calls the three in turn.
+    def project(self, x: Tensor, positions: Tensor, kv_cache: Tensor, meta: AttentionMetadata,
                 rope: tuple[Tensor, Tensor]) -> Tensor:
+        """x (T, D) -> q (T, H, hd) with RoPE, the new tokens' K/V written to the cache. Of
+        meta it reads only the cache slots (and the CPU plan)."""
         T = x.shape[0]
         if self.qkv is not None and self.qkv.holds(self.q_proj, self.k_proj, self.v_proj):
             qkv = self.qkv(x).view(T, self.n_heads + 2 * self.n_kv, self.head_dim)    # (T, H + 2Hkv, hd)
@@ -827,12 +830,17 @@ class LlamaAttention(nn.Module):
             v = self.v_proj(x).view(T, self.n_kv, self.head_dim)         # (T, Hkv, hd)
         k_cache, v_cache = kv_cache.unbind(0)                          # 2 x (blocks, block_size, Hkv, hd)
         # RoPE, and K/V written to the cache first: the new tokens attend to themselves too.
-        q = kernels.rope_and_cache(q, k, v, positions, *rope, k_cache, v_cache, meta.slot_mapping,
-                                   plan=meta.cpu_plan)
+        return kernels.rope_and_cache(q, k, v, positions, *rope, k_cache, v_cache, meta.slot_mapping,
+                                      plan=meta.cpu_plan)
+
+    def attend(self, q: Tensor, kv_cache: Tensor, meta: AttentionMetadata) -> Tensor:
+        """Each query over its own sequence's cached keys and values -> (T, H * hd). The one
+        operation of the model that depends on how the step's tokens split into sequences."""
+        k_cache, v_cache = kv_cache.unbind(0)
         o = kernels.paged_attention(q, k_cache, v_cache, meta.block_tables, meta.query_start_loc,
                                     meta.context_lens, self.scale, meta.max_context_len, meta.max_query_len,
-                                    plan=meta.cpu_plan)
-        return self.o_proj(o.reshape(T, self.n_heads * self.head_dim))
+                                    plan=meta.cpu_plan)                           # (T, H, hd)
+        return o.reshape(q.shape[0], self.n_heads * self.head_dim)
 
 
 class LlamaMLP(nn.Module):
@@ -878,13 +886,23 @@ class LlamaDecoderLayer(nn.Module):
 
     def forward(self, x: Tensor, residual: Tensor | None, positions: Tensor, kv_cache: Tensor,
                 meta: AttentionMetadata, rope: tuple[Tensor, Tensor]) -> tuple[Tensor, Tensor]:
+        q, residual = self.before_attention(x, residual, positions, kv_cache, meta, rope)
+        return self.after_attention(self.self_attn.attend(q, kv_cache, meta), residual)
+
+    # The layer in two halves around attention (PiecewiseGraphs captures each half).
+    def before_attention(self, x: Tensor, residual: Tensor | None, positions: Tensor, kv_cache: Tensor,
+                         meta: AttentionMetadata, rope: tuple[Tensor, Tensor]) -> tuple[Tensor, Tensor]:
+        """-> (q (T, H, hd), residual (T, D)), the new tokens' K/V cached."""
         # The residual stream is carried separately so that "add + norm" is one fused op.
         if residual is None:
             h, residual = self.input_layernorm(x), x
         else:
             h, residual = self.input_layernorm(x, residual)
-        h = self.self_attn(h, positions, kv_cache, meta, rope)
-        h, residual = self.post_attention_layernorm(h, residual)
+        return self.self_attn.project(h, positions, kv_cache, meta, rope), residual
+
+    def after_attention(self, o: Tensor, residual: Tensor) -> tuple[Tensor, Tensor]:
+        """Attention's output o (T, H * hd) -> (the MLP's output, residual), both (T, D)."""
+        h, residual = self.post_attention_layernorm(self.self_attn.o_proj(o), residual)
         return self.mlp(h), residual
 
     def forward_dense(self, x: Tensor, rope: tuple[Tensor, Tensor]) -> Tensor:
@@ -2436,6 +2454,105 @@ class DecodeGraphs:
         return graph, out
 
 
+PIECEWISE_MAX_TOKENS = 512      # steps of more tokens run eagerly: their kernels outlast their launches
+
+
+class PiecewiseGraphs:
+    """Steps with prompt tokens (prefill chunks, alone or beside decodes) of up to
+    PIECEWISE_MAX_TOKENS tokens, replayed as CUDA graphs captured piecewise around attention
+    (vLLM's piecewise CUDA graphs).
+
+    A short prompt's prefill launches as many kernels as a decode step and its GPU work is
+    nearly as short, so its time to first token is launch time too. One graph cannot hold a
+    whole step, as it does a decode step: attention's work depends on how the step's tokens
+    split into sequences (their number, their query and context lengths), which changes
+    every step; everything else works token by token. So the model is cut at each layer's
+    attention: graph 0 is the embedding and layer 0 up to attention (norm, projections, RoPE
+    and the cache write), graph i layer i-1's rest (output projection, norm, MLP) and layer
+    i up to attention, graph L the last layer's rest and the final norm. Attention runs
+    eagerly between the graphs, reading q from one fixed buffer and writing its output to
+    another; the residual stream passes between graphs in a third. A step is padded up to
+    a bucket of tokens (padding tokens write their K/V to slot -1, which the cache write
+    skips, and belong to no sequence, so nobody attends to them). A bucket's L + 1 graphs are
+    captured on its first use, into one memory pool; capture=False runs the same pieces
+    eagerly (the CPU tests check it, a GPU captures it).
+    """
+
+    def __init__(self, model: LlamaForCausalLM, kv_cache: Tensor, max_tokens: int, capture: bool = True):
+        self.model, self.kv_cache, self.capture = model, kv_cache, capture
+        self.layers = model.model.layers
+        self.buckets = [b for b in (16, 32, 64, 128, 256) if b < max_tokens] + [max_tokens]
+        c, top, dev = model.config, max_tokens, kv_cache.device
+        dtype = model.model.embed_tokens.weight.dtype                  # the activations'
+        self.input_ids = torch.zeros(top, dtype=torch.int64, device=dev)                        # (T,)
+        self.positions = torch.zeros(top, dtype=torch.int64, device=dev)                        # (T,)
+        self.slot_mapping = torch.full((top,), -1, dtype=torch.int64, device=dev)               # (T,)
+        self.q = torch.zeros(top, c.num_attention_heads, c.head_dim, dtype=dtype, device=dev)   # (T, H, hd)
+        self.o = torch.zeros(top, c.num_attention_heads * c.head_dim, dtype=dtype, device=dev)  # (T, H*hd)
+        self.residual = torch.zeros(top, c.hidden_size, dtype=dtype, device=dev)                # (T, D)
+        self.no_index = torch.zeros(0, dtype=torch.int32, device=dev)  # metadata the pieces do not read
+        self.graphs: dict[int, tuple[list[torch.cuda.CUDAGraph], Tensor]] = {}   # bucket -> graphs, output
+        self.pool = None
+        self.steps = 0                                 # steps served
+
+    def _piece(self, i: int, b: int) -> Tensor | None:
+        """Graph i's work on the first b tokens; the last piece returns the hidden states (b, D)."""
+        if i == 0:
+            x, residual = self.model.model.embed_tokens(self.input_ids[:b]), None               # (b, D)
+        else:
+            x, residual = self.layers[i - 1].after_attention(self.o[:b], self.residual[:b])
+        if i == len(self.layers):
+            return self.model.model.norm(x, residual)[0]
+        # The pieces write the cache and do not attend: of the metadata, only the slots are read.
+        meta = AttentionMetadata(self.slot_mapping[:b], self.no_index.view(0, 0), self.no_index, self.no_index, 0, 0)
+        q, residual = self.layers[i].before_attention(x, residual, self.positions[:b], self.kv_cache[i], meta,
+                                                      self.model.rope)
+        self.q[:b].copy_(q)
+        self.residual[:b].copy_(residual)
+        return None
+
+    def run(self, input_ids: Tensor, positions: Tensor, slot_mapping: Tensor, meta: AttentionMetadata) -> Tensor:
+        """One step's T tokens (ids, positions and cache slots, (T,) each on the device; meta:
+        the step's attention metadata) -> hidden states (T, D), a tensor of their own (the next
+        step rewrites the graphs' output; a prompt chunk's rows may be read after it)."""
+        T = input_ids.shape[0]
+        b = next(x for x in self.buckets if x >= T)
+        self.input_ids[:T].copy_(input_ids)
+        self.positions[:T].copy_(positions)
+        self.slot_mapping[:T].copy_(slot_mapping)
+        self.slot_mapping[T:b] = -1                                    # padding: no K/V written
+        if self.capture and b not in self.graphs:
+            self.graphs[b] = self._capture(b)
+        out = None
+        for i in range(len(self.layers) + 1):
+            if self.capture:
+                self.graphs[b][0][i].replay()
+            else:
+                out = self._piece(i, b)
+            if i < len(self.layers):
+                self.o[:T].copy_(self.layers[i].self_attn.attend(self.q[:T], self.kv_cache[i], meta))
+        self.steps += 1
+        return (self.graphs[b][1] if self.capture else out)[:T].clone()
+
+    def _capture(self, b: int) -> tuple[list[torch.cuda.CUDAGraph], Tensor]:
+        # Each piece is warmed up on a side stream first, as DecodeGraphs does. A warm-up
+        # writes K/V at this step's slots from whatever the buffers hold; the replays that
+        # follow write them again before attention reads them.
+        graphs, out = [], None
+        for i in range(len(self.layers) + 1):
+            stream = torch.cuda.Stream()
+            stream.wait_stream(torch.cuda.current_stream())
+            with torch.cuda.stream(stream):
+                self._piece(i, b)
+            torch.cuda.current_stream().wait_stream(stream)
+            graph = torch.cuda.CUDAGraph()
+            with torch.cuda.graph(graph, pool=self.pool):
+                out = self._piece(i, b)                 # the last piece's: (b, D), in the pool
+            self.pool = graph.pool()
+            graphs.append(graph)
+        return graphs, out
+
+
 class ModelRunner:
     """Runs one model (the target, or a speculative draft) over flat batches of tokens."""
 
@@ -2450,6 +2567,11 @@ class ModelRunner:
         # reference attention syncs with the host, which a graph cannot record.
         self.use_graphs = self.device.type == "cuda" and not cfg.enforce_eager and kernels.USE_CUDA_KERNELS
         self.graphs: DecodeGraphs | None = None
+        # The other steps of up to PIECEWISE_MAX_TOKENS tokens: piecewise graphs, made on first
+        # use too. Not with tensor parallelism (its collectives run between the layers' ops).
+        self.use_piecewise_graphs = self.use_graphs and cfg.tensor_parallel_size == 1
+        self.piecewise_max_tokens = min(cfg.max_num_batched_tokens, PIECEWISE_MAX_TOKENS)
+        self.piecewise: PiecewiseGraphs | None = None
 
     @property
     def kv_bytes_per_token(self) -> int:
@@ -2461,7 +2583,8 @@ class ModelRunner:
         """Memory the KV pool(s) may take: a share of free GPU memory less the activations
         of the largest step, its logits and the penalty counts (Sampler), and for a quantized
         model the dense temporary the largest quantized projection dequantizes into when a
-        step has kernels.QUANT_GEMM_MAX_ROWS rows or more (kernels.quant_linear). On the
+        step has kernels.QUANT_GEMM_MAX_ROWS rows or more (kernels.quant_linear); all of that
+        once more for the piecewise graphs, whose pool keeps a step's activations. On the
         CPU, EngineConfig.kv_cache_bytes, else a share of the available memory."""
         if self.device.type != "cuda":
             return self.cfg.kv_cache_bytes or int(available_cpu_memory() * CPU_KV_MEMORY_FRACTION)
@@ -2472,7 +2595,9 @@ class ModelRunner:
             + 2 * (self.cfg.max_num_seqs + 1) * c.vocab_size * 5      # penalty counts, and a copy as they grow
         dequant = max((m.in_features * m.out_features * self.dtype.itemsize
                        for m in self.model.modules() if isinstance(m, QuantLinear)), default=0)
-        return int(free * self.cfg.gpu_memory_utilization) - act - dequant
+        graphs = self.piecewise_max_tokens * (4 * c.hidden_size + 3 * c.intermediate_size) * 4 + dequant \
+            if self.use_piecewise_graphs else 0
+        return int(free * self.cfg.gpu_memory_utilization) - act - dequant - graphs
 
     def allocate_kv_cache(self, num_blocks: int) -> None:
         """The pool, allocated once: (layers, K/V, blocks, block_size, kv_heads, head_dim)."""
@@ -2510,9 +2635,10 @@ class ModelRunner:
                 return self.graphs.run(ids, pos, slots, tables, pending), rows[:-1]
         S, T = len(tokens), len(ids)
         lens = [c + len(t) for c, t in zip(starts, tokens)]
+        piecewise = self.use_piecewise_graphs and T <= self.piecewise_max_tokens
         # The CPU plan gathers the cache through indices of its own, made from the table
         # lists; the padded tables are for the other paths.
-        cpu_plan = self.device.type == "cpu" and kernels.USE_CPU_FAST_PATHS
+        cpu_plan = self.device.type == "cpu" and kernels.USE_CPU_FAST_PATHS and not piecewise
         # One copy to the device: ids, positions, slots (T each), sequence starts (S + 1),
         # context lengths (S) and the padded block tables (S x width), written into one int32
         # host buffer and split on the device (views; the indices it wants as int64 converted there).
@@ -2528,6 +2654,11 @@ class ModelRunner:
             slot_mapping=slot_mapping, block_tables=buf[3 * T + 2 * S + 1:].view(S, W),
             query_start_loc=buf[3 * T:3 * T + S + 1], context_lens=buf[3 * T + S + 1:3 * T + 2 * S + 1],
             max_context_len=max(lens), max_query_len=max(map(len, tokens)))
+        if piecewise:
+            if self.piecewise is None:
+                self.piecewise = PiecewiseGraphs(self.model, self.kv_cache, self.piecewise_max_tokens,
+                                                 capture=self.device.type == "cuda")
+            return self.piecewise.run(fill_pending(input_ids, pending), positions, slot_mapping, meta), rows[:-1]
         if cpu_plan:
             # The layers' shared work, done once: cos/sin rows, gather indices, masks.
             meta.cpu_plan = kernels.plan_cpu_step([len(t) for t in tokens], lens, tables, positions,

@@ -227,6 +227,28 @@ def test_decode_graph_path_pads_to_buckets_and_matches_eager(model_dirs):
         assert eng.block_manager.ref_count == [0] * 40
 
 
+def test_piecewise_graph_path_pads_to_buckets_and_matches_eager(model_dirs):
+    """The piecewise-graph path for steps with prompt tokens (static buffers, steps padded up
+    to a bucket of tokens with slot -1, attention run between the pieces), run eagerly on the
+    CPU, gives the plain path's tokens: under chunked prefill, mixed steps, preemption and
+    prefix caching, with the decode graph path beside it. A padding token whose slot still
+    held a real token's from a longer step would overwrite that token's K/V."""
+    for model_dir in model_dirs:
+        kw = dict(device="cpu", num_blocks=40, block_size=4, max_model_len=150,
+                  max_num_batched_tokens=64, max_num_seqs=12)
+        plain = LLM(model_dir, **kw)
+        prompts, params = _workload(plain.engine.model_config.vocab_size, 20)
+        ref = [o.token_ids for o in plain.generate(prompts, params)]
+        graphed = LLM(model_dir, **kw)
+        eng = graphed.engine
+        eng.runner.use_graphs = eng.runner.use_piecewise_graphs = True      # what a CUDA device turns on
+        assert [o.token_ids for o in graphed.generate(prompts, params)] == ref, model_dir
+        pieces = eng.runner.piecewise
+        assert pieces.buckets == [16, 32, 64] and not pieces.capture
+        assert pieces.steps > 0 and eng.runner.graphs.steps > 0 and graphed.stats()["preemptions"] > 0
+        assert eng.block_manager.ref_count == [0] * 40
+
+
 def test_block_table_counts_the_entries_nobody_changed():
     t = nanoserve.BlockTable([5, 6, 7])
     assert t == [5, 6, 7] and t.synced == 0
@@ -400,7 +422,7 @@ def _run_async_workload(llm: LLM, graphs: bool) -> dict:
     id -> (its outputs' fields, the text its deltas add up to: how many outputs a stream gets
     depends on the steps its samples were batched in)."""
     eng = llm.engine
-    eng.runner.use_graphs = graphs
+    eng.runner.use_graphs = eng.runner.use_piecewise_graphs = graphs
     ids = [eng.add_request(prompt, p, stream=stream) for prompt, p, stream in _async_workload(llm)]
     seen: dict = {}
     while eng.has_unfinished():

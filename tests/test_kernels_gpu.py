@@ -76,6 +76,29 @@ def test_async_scheduling_launches_steps_without_waiting_for_the_gpu(model_dirs,
 
 
 @cuda
+def test_piecewise_graph_prefill_equals_eager_prefill(model_dirs):
+    """Prefills and mixed steps replayed as piecewise CUDA graphs (attention eager between
+    them) give the eager path's greedy tokens, prompts of several buckets' lengths, one of
+    them chunked; a prompt-logprob chunk's rows are read after the next step was launched."""
+    for model_dir in model_dirs:
+        prompts = [[1] + list(range(5, 5 + n)) for n in (3, 40, 100, 300, 700)]
+        p = [SamplingParams(temperature=0, max_tokens=m, ignore_eos=True, prompt_logprobs=1 if m == 9 else None)
+             for m in (30, 9, 20, 3, 12)]
+        kw = dict(device="cuda", dtype="float32", max_num_batched_tokens=512, enable_prefix_caching=False)
+        eager = LLM(model_dir, enforce_eager=True, **kw).generate(prompts, p)
+        llm = LLM(model_dir, **kw)
+        graphed = llm.generate(prompts, p)
+        assert [o.token_ids for o in graphed] == [o.token_ids for o in eager]
+        lp = [next(iter(d.values())) for d in graphed[1].prompt_logprobs[1:]]
+        ref = [next(iter(d.values())) for d in eager[1].prompt_logprobs[1:]]
+        assert max(abs(a - b) for a, b in zip(lp, ref)) < 1e-3
+        pieces = llm.engine.runner.piecewise
+        assert pieces.capture and len(pieces.graphs) >= 3 and pieces.steps > 0
+        assert all(len(g) == len(llm.engine.model.model.layers) + 1 for g, _ in pieces.graphs.values())
+        assert llm.stats()["kv_blocks_free"] == llm.stats()["kv_blocks_total"]
+
+
+@cuda
 def test_cuda_graph_decode_equals_eager_decode(model_dirs):
     for model_dir in model_dirs:
         prompts = [[1] + list(range(5, 5 + n)) for n in (3, 40, 17, 90, 1)]   # batches 5..1: buckets 8, 4, 2, 1

@@ -134,19 +134,20 @@ def test_speculation_with_preemption_chunking_prefix_caching_and_seeds(pair):
     assert [o.token_ids for o in spec.generate(prompts, sampled)] == solo
 
 
-def test_speculation_through_the_decode_graph_path(pair):
-    """Draft steps go through the padded static-buffer decode path (CUDA graphs on a GPU,
-    eager here); verification windows (several queries) stay eager. Greedy output equals
-    the target alone."""
+def test_speculation_through_the_graph_paths(pair):
+    """Draft steps go through the padded static-buffer decode path, verification windows
+    (several queries each) and prefills through the piecewise one (CUDA graphs on a GPU,
+    eager here). Greedy output equals the target alone."""
     for target, draft in all_pairs(pair):
         vocab = nanoserve.ModelConfig.from_dir(target).vocab_size
         prompts = prompts_for(vocab, 11, seed=3)
         greedy = SamplingParams(temperature=0, max_tokens=24, ignore_eos=True)
         ref = [o.token_ids for o in LLM(target, device="cpu").generate(prompts, greedy)]
         spec = LLM(target, device="cpu", draft_model=draft, num_speculative_tokens=3)
-        spec.engine.runner.use_graphs = spec.engine.speculator.runner.use_graphs = True
+        for runner in (spec.engine.runner, spec.engine.speculator.runner):
+            runner.use_graphs = runner.use_piecewise_graphs = True
         assert [o.token_ids for o in spec.generate(prompts, greedy)] == ref
-        assert spec.engine.speculator.runner.graphs.steps > 0
+        assert spec.engine.speculator.runner.graphs.steps > 0 and spec.engine.runner.piecewise.steps > 0
 
 
 # ----------------------------------------------------------------------------- distribution

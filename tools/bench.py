@@ -143,14 +143,18 @@ def run_timed(llm: LLM, prompts: list, params: list[SamplingParams],
 
 
 def bench_latency(llm: LLM, prompt_len: int = 128, new_tokens: int = 64) -> dict:
-    """Batch-1 prefill and decode, against the roofline of this machine."""
+    """Batch-1 prefill and decode, against the roofline of this machine. Where the engine
+    captures prefills in graphs (PiecewiseGraphs), the time to first token without them too."""
     eng, mc = llm.engine, llm.engine.model_config
     dev = eng.device
     vocab = mc.vocab_size
-    rng = np.random.default_rng(0)
-    prompt = [1] + rng.integers(3, vocab, prompt_len - 1).tolist()
+
+    def random_prompt(seed: int) -> list[int]:      # shares no cached block with another seed's
+        return [1] + np.random.default_rng(seed).integers(3, vocab, prompt_len - 1).tolist()
+    prompt = random_prompt(0)
     p = SamplingParams(temperature=0, max_tokens=new_tokens, ignore_eos=True)
-    llm.generate(prompt[:16], SamplingParams(temperature=0, max_tokens=4, ignore_eos=True))   # warm-up
+    # Warm-up on a prompt of the same length: kernels loaded, its graphs captured.
+    llm.generate(random_prompt(1), SamplingParams(temperature=0, max_tokens=4, ignore_eos=True))
     out = llm.generate(prompt, p)[0]
     m = out.metrics
     # Bytes a decode step reads: every weight once; of the embedding table only one row,
@@ -167,11 +171,17 @@ def bench_latency(llm: LLM, prompt_len: int = 128, new_tokens: int = 64) -> dict
     bpp = weight_bytes / n_params
     ridge = flops / bw                      # FLOPs per byte where a kernel stops being memory-bound
     decode_ai, prefill_ai = 2 / bpp, 2 * prompt_len / bpp
-    eager_tps = None
+    eager_tps = eager_ttft = None
     if eng.runner.use_graphs:                      # the same decode without CUDA graphs
         eng.runner.use_graphs = False
         eager_tps = 1 / llm.generate(prompt, p)[0].metrics["time_per_output_token"]
         eng.runner.use_graphs = True
+    if eng.runner.use_piecewise_graphs:            # a prefill of the same length without them
+        eng.runner.use_piecewise_graphs = False
+        one = SamplingParams(temperature=0, max_tokens=1, ignore_eos=True)
+        llm.generate(random_prompt(2), one)         # warm: the eager path's first prefill of this size
+        eager_ttft = llm.generate(random_prompt(3), one)[0].metrics["time_to_first_token"]
+        eng.runner.use_piecewise_graphs = True
     return {
         "prompt_tokens": prompt_len, "ttft_s": m["time_to_first_token"],
         "prefill_tok_s": prompt_len / m["time_to_first_token"], "decode_tok_s": decode_tps,
@@ -181,7 +191,7 @@ def bench_latency(llm: LLM, prompt_len: int = 128, new_tokens: int = 64) -> dict
         "decode_flops_per_byte": decode_ai, "prefill_flops_per_byte": prefill_ai,
         "decode_verdict": "memory-bound" if decode_ai < ridge else "compute-bound",
         "prefill_verdict": "memory-bound" if prefill_ai < ridge else "compute-bound",
-        "decode_tok_s_eager": eager_tps,
+        "decode_tok_s_eager": eager_tps, "ttft_s_eager": eager_ttft,
     }
 
 
@@ -1039,8 +1049,9 @@ Rows = list[tuple[str, str]]
 def suite_latency(b: Bench) -> tuple[dict, str, Rows]:
     r = bench_latency(b.llm())
     graphs = f" with CUDA graphs, {r['decode_tok_s_eager']:.1f} tok/s eager" if r["decode_tok_s_eager"] else ""
+    eager = f", {r['ttft_s_eager'] * 1e3:.1f} ms without graphs" if r["ttft_s_eager"] else ""
     return r, "Latency, batch 1", [
-        ("time to first token (128-token prompt)", f"{r['ttft_s'] * 1e3:.1f} ms"),
+        (f"time to first token ({r['prompt_tokens']}-token prompt)", f"{r['ttft_s'] * 1e3:.1f} ms{eager}"),
         ("prefill", f"{r['prefill_tok_s']:.0f} tok/s"),
         ("decode", f"{r['decode_tok_s']:.1f} tok/s{graphs}"),
         ("weights read per token", f"{r['weight_bytes'] / 1e6:.1f} MB"),
