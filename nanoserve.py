@@ -1652,7 +1652,8 @@ class SamplingMetadata:
     @classmethod
     def make(cls, params: list[SamplingParams], vocab_size: int, device: torch.device) -> SamplingMetadata:
         host = np.array([(p.temperature, min(p.top_k, vocab_size), p.top_p, p.repetition_penalty,
-                          p.frequency_penalty, p.presence_penalty) for p in params], dtype=np.float32)  # (B, 6)
+                          p.frequency_penalty, p.presence_penalty) for p in params],
+                        dtype=np.float32).reshape(-1, 6)                                    # (B, 6)
         cols = to_device(np.ascontiguousarray(host.T), device)     # (6, B); top_k exact: V < 2^24
         return cls(params, cols[0], cols[1].long(), *cols[2:])
 
@@ -1712,8 +1713,8 @@ def penalties_from_counts(logits: Tensor, params: list[SamplingParams], counts: 
         rep = meta.repetition_penalty[:, None]
         seen = in_prompt | (counts > 0)
         logits = torch.where(seen, torch.where(logits > 0, logits / rep, logits * rep), logits)
-    # Each as one fused pass over (B, V), l - f * c (addcmul): a batch's penalties cost what
-    # its logits take to stream, a few passes, not one per elementwise operation.
+    # l - f * c as one fused pass over (B, V) (addcmul), presence as two (sign, addcmul): a
+    # batch's penalties cost a few passes over its logits, not one per elementwise operation.
     if any(p.frequency_penalty for p in params):
         logits = torch.addcmul(logits, counts, meta.frequency_penalty[:, None], value=-1)
     if any(p.presence_penalty for p in params):
@@ -1970,8 +1971,9 @@ class Sampler:
 
     def sample(self, logits: Tensor, params: list[SamplingParams], positions: list[int]) -> Tensor:
         """(B, V) logits -> (B,) tokens; row i is the token at positions[i]."""
+        greedy = all(p.temperature == 0 for p in params)         # argmax alone: no parameters to copy
         return sample(logits, params, [self.key(p.seed, pos, SAMPLE) for p, pos in zip(params, positions)],
-                      self.default, self.metadata(params))
+                      self.default, None if greedy else self.metadata(params))
 
     def draw(self, probs: Tensor, keys: list[int | None]) -> Tensor:
         return draw(probs, keys, self.default)
@@ -3160,11 +3162,11 @@ class LLMEngine:
             # each with its speculative lookahead.
             per_seq = -(-(self.max_model_len + cfg.num_speculative_tokens) // cfg.block_size)
             num_blocks = min(num_blocks, cfg.max_num_seqs * per_seq)
-        if num_blocks * cfg.block_size > INT32_MAX:    # a step's cache slots reach the device as int32
+        if num_blocks * cfg.block_size - 1 > INT32_MAX:    # a step's cache slots reach the device as int32
             if cfg.num_blocks:
                 raise ValueError(f"num_blocks={num_blocks} x block_size={cfg.block_size} exceeds the "
-                                 f"{INT32_MAX} cache slots a step can address")
-            num_blocks = INT32_MAX // cfg.block_size
+                                 f"{INT32_MAX + 1} cache slots a step can address")
+            num_blocks = (INT32_MAX + 1) // cfg.block_size
         if num_blocks * cfg.block_size < self.max_model_len:
             raise ValueError(f"num_blocks={num_blocks} x block_size={cfg.block_size} tokens "
                              f"cannot hold one sequence of max_model_len={self.max_model_len}; "

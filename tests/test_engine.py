@@ -482,8 +482,8 @@ def test_kv_pool_is_sized_from_the_memory_budget(tiny_model_dir):
     assert llm.stats()["kv_blocks_total"] == (1 << 20) // (per_token * 16)
     with pytest.raises(ValueError, match="num_blocks"):
         LLM(tiny_model_dir, device="cpu", num_blocks=3, block_size=16)   # < one max-length sequence
-    with pytest.raises(ValueError, match="num_blocks=134217728 x block_size=16 exceeds"):
-        LLM(tiny_model_dir, device="cpu", num_blocks=2**27, block_size=16)  # slots past int32's range
+    with pytest.raises(ValueError, match="num_blocks=134217729 x block_size=16 exceeds"):
+        LLM(tiny_model_dir, device="cpu", num_blocks=2**27 + 1, block_size=16)  # slots past int32's range
 
 
 def resident_bytes() -> int:

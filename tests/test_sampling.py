@@ -278,3 +278,8 @@ def test_sampling_metadata_is_remade_only_when_the_batch_changes_its_requests(ti
     assert together == alone
     # 11 steps: {0, 1} for 2, then 2 joins as 0 ends (4 steps), then 3 as 2 ends (3), then 1 alone.
     assert made == [2, 2, 2, 1] and llm.engine.num_steps - steps == 11
+    # an empty batch, and a greedy one (an argmax: no parameters copied)
+    assert nanoserve.SamplingMetadata.make([], 10, torch.device("cpu")).temperature.shape == (0,)
+    made.clear()
+    llm.generate(prompts[:2], SamplingParams(temperature=0, max_tokens=3))
+    assert made == []
