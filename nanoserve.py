@@ -2475,15 +2475,20 @@ class PiecewiseGraphs:
     eagerly between the graphs, reading q from one fixed buffer and writing its output to
     another; the residual stream passes between graphs in a third. A step is padded up to
     a bucket of tokens (padding tokens write their K/V to slot -1, which the cache write
-    skips, and belong to no sequence, so nobody attends to them). A bucket's L + 1 graphs are
-    captured on its first use, into one memory pool; capture=False runs the same pieces
-    eagerly (the CPU tests check it, a GPU captures it).
+    skips, and belong to no sequence, so nobody attends to them). The buckets' edges sit at
+    the quantized matmul's kernel thresholds (kernels.quant_linear_cuda picks its kernel by
+    rows), so padding never sends a step to another kernel than its own size takes. Every
+    bucket's L + 1 graphs are captured at the first step that needs one, largest bucket
+    first (the smaller ones then fit in the memory its capture took), into one pool; a
+    capture waits for the device, so it happens once, not whenever a new size comes.
+    capture=False runs the same pieces eagerly (the CPU tests check it, a GPU captures it).
     """
 
     def __init__(self, model: LlamaForCausalLM, kv_cache: Tensor, max_tokens: int, capture: bool = True):
         self.model, self.kv_cache, self.capture = model, kv_cache, capture
         self.layers = model.model.layers
-        self.buckets = [b for b in (16, 32, 64, 128, 256) if b < max_tokens] + [max_tokens]
+        edges = (kernels.GEMM_TC_MIN_ROWS - 1, 16, 32, 64, 128, kernels.QUANT_GEMM_MAX_ROWS - 1)
+        self.buckets = [b for b in edges if b < max_tokens] + [max_tokens]
         c, top, dev = model.config, max_tokens, kv_cache.device
         dtype = model.model.embed_tokens.weight.dtype                  # the activations'
         self.input_ids = torch.zeros(top, dtype=torch.int64, device=dev)                        # (T,)
@@ -2522,9 +2527,9 @@ class PiecewiseGraphs:
         self.input_ids[:T].copy_(input_ids)
         self.positions[:T].copy_(positions)
         self.slot_mapping[:T].copy_(slot_mapping)
-        self.slot_mapping[T:b] = -1                                    # padding: no K/V written
-        if self.capture and b not in self.graphs:
-            self.graphs[b] = self._capture(b)
+        self.slot_mapping[T:] = -1                                     # padding: no K/V written
+        if self.capture and not self.graphs:                          # all or none: a failed capture is retried
+            self.graphs = {bucket: self._capture(bucket) for bucket in reversed(self.buckets)}
         out = None
         for i in range(len(self.layers) + 1):
             if self.capture:
@@ -2538,8 +2543,8 @@ class PiecewiseGraphs:
 
     def _capture(self, b: int) -> tuple[list[torch.cuda.CUDAGraph], Tensor]:
         # Each piece is warmed up on a side stream first, as DecodeGraphs does. A warm-up
-        # writes K/V at this step's slots from whatever the buffers hold; the replays that
-        # follow write them again before attention reads them.
+        # writes K/V at this step's slots (the others are -1) from whatever the buffers hold;
+        # the replays that follow write them again before attention reads them.
         graphs, out = [], None
         for i in range(len(self.layers) + 1):
             stream = torch.cuda.Stream()

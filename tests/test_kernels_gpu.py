@@ -78,23 +78,33 @@ def test_async_scheduling_launches_steps_without_waiting_for_the_gpu(model_dirs,
 @cuda
 def test_piecewise_graph_prefill_equals_eager_prefill(model_dirs):
     """Prefills and mixed steps replayed as piecewise CUDA graphs (attention eager between
-    them) give the eager path's greedy tokens, prompts of several buckets' lengths, one of
-    them chunked; a prompt-logprob chunk's rows are read after the next step was launched."""
+    them) give the eager path's greedy tokens: prompts alone in every bucket (one chunked),
+    then together in mixed steps. A prompt-logprob chunk's rows are read after the next step
+    was launched (async scheduling). Every bucket is captured at the first step that needs
+    one, and never again."""
     for model_dir in model_dirs:
-        prompts = [[1] + list(range(5, 5 + n)) for n in (3, 40, 100, 300, 700)]
+        # Ids every model's vocabulary holds (the tiny random model has 300 tokens).
+        prompts = [[1] + [(7 * i) % 250 + 3 for i in range(n)] for n in (2, 10, 50, 200)]   # buckets 3, 16, 64, 128
         p = [SamplingParams(temperature=0, max_tokens=m, ignore_eos=True, prompt_logprobs=1 if m == 9 else None)
-             for m in (30, 9, 20, 3, 12)]
-        kw = dict(device="cuda", dtype="float32", max_num_batched_tokens=512, enable_prefix_caching=False)
-        eager = LLM(model_dir, enforce_eager=True, **kw).generate(prompts, p)
-        llm = LLM(model_dir, **kw)
-        graphed = llm.generate(prompts, p)
-        assert [o.token_ids for o in graphed] == [o.token_ids for o in eager]
-        lp = [next(iter(d.values())) for d in graphed[1].prompt_logprobs[1:]]
-        ref = [next(iter(d.values())) for d in eager[1].prompt_logprobs[1:]]
-        assert max(abs(a - b) for a, b in zip(lp, ref)) < 1e-3
+             for m in (30, 12, 9, 20)]
+        kw = dict(device="cuda", dtype="float32", max_num_batched_tokens=128, max_model_len=400,
+                  enable_prefix_caching=False)
+        eager, llm = LLM(model_dir, enforce_eager=True, **kw), LLM(model_dir, **kw)
+        for batch in ([0], [1], [2], [3], [0, 1, 2, 3]):
+            want = eager.generate([prompts[i] for i in batch], [p[i] for i in batch])
+            got = llm.generate([prompts[i] for i in batch], [p[i] for i in batch])
+            assert [o.token_ids for o in got] == [o.token_ids for o in want], (model_dir, batch)
+            for w, g in zip(want, got):
+                if w.prompt_logprobs:
+                    lp = [next(iter(d.values())) for d in g.prompt_logprobs[1:]]
+                    ref = [next(iter(d.values())) for d in w.prompt_logprobs[1:]]
+                    assert max(abs(a - b) for a, b in zip(lp, ref)) < 1e-3
         pieces = llm.engine.runner.piecewise
-        assert pieces.capture and len(pieces.graphs) >= 3 and pieces.steps > 0
+        assert pieces.capture and pieces.buckets == [3, 16, 32, 64, 128] and set(pieces.graphs) == set(pieces.buckets)
         assert all(len(g) == len(llm.engine.model.model.layers) + 1 for g, _ in pieces.graphs.values())
+        captured, steps = dict(pieces.graphs), pieces.steps
+        llm.generate(prompts, p)
+        assert pieces.graphs == captured and pieces.steps > steps
         assert llm.stats()["kv_blocks_free"] == llm.stats()["kv_blocks_total"]
 
 

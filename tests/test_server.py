@@ -128,9 +128,11 @@ def test_token_id_prompts_and_stop_strings(served):
 def test_fifty_concurrent_streams_interleave(served):
     port, llm, _ = served
     results, errors = {}, []
+    together = threading.Barrier(50)          # all send at once: a thread started late is no stream
 
     def client(i):
         try:
+            together.wait(timeout=60)
             t0 = time.perf_counter()
             conn = http.client.HTTPConnection("127.0.0.1", port, timeout=120)
             conn.request("POST", "/v1/completions", json.dumps(dict(
