@@ -2590,9 +2590,10 @@ class ModelRunner:
         """Memory the KV pool(s) may take: a share of free GPU memory less the activations
         of the largest step, its logits and the penalty counts (Sampler), and for a quantized
         model the dense temporary the largest quantized projection dequantizes into when a
-        step has kernels.QUANT_GEMM_MAX_ROWS rows or more (kernels.quant_linear); all of that
-        once more for the piecewise graphs, whose pool keeps a step's activations. On the
-        CPU, EngineConfig.kv_cache_bytes, else a share of the available memory."""
+        step has kernels.QUANT_GEMM_MAX_ROWS rows or more (kernels.quant_linear); with
+        piecewise graphs, whose pool keeps what a step of theirs allocates, the activations of
+        their largest step and that temporary once more. On the CPU,
+        EngineConfig.kv_cache_bytes, else a share of the available memory."""
         if self.device.type != "cuda":
             return self.cfg.kv_cache_bytes or int(available_cpu_memory() * CPU_KV_MEMORY_FRACTION)
         free, _ = torch.cuda.mem_get_info(self.device)

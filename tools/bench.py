@@ -360,6 +360,7 @@ def bench_host(batch: int = 256, steps: int = 100, warmup: int = 4) -> dict:
         D, V = eng.model_config.hidden_size, eng.model_config.vocab_size
         dev = eng.device
         eng.runner.use_graphs = True                     # the padded static-buffer path (captured on a GPU)
+        eng.runner.use_piecewise_graphs = False          # its pieces would run the real layers, not the stub
         eng.model.forward = lambda input_ids, positions, kv_caches, meta: torch.zeros(len(input_ids), D, device=dev)
         g = torch.Generator(dev).manual_seed(0)
 
