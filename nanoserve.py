@@ -2350,8 +2350,9 @@ class DecodeGraphs:
     Attention's Flash-Decoding grid (how many splits of the context, kernels.decode_partition)
     is fixed in a graph too, sized for a bound on the context: so that short contexts are
     not split (and merged) as a 32k one would be, the bound is bucketed as well, by powers
-    of two from 512 up to max_context_len, and a step takes the smallest bucket its longest
-    context fits.
+    of two up to max_context_len, and a step takes the smallest bucket its longest context
+    fits. The smallest bucket is kernels.DECODE_MIN_PART, the fewest keys a split gets: a
+    context that short takes one split, so its step launches no merge.
     Graphs are captured on first use of a bucket and share one memory pool (vLLM captures
     every bucket at start-up instead; a capture waits for the device, once per bucket).
     capture=False runs the same padded static-buffer path eagerly: the CPU tests check it,
@@ -2364,7 +2365,8 @@ class DecodeGraphs:
         top = min(max_batch, 256)                      # larger decode batches run eagerly
         self.buckets = [b for b in (1, 2, 4, *range(8, 257, 8)) if b < top] + [top]
         self.max_blocks = max_blocks
-        self.context_buckets = sorted({min(1 << k, max_context_len) for k in range(9, 31)})
+        first = kernels.DECODE_MIN_PART.bit_length() - 1                 # 256 -> 2^8
+        self.context_buckets = sorted({min(1 << k, max_context_len) for k in range(first, 31)})
         dev = kv_cache.device
         self.input_ids = torch.zeros(top, dtype=torch.int64, device=dev)                 # (B,)
         self.positions = torch.zeros(top, dtype=torch.int64, device=dev)                 # (B,)

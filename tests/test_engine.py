@@ -334,15 +334,19 @@ def test_graph_path_copies_changed_block_table_entries_only_and_matches_eager(mo
 
 def test_decode_graphs_bucket_the_context_bound_for_the_split_count():
     """A decode graph fixes attention's Flash-Decoding grid for a bound on the context: the
-    step takes the smallest power-of-two bucket (512 up to max_context_len) that holds its
-    longest context (position + 1), so short contexts are not split as a long one is."""
+    step takes the smallest power-of-two bucket (256 up to max_context_len) that holds its
+    longest context (position + 1), so short contexts are not split as a long one is; up to
+    256 (DECODE_MIN_PART keys) not at all, even where the GPU has many SMs to fill."""
     g = nanoserve.DecodeGraphs(None, torch.zeros(1), max_batch=12, max_blocks=400, max_context_len=5000,
                                capture=False)
-    assert g.context_buckets == [512, 1024, 2048, 4096, 5000]
+    assert g.context_buckets == [256, 512, 1024, 2048, 4096, 5000]
+    one_kv_head = dict(S=1, n_kv=1, group=8, head_dim=128, sm_count=132)       # 264 blocks wanted
+    assert nanoserve.kernels.decode_partition(max_context=256, **one_kv_head) >= 256            # one split
+    assert nanoserve.kernels.decode_partition(max_context=512, **one_kv_head) < 512             # two
     seen = []
     g._forward = lambda b, ctx: (seen.append((b, ctx)), torch.zeros(b, 8))[1]
-    for positions, want in (([10, 20, 30], (4, 512)), ([511], (1, 512)), ([5, 512], (2, 1024)),
-                            ([4095, 7], (2, 4096)), ([4999], (1, 5000))):
+    for positions, want in (([10, 20, 30], (4, 256)), ([255], (1, 256)), ([256], (1, 512)), ([5, 511], (2, 512)),
+                            ([5, 512], (2, 1024)), ([4095, 7], (2, 4096)), ([4999], (1, 5000))):
         tables = [[0] * (p // 16 + 1) for p in positions]
         out = g.run([1] * len(positions), positions, [0] * len(positions), tables)
         assert out.shape == (len(positions), 8) and seen[-1] == want, (positions, seen[-1])
