@@ -2073,6 +2073,7 @@ class SpeculativeDecoding(Protocol):
     release); the engine has drafts proposed before the model runs and verified after it."""
 
     kv_bytes_per_token: int               # a draft model's KV cache, which shares the pool's budget
+    reserved_bytes: int                   # what a draft model's steps take beside it (ModelRunner.reserved_bytes)
 
     def lookahead(self, seq: Sequence, budget: int) -> int: ...
     def can_reserve(self, seq: Sequence, k: int) -> bool: ...
@@ -2589,16 +2590,22 @@ class ModelRunner:
         return 2 * c.num_hidden_layers * c.num_key_value_heads * c.head_dim * self.dtype.itemsize
 
     def kv_budget_bytes(self) -> int:
-        """Memory the KV pool(s) may take: a share of free GPU memory less the activations
-        of the largest step, its logits and the penalty counts (Sampler), and for a quantized
-        model the dense temporary the largest quantized projection dequantizes into when a
-        step has kernels.QUANT_GEMM_MAX_ROWS rows or more (kernels.quant_linear); with
-        piecewise graphs, whose pool keeps what a step of theirs allocates, the activations of
-        their largest step and that temporary once more. On the CPU,
-        EngineConfig.kv_cache_bytes, else a share of the available memory."""
+        """Memory the KV pool(s) may take: a share of free GPU memory less reserved_bytes().
+        On the CPU, EngineConfig.kv_cache_bytes, else a share of the available memory."""
         if self.device.type != "cuda":
             return self.cfg.kv_cache_bytes or int(available_cpu_memory() * CPU_KV_MEMORY_FRACTION)
         free, _ = torch.cuda.mem_get_info(self.device)
+        return int(free * self.cfg.gpu_memory_utilization) - self.reserved_bytes()
+
+    def reserved_bytes(self) -> int:
+        """GPU memory this model's steps take beside the KV pool: the activations of the
+        largest step, its logits and the penalty counts (Sampler), and for a quantized model
+        the dense temporary the largest quantized projection dequantizes into when a step has
+        kernels.QUANT_GEMM_MAX_ROWS rows or more (kernels.quant_linear); with piecewise
+        graphs, whose pool keeps what a step of theirs allocates, the activations of their
+        largest step and that temporary once more. 0 on the CPU (its budget is set apart)."""
+        if self.device.type != "cuda":
+            return 0
         c = self.model.config
         act = self.cfg.max_num_batched_tokens * (4 * c.hidden_size + 3 * c.intermediate_size) * 4 \
             + self.cfg.max_num_seqs * c.vocab_size * 4 * 4 \
@@ -2607,7 +2614,7 @@ class ModelRunner:
                        for m in self.model.modules() if isinstance(m, QuantLinear)), default=0)
         graphs = self.piecewise_max_tokens * (4 * c.hidden_size + 3 * c.intermediate_size) * 4 + dequant \
             if self.use_piecewise_graphs else 0
-        return int(free * self.cfg.gpu_memory_utilization) - act - dequant - graphs
+        return act + dequant + graphs
 
     def allocate_kv_cache(self, num_blocks: int) -> None:
         """The pool, allocated once: (layers, K/V, blocks, block_size, kv_heads, head_dim)."""
@@ -3158,13 +3165,14 @@ class LLMEngine:
 
     def _allocate_kv_pool(self) -> int:
         """Size the KV pool (EngineConfig.num_blocks, or as many blocks as the memory budget
-        holds; a draft model's pool, of the same number of blocks, shares the budget),
-        allocate it, and return its number of blocks."""
+        holds; a draft model's pool, of the same number of blocks, shares the budget, and so
+        does the memory its steps take), allocate it, and return its number of blocks."""
         cfg = self.cfg
         self.kv_bytes_per_token = self.runner.kv_bytes_per_token + \
             (self.speculator.kv_bytes_per_token if self.speculator else 0)
         block_bytes = self.kv_bytes_per_token * cfg.block_size
-        num_blocks = cfg.num_blocks or max(1, self.runner.kv_budget_bytes() // block_bytes)
+        draft = self.speculator.reserved_bytes if self.speculator else 0
+        num_blocks = cfg.num_blocks or max(1, (self.runner.kv_budget_bytes() - draft) // block_bytes)
         if cfg.num_blocks is None and cfg.kv_cache_bytes is None and self.device.type == "cpu":
             # No more than the engine can fill: max_num_seqs sequences of max_model_len tokens,
             # each with its speculative lookahead.
@@ -3567,6 +3575,7 @@ class Speculator:
     engine's sampler (whose keyed noise makes seeded requests reproducible) and the config."""
 
     kv_bytes_per_token = 0                      # a draft model's KV cache, per token
+    reserved_bytes = 0                          # its steps' memory beside the pool
 
     def __init__(self, target: ModelRunner, sampler: Sampler, cfg: EngineConfig, max_model_len: int):
         self.target, self.sampler, self.cfg, self.max_model_len = target, sampler, cfg, max_model_len
@@ -3689,6 +3698,7 @@ class DraftModelSpeculator(Speculator):
                              f"positions, fewer than max_model_len {max_model_len}")
         self.runner = ModelRunner(self.draft, cfg, target.max_positions)
         self.kv_bytes_per_token = self.runner.kv_bytes_per_token
+        self.reserved_bytes = self.runner.reserved_bytes()
         self.state: dict[Sequence, DraftState] = {}
 
     def allocate_kv_cache(self, num_blocks: int) -> None:

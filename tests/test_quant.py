@@ -170,7 +170,7 @@ def test_kv_budget_sets_aside_the_dequantized_weight_of_the_largest_projection(s
     def budget(graphs: bool = False) -> int:
         fake = type("Runner", (), {"device": torch.device("cuda"), "cfg": cfg, "model": model,
                                    "dtype": torch.bfloat16, "use_piecewise_graphs": graphs,
-                                   "piecewise_max_tokens": 64})()
+                                   "piecewise_max_tokens": 64, "reserved_bytes": nanoserve.ModelRunner.reserved_bytes})()
         return nanoserve.ModelRunner.kv_budget_bytes(fake)
 
     dense, dense_graphs = budget(), budget(graphs=True)

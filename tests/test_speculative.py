@@ -298,3 +298,18 @@ def test_penalties_under_speculation_give_the_target_alones_greedy_output(pair, 
     spec = LLM(target, device="cpu", num_speculative_tokens=4, speculative_method=method,
                draft_model=target if method == "draft" else None)
     assert [o.token_ids for o in spec.generate(prompts, p)] == ref
+
+
+def test_a_draft_models_own_step_memory_comes_out_of_the_kv_budget(pair, monkeypatch):
+    """On a GPU a draft model's steps (activations, logits, its graphs' pool) take memory
+    beside the shared KV pool, as the target's do: the pool is sized around both. Shown
+    with each runner's reserved memory set to a quarter of the budget (on the CPU it is 0)."""
+    target, draft = pair
+    budget = 1 << 22
+    kw = dict(device="cpu", kv_cache_bytes=budget, draft_model=draft, num_speculative_tokens=2)
+    whole = LLM(target, **kw).stats()
+    monkeypatch.setattr(nanoserve.ModelRunner, "reserved_bytes", lambda self: budget // 4)
+    less = LLM(target, **kw).stats()
+    block = whole["kv_bytes_per_token"] * whole["block_size"]
+    assert whole["kv_blocks_total"] == budget // block
+    assert less["kv_blocks_total"] == (budget - budget // 4) // block
