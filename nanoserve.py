@@ -2337,6 +2337,22 @@ def fill_pending(ids: Tensor, pending: Tensor | None) -> Tensor:
     return torch.where(ids >= 0, ids, pending[(-1 - ids).clamp(min=0)])
 
 
+def capture_graph(run: Callable[[], Tensor | None], pool: tuple | None) -> tuple[torch.cuda.CUDAGraph, Tensor | None]:
+    """run() recorded as a CUDA graph that allocates from pool (None: a new one; graph.pool()
+    shares it) -> (the graph, what run returned while recorded: a tensor in the pool, which
+    each replay rewrites). run is warmed up once on a side stream first: lazy initialisation
+    (kernel loading, cuBLAS handles) must not be recorded."""
+    stream = torch.cuda.Stream()
+    stream.wait_stream(torch.cuda.current_stream())
+    with torch.cuda.stream(stream):
+        run()
+    torch.cuda.current_stream().wait_stream(stream)
+    graph = torch.cuda.CUDAGraph()
+    with torch.cuda.graph(graph, pool=pool):
+        out = run()
+    return graph, out
+
+
 class DecodeGraphs:
     """Decode steps replayed as CUDA graphs, one graph per bucketed batch size and
     context length.
@@ -2445,16 +2461,8 @@ class DecodeGraphs:
         return out[:n]
 
     def _capture(self, b: int, ctx: int) -> tuple[torch.cuda.CUDAGraph, Tensor]:
-        # Warm up on a side stream first (lazy initialisation must not be recorded); the
-        # warm-up writes the same K/V the replay will write, so it changes nothing.
-        stream = torch.cuda.Stream()
-        stream.wait_stream(torch.cuda.current_stream())
-        with torch.cuda.stream(stream):
-            self._forward(b, ctx)
-        torch.cuda.current_stream().wait_stream(stream)
-        graph = torch.cuda.CUDAGraph()
-        with torch.cuda.graph(graph, pool=self.pool):
-            out = self._forward(b, ctx)                 # (b, D), lives in the graph's pool
+        # The warm-up writes the same K/V the replay will write, so it changes nothing.
+        graph, out = capture_graph(lambda: self._forward(b, ctx), self.pool)    # out: (b, D)
         self.pool = graph.pool()
         return graph, out
 
@@ -2545,19 +2553,11 @@ class PiecewiseGraphs:
         return (self.graphs[b][1] if self.capture else out)[:T].clone()
 
     def _capture(self, b: int) -> tuple[list[torch.cuda.CUDAGraph], Tensor]:
-        # Each piece is warmed up on a side stream first, as DecodeGraphs does. A warm-up
-        # writes K/V at this step's slots (the others are -1) from whatever the buffers hold;
-        # the replays that follow write them again before attention reads them.
+        # A piece's warm-up writes K/V at this step's slots (the others are -1) from whatever
+        # the buffers hold; the replays that follow write them again before attention reads them.
         graphs, out = [], None
         for i in range(len(self.layers) + 1):
-            stream = torch.cuda.Stream()
-            stream.wait_stream(torch.cuda.current_stream())
-            with torch.cuda.stream(stream):
-                self._piece(i, b)
-            torch.cuda.current_stream().wait_stream(stream)
-            graph = torch.cuda.CUDAGraph()
-            with torch.cuda.graph(graph, pool=self.pool):
-                out = self._piece(i, b)                 # the last piece's: (b, D), in the pool
+            graph, out = capture_graph(lambda i=i: self._piece(i, b), self.pool)  # the last piece's out: (b, D)
             self.pool = graph.pool()
             graphs.append(graph)
         return graphs, out

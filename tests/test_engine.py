@@ -206,25 +206,33 @@ def test_batched_equals_sequential_under_preemption(model_dirs):
         assert small.engine.block_manager.ref_count == [0] * 40
 
 
+def _served_through_the_graph_paths(model_dir, piecewise: bool):
+    """20 requests in a pool of 40 blocks of 4 tokens (preemption, chunked prefill), served
+    plainly and through the graph paths, run eagerly on the CPU (what a CUDA device turns
+    on) -> (the plain tokens, the graphed tokens, the graphed engine)."""
+    kw = dict(device="cpu", num_blocks=40, block_size=4, max_model_len=150, max_num_batched_tokens=64,
+              max_num_seqs=12)
+    plain = LLM(model_dir, **kw)
+    prompts, params = _workload(plain.engine.model_config.vocab_size, 20)
+    ref = [o.token_ids for o in plain.generate(prompts, params)]
+    graphed = LLM(model_dir, **kw)
+    eng = graphed.engine
+    eng.runner.use_graphs, eng.runner.use_piecewise_graphs = True, piecewise
+    got = [o.token_ids for o in graphed.generate(prompts, params)]
+    assert eng.block_manager.ref_count == [0] * 40 and graphed.stats()["preemptions"] > 0
+    return ref, got, eng
+
+
 def test_decode_graph_path_pads_to_buckets_and_matches_eager(model_dirs):
     """The CUDA-graph decode path (static buffers, batches padded up to a bucket with
     slot -1 and empty contexts), run eagerly on the CPU, gives the plain path's tokens.
     The pool is small enough that its last slot is in use: a padding row that wrote
     there (slot -1 read as "the last slot") would corrupt a running sequence."""
     for model_dir in model_dirs:
-        kw = dict(device="cpu", num_blocks=40, block_size=4, max_model_len=150,
-                  max_num_batched_tokens=64, max_num_seqs=12)
-        plain = LLM(model_dir, **kw)
-        prompts, params = _workload(plain.engine.model_config.vocab_size, 20)
-        ref = [o.token_ids for o in plain.generate(prompts, params)]
-        graphed = LLM(model_dir, **kw)
-        eng = graphed.engine
-        eng.runner.use_graphs = True                 # what a CUDA device turns on
-        assert [o.token_ids for o in graphed.generate(prompts, params)] == ref, model_dir
+        ref, got, eng = _served_through_the_graph_paths(model_dir, piecewise=False)
+        assert got == ref, model_dir
         graphs = eng.runner.graphs
-        assert graphs.buckets == [1, 2, 4, 8, 12] and not graphs.capture
-        assert graphs.steps > 0 and graphed.stats()["preemptions"] > 0
-        assert eng.block_manager.ref_count == [0] * 40
+        assert graphs.buckets == [1, 2, 4, 8, 12] and not graphs.capture and graphs.steps > 0
 
 
 def test_piecewise_graph_path_pads_to_buckets_and_matches_eager(model_dirs):
@@ -234,19 +242,11 @@ def test_piecewise_graph_path_pads_to_buckets_and_matches_eager(model_dirs):
     prefix caching, with the decode graph path beside it. A padding token whose slot still
     held a real token's from a longer step would overwrite that token's K/V."""
     for model_dir in model_dirs:
-        kw = dict(device="cpu", num_blocks=40, block_size=4, max_model_len=150,
-                  max_num_batched_tokens=64, max_num_seqs=12)
-        plain = LLM(model_dir, **kw)
-        prompts, params = _workload(plain.engine.model_config.vocab_size, 20)
-        ref = [o.token_ids for o in plain.generate(prompts, params)]
-        graphed = LLM(model_dir, **kw)
-        eng = graphed.engine
-        eng.runner.use_graphs = eng.runner.use_piecewise_graphs = True      # what a CUDA device turns on
-        assert [o.token_ids for o in graphed.generate(prompts, params)] == ref, model_dir
+        ref, got, eng = _served_through_the_graph_paths(model_dir, piecewise=True)
+        assert got == ref, model_dir
         pieces = eng.runner.piecewise
         assert pieces.buckets == [3, 16, 32, 64] and not pieces.capture
-        assert pieces.steps > 0 and eng.runner.graphs.steps > 0 and graphed.stats()["preemptions"] > 0
-        assert eng.block_manager.ref_count == [0] * 40
+        assert pieces.steps > 0 and eng.runner.graphs.steps > 0
 
 
 def test_block_table_counts_the_entries_nobody_changed():

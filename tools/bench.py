@@ -655,16 +655,11 @@ def _gpu_time(fn: Callable[[], object], calls: int = 50) -> tuple[float, float]:
 def _graph_time(fn: Callable[[], object], calls: int = 10) -> float | str:
     """fn's time per call replayed from a CUDA graph of `calls` calls (the kernels alone: no
     host work between them), or why it cannot be captured."""
-    try:
-        stream = torch.cuda.Stream()
-        stream.wait_stream(torch.cuda.current_stream())
-        with torch.cuda.stream(stream):
+    def repeated() -> None:
+        for _ in range(calls):
             fn()
-        torch.cuda.current_stream().wait_stream(stream)
-        graph = torch.cuda.CUDAGraph()
-        with torch.cuda.graph(graph):
-            for _ in range(calls):
-                fn()
+    try:
+        graph, _ = nanoserve.capture_graph(repeated, None)
         return _gpu_time(graph.replay, 10)[0] / calls
     except Exception as e:                      # noqa: BLE001  (reported in the table)
         return f"not capturable: {type(e).__name__}: {str(e)[:100]}"
