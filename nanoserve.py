@@ -884,12 +884,8 @@ class LlamaDecoderLayer(nn.Module):
         self.input_layernorm = RMSNorm(cfg.hidden_size, cfg.rms_norm_eps)
         self.post_attention_layernorm = RMSNorm(cfg.hidden_size, cfg.rms_norm_eps)
 
-    def forward(self, x: Tensor, residual: Tensor | None, positions: Tensor, kv_cache: Tensor,
-                meta: AttentionMetadata, rope: tuple[Tensor, Tensor]) -> tuple[Tensor, Tensor]:
-        q, residual = self.before_attention(x, residual, positions, kv_cache, meta, rope)
-        return self.after_attention(self.self_attn.attend(q, kv_cache, meta), residual)
-
-    # The layer in two halves around attention (PiecewiseGraphs captures each half).
+    # The layer in two halves around attention: the model runner's piecewise graphs replay
+    # them (one layer's second half with the next layer's first), attention run between.
     def before_attention(self, x: Tensor, residual: Tensor | None, positions: Tensor, kv_cache: Tensor,
                          meta: AttentionMetadata, rope: tuple[Tensor, Tensor]) -> tuple[Tensor, Tensor]:
         """-> (q (T, H, hd), residual (T, D)), the new tokens' K/V cached."""
@@ -904,6 +900,11 @@ class LlamaDecoderLayer(nn.Module):
         """Attention's output o (T, H * hd) -> (the MLP's output, residual), both (T, D)."""
         h, residual = self.post_attention_layernorm(self.self_attn.o_proj(o), residual)
         return self.mlp(h), residual
+
+    def forward(self, x: Tensor, residual: Tensor | None, positions: Tensor, kv_cache: Tensor,
+                meta: AttentionMetadata, rope: tuple[Tensor, Tensor]) -> tuple[Tensor, Tensor]:
+        q, residual = self.before_attention(x, residual, positions, kv_cache, meta, rope)
+        return self.after_attention(self.self_attn.attend(q, kv_cache, meta), residual)
 
     def forward_dense(self, x: Tensor, rope: tuple[Tensor, Tensor]) -> Tensor:
         """(B, T, D) -> (B, T, D): the same layer on whole sequences, SDPA instead of the cache."""
@@ -1653,7 +1654,7 @@ class SamplingMetadata:
     def make(cls, params: list[SamplingParams], vocab_size: int, device: torch.device) -> SamplingMetadata:
         host = np.array([(p.temperature, min(p.top_k, vocab_size), p.top_p, p.repetition_penalty,
                           p.frequency_penalty, p.presence_penalty) for p in params],
-                        dtype=np.float32).reshape(-1, 6)                                    # (B, 6)
+                        dtype=np.float32).reshape(-1, 6)             # (B, 6), 2-D when B is 0 too
         cols = to_device(np.ascontiguousarray(host.T), device)     # (6, B); top_k exact: V < 2^24
         return cls(params, cols[0], cols[1].long(), *cols[2:])
 
@@ -1691,7 +1692,7 @@ def token_counts(lists: list[list[int]], V: int, device: torch.device | str) -> 
 
 
 def penalties_from_counts(logits: Tensor, params: list[SamplingParams], counts: Tensor | None,
-                          in_prompt: Tensor | None, meta: SamplingMetadata | None = None) -> Tensor:
+                          in_prompt: Tensor | None, sampling: SamplingMetadata | None = None) -> Tensor:
     """(B, V) logits -> the logits each request samples from, before temperature (vLLM's
     definitions), given counts (B, V), how often row i's request has generated each token,
     and in_prompt (B, V), which tokens its prompt holds:
@@ -1703,22 +1704,22 @@ def penalties_from_counts(logits: Tensor, params: list[SamplingParams], counts: 
 
     A row without penalties comes out unchanged: r = 1, f = p = 0 change no value. The
     result is a new tensor whenever some row is penalized (logits itself is not written).
-    counts and in_prompt may be None when no row has a penalty that counts tokens. meta:
+    counts and in_prompt may be None when no row has a penalty that counts tokens. sampling:
     params' SamplingMetadata, made here when not given and needed."""
     V, dev = logits.shape[-1], logits.device
-    if meta is None and any(p.counts_tokens for p in params):
-        meta = SamplingMetadata.make(params, V, dev)
+    if sampling is None and any(p.counts_tokens for p in params):
+        sampling = SamplingMetadata.make(params, V, dev)
     # Each kind only when some row has it (the host's params say so, without a sync).
     if any(p.repetition_penalty != 1 for p in params):
-        rep = meta.repetition_penalty[:, None]
+        rep = sampling.repetition_penalty[:, None]
         seen = in_prompt | (counts > 0)
         logits = torch.where(seen, torch.where(logits > 0, logits / rep, logits * rep), logits)
     # l - f * c as one fused pass over (B, V) (addcmul), presence as two (sign, addcmul): a
     # batch's penalties cost a few passes over its logits, not one per elementwise operation.
     if any(p.frequency_penalty for p in params):
-        logits = torch.addcmul(logits, counts, meta.frequency_penalty[:, None], value=-1)
+        logits = torch.addcmul(logits, counts, sampling.frequency_penalty[:, None], value=-1)
     if any(p.presence_penalty for p in params):
-        presence = meta.presence_penalty[:, None]
+        presence = sampling.presence_penalty[:, None]
         logits = torch.addcmul(logits, counts.sign(), presence, value=-1)    # counts >= 0: sign is 0 or 1
     bias = [(i * V + t, b) for i, p in enumerate(params) for t, b in (p.logit_bias or {}).items() if t < V]
     if bias:      # one index_add over the flat logits (index_put's accumulate on CUDA syncs with the host)
@@ -1819,21 +1820,24 @@ class PenaltyCounts:
                                       True)
 
 
-def sampling_probs(logits: Tensor, params: list[SamplingParams], meta: SamplingMetadata | None = None) -> Tensor:
-    """(B, V) logits -> the (B, V) distribution each request samples from (meta: params'
+def sampling_probs(logits: Tensor, params: list[SamplingParams], sampling: SamplingMetadata | None = None
+                   ) -> Tensor:
+    """(B, V) logits -> the (B, V) distribution each request samples from (sampling: params'
     SamplingMetadata, made here when not given).
 
     Greedy rows (temperature 0) become one-hot on the argmax, so that speculative
     decoding's acceptance rule treats greedy and sampled requests alike.
     """
     V = logits.shape[-1]
-    meta = meta or SamplingMetadata.make(params, V, logits.device)
+    if sampling is None:
+        sampling = SamplingMetadata.make(params, V, logits.device)
     filters = any(0 < p.top_k < V or p.top_p < 1 for p in params)     # k >= V keeps all
-    probs = filtered_probs(logits, meta.temperature, meta.top_k if filters else None, meta.top_p if filters else None)
+    probs = filtered_probs(logits, sampling.temperature, sampling.top_k if filters else None,
+                           sampling.top_p if filters else None)
     if all(p.temperature > 0 for p in params):          # read from the host's params: no sync
         return probs
     greedy = F.one_hot(logits.argmax(-1), logits.shape[-1]).to(probs.dtype)
-    return torch.where((meta.temperature == 0)[:, None], greedy, probs)
+    return torch.where((sampling.temperature == 0)[:, None], greedy, probs)
 
 
 # A seeded request draws the noise of each sampling event from a counter-based generator
@@ -1921,11 +1925,11 @@ def draw(probs: Tensor, keys: list[int | None], default: torch.Generator) -> Ten
 
 
 def sample(logits: Tensor, params: list[SamplingParams], keys: list[int | None], default: torch.Generator,
-           meta: SamplingMetadata | None = None) -> Tensor:
+           sampling: SamplingMetadata | None = None) -> Tensor:
     """One token per row of logits (B, V). Temperature 0 is a plain argmax."""
     if all(p.temperature == 0 for p in params):
         return logits.argmax(-1)
-    return draw(sampling_probs(logits, params, meta), keys, default)
+    return draw(sampling_probs(logits, params, sampling), keys, default)
 
 
 def top_logprobs(logprobs: Tensor, chosen: Tensor, n: int) -> list[dict[int, float]]:
@@ -2073,7 +2077,7 @@ class SpeculativeDecoding(Protocol):
     release); the engine has drafts proposed before the model runs and verified after it."""
 
     kv_bytes_per_token: int               # a draft model's KV cache, which shares the pool's budget
-    reserved_bytes: int                   # what a draft model's steps take beside it (ModelRunner.reserved_bytes)
+    reserved_bytes: int                   # what a draft model's steps take outside the pool (ModelRunner.reserved_bytes)
 
     def lookahead(self, seq: Sequence, budget: int) -> int: ...
     def can_reserve(self, seq: Sequence, k: int) -> bool: ...
@@ -2467,13 +2471,15 @@ class DecodeGraphs:
         return graph, out
 
 
-PIECEWISE_MAX_TOKENS = 512      # steps of more tokens run eagerly: their kernels outlast their launches
+# Steps of more tokens run eagerly: their kernels outlast their launches (an estimate, not a
+# timing here; vLLM's largest capture size is 512 too).
+PIECEWISE_MAX_TOKENS = 512
 
 
 class PiecewiseGraphs:
-    """Steps with prompt tokens (prefill chunks, alone or beside decodes) of up to
-    PIECEWISE_MAX_TOKENS tokens, replayed as CUDA graphs captured piecewise around attention
-    (vLLM's piecewise CUDA graphs).
+    """Every step of up to PIECEWISE_MAX_TOKENS tokens that the decode graphs do not take
+    (prefill chunks, alone or beside decodes; speculative verification windows), replayed
+    as CUDA graphs captured piecewise around attention (vLLM's piecewise CUDA graphs).
 
     A short prompt's prefill launches as many kernels as a decode step and its GPU work is
     nearly as short, so its time to first token is launch time too. One graph cannot hold a
@@ -2486,13 +2492,14 @@ class PiecewiseGraphs:
     eagerly between the graphs, reading q from one fixed buffer and writing its output to
     another; the residual stream passes between graphs in a third. A step is padded up to
     a bucket of tokens (padding tokens write their K/V to slot -1, which the cache write
-    skips, and belong to no sequence, so nobody attends to them). The buckets' edges sit at
-    the quantized matmul's kernel thresholds (kernels.quant_linear_cuda picks its kernel by
-    rows), so padding never sends a step to another kernel than its own size takes. Every
-    bucket's L + 1 graphs are captured at the first step that needs one, largest bucket
-    first (the smaller ones then fit in the memory its capture took), into one pool; a
-    capture waits for the device, so it happens once, not whenever a new size comes.
-    capture=False runs the same pieces eagerly (the CPU tests check it, a GPU captures it).
+    skips, and belong to no sequence, so nobody attends to them). The buckets' edges include
+    the quantized matmul's kernel thresholds (3, 16 and 255 rows: kernels.quant_linear_cuda
+    picks its kernel by rows), with powers of two between, so padding never sends a step to
+    another kernel than its own size takes. Every bucket's L + 1 graphs are captured at the
+    first step that needs one, largest bucket first (the smaller ones then fit in the memory
+    its capture took), into one pool; a capture waits for the device, so it happens once,
+    not whenever a new size comes. capture=False runs the same pieces eagerly (the CPU tests
+    check it, a GPU captures it).
     """
 
     def __init__(self, model: LlamaForCausalLM, kv_cache: Tensor, max_tokens: int, capture: bool = True):
@@ -2590,30 +2597,36 @@ class ModelRunner:
         return 2 * c.num_hidden_layers * c.num_key_value_heads * c.head_dim * self.dtype.itemsize
 
     def kv_budget_bytes(self) -> int:
-        """Memory the KV pool(s) may take: a share of free GPU memory less reserved_bytes().
+        """Memory the KV pool(s) may take: a share of free GPU memory less reserved_bytes.
         On the CPU, EngineConfig.kv_cache_bytes, else a share of the available memory."""
         if self.device.type != "cuda":
             return self.cfg.kv_cache_bytes or int(available_cpu_memory() * CPU_KV_MEMORY_FRACTION)
         free, _ = torch.cuda.mem_get_info(self.device)
-        return int(free * self.cfg.gpu_memory_utilization) - self.reserved_bytes()
+        return int(free * self.cfg.gpu_memory_utilization) - self.reserved_bytes
 
+    @property
     def reserved_bytes(self) -> int:
         """GPU memory this model's steps take beside the KV pool: the activations of the
         largest step, its logits and the penalty counts (Sampler), and for a quantized model
         the dense temporary the largest quantized projection dequantizes into when a step has
         kernels.QUANT_GEMM_MAX_ROWS rows or more (kernels.quant_linear); with piecewise
         graphs, whose pool keeps what a step of theirs allocates, the activations of their
-        largest step and that temporary once more. 0 on the CPU (its budget is set apart)."""
+        largest step once more, and the temporary if that step makes one. 0 on the CPU (its
+        budget is set apart)."""
         if self.device.type != "cuda":
             return 0
         c = self.model.config
-        act = self.cfg.max_num_batched_tokens * (4 * c.hidden_size + 3 * c.intermediate_size) * 4 \
+        per_token = (4 * c.hidden_size + 3 * c.intermediate_size) * 4           # a token's activations, fp32 at most
+        act = self.cfg.max_num_batched_tokens * per_token \
             + self.cfg.max_num_seqs * c.vocab_size * 4 * 4 \
             + 2 * (self.cfg.max_num_seqs + 1) * c.vocab_size * 5      # penalty counts, and a copy as they grow
         dequant = max((m.in_features * m.out_features * self.dtype.itemsize
                        for m in self.model.modules() if isinstance(m, QuantLinear)), default=0)
-        graphs = self.piecewise_max_tokens * (4 * c.hidden_size + 3 * c.intermediate_size) * 4 + dequant \
-            if self.use_piecewise_graphs else 0
+        graphs = 0
+        if self.use_piecewise_graphs:
+            graphs = self.piecewise_max_tokens * per_token
+            if self.piecewise_max_tokens >= kernels.QUANT_GEMM_MAX_ROWS:      # its largest bucket dequantizes
+                graphs += dequant
         return act + dequant + graphs
 
     def allocate_kv_cache(self, num_blocks: int) -> None:
@@ -2654,22 +2667,24 @@ class ModelRunner:
         lens = [c + len(t) for c, t in zip(starts, tokens)]
         piecewise = self.use_piecewise_graphs and T <= self.piecewise_max_tokens
         # The CPU plan gathers the cache through indices of its own, made from the table
-        # lists; the padded tables are for the other paths.
+        # lists; the padded tables are for the other paths (the piecewise graphs' pieces, which
+        # write the cache without a plan, included).
         cpu_plan = self.device.type == "cpu" and kernels.USE_CPU_FAST_PATHS and not piecewise
-        # One copy to the device: ids, positions, slots (T each), sequence starts (S + 1),
-        # context lengths (S) and the padded block tables (S x width), written into one int32
-        # host buffer and split on the device (views; the indices it wants as int64 converted there).
+        # One copy to the device: the step's ids, positions, slots, sequence starts, context
+        # lengths and padded block tables, written into one int32 host buffer and split there.
         W = 0 if cpu_plan else width
         host = np.zeros(3 * T + 2 * S + 1 + S * W, dtype=np.int32)
         host[:3 * T + 2 * S + 1] = ids + pos + slots + rows + lens
-        padded = host[3 * T + 2 * S + 1:].reshape(S, W)                              # (S, W)
-        for i, table in enumerate(tables if W else []):
-            padded[i, :len(table)] = table
-        buf = to_device(host, self.device)
-        input_ids, positions, slot_mapping = (buf[i * T:(i + 1) * T].long() for i in range(3))
+        if W:
+            padded = host[3 * T + 2 * S + 1:].reshape(S, W)                          # (S, W)
+            for i, table in enumerate(tables):
+                padded[i, :len(table)] = table
+        input_ids, positions, slot_mapping, starts_loc, context_lens, block_tables = \
+            to_device(host, self.device).split([T, T, T, S + 1, S, S * W])
+        input_ids, positions, slot_mapping = input_ids.long(), positions.long(), slot_mapping.long()  # (T,) each
         meta = AttentionMetadata(
-            slot_mapping=slot_mapping, block_tables=buf[3 * T + 2 * S + 1:].view(S, W),
-            query_start_loc=buf[3 * T:3 * T + S + 1], context_lens=buf[3 * T + S + 1:3 * T + 2 * S + 1],
+            slot_mapping=slot_mapping, block_tables=block_tables.view(S, W),
+            query_start_loc=starts_loc, context_lens=context_lens,
             max_context_len=max(lens), max_query_len=max(map(len, tokens)))
         if piecewise:
             if self.piecewise is None:
@@ -3366,8 +3381,9 @@ class LLMEngine:
             self._made += self._outputs(sampled)
         self.num_steps += 1
         self.peak_blocks_used = max(self.peak_blocks_used, self.num_blocks - self.block_manager.num_free)
-        # Where a step's time goes. On a GPU "model" and "sample" are launch time, and a
-        # synchronous step's "output" waits for the device to finish.
+        # Where a step's time goes. On a GPU "model" and "sample" (the LM head included) are
+        # launch time, except that verifying drafts waits for the device; a synchronous
+        # step's "output" waits for the device to finish.
         for key, dt in (("schedule", t1 - t0), ("draft", t2 - t1), ("model", t3 - t2), ("sample", t4 - t3),
                         ("output", time.perf_counter() - t4)):
             self.step_time[key] += dt
@@ -3575,7 +3591,7 @@ class Speculator:
     engine's sampler (whose keyed noise makes seeded requests reproducible) and the config."""
 
     kv_bytes_per_token = 0                      # a draft model's KV cache, per token
-    reserved_bytes = 0                          # its steps' memory beside the pool
+    reserved_bytes = 0                          # its steps' memory outside the KV pool
 
     def __init__(self, target: ModelRunner, sampler: Sampler, cfg: EngineConfig, max_model_len: int):
         self.target, self.sampler, self.cfg, self.max_model_len = target, sampler, cfg, max_model_len
@@ -3626,7 +3642,7 @@ class Speculator:
         params = [s.params for s, _ in per_row]
         penalized = self.sampler.penalize(logits, params, [s for s, _ in per_row],
                                            [drafts[s][:j] for s, j in per_row])
-        p_all = sampling_probs(penalized, params)
+        p_all = sampling_probs(penalized, params, self.sampler.metadata(params))
         out, at = {}, 0
         for (seq, _), k in zip(windows, k_of):
             p, lg = p_all[at:at + k + 1], logits[at:at + k + 1]
@@ -3698,7 +3714,7 @@ class DraftModelSpeculator(Speculator):
                              f"positions, fewer than max_model_len {max_model_len}")
         self.runner = ModelRunner(self.draft, cfg, target.max_positions)
         self.kv_bytes_per_token = self.runner.kv_bytes_per_token
-        self.reserved_bytes = self.runner.reserved_bytes()
+        self.reserved_bytes = self.runner.reserved_bytes
         self.state: dict[Sequence, DraftState] = {}
 
     def allocate_kv_cache(self, num_blocks: int) -> None:

@@ -238,9 +238,9 @@ def test_decode_graph_path_pads_to_buckets_and_matches_eager(model_dirs):
 def test_piecewise_graph_path_pads_to_buckets_and_matches_eager(model_dirs):
     """The piecewise-graph path for steps with prompt tokens (static buffers, steps padded up
     to a bucket of tokens with slot -1, attention run between the pieces), run eagerly on the
-    CPU, gives the plain path's tokens: under chunked prefill, mixed steps, preemption and
-    prefix caching, with the decode graph path beside it. A padding token whose slot still
-    held a real token's from a longer step would overwrite that token's K/V."""
+    CPU, gives the plain path's tokens: under chunked prefill, mixed steps and preemption,
+    with the decode graph path beside it. A padding token whose slot still held a real
+    token's from a longer step would overwrite that token's K/V."""
     for model_dir in model_dirs:
         ref, got, eng = _served_through_the_graph_paths(model_dir, piecewise=True)
         assert got == ref, model_dir

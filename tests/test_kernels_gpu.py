@@ -84,13 +84,13 @@ def test_piecewise_graph_prefill_equals_eager_prefill(model_dirs):
     one, and never again."""
     for model_dir in model_dirs:
         # Ids every model's vocabulary holds (the tiny random model has 300 tokens).
-        prompts = [[1] + [(7 * i) % 250 + 3 for i in range(n)] for n in (2, 10, 50, 200)]   # buckets 3, 16, 64, 128
+        prompts = [[1] + [(7 * i) % 250 + 3 for i in range(n)] for n in (2, 10, 25, 50, 200)]  # buckets 3 ... 128
         p = [SamplingParams(temperature=0, max_tokens=m, ignore_eos=True, prompt_logprobs=1 if m == 9 else None)
-             for m in (30, 12, 9, 20)]
+             for m in (30, 12, 16, 9, 20)]
         kw = dict(device="cuda", dtype="float32", max_num_batched_tokens=128, max_model_len=400,
                   enable_prefix_caching=False)
         eager, llm = LLM(model_dir, enforce_eager=True, **kw), LLM(model_dir, **kw)
-        for batch in ([0], [1], [2], [3], [0, 1, 2, 3]):
+        for batch in ([0], [1], [2], [3], [4], [0, 1, 2, 3, 4]):
             want = eager.generate([prompts[i] for i in batch], [p[i] for i in batch])
             got = llm.generate([prompts[i] for i in batch], [p[i] for i in batch])
             assert [o.token_ids for o in got] == [o.token_ids for o in want], (model_dir, batch)

@@ -160,24 +160,25 @@ def test_quant_cli_writes_a_checkpoint_the_cli_runs(small_model, tmp_path):
 def test_kv_budget_sets_aside_the_dequantized_weight_of_the_largest_projection(small_model, monkeypatch):
     """On a GPU a step of more than 16 rows dequantizes each quantized projection into a dense
     temporary before cuBLAS (kernels.quant_linear); the KV pool is sized around the largest,
-    twice with piecewise graphs (their pool keeps a step's activations, that temporary too)."""
+    twice when the piecewise graphs' largest step makes one too (their pool keeps it)."""
     llm = LLM(small_model, device="cpu")
     model = llm.engine.model
     calib = torch.randint(3, model.config.vocab_size, (4, 32), generator=torch.Generator().manual_seed(0))
     monkeypatch.setattr(torch.cuda, "mem_get_info", lambda *_: (8 << 30, 16 << 30))
     cfg = nanoserve.EngineConfig(device="cpu", max_num_batched_tokens=64, max_num_seqs=4, gpu_memory_utilization=0.5)
 
-    def budget(graphs: bool = False) -> int:
+    def budget(graph_tokens: int = 0) -> int:          # 0: no piecewise graphs
         fake = type("Runner", (), {"device": torch.device("cuda"), "cfg": cfg, "model": model,
-                                   "dtype": torch.bfloat16, "use_piecewise_graphs": graphs,
-                                   "piecewise_max_tokens": 64, "reserved_bytes": nanoserve.ModelRunner.reserved_bytes})()
+                                   "dtype": torch.bfloat16, "use_piecewise_graphs": graph_tokens > 0,
+                                   "piecewise_max_tokens": graph_tokens,
+                                   "reserved_bytes": nanoserve.ModelRunner.reserved_bytes})()
         return nanoserve.ModelRunner.kv_budget_bytes(fake)
 
-    dense, dense_graphs = budget(), budget(graphs=True)
+    dense = {n: budget(n) for n in (0, 64, 256)}
     c = model.config
-    assert dense - dense_graphs == 64 * (4 * c.hidden_size + 3 * c.intermediate_size) * 4
+    assert dense[0] - dense[64] == 64 * (4 * c.hidden_size + 3 * c.intermediate_size) * 4
     quant.quantize_model(model, calib, "rtn", 4, 32)
     largest = max(m.in_features * m.out_features for m in model.modules() if isinstance(m, nanoserve.QuantLinear))
     assert largest >= model.config.hidden_size * model.config.intermediate_size
-    assert dense - budget() == largest * 2
-    assert dense_graphs - budget(graphs=True) == 2 * largest * 2
+    assert dense[0] - budget() == dense[64] - budget(64) == largest * 2
+    assert dense[256] - budget(256) == 2 * largest * 2       # a 256-token step dequantizes

@@ -135,9 +135,10 @@ def test_speculation_with_preemption_chunking_prefix_caching_and_seeds(pair):
 
 
 def test_speculation_through_the_graph_paths(pair):
-    """Draft steps go through the padded static-buffer decode path, verification windows
-    (several queries each) and prefills through the piecewise one (CUDA graphs on a GPU,
-    eager here). Greedy output equals the target alone."""
+    """The draft's single-token steps go through the padded static-buffer decode path, the
+    target's and the draft's other steps (prefills, verification windows, the draft's
+    catching up) through the piecewise one (CUDA graphs on a GPU, eager here). Greedy
+    output equals the target alone."""
     for target, draft in all_pairs(pair):
         vocab = nanoserve.ModelConfig.from_dir(target).vocab_size
         prompts = prompts_for(vocab, 11, seed=3)
@@ -147,7 +148,8 @@ def test_speculation_through_the_graph_paths(pair):
         for runner in (spec.engine.runner, spec.engine.speculator.runner):
             runner.use_graphs = runner.use_piecewise_graphs = True
         assert [o.token_ids for o in spec.generate(prompts, greedy)] == ref
-        assert spec.engine.speculator.runner.graphs.steps > 0 and spec.engine.runner.piecewise.steps > 0
+        draft = spec.engine.speculator.runner
+        assert draft.graphs.steps > 0 and draft.piecewise.steps > 0 and spec.engine.runner.piecewise.steps > 0
 
 
 # ----------------------------------------------------------------------------- distribution
@@ -302,13 +304,14 @@ def test_penalties_under_speculation_give_the_target_alones_greedy_output(pair, 
 
 def test_a_draft_models_own_step_memory_comes_out_of_the_kv_budget(pair, monkeypatch):
     """On a GPU a draft model's steps (activations, logits, its graphs' pool) take memory
-    beside the shared KV pool, as the target's do: the pool is sized around both. Shown
-    with each runner's reserved memory set to a quarter of the budget (on the CPU it is 0)."""
+    outside the shared KV pool, as the target's do (ModelRunner.kv_budget_bytes): the pool
+    is sized around both. Shown for the draft's share on the CPU, where the target's budget
+    is kv_cache_bytes as given, with a runner's reserved memory set to a quarter of it."""
     target, draft = pair
     budget = 1 << 22
     kw = dict(device="cpu", kv_cache_bytes=budget, draft_model=draft, num_speculative_tokens=2)
     whole = LLM(target, **kw).stats()
-    monkeypatch.setattr(nanoserve.ModelRunner, "reserved_bytes", lambda self: budget // 4)
+    monkeypatch.setattr(nanoserve.ModelRunner, "reserved_bytes", property(lambda self: budget // 4))
     less = LLM(target, **kw).stats()
     block = whole["kv_bytes_per_token"] * whole["block_size"]
     assert whole["kv_blocks_total"] == budget // block
