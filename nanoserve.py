@@ -2649,13 +2649,17 @@ class ModelRunner:
         A token -1 - j is pending[j], the previous step's j-th sampled id (fill_pending).
         -> (hidden (T, D), the row of each sequence's first token)."""
         bs = self.cfg.block_size
-        ids, pos, slots, rows = [], [], [], [0]
-        for toks, c, table in zip(tokens, starts, tables):
-            ids += toks
-            pos += range(c, c + len(toks))
-            slots += [table[p // bs] * bs + p % bs for p in range(c, c + len(toks))]
-            rows.append(rows[-1] + len(toks))
-        width = max(len(t) for t in tables)
+        if all(len(t) == 1 for t in tokens):               # decodes only: a token each, in one pass per list
+            ids, pos, rows = [t[0] for t in tokens], starts, list(range(len(tokens) + 1))
+            slots = [table[c // bs] * bs + c % bs for table, c in zip(tables, starts)]
+        else:
+            ids, pos, slots, rows = [], [], [], [0]
+            for toks, c, table in zip(tokens, starts, tables):
+                ids += toks
+                pos += range(c, c + len(toks))
+                slots += [table[p // bs] * bs + p % bs for p in range(c, c + len(toks))]
+                rows.append(rows[-1] + len(toks))
+        width = max(map(len, tables))
         if self.use_graphs and len(ids) == len(tokens):                  # a pure decode step
             if self.graphs is None:
                 self.graphs = DecodeGraphs(self.model, self.kv_cache, self.cfg.max_num_seqs,
