@@ -211,8 +211,9 @@ class EngineConfig:
     derived from memory: on a GPU, gpu_memory_utilization of free GPU memory; on the CPU,
     kv_cache_bytes when given, else what the engine can fill (max_num_seqs sequences of
     max_model_len) up to half the available memory. max_num_seqs /
-    max_num_batched_tokens bound one step's batch. On CUDA,
-    decode steps replay captured CUDA graphs unless enforce_eager (vLLM's name for it).
+    max_num_batched_tokens bound one step's batch. On CUDA, decode steps and steps of up
+    to 512 tokens replay captured CUDA graphs (DecodeGraphs, PiecewiseGraphs) unless
+    enforce_eager (vLLM's name for it).
     async_scheduling (vLLM's name): the host schedules and launches step n+1 while the device
     still runs step n, and turns step n's ids into outputs after that launch (LLMEngine.step);
     None turns it on for CUDA, where the host's work then hides behind the GPU's, unless
@@ -4087,7 +4088,7 @@ def add_engine_args(p: argparse.ArgumentParser) -> None:
     p.add_argument("--semi-structured-sparsity", action="store_true",
                    help="2:4 checkpoints: run the projections as semi-structured sparse tensors on a GPU "
                         "(measured slower than dense on an H200; see the README)")
-    p.add_argument("--enforce-eager", action="store_true", help="no CUDA graphs for decode steps")
+    p.add_argument("--enforce-eager", action="store_true", help="no CUDA graphs (decode steps, prefills)")
     p.add_argument("--async-scheduling", action=argparse.BooleanOptionalAction, default=None,
                    help="launch each step before the previous one's tokens reach the host "
                         "(default: on with CUDA, without speculation or tensor parallelism)")
