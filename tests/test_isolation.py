@@ -159,9 +159,15 @@ def test_checking_stop_strings_costs_the_same_for_one_or_the_most():
             m.find(text[:end + 1], end)
         return time.perf_counter() - t0
     cost(one)
-    # Trying every stop string at every character would cost 128x; the matcher walks back
-    # through the text once per character, so the number of strings does not matter.
-    assert min(cost(most) for _ in range(3)) < 3 * min(cost(one) for _ in range(3))
+    # Trying every stop string at every character would cost 128x; the automaton takes one
+    # transition per character it reads (find reads from max_len back), so the number of
+    # strings does not matter. The two are timed in turn, five times each, so that a burst of
+    # load on a shared machine slows both.
+    times: dict[str, list[float]] = {"one": [], "most": []}
+    for _ in range(5):
+        for name, m in (("one", one), ("most", most)):
+            times[name].append(cost(m))
+    assert min(times["most"]) < 3 * min(times["one"])
 
 
 def test_a_request_with_the_most_stop_strings_leaves_other_clients_latency_within_2x(model):
