@@ -1667,149 +1667,371 @@ torch::Tensor quant_gemv(torch::Tensor x, torch::Tensor qweight, torch::Tensor s
   return y;
 }
 
-// ---------------------------------------------------------------- W4A16 / W8A16 on tensor cores, 4-16 rows
-// From a few rows on, the GEMV above is bound by its arithmetic, not by the weights: an FMA
-// per code and row. Tensor cores take all 16 rows at once: per step of 32 inputs, a warp
-// dequantizes 64 output channels' codes into shared memory (the B operand, [n][k]), stages x's
-// rows (A, zero rows up to 16) beside them, and runs 2 x 4 mma 16x16x16 into fp32
-// accumulators; each code is read once and x once per 64 channels. One warp per block; the
-// grid is (N / 64 channel tiles, splits of K), so that a 4,096-wide layer still fills the GPU,
-// and each split writes fp32 partial sums that the host adds (deterministic, unlike atomics).
-// The next weight chunks are loaded while the current ones are multiplied.
-constexpr int QG_N = 64, QG_K = 32, QG_LD = QG_K + 8;   // channel tile, K step, padded row (elements)
-constexpr int QG_SMEM = (QG_N + 16) * QG_LD * 2 + 16 * (QG_N + 4) * 4;   // 16-bit B and A, fp32 C
-
-template <typename T, int BITS>
-__global__ void __launch_bounds__(32)
-quant_gemm_tc_kernel(float* __restrict__ part,          // [splits, rows, N] fp32 partial sums
-                     const T* __restrict__ x,           // [rows <= 16, K], 16-byte aligned rows
-                     const uint8_t* __restrict__ qw,     // int4: [N, K/2] packed; int8: [N, K]
-                     const T* __restrict__ scales,      // [N, n_groups]
-                     const T* __restrict__ zeros,       // [N, n_groups] or null
-                     int rows, int N, int K, int G, int n_groups, int k_per_split, bool is_signed,
-                     uint32_t fp16_1024_pair) {
-#if !defined(__CUDA_ARCH__) || __CUDA_ARCH__ >= 800     // bf16 WMMA: sm_80+ (the host checks)
-  using namespace nvcuda;
-  using W = typename mma_type<T>::type;
-  constexpr int CODES = BITS == 4 ? 32 : 16;            // codes per 16-byte load
-  constexpr int LOADS = QG_K / CODES;                   // 16-byte loads per channel per step: 1 or 2
-  constexpr int PER16 = 16 / sizeof(T);                 // T values per 16-byte store
-  extern __shared__ __align__(128) uint8_t qg_smem[];   // QG_SMEM bytes
-  W* b_sh = reinterpret_cast<W*>(qg_smem);              // [QG_N, QG_LD] dequantized weights [n][k]
-  W* a_sh = b_sh + QG_N * QG_LD;                        // [16, QG_LD] x rows [m][k], rows >= `rows` zero
-  float* c_sh = reinterpret_cast<float*>(a_sh + 16 * QG_LD);   // [16, QG_N + 4] the output tile, fp32
-  const int lane = threadIdx.x, n0 = blockIdx.x * QG_N;
-  const int k_begin = blockIdx.y * k_per_split, k_end = min(K, k_begin + k_per_split);
-  const int64_t row_bytes = BITS == 4 ? K / 2 : K;
-  const CodeDecoder<BITS> decode(is_signed, fp16_1024_pair);
-  // Lane l dequantizes channels n0 + l and n0 + l + 32: LOADS 16-byte loads each per step.
-  auto load = [&](int k0, uint4 (&w)[2][LOADS]) {
-#pragma unroll
-    for (int h = 0; h < 2; ++h) {
-      const int n = n0 + lane + 32 * h;
-#pragma unroll
-      for (int u = 0; u < LOADS; ++u)
-        w[h][u] = n < N ? reinterpret_cast<const uint4*>(qw + (int64_t)n * row_bytes + (int64_t)k0 * BITS / 8)[u]
-                        : make_uint4(0u, 0u, 0u, 0u);
-    }
-  };
-  wmma::fragment<wmma::accumulator, 16, 16, 16, float> acc[QG_N / 16];
-#pragma unroll
-  for (int j = 0; j < QG_N / 16; ++j) wmma::fill_fragment(acc[j], 0.f);
-  uint4 cur[2][LOADS] = {}, nxt[2][LOADS] = {};
-  if (k_begin < k_end) load(k_begin, cur);
-  for (int k0 = k_begin; k0 < k_end; k0 += QG_K) {
-    if (k0 + QG_K < k_end) load(k0 + QG_K, nxt);        // in flight during this step's math
-    // B: channel n's 32 codes of this step, minus the zero, times the group's scale.
-#pragma unroll
-    for (int h = 0; h < 2; ++h) {
-      const int nl = lane + 32 * h, n = n0 + nl;
-      const int64_t gi = (int64_t)min(n, N - 1) * n_groups + k0 / G;    // the step lies in one group
-      const float sc = n < N ? to_f(scales[gi]) : 0.f, z = zeros && n < N ? to_f(zeros[gi]) : 0.f;
-#pragma unroll
-      for (int u = 0; u < LOADS; ++u) {
-        float c[CODES];
-        decode(cur[h][u], c);
-        store_dequantized<T, CODES>(reinterpret_cast<T*>(b_sh + nl * QG_LD + u * CODES), c, z, sc);
-      }
-    }
-    // A: 16 rows x 32 inputs of x, 64 16-byte pieces, two per lane.
-#pragma unroll
-    for (int p = lane; p < 16 * QG_K / PER16; p += 32) {
-      const int m = p / (QG_K / PER16), c = p % (QG_K / PER16);
-      uint4 v = make_uint4(0u, 0u, 0u, 0u);
-      if (m < rows) v = reinterpret_cast<const uint4*>(x + (int64_t)m * K + k0)[c];
-      *reinterpret_cast<uint4*>(a_sh + m * QG_LD + c * PER16) = v;
-    }
-    __syncthreads();                                    // (the block is this one warp)
-#pragma unroll
-    for (int kk = 0; kk < QG_K; kk += 16) {
-      wmma::fragment<wmma::matrix_a, 16, 16, 16, W, wmma::row_major> af;
-      load_frag(af, a_sh + kk, QG_LD);
-#pragma unroll
-      for (int j = 0; j < QG_N / 16; ++j) {
-        wmma::fragment<wmma::matrix_b, 16, 16, 16, W, wmma::col_major> bf;   // B[k][n] = b_sh[n][k]
-        load_frag(bf, b_sh + j * 16 * QG_LD + kk, QG_LD);
-        wmma::mma_sync(acc[j], af, bf, acc[j]);
-      }
-    }
-    __syncthreads();                                    // before the next step overwrites a_sh, b_sh
-#pragma unroll
-    for (int h = 0; h < 2; ++h)
-#pragma unroll
-      for (int u = 0; u < LOADS; ++u) cur[h][u] = nxt[h][u];
-  }
-#pragma unroll
-  for (int j = 0; j < QG_N / 16; ++j)
-    wmma::store_matrix_sync(c_sh + j * 16, acc[j], QG_N + 4, wmma::mem_row_major);
-  __syncthreads();
-  float* dst = part + (int64_t)blockIdx.y * rows * N;
-  for (int i = lane; i < rows * QG_N; i += 32) {
-    const int m = i / QG_N, nl = i % QG_N;
-    if (n0 + nl < N) dst[(int64_t)m * N + n0 + nl] = c_sh[m * (QG_N + 4) + nl];
-  }
-#endif
+// ---------------------------------------------------------------- W4A16 / W8A16 at 1-16 rows: codes dequantized into mma registers
+// Marlin's way (Frantar et al., 2024): codes go from 16-byte loads straight into the
+// registers of m16n8k16 mma.sync instructions, converted there two at a time, and x's rows
+// likewise; nothing is staged in shared memory and the loop has no barrier. The operands are
+// swapped (y^T = W x^T): the weights are A, 16 channels by 16 inputs, and x is B, 16 inputs by
+// 8 rows, so a batch of up to 8 rows takes one mma per 16 channels and 16 inputs (9-16 rows:
+// two, each code converted once for both), and no register holds padding: B's columns past
+// x's rows repeat its last row, whose results are not stored. The loop's work per code is
+// then nearly the same at every row count, where a CUDA-core GEMV spends an FMA per code and
+// row: per pair of int4 codes a logic op and a half2 subtract or FMA (bf16: a shift too), and
+// one mma per 8 codes a lane converts.
+//
+// The k order. mma's fragments fix which k each lane holds (below), and a 16-byte load holds
+// 32 (int4) or 16 (int8) consecutive k of one channel, while the cheap conversions make pairs
+// of codes 4 apart (int4: nibbles p and p + 4 of a word) or adjacent (int8). A dot product
+// does not depend on the order of its terms, so the lanes agree on an order of their own: the
+// 4 lanes of a quad (t = 0..3) load 4 consecutive 16-byte pieces of a channel's row, and each
+// mma k slot a lane holds takes the code the conversion put there; x's B registers are
+// permuted the same way (two byte permutes per pair of int4 codes and row, none for int8).
+// Neither the checkpoint nor x is rearranged in memory (Marlin repacks its weights instead).
+//
+// Scales. A holds c - z, exact small integers (the zero point, or the storage offset of
+// symmetric codes, subtracted there); a loop step's 4 x CODES inputs lie in one group (the
+// group size a multiple of that, 128 for int4 and 64 for int8, or one group per row, as
+// Marlin requires too), so the step's mma products go to a fresh accumulator and enter the
+// sum times their channel's scale in fp32: no rounding of (c - z) s to 16 bits, and no
+// multiply per code.
+//
+// The block: 8 warps share 16 x J output channels (J tiles of 16) and split K between them,
+// U loop steps at a time, and add their fp32 sums through shared memory at the end: K is
+// split with no second kernel and no atomics. Each lane has 2 x J x U = 4 loads in flight while
+// it multiplies the previous ones. The host picks J (1 or 2, U = 2 / J) so that the grid has
+// about two blocks per SM.
+//
+// mma.sync.m16n8k16 with 16-bit A and B and fp32 C, in the register layout the PTX ISA fixes
+// (g = lane / 4, t = lane % 4; a register holds two 16-bit values, the lower k in its low half):
+//   a[0] = A[g][2t, 2t+1]   a[1] = A[g+8][2t, 2t+1]   a[2] = A[g][2t+8, 2t+9]   a[3] = A[g+8][2t+8, 2t+9]
+//   b[0] = B[2t, 2t+1][g]   b[1] = B[2t+8, 2t+9][g]   (B is k x n: b holds column n = g)
+//   d[0], d[1] = D[g][2t, 2t+1]                        d[2], d[3] = D[g+8][2t, 2t+1]
+// The portable twin computes D += A B from the same registers with warp shuffles, in fp32 with
+// k ascending (the tensor core's summation order and internal precision differ: rounding
+// only). kemu runs the twin; on a GPU the self-check runs the kernel both ways.
+__device__ __forceinline__ float2 pair_to_float2(uint32_t u, __half) {
+  return __half22float2(*reinterpret_cast<__half2*>(&u));
+}
+__device__ __forceinline__ float2 pair_to_float2(uint32_t u, __nv_bfloat16) {
+  return __bfloat1622float2(*reinterpret_cast<__nv_bfloat162*>(&u));
 }
 
-// -> [splits, rows, N] fp32 partial sums; the caller adds them. rows 1-16, 16-bit x.
-torch::Tensor quant_gemm_tc(torch::Tensor x, torch::Tensor qweight, torch::Tensor scales,
-                            c10::optional<torch::Tensor> zeros, int64_t bits, int64_t group_size, int64_t splits) {
-  TORCH_CHECK(x.dim() == 2 && x.size(0) >= 1 && x.size(0) <= 16, "quant_gemm_tc: x must be [1 <= rows <= 16, K]");
-  TORCH_CHECK(x.scalar_type() == at::kHalf || x.scalar_type() == at::kBFloat16, "quant_gemm_tc: fp16 or bf16 x");
+template <typename W, bool PORTABLE>
+__device__ __forceinline__ void mma_16816(float (&d)[4], const uint32_t (&a)[4], const uint32_t (&b)[2]) {
+#if defined(__CUDA_ARCH__) && __CUDA_ARCH__ >= 800
+  if constexpr (!PORTABLE) {
+#define MMA_16816(TYPE)                                                                                      \
+    asm volatile("mma.sync.aligned.m16n8k16.row.col.f32." TYPE "." TYPE ".f32 "                             \
+                 "{%0, %1, %2, %3}, {%4, %5, %6, %7}, {%8, %9}, {%0, %1, %2, %3};"                           \
+                 : "+f"(d[0]), "+f"(d[1]), "+f"(d[2]), "+f"(d[3])                                            \
+                 : "r"(a[0]), "r"(a[1]), "r"(a[2]), "r"(a[3]), "r"(b[0]), "r"(b[1]))
+    if constexpr (std::is_same<W, __half>::value) MMA_16816("f16");
+    else MMA_16816("bf16");
+#undef MMA_16816
+    return;
+  }
+#endif
+  const int lane = threadIdx.x & 31, quad = lane & ~3, t = lane & 3;
+  float ar[2][16], bc[2][16];                 // A's rows g, g + 8 and B's columns 2t, 2t + 1, all 16 k
+#pragma unroll
+  for (int s = 0; s < 4; ++s) {               // lane quad + s holds k = 2s, 2s + 1 and 2s + 8, 2s + 9
+#pragma unroll
+    for (int r = 0; r < 4; ++r) {
+      const float2 v = pair_to_float2(__shfl_sync(0xffffffffu, a[r], quad + s), W());
+      const int k = 2 * s + 8 * (r >> 1);
+      ar[r & 1][k] = v.x; ar[r & 1][k + 1] = v.y;
+    }
+#pragma unroll
+    for (int c = 0; c < 2; ++c)               // column n is held by lanes 4n .. 4n + 3
+#pragma unroll
+      for (int r = 0; r < 2; ++r) {
+        const float2 v = pair_to_float2(__shfl_sync(0xffffffffu, b[r], 4 * (2 * t + c) + s), W());
+        bc[c][2 * s + 8 * r] = v.x; bc[c][2 * s + 8 * r + 1] = v.y;
+      }
+  }
+#pragma unroll
+  for (int i = 0; i < 4; ++i)
+#pragma unroll
+    for (int k = 0; k < 16; ++k) d[i] = fmaf(ar[i >> 1][k], bc[i & 1][k], d[i]);
+}
+
+// One 16-byte load of a channel's codes -> its A register pairs for STEPS mma k-steps ([st][0]
+// for k slots 2t, 2t + 1 and [st][1] for 2t + 8, 2t + 9): c - z as exact 16-bit pairs. z: the zero point plus the storage offset (8 for symmetric int4, 128 for
+// signed int8), an integer, as every format here stores it. Pairs per k-step: int4, word w's
+// nibbles (2h, 2h + 4) and (2h + 1, 2h + 5) for step 2w + h; int8, word w's bytes (0, 1) and
+// (2, 3) for step w.
+//   fp16: CodeDecoder's conversions: a code OR-ed into 0x6400's mantissa reads 1024 + c, and
+//         1024 + z is subtracted (an int4 high nibble reads 1024 + 16 c: times 1/16 minus 64 + z).
+//   bf16: 0x4300 is 128, whose 7 mantissa bits hold an int4 code exactly (each nibble shifted
+//         down first: 16 c would not fit); an int8 code does not fit, so it goes through fp32's
+//         2^23 the same way, and c - z (at most 255 in size: 8 significant bits) packs exactly.
+template <typename W, int BITS> struct MmaCodes;
+template <int BITS> struct MmaCodes<__half, BITS> {
+  static constexpr int STEPS = BITS == 4 ? 8 : 4;
+  __half2 zsub, zhi, sixteenth;
+  uint32_t magic, flip;
+  __device__ __forceinline__ MmaCodes(float z, uint32_t magic_, uint32_t flip_)
+      : zsub(__float2half2_rn(1024.f + z)), zhi(__float2half2_rn(-64.f - z)), sixteenth(__float2half2_rn(0.0625f)),
+        magic(magic_), flip(flip_) {}
+  __device__ __forceinline__ static uint32_t bits_of(__half2 v) { return *reinterpret_cast<uint32_t*>(&v); }
+  __device__ __forceinline__ void operator()(const uint4& q, uint32_t (&b)[STEPS][2]) const {
+    const uint32_t words[4] = {q.x, q.y, q.z, q.w};
+#pragma unroll
+    for (int i = 0; i < 4; ++i) {
+      if constexpr (BITS == 4) {
+#pragma unroll
+        for (int h = 0; h < 2; ++h) {
+          const uint32_t w = words[i] >> (8 * h);
+          b[2 * i + h][0] = bits_of(__hsub2(u32_as_half2((w & 0x000F000Fu) | magic), zsub));
+          b[2 * i + h][1] = bits_of(__hfma2(u32_as_half2((w & 0x00F000F0u) | magic), sixteenth, zhi));
+        }
+      } else {
+        const uint32_t w = words[i] ^ flip;
+        b[i][0] = bits_of(__hsub2(u32_as_half2(__byte_perm(w, magic, 0x7150)), zsub));   // bytes 0, 1
+        b[i][1] = bits_of(__hsub2(u32_as_half2(__byte_perm(w, magic, 0x7352)), zsub));   // bytes 2, 3
+      }
+    }
+  }
+};
+template <int BITS> struct MmaCodes<__nv_bfloat16, BITS> {
+  static constexpr int STEPS = BITS == 4 ? 8 : 4;
+  __nv_bfloat162 zsub;
+  float z;
+  uint32_t magic, flip;
+  __device__ __forceinline__ MmaCodes(float z_, uint32_t magic_, uint32_t flip_)
+      : zsub(__float2bfloat162_rn(128.f + z_)), z(z_), magic(magic_), flip(flip_) {}
+  __device__ __forceinline__ static uint32_t bits_of(__nv_bfloat162 v) { return *reinterpret_cast<uint32_t*>(&v); }
+  __device__ __forceinline__ float int8_code(uint32_t w, int i) const {     // byte i of w, minus z
+    return __uint_as_float(__byte_perm(w, 0x4B000000u, 0x7440 | i)) - (8388608.f + z);
+  }
+  __device__ __forceinline__ void operator()(const uint4& q, uint32_t (&b)[STEPS][2]) const {
+    const uint32_t words[4] = {q.x, q.y, q.z, q.w};
+#pragma unroll
+    for (int i = 0; i < 4; ++i) {
+      if constexpr (BITS == 4) {
+#pragma unroll
+        for (int j = 0; j < 4; ++j) {            // nibbles j, j + 4
+          uint32_t u = ((words[i] >> (4 * j)) & 0x000F000Fu) | magic;
+          b[2 * i + j / 2][j % 2] = bits_of(__hsub2(*reinterpret_cast<__nv_bfloat162*>(&u), zsub));
+        }
+      } else {
+        const uint32_t w = words[i] ^ flip;
+        b[i][0] = bits_of(__floats2bfloat162_rn(int8_code(w, 0), int8_code(w, 1)));
+        b[i][1] = bits_of(__floats2bfloat162_rn(int8_code(w, 2), int8_code(w, 3)));
+      }
+    }
+  }
+};
+
+// x's B registers for k-step st, in the order MmaCodes gives the codes: xw holds the lane's
+// CODES inputs of one row as pairs (x[2i], x[2i + 1]); lo is b[0], hi b[1].
+template <int BITS>
+__device__ __forceinline__ void x_pairs(const uint32_t* xw, int st, uint32_t& lo, uint32_t& hi) {
+  if constexpr (BITS == 4) {                  // step 2w + h: x[8w + 2h], x[8w + 2h + 4] and the next two
+    const int i = 4 * (st >> 1) + (st & 1);
+    lo = __byte_perm(xw[i], xw[i + 2], 0x5410);
+    hi = __byte_perm(xw[i], xw[i + 2], 0x7632);
+  } else {                                    // step w: x[4w], x[4w + 1] and x[4w + 2], x[4w + 3]
+    lo = xw[2 * st];
+    hi = xw[2 * st + 1];
+  }
+}
+
+constexpr int QX_WARPS = 8;                   // warps per block, each on its own steps of K
+constexpr uint32_t BF16_128_PAIR = 0x43004300u;
+
+template <typename T, int BITS, int J, int U, bool R16, bool PORTABLE>
+__global__ void __launch_bounds__(QX_WARPS * 32)
+quant_mma_kernel(T* __restrict__ y,                // [rows, N]
+                 const T* __restrict__ x,          // [rows <= 16, K], 16-byte aligned rows
+                 const uint8_t* __restrict__ qw,   // int4: [N, K/2] packed; int8: [N, K]
+                 const T* __restrict__ scales,     // [N, n_groups]
+                 const T* __restrict__ zeros,      // [N, n_groups] or null
+                 int rows, int N, int K, int G, int n_groups,
+                 int group_shift,                  // input -> group: >> group_shift, or / G if < 0
+                 bool is_signed, uint32_t magic) {
+  using W = typename mma_type<T>::type;
+  using Codes = MmaCodes<W, BITS>;
+  constexpr int CODES = BITS == 4 ? 32 : 16;      // codes in a lane's 16-byte load
+  constexpr int STEPS = Codes::STEPS;             // mma k-steps per load (4 k slots a lane each)
+  constexpr int SPAN = 4 * CODES;                 // inputs per loop step: a quad's 4 loads side by side
+  constexpr int XV = CODES * sizeof(T) / 16;      // 16-byte loads of x per row and loop step
+  constexpr int XH = R16 ? 2 : 1;                 // mma per tile and k-step: x's rows 0-7 (and 8-15)
+  __shared__ float red[QX_WARPS][J][XH][4][32];   // each warp's sums, added over warps at the end
+  const int warp = threadIdx.x >> 5, lane = threadIdx.x & 31, g = lane >> 2, t = lane & 3;
+  const int n0 = blockIdx.x * 16 * J;             // tile j: channels n0 + 16 j .. + 15
+  const float off = is_signed ? (BITS == 4 ? 8.f : 128.f) : 0.f;
+  const uint32_t flip = BITS == 8 && is_signed ? 0x80808080u : 0u;
+  // This lane's channels: g and g + 8 of each tile (A's rows: codes, zero points, scales);
+  // past N, the last channel (its results are not stored).
+  const uint8_t* wrow[J][2];
+  const T* zrow[J][2];
+  const T* srow[J][2];
+#pragma unroll
+  for (int j = 0; j < J; ++j)
+#pragma unroll
+    for (int h = 0; h < 2; ++h) {
+      const int n = min(n0 + 16 * j + g + 8 * h, N - 1);
+      wrow[j][h] = qw + (int64_t)n * K * BITS / 8;
+      zrow[j][h] = zeros ? zeros + (int64_t)n * n_groups : nullptr;
+      srow[j][h] = scales + (int64_t)n * n_groups;
+    }
+  // x's rows g (and g + 8): B's column g; past x's rows, its last row (B's column m gives D's
+  // column m alone, and D's columns past x's rows are not stored).
+  const T* xrow[XH];
+#pragma unroll
+  for (int r = 0; r < XH; ++r) xrow[r] = x + (int64_t)min(g + 8 * r, rows - 1) * K + t * CODES;
+  float acc[J][XH][4];
+#pragma unroll
+  for (int j = 0; j < J; ++j)
+#pragma unroll
+    for (int r = 0; r < XH; ++r)
+#pragma unroll
+      for (int i = 0; i < 4; ++i) acc[j][r][i] = 0.f;
+  const int steps = (K + SPAN - 1) / SPAN, supers = (steps + U - 1) / U;
+  // The codes of loop steps sup * U .. + U - 1. A lane whose inputs lie past K (the last step
+  // of a K that is not a multiple of SPAN, or a step past the last) reads the row's last
+  // CODES codes instead: finite, and multiplied by x's zeros there.
+  auto load = [&](int sup, uint4 (&w)[U][J][2]) {
+#pragma unroll
+    for (int u = 0; u < U; ++u) {
+      const int k = min((sup * U + u) * SPAN + t * CODES, K - CODES);     // this lane's first input
+#pragma unroll
+      for (int j = 0; j < J; ++j)
+#pragma unroll
+        for (int h = 0; h < 2; ++h)
+          w[u][j][h] = __ldcs(reinterpret_cast<const uint4*>(wrow[j][h] + k * BITS / 8));
+    }
+  };
+  uint4 cur[U][J][2], nxt[U][J][2];
+  if (warp < supers) load(warp, cur);
+  for (int sup = warp; sup < supers; sup += QX_WARPS) {
+    if (sup + QX_WARPS < supers) load(sup + QX_WARPS, nxt);     // in flight during this step's math
+#pragma unroll
+    for (int u = 0; u < U; ++u) {
+      const int k0 = (sup * U + u) * SPAN;      // the step's first input
+      if (k0 >= K) break;                       // the same for every lane of the warp
+      // x's rows at this lane's inputs (zero past K) -> the B registers of each k-step.
+      uint32_t b[XH][STEPS][2];
+#pragma unroll
+      for (int r = 0; r < XH; ++r) {
+        uint32_t xw[CODES / 2];
+#pragma unroll
+        for (int v = 0; v < XV; ++v) {
+          const uint4 q = k0 + t * CODES < K ? __ldg(reinterpret_cast<const uint4*>(xrow[r] + k0) + v)
+                                             : make_uint4(0u, 0u, 0u, 0u);
+          xw[4 * v] = q.x; xw[4 * v + 1] = q.y; xw[4 * v + 2] = q.z; xw[4 * v + 3] = q.w;
+        }
+#pragma unroll
+        for (int st = 0; st < STEPS; ++st) x_pairs<BITS>(xw, st, b[r][st][0], b[r][st][1]);
+      }
+      const int grp = group_shift >= 0 ? k0 >> group_shift : k0 / G;    // the step's group
+#pragma unroll
+      for (int j = 0; j < J; ++j) {
+        // A: channels g and g + 8 of the tile, c - z; the step's products, then times the scales.
+        uint32_t c[2][STEPS][2];
+#pragma unroll
+        for (int h = 0; h < 2; ++h) {
+          const Codes decode((zrow[j][h] ? to_f(zrow[j][h][grp]) : 0.f) + off, magic, flip);
+          decode(cur[u][j][h], c[h]);
+        }
+        const float s[2] = {to_f(srow[j][0][grp]), to_f(srow[j][1][grp])};
+#pragma unroll
+        for (int r = 0; r < XH; ++r) {
+          float d[4] = {0.f, 0.f, 0.f, 0.f};
+#pragma unroll
+          for (int st = 0; st < STEPS; ++st) {
+            const uint32_t a[4] = {c[0][st][0], c[1][st][0], c[0][st][1], c[1][st][1]};
+            mma_16816<W, PORTABLE>(d, a, b[r][st]);
+          }
+#pragma unroll
+          for (int i = 0; i < 4; ++i) acc[j][r][i] = fmaf(s[i >> 1], d[i], acc[j][r][i]);
+        }
+      }
+    }
+#pragma unroll
+    for (int u = 0; u < U; ++u)
+#pragma unroll
+      for (int j = 0; j < J; ++j)
+#pragma unroll
+        for (int h = 0; h < 2; ++h) cur[u][j][h] = nxt[u][j][h];
+  }
+  // The sum over warps: lane 4g + t's acc[j][r] holds channels n0 + 16 j + g (i = 0, 1) and
+  // + 8 (i = 2, 3) of x's rows 8 r + 2t (i even) and 8 r + 2t + 1 (i odd).
+#pragma unroll
+  for (int j = 0; j < J; ++j)
+#pragma unroll
+    for (int r = 0; r < XH; ++r)
+#pragma unroll
+      for (int i = 0; i < 4; ++i) red[warp][j][r][i][lane] = acc[j][r][i];
+  __syncthreads();
+  for (int e = threadIdx.x; e < rows * 16 * J; e += blockDim.x) {
+    const int m = e / (16 * J), nl = e % (16 * J), j = nl / 16, c = nl % 16;
+    const int src = 4 * (c & 7) + (m & 7) / 2, i = 2 * (c >> 3) + (m & 1);
+    float v = 0.f;
+#pragma unroll
+    for (int w = 0; w < QX_WARPS; ++w) v += red[w][j][m >> 3][i][src];
+    if (n0 + nl < N) y[(int64_t)m * N + n0 + nl] = from_f<T>(v);
+  }
+}
+
+// rows 0-16 of fp16 / bf16 x; the group size a multiple of 128 (int4) or 64 (int8), or one
+// group per row. tiles: J, 16-channel tiles per warp (1 or 2; the host picks by the GPU's
+// size). portable: the mma's twin instead of the instruction, one tile per warp (the
+// self-check compares the two on a GPU).
+torch::Tensor quant_mma(torch::Tensor x, torch::Tensor qweight, torch::Tensor scales,
+                        c10::optional<torch::Tensor> zeros, int64_t bits, int64_t group_size, int64_t tiles,
+                        bool portable) {
+  TORCH_CHECK(x.dim() == 2 && x.size(0) <= 16, "quant_mma: x must be [rows <= 16, K]");
+  TORCH_CHECK(x.scalar_type() == at::kHalf || x.scalar_type() == at::kBFloat16, "quant_mma: fp16 or bf16 x");
+  TORCH_CHECK(tiles == 1 || tiles == 2, "quant_mma: tiles must be 1 or 2");
+  TORCH_CHECK(!portable || tiles == 1, "quant_mma: the portable mma runs with one tile per warp");
   const at::cuda::OptionalCUDAGuard guard(device_of(x));
   x = x.contiguous();
-  if (reinterpret_cast<uintptr_t>(x.data_ptr()) % 16) x = x.clone();
-  const QuantWeight w = quant_weight("quant_gemm_tc", qweight, scales, zeros, bits, group_size, x.size(1),
+  if (reinterpret_cast<uintptr_t>(x.data_ptr()) % 16) x = x.clone();   // 16-byte loads
+  const QuantWeight w = quant_weight("quant_mma", qweight, scales, zeros, bits, group_size, x.size(1),
                                      x.scalar_type());
-  const torch::Tensor qw = w.qw, sc = w.sc, z = w.z;
+  TORCH_CHECK(w.n_groups == 1 || w.G % (bits == 4 ? 128 : 64) == 0,
+              "quant_mma: group_size must be a multiple of 128 (int4) or 64 (int8), or cover the row");
+  const torch::Tensor qw = w.qw, sc = w.sc, z = w.z;   // plain names (kemu's bounds checker)
   const int rows = x.size(0);
-  // Splits of K in whole steps of 32 inputs.
-  const int steps = w.K / QG_K;
-  splits = std::max<int64_t>(1, std::min<int64_t>(splits, steps));
-  const int k_per_split = (int)((steps + splits - 1) / splits) * QG_K;
-  splits = (w.K + k_per_split - 1) / k_per_split;
-  auto part = torch::empty({splits, rows, w.N}, x.options().dtype(torch::kFloat));
-  if (w.N == 0 || w.K == 0) return part.zero_();
-  TORCH_CHECK(splits <= 65535, "quant_gemm_tc: at most 65535 splits");
-  dim3 grid((w.N + QG_N - 1) / QG_N, splits);
+  auto y = torch::empty({rows, w.N}, x.options());
+  if (rows == 0 || w.N == 0) return y;
+  if (w.K == 0) return y.zero_();
+  int shift = -1;                                      // a power-of-two group: a shift, not a division
+  if (w.n_groups == 1) shift = 30;                     // every input index < 2^30 maps to group 0
+  else if ((w.G & (w.G - 1)) == 0) for (shift = 0; (1 << shift) < w.G; ++shift) {}
+  dim3 grid((w.N + 16 * tiles - 1) / (16 * tiles));
   const uint8_t* qp = reinterpret_cast<const uint8_t*>(qw.data_ptr());
-  auto launch = [&](auto* x_ptr, auto* sc_ptr) {        // x's 16-bit type, from the pointers
+  auto launch = [&](auto* x_ptr, auto* sc_ptr) {       // x's 16-bit type, from the pointers
     using T = std::remove_pointer_t<decltype(x_ptr)>;
     const T* zp = z.defined() ? z.data_ptr<T>() : nullptr;
-    auto kernel = bits == 4 ? quant_gemm_tc_kernel<T, 4> : quant_gemm_tc_kernel<T, 8>;
-    kernel<<<grid, 32, QG_SMEM, at::cuda::getCurrentCUDAStream()>>>(
-        part.data_ptr<float>(), x_ptr, qp, sc_ptr, zp, rows, w.N, w.K, w.G, w.n_groups, k_per_split, w.is_signed,
-        FP16_1024_PAIR);
+    const uint32_t magic = std::is_same<T, c10::Half>::value ? FP16_1024_PAIR : BF16_128_PAIR;
+    auto pick = [&](auto bits_c, auto r16_c) {
+      constexpr int B = decltype(bits_c)::value;
+      constexpr bool R16 = decltype(r16_c)::value;
+      if (portable) return quant_mma_kernel<T, B, 1, 2, R16, true>;
+      if (tiles == 1) return quant_mma_kernel<T, B, 1, 2, R16, false>;
+      return quant_mma_kernel<T, B, 2, 1, R16, false>;
+    };
+    using I4 = std::integral_constant<int, 4>;
+    using I8 = std::integral_constant<int, 8>;
+    using R16 = std::true_type;
+    using R8 = std::false_type;
+    auto kernel = bits == 4 ? (rows > 8 ? pick(I4(), R16()) : pick(I4(), R8()))
+                            : (rows > 8 ? pick(I8(), R16()) : pick(I8(), R8()));
+    kernel<<<grid, QX_WARPS * 32, 0, at::cuda::getCurrentCUDAStream()>>>(
+        y.data_ptr<T>(), x_ptr, qp, sc_ptr, zp, rows, w.N, w.K, w.G, w.n_groups, shift, w.is_signed, magic);
   };
   if (x.scalar_type() == at::kHalf) launch(x.data_ptr<c10::Half>(), sc.data_ptr<c10::Half>());
   else launch(x.data_ptr<c10::BFloat16>(), sc.data_ptr<c10::BFloat16>());
   C10_CUDA_KERNEL_LAUNCH_CHECK();
-  return part;
+  return y;
 }
 
 // ---------------------------------------------------------------- W4A16 / W8A16 on tensor cores, 17-255 rows
-// Past 16 rows the one-warp kernel above would run its 16-row tile once per 16 rows, reading
-// the codes again each time. This one is a tiled GEMM that dequantizes its B operand on the
+// Past 16 rows the mma kernel above would run its 16-row tile once per 16 rows, reading the
+// codes again each time. This one is a tiled GEMM that dequantizes its B operand on the
 // way in (the fused dequantize-GEMM of Marlin and AWQ's kernels; Marlin dequantizes into mma
 // registers, which WMMA's opaque fragments do not allow, so here the tile goes through shared
 // memory). A block of 4 warps owns 64 rows x 64 channels (each warp 32 x 32, 2 x 2
@@ -2061,10 +2283,11 @@ torch::Tensor quant_gemv(torch::Tensor x, torch::Tensor qweight, torch::Tensor s
                          c10::optional<torch::Tensor> zeros, int64_t bits, int64_t group_size, int64_t tile_chunks);
 torch::Tensor dequantize(torch::Tensor qweight, torch::Tensor scales, c10::optional<torch::Tensor> zeros,
                          int64_t bits, int64_t group_size, int64_t in_features);
-torch::Tensor quant_gemm_tc(torch::Tensor x, torch::Tensor qweight, torch::Tensor scales,
-                            c10::optional<torch::Tensor> zeros, int64_t bits, int64_t group_size, int64_t splits);
 torch::Tensor quant_gemm(torch::Tensor x, torch::Tensor qweight, torch::Tensor scales,
                          c10::optional<torch::Tensor> zeros, int64_t bits, int64_t group_size, int64_t splits);
+torch::Tensor quant_mma(torch::Tensor x, torch::Tensor qweight, torch::Tensor scales,
+                        c10::optional<torch::Tensor> zeros, int64_t bits, int64_t group_size, int64_t tiles,
+                        bool portable);
 """
 
 @functools.cache
@@ -2102,7 +2325,7 @@ def cuda_extension():
     verbose = os.environ.get("NANOSERVE_PTXAS_VERBOSE") == "1"
     return load_inline(
         name="nanoserve_kernels" + ("_ptxas" if verbose else ""), cpp_sources=CPP_SOURCE, cuda_sources=CUDA_SOURCE,
-        functions=["rms_norm", "silu_and_mul", "rope_and_cache", "paged_decode", "paged_prefill", "quant_gemv", "quant_gemm_tc", "quant_gemm", "dequantize"],
+        functions=["rms_norm", "silu_and_mul", "rope_and_cache", "paged_decode", "paged_prefill", "quant_gemv", "quant_mma", "quant_gemm", "dequantize"],
         extra_cuda_cflags=["-O3", "--use_fast_math"] + (["-Xptxas=-v"] if verbose else []),
         extra_include_paths=cuda_library_includes(), verbose=verbose)
 
@@ -2241,14 +2464,28 @@ def paged_attention(q: Tensor, k_cache: Tensor, v_cache: Tensor, block_tables: T
                                 max_context_len, max_query_len)
 
 
-# Where quant_linear_cuda changes kernel, by rows of x. From GEMM_TC_MIN_ROWS to 16 the
-# one-warp tensor-core kernel, below it the GEMV: an estimate, not a timing (the kernel
-# benchmark, tools/kernel_bench.py, times both at 4 and 16 rows). From QUANT_GEMM_MAX_ROWS on,
-# dequantize + cuBLAS: the product is compute-bound and cuBLAS's Hopper GEMM outruns a WMMA
-# kernel by more than the extra pass costs. vLLM's AWQ layer turns at the same 256 tokens;
-# the kernel benchmark times both sides at 64-2,048 rows.
-GEMM_TC_MIN_ROWS = 4
+# Where quant_linear_cuda changes kernel, by rows of x. Up to QUANT_MMA_MAX_ROWS (16, one
+# mma tile of rows) the mma kernel, which streams the codes once whatever the row count. From
+# QUANT_GEMM_MAX_ROWS on, dequantize + cuBLAS: the product is compute-bound and cuBLAS's
+# Hopper GEMM outruns a WMMA kernel by more than the extra pass costs. vLLM's AWQ layer turns
+# at the same 256 tokens; the kernel benchmark (tools/kernel_bench.py) times both sides at
+# 64-2,048 rows, and the mma kernel beside the GEMV at 1-16.
+QUANT_MMA_MAX_ROWS = 16
 QUANT_GEMM_MAX_ROWS = 256
+
+
+def _quant_mma_fits(bits: int, group_size: int, K: int) -> bool:
+    """Whether quant_mma takes this grouping: each of its loop steps (128 int4 or 64 int8
+    inputs) inside one group, whose scale it applies to the step's sums."""
+    G = group_size or K
+    return G >= K or G % (128 if bits <= 4 else 64) == 0
+
+
+def _quant_mma_tiles(N: int, device: torch.device) -> int:
+    """16-channel tiles per warp for quant_mma: 2 where the grid still has about two blocks
+    (of 32 channels) per SM, else 1. Two tiles share each x value among more channels; one
+    gives a narrow layer enough blocks to keep every SM loading."""
+    return 2 if -(-N // 32) >= 2 * _decode_device(device)[0] else 1
 
 
 def _quant_gemm_splits(rows: int, N: int, K: int, bits: int, device: torch.device) -> int:
@@ -2262,27 +2499,24 @@ def _quant_gemm_splits(rows: int, N: int, K: int, bits: int, device: torch.devic
 def quant_linear_cuda(x: Tensor, qweight: Tensor, scales: Tensor, zeros: Tensor | None, bits: int,
                       group_size: int) -> Tensor:
     """quant_linear on the kernels (K and the group size multiples of 32), by the rows of x:
-    1-3 the GEMV (memory-bound: the codes read once), 4-16 the one-warp tensor-core kernel
-    (CUDA cores would spend an FMA per code and row), 17-255 the tiled tensor-core GEMM that
-    dequantizes into shared memory (codes read once per 64 rows, no dense temporary), 256 and
-    more the dequantize kernel and cuBLAS (compute-bound). fp32, or a GPU older than Ampere:
-    the GEMV up to 16 rows, dequantize + cuBLAS beyond."""
+    1-16 the mma kernel (the codes dequantized into tensor-core registers and read once;
+    groups of 128 inputs or a multiple, or per channel: other groups take the GEMV), 17-255 the tiled tensor-core GEMM that dequantizes into shared memory (codes read once
+    per 64 rows, no dense temporary), 256 and more the dequantize kernel and cuBLAS
+    (compute-bound). fp32, or a GPU older than Ampere: the GEMV (CUDA cores, an FMA per code
+    and row) up to 16 rows, dequantize + cuBLAS beyond."""
     K = x.shape[-1]
     rows = x.numel() // K
     kbits = 4 if bits <= 4 else 8                     # the kernels' code widths (3-bit codes are packed as 4)
     tc = x.dtype in (torch.float16, torch.bfloat16) and _tensor_cores(x.device)
-    if tc and GEMM_TC_MIN_ROWS <= rows <= 16:
-        n_tiles = -(-qweight.shape[0] // 64)
-        splits = max(1, min(-(-4 * _decode_device(x.device)[0] // n_tiles), K // 256))   # ~4 blocks per SM
-        part = cuda_extension().quant_gemm_tc(x.reshape(rows, K), qweight, scales, zeros, kbits, group_size,
-                                              splits)                                   # (splits, rows, N)
-        y = part[0] if part.shape[0] == 1 else part.sum(0)
-        return y.to(x.dtype).view(*x.shape[:-1], -1)
+    if tc and rows <= QUANT_MMA_MAX_ROWS and _quant_mma_fits(kbits, group_size, K):
+        y = cuda_extension().quant_mma(x.reshape(rows, K), qweight, scales, zeros, kbits, group_size,
+                                       _quant_mma_tiles(qweight.shape[0], x.device), False)
+        return y.view(*x.shape[:-1], -1)
     if tc and 16 < rows < QUANT_GEMM_MAX_ROWS:
         y = cuda_extension().quant_gemm(x.reshape(rows, K), qweight, scales, zeros, kbits, group_size,
                                         _quant_gemm_splits(rows, qweight.shape[0], K, kbits, x.device))
         return y.view(*x.shape[:-1], -1)
-    if rows <= 16:
+    if rows <= QUANT_MMA_MAX_ROWS:
         y = cuda_extension().quant_gemv(x.reshape(rows, K), qweight, scales, zeros, kbits, group_size, 0)
         return y.view(*x.shape[:-1], -1)
     # Compute-bound: cuBLAS on a weight dequantized in one pass (a temporary of the layer's
@@ -2497,13 +2731,12 @@ def _check_prefill_attention(dev: str, dtype: torch.dtype, quick: bool, full: bo
 
 def _check_quant_linear(dev: str, dtype: torch.dtype, quick: bool, full: bool) -> Rows:
     """W4A16 / W8A16, symmetric and asymmetric, per channel and per group with a partial last
-    group, each row count on the kernel quant_linear_cuda picks for it: 1-3 the GEMV, 4-16 the
-    one-warp tensor-core kernel (and at 16 rows with K split three ways, partial sums the host
-    adds), 17-255 the tiled tensor-core GEMM, 256 dequantize + cuBLAS; K = 100 (not a multiple
-    of 32) takes quant_linear's own choice, the twin."""
+    group, each row count on the kernel quant_linear_cuda picks for it: 1-16 the mma kernel
+    (fp32, or int4 groups of 32: the GEMV), 17-255 the tiled tensor-core GEMM, 256 dequantize + cuBLAS; K = 100
+    (not a multiple of 32) takes quant_linear's own choice, the twin."""
     dn, rows = str(dtype).removeprefix("torch."), []
     shapes = ((64, 128), (32, 96)) if quick else ((4096, 4096), (4096, 11008))
-    for bits, G, asym in ((4, 64, False), (4, 32, True), (8, 0, False), (8, 64, True))[:None if full else 1]:
+    for bits, G, asym in ((4, 128, False), (4, 32, True), (8, 0, False), (8, 64, True))[:None if full else 1]:
         for N, K in shapes + ((16, 100),):
             for M in ((1, 3, 4, 16, 17, 256) if quick else (1, 3, 4, 16, 33, 100, 256)):
                 x = torch.randn(M, K, device=dev, dtype=dtype)
@@ -2511,8 +2744,9 @@ def _check_quant_linear(dev: str, dtype: torch.dtype, quick: bool, full: bool) -
                 ref = quant_linear_ref(x, qw, sc, zp, bits, G)
                 aligned = K % 32 == 0 and (G or K) % 32 == 0
                 tc16 = dtype != torch.float32 and _tensor_cores(torch.device(dev))
-                tc = tc16 and GEMM_TC_MIN_ROWS <= M <= 16
-                via = ("twin" if not aligned else "tensor cores" if tc else "GEMV" if M <= 16 else
+                mma = tc16 and M <= QUANT_MMA_MAX_ROWS and _quant_mma_fits(bits, G, K)
+                via = ("twin" if not aligned else "mma" if mma else
+                       "GEMV" if M <= QUANT_MMA_MAX_ROWS else
                        "tiled tensor-core GEMM" if tc16 and M < QUANT_GEMM_MAX_ROWS else "dequantize + cuBLAS")
                 run = (lambda: quant_linear_cuda(x, qw, sc, zp, bits, G)) if aligned else \
                     (lambda: quant_linear(x, qw, sc, zp, bits, G))
@@ -2525,17 +2759,40 @@ def _check_quant_linear(dev: str, dtype: torch.dtype, quick: bool, full: bool) -
                     extra = f" ({qw.numel() / t / 1e9:.0f} GB/s of weights, {t16 / t:.2f}x cuBLAS {dn})"
                 name = f"{dn} {N}x{K} M={M} g={G}{' asym' if asym else ''}"
                 rows.append((f"W{bits}A16 ({via}) {name}{extra}", _rel(y, ref), 1e3 * t))
-                if tc and aligned and M == 16:
-                    part = cuda_extension().quant_gemm_tc(x, qw, sc, zp, bits, G, 3)
-                    rows.append((f"W{bits}A16 (tensor cores, {part.shape[0]} splits) {name}",
-                                 _rel(part.sum(0).to(dtype), ref), 0.0))
+    return rows
+
+
+def _check_quant_mma(dev: str, dtype: torch.dtype, quick: bool, full: bool) -> Rows:
+    """The mma kernel called directly (fp16/bf16), with 1 and 2 channel tiles per warp: a
+    block's channels cut short (N = 24, 40, 33, 72, 17), a last loop step only partly inside
+    K (K = 160, 288: lanes past K read other codes, times x's zeros), groups by a shift (128,
+    64, per channel) and by a division (192, 384, whose last group is partial), 1-8 rows
+    (A's rows 8-15 left zero) and 9-16, signed and asymmetric codes. With one tile, the mma's
+    portable twin too: on a GPU the instruction and the twin must agree (the fragment
+    layouts); under kemu both are the twin."""
+    dn, rows = str(dtype).removeprefix("torch."), []
+    if dtype == torch.float32 or not _tensor_cores(torch.device(dev)):
+        return rows
+    for bits, G, asym, N, K, M, tiles in ((4, 0, False, 24, 160, 1, 1), (4, 128, True, 40, 256, 5, 2),
+                                          (8, 192, False, 33, 288, 9, 2), (4, 384, True, 72, 640, 16, 2),
+                                          (8, 0, True, 16, 96, 16, 1), (8, 64, False, 8, 128, 3, 2),
+                                          (4, 128, False, 17, 256, 12, 1)):
+        x = torch.randn(M, K, device=dev, dtype=dtype)
+        qw, sc, zp = _random_quant(N, K, bits, G, asym, dtype, dev)
+        ref = quant_linear_ref(x, qw, sc, zp, bits, G)
+        name = f"{dn} {N}x{K} M={M} g={G}{' asym' if asym else ''}"
+        y = cuda_extension().quant_mma(x, qw, sc, zp, bits, G, tiles, False)
+        rows.append((f"W{bits}A16 (mma, {tiles} tile{'s' * (tiles > 1)} a warp) {name}", _rel(y, ref), 0.0))
+        if tiles == 1:
+            twin = cuda_extension().quant_mma(x, qw, sc, zp, bits, G, 1, True)
+            rows.append((f"W{bits}A16 (mma's portable twin against the instruction) {name}", _rel(twin, y), 0.0))
     return rows
 
 
 def _check_quant_gemv(dev: str, dtype: torch.dtype, quick: bool, full: bool) -> Rows:
     """The GEMV called directly: x staged in several tiles (5 chunks each, the last one
     partial), an odd channel count (the last warp's second channel absent), 5 rows (which
-    quant_linear sends to tensor cores in a 16-bit dtype), groups of 3 and 6 chunks (a
+    quant_linear sends to the mma kernel in a 16-bit dtype), groups of 3 and 6 chunks (a
     division, not a shift)."""
     dn, rows = str(dtype).removeprefix("torch."), []
     for bits, G, asym in ((4, 64, False), (4, 96, True), (8, 96, False), (8, 0, True))[:None if full else 2]:
@@ -2575,7 +2832,7 @@ def self_check(device: str = "cuda", quick: bool = False) -> Rows:
     for dtype in (torch.float16, torch.bfloat16, torch.float32):
         full = dtype != torch.float32 or not quick          # all of a check's cases
         for check in (_check_norms, _check_rope_and_cache, _check_decode_attention, _check_prefill_attention,
-                      _check_quant_linear, _check_quant_gemv, _check_quant_gemm):
+                      _check_quant_linear, _check_quant_mma, _check_quant_gemv, _check_quant_gemm):
             rows += check(device, dtype, quick, full)
     return rows
 

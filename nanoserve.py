@@ -2494,9 +2494,10 @@ class PiecewiseGraphs:
     another; the residual stream passes between graphs in a third. A step is padded up to
     a bucket of tokens (padding tokens write their K/V to slot -1, which the cache write
     skips, and belong to no sequence, so nobody attends to them). The buckets' edges include
-    the quantized matmul's kernel thresholds (3, 16 and 255 rows: kernels.quant_linear_cuda
-    picks its kernel by rows), with powers of two between, so padding never sends a step to
-    another kernel than its own size takes. Every bucket's L + 1 graphs are captured at the
+    the quantized matmul's kernel thresholds (16 and 255 rows: kernels.quant_linear_cuda
+    picks its kernel by rows), so padding never sends a step to another kernel than its own
+    size takes, with powers of two between and 3 below (a verification window of a few draft
+    tokens is not padded to 16). Every bucket's L + 1 graphs are captured at the
     first step that needs one, largest bucket first (the smaller ones then fit in the memory
     its capture took), into one pool; a capture waits for the device, so it happens once,
     not whenever a new size comes. capture=False runs the same pieces eagerly (the CPU tests
@@ -2506,7 +2507,7 @@ class PiecewiseGraphs:
     def __init__(self, model: LlamaForCausalLM, kv_cache: Tensor, max_tokens: int, capture: bool = True):
         self.model, self.kv_cache, self.capture = model, kv_cache, capture
         self.layers = model.model.layers
-        edges = (kernels.GEMM_TC_MIN_ROWS - 1, 16, 32, 64, 128, kernels.QUANT_GEMM_MAX_ROWS - 1)
+        edges = (3, kernels.QUANT_MMA_MAX_ROWS, 32, 64, 128, kernels.QUANT_GEMM_MAX_ROWS - 1)
         self.buckets = [b for b in edges if b < max_tokens] + [max_tokens]
         c, top, dev = model.config, max_tokens, kv_cache.device
         dtype = model.model.embed_tokens.weight.dtype                  # the activations'

@@ -39,3 +39,32 @@ def test_compile_check_fails_on_a_spill_and_passes_without_one(monkeypatch, caps
     assert kernel_bench.main(["ptxas"]) == 0
     monkeypatch.setattr(kernel_bench, "compile_with_ptxas_verbose", lambda: "")
     assert kernel_bench.main(["ptxas"]) == 1                               # no kernel found: a failure too
+
+
+# cuobjdump -sass's shape, cut down: a kernel with a loop of 4 instructions (0x0020-0x0050, the
+# backward branch included) and an exit, and one without a loop.
+SASS = """\
+\t\tFunction : _Z16quant_mma_kernelIN3c104HalfELi4ELi2ELi1ELb0ELb0EEvPT_
+        /*0000*/                   MOV R1, c[0x0][0x28] ;                         /* 0x00000a00ff017b82 */
+        /*0010*/                   LOP3.LUT R2, R2, 0xf000f, R3, 0xf8, !PT ;      /* 0x000f000f02027812 */
+        /*0020*/                   HADD2 R4, R2, -R5.H0_H0 ;                       /* 0x8000000502047230 */
+        /*0030*/                   HMMA.16816.F32 R8, R12, R4, R8 ;                /* 0x000000040c08723c */
+        /*0040*/              @!P0 LOP3.LUT R2, R2, 0xf000f, R3, 0xf8, !PT ;     /* 0x000f000f02028812 */
+        /*0050*/              @P1 BRA 0x20 ;                                      /* 0xfffffffc00001947 */
+        /*0060*/                   EXIT ;                                          /* 0x000000000000794d */
+\t\tFunction : _Z5smallPf
+        /*0000*/                   MOV R1, c[0x0][0x28] ;                         /* 0x00000a00ff017b82 */
+        /*0010*/              @!P0 BRA 0x30 ;                                      /* 0x0000000000008947 */
+        /*0020*/                   EXIT ;                                          /* 0x000000000000794d */
+"""
+
+
+def test_sass_loops_reads_each_kernels_longest_loop_and_its_opcodes():
+    (mma, n, counts), (small, m, _) = kernel_bench.sass_loops(SASS)
+    assert mma.startswith("_Z16quant_mma") and n == 4
+    assert counts == {"HADD2": 1, "HMMA": 1, "LOP3": 1, "BRA": 1}       # predicates and modifiers dropped
+    assert small == "_Z5smallPf" and m == 0                               # a forward branch is no loop
+    name = "void quant_mma_kernel<c10::Half, 4, 2, 1, false, false>(c10::Half*, ...)"
+    assert kernel_bench.quant_mma_codes_per_iteration(name) == 1 * 2 * 2 * 32
+    assert kernel_bench.quant_mma_codes_per_iteration("void quant_mma_kernel<c10::BFloat16, 8, 1, 2, true, false>") == 64
+    assert kernel_bench.quant_mma_codes_per_iteration("void rms_norm_kernel<float>(float*)") is None

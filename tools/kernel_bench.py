@@ -4,6 +4,9 @@ its goal's sizes.
     python tools/kernel_bench.py ptxas   # compile for sm_90 (TORCH_CUDA_ARCH_LIST), no GPU needed (a CUDA
                                          # build of torch and nvcc): each kernel's registers, spills and
                                          # static shared memory; exit 1 if one spills (CI's compile check)
+    python tools/kernel_bench.py sass quant_mma   # the same compile, disassembled (cuobjdump): the
+                                         # instructions of each kernel's inner loop (per code for the
+                                         # quantized mma kernel)
     python tools/kernel_bench.py goals   # on a GPU: each kernel at its goal's sizes (issue 16), CUDA events
 
 Correctness is kernels.py's self-check: `python kernels.py` on a GPU, and on the CPU under the
@@ -26,7 +29,7 @@ import torch
 
 ROOT = Path(__file__).resolve().parent.parent
 sys.path.insert(0, str(ROOT))
-from kernels import (GEMM_TC_MIN_ROWS, QUANT_GEMM_MAX_ROWS, _decode_device, _quant_gemm_splits,  # noqa: E402
+from kernels import (QUANT_GEMM_MAX_ROWS, QUANT_MMA_MAX_ROWS, _decode_device, _quant_gemm_splits,  # noqa: E402
                      _random_paged, _tensor_cores, cuda_extension, decode_partition, gather_kv_ref,
                      quant_linear)
 
@@ -128,9 +131,9 @@ def gpu_goals(device: str = "cuda") -> list[tuple[str, str]]:
     del kc, vc, q, k, v, qs, qh, kh, vh
 
     # Weight-only int4 (groups of 128) and int8 (per channel): Llama-2-7B's projection shapes
-    # through quant_linear's path for each row count (the GEMV, the one-warp tensor-core
-    # kernel, the tiled GEMM, dequantize + cuBLAS), against the same product in bf16 by cuBLAS;
-    # past 16 rows the other of the two big-row paths too, which sets QUANT_GEMM_MAX_ROWS.
+    # through quant_linear's path for each row count (the mma kernel, the tiled GEMM,
+    # dequantize + cuBLAS), against the same product in bf16 by cuBLAS; up to 16 rows the GEMV
+    # too, past 16 the other of the two big-row paths, which sets QUANT_GEMM_MAX_ROWS.
     for N, K in ((4096, 4096), (11008, 4096), (4096, 11008)):
         for bits, group in ((4, 128), (8, 0)):
             packed = N * (K // 2 if bits == 4 else K) + N * (K // (group or K)) * 2      # codes + scales
@@ -142,13 +145,12 @@ def gpu_goals(device: str = "cuda") -> list[tuple[str, str]]:
                 x = torch.randn(M, K, device=dev, dtype=bf16)
                 tq = time_cuda(lambda i: quant_linear(x, *ws[i % len(ws)], None, bits, group), reps=20)
                 td = time_cuda(lambda i: x @ dense[i % len(dense)].T, reps=20)
-                if M <= 16:
+                if M <= QUANT_MMA_MAX_ROWS:                  # the mma kernel; the GEMV beside it
+                    tg = time_cuda(lambda i: cuda_extension().quant_gemv(x, *ws[i % len(ws)], None, bits, group, 0),
+                                   reps=20)
                     figure = (f"{packed / tq / 1e9:.0f} GB/s = {100 * packed / tq / copy_bw:.0f}% of copy (goal >= 80%); "
-                              f"bf16 cuBLAS {2 * N * K / td / 1e9:.0f} GB/s; int{bits} at {td / tq:.2f}x bf16's speed")
-                    if M >= GEMM_TC_MIN_ROWS:                # tensor cores above; the GEMV for comparison
-                        tg = time_cuda(lambda i: cuda_extension().quant_gemv(x, *ws[i % len(ws)], None, bits, group, 0),
-                                        reps=20)
-                        figure += f"; the GEMV {packed / tg / 1e9:.0f} GB/s"
+                              f"bf16 cuBLAS {2 * N * K / td / 1e9:.0f} GB/s; int{bits} at {td / tq:.2f}x bf16's speed; "
+                              f"the GEMV {packed / tg / 1e9:.0f} GB/s")
                 else:
                     splits = _quant_gemm_splits(M, N, K, bits, x.device)
                     fused = lambda i: cuda_extension().quant_gemm(x, *ws[i % len(ws)], None, bits, group, splits)
@@ -164,18 +166,117 @@ def gpu_goals(device: str = "cuda") -> list[tuple[str, str]]:
     return rows
 
 
-def compile_with_ptxas_verbose() -> str:
-    """Compile the extension from scratch (in a temporary folder, in a child process: no GPU
+def _compile(tmp: str) -> str:
+    """Compile the extension from scratch into the folder tmp (in a child process: no GPU
     needed) with ptxas -v -> the compiler's output."""
-    with tempfile.TemporaryDirectory() as tmp:
-        env = dict(os.environ, NANOSERVE_PTXAS_VERBOSE="1", TORCH_EXTENSIONS_DIR=tmp)
-        env.setdefault("TORCH_CUDA_ARCH_LIST", "9.0")
-        r = subprocess.run([sys.executable, "-c", "import kernels; kernels.cuda_extension()"], env=env,
-                           cwd=ROOT, capture_output=True, text=True)
+    env = dict(os.environ, NANOSERVE_PTXAS_VERBOSE="1", TORCH_EXTENSIONS_DIR=tmp)
+    env.setdefault("TORCH_CUDA_ARCH_LIST", "9.0")
+    r = subprocess.run([sys.executable, "-c", "import kernels; kernels.cuda_extension()"], env=env,
+                       cwd=ROOT, capture_output=True, text=True)
     log = r.stdout + r.stderr
     if r.returncode:
         raise RuntimeError(f"the CUDA extension did not compile:\n{log[-4000:]}")
     return log
+
+
+def compile_with_ptxas_verbose() -> str:
+    """Compile the extension in a temporary folder -> ptxas -v's output."""
+    with tempfile.TemporaryDirectory() as tmp:
+        return _compile(tmp)
+
+
+def _cuda_tool(name: str) -> str | None:
+    """A CUDA binary tool: on PATH, in the toolkit, or in the nvidia-* wheels a CUDA build of
+    torch installs (nvidia/cu13/bin, nvidia/cuda_cuobjdump/bin, ...)."""
+    from torch.utils.cpp_extension import CUDA_HOME
+    dirs = [os.path.join(CUDA_HOME, "bin")] if CUDA_HOME else []
+    try:
+        import nvidia
+        dirs += [str(b) for root in nvidia.__path__ for b in sorted(Path(root).glob("*/bin"))]
+    except ImportError:
+        pass
+    found = shutil.which(name) or next((os.path.join(d, name) for d in dirs if os.path.isfile(os.path.join(d, name))),
+                                       None)
+    return found
+
+
+def compile_and_disassemble() -> str:
+    """Compile the extension in a temporary folder -> its sm_90 code as cuobjdump -sass prints
+    it (cuobjdump calls nvdisasm, which must sit beside it or on PATH)."""
+    cuobjdump = _cuda_tool("cuobjdump")
+    if cuobjdump is None:
+        raise RuntimeError("kernel_bench: sass needs cuobjdump (the CUDA toolkit's, or a CUDA build of torch's "
+                           "nvidia-* wheels)")
+    with tempfile.TemporaryDirectory() as tmp:
+        _compile(tmp)
+        (lib,) = Path(tmp).glob("*/*.so")
+        env = dict(os.environ, PATH=os.pathsep.join([os.path.dirname(cuobjdump), os.environ.get("PATH", "")]))
+        r = subprocess.run([cuobjdump, "-sass", str(lib)], capture_output=True, text=True, env=env)
+    if r.returncode:
+        raise RuntimeError(f"cuobjdump failed:\n{r.stderr[-2000:]}")
+    return r.stdout
+
+
+def sass_loops(sass: str) -> list[tuple[str, int, dict[str, int]]]:
+    """cuobjdump -sass text -> per kernel its longest loop (the instructions from a backward
+    branch's target to the branch): (mangled name, instructions, count per opcode, without
+    its modifiers and predicate). A kernel without a loop has 0 instructions."""
+    kernels, name, code = [], None, []
+
+    def close():
+        if name is None:
+            return
+        best: list[str] = []
+        for addr, op in code:
+            target = re.search(r"BRA\s.*?0x([0-9a-f]+)", op)
+            if target and int(target.group(1), 16) < addr:
+                body = [o for a, o in code if int(target.group(1), 16) <= a <= addr]
+                best = max(best, body, key=len)
+        counts: dict[str, int] = {}
+        for op in best:
+            opcode = re.sub(r"^@!?U?P\w+\s+", "", op).split()[0].split(".")[0]
+            counts[opcode] = counts.get(opcode, 0) + 1
+        kernels.append((name, len(best), counts))
+
+    for line in sass.splitlines():
+        if m := re.search(r"Function : (\S+)", line):
+            close()
+            name, code = m.group(1), []
+        elif m := re.match(r"\s*/\*([0-9a-f]{4,})\*/\s+(.*?)\s*;", line):
+            code.append((int(m.group(1), 16), m.group(2)))
+    close()
+    return kernels
+
+
+def quant_mma_codes_per_iteration(name: str) -> int | None:
+    """Codes one lane converts per iteration of quant_mma_kernel's loop, from its demangled
+    name (quant_mma_kernel<T, BITS, J, U, ...>: U steps of J tiles, two channels each, a
+    16-byte load of 32 int4 or 16 int8 codes per channel); None for another kernel."""
+    m = re.search(r"quant_mma_kernel<[^,]+, (\d+), (\d+), (\d+),", name)
+    if not m:
+        return None
+    bits, j, u = map(int, m.groups())
+    return u * j * 2 * (32 if bits == 4 else 16)
+
+
+def print_sass_report(pattern: str) -> int:
+    """The inner loop of each kernel whose demangled name contains pattern: its instructions,
+    the most frequent opcodes, and for the mma kernel instructions per code."""
+    if torch.version.cuda is None:
+        print("kernel_bench: sass needs a CUDA build of torch", file=sys.stderr)
+        return 2
+    loops = sass_loops(compile_and_disassemble())
+    names = [n for n, _, _ in loops]
+    if shutil.which("c++filt"):
+        names = subprocess.run(["c++filt"], input="\n".join(names), capture_output=True, text=True).stdout.splitlines()
+    for name, (_, length, counts) in zip(names, loops):
+        if pattern not in name:
+            continue
+        top = ", ".join(f"{op} {n}" for op, n in sorted(counts.items(), key=lambda c: -c[1])[:8])
+        codes = quant_mma_codes_per_iteration(name)
+        per_code = f"  {length / codes:.2f} per code" if codes and length else ""
+        print(f"{name[:90]:90s} loop {length:4d} instructions{per_code}  ({top})")
+    return 0
 
 
 def ptxas_report(log: str) -> list[tuple[str, int, int, int]]:
@@ -227,8 +328,13 @@ def print_gpu_goals() -> int:
 
 def main(argv: list[str] | None = None) -> int:
     ap = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
-    ap.add_argument("what", choices=("ptxas", "goals"), help="ptxas: the compile report; goals: timings on a GPU")
-    return print_ptxas_report() if ap.parse_args(argv).what == "ptxas" else print_gpu_goals()
+    ap.add_argument("what", choices=("ptxas", "sass", "goals"),
+                    help="ptxas: the compile report; sass: each kernel's inner loop; goals: timings on a GPU")
+    ap.add_argument("pattern", nargs="?", default="", help="sass: only kernels whose name contains this")
+    a = ap.parse_args(argv)
+    if a.what == "ptxas":
+        return print_ptxas_report()
+    return print_sass_report(a.pattern) if a.what == "sass" else print_gpu_goals()
 
 
 if __name__ == "__main__":
