@@ -2765,7 +2765,7 @@ def _check_quant_linear(dev: str, dtype: torch.dtype, quick: bool, full: bool) -
 def _check_quant_mma(dev: str, dtype: torch.dtype, quick: bool, full: bool) -> Rows:
     """The mma kernel called directly (fp16/bf16), with 1 and 2 channel tiles per warp: a
     block's channels cut short (N = 24, 40, 33, 72, 17), a last loop step only partly inside
-    K (K = 160, 288: lanes past K read other codes, times x's zeros), groups by a shift (128,
+    K (K = 160, 288, 32: lanes past K read other codes, times x's zeros), groups by a shift (128,
     64, per channel) and by a division (192, 384, whose last group is partial), 1-8 rows
     (A's rows 8-15 left zero) and 9-16, signed and asymmetric codes. With one tile, the mma's
     portable twin too: on a GPU the instruction and the twin must agree (the fragment
@@ -2776,7 +2776,7 @@ def _check_quant_mma(dev: str, dtype: torch.dtype, quick: bool, full: bool) -> R
     for bits, G, asym, N, K, M, tiles in ((4, 0, False, 24, 160, 1, 1), (4, 128, True, 40, 256, 5, 2),
                                           (8, 192, False, 33, 288, 9, 2), (4, 384, True, 72, 640, 16, 2),
                                           (8, 0, True, 16, 96, 16, 1), (8, 64, False, 8, 128, 3, 2),
-                                          (4, 128, False, 17, 256, 12, 1)):
+                                          (4, 128, False, 17, 256, 12, 1), (4, 0, False, 16, 32, 2, 1)):
         x = torch.randn(M, K, device=dev, dtype=dtype)
         qw, sc, zp = _random_quant(N, K, bits, G, asym, dtype, dev)
         ref = quant_linear_ref(x, qw, sc, zp, bits, G)
