@@ -1076,67 +1076,129 @@ __global__ void paged_prefill_kernel(T* __restrict__ out,              // [T, H,
 }
 
 // ---------------------------------------------------------------- paged prefill on tensor cores
-// The same computation as above, for fp16/bf16 and head_dim 64 or 128, FlashAttention-2 style
-// on the tensor cores (nvcuda::wmma, 16 x 16 x 16 tiles, fp32 accumulation): per block a tile
-// of TC_BM rows (query token x group head, as above) stays resident in shared memory and
-// in registers; K/V tiles of TC_BN keys stream past it, double-buffered with cp.async (the
-// copy of tile j + 1 is in flight while tile j is computed). Each warp owns 16 rows:
-//   S = Q K^T               [16, BN]: HD/16 x BN/16 mma, Q's fragments loaded once
-//   online softmax in fp32  two lanes per row over S staged in shared memory (the
-//                           accumulator's element-to-lane layout is the hardware's business)
-//   O = diag(alpha) O + P V [16, HD]: O stays in registers for the whole prompt
-// The row scaling of O needs the row of each accumulator element; rather than assume the
-// hardware's layout, each warp asks once: it loads a tile whose (r, c) entry is r.
-// Work per tile and warp: 2 x 16 x BN x HD multiply-adds on tensor cores against ~BN x 16
-// exponentials and 16 x (BN + HD) shared-memory round trips on CUDA cores.
+// The same computation as above, for fp16/bf16 and head_dim 64 or 128, in FlashAttention-2's
+// structure on mma.sync (m16n8k16, fp32 accumulation; the register layouts below): per block a
+// tile of TC_BM rows (query token x group head, as above), 16 per warp; K/V tiles of TC_BN
+// keys stream past, double-buffered with cp.async (the copy of tile j + 1 is in flight while
+// tile j is computed). Per warp and tile, in registers:
+//   S = Q K^T               [16, BN]: Q's A fragments loaded once (ldmatrix), K's B
+//                           fragments by ldmatrix from the K tile
+//   online softmax in fp32  on S's accumulators: lane 4g + t holds rows g and g + 8, and a
+//                           row's values sit in the 4 lanes of a quad, so its max and sum
+//                           take two shuffles
+//   O = diag(alpha) O + P V [16, HD]: P's A fragments are S's accumulators rounded to 16 bits
+//                           (two adjacent 8-key accumulator tiles have the layout of one
+//                           16-key A fragment), V's B fragments by ldmatrix.trans
+// Only K, V and Q's one load pass through shared memory, and the block meets once per tile
+// (the buffer swap). Work per tile and warp: 2 x 16 x BN x HD multiply-adds on tensor cores
+// against 16 x BN exponentials on CUDA cores.
 constexpr int TC_BM = 64, TC_BN = 64, TC_WARPS = TC_BM / 16;
 static_assert(TC_BM == PF_ROWS, "both prefill kernels tile the queries alike (the host's grid)");
 
-template <typename T> struct mma_type;           // c10's 16-bit types -> the WMMA ones
+template <typename T> struct mma_type;           // c10's 16-bit types -> CUDA's
 template <> struct mma_type<c10::Half> { using type = __half; };
 template <> struct mma_type<c10::BFloat16> { using type = __nv_bfloat16; };
 
-// A and B fragments from shared memory: wmma::load_matrix_sync, except for bf16 on the GPU.
-// NVVM proves an fp16 fragment's pointer is in shared memory and emits wmma.load...shared.f16
-// (one ldmatrix, LDSM, per fragment), but leaves the bf16 load generic, and ptxas makes that
-// four generic 32-bit loads (LD.E) per fragment: nvcc 13.0's sm_90 code for every bf16 WMMA
-// kernel here had no LDSM at all. The same PTX instruction with the state space named gives
-// the fp16 kernels' code (the same LDSM.16.M88.4 / MT88.4 feeding HMMA.16816, registers in
-// the builtin's order). kemu, and any compile without __CUDA_ARCH__ >= 800, take the call.
-template <typename Use, typename Layout>
-__device__ __forceinline__ void load_frag(nvcuda::wmma::fragment<Use, 16, 16, 16, __nv_bfloat16, Layout>& f,
-                                          const __nv_bfloat16* p, unsigned ldm) {
-#if defined(__CUDA_ARCH__) && __CUDA_ARCH__ >= 800
-  uint32_t* r = reinterpret_cast<uint32_t*>(&f.x[0]);
-  const uint32_t s = static_cast<uint32_t>(__cvta_generic_to_shared(p));
-  constexpr bool a = std::is_same<Use, nvcuda::wmma::matrix_a>::value;
-  constexpr bool row = std::is_same<Layout, nvcuda::wmma::row_major>::value;
-#define WMMA_LOAD_SHARED_BF16(AB, L)                                                                    \
-  asm volatile("wmma.load." AB ".sync.aligned." L ".m16n16k16.shared.bf16 {%0, %1, %2, %3}, [%4], %5;" \
-               : "=r"(r[0]), "=r"(r[1]), "=r"(r[2]), "=r"(r[3]) : "r"(s), "r"(ldm))
-  if constexpr (a && row) WMMA_LOAD_SHARED_BF16("a", "row");
-  else if constexpr (a) WMMA_LOAD_SHARED_BF16("a", "col");
-  else if constexpr (row) WMMA_LOAD_SHARED_BF16("b", "row");
-  else WMMA_LOAD_SHARED_BF16("b", "col");
-#undef WMMA_LOAD_SHARED_BF16
-#else
-  nvcuda::wmma::load_matrix_sync(f, p, ldm);
-#endif
+// mma.sync.m16n8k16 with 16-bit A and B and fp32 C, in the register layout the PTX ISA fixes
+// (g = lane / 4, t = lane % 4; a register holds two 16-bit values, the lower k in its low half):
+//   a[0] = A[g][2t, 2t+1]   a[1] = A[g+8][2t, 2t+1]   a[2] = A[g][2t+8, 2t+9]   a[3] = A[g+8][2t+8, 2t+9]
+//   b[0] = B[2t, 2t+1][g]   b[1] = B[2t+8, 2t+9][g]   (B is k x n: b holds column n = g)
+//   d[0], d[1] = D[g][2t, 2t+1]                        d[2], d[3] = D[g+8][2t, 2t+1]
+// The portable twin computes D += A B from the same registers with warp shuffles, in fp32 with
+// k ascending (the tensor core's summation order and internal precision differ: rounding
+// only). kemu runs the twin; on a GPU the self-check runs the kernels both ways (PORTABLE).
+__device__ __forceinline__ float2 pair_to_float2(uint32_t u, __half) {
+  return __half22float2(*reinterpret_cast<__half2*>(&u));
 }
-template <typename Use, typename Layout>
-__device__ __forceinline__ void load_frag(nvcuda::wmma::fragment<Use, 16, 16, 16, __half, Layout>& f,
-                                          const __half* p, unsigned ldm) {
-  nvcuda::wmma::load_matrix_sync(f, p, ldm);
+__device__ __forceinline__ float2 pair_to_float2(uint32_t u, __nv_bfloat16) {
+  return __bfloat1622float2(*reinterpret_cast<__nv_bfloat162*>(&u));
+}
+__device__ __forceinline__ uint32_t float2_to_pair(float lo, float hi, __half) {
+  const __half2 v = __floats2half2_rn(lo, hi);
+  return *reinterpret_cast<const uint32_t*>(&v);
+}
+__device__ __forceinline__ uint32_t float2_to_pair(float lo, float hi, __nv_bfloat16) {
+  const __nv_bfloat162 v = __floats2bfloat162_rn(lo, hi);
+  return *reinterpret_cast<const uint32_t*>(&v);
+}
+
+template <typename W, bool PORTABLE>
+__device__ __forceinline__ void mma_16816(float (&d)[4], const uint32_t (&a)[4], const uint32_t (&b)[2]) {
+#if defined(__CUDA_ARCH__) && __CUDA_ARCH__ >= 800
+  if constexpr (!PORTABLE) {
+#define MMA_16816(TYPE)                                                                                      \
+    asm volatile("mma.sync.aligned.m16n8k16.row.col.f32." TYPE "." TYPE ".f32 "                             \
+                 "{%0, %1, %2, %3}, {%4, %5, %6, %7}, {%8, %9}, {%0, %1, %2, %3};"                           \
+                 : "+f"(d[0]), "+f"(d[1]), "+f"(d[2]), "+f"(d[3])                                            \
+                 : "r"(a[0]), "r"(a[1]), "r"(a[2]), "r"(a[3]), "r"(b[0]), "r"(b[1]))
+    if constexpr (std::is_same<W, __half>::value) MMA_16816("f16");
+    else MMA_16816("bf16");
+#undef MMA_16816
+    return;
+  }
+#endif
+  const int lane = threadIdx.x & 31, quad = lane & ~3, t = lane & 3;
+  float ar[2][16], bc[2][16];                 // A's rows g, g + 8 and B's columns 2t, 2t + 1, all 16 k
+#pragma unroll
+  for (int s = 0; s < 4; ++s) {               // lane quad + s holds k = 2s, 2s + 1 and 2s + 8, 2s + 9
+#pragma unroll
+    for (int r = 0; r < 4; ++r) {
+      const float2 v = pair_to_float2(__shfl_sync(0xffffffffu, a[r], quad + s), W());
+      const int k = 2 * s + 8 * (r >> 1);
+      ar[r & 1][k] = v.x; ar[r & 1][k + 1] = v.y;
+    }
+#pragma unroll
+    for (int c = 0; c < 2; ++c)               // column n is held by lanes 4n .. 4n + 3
+#pragma unroll
+      for (int r = 0; r < 2; ++r) {
+        const float2 v = pair_to_float2(__shfl_sync(0xffffffffu, b[r], 4 * (2 * t + c) + s), W());
+        bc[c][2 * s + 8 * r] = v.x; bc[c][2 * s + 8 * r + 1] = v.y;
+      }
+  }
+#pragma unroll
+  for (int i = 0; i < 4; ++i)
+#pragma unroll
+    for (int k = 0; k < 16; ++k) d[i] = fmaf(ar[i >> 1][k], bc[i & 1][k], d[i]);
+}
+
+// ldmatrix.x4: four 8 x 8 tiles of 16-bit values from shared memory into one register each,
+// in the fragment layout above: of tile j, lane 4g + t gets row g's values 2t and 2t + 1, or
+// with TRANS row 2t's and row 2t + 1's value g (the tile transposed). row(j, i) is the
+// address of tile j's row i (16-byte aligned); on the GPU lane l passes row(l / 8, l % 8) and
+// the instruction gathers. The twin reads each lane's four pairs itself.
+template <bool TRANS, bool PORTABLE, typename Row>
+__device__ __forceinline__ void ldsm_x4(uint32_t (&r)[4], Row row) {
+  const int lane = threadIdx.x & 31;
+#if defined(__CUDA_ARCH__) && __CUDA_ARCH__ >= 800
+  if constexpr (!PORTABLE) {
+    const uint32_t a = static_cast<uint32_t>(__cvta_generic_to_shared(row(lane >> 3, lane & 7)));
+    if constexpr (TRANS)
+      asm volatile("ldmatrix.sync.aligned.m8n8.x4.trans.shared.b16 {%0, %1, %2, %3}, [%4];"
+                   : "=r"(r[0]), "=r"(r[1]), "=r"(r[2]), "=r"(r[3]) : "r"(a));
+    else
+      asm volatile("ldmatrix.sync.aligned.m8n8.x4.shared.b16 {%0, %1, %2, %3}, [%4];"
+                   : "=r"(r[0]), "=r"(r[1]), "=r"(r[2]), "=r"(r[3]) : "r"(a));
+    return;
+  }
+#endif
+  const int g = lane >> 2, t = lane & 3;
+#pragma unroll
+  for (int j = 0; j < 4; ++j) {
+    if constexpr (TRANS) {
+      const uint32_t lo = reinterpret_cast<const uint16_t*>(row(j, 2 * t))[g];
+      const uint32_t hi = reinterpret_cast<const uint16_t*>(row(j, 2 * t + 1))[g];
+      r[j] = lo | hi << 16;
+    } else {
+      r[j] = reinterpret_cast<const uint32_t*>(row(j, g))[t];
+    }
+  }
 }
 
 template <int HD> constexpr size_t prefill_tc_smem(size_t elem) {
-  return (size_t)(TC_BM + 4 * TC_BN) * (HD + 8) * elem            // Q, 2 x K, 2 x V (rows padded by 16 bytes)
-       + (size_t)TC_WARPS * 16 * (TC_BN + 4) * sizeof(float)      // S per warp
-       + (size_t)TC_WARPS * 16 * (TC_BN + 8) * elem               // P per warp
-       + (size_t)TC_WARPS * 16 * sizeof(float);                   // a per-row factor per warp
+  return (size_t)(TC_BM + 4 * TC_BN) * (HD + 8) * elem;            // Q, 2 x K, 2 x V (rows padded by 16 bytes)
 }
 
-template <typename T, int HD>
+template <typename T, int HD, bool PORTABLE>
 __global__ void __launch_bounds__(TC_WARPS * 32)
 paged_prefill_tc_kernel(T* __restrict__ out,              // [T, H, HD]
                         const T* __restrict__ q,          // [T, H, HD], 16-byte aligned
@@ -1146,19 +1208,16 @@ paged_prefill_tc_kernel(T* __restrict__ out,              // [T, H, HD]
                         const int* __restrict__ q_start,  // [S + 1]
                         const int* __restrict__ ctx_lens,  // [S]
                         int H, int Hkv, int block_size, int max_blocks, int tile_tokens, float scale_log2) {
-#if !defined(__CUDA_ARCH__) || __CUDA_ARCH__ >= 800     // bf16 WMMA and cp.async: sm_80+ (the host checks)
-  using namespace nvcuda;
+#if !defined(__CUDA_ARCH__) || __CUDA_ARCH__ >= 800     // mma.sync on 16-bit types and cp.async: sm_80+ (the host checks)
   using W = typename mma_type<T>::type;
-  constexpr int LDH = HD + 8, LDS = TC_BN + 4, LDP = TC_BN + 8;   // leading dims; +16 bytes spreads the banks
+  constexpr int LDH = HD + 8;                                     // a row padded by 16 bytes: ldmatrix's 8 rows
+                                                                  // fall on 8 different bank quads
   constexpr int PER16 = 16 / sizeof(T), CHUNKS = HD / PER16;      // 16-byte pieces of one row
-  constexpr int NF = HD / 16;                                     // 16-column tiles of Q and O
+  constexpr int KF = HD / 16, NS = TC_BN / 8, NO = HD / 8;        // S's k-steps, S's and O's 8-column tiles
   extern __shared__ __align__(128) uint8_t tc_smem[];
   W* q_sh = reinterpret_cast<W*>(tc_smem);                        // [BM, LDH]
   W* k_sh = q_sh + TC_BM * LDH;                                   // [2][BN, LDH]
   W* v_sh = k_sh + 2 * TC_BN * LDH;                               // [2][BN, LDH]
-  float* s_all = reinterpret_cast<float*>(v_sh + 2 * TC_BN * LDH);  // [warps][16, LDS]
-  W* p_all = reinterpret_cast<W*>(s_all + TC_WARPS * 16 * LDS);     // [warps][16, LDP]
-  float* f_all = reinterpret_cast<float*>(p_all + TC_WARPS * 16 * LDP);  // [warps][16]
 
   const int s = blockIdx.y, kvh = blockIdx.z, G = H / Hkv;
   const int q0 = q_start[s], q_len = q_start[s + 1] - q0;
@@ -1199,32 +1258,24 @@ paged_prefill_tc_kernel(T* __restrict__ out,              // [T, H, HD]
     }
     *reinterpret_cast<uint4*>(q_sh + r * LDH + c * PER16) = v;
   }
+  __syncthreads();                                                // the Q tile is in place
 
-  const int lane = threadIdx.x & 31, w = threadIdx.x >> 5;
-  float* s_sh = s_all + w * 16 * LDS;
-  W* p_sh = p_all + w * 16 * LDP;
-  float* f_sh = f_all + w * 16;
-  for (int i = lane; i < 16 * 16; i += 32) s_sh[(i / 16) * LDS + i % 16] = (float)(i / 16);
-  // Warps pass data between their lanes through shared memory below: every such hand-over
-  // is a block barrier (all warps run the same loop), not __syncwarp, so that kemu's race
-  // checker can prove each one ordered.
-  __syncthreads();                                                // the Q tile and the probe are in place
-  wmma::fragment<wmma::accumulator, 16, 16, 16, float> probe;
-  wmma::load_matrix_sync(probe, s_sh, LDS, wmma::mem_row_major);
-  int row_of[probe.num_elements];                                 // the row of each of this lane's elements
+  const int lane = threadIdx.x & 31, w = threadIdx.x >> 5, g = lane >> 2, t = lane & 3;
+  // Q's A fragments, per k-step f: tiles (rows 0-7 | 8-15) x (dims 16f | 16f + 8).
+  const W* qw = q_sh + w * 16 * LDH;
+  uint32_t qf[KF][4];
 #pragma unroll
-  for (int e = 0; e < probe.num_elements; ++e) row_of[e] = (int)probe.x[e];
-  wmma::fragment<wmma::matrix_a, 16, 16, 16, W, wmma::row_major> qf[NF];
-  wmma::fragment<wmma::accumulator, 16, 16, 16, float> of[NF];
+  for (int f = 0; f < KF; ++f)
+    ldsm_x4<false, PORTABLE>(qf[f], [&](int j, int i) { return qw + (i + 8 * (j & 1)) * LDH + 16 * f + 8 * (j >> 1); });
+  float o[NO][4];
 #pragma unroll
-  for (int f = 0; f < NF; ++f) {
-    load_frag(qf[f], q_sh + w * 16 * LDH + f * 16, LDH);
-    wmma::fill_fragment(of[f], 0.f);
-  }
-  // Lanes 2i and 2i + 1 keep row i's running max and sum (log2 domain: scale_log2 = scale x log2 e).
-  const int my_row = lane >> 1, half = lane & 1;
-  const int qpos = past + t0 + (w * 16 + my_row) / G;             // key t visible iff t <= qpos
-  float m_run = -INFINITY, l_run = 0.f;
+  for (int n = 0; n < NO; ++n)
+#pragma unroll
+    for (int i = 0; i < 4; ++i) o[n][i] = 0.f;
+  // This lane's rows g and g + 8 (r = 0, 1): key u is visible iff u <= qpos[r]. Running max
+  // (log2 domain: scale_log2 = scale x log2 e) and this lane's share of the running sum.
+  const int qpos[2] = {past + t0 + (w * 16 + g) / G, past + t0 + (w * 16 + g + 8) / G};
+  float m_run[2] = {-INFINITY, -INFINITY}, l_run[2] = {0.f, 0.f};
   for (int j = 0; j < n_tiles; ++j) {
     const int b = j & 1;
     if (j + 1 < n_tiles) { load_kv(j + 1, b ^ 1); __pipeline_wait_prior(1); }  // tile j landed, j + 1 in flight
@@ -1232,89 +1283,105 @@ paged_prefill_tc_kernel(T* __restrict__ out,              // [T, H, HD]
     __syncthreads();                                              // ... for every thread's copies
     const W* kt = k_sh + b * TC_BN * LDH;
     const W* vt = v_sh + b * TC_BN * LDH;
+    // S = Q K^T: B's column n is key n, so K's rows are read as they lie: tiles (keys 8n |
+    // 8n + 8) x (dims 16f | 16f + 8) give two 8-key tiles' fragments per ldmatrix.
+    float sc[NS][4];
 #pragma unroll
-    for (int n = 0; n < TC_BN / 16; ++n) {                        // S[:, 16n : 16n + 16] = Q K^T
-      wmma::fragment<wmma::accumulator, 16, 16, 16, float> sf;
-      wmma::fill_fragment(sf, 0.f);
+    for (int n = 0; n < NS; ++n)
 #pragma unroll
-      for (int f = 0; f < NF; ++f) {
-        wmma::fragment<wmma::matrix_b, 16, 16, 16, W, wmma::col_major> kf;   // K^T: column n of B is key n
-        load_frag(kf, kt + n * 16 * LDH + f * 16, LDH);
-        wmma::mma_sync(sf, qf[f], kf, sf);
+      for (int i = 0; i < 4; ++i) sc[n][i] = 0.f;
+#pragma unroll
+    for (int n = 0; n < NS; n += 2)
+#pragma unroll
+      for (int f = 0; f < KF; ++f) {
+        uint32_t kf[4];
+        ldsm_x4<false, PORTABLE>(kf, [&](int jj, int i) {
+          return kt + (8 * (n + (jj >> 1)) + i) * LDH + 16 * f + 8 * (jj & 1); });
+        const uint32_t b0[2] = {kf[0], kf[1]}, b1[2] = {kf[2], kf[3]};
+        mma_16816<W, PORTABLE>(sc[n], qf[f], b0);
+        mma_16816<W, PORTABLE>(sc[n + 1], qf[f], b1);
       }
-      wmma::store_matrix_sync(s_sh + n * 16, sf, LDS, wmma::mem_row_major);
-    }
-    __syncthreads();                                              // S is in shared memory
-    // The row's two lanes take alternate columns (c = 2i + half): 16 banks per read, not 8.
-    const int kb = j * TC_BN;
-    float mx = -INFINITY;
-    for (int c = half; c < TC_BN; c += 2)
-      if (kb + c <= qpos) mx = fmaxf(mx, s_sh[my_row * LDS + c] * scale_log2);
-    mx = fmaxf(mx, __shfl_xor_sync(0xffffffff, mx, 1));
-    const float m_new = fmaxf(m_run, mx);
-    const float m_use = m_new == -INFINITY ? 0.f : m_new;         // no visible key yet: p = 0, not NaN
-    float sum = 0.f;
-    for (int c = half; c < TC_BN; c += 2) {
-      const float p = kb + c <= qpos ? exp2f(s_sh[my_row * LDS + c] * scale_log2 - m_use) : 0.f;
-      reinterpret_cast<T*>(p_sh)[my_row * LDP + c] = from_f<T>(p);
-      sum += p;
-    }
-    sum += __shfl_xor_sync(0xffffffff, sum, 1);
-    const float alpha = exp2f(m_run - m_use);                     // rescales what the old max weighted
-    l_run = l_run * alpha + sum;
-    m_run = m_new;
-    if (half == 0) f_sh[my_row] = alpha;
-    __syncthreads();                                              // P and alpha are in shared memory
+    // Online softmax: sc[n][i] is row g + 8 (i >> 1) and key j BN + 8n + 2t + (i & 1).
+    float mx[2] = {-INFINITY, -INFINITY};
 #pragma unroll
-    for (int f = 0; f < NF; ++f)
+    for (int n = 0; n < NS; ++n)
 #pragma unroll
-      for (int e = 0; e < of[f].num_elements; ++e) of[f].x[e] *= f_sh[row_of[e]];
-#pragma unroll
-    for (int kk = 0; kk < TC_BN / 16; ++kk) {                     // O += P V
-      wmma::fragment<wmma::matrix_a, 16, 16, 16, W, wmma::row_major> pf;
-      load_frag(pf, p_sh + kk * 16, LDP);
-#pragma unroll
-      for (int f = 0; f < NF; ++f) {
-        wmma::fragment<wmma::matrix_b, 16, 16, 16, W, wmma::row_major> vf;
-        load_frag(vf, vt + kk * 16 * LDH + f * 16, LDH);
-        wmma::mma_sync(of[f], pf, vf, of[f]);
+      for (int i = 0; i < 4; ++i) {
+        const int key = j * TC_BN + 8 * n + 2 * t + (i & 1);
+        sc[n][i] = key <= qpos[i >> 1] ? sc[n][i] * scale_log2 : -INFINITY;
+        mx[i >> 1] = fmaxf(mx[i >> 1], sc[n][i]);
       }
+    float m_use[2], alpha[2];
+#pragma unroll
+    for (int r = 0; r < 2; ++r) {
+      mx[r] = fmaxf(mx[r], __shfl_xor_sync(0xffffffffu, mx[r], 1));
+      mx[r] = fmaxf(mx[r], __shfl_xor_sync(0xffffffffu, mx[r], 2));
+      const float m_new = fmaxf(m_run[r], mx[r]);
+      m_use[r] = m_new == -INFINITY ? 0.f : m_new;                // no visible key yet: p = 0, not NaN
+      alpha[r] = exp2f(m_run[r] - m_use[r]);                      // rescales what the old max weighted
+      m_run[r] = m_new;
+      l_run[r] *= alpha[r];
     }
+    // P as A fragments, one per 16 keys: accumulator tiles 2kk and 2kk + 1.
+    uint32_t pf[NS / 2][4];
+#pragma unroll
+    for (int n = 0; n < NS; ++n) {
+      float p[4];
+#pragma unroll
+      for (int i = 0; i < 4; ++i) {
+        p[i] = exp2f(sc[n][i] - m_use[i >> 1]);                   // masked: exp2(-inf) = 0
+        l_run[i >> 1] += p[i];
+      }
+      pf[n >> 1][2 * (n & 1)] = float2_to_pair(p[0], p[1], W());
+      pf[n >> 1][2 * (n & 1) + 1] = float2_to_pair(p[2], p[3], W());
+    }
+#pragma unroll
+    for (int n = 0; n < NO; ++n)
+#pragma unroll
+      for (int i = 0; i < 4; ++i) o[n][i] *= alpha[i >> 1];
+    // O += P V: B's row k is key k, so V's tiles are read transposed: (keys 16kk | 16kk + 8)
+    // x (dims 8n | 8n + 8) give two 8-dim tiles' fragments per ldmatrix.
+#pragma unroll
+    for (int kk = 0; kk < NS / 2; ++kk)
+#pragma unroll
+      for (int n = 0; n < NO; n += 2) {
+        uint32_t vf[4];
+        ldsm_x4<true, PORTABLE>(vf, [&](int jj, int i) {
+          return vt + (16 * kk + 8 * (jj & 1) + i) * LDH + 8 * (n + (jj >> 1)); });
+        const uint32_t b0[2] = {vf[0], vf[1]}, b1[2] = {vf[2], vf[3]};
+        mma_16816<W, PORTABLE>(o[n], pf[kk], b0);
+        mma_16816<W, PORTABLE>(o[n + 1], pf[kk], b1);
+      }
     __syncthreads();                                              // buffer b is free for tile j + 2
   }
-  // O / l (a row that saw no key: 0), then out through shared memory, BN columns at a time.
-  if (half == 0) f_sh[my_row] = l_run > 0.f ? 1.f / l_run : 0.f;
-  __syncthreads();
+  // O / l (a row that saw no key: 0): the row's sum is its quad's four shares.
 #pragma unroll
-  for (int f = 0; f < NF; ++f)
+  for (int r = 0; r < 2; ++r) {
+    float l = l_run[r];
+    l += __shfl_xor_sync(0xffffffffu, l, 1);
+    l += __shfl_xor_sync(0xffffffffu, l, 2);
+    const float inv = l > 0.f ? 1.f / l : 0.f;
+    const int row = w * 16 + g + 8 * r;
+    if (row >= rows) continue;
+    const int64_t tok = q0 + t0 + row / G, h = (int64_t)kvh * G + row % G;
+    T* dst = out + (tok * H + h) * HD + 2 * t;
 #pragma unroll
-    for (int e = 0; e < of[f].num_elements; ++e) of[f].x[e] *= f_sh[row_of[e]];
-#pragma unroll
-  for (int f0 = 0; f0 < NF; f0 += TC_BN / 16) {
-#pragma unroll
-    for (int f = f0; f < f0 + TC_BN / 16 && f < NF; ++f)
-      wmma::store_matrix_sync(s_sh + (f - f0) * 16, of[f], LDS, wmma::mem_row_major);
-    __syncthreads();
-    for (int i = lane; i < 16 * TC_BN; i += 32) {
-      const int rr = i / TC_BN, d = f0 * 16 + i % TC_BN, r = w * 16 + rr;
-      if (r < rows && d < HD) {
-        const int64_t tok = q0 + t0 + r / G, h = (int64_t)kvh * G + r % G;
-        out[(tok * H + h) * HD + d] = from_f<T>(s_sh[rr * LDS + i % TC_BN]);
-      }
+    for (int n = 0; n < NO; ++n) {
+      dst[8 * n] = from_f<T>(o[n][2 * r] * inv);
+      dst[8 * n + 1] = from_f<T>(o[n][2 * r + 1] * inv);
     }
-    __syncthreads();                                              // before the next columns overwrite s_sh
   }
 #endif
 }
 
-template <typename T, int HD>
+template <typename T, int HD, bool PORTABLE>
 void launch_prefill_tc(dim3 grid, torch::Tensor& out, const torch::Tensor& q, const torch::Tensor& k_cache,
                        const torch::Tensor& v_cache, const torch::Tensor& tables, const torch::Tensor& starts,
                        const torch::Tensor& lens, int tile_tokens, double scale) {
   const size_t smem = prefill_tc_smem<HD>(sizeof(T));
-  ALLOW_SMEM((paged_prefill_tc_kernel<T, HD>), smem);
+  ALLOW_SMEM((paged_prefill_tc_kernel<T, HD, PORTABLE>), smem);
   const float scale_log2 = (float)(scale * 1.4426950408889634);   // e^x = 2^(x log2 e)
-  paged_prefill_tc_kernel<T, HD><<<grid, TC_WARPS * 32, smem, at::cuda::getCurrentCUDAStream()>>>(
+  paged_prefill_tc_kernel<T, HD, PORTABLE><<<grid, TC_WARPS * 32, smem, at::cuda::getCurrentCUDAStream()>>>(
       out.data_ptr<T>(), q.data_ptr<T>(), k_cache.data_ptr<T>(), v_cache.data_ptr<T>(), tables.data_ptr<int>(),
       starts.data_ptr<int>(), lens.data_ptr<int>(), (int)q.size(1), (int)k_cache.size(2), (int)k_cache.size(1),
       (int)tables.size(1), tile_tokens, scale_log2);
@@ -1323,7 +1390,8 @@ void launch_prefill_tc(dim3 grid, torch::Tensor& out, const torch::Tensor& q, co
 
 torch::Tensor paged_prefill(torch::Tensor q, torch::Tensor k_cache, torch::Tensor v_cache,
                             torch::Tensor block_tables, torch::Tensor query_start_loc,
-                            torch::Tensor context_lens, int64_t max_query_len, double scale, bool tensor_cores) {
+                            torch::Tensor context_lens, int64_t max_query_len, double scale, bool tensor_cores,
+                            bool portable) {
   TORCH_CHECK(q.dim() == 3, "paged_prefill: q must be [T, H, hd]");
   TORCH_CHECK(k_cache.is_contiguous() && v_cache.is_contiguous(), "paged_prefill: caches must be contiguous");
   TORCH_CHECK(k_cache.dim() == 4 && k_cache.sizes() == v_cache.sizes() && k_cache.size(3) == q.size(2) &&
@@ -1354,8 +1422,13 @@ torch::Tensor paged_prefill(torch::Tensor q, torch::Tensor k_cache, torch::Tenso
   dim3 grid((std::max<int64_t>(max_query_len, 1) + tile_tokens - 1) / tile_tokens, S, Hkv);
   if (tc) {
     const bool f16 = q.scalar_type() == at::kHalf;
-    auto* launch = f16 ? (hd == 64 ? launch_prefill_tc<c10::Half, 64> : launch_prefill_tc<c10::Half, 128>)
-                       : (hd == 64 ? launch_prefill_tc<c10::BFloat16, 64> : launch_prefill_tc<c10::BFloat16, 128>);
+    // portable: the mma and ldmatrix twins, for the self-check; at head_dim 64 only (at 128
+    // the twins' registers spill).
+    TORCH_CHECK(!portable || hd == 64, "paged_prefill: the portable twins run at head_dim 64");
+    auto* launch = portable ? (f16 ? launch_prefill_tc<c10::Half, 64, true> : launch_prefill_tc<c10::BFloat16, 64, true>)
+                 : f16 ? (hd == 64 ? launch_prefill_tc<c10::Half, 64, false> : launch_prefill_tc<c10::Half, 128, false>)
+                       : (hd == 64 ? launch_prefill_tc<c10::BFloat16, 64, false>
+                                   : launch_prefill_tc<c10::BFloat16, 128, false>);
     launch(grid, out, q, k_cache, v_cache, tables, starts, lens, tile_tokens, scale);
     return out;
   }
@@ -1372,7 +1445,9 @@ torch::Tensor paged_prefill(torch::Tensor q, torch::Tensor k_cache, torch::Tenso
 }
 
 // ---------------------------------------------------------------- W4A16 / W8A16 for small batches
-// y[m, n] = sum_k x[m, k] * s[n, k / G] * (q[n, k] - z[n, k / G]). At batch 1 the weights are
+// y[m, n] = sum_k x[m, k] * s[n, k / G] * (q[n, k] - z[n, k / G]). This GEMV on CUDA cores
+// serves 1-16 rows where the mma kernel below does not: fp32 x, GPUs before Ampere, int4
+// groups of 32 or 64 inputs. At batch 1 the weights are
 // the only bytes that matter (1/4 (int4) or 1/2 (int8) of a bf16 GEMV's), and a kernel that
 // streams them at the bandwidth must also keep up in instructions: at 80% of an H200's measured
 // 4.2 TB/s copy bandwidth an SM (132 at 1.98 GHz) takes in about 26 int4 codes per clock and
@@ -1679,7 +1754,7 @@ torch::Tensor quant_gemv(torch::Tensor x, torch::Tensor qweight, torch::Tensor s
 // row: per pair of int4 codes a logic op and a half2 subtract or FMA (bf16: a shift too), and
 // one mma per 8 codes a lane converts.
 //
-// The k order. mma's fragments fix which k each lane holds (below), and a 16-byte load holds
+// The k order. mma's fragments fix which k each lane holds (at mma_16816 above), and a 16-byte load holds
 // 32 (int4) or 16 (int8) consecutive k of one channel, while the cheap conversions make pairs
 // of codes 4 apart (int4: nibbles p and p + 4 of a word) or adjacent (int8). A dot product
 // does not depend on the order of its terms, so the lanes agree on an order of their own: the
@@ -1701,60 +1776,6 @@ torch::Tensor quant_gemv(torch::Tensor x, torch::Tensor qweight, torch::Tensor s
 // it multiplies the previous ones. The host picks J (1 or 2, U = 2 / J) so that the grid has
 // about two blocks per SM.
 //
-// mma.sync.m16n8k16 with 16-bit A and B and fp32 C, in the register layout the PTX ISA fixes
-// (g = lane / 4, t = lane % 4; a register holds two 16-bit values, the lower k in its low half):
-//   a[0] = A[g][2t, 2t+1]   a[1] = A[g+8][2t, 2t+1]   a[2] = A[g][2t+8, 2t+9]   a[3] = A[g+8][2t+8, 2t+9]
-//   b[0] = B[2t, 2t+1][g]   b[1] = B[2t+8, 2t+9][g]   (B is k x n: b holds column n = g)
-//   d[0], d[1] = D[g][2t, 2t+1]                        d[2], d[3] = D[g+8][2t, 2t+1]
-// The portable twin computes D += A B from the same registers with warp shuffles, in fp32 with
-// k ascending (the tensor core's summation order and internal precision differ: rounding
-// only). kemu runs the twin; on a GPU the self-check runs the kernel both ways.
-__device__ __forceinline__ float2 pair_to_float2(uint32_t u, __half) {
-  return __half22float2(*reinterpret_cast<__half2*>(&u));
-}
-__device__ __forceinline__ float2 pair_to_float2(uint32_t u, __nv_bfloat16) {
-  return __bfloat1622float2(*reinterpret_cast<__nv_bfloat162*>(&u));
-}
-
-template <typename W, bool PORTABLE>
-__device__ __forceinline__ void mma_16816(float (&d)[4], const uint32_t (&a)[4], const uint32_t (&b)[2]) {
-#if defined(__CUDA_ARCH__) && __CUDA_ARCH__ >= 800
-  if constexpr (!PORTABLE) {
-#define MMA_16816(TYPE)                                                                                      \
-    asm volatile("mma.sync.aligned.m16n8k16.row.col.f32." TYPE "." TYPE ".f32 "                             \
-                 "{%0, %1, %2, %3}, {%4, %5, %6, %7}, {%8, %9}, {%0, %1, %2, %3};"                           \
-                 : "+f"(d[0]), "+f"(d[1]), "+f"(d[2]), "+f"(d[3])                                            \
-                 : "r"(a[0]), "r"(a[1]), "r"(a[2]), "r"(a[3]), "r"(b[0]), "r"(b[1]))
-    if constexpr (std::is_same<W, __half>::value) MMA_16816("f16");
-    else MMA_16816("bf16");
-#undef MMA_16816
-    return;
-  }
-#endif
-  const int lane = threadIdx.x & 31, quad = lane & ~3, t = lane & 3;
-  float ar[2][16], bc[2][16];                 // A's rows g, g + 8 and B's columns 2t, 2t + 1, all 16 k
-#pragma unroll
-  for (int s = 0; s < 4; ++s) {               // lane quad + s holds k = 2s, 2s + 1 and 2s + 8, 2s + 9
-#pragma unroll
-    for (int r = 0; r < 4; ++r) {
-      const float2 v = pair_to_float2(__shfl_sync(0xffffffffu, a[r], quad + s), W());
-      const int k = 2 * s + 8 * (r >> 1);
-      ar[r & 1][k] = v.x; ar[r & 1][k + 1] = v.y;
-    }
-#pragma unroll
-    for (int c = 0; c < 2; ++c)               // column n is held by lanes 4n .. 4n + 3
-#pragma unroll
-      for (int r = 0; r < 2; ++r) {
-        const float2 v = pair_to_float2(__shfl_sync(0xffffffffu, b[r], 4 * (2 * t + c) + s), W());
-        bc[c][2 * s + 8 * r] = v.x; bc[c][2 * s + 8 * r + 1] = v.y;
-      }
-  }
-#pragma unroll
-  for (int i = 0; i < 4; ++i)
-#pragma unroll
-    for (int k = 0; k < 16; ++k) d[i] = fmaf(ar[i >> 1][k], bc[i & 1][k], d[i]);
-}
-
 // One 16-byte load of a channel's codes -> its A register pairs for STEPS mma k-steps ([st][0]
 // for k slots 2t, 2t + 1 and [st][1] for 2t + 8, 2t + 9): c - z as exact 16-bit pairs. z: the zero point plus the storage offset (8 for symmetric int4, 128 for
 // signed int8), an integer, as every format here stores it. Pairs per k-step: int4, word w's
@@ -2029,12 +2050,45 @@ torch::Tensor quant_mma(torch::Tensor x, torch::Tensor qweight, torch::Tensor sc
   return y;
 }
 
+// A and B fragments from shared memory: wmma::load_matrix_sync, except for bf16 on the GPU.
+// NVVM proves an fp16 fragment's pointer is in shared memory and emits wmma.load...shared.f16
+// (one ldmatrix, LDSM, per fragment), but leaves the bf16 load generic, and ptxas makes that
+// four generic 32-bit loads (LD.E) per fragment: nvcc 13.0's sm_90 code for every bf16 WMMA
+// kernel here had no LDSM at all. The same PTX instruction with the state space named gives
+// the fp16 kernels' code (the same LDSM.16.M88.4 / MT88.4 feeding HMMA.16816, registers in
+// the builtin's order). kemu, and any compile without __CUDA_ARCH__ >= 800, take the call.
+template <typename Use, typename Layout>
+__device__ __forceinline__ void load_frag(nvcuda::wmma::fragment<Use, 16, 16, 16, __nv_bfloat16, Layout>& f,
+                                          const __nv_bfloat16* p, unsigned ldm) {
+#if defined(__CUDA_ARCH__) && __CUDA_ARCH__ >= 800
+  uint32_t* r = reinterpret_cast<uint32_t*>(&f.x[0]);
+  const uint32_t s = static_cast<uint32_t>(__cvta_generic_to_shared(p));
+  constexpr bool a = std::is_same<Use, nvcuda::wmma::matrix_a>::value;
+  constexpr bool row = std::is_same<Layout, nvcuda::wmma::row_major>::value;
+#define WMMA_LOAD_SHARED_BF16(AB, L)                                                                    \
+  asm volatile("wmma.load." AB ".sync.aligned." L ".m16n16k16.shared.bf16 {%0, %1, %2, %3}, [%4], %5;" \
+               : "=r"(r[0]), "=r"(r[1]), "=r"(r[2]), "=r"(r[3]) : "r"(s), "r"(ldm))
+  if constexpr (a && row) WMMA_LOAD_SHARED_BF16("a", "row");
+  else if constexpr (a) WMMA_LOAD_SHARED_BF16("a", "col");
+  else if constexpr (row) WMMA_LOAD_SHARED_BF16("b", "row");
+  else WMMA_LOAD_SHARED_BF16("b", "col");
+#undef WMMA_LOAD_SHARED_BF16
+#else
+  nvcuda::wmma::load_matrix_sync(f, p, ldm);
+#endif
+}
+template <typename Use, typename Layout>
+__device__ __forceinline__ void load_frag(nvcuda::wmma::fragment<Use, 16, 16, 16, __half, Layout>& f,
+                                          const __half* p, unsigned ldm) {
+  nvcuda::wmma::load_matrix_sync(f, p, ldm);
+}
+
 // ---------------------------------------------------------------- W4A16 / W8A16 on tensor cores, 17-255 rows
 // Past 16 rows the mma kernel above would run its 16-row tile once per 16 rows, reading the
 // codes again each time. This one is a tiled GEMM that dequantizes its B operand on the
-// way in (the fused dequantize-GEMM of Marlin and AWQ's kernels; Marlin dequantizes into mma
-// registers, which WMMA's opaque fragments do not allow, so here the tile goes through shared
-// memory). A block of 4 warps owns 64 rows x 64 channels (each warp 32 x 32, 2 x 2
+// way in (the fused dequantize-GEMM of Marlin and AWQ's kernels, here with WMMA and the tile
+// staged in shared memory; Marlin dequantizes into mma registers, as the kernel above does at
+// 1-16 rows). A block of 4 warps owns 64 rows x 64 channels (each warp 32 x 32, 2 x 2
 // accumulators), and per step of 64 inputs
 //   A: x's 64 x 64 tile arrives by cp.async (16 bytes per copy, 4 per thread),
 //   B: each thread dequantizes 32 codes of one channel (one 16-byte load of int4, two of
@@ -2278,7 +2332,8 @@ torch::Tensor paged_decode(torch::Tensor q, torch::Tensor k_cache, torch::Tensor
                            double scale, int64_t part);
 torch::Tensor paged_prefill(torch::Tensor q, torch::Tensor k_cache, torch::Tensor v_cache,
                             torch::Tensor block_tables, torch::Tensor query_start_loc,
-                            torch::Tensor context_lens, int64_t max_query_len, double scale, bool tensor_cores);
+                            torch::Tensor context_lens, int64_t max_query_len, double scale, bool tensor_cores,
+                            bool portable);
 torch::Tensor quant_gemv(torch::Tensor x, torch::Tensor qweight, torch::Tensor scales,
                          c10::optional<torch::Tensor> zeros, int64_t bits, int64_t group_size, int64_t tile_chunks);
 torch::Tensor dequantize(torch::Tensor qweight, torch::Tensor scales, c10::optional<torch::Tensor> zeros,
@@ -2378,9 +2433,9 @@ def _decode_device(device: torch.device) -> tuple[int, int]:
 
 @functools.lru_cache(maxsize=None)
 def _tensor_cores(device: torch.device) -> bool:
-    """Whether the prefill kernel may use its tensor-core path: WMMA in bf16 and cp.async need
-    compute capability 8.0 (Ampere) or newer. Another device says yes: kemu, the CPU emulator
-    (CPU tensors here, as for _decode_device), emulates both."""
+    """Whether the tensor-core kernels may run: mma.sync and WMMA on bf16, ldmatrix and
+    cp.async need compute capability 8.0 (Ampere) or newer. Another device says yes: kemu, the
+    CPU emulator (CPU tensors here, as for _decode_device), runs their portable twins."""
     return device.type != "cuda" or torch.cuda.get_device_capability(device) >= (8, 0)
 
 
@@ -2447,7 +2502,7 @@ def paged_attention_cuda(q: Tensor, k_cache: Tensor, v_cache: Tensor, block_tabl
     if max_query_len is None:
         max_query_len = int((query_start_loc[1:] - query_start_loc[:-1]).max())
     return cuda_extension().paged_prefill(q, k_cache, v_cache, block_tables, query_start_loc, context_lens,
-                                          max_query_len, scale, _tensor_cores(q.device))
+                                          max_query_len, scale, _tensor_cores(q.device), False)
 
 
 def paged_attention(q: Tensor, k_cache: Tensor, v_cache: Tensor, block_tables: Tensor,
@@ -2691,21 +2746,27 @@ def _check_decode_attention(dev: str, dtype: torch.dtype, quick: bool, full: boo
 
 
 def _prefill_case(dev: str, dtype: torch.dtype, G: int, Hkv: int, hd: int, bs: int, q_lens: list[int],
-                  ctx: list[int], tensor_cores: bool = True) -> tuple[str, float, float]:
+                  ctx: list[int], tensor_cores: bool = True, portable: bool = False) -> tuple[str, float, float]:
     """paged_prefill for sequences with q_lens queries each, the last ones of ctx tokens
-    (context 0: a row that sees no key)."""
+    (context 0: a row that sees no key). portable: the tensor-core kernel with the mma and
+    ldmatrix twins, compared with the instructions' run as well as with the reference."""
     tensor_cores = tensor_cores and _tensor_cores(torch.device(dev))
     _, kc, vc, bt, lens = _random_paged(len(ctx), ctx, Hkv, G, hd, bs, dtype, dev)
     lens = torch.tensor([max(c, n) if c else 0 for c, n in zip(ctx, q_lens)], dtype=torch.int32, device=dev)
     q = torch.randn(sum(q_lens), Hkv * G, hd, device=dev, dtype=dtype)
     starts = torch.tensor([0] + q_lens, device=dev).cumsum(0).to(torch.int32)
-    run = lambda: cuda_extension().paged_prefill(q, kc, vc, bt, starts, lens, max(q_lens), hd ** -0.5, tensor_cores)
+    run = lambda: cuda_extension().paged_prefill(q, kc, vc, bt, starts, lens, max(q_lens), hd ** -0.5, tensor_cores,
+                                                 False)
     out = run()
     ref = paged_attention_ref(q, kc, vc, bt, starts, lens, hd ** -0.5)
+    if portable:
+        twin = cuda_extension().paged_prefill(q, kc, vc, bt, starts, lens, max(q_lens), hd ** -0.5, True, True)
+        ref, out = out, twin                                      # the twins against the instructions
     t = _bench(run, dev)
     flops = 4 * sum(n * (c - n / 2) for n, c in zip(q_lens, ctx)) * Hkv * G * hd
     tc = tensor_cores and dtype != torch.float32 and hd in (64, 128)
-    return (f"paged prefill ({'tensor cores' if tc else 'CUDA cores'}) {str(dtype).removeprefix('torch.')} G={G} "
+    via = "mma and ldmatrix twins against the instructions" if portable else "tensor cores" if tc else "CUDA cores"
+    return (f"paged prefill ({via}) {str(dtype).removeprefix('torch.')} G={G} "
             f"hd={hd} bs={bs} q={q_lens} ctx={ctx}" + (f" ({flops / t / 1e12:.1f} TFLOP/s)" if t else ""),
             _rel(out, ref), 1e3 * t)
 
@@ -2716,8 +2777,9 @@ def _check_prefill_attention(dev: str, dtype: torch.dtype, quick: bool, full: bo
     at head_dim 64/128 take the tensor-core kernel, the rest the CUDA-core one; 70 queries
     over 150 keys span several query tiles and K/V tiles (double buffering). Then a group
     that does not divide the 64-row tile (empty rows), the other head size, one the
-    tensor-core kernel does not take, and the CUDA-core kernel where a GPU older than Ampere
-    would take it."""
+    tensor-core kernel does not take, the CUDA-core kernel where a GPU older than Ampere
+    would take it, and the tensor-core kernel's mma and ldmatrix twins against the
+    instructions (on a GPU; under kemu both runs are the twins)."""
     Hkv, hd = (2, 64) if quick else (4, 128)
     windows = ((([5, 1, 7], [5, 20, 40]), ([1, 4], [0, 9]), ([9], [75]), ([70], [150]))) if quick else \
         (([5, 1, 37], [5, 100, 300]), ([9, 6], [4097, 6]), ([509], [1200]), ([1, 4], [0, 9]))
@@ -2726,6 +2788,8 @@ def _check_prefill_attention(dev: str, dtype: torch.dtype, quick: bool, full: bo
     rows += [_prefill_case(dev, dtype, G, 1, hd_, 16, [30, 2], [130, 66])
              for G, hd_ in ((3, 64), (2, 128 if quick else 64), (2, 80))]
     rows.append(_prefill_case(dev, dtype, 4, 1, 64, 16, [30, 2], [130, 66], tensor_cores=False))
+    if dtype != torch.float32 and _tensor_cores(torch.device(dev)):
+        rows.append(_prefill_case(dev, dtype, 4, 2, 64, 16, [70, 5], [150, 40], portable=True))
     return rows
 
 
