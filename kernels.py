@@ -1275,6 +1275,7 @@ paged_prefill_tc_kernel(T* __restrict__ out,              // [T, H, HD]
   // This lane's rows g and g + 8 (r = 0, 1): key u is visible iff u <= qpos[r]. Running max
   // (log2 domain: scale_log2 = scale x log2 e) and this lane's share of the running sum.
   const int qpos[2] = {past + t0 + (w * 16 + g) / G, past + t0 + (w * 16 + g + 8) / G};
+  const int qpos_first = past + t0 + w * 16 / G;                  // the warp's first row's
   float m_run[2] = {-INFINITY, -INFINITY}, l_run[2] = {0.f, 0.f};
   for (int j = 0; j < n_tiles; ++j) {
     const int b = j & 1;
@@ -1301,14 +1302,17 @@ paged_prefill_tc_kernel(T* __restrict__ out,              // [T, H, HD]
         mma_16816<W, PORTABLE>(sc[n], qf[f], b0);
         mma_16816<W, PORTABLE>(sc[n + 1], qf[f], b1);
       }
-    // Online softmax: sc[n][i] is row g + 8 (i >> 1) and key j BN + 8n + 2t + (i & 1).
+    // Online softmax: sc[n][i] is row g + 8 (i >> 1) and key j BN + 8n + 2t + (i & 1). The max
+    // is taken of the raw scores (scale > 0 keeps their order) and the scale folded into the
+    // exponent's FMA; a tile whose every key the warp's first row sees needs no mask (its rows
+    // are in order of position).
+    const bool masked = (j + 1) * TC_BN - 1 > qpos_first;         // the same for the whole warp
     float mx[2] = {-INFINITY, -INFINITY};
 #pragma unroll
     for (int n = 0; n < NS; ++n)
 #pragma unroll
       for (int i = 0; i < 4; ++i) {
-        const int key = j * TC_BN + 8 * n + 2 * t + (i & 1);
-        sc[n][i] = key <= qpos[i >> 1] ? sc[n][i] * scale_log2 : -INFINITY;
+        if (masked && j * TC_BN + 8 * n + 2 * t + (i & 1) > qpos[i >> 1]) sc[n][i] = -INFINITY;
         mx[i >> 1] = fmaxf(mx[i >> 1], sc[n][i]);
       }
     float m_use[2], alpha[2];
@@ -1316,7 +1320,7 @@ paged_prefill_tc_kernel(T* __restrict__ out,              // [T, H, HD]
     for (int r = 0; r < 2; ++r) {
       mx[r] = fmaxf(mx[r], __shfl_xor_sync(0xffffffffu, mx[r], 1));
       mx[r] = fmaxf(mx[r], __shfl_xor_sync(0xffffffffu, mx[r], 2));
-      const float m_new = fmaxf(m_run[r], mx[r]);
+      const float m_new = fmaxf(m_run[r], mx[r] * scale_log2);
       m_use[r] = m_new == -INFINITY ? 0.f : m_new;                // no visible key yet: p = 0, not NaN
       alpha[r] = exp2f(m_run[r] - m_use[r]);                      // rescales what the old max weighted
       m_run[r] = m_new;
@@ -1329,7 +1333,7 @@ paged_prefill_tc_kernel(T* __restrict__ out,              // [T, H, HD]
       float p[4];
 #pragma unroll
       for (int i = 0; i < 4; ++i) {
-        p[i] = exp2f(sc[n][i] - m_use[i >> 1]);                   // masked: exp2(-inf) = 0
+        p[i] = exp2f(fmaf(sc[n][i], scale_log2, -m_use[i >> 1]));  // masked: exp2(-inf) = 0
         l_run[i >> 1] += p[i];
       }
       pf[n >> 1][2 * (n & 1)] = float2_to_pair(p[0], p[1], W());
@@ -1409,6 +1413,7 @@ torch::Tensor paged_prefill(torch::Tensor q, torch::Tensor k_cache, torch::Tenso
   int block_size = k_cache.size(1), Hkv = k_cache.size(2);
   TORCH_CHECK(H % Hkv == 0 && H / Hkv <= PF_ROWS, "paged_prefill: H must be a multiple of Hkv, G <= 64");
   TORCH_CHECK(hd <= 32 * PF_MAXC, "paged_prefill: head_dim must be <= 256");
+  TORCH_CHECK(scale > 0, "paged_prefill: scale must be positive");
   // Tensor cores for fp16/bf16 at head_dim 64 or 128 with 16-byte aligned caches (cp.async
   // copies 16 bytes) on a GPU that has them for bf16 (tensor_cores: compute capability 8.0+);
   // the CUDA-core kernel for the rest (fp32, other head sizes, older GPUs).
