@@ -1092,8 +1092,10 @@ __global__ void paged_prefill_kernel(T* __restrict__ out,              // [T, H,
 // Only K, V and Q's one load pass through shared memory, and the block meets once per tile
 // (the buffer swap). Work per tile and warp: 2 x 16 x BN x HD multiply-adds on tensor cores
 // against 16 x BN exponentials on CUDA cores.
-constexpr int TC_BM = 64, TC_BN = 64, TC_WARPS = TC_BM / 16;
-static_assert(TC_BM == PF_ROWS, "both prefill kernels tile the queries alike (the host's grid)");
+// 128 rows and 8 warps: each K/V tile copied into shared memory serves twice the rows a
+// 64-row tile would (half the L2 reads and copies per row), at the same warps per SM (the
+// registers allow one such block per SM, or two of 64 rows).
+constexpr int TC_BM = 128, TC_BN = 64, TC_WARPS = TC_BM / 16;
 
 template <typename T> struct mma_type;           // c10's 16-bit types -> CUDA's
 template <> struct mma_type<c10::Half> { using type = __half; };
@@ -1423,7 +1425,7 @@ torch::Tensor paged_prefill(torch::Tensor q, torch::Tensor k_cache, torch::Tenso
   if (tc && reinterpret_cast<uintptr_t>(q.data_ptr()) % 16) q = q.clone();   // 16-byte loads of Q rows
   auto out = torch::empty_like(q);
   if (q.size(0) == 0 || S == 0) return out;
-  int tile_tokens = PF_ROWS / (H / Hkv);
+  int tile_tokens = (tc ? TC_BM : PF_ROWS) / (H / Hkv);     // a tile: whole groups of query heads
   dim3 grid((std::max<int64_t>(max_query_len, 1) + tile_tokens - 1) / tile_tokens, S, Hkv);
   if (tc) {
     const bool f16 = q.scalar_type() == at::kHalf;
