@@ -6,6 +6,7 @@ import pytest
 import torch
 
 import kernels
+import quant
 from nanoserve import LLM, SamplingParams
 
 cuda = pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a CUDA GPU")
@@ -30,6 +31,28 @@ def test_engine_on_cuda_matches_cpu(model_dirs):
         ref = LLM(model_dir, device="cpu").generate(prompts, SamplingParams(temperature=0, max_tokens=1,
                                                                             prompt_logprobs=0))
         for a, b in zip(bf16, ref):
+            err = max(abs(next(iter(x.values())) - next(iter(y.values())))
+                      for x, y in zip(a.prompt_logprobs[1:], b.prompt_logprobs[1:]))
+            assert err < 0.25                          # bf16 has 8 mantissa bits
+
+
+@cuda
+@pytest.mark.parametrize("bits,group", [(4, 128), (4, 32), (8, 0)])
+def test_quantized_model_on_cuda_matches_the_cpu_path(model_dirs, tmp_path, bits, group):
+    """A quantized checkpoint in bf16 on the GPU against the same checkpoint on the CPU in
+    fp32. Steps of at most 16 tokens, so every projection takes a 1-16-row kernel: int4 in
+    groups of 128 and int8 per channel the mma kernel, int4 in groups of 32 the GEMV."""
+    for model_dir in model_dirs:
+        model = LLM(model_dir, device="cpu").engine.model
+        calib = torch.randint(3, model.config.vocab_size, (4, 32), generator=torch.Generator().manual_seed(0))
+        cfg = quant.quantize_model(model, calib, "rtn", bits, group)
+        out = tmp_path / model_dir.name
+        quant.save_quantized(model, model_dir, out, cfg)
+        prompts = [[1, 5, 9, 14], [1] + list(range(20, 31))]           # 4 + 12 tokens: one step of 16
+        p = SamplingParams(temperature=0, max_tokens=1, prompt_logprobs=0)
+        gpu = LLM(out, device="cuda", dtype="bfloat16", max_num_batched_tokens=16).generate(prompts, p)
+        cpu = LLM(out, device="cpu").generate(prompts, p)
+        for a, b in zip(gpu, cpu):
             err = max(abs(next(iter(x.values())) - next(iter(y.values())))
                       for x, y in zip(a.prompt_logprobs[1:], b.prompt_logprobs[1:]))
             assert err < 0.25                          # bf16 has 8 mantissa bits
