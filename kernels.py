@@ -1481,53 +1481,71 @@ constexpr int GEMV_SMEM_FLOATS = 12 * 1024; // x's staged tile, 48 KB: no opt-in
 __device__ __forceinline__ __half2 u32_as_half2(uint32_t u) { return *reinterpret_cast<__half2*>(&u); }
 
 // A 16-byte chunk's 32 (int4) or 16 (int8) codes (low nibble / byte first: the packing's
-// order) as exact floats, two codes per instruction (the conversion Marlin and tinygemm use):
-// the fp16 0x6400 is 1024, and its 10 mantissa bits each weigh exactly 1, so a code OR-ed
-// into the mantissa reads as 1024 + c. One logic op puts nibbles 0 and 4 of a 32-bit word
-// into the two halves of 0x64006400, and one __hsub2 of 1024 leaves (c0, c4) exactly.
-// Nibbles 1 and 5 are masked in place (bits 4-7 of each half): 1024 + 16 c, which one
-// __hfma2 by 1/16 minus 64 turns into c; the word shifted by 8 gives nibbles 2, 6 and 3, 7
-// the same way. int8: __byte_perm sets 0x64 above two bytes at once (1024 + b, exact). The
-// offsets (symmetric int4 codes are stored plus 8; signed int8 with its sign bit flipped
-// reads as c + 128) fold into the same subtraction. Every value stays an exact small
-// integer; the half -> float widening is one FMA-pipe instruction (HADD2.F32) on sm_80+. A
-// checkpoint's zero points (asymmetric weights) are the caller's. Made once per thread: the
-// constants stay in registers. fp16_1024_pair is 0x64006400, passed in by the host as a
-// kernel argument: a LOP3 takes one 32-bit immediate, and with the mask and the constant
-// both known at compile time ptxas emits an AND and an OR per pair (seen in the sm_90
-// code) instead of one LOP3 with the constant in a register.
+// order) as exact fp16 pairs c - z, two codes per instruction (the conversion Marlin and
+// tinygemm use): the fp16 0x6400 is 1024, and its 10 mantissa bits each weigh exactly 1, so a
+// code OR-ed into the mantissa reads as 1024 + c. One logic op puts nibbles 0 and 4 of a
+// 32-bit word into the two halves of 0x64006400, and one __hsub2 of 1024 + z leaves (c0 - z,
+// c4 - z) exactly. Nibbles 1 and 5 are masked in place (bits 4-7 of each half): 1024 + 16 c,
+// which one __hfma2 by 1/16 minus 64 + z turns into c - z; the word shifted by 8 gives nibbles
+// 2, 6 and 3, 7 the same way. int8: __byte_perm sets 0x64 above two bytes at once (1024 + b,
+// exact). z is an integer below 1024, as every format here stores it: a zero point, or the
+// storage offset (symmetric int4 codes are stored plus 8; signed int8 with its sign bit
+// flipped reads as c + 128), or both. The pairs, per step st of 4 codes a pair each:
+//   int4: b[2i + h] = (nibbles 2h, 2h + 4), (2h + 1, 2h + 5) of word i
+//   int8: b[i] = (bytes 0, 1), (bytes 2, 3) of word i
+// magic is 0x64006400, passed in by the host as a kernel argument: a LOP3 takes one 32-bit
+// immediate, and with the mask and the constant both known at compile time ptxas emits an
+// AND and an OR per pair (seen in the sm_90 code) instead of one LOP3 with the constant in a
+// register. Made once per thread where z is fixed: the constants stay in registers.
 constexpr uint32_t FP16_1024_PAIR = 0x64006400u;
 template <int BITS>
-struct CodeDecoder {
-  __half2 lo_sub, hi_add, sixteenth;
+struct HalfCodes {
+  static constexpr int STEPS = BITS == 4 ? 8 : 4;
+  __half2 zsub, zhi, sixteenth;
   uint32_t magic, flip;
-  __device__ __forceinline__ CodeDecoder(bool is_signed, uint32_t fp16_1024_pair) {
-    const float off = is_signed ? (BITS == 8 ? 128.f : 8.f) : 0.f;
-    lo_sub = __float2half2_rn(1024.f + off);              // exact: integers below 2048
-    hi_add = __float2half2_rn(-64.f - off);
-    sixteenth = __float2half2_rn(0.0625f);
-    flip = BITS == 8 && is_signed ? 0x80808080u : 0u;
-    magic = fp16_1024_pair;
-  }
-  __device__ __forceinline__ void operator()(const uint4& packed, float* c) const {
-    const uint32_t words[4] = {packed.x, packed.y, packed.z, packed.w};
+  __device__ __forceinline__ HalfCodes(float z, uint32_t magic_, uint32_t flip_)
+      : zsub(__float2half2_rn(1024.f + z)), zhi(__float2half2_rn(-64.f - z)), sixteenth(__float2half2_rn(0.0625f)),
+        magic(magic_), flip(flip_) {}
+  __device__ __forceinline__ static uint32_t bits_of(__half2 v) { return *reinterpret_cast<uint32_t*>(&v); }
+  __device__ __forceinline__ void operator()(const uint4& q, uint32_t (&b)[STEPS][2]) const {
+    const uint32_t words[4] = {q.x, q.y, q.z, q.w};
 #pragma unroll
     for (int i = 0; i < 4; ++i) {
-      uint32_t w = words[i];
-      if (BITS == 4) {
+      if constexpr (BITS == 4) {
 #pragma unroll
-        for (int p = 0; p < 2; ++p, w >>= 8) {         // codes 2p, 2p + 4 and 2p + 1, 2p + 5
-          const float2 a = __half22float2(__hsub2(u32_as_half2((w & 0x000F000Fu) | magic), lo_sub));
-          const float2 b = __half22float2(__hfma2(u32_as_half2((w & 0x00F000F0u) | magic), sixteenth, hi_add));
-          c[8 * i + 2 * p] = a.x;     c[8 * i + 2 * p + 4] = a.y;
-          c[8 * i + 2 * p + 1] = b.x; c[8 * i + 2 * p + 5] = b.y;
+        for (int h = 0; h < 2; ++h) {
+          const uint32_t w = words[i] >> (8 * h);
+          b[2 * i + h][0] = bits_of(__hsub2(u32_as_half2((w & 0x000F000Fu) | magic), zsub));
+          b[2 * i + h][1] = bits_of(__hfma2(u32_as_half2((w & 0x00F000F0u) | magic), sixteenth, zhi));
         }
       } else {
-        w ^= flip;
-        const float2 a = __half22float2(__hsub2(u32_as_half2(__byte_perm(w, 0x64646464u, 0x4140)), lo_sub));
-        const float2 b = __half22float2(__hsub2(u32_as_half2(__byte_perm(w, 0x64646464u, 0x4342)), lo_sub));
-        c[4 * i] = a.x; c[4 * i + 1] = a.y; c[4 * i + 2] = b.x; c[4 * i + 3] = b.y;
+        const uint32_t w = words[i] ^ flip;
+        b[i][0] = bits_of(__hsub2(u32_as_half2(__byte_perm(w, magic, 0x7150)), zsub));   // bytes 0, 1
+        b[i][1] = bits_of(__hsub2(u32_as_half2(__byte_perm(w, magic, 0x7352)), zsub));   // bytes 2, 3
       }
+    }
+  }
+};
+
+// The chunk's codes as floats in k order, less the storage offset: HalfCodes' pairs widened
+// (one FMA-pipe instruction, HADD2.F32, per pair on sm_80+). A checkpoint's zero points
+// (asymmetric weights) are the caller's.
+template <int BITS>
+struct CodeDecoder {
+  HalfCodes<BITS> pairs;
+  __device__ __forceinline__ CodeDecoder(bool is_signed, uint32_t fp16_1024_pair)
+      : pairs(is_signed ? (BITS == 8 ? 128.f : 8.f) : 0.f, fp16_1024_pair, BITS == 8 && is_signed ? 0x80808080u : 0u) {}
+  __device__ __forceinline__ void operator()(const uint4& packed, float* c) const {
+    uint32_t b[HalfCodes<BITS>::STEPS][2];
+    pairs(packed, b);
+#pragma unroll
+    for (int st = 0; st < HalfCodes<BITS>::STEPS; ++st) {
+      const float2 lo = __half22float2(u32_as_half2(b[st][0])), hi = __half22float2(u32_as_half2(b[st][1]));
+      // int4: codes k, k + 4 and k + 1, k + 5 (k = 8i + 2h); int8: k, k + 1 and k + 2, k + 3.
+      const int k = BITS == 4 ? 8 * (st >> 1) + 2 * (st & 1) : 4 * st;
+      constexpr int PAIR = BITS == 4 ? 4 : 1, NEXT = BITS == 4 ? 1 : 2;
+      c[k] = lo.x; c[k + PAIR] = lo.y;
+      c[k + NEXT] = hi.x; c[k + NEXT + PAIR] = hi.y;
     }
   }
 };
@@ -1782,44 +1800,17 @@ torch::Tensor quant_gemv(torch::Tensor x, torch::Tensor qweight, torch::Tensor s
 // split with no second kernel and no atomics. Each lane has 2 x J x U = 4 loads in flight while
 // it multiplies the previous ones. The host picks J (1 or 2, U = 2 / J) so that the grid has
 // about two blocks per SM.
-//
+
 // One 16-byte load of a channel's codes -> its A register pairs for STEPS mma k-steps ([st][0]
-// for k slots 2t, 2t + 1 and [st][1] for 2t + 8, 2t + 9): c - z as exact 16-bit pairs. z: the zero point plus the storage offset (8 for symmetric int4, 128 for
-// signed int8), an integer, as every format here stores it. Pairs per k-step: int4, word w's
-// nibbles (2h, 2h + 4) and (2h + 1, 2h + 5) for step 2w + h; int8, word w's bytes (0, 1) and
-// (2, 3) for step w.
-//   fp16: CodeDecoder's conversions: a code OR-ed into 0x6400's mantissa reads 1024 + c, and
-//         1024 + z is subtracted (an int4 high nibble reads 1024 + 16 c: times 1/16 minus 64 + z).
+// for k slots 2t, 2t + 1 and [st][1] for 2t + 8, 2t + 9): c - z as exact 16-bit pairs, in
+// HalfCodes' order (z: the zero point plus the storage offset).
+//   fp16: HalfCodes itself.
 //   bf16: 0x4300 is 128, whose 7 mantissa bits hold an int4 code exactly (each nibble shifted
 //         down first: 16 c would not fit); an int8 code does not fit, so it goes through fp32's
 //         2^23 the same way, and c - z (at most 255 in size: 8 significant bits) packs exactly.
 template <typename W, int BITS> struct MmaCodes;
-template <int BITS> struct MmaCodes<__half, BITS> {
-  static constexpr int STEPS = BITS == 4 ? 8 : 4;
-  __half2 zsub, zhi, sixteenth;
-  uint32_t magic, flip;
-  __device__ __forceinline__ MmaCodes(float z, uint32_t magic_, uint32_t flip_)
-      : zsub(__float2half2_rn(1024.f + z)), zhi(__float2half2_rn(-64.f - z)), sixteenth(__float2half2_rn(0.0625f)),
-        magic(magic_), flip(flip_) {}
-  __device__ __forceinline__ static uint32_t bits_of(__half2 v) { return *reinterpret_cast<uint32_t*>(&v); }
-  __device__ __forceinline__ void operator()(const uint4& q, uint32_t (&b)[STEPS][2]) const {
-    const uint32_t words[4] = {q.x, q.y, q.z, q.w};
-#pragma unroll
-    for (int i = 0; i < 4; ++i) {
-      if constexpr (BITS == 4) {
-#pragma unroll
-        for (int h = 0; h < 2; ++h) {
-          const uint32_t w = words[i] >> (8 * h);
-          b[2 * i + h][0] = bits_of(__hsub2(u32_as_half2((w & 0x000F000Fu) | magic), zsub));
-          b[2 * i + h][1] = bits_of(__hfma2(u32_as_half2((w & 0x00F000F0u) | magic), sixteenth, zhi));
-        }
-      } else {
-        const uint32_t w = words[i] ^ flip;
-        b[i][0] = bits_of(__hsub2(u32_as_half2(__byte_perm(w, magic, 0x7150)), zsub));   // bytes 0, 1
-        b[i][1] = bits_of(__hsub2(u32_as_half2(__byte_perm(w, magic, 0x7352)), zsub));   // bytes 2, 3
-      }
-    }
-  }
+template <int BITS> struct MmaCodes<__half, BITS> : HalfCodes<BITS> {
+  using HalfCodes<BITS>::HalfCodes;
 };
 template <int BITS> struct MmaCodes<__nv_bfloat16, BITS> {
   static constexpr int STEPS = BITS == 4 ? 8 : 4;

@@ -59,7 +59,7 @@ SASS = """\
 """
 
 
-def test_sass_loops_reads_each_kernels_longest_loop_and_its_opcodes():
+def test_sass_loops_reads_each_kernels_longest_loop_and_its_opcodes(monkeypatch, capsys):
     (mma, n, counts), (small, m, _) = kernel_bench.sass_loops(SASS)
     assert mma.startswith("_Z16quant_mma") and n == 4
     assert counts == {"HADD2": 1, "HMMA": 1, "LOP3": 1, "BRA": 1}       # predicates and modifiers dropped
@@ -68,3 +68,5 @@ def test_sass_loops_reads_each_kernels_longest_loop_and_its_opcodes():
     assert kernel_bench.quant_mma_codes_per_iteration(name) == 1 * 2 * 2 * 32
     assert kernel_bench.quant_mma_codes_per_iteration("void quant_mma_kernel<c10::BFloat16, 8, 1, 2, true, false>") == 64
     assert kernel_bench.quant_mma_codes_per_iteration("void rms_norm_kernel<float>(float*)") is None
+    monkeypatch.setattr(kernel_bench.torch.version, "cuda", None)          # a CPU build: one line, exit 2
+    assert kernel_bench.main(["sass"]) == 2 and "CUDA build" in capsys.readouterr().err

@@ -266,10 +266,7 @@ def print_sass_report(pattern: str) -> int:
         print("kernel_bench: sass needs a CUDA build of torch", file=sys.stderr)
         return 2
     loops = sass_loops(compile_and_disassemble())
-    names = [n for n, _, _ in loops]
-    if shutil.which("c++filt"):
-        names = subprocess.run(["c++filt"], input="\n".join(names), capture_output=True, text=True).stdout.splitlines()
-    for name, (_, length, counts) in zip(names, loops):
+    for name, (_, length, counts) in zip(demangle([n for n, _, _ in loops]), loops):
         if pattern not in name:
             continue
         top = ", ".join(f"{op} {n}" for op, n in sorted(counts.items(), key=lambda c: -c[1])[:8])
@@ -292,11 +289,15 @@ def ptxas_report(log: str) -> list[tuple[str, int, int, int]]:
             smem = re.search(r"(\d+) bytes smem", line)
             rows.append((name, int(m.group(1)), spills, int(smem.group(1)) if smem else 0))
             name, spills = None, 0
-    if shutil.which("c++filt") and rows:
-        names = subprocess.run(["c++filt"], input="\n".join(r[0] for r in rows), capture_output=True,
-                               text=True).stdout.splitlines()
-        rows = [(n, *r[1:]) for n, r in zip(names, rows)]
-    return rows
+    names = demangle([r[0] for r in rows])
+    return [(n, *r[1:]) for n, r in zip(names, rows)]
+
+
+def demangle(names: list[str]) -> list[str]:
+    """C++ symbol names as c++filt prints them, where it is installed (else as they are)."""
+    if not shutil.which("c++filt") or not names:
+        return names
+    return subprocess.run(["c++filt"], input="\n".join(names), capture_output=True, text=True).stdout.splitlines()
 
 
 def print_ptxas_report() -> int:
