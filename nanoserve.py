@@ -1008,28 +1008,6 @@ class LlamaForCausalLM(nn.Module):
         """(N, D) -> (N, V) fp32."""
         return self.lm_head(hidden).float()
 
-    def fuse_projections(self) -> None:
-        """q/k/v, and gate/up, of every layer as one matmul each (FusedLinear), for serving;
-        on the CPU in fp32 every plain linear's weight also goes input-major (input_major).
-        Quantized projections stay separate. Training and quant.py, which replace weight
-        tensors, use the model unfused."""
-        def cpu_fp32(*ms: nn.Module) -> bool:          # input-major pays (input_major)
-            return all(type(m) is nn.Linear for m in ms) and kernels.USE_CPU_FAST_PATHS \
-                and ms[0].weight.device.type == "cpu" and ms[0].weight.dtype == torch.float32 \
-                and sum(m.weight.numel() for m in ms) >= INPUT_MAJOR_MIN_WEIGHTS
-        for layer in self.model.layers:
-            a, m = layer.self_attn, layer.mlp
-            if a.qkv is None and FusedLinear.fusable([a.q_proj, a.k_proj, a.v_proj]):
-                a.qkv = FusedLinear([a.q_proj, a.k_proj, a.v_proj], cpu_fp32(a.q_proj, a.k_proj, a.v_proj))
-            if m.gate_up is None and FusedLinear.fusable([m.gate_proj, m.up_proj]):
-                m.gate_up = FusedLinear([m.gate_proj, m.up_proj], cpu_fp32(m.gate_proj, m.up_proj))
-            for proj in (a.o_proj, m.down_proj):
-                if cpu_fp32(proj):
-                    input_major(proj)
-        # A head tied to the embedding keeps its (V, D) rows: the embedding lookup reads them.
-        if cpu_fp32(self.lm_head) and self.lm_head.weight.data_ptr() != self.model.embed_tokens.weight.data_ptr():
-            input_major(self.lm_head)
-
     def dense_rope(self, T: int, device: torch.device) -> tuple[Tensor, Tensor]:
         if self.rope is not None and self.rope[0].shape[0] >= T:
             return self.rope
@@ -1152,6 +1130,48 @@ class QuantLinear(nn.Module):
                 f"group_size={self.group_size}, symmetric={self.symmetric}")
 
 
+class FusedQuantLinear(FusedLinear):
+    """FusedLinear for quantized projections that read the same input (q/k/v, gate/up) and
+    share a format (bits, group size, symmetry): the codes, scales, zero points and biases
+    are concatenated along the output once, and each QuantLinear's buffers become views of
+    their rows, so the same kernels run one larger quantized matmul. A quantized decode step
+    then launches four matmuls a layer instead of seven (gpt-fast's int4 model fuses wqkv
+    and w1/w3 likewise). Act-order checkpoints fuse when the parts read their input in the
+    same order (GPTQ quantizes q, k and v from the same inputs, so their orders agree);
+    otherwise the parts run separately."""
+
+    def __init__(self, linears: list[QuantLinear]):
+        first = linears[0]
+        self.in_features, self.out_features = first.in_features, sum(m.out_features for m in linears)
+        self.bits, self.group_size, self.perm = first.bits, first.group_size, first.perm
+        self.cpu_cache: dict = {}                 # the fused weight's CPU repacking (QuantLinear's)
+        for name in ("qweight", "scales", "zeros", "bias"):
+            whole = None if getattr(first, name) is None else torch.cat([getattr(m, name) for m in linears])
+            row = 0
+            for m in linears:                     # (out, ...) rows of the (sum out, ...) tensor
+                if whole is not None:
+                    setattr(m, name, whole[row:row + m.out_features])
+                row += m.out_features
+            setattr(self, name, whole)
+        self.parts = [m.qweight for m in linears]
+
+    def holds(self, *linears: nn.Module) -> bool:
+        return all(m._buffers.get("qweight") is w for m, w in zip(linears, self.parts))
+
+    __call__ = QuantLinear.forward                # the layer's own forward, on the fused buffers
+
+    @staticmethod
+    def fusable(linears: list[nn.Module]) -> bool:
+        """QuantLinears of one format, device and input order, all with or all without a bias."""
+        if not all(type(m) is QuantLinear for m in linears):
+            return False
+        first = linears[0]
+        same_order = all(m.perm is None for m in linears) or \
+            all(m.perm is not None and torch.equal(m.perm, first.perm) for m in linears)
+        return same_order and len({(m.bits, m.group_size, m.symmetric, m.in_features, m.bias is None,
+                                    m.scales.dtype, m.qweight.dtype, m.qweight.device) for m in linears}) == 1
+
+
 def quantized_linear_names(model: LlamaForCausalLM) -> list[str]:
     """The layers a quantized checkpoint quantizes: every projection of every decoder layer
     (not the embeddings or the LM head)."""
@@ -1177,6 +1197,36 @@ def swap_in_quantized_linears(model: LlamaForCausalLM, quant_config: dict) -> No
         set_module(model, name, QuantLinear(lin.in_features, lin.out_features, bits, G, sym,
                                             device=lin.weight.device, dtype=lin.weight.dtype,
                                             bias=lin.bias is not None))
+
+
+def fuse_projections(model: LlamaForCausalLM) -> None:
+    """q/k/v, and gate/up, of every layer as one matmul each, for serving: FusedLinear for
+    float projections, FusedQuantLinear for quantized ones; on the CPU in fp32 every plain
+    linear's weight also goes input-major (input_major). A fusion that no longer holds (its
+    modules were replaced since) is made again. Training and quant.py, which replace weight
+    tensors, use the model unfused."""
+    def cpu_fp32(*ms: nn.Module) -> bool:          # input-major pays (input_major)
+        return all(type(m) is nn.Linear for m in ms) and kernels.USE_CPU_FAST_PATHS \
+            and ms[0].weight.device.type == "cpu" and ms[0].weight.dtype == torch.float32 \
+            and sum(m.weight.numel() for m in ms) >= INPUT_MAJOR_MIN_WEIGHTS
+
+    def fused(old: FusedLinear | None, linears: list[nn.Module]) -> FusedLinear | None:
+        if old is not None and old.holds(*linears):
+            return old
+        if FusedLinear.fusable(linears):
+            return FusedLinear(linears, cpu_fp32(*linears))
+        return FusedQuantLinear(linears) if FusedQuantLinear.fusable(linears) else None
+
+    for layer in model.model.layers:
+        a, m = layer.self_attn, layer.mlp
+        a.qkv = fused(a.qkv, [a.q_proj, a.k_proj, a.v_proj])
+        m.gate_up = fused(m.gate_up, [m.gate_proj, m.up_proj])
+        for proj in (a.o_proj, m.down_proj):
+            if cpu_fp32(proj):
+                input_major(proj)
+    # A head tied to the embedding keeps its (V, D) rows: the embedding lookup reads them.
+    if cpu_fp32(model.lm_head) and model.lm_head.weight.data_ptr() != model.model.embed_tokens.weight.data_ptr():
+        input_major(model.lm_head)
 
 
 # ---------------------------------------------------------------------------- GPTQ and AWQ checkpoints
@@ -2580,7 +2630,7 @@ class ModelRunner:
         self.device, self.dtype = torch.device(cfg.device), DTYPES[cfg.dtype]
         self.max_positions = max_positions         # longest sequence, speculative lookahead included
         model.init_rope(max_positions, self.device)
-        model.fuse_projections()
+        fuse_projections(model)
         self.kv_cache: Tensor | None = None
         # CUDA graphs for decode steps, made on first use. Only with the CUDA kernels: the
         # reference attention syncs with the host, which a graph cannot record.
@@ -2610,11 +2660,11 @@ class ModelRunner:
     def reserved_bytes(self) -> int:
         """GPU memory this model's steps take beside the KV pool: the activations of the
         largest step, its logits and the penalty counts (Sampler), and for a quantized model
-        the dense temporary the largest quantized projection dequantizes into when a step has
-        kernels.QUANT_GEMM_MAX_ROWS rows or more (kernels.quant_linear); with piecewise
-        graphs, whose pool keeps what a step of theirs allocates, the activations of their
-        largest step once more, and the temporary if that step makes one. 0 on the CPU (its
-        budget is set apart)."""
+        the dense temporary the largest quantized matmul (a fused one included) dequantizes
+        into when a step has kernels.QUANT_GEMM_MAX_ROWS rows or more (kernels.quant_linear);
+        with piecewise graphs, whose pool keeps what a step of theirs allocates, the
+        activations of their largest step once more, and the temporary if that step makes
+        one. 0 on the CPU (its budget is set apart)."""
         if self.device.type != "cuda":
             return 0
         c = self.model.config
@@ -2622,8 +2672,9 @@ class ModelRunner:
         act = self.cfg.max_num_batched_tokens * per_token \
             + self.cfg.max_num_seqs * c.vocab_size * 4 * 4 \
             + 2 * (self.cfg.max_num_seqs + 1) * c.vocab_size * 5      # penalty counts, and a copy as they grow
-        dequant = max((m.in_features * m.out_features * self.dtype.itemsize
-                       for m in self.model.modules() if isinstance(m, QuantLinear)), default=0)
+        fused = [f for layer in self.model.model.layers for f in (layer.self_attn.qkv, layer.mlp.gate_up)]
+        dequant = max((m.in_features * m.out_features * self.dtype.itemsize for m in [*self.model.modules(), *fused]
+                       if isinstance(m, (QuantLinear, FusedQuantLinear))), default=0)
         graphs = 0
         if self.use_piecewise_graphs:
             graphs = self.piecewise_max_tokens * per_token

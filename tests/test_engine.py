@@ -828,7 +828,7 @@ def test_cpu_serving_layout_is_input_major_with_the_same_values(tmp_path, tiny_m
         x = torch.randn(2, cfg.hidden_size)
         layer = model.model.layers[0]
         want = [layer.self_attn.o_proj(x), layer.mlp.up_proj(x), model.lm_head(x)]
-        model.fuse_projections()
+        nanoserve.fuse_projections(model)
         after = model.state_dict()
         assert after.keys() == before.keys() and all(torch.equal(after[k], before[k]) for k in before)
         for m in (layer.self_attn.q_proj, layer.self_attn.o_proj, layer.mlp.up_proj, layer.mlp.down_proj):
@@ -837,11 +837,11 @@ def test_cpu_serving_layout_is_input_major_with_the_same_values(tmp_path, tiny_m
             # the same sums in another order: fp32 rounding only (outputs here are of order 10)
             torch.testing.assert_close(got, w, rtol=1e-5, atol=1e-4)
         assert model.lm_head.weight.is_contiguous() == tied                # a tied head keeps its rows
-        model.fuse_projections()                                          # twice: still the same values
+        nanoserve.fuse_projections(model)                                 # twice: still the same values
         assert all(torch.equal(model.state_dict()[k], before[k]) for k in before)
     for path, dtype in ((tiny_model_dir, torch.float32), (untied, torch.bfloat16)):
         small, _ = nanoserve.load_model(path, dtype, torch.device("cpu"))
-        small.fuse_projections()                          # 64 x 64 weights, or bf16: rows kept
+        nanoserve.fuse_projections(small)                 # 64 x 64 weights, or bf16: rows kept
         assert all(p.is_contiguous() for p in small.parameters())
 
 
@@ -855,7 +855,7 @@ def test_fused_projections_equal_the_separate_linears_and_keep_the_checkpoint():
     x = torch.randn(3, model.config.hidden_size)
     a, m = layer.self_attn, layer.mlp
     separate = (torch.cat([a.q_proj(x), a.k_proj(x), a.v_proj(x)], -1), torch.cat([m.gate_proj(x), m.up_proj(x)], -1))
-    model.fuse_projections()
+    nanoserve.fuse_projections(model)
     torch.testing.assert_close(a.qkv(x), separate[0], atol=1e-6, rtol=1e-6)
     torch.testing.assert_close(m.gate_up(x), separate[1], atol=1e-6, rtol=1e-6)
     assert a.k_proj.weight.untyped_storage().data_ptr() == a.qkv.weight.untyped_storage().data_ptr()

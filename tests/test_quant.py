@@ -142,6 +142,64 @@ def test_quantized_checkpoint_round_trips_bit_exactly_and_the_engine_runs_it(sma
         assert same >= 3
 
 
+@pytest.mark.parametrize("bits,group,symmetric", [(4, 32, True), (4, 32, False), (8, 0, True), (3, 0, False)])
+@pytest.mark.parametrize("cpu_kernels", [True, False])
+def test_quantized_projections_fuse_into_one_matmul_with_the_same_results(small_model, monkeypatch, bits, group,
+                                                                         symmetric, cpu_kernels):
+    """fuse_projections runs q/k/v and gate/up of a quantized model as one quantized matmul
+    each (FusedQuantLinear): the same outputs to the bit (each output channel is the same
+    sum of the same products), the same greedy tokens, the checkpoint's names and values
+    unchanged, no second copy of the codes; a replaced projection ends the fusion until
+    fuse_projections runs again. On PyTorch's CPU kernels and on the twin."""
+    monkeypatch.setattr(kernels, "USE_CPU_FAST_PATHS", cpu_kernels)
+    llm = LLM(small_model, device="cpu")
+    model = llm.engine.model
+    calib = torch.randint(3, model.config.vocab_size, (4, 32), generator=torch.Generator().manual_seed(0))
+    quant.quantize_model(model, calib, "rtn", bits, group, symmetric)
+    a, m = model.model.layers[0].self_attn, model.model.layers[0].mlp
+    x = torch.randn(3, model.config.hidden_size)
+    separate = (torch.cat([a.q_proj(x), a.k_proj(x), a.v_proj(x)], -1), torch.cat([m.gate_proj(x), m.up_proj(x)], -1))
+    prompts = [[1, 20, 30, 40] * k for k in range(1, 5)]
+    greedy = SamplingParams(temperature=0, max_tokens=12, ignore_eos=True)
+    want = [o.token_ids for o in llm.generate(prompts, greedy)]          # the engine's fusion made before quantizing:
+    before = {k: v.clone() for k, v in model.state_dict().items()}      # no longer holds, the projections run alone
+    nanoserve.fuse_projections(model)
+    assert isinstance(a.qkv, nanoserve.FusedQuantLinear) and isinstance(m.gate_up, nanoserve.FusedQuantLinear)
+    assert torch.equal(a.qkv(x), separate[0]) and torch.equal(m.gate_up(x), separate[1])
+    assert a.v_proj.qweight.untyped_storage().data_ptr() == a.qkv.qweight.untyped_storage().data_ptr()
+    after = model.state_dict()
+    assert after.keys() == before.keys() and all(torch.equal(after[k], before[k]) for k in before)
+    assert [o.token_ids for o in llm.generate(prompts, greedy)] == want
+    m.up_proj = nanoserve.QuantLinear.from_codes(m.up_proj.codes().clone(), m.up_proj.scales, m.up_proj.zeros, bits, group,
+                                                 torch.float32)            # replaced: runs alone again
+    assert not m.gate_up.holds(m.gate_proj, m.up_proj)
+    torch.testing.assert_close(m(x), m.separate(x), rtol=0, atol=0)
+    nanoserve.fuse_projections(model)
+    assert m.gate_up.holds(m.gate_proj, m.up_proj) and torch.equal(m.gate_up(x), separate[1])
+
+
+def test_projections_of_different_formats_or_input_orders_stay_separate():
+    torch.manual_seed(0)
+    W = torch.randn(64, 128)
+
+    def q(bits: int, group: int, perm: torch.Tensor | None = None) -> nanoserve.QuantLinear:
+        m = nanoserve.QuantLinear.from_codes(*quant.quantize_rtn(W, bits, group), bits, group, torch.float32)
+        m.perm = perm                                  # act-order: x read in this order
+        return m
+    assert nanoserve.FusedQuantLinear.fusable([q(4, 32), q(4, 32)])
+    assert not nanoserve.FusedQuantLinear.fusable([q(4, 32), q(8, 0)])
+    assert not nanoserve.FusedQuantLinear.fusable([q(4, 32), q(4, 64)])
+    assert not nanoserve.FusedQuantLinear.fusable([q(4, 32), torch.nn.Linear(128, 64)])
+    order = torch.randperm(128)
+    assert nanoserve.FusedQuantLinear.fusable([q(4, 32, order), q(4, 32, order.clone())])
+    assert not nanoserve.FusedQuantLinear.fusable([q(4, 32, order), q(4, 32, torch.randperm(128))])
+    assert not nanoserve.FusedQuantLinear.fusable([q(4, 32, order), q(4, 32)])
+    x = torch.randn(2, 128)
+    parts = [q(4, 32, order), q(4, 32, order.clone())]
+    separate = torch.cat([p(x) for p in parts], -1)
+    assert torch.equal(nanoserve.FusedQuantLinear(parts)(x), separate)     # act-order: x permuted once
+
+
 def test_quant_cli_writes_a_checkpoint_the_cli_runs(small_model, tmp_path):
     out = tmp_path / "cli"
     r = subprocess.run([sys.executable, str(ROOT / "quant.py"), "--model", str(small_model), "--method", "gptq",
@@ -182,3 +240,6 @@ def test_kv_budget_sets_aside_the_dequantized_weight_of_the_largest_projection(s
     assert largest >= model.config.hidden_size * model.config.intermediate_size
     assert dense[0] - budget() == dense[64] - budget(64) == largest * 2
     assert dense[256] - budget(256) == 2 * largest * 2       # a 256-token step dequantizes
+    nanoserve.fuse_projections(model)                        # gate and up dequantize as one
+    fused = 2 * model.config.hidden_size * model.config.intermediate_size
+    assert dense[0] - budget() == max(largest, fused) * 2 and fused > largest

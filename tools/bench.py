@@ -898,6 +898,7 @@ def bench_quant(model: str, engine_kw: dict, prompt_len: int = 256, new_tokens: 
         if bits:
             quant.quantize_model(eng.model, torch.zeros(1, 1, dtype=torch.long), "rtn", bits, group)
             eng.model.to(eng.device)
+            nanoserve.fuse_projections(eng.model)           # as the runner does for a quantized checkpoint
         vocab = eng.model_config.vocab_size
         prompt = [1] + np.random.default_rng(0).integers(3, vocab, prompt_len - 1).tolist()
         llm.generate(prompt[:8], SamplingParams(temperature=0, max_tokens=4, ignore_eos=True))
