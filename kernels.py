@@ -578,6 +578,17 @@ torch::Tensor silu_and_mul(torch::Tensor gate, torch::Tensor up) {
 // ---------------------------------------------------------------- RoPE + write K/V to the paged cache
 // Rotate-half RoPE: for i < hd/2, (x1, x2) = (x[i], x[i + hd/2]) ->
 // (x1 cos - x2 sin, x2 cos + x1 sin). Rotated K and V go straight to their cache slots.
+// Element d of a head x rotated, rounded to T as stored. c, s: the position's row of the
+// tables, whose two halves are equal. The roundings are spelled out (no FMA contraction left
+// to the compiler), so the decode kernel's own RoPE gives this kernel's values to the bit.
+template <typename T>
+__device__ __forceinline__ T rope_at(const T* x, int d, int hd, const float* c, const float* s) {
+  const int half = hd / 2;
+  const float a = to_f(x[d]), b = to_f(x[d < half ? d + half : d - half]);
+  const float bs = __fmul_rn(b, s[d]);
+  return from_f<T>(__fmaf_rn(a, c[d], d < half ? -bs : bs));
+}
+
 template <typename T>
 __global__ void rope_cache_kernel(T* __restrict__ q_out,          // [T, H, hd]
                                   const T* __restrict__ q,        // [T, H, hd]
@@ -596,22 +607,20 @@ __global__ void rope_cache_kernel(T* __restrict__ q_out,          // [T, H, hd]
   // Values only the device knows: a position past the RoPE table, or a slot past the pool,
   // is a bug upstream; stop (the host checks everything it can without a sync).
   CUDA_KERNEL_ASSERT(p >= 0 && p < n_pos && slot < n_slots);
+  const float *c = cos_t + p * hd, *s = sin_t + p * hd;
   for (int j = threadIdx.x; j < (H + Hkv) * half; j += blockDim.x) {
     int h = j / half, i = j % half;
-    float c = cos_t[p * hd + i], s = sin_t[p * hd + i];
     if (h < H) {
       const T* src = q + (t * H + h) * hd;
       T* dst = q_out + (t * H + h) * hd;
-      float x1 = to_f(src[i]), x2 = to_f(src[i + half]);
-      dst[i] = from_f<T>(x1 * c - x2 * s);
-      dst[i + half] = from_f<T>(x2 * c + x1 * s);
+      dst[i] = rope_at(src, i, hd, c, s);
+      dst[i + half] = rope_at(src, i + half, hd, c, s);
     } else if (slot >= 0) {
       h -= H;
       const T* src = k + (t * Hkv + h) * hd;
       T* dst = k_cache + (slot * Hkv + h) * hd;
-      float x1 = to_f(src[i]), x2 = to_f(src[i + half]);
-      dst[i] = from_f<T>(x1 * c - x2 * s);
-      dst[i + half] = from_f<T>(x2 * c + x1 * s);
+      dst[i] = rope_at(src, i, hd, c, s);
+      dst[i + half] = rope_at(src, i + half, hd, c, s);
       const T* vs = v + (t * Hkv + h) * hd;
       T* vd = v_cache + (slot * Hkv + h) * hd;
       vd[i] = vs[i];
@@ -669,22 +678,36 @@ torch::Tensor rope_and_cache(torch::Tensor q, torch::Tensor k, torch::Tensor v, 
 // per key, and a power-of-two block size turns a key's block and offset into a shift.
 // GM, the group G rounded up to 1, 2, 4 or 8, sizes the per-lane query and accumulator
 // registers (a group of 4 does not hold 8 heads' worth) and the reduce-scatter below.
+//
+// ROPE: the step's RoPE and cache write happen here instead of in rope_cache_kernel (one
+// launch less per layer). q, k and v arrive as projected, unrotated; a decode token sits at
+// position ctx - 1. Every block rotates its group's queries (rope_at: the same values
+// rope_cache_kernel stores); the block of the split holding the new token rotates its KV
+// head's k, writes k and v to the token's cache slot, and reads that row from shared memory
+// rather than from the cache it has just written (no other block reads it this step).
 constexpr int PD_THREADS = 256, PD_MAX_G = 8, PD_UNROLL = 4;
 
-template <typename T, int GM>
+template <typename T, int GM, bool ROPE>
 __global__ void __launch_bounds__(PD_THREADS, 2)     // two blocks per SM: at most 128 registers
 paged_decode_kernel(T* __restrict__ out,             // [S, H, hd], when splits == 1
                     float* __restrict__ o_part,      // [S, H, splits, hd] normalised
                     float* __restrict__ m_part,      // [S, H, splits]
                     float* __restrict__ l_part,      // [S, H, splits]
-                    const T* __restrict__ q,         // [S, H, hd]
+                    const T* __restrict__ q,         // [S, H, hd], rows q_stride apart
                     const T* __restrict__ k_cache,   // [blocks, block_size, Hkv, hd]
                     const T* __restrict__ v_cache,   // [blocks, block_size, Hkv, hd]
                     const int* __restrict__ tables,  // [S, max_blocks]
                     const int* __restrict__ ctx_lens,  // [S]
                     int H, int Hkv, int hd, int block_size,
                     int bs_shift,                    // log2(block_size), or -1
-                    int max_blocks, int part, int splits, int max_context, float scale) {
+                    int max_blocks, int part, int splits, int max_context, float scale,
+                    int64_t q_stride,                // elements from one token's q to the next's
+                    // ROPE only (null otherwise): the new tokens' k and v, [S, Hkv, hd] rows
+                    // q_stride apart; their cache slots (-1: a padding row, not written);
+                    // the cos/sin tables [n_pos, hd]; the caches again, to write the token's row.
+                    const T* __restrict__ k_new, const T* __restrict__ v_new,
+                    const int64_t* __restrict__ slots, const float* __restrict__ cos_t,
+                    const float* __restrict__ sin_t, int64_t n_pos, T* k_dst, T* v_dst) {
   constexpr int VEC = 16 / sizeof(T);                // cache values per 16-byte load
   extern __shared__ float smem[];
   const int s = blockIdx.x, kvh = blockIdx.y, split = blockIdx.z;
@@ -713,22 +736,52 @@ paged_decode_kernel(T* __restrict__ out,             // [S, H, hd], when splits 
     }
     return;
   }
-  for (int i = threadIdx.x; i < G * hd; i += blockDim.x)
-    q_sh[i] = to_f(q[((int64_t)s * H + kvh * G) * hd + i]) * scale;
+  const T* q_g = q + (int64_t)s * q_stride + (int64_t)kvh * G * hd;   // this group's G heads
+  // With ROPE: the new token's rotated k and its v ([0] and [1], 16-byte pieces), which the
+  // block holding its row (end == ctx) serves from here; -1: no row of this block is new.
+  __shared__ uint4 fresh[2][ROPE ? 32 : 1];
+  const int new_row = ROPE && end == ctx ? ctx - 1 : -1;
+  if constexpr (ROPE) {
+    const int64_t p = ctx - 1;                       // a decode token's position
+    CUDA_KERNEL_ASSERT(p < n_pos);
+    const float *c = cos_t + p * hd, *sn = sin_t + p * hd;
+    for (int i = threadIdx.x; i < G * hd; i += blockDim.x)
+      q_sh[i] = to_f(rope_at(q_g + i / hd * hd, i % hd, hd, c, sn)) * scale;
+    if (new_row >= 0) {
+      const int64_t slot = slots[s];
+      const T* k_s = k_new + (int64_t)s * q_stride + (int64_t)kvh * hd;
+      const T* v_s = v_new + (int64_t)s * q_stride + (int64_t)kvh * hd;
+      T* kf = reinterpret_cast<T*>(fresh[0]);
+      T* vf = reinterpret_cast<T*>(fresh[1]);
+      for (int d = threadIdx.x; d < hd; d += blockDim.x) {
+        kf[d] = rope_at(k_s, d, hd, c, sn);
+        vf[d] = v_s[d];
+        if (slot >= 0) {
+          k_dst[(slot * Hkv + kvh) * hd + d] = kf[d];
+          v_dst[(slot * Hkv + kvh) * hd + d] = vf[d];
+        }
+      }
+    }
+  } else {
+    for (int i = threadIdx.x; i < G * hd; i += blockDim.x) q_sh[i] = to_f(q_g[i]) * scale;
+  }
   const int blk0 = start / block_size;               // the partition's first logical block
   for (int b = blk0 + threadIdx.x; b <= (end - 1) / block_size; b += blockDim.x)
     blk_sh[b - blk0] = tables[(int64_t)s * max_blocks + b];
   __syncthreads();
   // PD_UNROLL rows from t0 (this lane's: t0 + u * stride + sub) of a cache into registers,
-  // zeros past the end. Key t's row: block table entry, offset in the block, this KV head.
+  // zeros past the end. Key t's row: block table entry, offset in the block, this KV head;
+  // the new token's (ROPE) from shared memory.
   const int stride = nw * kpw;                       // rows the block covers per load
   const int step = stride * PD_UNROLL;               // rows per step of the loops below
-  auto load_rows = [&](const T* cache, int t0, uint4 (&raw)[PD_UNROLL]) {
+  auto load_rows = [&](const T* cache, int which, int t0, uint4 (&raw)[PD_UNROLL]) {   // which: K 0, V 1
 #pragma unroll
     for (int u = 0; u < PD_UNROLL; ++u) {
       const int t = t0 + u * stride + sub;
       raw[u] = make_uint4(0u, 0u, 0u, 0u);
-      if (t < end) {
+      if (ROPE && t == new_row) {
+        raw[u] = fresh[which][d0 / VEC];
+      } else if (t < end) {
         const int lb = bs_shift >= 0 ? t >> bs_shift : t / block_size;   // logical block
         const int64_t slot = (int64_t)blk_sh[lb - blk0] * block_size + (t - lb * block_size);
         raw[u] = *reinterpret_cast<const uint4*>(cache + (slot * Hkv + kvh) * hd + d0);
@@ -751,21 +804,21 @@ paged_decode_kernel(T* __restrict__ out,             // [S, H, hd], when splits 
   constexpr bool PIPELINE = GM <= 4;
   uint4 cur[PD_UNROLL], nxt[PD_UNROLL] = {};
   // At the top of the step at t0: the next step's rows into nxt, in flight during this step.
-  auto prefetch = [&](const T* cache, int t0) {
-    if (PIPELINE && t0 + step < end) load_rows(cache, t0 + step, nxt);
+  auto prefetch = [&](const T* cache, int which, int t0) {
+    if (PIPELINE && t0 + step < end) load_rows(cache, which, t0 + step, nxt);
   };
   // At its end: the next step's rows into cur (from nxt, or loaded now without pipelining).
-  auto advance = [&](const T* cache, int t0) {
+  auto advance = [&](const T* cache, int which, int t0) {
     if (!PIPELINE) {
-      if (t0 + step < end) load_rows(cache, t0 + step, cur);
+      if (t0 + step < end) load_rows(cache, which, t0 + step, cur);
     } else {
 #pragma unroll
       for (int u = 0; u < PD_UNROLL; ++u) cur[u] = nxt[u];
     }
   };
-  if (first < end) load_rows(k_cache, first, cur);
+  if (first < end) load_rows(k_cache, 0, first, cur);
   for (int t0 = first; t0 < end; t0 += step) {
-    prefetch(k_cache, t0);
+    prefetch(k_cache, 0, t0);
 #pragma unroll
     for (int u = 0; u < PD_UNROLL; ++u) {
       const int t = t0 + u * stride + sub;
@@ -808,9 +861,9 @@ paged_decode_kernel(T* __restrict__ out,             // [S, H, hd], when splits 
         }
       }
     }
-    advance(k_cache, t0);
+    advance(k_cache, 0, t0);
   }
-  if (first < end) load_rows(v_cache, first, cur);   // the first V rows fly during the softmax
+  if (first < end) load_rows(v_cache, 1, first, cur);   // the first V rows fly during the softmax
   __syncthreads();
   // Softmax statistics per query head: one warp per head.
   __shared__ float m_sh[PD_MAX_G], l_sh[PD_MAX_G];
@@ -836,7 +889,7 @@ paged_decode_kernel(T* __restrict__ out,             // [S, H, hd], when splits 
 #pragma unroll
     for (int e = 0; e < VEC; ++e) acc[g][e] = 0.f;
   for (int t0 = first; t0 < end; t0 += step) {
-    prefetch(v_cache, t0);
+    prefetch(v_cache, 1, t0);
 #pragma unroll
     for (int u = 0; u < PD_UNROLL; ++u) {
       const int t = t0 + u * stride + sub;
@@ -850,7 +903,7 @@ paged_decode_kernel(T* __restrict__ out,             // [S, H, hd], when splits 
         for (int e = 0; e < VEC; ++e) acc[g][e] += p * to_f(vv[e]);
       }
     }
-    advance(v_cache, t0);
+    advance(v_cache, 1, t0);
   }
 #pragma unroll
   for (int g = 0; g < GM; ++g) {
@@ -903,35 +956,37 @@ __global__ void merge_splits_kernel(T* __restrict__ out, const float* __restrict
   }
 }
 
-torch::Tensor paged_decode(torch::Tensor q, torch::Tensor k_cache, torch::Tensor v_cache,
-                           torch::Tensor block_tables, torch::Tensor context_lens, int64_t max_context,
-                           double scale, int64_t part) {
-  TORCH_CHECK(q.dim() == 3, "paged_decode: q must be [S, H, hd]");
+// The launch for both forms. qkv: [S, H(+ 2 Hkv), hd], contiguous; rope: its k and v follow
+// q in each row, and the kernel applies RoPE and writes them to the cache (slots, cos, sin).
+static torch::Tensor launch_paged_decode(torch::Tensor qkv, int64_t H, torch::Tensor k_cache, torch::Tensor v_cache,
+                                         torch::Tensor block_tables, torch::Tensor context_lens,
+                                         int64_t max_context, double scale, int64_t part, bool rope,
+                                         torch::Tensor slots, torch::Tensor cos_t, torch::Tensor sin_t) {
   TORCH_CHECK(k_cache.is_contiguous() && v_cache.is_contiguous(), "paged_decode: caches must be contiguous");
-  TORCH_CHECK(k_cache.dim() == 4 && k_cache.sizes() == v_cache.sizes() && k_cache.size(3) == q.size(2) &&
-              k_cache.scalar_type() == q.scalar_type(), "paged_decode: caches [blocks, block_size, Hkv, hd] of q's dtype");
+  TORCH_CHECK(k_cache.dim() == 4 && k_cache.sizes() == v_cache.sizes() && k_cache.size(3) == qkv.size(2) &&
+              k_cache.scalar_type() == qkv.scalar_type(), "paged_decode: caches [blocks, block_size, Hkv, hd] of q's dtype");
   TORCH_CHECK(reinterpret_cast<uintptr_t>(k_cache.data_ptr()) % 16 == 0 &&
               reinterpret_cast<uintptr_t>(v_cache.data_ptr()) % 16 == 0,
               "paged_decode: the caches must be 16-byte aligned (16-byte loads)");
-  TORCH_CHECK(block_tables.dim() == 2 && block_tables.size(0) == q.size(0) && context_lens.numel() == q.size(0),
+  TORCH_CHECK(block_tables.dim() == 2 && block_tables.size(0) == qkv.size(0) && context_lens.numel() == qkv.size(0),
               "paged_decode: one block table row and one context length per sequence");
   TORCH_CHECK(max_context >= 0 && part > 0, "paged_decode: max_context >= 0 and part > 0");
-  const at::cuda::OptionalCUDAGuard guard(device_of(q));
-  q = q.contiguous();
+  const at::cuda::OptionalCUDAGuard guard(device_of(qkv));
   auto tables = block_tables.to(torch::kInt32).contiguous();
   auto lens = context_lens.to(torch::kInt32).contiguous();
-  int S = q.size(0), H = q.size(1), hd = q.size(2);
+  int S = qkv.size(0), hd = qkv.size(2);
   int block_size = k_cache.size(1), Hkv = k_cache.size(2);
-  TORCH_CHECK(H % Hkv == 0 && H / Hkv <= PD_MAX_G, "paged_decode: H must be a multiple of Hkv, G <= 8");
-  const int lpk = hd * (int)q.element_size() / 16;   // lanes per cached row
-  TORCH_CHECK(hd * q.element_size() % 16 == 0 && lpk <= 32 && (lpk & (lpk - 1)) == 0,
+  TORCH_CHECK(H > 0 && H % Hkv == 0 && H / Hkv <= PD_MAX_G, "paged_decode: H must be a multiple of Hkv, G <= 8");
+  TORCH_CHECK(qkv.size(1) == (rope ? H + 2 * Hkv : H), "paged_decode: q must be [S, H, hd] (with RoPE [S, H + 2 Hkv, hd])");
+  const int lpk = hd * (int)qkv.element_size() / 16;   // lanes per cached row
+  TORCH_CHECK(hd * qkv.element_size() % 16 == 0 && lpk <= 32 && (lpk & (lpk - 1)) == 0,
               "paged_decode: head_dim x element size must be 16 bytes times a power of two <= 32");
   int splits = std::max<int64_t>(1, (max_context + part - 1) / part);
   TORCH_CHECK(splits <= 65535, "paged_decode: max_context / part must be <= 65535 splits");
-  auto out = torch::empty_like(q);
+  auto out = torch::empty({S, H, hd}, qkv.options());
   if (S == 0) return out;
   // Partials only when there is something to merge: one split writes out directly.
-  auto f32 = q.options().dtype(torch::kFloat32);
+  auto f32 = qkv.options().dtype(torch::kFloat32);
   auto o_part = torch::empty({splits > 1 ? S : 0, H, splits, hd}, f32);
   auto m_part = torch::empty({splits > 1 ? S : 0, H, splits}, f32);
   auto l_part = torch::empty({splits > 1 ? S : 0, H, splits}, f32);
@@ -941,20 +996,32 @@ torch::Tensor paged_decode(torch::Tensor q, torch::Tensor k_cache, torch::Tensor
   dim3 grid(S, Hkv, splits);
   auto stream = at::cuda::getCurrentCUDAStream();
   const int bs_shift = (block_size & (block_size - 1)) == 0 ? __builtin_ctz(block_size) : -1;
-  DISPATCH(q.scalar_type(), "paged_decode", [&] {
-    auto launch = [&](auto gm) {                     // gm: std::integral_constant<int, GM>
-      auto kernel = paged_decode_kernel<scalar_t, decltype(gm)::value>;
+  const int64_t q_stride = qkv.size(1) * hd;
+  DISPATCH(qkv.scalar_type(), "paged_decode", [&] {
+    const scalar_t* q_ptr = qkv.data_ptr<scalar_t>();
+    const int64_t* slot_ptr = rope ? slots.data_ptr<int64_t>() : nullptr;
+    const float* cos_ptr = rope ? cos_t.data_ptr<float>() : nullptr;
+    const float* sin_ptr = rope ? sin_t.data_ptr<float>() : nullptr;
+    scalar_t* k_dst = rope ? k_cache.data_ptr<scalar_t>() : nullptr;
+    scalar_t* v_dst = rope ? v_cache.data_ptr<scalar_t>() : nullptr;
+    auto launch = [&](auto gm, auto with_rope) {     // std::integral_constant<int, GM>, <bool, ROPE>
+      auto kernel = paged_decode_kernel<scalar_t, decltype(gm)::value, decltype(with_rope)::value>;
       ALLOW_SMEM(kernel, smem);
       kernel<<<grid, PD_THREADS, smem, stream>>>(
           out.data_ptr<scalar_t>(), o_part.data_ptr<float>(), m_part.data_ptr<float>(), l_part.data_ptr<float>(),
-          q.data_ptr<scalar_t>(), k_cache.data_ptr<scalar_t>(), v_cache.data_ptr<scalar_t>(), tables.data_ptr<int>(),
-          lens.data_ptr<int>(), H, Hkv, hd, block_size, bs_shift, (int)tables.size(1), (int)part, splits,
-          (int)max_context, (float)scale);
+          q_ptr, k_cache.data_ptr<scalar_t>(), v_cache.data_ptr<scalar_t>(), tables.data_ptr<int>(),
+          lens.data_ptr<int>(), (int)H, Hkv, hd, block_size, bs_shift, (int)tables.size(1), (int)part, splits,
+          (int)max_context, (float)scale, q_stride, rope ? q_ptr + H * hd : nullptr,
+          rope ? q_ptr + (H + Hkv) * hd : nullptr, slot_ptr, cos_ptr, sin_ptr, rope ? cos_t.size(0) : 0, k_dst, v_dst);
     };
-    if (G == 1) launch(std::integral_constant<int, 1>());
-    else if (G == 2) launch(std::integral_constant<int, 2>());
-    else if (G <= 4) launch(std::integral_constant<int, 4>());
-    else launch(std::integral_constant<int, 8>());
+    auto with_group = [&](auto with_rope) {
+      if (G == 1) launch(std::integral_constant<int, 1>(), with_rope);
+      else if (G == 2) launch(std::integral_constant<int, 2>(), with_rope);
+      else if (G <= 4) launch(std::integral_constant<int, 4>(), with_rope);
+      else launch(std::integral_constant<int, 8>(), with_rope);
+    };
+    if (rope) with_group(std::true_type());
+    else with_group(std::false_type());
     C10_CUDA_KERNEL_LAUNCH_CHECK();
     if (splits > 1) {
       merge_splits_kernel<scalar_t><<<S * H, std::min(hd, 256), 0, stream>>>(
@@ -964,6 +1031,33 @@ torch::Tensor paged_decode(torch::Tensor q, torch::Tensor k_cache, torch::Tensor
     }
   });
   return out;
+}
+
+torch::Tensor paged_decode(torch::Tensor q, torch::Tensor k_cache, torch::Tensor v_cache,
+                           torch::Tensor block_tables, torch::Tensor context_lens, int64_t max_context,
+                           double scale, int64_t part) {
+  TORCH_CHECK(q.dim() == 3, "paged_decode: q must be [S, H, hd]");
+  torch::Tensor none;
+  return launch_paged_decode(q.contiguous(), q.size(1), k_cache, v_cache, block_tables, context_lens, max_context,
+                             scale, part, false, none, none, none);
+}
+
+// Decode attention with the step's RoPE and cache write folded in (one launch instead of
+// rope_and_cache's and this one's): qkv [S, H + 2 Hkv, hd] the projections as they come
+// (q's H heads, then k's and v's Hkv), slot_mapping [S] the new tokens' slots, cos/sin
+// [positions, hd]. Each token is at position context_lens - 1.
+torch::Tensor paged_decode_rope(torch::Tensor qkv, int64_t n_heads, torch::Tensor k_cache, torch::Tensor v_cache,
+                                torch::Tensor block_tables, torch::Tensor context_lens,
+                                torch::Tensor slot_mapping, torch::Tensor cos_t, torch::Tensor sin_t,
+                                int64_t max_context, double scale, int64_t part) {
+  TORCH_CHECK(qkv.dim() == 3 && qkv.size(2) % 2 == 0, "paged_decode_rope: qkv must be [S, H + 2 Hkv, hd], hd even");
+  TORCH_CHECK(cos_t.dim() == 2 && cos_t.sizes() == sin_t.sizes() && cos_t.size(1) == qkv.size(2),
+              "paged_decode_rope: cos/sin tables must be [positions, head_dim]");
+  TORCH_CHECK(slot_mapping.numel() == qkv.size(0), "paged_decode_rope: one slot per token");
+  auto slots = slot_mapping.to(torch::kInt64).contiguous();
+  auto c = cos_t.to(torch::kFloat32).contiguous(), s = sin_t.to(torch::kFloat32).contiguous();
+  return launch_paged_decode(qkv.contiguous(), n_heads, k_cache, v_cache, block_tables, context_lens, max_context,
+                             scale, part, true, slots, c, s);
 }
 
 // ---------------------------------------------------------------- paged prefill / verification attention
@@ -2328,6 +2422,10 @@ torch::Tensor rope_and_cache(torch::Tensor q, torch::Tensor k, torch::Tensor v, 
 torch::Tensor paged_decode(torch::Tensor q, torch::Tensor k_cache, torch::Tensor v_cache,
                            torch::Tensor block_tables, torch::Tensor context_lens, int64_t max_context,
                            double scale, int64_t part);
+torch::Tensor paged_decode_rope(torch::Tensor qkv, int64_t n_heads, torch::Tensor k_cache, torch::Tensor v_cache,
+                                torch::Tensor block_tables, torch::Tensor context_lens,
+                                torch::Tensor slot_mapping, torch::Tensor cos_t, torch::Tensor sin_t,
+                                int64_t max_context, double scale, int64_t part);
 torch::Tensor paged_prefill(torch::Tensor q, torch::Tensor k_cache, torch::Tensor v_cache,
                             torch::Tensor block_tables, torch::Tensor query_start_loc,
                             torch::Tensor context_lens, int64_t max_query_len, double scale, bool tensor_cores,
@@ -2378,7 +2476,7 @@ def cuda_extension():
     verbose = os.environ.get("NANOSERVE_PTXAS_VERBOSE") == "1"
     return load_inline(
         name="nanoserve_kernels" + ("_ptxas" if verbose else ""), cpp_sources=CPP_SOURCE, cuda_sources=CUDA_SOURCE,
-        functions=["rms_norm", "silu_and_mul", "rope_and_cache", "paged_decode", "paged_prefill", "quant_gemv", "quant_mma", "quant_gemm", "dequantize"],
+        functions=["rms_norm", "silu_and_mul", "rope_and_cache", "paged_decode", "paged_decode_rope", "paged_prefill", "quant_gemv", "quant_mma", "quant_gemm", "dequantize"],
         extra_cuda_cflags=["-O3", "--use_fast_math"] + (["-Xptxas=-v"] if verbose else []),
         extra_include_paths=cuda_library_includes(), verbose=verbose)
 
@@ -2515,6 +2613,26 @@ def paged_attention(q: Tensor, k_cache: Tensor, v_cache: Tensor, block_tables: T
         return paged_attention_ref(q, k_cache, v_cache, block_tables, query_start_loc, context_lens, scale)
     return paged_attention_cuda(q, k_cache, v_cache, block_tables, query_start_loc, context_lens, scale,
                                 max_context_len, max_query_len)
+
+
+def decode_attention_with_rope(qkv: Tensor, n_heads: int, k_cache: Tensor, v_cache: Tensor, block_tables: Tensor,
+                               query_start_loc: Tensor, context_lens: Tensor, slot_mapping: Tensor, cos: Tensor,
+                               sin: Tensor, scale: float, max_context_len: int) -> Tensor:
+    """A decode step's RoPE, cache write and attention: qkv (S, H + 2 Hkv, hd) as projected
+    (q's H heads, then k's and v's), one token per sequence at position context_lens - 1 ->
+    (S, H, hd). On the kernels one launch, paged_decode_rope, where paged_decode takes the
+    shape: a layer's decode step launches no rope_and_cache. Elsewhere the two steps in turn
+    (rope_and_cache, then paged_attention), which is also its twin."""
+    H, Hkv = n_heads, k_cache.shape[2]
+    q, k, v = qkv.split([H, Hkv, Hkv], dim=1)                     # (S, H, hd), 2 x (S, Hkv, hd)
+    if _cuda(qkv) and _decode_kernel_fits(q, k_cache):
+        part = decode_partition(qkv.shape[0], Hkv, H // Hkv, qkv.shape[2], max_context_len, *_decode_device(qkv.device))
+        return cuda_extension().paged_decode_rope(qkv, H, k_cache, v_cache, block_tables, context_lens, slot_mapping,
+                                                  cos, sin, max_context_len, scale, part)
+    positions = (context_lens.long() - 1).clamp(min=0)             # a padding row (context 0) writes nothing
+    q = rope_and_cache(q, k, v, positions, cos, sin, k_cache, v_cache, slot_mapping)
+    return paged_attention(q, k_cache, v_cache, block_tables, query_start_loc, context_lens, scale,
+                           max_context_len, 1)
 
 
 # Where quant_linear_cuda changes kernel, by rows of x. Up to QUANT_MMA_MAX_ROWS (16, one
@@ -2743,6 +2861,40 @@ def _check_decode_attention(dev: str, dtype: torch.dtype, quick: bool, full: boo
     return rows
 
 
+def _check_decode_rope(dev: str, dtype: torch.dtype, quick: bool, full: bool) -> Rows:
+    """paged_decode_rope (decode attention applying the step's RoPE and cache write) against
+    its twin, and against rope_and_cache then paged_decode, which it must equal to the bit
+    (outputs and caches; an error of 1 marks a difference). Contexts of 1 (only the new
+    token), 0 (a padding row, slot -1, nothing written) and several splits with the new
+    token in the last; groups 1, 4 (pipelined loops) and 8 (not); block size 12."""
+    ext, dn, rows = cuda_extension(), str(dtype).removeprefix("torch."), []
+    hd_big = 64 if quick else 128
+    cases = [(4, 64, 16, [1, 17, 0, 40], 64), (1, hd_big, 16, [130, 5], 64), (8, 64, 12, [70, 3], 32),
+             (4, 64, 16, [300, 7], 320)]
+    for G, hd, bs, ctx, part in cases[:None if full else 2]:
+        Hkv, H = 2, 2 * G
+        _, kc, vc, bt, lens = _random_paged(len(ctx), ctx, Hkv, G, hd, bs, dtype, dev)
+        qkv = torch.randn(len(ctx), H + 2 * Hkv, hd, device=dev, dtype=dtype)
+        cos, sin = rope_cos_sin(hd, 512, 10000.0, dev)
+        slots = torch.tensor([int(bt[i, (c - 1) // bs]) * bs + (c - 1) % bs if c else -1 for i, c in enumerate(ctx)],
+                             device=dev)
+        starts = torch.arange(len(ctx) + 1, device=dev, dtype=torch.int32)
+        scale, kc2, vc2, kc3, vc3 = hd ** -0.5, kc.clone(), vc.clone(), kc.clone(), vc.clone()
+        run = lambda: ext.paged_decode_rope(qkv, H, kc, vc, bt, lens, slots, cos, sin, max(ctx), scale, part)
+        out = run()
+        q, k, v = qkv.split([H, Hkv, Hkv], dim=1)
+        pos = (lens.long() - 1).clamp(min=0)
+        ref = paged_attention_ref(rope_and_cache_ref(q, k, v, pos, cos, sin, kc2, vc2, slots), kc2, vc2, bt, starts,
+                                  lens, scale)
+        two = ext.paged_decode(ext.rope_and_cache(q, k, v, pos, cos, sin, kc3, vc3, slots), kc3, vc3, bt, lens,
+                               max(ctx), scale, part)
+        same = torch.equal(out, two) and torch.equal(kc, kc3) and torch.equal(vc, vc3)
+        err = max(_rel(out, ref), _rel(kc, kc2), _rel(vc, vc2)) if same else 1.0
+        rows.append((f"decode with RoPE + cache write {dn} G={G} hd={hd} bs={bs} ctx={ctx} part={part}"
+                     f" (bit-equal to the two kernels: {same})", err, 1e3 * _bench(run, dev)))
+    return rows
+
+
 def _prefill_case(dev: str, dtype: torch.dtype, G: int, Hkv: int, hd: int, bs: int, q_lens: list[int],
                   ctx: list[int], tensor_cores: bool = True, portable: bool = False) -> tuple[str, float, float]:
     """paged_prefill for sequences with q_lens queries each, the last ones of ctx tokens
@@ -2893,8 +3045,9 @@ def self_check(device: str = "cuda", quick: bool = False) -> Rows:
     rows = []
     for dtype in (torch.float16, torch.bfloat16, torch.float32):
         full = dtype != torch.float32 or not quick          # all of a check's cases
-        for check in (_check_norms, _check_rope_and_cache, _check_decode_attention, _check_prefill_attention,
-                      _check_quant_linear, _check_quant_mma, _check_quant_gemv, _check_quant_gemm):
+        for check in (_check_norms, _check_rope_and_cache, _check_decode_attention, _check_decode_rope,
+                      _check_prefill_attention, _check_quant_linear, _check_quant_mma, _check_quant_gemv,
+                      _check_quant_gemm):
             rows += check(device, dtype, quick, full)
     return rows
 

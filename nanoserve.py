@@ -739,6 +739,10 @@ class AttentionMetadata:
     max_context_len: int      # max of context_lens, known on the host (no device sync)
     max_query_len: int        # most tokens any one sequence computes this step
     cpu_plan: kernels.CpuStepPlan | None = None   # the CPU path's per-step precomputation
+    # A decode step whose attention applies RoPE and writes the cache itself (one kernel
+    # instead of two a layer, kernels.decode_attention_with_rope): project then hands over q,
+    # k and v as projected. The runner sets it for decode steps on a GPU.
+    rope_in_attention: bool = False
 
 
 INPUT_MAJOR_MIN_WEIGHTS = 1 << 16
@@ -819,28 +823,39 @@ class LlamaAttention(nn.Module):
     # Attention is o_proj(attend(project(x))); the decoder layer calls the three in turn.
     def project(self, x: Tensor, positions: Tensor, kv_cache: Tensor, meta: AttentionMetadata,
                 rope: tuple[Tensor, Tensor]) -> Tensor:
-        """x (T, D) -> q (T, H, hd) with RoPE, the new tokens' K/V written to the cache. Of
-        meta it reads only the cache slots (and the CPU plan)."""
+        """x (T, D) -> q (T, H, hd) with RoPE, the new tokens' K/V written to the cache; with
+        meta.rope_in_attention, q, k and v as projected, (T, H + 2Hkv, hd), for attend to
+        rotate and cache. Of meta it reads only that, the cache slots (and the CPU plan)."""
         T = x.shape[0]
         if self.qkv is not None and self.qkv.holds(self.q_proj, self.k_proj, self.v_proj):
             qkv = self.qkv(x).view(T, self.n_heads + 2 * self.n_kv, self.head_dim)    # (T, H + 2Hkv, hd)
+            if meta.rope_in_attention:
+                return qkv
             q, k, v = qkv.split([self.n_heads, self.n_kv, self.n_kv], dim=1)
         else:
             q = self.q_proj(x).view(T, self.n_heads, self.head_dim)      # (T, H, hd)
             k = self.k_proj(x).view(T, self.n_kv, self.head_dim)         # (T, Hkv, hd)
             v = self.v_proj(x).view(T, self.n_kv, self.head_dim)         # (T, Hkv, hd)
+            if meta.rope_in_attention:
+                return torch.cat([q, k, v], dim=1)                       # (T, H + 2Hkv, hd)
         k_cache, v_cache = kv_cache.unbind(0)                          # 2 x (blocks, block_size, Hkv, hd)
         # RoPE, and K/V written to the cache first: the new tokens attend to themselves too.
         return kernels.rope_and_cache(q, k, v, positions, *rope, k_cache, v_cache, meta.slot_mapping,
                                       plan=meta.cpu_plan)
 
-    def attend(self, q: Tensor, kv_cache: Tensor, meta: AttentionMetadata) -> Tensor:
+    def attend(self, q: Tensor, kv_cache: Tensor, meta: AttentionMetadata, rope: tuple[Tensor, Tensor]) -> Tensor:
         """Each query over its own sequence's cached keys and values -> (T, H * hd). The one
-        operation of the model that depends on how the step's tokens split into sequences."""
+        operation of the model that depends on how the step's tokens split into sequences.
+        With meta.rope_in_attention, q is project's q, k and v, rotated and cached here."""
         k_cache, v_cache = kv_cache.unbind(0)
-        o = kernels.paged_attention(q, k_cache, v_cache, meta.block_tables, meta.query_start_loc,
-                                    meta.context_lens, self.scale, meta.max_context_len, meta.max_query_len,
-                                    plan=meta.cpu_plan)                           # (T, H, hd)
+        if meta.rope_in_attention:
+            o = kernels.decode_attention_with_rope(q, self.n_heads, k_cache, v_cache, meta.block_tables,
+                                                   meta.query_start_loc, meta.context_lens, meta.slot_mapping,
+                                                   *rope, self.scale, meta.max_context_len)   # (T, H, hd)
+        else:
+            o = kernels.paged_attention(q, k_cache, v_cache, meta.block_tables, meta.query_start_loc,
+                                        meta.context_lens, self.scale, meta.max_context_len, meta.max_query_len,
+                                        plan=meta.cpu_plan)                       # (T, H, hd)
         return o.reshape(q.shape[0], self.n_heads * self.head_dim)
 
 
@@ -905,7 +920,7 @@ class LlamaDecoderLayer(nn.Module):
     def forward(self, x: Tensor, residual: Tensor | None, positions: Tensor, kv_cache: Tensor,
                 meta: AttentionMetadata, rope: tuple[Tensor, Tensor]) -> tuple[Tensor, Tensor]:
         q, residual = self.before_attention(x, residual, positions, kv_cache, meta, rope)
-        return self.after_attention(self.self_attn.attend(q, kv_cache, meta), residual)
+        return self.after_attention(self.self_attn.attend(q, kv_cache, meta, rope), residual)
 
     def forward_dense(self, x: Tensor, rope: tuple[Tensor, Tensor]) -> Tensor:
         """(B, T, D) -> (B, T, D): the same layer on whole sequences, SDPA instead of the cache."""
@@ -2468,7 +2483,7 @@ class DecodeGraphs:
 
     def _forward(self, b: int, ctx: int) -> Tensor:
         meta = AttentionMetadata(self.slot_mapping[:b], self.block_tables[:b], self.query_start_loc[:b + 1],
-                                 self.context_lens[:b], max_context_len=ctx, max_query_len=1)
+                                 self.context_lens[:b], max_context_len=ctx, max_query_len=1, rope_in_attention=True)
         return self.model(self.input_ids[:b], self.positions[:b], self.kv_cache, meta)   # (b, D)
 
     def run(self, ids: list[int], positions: list[int], slots: list[int], tables: list[list[int]],
@@ -2607,7 +2622,7 @@ class PiecewiseGraphs:
             else:
                 out = self._piece(i, b)
             if i < len(self.layers):
-                self.o[:T].copy_(self.layers[i].self_attn.attend(self.q[:T], self.kv_cache[i], meta))
+                self.o[:T].copy_(self.layers[i].self_attn.attend(self.q[:T], self.kv_cache[i], meta, self.model.rope))
         self.steps += 1
         return (self.graphs[b][1] if self.capture else out)[:T].clone()
 
@@ -2742,7 +2757,8 @@ class ModelRunner:
         meta = AttentionMetadata(
             slot_mapping=slot_mapping, block_tables=block_tables.view(S, W),
             query_start_loc=starts_loc, context_lens=context_lens,
-            max_context_len=max(lens), max_query_len=max(map(len, tokens)))
+            max_context_len=max(lens), max_query_len=max(map(len, tokens)),
+            rope_in_attention=T == S and self.device.type == "cuda" and not piecewise)
         if piecewise:
             if self.piecewise is None:
                 self.piecewise = PiecewiseGraphs(self.model, self.kv_cache, self.piecewise_max_tokens,

@@ -146,6 +146,30 @@ def test_cuda_graph_decode_equals_eager_decode(model_dirs):
 
 
 @cuda
+def test_decode_steps_apply_rope_inside_the_attention_kernel(model_dirs):
+    """A decode step's RoPE and cache write run inside the decode attention kernel
+    (paged_decode_rope): an eager decode step launches no rope_cache_kernel, a prefill step
+    still does; the tokens equal the CPU path's (fp32 greedy)."""
+    from torch.profiler import ProfilerActivity, profile
+    model_dir = model_dirs[0]
+    p = SamplingParams(temperature=0, max_tokens=8, ignore_eos=True)
+    llm = LLM(model_dir, device="cuda", dtype="float32", enforce_eager=True, async_scheduling=False)
+    eng = llm.engine
+    eng.add_request([1, 5, 9, 14], p)
+    with profile(activities=[ProfilerActivity.CUDA]) as prefill:
+        eng.step()
+    with profile(activities=[ProfilerActivity.CUDA]) as decode:
+        eng.step()
+    names = lambda prof: " ".join(e.name for e in prof.events())
+    assert "rope_cache_kernel" in names(prefill) and "rope_cache_kernel" not in names(decode)
+    assert "paged_decode_kernel" in names(decode)
+    while eng.has_unfinished():
+        eng.step()
+    cpu = LLM(model_dir, device="cpu").generate([[1, 5, 9, 14]], p)[0].token_ids
+    assert llm.generate([[1, 5, 9, 14]], p)[0].token_ids == cpu
+
+
+@cuda
 def test_prefill_kernel_serves_chunked_prefill_and_verification(model_dirs):
     """Chunked prefill (several queries per sequence, cached context before them) and
     n-gram verification windows go through paged_prefill; fp32 greedy equals the CPU."""
