@@ -1894,6 +1894,11 @@ torch::Tensor quant_gemv(torch::Tensor x, torch::Tensor qweight, torch::Tensor s
 // split with no second kernel and no atomics. Each lane has 2 x J x U = 4 loads in flight while
 // it multiplies the previous ones. The host picks J (1 or 2, U = 2 / J) so that the grid has
 // about two blocks per SM.
+//
+// Dense 16-bit weights (BITS = 16, dense_mma) take the same kernel with the conversion and
+// the scales left out: a 16-byte load is 8 consecutive inputs of a channel, already A's
+// pairs. At 1-16 rows it is a GEMV whose K split ends inside the block, where cuBLAS's
+// decode-sized GEMMs add a split-K reduce kernel after most projections.
 
 // One 16-byte load of a channel's codes -> its A register pairs for STEPS mma k-steps ([st][0]
 // for k slots 2t, 2t + 1 and [st][1] for 2t + 8, 2t + 9): c - z as exact 16-bit pairs, in
@@ -1936,6 +1941,19 @@ template <int BITS> struct MmaCodes<__nv_bfloat16, BITS> {
   }
 };
 
+// Dense fp16/bf16 weights: a load's 8 values are the pairs of two k-steps, (2t, 2t + 1) and
+// (2t + 8, 2t + 9) of the first taking values 0-1 and 2-3, of the second 4-5 and 6-7.
+struct DenseCodes {
+  static constexpr int STEPS = 2;
+  __device__ __forceinline__ DenseCodes(float, uint32_t, uint32_t) {}
+  __device__ __forceinline__ void operator()(const uint4& q, uint32_t (&b)[STEPS][2]) const {
+    b[0][0] = q.x; b[0][1] = q.y;
+    b[1][0] = q.z; b[1][1] = q.w;
+  }
+};
+template <> struct MmaCodes<__half, 16> : DenseCodes { using DenseCodes::DenseCodes; };
+template <> struct MmaCodes<__nv_bfloat16, 16> : DenseCodes { using DenseCodes::DenseCodes; };
+
 // x's B registers for k-step st, in the order MmaCodes gives the codes: xw holds the lane's
 // CODES inputs of one row as pairs (x[2i], x[2i + 1]); lo is b[0], hi b[1].
 template <int BITS>
@@ -1944,7 +1962,7 @@ __device__ __forceinline__ void x_pairs(const uint32_t* xw, int st, uint32_t& lo
     const int i = 4 * (st >> 1) + (st & 1);
     lo = __byte_perm(xw[i], xw[i + 2], 0x5410);
     hi = __byte_perm(xw[i], xw[i + 2], 0x7632);
-  } else {                                    // step w: x[4w], x[4w + 1] and x[4w + 2], x[4w + 3]
+  } else {                                    // step w: x[4w], x[4w + 1] and x[4w + 2], x[4w + 3] (int8, dense)
     lo = xw[2 * st];
     hi = xw[2 * st + 1];
   }
@@ -1957,15 +1975,15 @@ template <typename T, int BITS, int J, int U, bool R16, bool PORTABLE>
 __global__ void __launch_bounds__(QX_WARPS * 32)
 quant_mma_kernel(T* __restrict__ y,                // [rows, N]
                  const T* __restrict__ x,          // [rows <= 16, K], 16-byte aligned rows
-                 const uint8_t* __restrict__ qw,   // int4: [N, K/2] packed; int8: [N, K]
-                 const T* __restrict__ scales,     // [N, n_groups]
+                 const uint8_t* __restrict__ qw,   // int4: [N, K/2] packed; int8: [N, K]; dense: [N, K] of T
+                 const T* __restrict__ scales,     // [N, n_groups]; dense: null
                  const T* __restrict__ zeros,      // [N, n_groups] or null
                  int rows, int N, int K, int G, int n_groups,
                  int group_shift,                  // input -> group: >> group_shift, or / G if < 0
                  bool is_signed, uint32_t magic) {
   using W = typename mma_type<T>::type;
   using Codes = MmaCodes<W, BITS>;
-  constexpr int CODES = BITS == 4 ? 32 : 16;      // codes in a lane's 16-byte load
+  constexpr int CODES = 128 / BITS;               // codes in a lane's 16-byte load: 32, 16 (dense: 8)
   constexpr int STEPS = Codes::STEPS;             // mma k-steps per load (4 k slots a lane each)
   constexpr int SPAN = 4 * CODES;                 // inputs per loop step: a quad's 4 loads side by side
   constexpr int XV = CODES * sizeof(T) / 16;      // 16-byte loads of x per row and loop step
@@ -1987,7 +2005,7 @@ quant_mma_kernel(T* __restrict__ y,                // [rows, N]
       const int n = min(n0 + 16 * j + g + 8 * h, N - 1);
       wrow[j][h] = qw + (int64_t)n * K * BITS / 8;
       zrow[j][h] = zeros ? zeros + (int64_t)n * n_groups : nullptr;
-      srow[j][h] = scales + (int64_t)n * n_groups;
+      srow[j][h] = scales ? scales + (int64_t)n * n_groups : nullptr;
     }
   // x's rows g (and g + 8): B's column g; past x's rows, its last row (B's column m gives D's
   // column m alone, and D's columns past x's rows are not stored).
@@ -2047,6 +2065,16 @@ quant_mma_kernel(T* __restrict__ y,                // [rows, N]
         for (int h = 0; h < 2; ++h) {
           const Codes decode((zrow[j][h] ? to_f(zrow[j][h][grp]) : 0.f) + off, magic, flip);
           decode(cur[u][j][h], c[h]);
+        }
+        if constexpr (BITS == 16) {             // dense: the weights themselves, no scale
+#pragma unroll
+          for (int r = 0; r < XH; ++r)
+#pragma unroll
+            for (int st = 0; st < STEPS; ++st) {
+              const uint32_t a[4] = {c[0][st][0], c[1][st][0], c[0][st][1], c[1][st][1]};
+              mma_16816<W, PORTABLE>(acc[j][r], a, b[r][st]);
+            }
+          continue;
         }
         const float s[2] = {to_f(srow[j][0][grp]), to_f(srow[j][1][grp])};
 #pragma unroll
@@ -2138,6 +2166,47 @@ torch::Tensor quant_mma(torch::Tensor x, torch::Tensor qweight, torch::Tensor sc
   };
   if (x.scalar_type() == at::kHalf) launch(x.data_ptr<c10::Half>(), sc.data_ptr<c10::Half>());
   else launch(x.data_ptr<c10::BFloat16>(), sc.data_ptr<c10::BFloat16>());
+  C10_CUDA_KERNEL_LAUNCH_CHECK();
+  return y;
+}
+
+// y = x W^T for fp16/bf16 x [rows <= 16, K] and a dense W [N, K] of x's dtype: the kernel
+// above with the weights as they are. tiles, portable: as for quant_mma.
+torch::Tensor dense_mma(torch::Tensor x, torch::Tensor weight, int64_t tiles, bool portable) {
+  TORCH_CHECK(x.dim() == 2 && x.size(0) <= 16, "dense_mma: x must be [rows <= 16, K]");
+  TORCH_CHECK(x.scalar_type() == at::kHalf || x.scalar_type() == at::kBFloat16, "dense_mma: fp16 or bf16 x");
+  TORCH_CHECK(weight.dim() == 2 && weight.size(1) == x.size(1) && weight.scalar_type() == x.scalar_type(),
+              "dense_mma: weight must be [N, K] of x's dtype");
+  TORCH_CHECK(x.size(1) % 8 == 0, "dense_mma: K must be a multiple of 8 (16-byte loads)");
+  TORCH_CHECK(weight.size(0) <= INT32_MAX && x.size(1) <= INT32_MAX, "dense_mma: N and K must fit in 32 bits");
+  TORCH_CHECK(tiles == 1 || tiles == 2, "dense_mma: tiles must be 1 or 2");
+  TORCH_CHECK(!portable || tiles == 1, "dense_mma: the portable mma runs with one tile per warp");
+  const at::cuda::OptionalCUDAGuard guard(device_of(x));
+  x = x.contiguous();
+  if (reinterpret_cast<uintptr_t>(x.data_ptr()) % 16) x = x.clone();   // 16-byte loads
+  torch::Tensor w = weight.contiguous();
+  if (reinterpret_cast<uintptr_t>(w.data_ptr()) % 16) w = w.clone();
+  const int rows = x.size(0), N = w.size(0), K = w.size(1);
+  auto y = torch::empty({rows, N}, x.options());
+  if (rows == 0 || N == 0) return y;
+  if (K == 0) return y.zero_();
+  dim3 grid((N + 16 * tiles - 1) / (16 * tiles));
+  const uint8_t* wp = reinterpret_cast<const uint8_t*>(w.data_ptr());
+  auto launch = [&](auto* x_ptr) {                     // x's 16-bit type, from the pointer
+    using T = std::remove_pointer_t<decltype(x_ptr)>;
+    auto pick = [&](auto r16_c) {
+      constexpr bool R16 = decltype(r16_c)::value;
+      if (portable) return quant_mma_kernel<T, 16, 1, 2, R16, true>;
+      if (tiles == 1) return quant_mma_kernel<T, 16, 1, 2, R16, false>;
+      return quant_mma_kernel<T, 16, 2, 1, R16, false>;
+    };
+    auto kernel = rows > 8 ? pick(std::true_type()) : pick(std::false_type());
+    const T* none = nullptr;
+    kernel<<<grid, QX_WARPS * 32, 0, at::cuda::getCurrentCUDAStream()>>>(
+        y.data_ptr<T>(), x_ptr, wp, none, none, rows, N, K, K, 1, 30, false, 0u);
+  };
+  if (x.scalar_type() == at::kHalf) launch(x.data_ptr<c10::Half>());
+  else launch(x.data_ptr<c10::BFloat16>());
   C10_CUDA_KERNEL_LAUNCH_CHECK();
   return y;
 }
@@ -2439,6 +2508,7 @@ torch::Tensor quant_gemm(torch::Tensor x, torch::Tensor qweight, torch::Tensor s
 torch::Tensor quant_mma(torch::Tensor x, torch::Tensor qweight, torch::Tensor scales,
                         c10::optional<torch::Tensor> zeros, int64_t bits, int64_t group_size, int64_t tiles,
                         bool portable);
+torch::Tensor dense_mma(torch::Tensor x, torch::Tensor weight, int64_t tiles, bool portable);
 """
 
 @functools.cache
@@ -2476,7 +2546,7 @@ def cuda_extension():
     verbose = os.environ.get("NANOSERVE_PTXAS_VERBOSE") == "1"
     return load_inline(
         name="nanoserve_kernels" + ("_ptxas" if verbose else ""), cpp_sources=CPP_SOURCE, cuda_sources=CUDA_SOURCE,
-        functions=["rms_norm", "silu_and_mul", "rope_and_cache", "paged_decode", "paged_decode_rope", "paged_prefill", "quant_gemv", "quant_mma", "quant_gemm", "dequantize"],
+        functions=["rms_norm", "silu_and_mul", "rope_and_cache", "paged_decode", "paged_decode_rope", "paged_prefill", "quant_gemv", "quant_mma", "dense_mma", "quant_gemm", "dequantize"],
         extra_cuda_cflags=["-O3", "--use_fast_math"] + (["-Xptxas=-v"] if verbose else []),
         extra_include_paths=cuda_library_includes(), verbose=verbose)
 
@@ -2715,6 +2785,27 @@ def quant_linear(x: Tensor, qweight: Tensor, scales: Tensor, zeros: Tensor | Non
         if cpu_cache[key] is not None:
             return quant_linear_cpu(x, cpu_cache[key])
     return quant_linear_ref(x, qweight, scales, zeros, bits, group_size)
+
+
+# Dense fp16/bf16 products of up to this many rows (decode steps) run on dense_mma instead
+# of cuBLAS. 0, cuBLAS everywhere, until a GPU run has measured the two side by side
+# (tools/kernel_bench.py goals, and the engine with NANOSERVE_DENSE_MMA_ROWS=16).
+DENSE_MMA_MAX_ROWS = int(os.environ.get("NANOSERVE_DENSE_MMA_ROWS", "0"))
+
+
+def linear(x: Tensor, weight: Tensor, bias: Tensor | None = None) -> Tensor:
+    """y = x W^T + b: F.linear (cuBLAS on a GPU), or dense_mma for an fp16/bf16 product of up
+    to DENSE_MMA_MAX_ROWS rows on the kernels (no autograd there)."""
+    K = x.shape[-1]
+    rows = x.numel() // K if K else 0
+    if 0 < rows <= DENSE_MMA_MAX_ROWS and _cuda(x) and x.dtype in (torch.float16, torch.bfloat16) \
+            and type(weight) in (Tensor, torch.nn.Parameter) and weight.dtype == x.dtype and weight.is_contiguous() \
+            and K % 8 == 0 and _tensor_cores(x.device) \
+            and not (torch.is_grad_enabled() and (x.requires_grad or weight.requires_grad)):
+        y = cuda_extension().dense_mma(x.reshape(rows, K), weight, _quant_mma_tiles(weight.shape[0], x.device), False)
+        y = y.view(*x.shape[:-1], -1)
+        return y if bias is None else y + bias
+    return F.linear(x, weight, bias)
 
 
 # ----------------------------------------------------------------------------- self-check
@@ -3003,6 +3094,31 @@ def _check_quant_mma(dev: str, dtype: torch.dtype, quick: bool, full: bool) -> R
     return rows
 
 
+def _check_dense_mma(dev: str, dtype: torch.dtype, quick: bool, full: bool) -> Rows:
+    """The mma kernel on dense fp16/bf16 weights (dense_mma): 1-8 and 9-16 rows, 1 and 2
+    channel tiles a warp, N cut short (24, 40, 17), a last loop step partly inside K (K = 40,
+    168: lanes past K read other weights, times x's zeros), K past one block's loop; with one
+    tile the portable twin against the instruction as well."""
+    dn, rows = str(dtype).removeprefix("torch."), []
+    if dtype == torch.float32 or not _tensor_cores(torch.device(dev)):
+        return rows
+    cases = ((24, 168, 1, 1), (40, 256, 5, 2), (17, 40, 12, 1), (32, 64, 16, 2))
+    if not quick:
+        cases += ((4096, 4096, 1, 2), (11008, 4096, 4, 2), (4096, 11008, 16, 1))
+    for N, K, M, tiles in cases:
+        x = torch.randn(M, K, device=dev, dtype=dtype)
+        w = torch.randn(N, K, device=dev, dtype=dtype) / K ** 0.5
+        ref = (x.float() @ w.float().T).to(dtype)
+        name = f"{dn} {N}x{K} M={M}"
+        run = lambda: cuda_extension().dense_mma(x, w, tiles, False)
+        y = run()
+        rows.append((f"dense mma ({tiles} tile{'s' * (tiles > 1)} a warp) {name}", _rel(y, ref), 1e3 * _bench(run, dev)))
+        if tiles == 1:
+            twin = cuda_extension().dense_mma(x, w, 1, True)
+            rows.append((f"dense mma (portable twin against the instruction) {name}", _rel(twin, y), 0.0))
+    return rows
+
+
 def _check_quant_gemv(dev: str, dtype: torch.dtype, quick: bool, full: bool) -> Rows:
     """The GEMV called directly: x staged in several tiles (5 chunks each, the last one
     partial), an odd channel count (the last warp's second channel absent), 5 rows (which
@@ -3046,8 +3162,8 @@ def self_check(device: str = "cuda", quick: bool = False) -> Rows:
     for dtype in (torch.float16, torch.bfloat16, torch.float32):
         full = dtype != torch.float32 or not quick          # all of a check's cases
         for check in (_check_norms, _check_rope_and_cache, _check_decode_attention, _check_decode_rope,
-                      _check_prefill_attention, _check_quant_linear, _check_quant_mma, _check_quant_gemv,
-                      _check_quant_gemm):
+                      _check_prefill_attention, _check_quant_linear, _check_quant_mma, _check_dense_mma,
+                      _check_quant_gemv, _check_quant_gemm):
             rows += check(device, dtype, quick, full)
     return rows
 

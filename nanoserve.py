@@ -762,6 +762,15 @@ def input_major(linear: nn.Linear) -> None:
     linear.weight = nn.Parameter(linear.weight.detach().t().contiguous().t(), requires_grad=False)
 
 
+class Linear(nn.Linear):
+    """nn.Linear (the same parameters, the same Hugging Face names) computed by kernels.linear:
+    cuBLAS, or on a GPU the kernels' own decode-sized matmul where kernels.DENSE_MMA_MAX_ROWS
+    turns it on."""
+
+    def forward(self, x: Tensor) -> Tensor:
+        return kernels.linear(x, self.weight, self.bias)
+
+
 class FusedLinear:
     """Several nn.Linear that read the same input, run as one matmul (vLLM's
     QKVParallelLinear and MergedColumnParallelLinear): one larger op instead of two or
@@ -797,13 +806,13 @@ class FusedLinear:
         return all(m._parameters.get("weight") is w for m, w in zip(linears, self.parts))
 
     def __call__(self, x: Tensor) -> Tensor:
-        return F.linear(x, self.weight, self.bias)
+        return kernels.linear(x, self.weight, self.bias)
 
     @staticmethod
     def fusable(linears: list[nn.Module]) -> bool:
         """Plain linears of one dtype and device, all with or all without a bias (a QuantLinear
         keeps its own packed kernel)."""
-        return all(type(m) is nn.Linear and type(m.weight) is nn.Parameter       # not a 2:4 sparse weight
+        return all(isinstance(m, nn.Linear) and type(m.weight) is nn.Parameter   # not a 2:4 sparse weight
                    for m in linears) and len({m.bias is None for m in linears}) == 1 \
             and len({(m.weight.dtype, m.weight.device) for m in linears}) == 1
 
@@ -814,10 +823,10 @@ class LlamaAttention(nn.Module):
         self.n_heads, self.n_kv, self.head_dim = cfg.num_attention_heads, cfg.num_key_value_heads, cfg.head_dim
         self.scale = self.head_dim ** -0.5
         D = cfg.hidden_size
-        self.q_proj = nn.Linear(D, self.n_heads * self.head_dim, bias=cfg.qkv_bias)  # (H*hd, D)
-        self.k_proj = nn.Linear(D, self.n_kv * self.head_dim, bias=cfg.qkv_bias)     # (Hkv*hd, D)
-        self.v_proj = nn.Linear(D, self.n_kv * self.head_dim, bias=cfg.qkv_bias)     # (Hkv*hd, D)
-        self.o_proj = nn.Linear(self.n_heads * self.head_dim, D, bias=cfg.o_bias)    # (D, H*hd)
+        self.q_proj = Linear(D, self.n_heads * self.head_dim, bias=cfg.qkv_bias)     # (H*hd, D)
+        self.k_proj = Linear(D, self.n_kv * self.head_dim, bias=cfg.qkv_bias)        # (Hkv*hd, D)
+        self.v_proj = Linear(D, self.n_kv * self.head_dim, bias=cfg.qkv_bias)        # (Hkv*hd, D)
+        self.o_proj = Linear(self.n_heads * self.head_dim, D, bias=cfg.o_bias)       # (D, H*hd)
         self.qkv: FusedLinear | None = None       # q, k, v as one matmul, once fuse_projections ran
 
     # Attention is o_proj(attend(project(x))); the decoder layer calls the three in turn.
@@ -864,9 +873,9 @@ class LlamaMLP(nn.Module):
 
     def __init__(self, cfg: ModelConfig):
         super().__init__()
-        self.gate_proj = nn.Linear(cfg.hidden_size, cfg.intermediate_size, bias=cfg.mlp_bias)  # (F, D)
-        self.up_proj = nn.Linear(cfg.hidden_size, cfg.intermediate_size, bias=cfg.mlp_bias)    # (F, D)
-        self.down_proj = nn.Linear(cfg.intermediate_size, cfg.hidden_size, bias=cfg.mlp_bias)  # (D, F)
+        self.gate_proj = Linear(cfg.hidden_size, cfg.intermediate_size, bias=cfg.mlp_bias)     # (F, D)
+        self.up_proj = Linear(cfg.hidden_size, cfg.intermediate_size, bias=cfg.mlp_bias)       # (F, D)
+        self.down_proj = Linear(cfg.intermediate_size, cfg.hidden_size, bias=cfg.mlp_bias)     # (D, F)
         self.gate_up: FusedLinear | None = None   # gate and up as one matmul, once fuse_projections ran
 
     def forward(self, x: Tensor) -> Tensor:
@@ -1003,7 +1012,7 @@ class LlamaForCausalLM(nn.Module):
         self.config = cfg
         self.vocab_size = cfg.vocab_size                                     # the logits' width
         self.model = LlamaModel(cfg)
-        self.lm_head = nn.Linear(cfg.hidden_size, cfg.vocab_size, bias=False)   # (V, D)
+        self.lm_head = Linear(cfg.hidden_size, cfg.vocab_size, bias=False)      # (V, D)
         self.rope: tuple[Tensor, Tensor] | None = None
 
     def init_rope(self, max_positions: int, device: torch.device) -> None:
@@ -1221,7 +1230,7 @@ def fuse_projections(model: LlamaForCausalLM) -> None:
     modules were replaced since) is made again. Training and quant.py, which replace weight
     tensors, use the model unfused."""
     def cpu_fp32(*ms: nn.Module) -> bool:          # input-major pays (input_major)
-        return all(type(m) is nn.Linear for m in ms) and kernels.USE_CPU_FAST_PATHS \
+        return all(isinstance(m, nn.Linear) for m in ms) and kernels.USE_CPU_FAST_PATHS \
             and ms[0].weight.device.type == "cpu" and ms[0].weight.dtype == torch.float32 \
             and sum(m.weight.numel() for m in ms) >= INPUT_MAJOR_MIN_WEIGHTS
 
@@ -1474,7 +1483,7 @@ def use_semi_structured(model: LlamaForCausalLM) -> list[str]:
     done = []
     for name in quantized_linear_names(model):
         m = model.get_submodule(name)
-        if type(m) is nn.Linear and semi_structured_ok(m.weight):
+        if isinstance(m, nn.Linear) and semi_structured_ok(m.weight):
             m.weight = nn.Parameter(to_sparse_semi_structured(m.weight.detach().contiguous()), requires_grad=False)
             done.append(name)
     return done

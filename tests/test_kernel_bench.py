@@ -67,6 +67,7 @@ def test_sass_loops_reads_each_kernels_longest_loop_and_its_opcodes(monkeypatch,
     name = "void quant_mma_kernel<c10::Half, 4, 2, 1, false, false>(c10::Half*, ...)"
     assert kernel_bench.quant_mma_codes_per_iteration(name) == 1 * 2 * 2 * 32
     assert kernel_bench.quant_mma_codes_per_iteration("void quant_mma_kernel<c10::BFloat16, 8, 1, 2, true, false>") == 64
+    assert kernel_bench.quant_mma_codes_per_iteration("void quant_mma_kernel<c10::Half, 16, 2, 1, false, false>") == 32
     assert kernel_bench.quant_mma_codes_per_iteration("void rms_norm_kernel<float>(float*)") is None
     monkeypatch.setattr(kernel_bench.torch.version, "cuda", None)          # a CPU build: one line, exit 2
     assert kernel_bench.main(["sass"]) == 2 and "CUDA build" in capsys.readouterr().err

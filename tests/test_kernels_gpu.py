@@ -170,6 +170,27 @@ def test_decode_steps_apply_rope_inside_the_attention_kernel(model_dirs):
 
 
 @cuda
+def test_dense_mma_serves_decode_matmuls_as_cublas_does(model_dirs, monkeypatch):
+    """With kernels.DENSE_MMA_MAX_ROWS set, a decode step's bf16 matmuls run on dense_mma
+    (the mma kernel on dense weights), not cuBLAS, and the sampled tokens' logprobs stay
+    within bf16's rounding of cuBLAS's."""
+    from torch.profiler import ProfilerActivity, profile
+    prompts = [[1, 5, 9, 14], [1] + list(range(20, 60))]
+    p = SamplingParams(temperature=0, max_tokens=16, ignore_eos=True, logprobs=0)
+    kw = dict(device="cuda", dtype="bfloat16", enforce_eager=True)
+    ref = LLM(model_dirs[0], **kw).generate(prompts, p)
+    monkeypatch.setattr(kernels, "DENSE_MMA_MAX_ROWS", 16)
+    llm = LLM(model_dirs[0], **kw)
+    with profile(activities=[ProfilerActivity.CUDA]) as prof:
+        got = llm.generate(prompts, p)
+    assert any("quant_mma_kernel<c10::BFloat16, 16" in e.name for e in prof.events())
+    for a, b in zip(got, ref):
+        n = next(i for i, (x, y) in enumerate(zip(a.token_ids + [-1], b.token_ids + [-2])) if x != y)
+        diffs = [abs(a.logprobs[i][a.token_ids[i]] - b.logprobs[i][b.token_ids[i]]) for i in range(n)]
+        assert n > 0 and max(diffs) < 0.25                 # equal up to the first differing token
+
+
+@cuda
 def test_prefill_kernel_serves_chunked_prefill_and_verification(model_dirs):
     """Chunked prefill (several queries per sequence, cached context before them) and
     n-gram verification windows go through paged_prefill; fp32 greedy equals the CPU."""

@@ -68,7 +68,11 @@ for r in bench.bench_sparse_speed(torch.device('cuda'))['rows']:
     #    roofline, where a step's time goes, int8/int4 decode and prefill against bf16.
     step llama7b 200 $PY tools/bench.py latency profile quant --model random:llama-2-7b --dtype bfloat16 \
         --max-model-len 1024 --out "$OUT/llama7b.json"
-    names="gptfast_7b sparse kernels gpu_tests goals llama7b"
+    #    The same batch-1 decode with its bf16 matmuls of up to 16 rows on dense_mma instead of
+    #    cuBLAS (kernels.DENSE_MMA_MAX_ROWS; goals has the kernel beside cuBLAS).
+    step llama7b_dense_mma 70 env NANOSERVE_DENSE_MMA_ROWS=16 $PY tools/bench.py latency --model random:llama-2-7b \
+        --dtype bfloat16 --max-model-len 1024 --out "$OUT/llama7b_dense_mma.json"
+    names="gptfast_7b sparse kernels gpu_tests goals llama7b llama7b_dense_mma"
 fi
 if [ "$PART" = 2 ] || [ "$PART" = all ]; then
     # 3. TinyLlama shape: batch-1 decode, a step's profile and the nano-vllm workload (256

@@ -30,8 +30,8 @@ import torch
 ROOT = Path(__file__).resolve().parent.parent
 sys.path.insert(0, str(ROOT))
 from kernels import (QUANT_GEMM_MAX_ROWS, QUANT_MMA_MAX_ROWS, _decode_device, _quant_gemm_splits,  # noqa: E402
-                     _random_paged, _tensor_cores, cuda_extension, decode_partition, gather_kv_ref,
-                     quant_linear)
+                     _quant_mma_tiles, _random_paged, _tensor_cores, cuda_extension, decode_partition,
+                     gather_kv_ref, quant_linear)
 
 
 def time_cuda(fn, reps: int = 30, trials: int = 5) -> float:
@@ -163,6 +163,25 @@ def gpu_goals(device: str = "cuda") -> list[tuple[str, str]]:
                               f"{other / td:.2f}x")
                 rows.append((f"W{bits}A16 {'g' + str(group) if group else 'per channel'} {N}x{K}, {M} rows", figure))
             del ws, dense
+
+    # Dense bf16 at decode sizes: the mma kernel on the weights as they are (dense_mma: its K
+    # split ends inside the block) against cuBLAS, whose decode-sized GEMMs add a split-K
+    # reduce kernel (issue 33's profile: 114 us a 7B step). Whether the model should route its
+    # 1-16-row bf16 matmuls through dense_mma is this row's question.
+    for N, K in ((4096, 4096), (12288, 4096), (22016, 4096), (4096, 11008), (32000, 4096)):
+        dense = [torch.randn(N, K, device=dev, dtype=bf16) for _ in range(copies(2 * N * K))]
+        for M in (1, 4, 16):
+            x = torch.randn(M, K, device=dev, dtype=bf16)
+            tiles = _quant_mma_tiles(N, x.device)                         # what kernels.linear picks
+            td = time_cuda(lambda i: x @ dense[i % len(dense)].T, reps=20)
+            tm = time_cuda(lambda i: cuda_extension().dense_mma(x, dense[i % len(dense)], tiles, False), reps=20)
+            to = time_cuda(lambda i: cuda_extension().dense_mma(x, dense[i % len(dense)], 3 - tiles, False), reps=20)
+            rows.append((f"dense bf16 {N}x{K}, {M} rows: dense_mma against cuBLAS",
+                         f"{2 * N * K / tm / 1e9:.0f} GB/s = {100 * 2 * N * K / tm / copy_bw:.0f}% of copy "
+                         f"({tiles} tile{'s' * (tiles > 1)} a warp; {3 - tiles}: {2 * N * K / to / 1e9:.0f} GB/s); "
+                         f"cuBLAS {2 * N * K / td / 1e9:.0f} GB/s = {100 * 2 * N * K / td / copy_bw:.0f}%; "
+                         f"dense_mma at {td / tm:.2f}x cuBLAS's speed"))
+        del dense
     return rows
 
 
@@ -251,12 +270,13 @@ def sass_loops(sass: str) -> list[tuple[str, int, dict[str, int]]]:
 def quant_mma_codes_per_iteration(name: str) -> int | None:
     """Codes one lane converts per iteration of quant_mma_kernel's loop, from its demangled
     name (quant_mma_kernel<T, BITS, J, U, ...>: U steps of J tiles, two channels each, a
-    16-byte load of 32 int4 or 16 int8 codes per channel); None for another kernel."""
+    16-byte load of 32 int4 or 16 int8 codes, or 8 dense weights, per channel); None for
+    another kernel."""
     m = re.search(r"quant_mma_kernel<[^,]+, (\d+), (\d+), (\d+),", name)
     if not m:
         return None
     bits, j, u = map(int, m.groups())
-    return u * j * 2 * (32 if bits == 4 else 16)
+    return u * j * 2 * (128 // bits)
 
 
 def print_sass_report(pattern: str) -> int:
