@@ -703,10 +703,11 @@ paged_decode_kernel(T* __restrict__ out,             // [S, H, hd], when splits 
                     int max_blocks, int part, int splits, int max_context, float scale,
                     int64_t q_stride,                // elements from one token's q to the next's
                     // ROPE only (null otherwise): the new tokens' k and v, [S, Hkv, hd] rows
-                    // q_stride apart; their cache slots (-1: a padding row, not written);
-                    // the cos/sin tables [n_pos, hd]; the caches again, to write the token's row.
+                    // q_stride apart; their cache slots (-1: a padding row, not written) of
+                    // n_slots; the cos/sin tables [n_pos, hd]; the caches again, to write the
+                    // token's row.
                     const T* __restrict__ k_new, const T* __restrict__ v_new,
-                    const int64_t* __restrict__ slots, const float* __restrict__ cos_t,
+                    const int64_t* __restrict__ slots, int64_t n_slots, const float* __restrict__ cos_t,
                     const float* __restrict__ sin_t, int64_t n_pos, T* k_dst, T* v_dst) {
   constexpr int VEC = 16 / sizeof(T);                // cache values per 16-byte load
   extern __shared__ float smem[];
@@ -749,6 +750,7 @@ paged_decode_kernel(T* __restrict__ out,             // [S, H, hd], when splits 
       q_sh[i] = to_f(rope_at(q_g + i / hd * hd, i % hd, hd, c, sn)) * scale;
     if (new_row >= 0) {
       const int64_t slot = slots[s];
+      CUDA_KERNEL_ASSERT(slot < n_slots);              // a slot past the pool: a bug upstream
       const T* k_s = k_new + (int64_t)s * q_stride + (int64_t)kvh * hd;
       const T* v_s = v_new + (int64_t)s * q_stride + (int64_t)kvh * hd;
       T* kf = reinterpret_cast<T*>(fresh[0]);
@@ -1012,7 +1014,8 @@ static torch::Tensor launch_paged_decode(torch::Tensor qkv, int64_t H, torch::Te
           q_ptr, k_cache.data_ptr<scalar_t>(), v_cache.data_ptr<scalar_t>(), tables.data_ptr<int>(),
           lens.data_ptr<int>(), (int)H, Hkv, hd, block_size, bs_shift, (int)tables.size(1), (int)part, splits,
           (int)max_context, (float)scale, q_stride, rope ? q_ptr + H * hd : nullptr,
-          rope ? q_ptr + (H + Hkv) * hd : nullptr, slot_ptr, cos_ptr, sin_ptr, rope ? cos_t.size(0) : 0, k_dst, v_dst);
+          rope ? q_ptr + (H + Hkv) * hd : nullptr, slot_ptr, k_cache.size(0) * k_cache.size(1), cos_ptr, sin_ptr,
+          rope ? cos_t.size(0) : 0, k_dst, v_dst);
     };
     auto with_group = [&](auto with_rope) {
       if (G == 1) launch(std::integral_constant<int, 1>(), with_rope);
@@ -1974,7 +1977,7 @@ constexpr uint32_t BF16_128_PAIR = 0x43004300u;
 template <typename T, int BITS, int J, int U, bool R16, bool PORTABLE>
 __global__ void __launch_bounds__(QX_WARPS * 32)
 quant_mma_kernel(T* __restrict__ y,                // [rows, N]
-                 const T* __restrict__ x,          // [rows <= 16, K], 16-byte aligned rows
+                 const T* __restrict__ x,          // [rows, K], 16-byte aligned rows
                  const uint8_t* __restrict__ qw,   // int4: [N, K/2] packed; int8: [N, K]; dense: [N, K] of T
                  const T* __restrict__ scales,     // [N, n_groups]; dense: null
                  const T* __restrict__ zeros,      // [N, n_groups] or null
@@ -1991,6 +1994,9 @@ quant_mma_kernel(T* __restrict__ y,                // [rows, N]
   __shared__ float red[QX_WARPS][J][XH][4][32];   // each warp's sums, added over warps at the end
   const int warp = threadIdx.x >> 5, lane = threadIdx.x & 31, g = lane >> 2, t = lane & 3;
   const int n0 = blockIdx.x * 16 * J;             // tile j: channels n0 + 16 j .. + 15
+  // Past 16 rows, blockIdx.y takes rows 16 y .. 16 y + 15 (row0 on, nr of them), each chunk
+  // reading the codes again (mostly from L2: the chunks of a channel tile run close together).
+  const int row0 = 16 * blockIdx.y, nr = min(16, rows - row0);
   const float off = is_signed ? (BITS == 4 ? 8.f : 128.f) : 0.f;
   const uint32_t flip = BITS == 8 && is_signed ? 0x80808080u : 0u;
   // This lane's channels: g and g + 8 of each tile (A's rows: codes, zero points, scales);
@@ -2011,7 +2017,7 @@ quant_mma_kernel(T* __restrict__ y,                // [rows, N]
   // column m alone, and D's columns past x's rows are not stored).
   const T* xrow[XH];
 #pragma unroll
-  for (int r = 0; r < XH; ++r) xrow[r] = x + (int64_t)min(g + 8 * r, rows - 1) * K + t * CODES;
+  for (int r = 0; r < XH; ++r) xrow[r] = x + (int64_t)(row0 + min(g + 8 * r, nr - 1)) * K + t * CODES;
   float acc[J][XH][4];
 #pragma unroll
   for (int j = 0; j < J; ++j)
@@ -2106,24 +2112,25 @@ quant_mma_kernel(T* __restrict__ y,                // [rows, N]
 #pragma unroll
       for (int i = 0; i < 4; ++i) red[warp][j][r][i][lane] = acc[j][r][i];
   __syncthreads();
-  for (int e = threadIdx.x; e < rows * 16 * J; e += blockDim.x) {
+  for (int e = threadIdx.x; e < nr * 16 * J; e += blockDim.x) {
     const int m = e / (16 * J), nl = e % (16 * J), j = nl / 16, c = nl % 16;
     const int src = 4 * (c & 7) + (m & 7) / 2, i = 2 * (c >> 3) + (m & 1);
     float v = 0.f;
 #pragma unroll
     for (int w = 0; w < QX_WARPS; ++w) v += red[w][j][m >> 3][i][src];
-    if (n0 + nl < N) y[(int64_t)m * N + n0 + nl] = from_f<T>(v);
+    if (n0 + nl < N) y[(int64_t)(row0 + m) * N + n0 + nl] = from_f<T>(v);
   }
 }
 
-// rows 0-16 of fp16 / bf16 x; the group size a multiple of 128 (int4) or 64 (int8), or one
+// fp16 / bf16 x of any number of rows (past 16, in chunks of 16 that each read the codes;
+// the dispatch sends it 1-16); the group size a multiple of 128 (int4) or 64 (int8), or one
 // group per row. tiles: J, 16-channel tiles per warp (1 or 2; the host picks by the GPU's
 // size). portable: the mma's twin instead of the instruction, one tile per warp (the
 // self-check compares the two on a GPU).
 torch::Tensor quant_mma(torch::Tensor x, torch::Tensor qweight, torch::Tensor scales,
                         c10::optional<torch::Tensor> zeros, int64_t bits, int64_t group_size, int64_t tiles,
                         bool portable) {
-  TORCH_CHECK(x.dim() == 2 && x.size(0) <= 16, "quant_mma: x must be [rows <= 16, K]");
+  TORCH_CHECK(x.dim() == 2 && x.size(0) <= 16 * 65535, "quant_mma: x must be [rows, K], at most 16 x 65535 rows");
   TORCH_CHECK(x.scalar_type() == at::kHalf || x.scalar_type() == at::kBFloat16, "quant_mma: fp16 or bf16 x");
   TORCH_CHECK(tiles == 1 || tiles == 2, "quant_mma: tiles must be 1 or 2");
   TORCH_CHECK(!portable || tiles == 1, "quant_mma: the portable mma runs with one tile per warp");
@@ -2142,7 +2149,7 @@ torch::Tensor quant_mma(torch::Tensor x, torch::Tensor qweight, torch::Tensor sc
   int shift = -1;                                      // a power-of-two group: a shift, not a division
   if (w.n_groups == 1) shift = 30;                     // every input index < 2^30 maps to group 0
   else if ((w.G & (w.G - 1)) == 0) for (shift = 0; (1 << shift) < w.G; ++shift) {}
-  dim3 grid((w.N + 16 * tiles - 1) / (16 * tiles));
+  dim3 grid((w.N + 16 * tiles - 1) / (16 * tiles), (rows + 15) / 16);   // y: chunks of 16 rows
   const uint8_t* qp = reinterpret_cast<const uint8_t*>(qw.data_ptr());
   auto launch = [&](auto* x_ptr, auto* sc_ptr) {       // x's 16-bit type, from the pointers
     using T = std::remove_pointer_t<decltype(x_ptr)>;
@@ -2170,10 +2177,10 @@ torch::Tensor quant_mma(torch::Tensor x, torch::Tensor qweight, torch::Tensor sc
   return y;
 }
 
-// y = x W^T for fp16/bf16 x [rows <= 16, K] and a dense W [N, K] of x's dtype: the kernel
-// above with the weights as they are. tiles, portable: as for quant_mma.
+// y = x W^T for fp16/bf16 x [rows, K] and a dense W [N, K] of x's dtype: the kernel above
+// with the weights as they are. tiles, portable: as for quant_mma.
 torch::Tensor dense_mma(torch::Tensor x, torch::Tensor weight, int64_t tiles, bool portable) {
-  TORCH_CHECK(x.dim() == 2 && x.size(0) <= 16, "dense_mma: x must be [rows <= 16, K]");
+  TORCH_CHECK(x.dim() == 2 && x.size(0) <= 16 * 65535, "dense_mma: x must be [rows, K], at most 16 x 65535 rows");
   TORCH_CHECK(x.scalar_type() == at::kHalf || x.scalar_type() == at::kBFloat16, "dense_mma: fp16 or bf16 x");
   TORCH_CHECK(weight.dim() == 2 && weight.size(1) == x.size(1) && weight.scalar_type() == x.scalar_type(),
               "dense_mma: weight must be [N, K] of x's dtype");
@@ -2190,7 +2197,7 @@ torch::Tensor dense_mma(torch::Tensor x, torch::Tensor weight, int64_t tiles, bo
   auto y = torch::empty({rows, N}, x.options());
   if (rows == 0 || N == 0) return y;
   if (K == 0) return y.zero_();
-  dim3 grid((N + 16 * tiles - 1) / (16 * tiles));
+  dim3 grid((N + 16 * tiles - 1) / (16 * tiles), (rows + 15) / 16);     // y: chunks of 16 rows
   const uint8_t* wp = reinterpret_cast<const uint8_t*>(w.data_ptr());
   auto launch = [&](auto* x_ptr) {                     // x's 16-bit type, from the pointer
     using T = std::remove_pointer_t<decltype(x_ptr)>;
@@ -2587,14 +2594,15 @@ def decode_partition(S: int, n_kv: int, group: int, head_dim: int, max_context: 
 
 @functools.lru_cache(maxsize=None)
 def _decode_device(device: torch.device) -> tuple[int, int]:
-    """(SMs, shared-memory budget of a decode block) of a GPU. Cached: the decode attention
-    and quantized-matmul dispatch ask on every call. Another device gets an H100's figures:
+    """(SMs, shared-memory budget of a decode block: what a block may opt into, less 2 KB for
+    the kernel's static shared memory) of a GPU. Cached: the decode attention and
+    quantized-matmul dispatch ask on every call. Another device gets an H100's figures:
     kemu, the CPU emulator, runs the kernels on CPU tensors through this dispatch (its
     run_self_check.py and integ_engine.py patch only cuda_extension and _cuda)."""
     if device.type != "cuda":
         return 132, DECODE_SMEM_BYTES
     p = torch.cuda.get_device_properties(device)
-    return p.multi_processor_count, min(DECODE_SMEM_BYTES, p.shared_memory_per_block_optin - 1024)
+    return p.multi_processor_count, min(DECODE_SMEM_BYTES, p.shared_memory_per_block_optin - 2048)
 
 
 @functools.lru_cache(maxsize=None)
@@ -3072,16 +3080,17 @@ def _check_quant_mma(dev: str, dtype: torch.dtype, quick: bool, full: bool) -> R
     block's channels cut short (N = 24, 40, 33, 72, 17), a last loop step only partly inside
     K (K = 160, 288, 32: lanes past K read other codes, times x's zeros), groups by a shift (128,
     64, per channel) and by a division (192, 384, whose last group is partial), 1-8 rows
-    (A's rows 8-15 left zero) and 9-16, signed and asymmetric codes. With one tile, the mma's
-    portable twin too: on a GPU the instruction and the twin must agree (the fragment
-    layouts); under kemu both are the twin."""
+    (A's rows 8-15 left zero) and 9-16, 20 and 37 (chunks of 16 rows, the last one short),
+    signed and asymmetric codes. With one tile, the mma's portable twin too: on a GPU the
+    instruction and the twin must agree (the fragment layouts); under kemu both are the twin."""
     dn, rows = str(dtype).removeprefix("torch."), []
     if dtype == torch.float32 or not _tensor_cores(torch.device(dev)):
         return rows
     for bits, G, asym, N, K, M, tiles in ((4, 0, False, 24, 160, 1, 1), (4, 128, True, 40, 256, 5, 2),
                                           (8, 192, False, 33, 288, 9, 2), (4, 384, True, 72, 640, 16, 2),
                                           (8, 0, True, 16, 96, 16, 1), (8, 64, False, 8, 128, 3, 2),
-                                          (4, 128, False, 17, 256, 12, 1), (4, 0, False, 16, 32, 2, 1)):
+                                          (4, 128, False, 17, 256, 12, 1), (4, 0, False, 16, 32, 2, 1),
+                                          (4, 128, True, 40, 256, 37, 2), (8, 0, False, 24, 96, 20, 1)):
         x = torch.randn(M, K, device=dev, dtype=dtype)
         qw, sc, zp = _random_quant(N, K, bits, G, asym, dtype, dev)
         ref = quant_linear_ref(x, qw, sc, zp, bits, G)
@@ -3095,14 +3104,14 @@ def _check_quant_mma(dev: str, dtype: torch.dtype, quick: bool, full: bool) -> R
 
 
 def _check_dense_mma(dev: str, dtype: torch.dtype, quick: bool, full: bool) -> Rows:
-    """The mma kernel on dense fp16/bf16 weights (dense_mma): 1-8 and 9-16 rows, 1 and 2
+    """The mma kernel on dense fp16/bf16 weights (dense_mma): 1-8, 9-16, 20 and 37 rows, 1 and 2
     channel tiles a warp, N cut short (24, 40, 17), a last loop step partly inside K (K = 40,
     168: lanes past K read other weights, times x's zeros), K past one block's loop; with one
     tile the portable twin against the instruction as well."""
     dn, rows = str(dtype).removeprefix("torch."), []
     if dtype == torch.float32 or not _tensor_cores(torch.device(dev)):
         return rows
-    cases = ((24, 168, 1, 1), (40, 256, 5, 2), (17, 40, 12, 1), (32, 64, 16, 2))
+    cases = ((24, 168, 1, 1), (40, 256, 5, 2), (17, 40, 12, 1), (32, 64, 16, 2), (24, 64, 37, 1), (40, 96, 20, 2))
     if not quick:
         cases += ((4096, 4096, 1, 2), (11008, 4096, 4, 2), (4096, 11008, 16, 1))
     for N, K, M, tiles in cases:

@@ -812,7 +812,7 @@ class FusedLinear:
     def fusable(linears: list[nn.Module]) -> bool:
         """Plain linears of one dtype and device, all with or all without a bias (a QuantLinear
         keeps its own packed kernel)."""
-        return all(isinstance(m, nn.Linear) and type(m.weight) is nn.Parameter   # not a 2:4 sparse weight
+        return all(type(m) in (nn.Linear, Linear) and type(m.weight) is nn.Parameter   # not a 2:4 sparse weight
                    for m in linears) and len({m.bias is None for m in linears}) == 1 \
             and len({(m.weight.dtype, m.weight.device) for m in linears}) == 1
 
@@ -1177,10 +1177,16 @@ class FusedQuantLinear(FusedLinear):
                     setattr(m, name, whole[row:row + m.out_features])
                 row += m.out_features
             setattr(self, name, whole)
-        self.parts = [m.qweight for m in linears]
+        # The parts' buffers as made here: replacing any of them (new scales, a cast) ends the
+        # fusion. The parts share the fused repacking's cache, so that what clears theirs (a
+        # reload, a move) clears it too.
+        self.parts = [dict(m._buffers) for m in linears]           # name -> buffer, as made here
+        for m in linears:
+            m.cpu_cache = self.cpu_cache
 
     def holds(self, *linears: nn.Module) -> bool:
-        return all(m._buffers.get("qweight") is w for m, w in zip(linears, self.parts))
+        return all(m._buffers.keys() == made.keys() and all(m._buffers[k] is b for k, b in made.items())
+                   for m, made in zip(linears, self.parts))
 
     __call__ = QuantLinear.forward                # the layer's own forward, on the fused buffers
 
@@ -1230,7 +1236,7 @@ def fuse_projections(model: LlamaForCausalLM) -> None:
     modules were replaced since) is made again. Training and quant.py, which replace weight
     tensors, use the model unfused."""
     def cpu_fp32(*ms: nn.Module) -> bool:          # input-major pays (input_major)
-        return all(isinstance(m, nn.Linear) for m in ms) and kernels.USE_CPU_FAST_PATHS \
+        return all(type(m) in (nn.Linear, Linear) for m in ms) and kernels.USE_CPU_FAST_PATHS \
             and ms[0].weight.device.type == "cpu" and ms[0].weight.dtype == torch.float32 \
             and sum(m.weight.numel() for m in ms) >= INPUT_MAJOR_MIN_WEIGHTS
 
@@ -1483,7 +1489,7 @@ def use_semi_structured(model: LlamaForCausalLM) -> list[str]:
     done = []
     for name in quantized_linear_names(model):
         m = model.get_submodule(name)
-        if isinstance(m, nn.Linear) and semi_structured_ok(m.weight):
+        if type(m) in (nn.Linear, Linear) and semi_structured_ok(m.weight):
             m.weight = nn.Parameter(to_sparse_semi_structured(m.weight.detach().contiguous()), requires_grad=False)
             done.append(name)
     return done
@@ -2581,7 +2587,8 @@ class PiecewiseGraphs:
     def __init__(self, model: LlamaForCausalLM, kv_cache: Tensor, max_tokens: int, capture: bool = True):
         self.model, self.kv_cache, self.capture = model, kv_cache, capture
         self.layers = model.model.layers
-        edges = (3, kernels.QUANT_MMA_MAX_ROWS, 32, 64, 128, kernels.QUANT_GEMM_MAX_ROWS - 1)
+        edges = sorted({3, kernels.QUANT_MMA_MAX_ROWS, 32, 64, 128, kernels.QUANT_GEMM_MAX_ROWS - 1} |
+                       ({kernels.DENSE_MMA_MAX_ROWS} if kernels.DENSE_MMA_MAX_ROWS else set()))
         self.buckets = [b for b in edges if b < max_tokens] + [max_tokens]
         c, top, dev = model.config, max_tokens, kv_cache.device
         dtype = model.model.embed_tokens.weight.dtype                  # the activations'

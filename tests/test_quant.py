@@ -176,6 +176,8 @@ def test_quantized_projections_fuse_into_one_matmul_with_the_same_results(small_
     torch.testing.assert_close(m(x), m.separate(x), rtol=0, atol=0)
     nanoserve.fuse_projections(model)
     assert m.gate_up.holds(m.gate_proj, m.up_proj) and torch.equal(m.gate_up(x), separate[1])
+    a.k_proj.scales = a.k_proj.scales * 2                                  # new scales: runs alone again
+    assert not a.qkv.holds(a.q_proj, a.k_proj, a.v_proj)
 
 
 def test_projections_of_different_formats_or_input_orders_stay_separate():

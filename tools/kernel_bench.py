@@ -133,7 +133,9 @@ def gpu_goals(device: str = "cuda") -> list[tuple[str, str]]:
     # Weight-only int4 (groups of 128) and int8 (per channel): Llama-2-7B's projection shapes
     # through quant_linear's path for each row count (the mma kernel, the tiled GEMM,
     # dequantize + cuBLAS), against the same product in bf16 by cuBLAS; up to 16 rows the GEMV
-    # too, past 16 the other of the two big-row paths, which sets QUANT_GEMM_MAX_ROWS.
+    # too, past 16 the other of the two big-row paths, which sets QUANT_GEMM_MAX_ROWS, and the
+    # mma kernel run in chunks of 16 rows (codes read once per chunk, mostly from L2), which
+    # would set how far QUANT_MMA_MAX_ROWS reaches.
     for N, K in ((4096, 4096), (11008, 4096), (4096, 11008)):
         for bits, group in ((4, 128), (8, 0)):
             packed = N * (K // 2 if bits == 4 else K) + N * (K // (group or K)) * 2      # codes + scales
@@ -156,11 +158,14 @@ def gpu_goals(device: str = "cuda") -> list[tuple[str, str]]:
                     fused = lambda i: cuda_extension().quant_gemm(x, *ws[i % len(ws)], None, bits, group, splits)
                     dequant = lambda i: x @ cuda_extension().dequantize(*ws[i % len(ws)], None, bits, group, K).T
                     other = time_cuda(dequant if M < QUANT_GEMM_MAX_ROWS else fused, reps=20)
+                    tiles = _quant_mma_tiles(N, x.device)
+                    chunks = time_cuda(lambda i: cuda_extension().quant_mma(x, *ws[i % len(ws)], None, bits, group,
+                                                                            tiles, False), reps=20)
                     figure = (f"{2 * M * N * K / tq / 1e12:.0f} TFLOP/s ({packed / tq / 1e9:.0f} GB/s of weights), "
                               f"{tq / td:.2f}x bf16 cuBLAS's time "
                               f"({2 * M * N * K / td / 1e12:.0f} TFLOP/s; goal <= 1.3x); "
                               f"{'dequantize + cuBLAS' if M < QUANT_GEMM_MAX_ROWS else 'the tiled GEMM'} "
-                              f"{other / td:.2f}x")
+                              f"{other / td:.2f}x; the mma kernel in chunks of 16 rows {chunks / td:.2f}x")
                 rows.append((f"W{bits}A16 {'g' + str(group) if group else 'per channel'} {N}x{K}, {M} rows", figure))
             del ws, dense
 
