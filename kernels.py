@@ -753,14 +753,19 @@ paged_decode_kernel(T* __restrict__ out,             // [S, H, hd], when splits 
       CUDA_KERNEL_ASSERT(slot < n_slots);              // a slot past the pool: a bug upstream
       const T* k_s = k_new + (int64_t)s * q_stride + (int64_t)kvh * hd;
       const T* v_s = v_new + (int64_t)s * q_stride + (int64_t)kvh * hd;
-      T* kf = reinterpret_cast<T*>(fresh[0]);
-      T* vf = reinterpret_cast<T*>(fresh[1]);
-      for (int d = threadIdx.x; d < hd; d += blockDim.x) {
-        kf[d] = rope_at(k_s, d, hd, c, sn);
-        vf[d] = v_s[d];
+      for (int p16 = threadIdx.x; p16 < hd / VEC; p16 += blockDim.x) {   // a 16-byte piece each
+        uint4 kp, vp;
+        T *ke = reinterpret_cast<T*>(&kp), *ve = reinterpret_cast<T*>(&vp);
+#pragma unroll
+        for (int e = 0; e < VEC; ++e) {
+          ke[e] = rope_at(k_s, p16 * VEC + e, hd, c, sn);
+          ve[e] = v_s[p16 * VEC + e];
+        }
+        fresh[0][p16] = kp;
+        fresh[1][p16] = vp;
         if (slot >= 0) {
-          k_dst[(slot * Hkv + kvh) * hd + d] = kf[d];
-          v_dst[(slot * Hkv + kvh) * hd + d] = vf[d];
+          reinterpret_cast<uint4*>(k_dst + (slot * Hkv + kvh) * hd)[p16] = kp;
+          reinterpret_cast<uint4*>(v_dst + (slot * Hkv + kvh) * hd)[p16] = vp;
         }
       }
     }
