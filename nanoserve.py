@@ -2446,7 +2446,8 @@ class DecodeGraphs:
     costs the CPU a few microseconds: for a small model, or at batch 1, the GPU finishes
     the work faster than Python can launch it. A CUDA graph records the launches of one
     forward pass once and replays them with a single call. A graph reads and writes fixed
-    addresses, so each step copies its inputs into static buffers, and a graph exists
+    addresses, so each step copies its inputs into a static buffer (one host-to-device
+    copy; the graph itself spreads them into the model's inputs), and a graph exists
     per batch size: a batch is padded up to the next bucket (padding rows write their K/V
     to slot -1, which the cache write skips, and attend over a context of 0 tokens).
     Attention's Flash-Decoding grid (how many splits of the context, kernels.decode_partition)
@@ -2470,24 +2471,29 @@ class DecodeGraphs:
         first = kernels.DECODE_MIN_PART.bit_length() - 1                 # 256 -> 2^8
         self.context_buckets = sorted({min(1 << k, max_context_len) for k in range(first, 31)})
         dev = kv_cache.device
-        self.input_ids = torch.zeros(top, dtype=torch.int64, device=dev)                 # (B,)
-        self.positions = torch.zeros(top, dtype=torch.int64, device=dev)                 # (B,)
-        self.slot_mapping = torch.full((top,), -1, dtype=torch.int64, device=dev)        # (B,)
-        self.block_tables = torch.zeros(top, max_blocks, dtype=torch.int32, device=dev)  # (B, max_blocks)
-        self.context_lens = torch.zeros(top, dtype=torch.int32, device=dev)              # (B,)
-        self.query_start_loc = torch.arange(top + 1, dtype=torch.int32, device=dev)      # one token each
         # A step's inputs cross to the device in one copy: written on the host into one int32
         # buffer (pinned, so the copy neither waits for the GPU nor makes it wait; the next
-        # step writes it once the copy is done, `copied`), then spread over the static buffers
-        # by the device. Its first 3 x top entries take the ids, positions and slots;
-        # the rest holds a block table per row and persists between steps: a row whose
-        # sequence held it in the previous step too gets only its table's changed entries.
-        # The copy takes whole rows, n x max_blocks entries (as vLLM's block table does):
-        # 8 MB at 256 sequences of a 128k context, a fraction of a millisecond.
+        # step writes it once the copy is done, `copied`), then spread over the model's
+        # inputs by the graph's first kernels. Its first 3 x top entries take the ids,
+        # positions and slots of a bucket of b rows (3 x b of them); the rest holds a block
+        # table per row, which attention reads where it lies, and persists between steps: a
+        # row whose sequence held it in the previous step too gets only its table's changed
+        # entries. The copy takes whole rows, n x max_blocks entries (as vLLM's block table
+        # does): 8 MB at 256 sequences of a 128k context, a fraction of a millisecond.
         self.host_inputs = torch.zeros(top * (3 + max_blocks), dtype=torch.int32, pin_memory=dev.type == "cuda")
         self.host_tables = self.host_inputs[3 * top:].view(top, max_blocks).numpy()     # (top, max_blocks)
         self.row_tables: list[BlockTable | list[int] | None] = [None] * top   # the table each row holds
         self.inputs = torch.zeros_like(self.host_inputs, device=dev)
+        self.input_ids = torch.zeros(top, dtype=torch.int64, device=dev)                 # (B,)
+        self.positions = torch.zeros(top, dtype=torch.int64, device=dev)                 # (B,)
+        self.slot_mapping = torch.full((top,), -1, dtype=torch.int64, device=dev)        # (B,)
+        self.block_tables = self.inputs[3 * top:].view(top, max_blocks)                  # (B, max_blocks)
+        self.context_lens = torch.zeros(top, dtype=torch.int32, device=dev)              # (B,)
+        self.query_start_loc = torch.arange(top + 1, dtype=torch.int32, device=dev)      # one token each
+        # With async scheduling a decode's input id is the previous step's sampled id, still
+        # on the device (fill_pending): copied here before the replay. A step samples at most
+        # 64 ids per sequence (n, best_of <= 64).
+        self.pending = torch.zeros(64 * max_batch, dtype=torch.int64, device=dev)
         self.copied: torch.cuda.Event | None = None    # recorded after each step's copy of host_inputs
         self.graphs: dict[tuple[int, int], tuple[torch.cuda.CUDAGraph, Tensor]] = {}   # (batch, context) buckets
         self.pool = None
@@ -2496,7 +2502,17 @@ class DecodeGraphs:
     def fits(self, num_seqs: int, width: int) -> bool:
         return num_seqs <= self.buckets[-1] and width <= self.max_blocks
 
+    def _spread(self, b: int) -> None:
+        """A bucket's ids (pending ones filled in), positions, slots and context lengths, from
+        the input buffer into the model's inputs: the first kernels of its graph."""
+        ids, pos, slots = self.inputs[:3 * b].view(3, b)                                 # 3 x (b,)
+        self.input_ids[:b].copy_(fill_pending(ids, self.pending))
+        self.positions[:b].copy_(pos)
+        self.slot_mapping[:b].copy_(slots)
+        torch.mul(pos + 1, slots >= 0, out=self.context_lens[:b])     # position + 1; a padding row's 0
+
     def _forward(self, b: int, ctx: int) -> Tensor:
+        self._spread(b)
         meta = AttentionMetadata(self.slot_mapping[:b], self.block_tables[:b], self.query_start_loc[:b + 1],
                                  self.context_lens[:b], max_context_len=ctx, max_query_len=1, rope_in_attention=True)
         return self.model(self.input_ids[:b], self.positions[:b], self.kv_cache, meta)   # (b, D)
@@ -2521,21 +2537,18 @@ class DecodeGraphs:
                 table.synced = len(table)
             self.row_tables[row] = table
         self.row_tables[n:] = [None] * (top - n)
+        # Only the real rows' tables: a row reads no entry past its own context (entries past
+        # a table's end are stale, never read), a padding row none.
         inputs = self.inputs[:3 * top + n * self.max_blocks]
         inputs.copy_(self.host_inputs[:len(inputs)], non_blocking=True)
         if inputs.is_cuda:
             self.copied = torch.cuda.Event()
             self.copied.record()
-        self.input_ids[:b].copy_(fill_pending(inputs[:b], pending))
-        self.positions[:b].copy_(inputs[b:2 * b])
-        self.slot_mapping[:b].copy_(inputs[2 * b:3 * b])
-        self.context_lens[:b].copy_(inputs[b:2 * b])
-        self.context_lens[:b] += 1                                       # a row's context: its position + 1
-        self.context_lens[n:b] = 0                                       # padding rows: none
-        # Only the columns some table uses, and only the real rows: a row reads no entry past
-        # its own context (entries past a table's end are stale, never read), a padding row none.
-        width = max(map(len, tables))
-        self.block_tables[:n, :width].copy_(inputs[3 * top:].view(n, self.max_blocks)[:, :width])
+        if pending is not None:
+            if len(pending) <= len(self.pending):
+                self.pending[:len(pending)].copy_(pending)
+            else:                                      # more than the buffer: filled in here instead
+                self.inputs[:n].copy_(fill_pending(self.inputs[:n], pending))
         self.steps += 1
         if not self.capture:
             return self._forward(b, ctx)[:n]

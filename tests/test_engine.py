@@ -344,13 +344,27 @@ def test_decode_graphs_bucket_the_context_bound_for_the_split_count():
     assert nanoserve.kernels.decode_partition(max_context=256, **one_kv_head) >= 256            # one split
     assert nanoserve.kernels.decode_partition(max_context=512, **one_kv_head) < 512             # two
     seen = []
-    g._forward = lambda b, ctx: (seen.append((b, ctx)), torch.zeros(b, 8))[1]
+    g._forward = lambda b, ctx: (g._spread(b), seen.append((b, ctx)), torch.zeros(b, 8))[2]
     for positions, want in (([10, 20, 30], (4, 256)), ([255], (1, 256)), ([256], (1, 512)), ([5, 511], (2, 512)),
                             ([5, 512], (2, 1024)), ([4095, 7], (2, 4096)), ([4999], (1, 5000))):
         tables = [[0] * (p // 16 + 1) for p in positions]
         out = g.run([1] * len(positions), positions, [0] * len(positions), tables)
         assert out.shape == (len(positions), 8) and seen[-1] == want, (positions, seen[-1])
         assert g.context_lens[:len(positions)].tolist() == [p + 1 for p in positions]
+
+
+def test_decode_graphs_fill_in_pending_ids_inside_the_graph_and_past_its_buffer():
+    """With async scheduling a decode's input is the previous step's sampled id, still on the
+    device (-1 - its row): the graph's first kernels fill it in from a static copy of those
+    ids; a step with more pending ids than that copy holds has them filled in before."""
+    g = nanoserve.DecodeGraphs(None, torch.zeros(1), max_batch=1, max_blocks=4, max_context_len=64, capture=False)
+    got = []
+    g._forward = lambda b, ctx: (g._spread(b), got.append(g.input_ids[:b].tolist()), torch.zeros(b, 8))[2]
+    pending = torch.arange(100, 200)                   # 100 sampled ids; the buffer holds 64
+    g.run([-1 - 5], [3], [3], [[0]], pending)
+    g.run([-1 - 70], [4], [4], [[0]], pending)
+    g.run([7], [5], [5], [[0]])
+    assert got == [[105], [170], [7]] and g.context_lens[:1].tolist() == [6]
 
 
 def test_requests_join_and_leave_the_running_batch_every_step(tiny_model_dir):
