@@ -882,9 +882,12 @@ def bench_spec(model: str, draft: str, engine_kw: dict, ks: tuple[int, ...], n_t
             "target_tok_s": len(prompts) * n_tokens / base_s, "rows": rows}
 
 
-def bench_quant(model: str, engine_kw: dict, prompt_len: int = 256, new_tokens: int = 32) -> dict:
+def bench_quant(model: str, engine_kw: dict, prompt_len: int = 256, new_tokens: int = 32,
+                batches: tuple[int, ...] = ()) -> dict:
     """Decode and prefill speed of int8 (per channel) and int4 (groups of 128) weights,
-    RTN, against bf16.
+    RTN, against bf16; with batches, also each batch's decode speed (output tokens per second
+    of batch B, B / the mean time per output token, 128-token prompts), where quantized
+    matmuls of B rows take the mma kernel (up to 16) or the tiled GEMM.
 
     Weight-only quantization cuts the bytes a decode step must read; prefill is bound by
     arithmetic, which dequantized weights do not reduce (the dequantization adds to it).
@@ -904,12 +907,19 @@ def bench_quant(model: str, engine_kw: dict, prompt_len: int = 256, new_tokens: 
         llm.generate(prompt[:8], SamplingParams(temperature=0, max_tokens=4, ignore_eos=True))
         out = llm.generate(prompt, SamplingParams(temperature=0, max_tokens=new_tokens, ignore_eos=True))[0]
         rows.append({"weights": label, "prefill_tok_s": prompt_len / out.metrics["time_to_first_token"],
-                     "decode_tok_s": 1 / out.metrics["time_per_output_token"]})
+                     "decode_tok_s": 1 / out.metrics["time_per_output_token"], "batch_tok_s": {}})
+        for B in batches:
+            rng = np.random.default_rng(B)
+            prompts = [[1] + rng.integers(3, vocab, 127).tolist() for _ in range(B)]
+            llm.generate(prompts[:2], SamplingParams(temperature=0, max_tokens=2, ignore_eos=True))
+            outs = llm.generate(prompts, SamplingParams(temperature=0, max_tokens=new_tokens, ignore_eos=True))
+            rows[-1]["batch_tok_s"][B] = B / float(np.mean([o.metrics["time_per_output_token"] for o in outs]))
         del llm, eng
         _free_memory()
     for r in rows:
         r["decode_speedup"] = r["decode_tok_s"] / rows[0]["decode_tok_s"]
         r["prefill_speedup"] = r["prefill_tok_s"] / rows[0]["prefill_tok_s"]
+        r["batch_speedup"] = {B: v / rows[0]["batch_tok_s"][B] for B, v in r["batch_tok_s"].items()}
     return {"rows": rows, "prompt_tokens": prompt_len}
 
 
@@ -1165,10 +1175,12 @@ def suite_spec(b: Bench) -> tuple[dict, str, Rows]:
 
 
 def suite_quant(b: Bench) -> tuple[dict, str, Rows]:
-    r = bench_quant(b.args.model, b.kw)
-    return r, "Weight-only quantization (RTN; int8 per channel, int4 groups of 128) against bf16, batch 1", [
-        (row["weights"], f"decode {row['decode_tok_s']:.1f} tok/s ({row['decode_speedup']:.2f}x), "
-                         f"prefill {row['prefill_tok_s']:.0f} tok/s ({row['prefill_speedup']:.2f}x)")
+    r = bench_quant(b.args.model, b.kw, batches=(16, 64) if b.device.startswith("cuda") else ())
+    return r, "Weight-only quantization (RTN; int8 per channel, int4 groups of 128) against bf16", [
+        (row["weights"], f"batch-1 decode {row['decode_tok_s']:.1f} tok/s ({row['decode_speedup']:.2f}x), "
+                         f"prefill {row['prefill_tok_s']:.0f} tok/s ({row['prefill_speedup']:.2f}x)"
+                         + "".join(f"; batch {B} decode {v:.0f} tok/s ({row['batch_speedup'][B]:.2f}x)"
+                                   for B, v in row["batch_tok_s"].items()))
         for row in r["rows"]]
 
 

@@ -65,7 +65,8 @@ for r in bench.bench_sparse_speed(torch.device('cuda'))['rows']:
     step gpu_tests 120 $PY -m pytest -q -x tests/test_kernels_gpu.py -k "not every_kernel"
     step goals 90 $PY tools/kernel_bench.py goals
     # 2. Llama-2-7B shape, bf16, batch 1: decode with and without CUDA graphs against the copy
-    #    roofline, where a step's time goes, int8/int4 decode and prefill against bf16.
+    #    roofline, where a step's time goes, int8/int4 decode and prefill against bf16 (and
+    #    decode at batch 16 and 64, issue 34's engine rows).
     step llama7b 200 $PY tools/bench.py latency profile quant --model random:llama-2-7b --dtype bfloat16 \
         --max-model-len 1024 --out "$OUT/llama7b.json"
     #    The same batch-1 decode with its bf16 matmuls of up to 16 rows on dense_mma instead of
