@@ -184,7 +184,7 @@ class CpuStepPlan(NamedTuple):
     slots: Tensor                                   # (T,) cache slot of each new token's K/V
     decode: list[DecodeBatch]
     multi: list[tuple[int, int, Tensor, int]]       # (lo, hi, block table (1, nb), context) per
-                                                    # multi-query sequence: these take the twin
+                                                    # multi-query sequence (prefill_attention_cpu)
 
 
 @functools.lru_cache(maxsize=None)
@@ -265,13 +265,33 @@ def rope_and_cache_cpu(q: Tensor, k: Tensor, v: Tensor, k_cache: Tensor, v_cache
     return qk[:, :H]
 
 
+def prefill_attention_cpu(q: Tensor, k_cache: Tensor, v_cache: Tensor, table: Tensor, context: int,
+                          scale: float) -> Tensor:
+    """One sequence's n queries (n, H, hd), the last n of its `context` tokens, over its
+    cached keys and values -> (n, H, hd), in fp32 as the twin computes: PyTorch's fused CPU
+    attention (SDPA's flash kernel, which takes the 4-D layout; 3-D inputs fall back to the
+    plain math), so the (n x context) score matrix of a long prompt is never made (measured
+    12x faster than the twin on a 2,047-token prompt's layer, one thread). The mask is
+    causal from the bottom right: query i sees keys up to context - n + i."""
+    n = q.shape[0]
+    k = gather_kv_ref(k_cache, table, context).float().transpose(0, 1)[None]     # (1, Hkv, context, hd)
+    v = gather_kv_ref(v_cache, table, context).float().transpose(0, 1)[None]
+    qs = q.float().transpose(0, 1)[None]                                          # (1, H, n, hd)
+    if n == context:                                                               # no cached prefix
+        o = F.scaled_dot_product_attention(qs, k, v, is_causal=True, scale=scale, enable_gqa=True)
+    else:
+        visible = torch.arange(context)[None, :] <= torch.arange(context - n, context)[:, None]   # (n, context)
+        o = F.scaled_dot_product_attention(qs, k, v, attn_mask=visible, scale=scale, enable_gqa=True)
+    return o[0].transpose(0, 1).to(q.dtype)                                        # (n, H, hd)
+
+
 def paged_attention_cpu(q: Tensor, k_cache: Tensor, v_cache: Tensor, plan: CpuStepPlan,
                         scale: float) -> Tensor:
     """paged_attention_ref's result on the CPU path. A decode batch is six ops for all its
     sequences and heads: gather K and V head-major, scores = q K^T as one batched matmul
     over (sequence, KV head) with the G query heads of a KV head as the rows (GQA), mask
     the padding, softmax, times V. Multi-query sequences (prefill chunks, verification
-    windows) go one at a time through the twin."""
+    windows) go one at a time through prefill_attention_cpu."""
     T, n_heads, head_dim = q.shape
     n_kv = k_cache.shape[2]
     group = n_heads // n_kv
@@ -294,8 +314,7 @@ def paged_attention_cpu(q: Tensor, k_cache: Tensor, v_cache: Tensor, plan: CpuSt
             out.index_copy_(0, d.rows, o)
     for lo, hi, table, ctx in plan.multi:
         out = torch.empty_like(q) if out is None else out
-        out[lo:hi] = paged_attention_ref(q[lo:hi], k_cache, v_cache, table, torch.tensor([0, hi - lo]),
-                                         torch.tensor([ctx]), scale)
+        out[lo:hi] = prefill_attention_cpu(q[lo:hi], k_cache, v_cache, table[0], ctx, scale)
     return out if out is not None else torch.empty_like(q)
 
 

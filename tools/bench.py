@@ -923,6 +923,39 @@ def bench_quant(model: str, engine_kw: dict, prompt_len: int = 256, new_tokens: 
     return {"rows": rows, "prompt_tokens": prompt_len}
 
 
+def bench_prefill(llm: LLM, prompt_len: int = 4096) -> dict:
+    """Time to first token of one long prompt (fresh: no cached prefix) against the same
+    layers run over the whole prompt by PyTorch's SDPA without a cache (the model's
+    forward_dense, less the LM head): what the paged prefill path (chunks, paged attention,
+    the cache writes) costs beside the plainest fast prefill. The prompt is cut to the
+    engine's max_model_len less one."""
+    eng = llm.engine
+    T = min(prompt_len, eng.max_model_len - 1)
+    model, dev, vocab = eng.model, eng.device, eng.model_config.vocab_size
+    rng = np.random.default_rng(0)
+    warm, prompt = ([1] + rng.integers(3, vocab, T - 1).tolist() for _ in range(2))
+    one = SamplingParams(temperature=0, max_tokens=1, ignore_eos=True)
+    llm.generate(warm, one)                                         # graphs, kernels, allocator
+    ttft = llm.generate(prompt, one)[0].metrics["time_to_first_token"]
+    ids = torch.tensor([prompt], device=dev)
+
+    @torch.no_grad()
+    def dense() -> None:
+        rope = model.dense_rope(T, dev)
+        x = model.model.embed_tokens(ids)                           # (1, T, D)
+        for layer in model.model.layers:
+            x = layer.forward_dense(x, rope)
+        model.model.norm(x)
+    dense()
+    _sync(dev)
+    t = time.perf_counter()
+    dense()
+    _sync(dev)
+    sdpa = time.perf_counter() - t
+    return {"prompt_tokens": T, "ttft_s": ttft, "sdpa_s": sdpa, "ratio": ttft / sdpa,
+            "chunk_tokens": eng.cfg.max_num_batched_tokens}
+
+
 def bench_sla(llm: LLM, levels: tuple[int, ...], gpu_hour_usd: float, api_usd_per_mtok: float,
               lo: int, hi: int) -> dict:
     """Per concurrency level: TTFT, per-user decode speed, the SLA verdict, and economics."""
@@ -1184,6 +1217,15 @@ def suite_quant(b: Bench) -> tuple[dict, str, Rows]:
         for row in r["rows"]]
 
 
+def suite_prefill(b: Bench) -> tuple[dict, str, Rows]:
+    r = bench_prefill(b.llm())
+    return r, f"Prefill of one {r['prompt_tokens']}-token prompt: the engine against SDPA over the same layers", [
+        ("time to first token (engine: chunks of "
+         f"{r['chunk_tokens']} tokens, paged attention, the cache written)", f"{r['ttft_s'] * 1e3:.1f} ms"),
+        ("the same layers through SDPA, no cache", f"{r['sdpa_s'] * 1e3:.1f} ms"),
+        ("engine / SDPA", f"{r['ratio']:.2f}x (issue 34's goal at 4k tokens, Llama-2-7B bf16: <= 1.2x)")]
+
+
 def suite_sla(b: Bench) -> tuple[dict, str, Rows]:
     args = b.args
     r = bench_sla(b.llm(), (1, 4, 16, 64) if b.small else (1, 16, 64, 256), args.gpu_hour_usd,
@@ -1321,6 +1363,7 @@ SUITES: dict[str, Suite] = {
     "chunked": Suite(suite_chunked, own_engines=True),
     "spec": Suite(suite_spec, own_engines=True),
     "quant": Suite(suite_quant, own_engines=True),
+    "prefill": Suite(suite_prefill),
     "sla": Suite(suite_sla),
     "server": Suite(suite_server),
     "transformers": Suite(suite_transformers, own_engines=True),
