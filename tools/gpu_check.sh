@@ -73,7 +73,9 @@ for r in bench.bench_sparse_speed(torch.device('cuda'))['rows']:
     #    cuBLAS (kernels.DENSE_MMA_MAX_ROWS; goals has the kernel beside cuBLAS).
     step llama7b_dense_mma 70 env NANOSERVE_DENSE_MMA_ROWS=16 $PY tools/bench.py latency --model random:llama-2-7b \
         --dtype bfloat16 --max-model-len 1024 --out "$OUT/llama7b_dense_mma.json"
-    names="gptfast_7b sparse kernels gpu_tests goals llama7b llama7b_dense_mma"
+    #    A 4,096-token prompt's time to first token against SDPA over the same layers (issue 34).
+    step prefill4k 60 $PY tools/bench.py prefill --model random:llama-2-7b --dtype bfloat16 --max-model-len 4097
+    names="gptfast_7b sparse kernels gpu_tests goals llama7b llama7b_dense_mma prefill4k"
 fi
 if [ "$PART" = 2 ] || [ "$PART" = all ]; then
     # 3. TinyLlama shape: batch-1 decode, a step's profile and the nano-vllm workload (256
