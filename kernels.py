@@ -2017,10 +2017,11 @@ quant_mma_kernel(T* __restrict__ y,                // [rows, N]
   constexpr int XH = R16 ? 2 : 1;                 // mma per tile and k-step: x's rows 0-7 (and 8-15)
   __shared__ float red[QX_WARPS][J][XH][4][32];   // each warp's sums, added over warps at the end
   const int warp = threadIdx.x >> 5, lane = threadIdx.x & 31, g = lane >> 2, t = lane & 3;
-  const int n0 = blockIdx.x * 16 * J;             // tile j: channels n0 + 16 j .. + 15
-  // Past 16 rows, blockIdx.y takes rows 16 y .. 16 y + 15 (row0 on, nr of them), each chunk
-  // reading the codes again (mostly from L2: the chunks of a channel tile run close together).
-  const int row0 = 16 * blockIdx.y, nr = min(16, rows - row0);
+  const int n0 = blockIdx.y * 16 * J;             // tile j: channels n0 + 16 j .. + 15
+  // Past 16 rows, blockIdx.x takes rows 16 x .. 16 x + 15 (row0 on, nr of them), each chunk
+  // reading the codes again; x varies fastest, so a channel tile's chunks run side by side
+  // and the later ones find its codes in L2.
+  const int row0 = 16 * blockIdx.x, nr = min(16, rows - row0);
   const float off = is_signed ? (BITS == 4 ? 8.f : 128.f) : 0.f;
   const uint32_t flip = BITS == 8 && is_signed ? 0x80808080u : 0u;
   // This lane's channels: g and g + 8 of each tile (A's rows: codes, zero points, scales);
@@ -2154,7 +2155,7 @@ quant_mma_kernel(T* __restrict__ y,                // [rows, N]
 torch::Tensor quant_mma(torch::Tensor x, torch::Tensor qweight, torch::Tensor scales,
                         c10::optional<torch::Tensor> zeros, int64_t bits, int64_t group_size, int64_t tiles,
                         bool portable) {
-  TORCH_CHECK(x.dim() == 2 && x.size(0) <= 16 * 65535, "quant_mma: x must be [rows, K], at most 16 x 65535 rows");
+  TORCH_CHECK(x.dim() == 2 && x.size(0) <= INT32_MAX, "quant_mma: x must be [rows, K]");
   TORCH_CHECK(x.scalar_type() == at::kHalf || x.scalar_type() == at::kBFloat16, "quant_mma: fp16 or bf16 x");
   TORCH_CHECK(tiles == 1 || tiles == 2, "quant_mma: tiles must be 1 or 2");
   TORCH_CHECK(!portable || tiles == 1, "quant_mma: the portable mma runs with one tile per warp");
@@ -2173,7 +2174,8 @@ torch::Tensor quant_mma(torch::Tensor x, torch::Tensor qweight, torch::Tensor sc
   int shift = -1;                                      // a power-of-two group: a shift, not a division
   if (w.n_groups == 1) shift = 30;                     // every input index < 2^30 maps to group 0
   else if ((w.G & (w.G - 1)) == 0) for (shift = 0; (1 << shift) < w.G; ++shift) {}
-  dim3 grid((w.N + 16 * tiles - 1) / (16 * tiles), (rows + 15) / 16);   // y: chunks of 16 rows
+  dim3 grid((rows + 15) / 16, (w.N + 16 * tiles - 1) / (16 * tiles));   // x: chunks of 16 rows
+  TORCH_CHECK(grid.y <= 65535, "quant_mma: at most 65535 tiles of 16 x tiles channels");
   const uint8_t* qp = reinterpret_cast<const uint8_t*>(qw.data_ptr());
   auto launch = [&](auto* x_ptr, auto* sc_ptr) {       // x's 16-bit type, from the pointers
     using T = std::remove_pointer_t<decltype(x_ptr)>;
@@ -2204,7 +2206,7 @@ torch::Tensor quant_mma(torch::Tensor x, torch::Tensor qweight, torch::Tensor sc
 // y = x W^T for fp16/bf16 x [rows, K] and a dense W [N, K] of x's dtype: the kernel above
 // with the weights as they are. tiles, portable: as for quant_mma.
 torch::Tensor dense_mma(torch::Tensor x, torch::Tensor weight, int64_t tiles, bool portable) {
-  TORCH_CHECK(x.dim() == 2 && x.size(0) <= 16 * 65535, "dense_mma: x must be [rows, K], at most 16 x 65535 rows");
+  TORCH_CHECK(x.dim() == 2 && x.size(0) <= INT32_MAX, "dense_mma: x must be [rows, K]");
   TORCH_CHECK(x.scalar_type() == at::kHalf || x.scalar_type() == at::kBFloat16, "dense_mma: fp16 or bf16 x");
   TORCH_CHECK(weight.dim() == 2 && weight.size(1) == x.size(1) && weight.scalar_type() == x.scalar_type(),
               "dense_mma: weight must be [N, K] of x's dtype");
@@ -2221,7 +2223,8 @@ torch::Tensor dense_mma(torch::Tensor x, torch::Tensor weight, int64_t tiles, bo
   auto y = torch::empty({rows, N}, x.options());
   if (rows == 0 || N == 0) return y;
   if (K == 0) return y.zero_();
-  dim3 grid((N + 16 * tiles - 1) / (16 * tiles), (rows + 15) / 16);     // y: chunks of 16 rows
+  dim3 grid((rows + 15) / 16, (N + 16 * tiles - 1) / (16 * tiles));     // x: chunks of 16 rows
+  TORCH_CHECK(grid.y <= 65535, "dense_mma: at most 65535 tiles of 16 x tiles channels");
   const uint8_t* wp = reinterpret_cast<const uint8_t*>(w.data_ptr());
   auto launch = [&](auto* x_ptr) {                     // x's 16-bit type, from the pointer
     using T = std::remove_pointer_t<decltype(x_ptr)>;
