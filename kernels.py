@@ -2825,21 +2825,27 @@ def quant_linear(x: Tensor, qweight: Tensor, scales: Tensor, zeros: Tensor | Non
 # Dense fp16/bf16 products of up to this many rows (decode steps) run on dense_mma instead
 # of cuBLAS. 0, cuBLAS everywhere, until a GPU run has measured the two side by side
 # (tools/kernel_bench.py goals, and the engine with NANOSERVE_DENSE_MMA_ROWS=16).
-DENSE_MMA_MAX_ROWS = int(os.environ.get("NANOSERVE_DENSE_MMA_ROWS", "0"))
+_DENSE_MMA_ROWS = os.environ.get("NANOSERVE_DENSE_MMA_ROWS", "0")
+if not _DENSE_MMA_ROWS.isdigit():
+    raise ValueError(f"NANOSERVE_DENSE_MMA_ROWS must be a row count (0 or more), got {_DENSE_MMA_ROWS!r}")
+DENSE_MMA_MAX_ROWS = int(_DENSE_MMA_ROWS)
 
 
 def linear(x: Tensor, weight: Tensor, bias: Tensor | None = None) -> Tensor:
     """y = x W^T + b: F.linear (cuBLAS on a GPU), or dense_mma for an fp16/bf16 product of up
-    to DENSE_MMA_MAX_ROWS rows on the kernels (no autograd there)."""
-    K = x.shape[-1]
-    rows = x.numel() // K if K else 0
-    if 0 < rows <= DENSE_MMA_MAX_ROWS and _cuda(x) and x.dtype in (torch.float16, torch.bfloat16) \
+    to DENSE_MMA_MAX_ROWS rows on the kernels (no autograd there). Every projection of every
+    step comes here, so with DENSE_MMA_MAX_ROWS 0 the test is one comparison."""
+    if DENSE_MMA_MAX_ROWS and _cuda(x) and x.dtype in (torch.float16, torch.bfloat16) \
             and type(weight) in (Tensor, torch.nn.Parameter) and weight.dtype == x.dtype and weight.is_contiguous() \
-            and K % 8 == 0 and _tensor_cores(x.device) \
+            and x.shape[-1] % 8 == 0 and _tensor_cores(x.device) \
             and not (torch.is_grad_enabled() and (x.requires_grad or weight.requires_grad)):
-        y = cuda_extension().dense_mma(x.reshape(rows, K), weight, _quant_mma_tiles(weight.shape[0], x.device), False)
-        y = y.view(*x.shape[:-1], -1)
-        return y if bias is None else y + bias
+        K = x.shape[-1]
+        rows = x.numel() // K if K else 0
+        if 0 < rows <= DENSE_MMA_MAX_ROWS:
+            y = cuda_extension().dense_mma(x.reshape(rows, K), weight, _quant_mma_tiles(weight.shape[0], x.device),
+                                           False)
+            y = y.view(*x.shape[:-1], -1)
+            return y if bias is None else y + bias
     return F.linear(x, weight, bias)
 
 
