@@ -684,8 +684,11 @@ torch::Tensor rope_and_cache(torch::Tensor q, torch::Tensor k, torch::Tensor v, 
 // ---------------------------------------------------------------- paged decode attention (Flash-Decoding)
 // One query token per sequence. Grid (sequence, KV head, split): a block reads its KV
 // head's cache once for all G = H / Hkv query heads of the group (GQA), over one
-// partition of the context; a second kernel merges the partitions:
+// partition of the context, and the last of a group's splits to finish merges them:
 //   m = max_s m_s,  l = sum_s l_s e^(m_s - m),  o = sum_s o_s l_s e^(m_s - m) / l.
+// "Last" is counted in global memory (counters, one per (sequence, KV head), zero at the
+// launch and left zero by the merging block), so a split costs a partial result's write
+// and read, not a second kernel: splitting pays as soon as it puts idle SMs to work.
 // Decode attention is memory-bound (each cached byte is used G times), so the block is
 // laid out for bytes in flight: a key's row (head_dim values) is read by lpk lanes with
 // one 16-byte load each, a warp covers 32 / lpk rows per load, eight warps per block.
@@ -706,12 +709,68 @@ torch::Tensor rope_and_cache(torch::Tensor q, torch::Tensor k, torch::Tensor v, 
 // rather than from the cache it has just written (no other block reads it this step).
 constexpr int PD_THREADS = 256, PD_MAX_G = 8, PD_UNROLL = 4;
 
+// Once a split's partials (o, m, l) are written, by a block of paged_decode_kernel: every
+// thread fences its own writes (visible GPU-wide before the count moves), one thread counts
+// the split in, and the block whose count completes its group (sequence, KV head) reads all
+// the group's partials (from L2, __ldcg: other SMs wrote them) and merges them into out.
+// It resets the count, which nothing else of this launch touches again, for the next launch
+// (a CUDA graph's replay, the next layer). A call, not inlined (noinline, GNU's spelling of
+// __noinline__): inlined at the kernel's two exits it cost the groups of 8 a register spill
+// (two blocks per SM allow 128 registers).
+template <typename T>
+__device__ __attribute__((noinline)) void merge_splits_if_last(
+    T* __restrict__ out, const float* __restrict__ o_part, const float* __restrict__ m_part,
+    const float* __restrict__ l_part, int* __restrict__ counters, int H, int Hkv, int hd, int splits,
+    float* m_sh, float* l_sh) {                        // m_sh, l_sh: [G] of the block's shared memory
+  __shared__ int last_sh[1];
+  const int s = blockIdx.x, kvh = blockIdx.y, G = H / Hkv;
+  __threadfence();
+  __syncthreads();
+  if (threadIdx.x == 0) {
+    int* count = counters + (int64_t)s * Hkv + kvh;
+    const bool last = atomicAdd(count, 1) == splits - 1;
+    if (last) *count = 0;
+    __threadfence();
+    last_sh[0] = last;
+  }
+  __syncthreads();
+  if (!last_sh[0]) return;
+  const int lane = threadIdx.x & 31, nw = blockDim.x >> 5;
+  const int64_t row0 = ((int64_t)s * H + (int64_t)kvh * G) * splits;   // (s, h0, split 0)
+  for (int g = threadIdx.x >> 5; g < G; g += nw) {   // a warp per head: its m and l
+    const int64_t row = row0 + (int64_t)g * splits;
+    float m = -INFINITY;
+    for (int j = lane; j < splits; j += 32) m = fmaxf(m, __ldcg(m_part + row + j));
+    m = warp_max(m);
+    float l = 0.f;                                   // empty splits (l = 0, m = -inf) skipped
+    for (int j = lane; j < splits; j += 32) {
+      const float w = __ldcg(l_part + row + j);
+      if (w > 0.f) l += w * __expf(__ldcg(m_part + row + j) - m);
+    }
+    l = warp_sum(l);
+    if (lane == 0) { m_sh[g] = m; l_sh[g] = l; }
+  }
+  __syncthreads();
+  T* out_g = out + ((int64_t)s * H + (int64_t)kvh * G) * hd;
+  for (int i = threadIdx.x; i < G * hd; i += blockDim.x) {
+    const int g = i / hd, d = i % hd;
+    const int64_t row = row0 + (int64_t)g * splits;
+    float acc = 0.f;
+    for (int j = 0; j < splits; ++j) {
+      const float w = __ldcg(l_part + row + j);
+      if (w > 0.f) acc += __ldcg(o_part + (row + j) * hd + d) * w * __expf(__ldcg(m_part + row + j) - m_sh[g]);
+    }
+    out_g[i] = from_f<T>(l_sh[g] > 0.f ? acc / l_sh[g] : 0.f);   // every split empty: context 0 -> 0
+  }
+}
+
 template <typename T, int GM, bool ROPE>
 __global__ void __launch_bounds__(PD_THREADS, 2)     // two blocks per SM: at most 128 registers
 paged_decode_kernel(T* __restrict__ out,             // [S, H, hd], when splits == 1
                     float* __restrict__ o_part,      // [S, H, splits, hd] normalised
                     float* __restrict__ m_part,      // [S, H, splits]
                     float* __restrict__ l_part,      // [S, H, splits]
+                    int* __restrict__ counters,      // [S, Hkv] splits done, when splits > 1
                     const T* __restrict__ q,         // [S, H, hd], rows q_stride apart
                     const T* __restrict__ k_cache,   // [blocks, block_size, Hkv, hd]
                     const T* __restrict__ v_cache,   // [blocks, block_size, Hkv, hd]
@@ -745,6 +804,7 @@ paged_decode_kernel(T* __restrict__ out,             // [S, H, hd], when splits 
   const int start = split * part, end = min(ctx, start + part);
   const int64_t base = ((int64_t)s * H + (int64_t)kvh * G) * splits + split;   // index of (s, h0, split)
   T* out_g = out + ((int64_t)s * H + (int64_t)kvh * G) * hd;                  // this group's heads
+  __shared__ float m_sh[PD_MAX_G], l_sh[PD_MAX_G];   // per query head: softmax max and sum
   if (start >= end) {                  // nothing here: an empty partition (or a padding row)
     if (splits == 1) {                 // context 0: attention over no keys is 0 (as the twin)
       for (int i = threadIdx.x; i < G * hd; i += blockDim.x) out_g[i] = from_f<T>(0.f);
@@ -754,6 +814,7 @@ paged_decode_kernel(T* __restrict__ out,             // [S, H, hd], when splits 
       m_part[base + (int64_t)g * splits] = -INFINITY;
       l_part[base + (int64_t)g * splits] = 0.f;
     }
+    merge_splits_if_last(out, o_part, m_part, l_part, counters, H, Hkv, hd, splits, m_sh, l_sh);
     return;
   }
   const T* q_g = q + (int64_t)s * q_stride + (int64_t)kvh * G * hd;   // this group's G heads
@@ -892,7 +953,6 @@ paged_decode_kernel(T* __restrict__ out,             // [S, H, hd], when splits 
   if (first < end) load_rows(v_cache, 1, first, cur);   // the first V rows fly during the softmax
   __syncthreads();
   // Softmax statistics per query head: one warp per head.
-  __shared__ float m_sh[PD_MAX_G], l_sh[PD_MAX_G];
   for (int g = wid; g < G; g += nw) {
     float m = -INFINITY;
     for (int t = lane; t < end - start; t += 32) m = fmaxf(m, logits[g * part + t]);
@@ -945,7 +1005,7 @@ paged_decode_kernel(T* __restrict__ out,             // [S, H, hd], when splits 
     const int g = i / hd, d = i % hd;
     float o = 0.f;
     for (int w = 0; w < nw; ++w) o += o_sh[(w * G + g) * hd + d];
-    if (splits == 1) out_g[i] = from_f<T>(o / l_sh[g]);   // one split: no merge pass
+    if (splits == 1) out_g[i] = from_f<T>(o / l_sh[g]);   // one split: no merge
     else o_part[(base + (int64_t)g * splits) * hd + d] = o / l_sh[g];
   }
   if (splits == 1) return;
@@ -953,40 +1013,15 @@ paged_decode_kernel(T* __restrict__ out,             // [S, H, hd], when splits 
     m_part[base + (int64_t)g * splits] = m_sh[g];
     l_part[base + (int64_t)g * splits] = l_sh[g];
   }
-}
-
-template <typename T>
-__global__ void merge_splits_kernel(T* __restrict__ out, const float* __restrict__ o_part,
-                                    const float* __restrict__ m_part, const float* __restrict__ l_part,
-                                    int splits, int hd) {
-  const int64_t sh = blockIdx.x;       // (sequence, head)
-  float m = -INFINITY;
-  for (int j = 0; j < splits; ++j) m = fmaxf(m, m_part[sh * splits + j]);
-  if (m == -INFINITY) {                // every split empty: context 0 (a padding row) -> 0
-    for (int d = threadIdx.x; d < hd; d += blockDim.x) out[sh * hd + d] = from_f<T>(0.f);
-    return;
-  }
-  // Empty splits (l = 0, m = -inf) are skipped, not multiplied by e^-inf.
-  float l = 0.f;
-  for (int j = 0; j < splits; ++j) {
-    const float w = l_part[sh * splits + j];
-    if (w > 0.f) l += w * __expf(m_part[sh * splits + j] - m);
-  }
-  for (int d = threadIdx.x; d < hd; d += blockDim.x) {
-    float acc = 0.f;
-    for (int j = 0; j < splits; ++j) {
-      const float w = l_part[sh * splits + j];
-      if (w > 0.f) acc += o_part[(sh * splits + j) * hd + d] * w * __expf(m_part[sh * splits + j] - m);
-    }
-    out[sh * hd + d] = from_f<T>(acc / l);
-  }
+  merge_splits_if_last(out, o_part, m_part, l_part, counters, H, Hkv, hd, splits, m_sh, l_sh);
 }
 
 // The launch for both forms. qkv: [S, H(+ 2 Hkv), hd], contiguous; rope: its k and v follow
 // q in each row, and the kernel applies RoPE and writes them to the cache (slots, cos, sin).
 static torch::Tensor launch_paged_decode(torch::Tensor qkv, int64_t H, torch::Tensor k_cache, torch::Tensor v_cache,
                                          torch::Tensor block_tables, torch::Tensor context_lens,
-                                         int64_t max_context, double scale, int64_t part, bool rope,
+                                         int64_t max_context, double scale, int64_t part,
+                                         c10::optional<torch::Tensor> counters, bool rope,
                                          torch::Tensor slots, torch::Tensor cos_t, torch::Tensor sin_t) {
   TORCH_CHECK(k_cache.is_contiguous() && v_cache.is_contiguous(), "paged_decode: caches must be contiguous");
   TORCH_CHECK(k_cache.dim() == 4 && k_cache.sizes() == v_cache.sizes() && k_cache.size(3) == qkv.size(2) &&
@@ -1011,11 +1046,21 @@ static torch::Tensor launch_paged_decode(torch::Tensor qkv, int64_t H, torch::Te
   TORCH_CHECK(splits <= 65535, "paged_decode: max_context / part must be <= 65535 splits");
   auto out = torch::empty({S, H, hd}, qkv.options());
   if (S == 0) return out;
-  // Partials only when there is something to merge: one split writes out directly.
+  // Partials only when there is something to merge: one split writes out directly. The
+  // split counters: the caller's (zero, as every launch leaves them), else zeroed here.
   auto f32 = qkv.options().dtype(torch::kFloat32);
   auto o_part = torch::empty({splits > 1 ? S : 0, H, splits, hd}, f32);
   auto m_part = torch::empty({splits > 1 ? S : 0, H, splits}, f32);
   auto l_part = torch::empty({splits > 1 ? S : 0, H, splits}, f32);
+  torch::Tensor count;
+  if (splits > 1 && counters.has_value()) {
+    count = *counters;
+    TORCH_CHECK(count.scalar_type() == torch::kInt32 && count.is_contiguous() && count.device() == qkv.device() &&
+                count.numel() >= (int64_t)S * Hkv, "paged_decode: counters must be int32, contiguous, on q's device, "
+                "at least S x Hkv of them, and zero");
+  } else if (splits > 1) {
+    count = torch::zeros({(int64_t)S * Hkv}, qkv.options().dtype(torch::kInt32));
+  }
   int G = H / Hkv;
   size_t smem = (size_t)(G * hd + G * part + (PD_THREADS / 32) * G * hd) * sizeof(float) +
                 (size_t)(part / block_size + 2) * sizeof(int);
@@ -1035,7 +1080,7 @@ static torch::Tensor launch_paged_decode(torch::Tensor qkv, int64_t H, torch::Te
       ALLOW_SMEM(kernel, smem);
       kernel<<<grid, PD_THREADS, smem, stream>>>(
           out.data_ptr<scalar_t>(), o_part.data_ptr<float>(), m_part.data_ptr<float>(), l_part.data_ptr<float>(),
-          q_ptr, k_cache.data_ptr<scalar_t>(), v_cache.data_ptr<scalar_t>(), tables.data_ptr<int>(),
+          splits > 1 ? count.data_ptr<int>() : nullptr, q_ptr, k_cache.data_ptr<scalar_t>(), v_cache.data_ptr<scalar_t>(), tables.data_ptr<int>(),
           lens.data_ptr<int>(), (int)H, Hkv, hd, block_size, bs_shift, (int)tables.size(1), (int)part, splits,
           (int)max_context, (float)scale, q_stride, rope ? q_ptr + H * hd : nullptr,
           rope ? q_ptr + (H + Hkv) * hd : nullptr, slot_ptr, k_cache.size(0) * k_cache.size(1), cos_ptr, sin_ptr,
@@ -1050,23 +1095,17 @@ static torch::Tensor launch_paged_decode(torch::Tensor qkv, int64_t H, torch::Te
     if (rope) with_group(std::true_type());
     else with_group(std::false_type());
     C10_CUDA_KERNEL_LAUNCH_CHECK();
-    if (splits > 1) {
-      merge_splits_kernel<scalar_t><<<S * H, std::min(hd, 256), 0, stream>>>(
-          out.data_ptr<scalar_t>(), o_part.data_ptr<float>(), m_part.data_ptr<float>(), l_part.data_ptr<float>(),
-          splits, hd);
-      C10_CUDA_KERNEL_LAUNCH_CHECK();
-    }
   });
   return out;
 }
 
 torch::Tensor paged_decode(torch::Tensor q, torch::Tensor k_cache, torch::Tensor v_cache,
                            torch::Tensor block_tables, torch::Tensor context_lens, int64_t max_context,
-                           double scale, int64_t part) {
+                           double scale, int64_t part, c10::optional<torch::Tensor> counters) {
   TORCH_CHECK(q.dim() == 3, "paged_decode: q must be [S, H, hd]");
   torch::Tensor none;
   return launch_paged_decode(q.contiguous(), q.size(1), k_cache, v_cache, block_tables, context_lens, max_context,
-                             scale, part, false, none, none, none);
+                             scale, part, counters, false, none, none, none);
 }
 
 // Decode attention with the step's RoPE and cache write folded in (one launch instead of
@@ -1076,7 +1115,8 @@ torch::Tensor paged_decode(torch::Tensor q, torch::Tensor k_cache, torch::Tensor
 torch::Tensor paged_decode_rope(torch::Tensor qkv, int64_t n_heads, torch::Tensor k_cache, torch::Tensor v_cache,
                                 torch::Tensor block_tables, torch::Tensor context_lens,
                                 torch::Tensor slot_mapping, torch::Tensor cos_t, torch::Tensor sin_t,
-                                int64_t max_context, double scale, int64_t part) {
+                                int64_t max_context, double scale, int64_t part,
+                                c10::optional<torch::Tensor> counters) {
   TORCH_CHECK(qkv.dim() == 3 && qkv.size(2) % 2 == 0, "paged_decode_rope: qkv must be [S, H + 2 Hkv, hd], hd even");
   TORCH_CHECK(cos_t.dim() == 2 && cos_t.sizes() == sin_t.sizes() && cos_t.size(1) == qkv.size(2),
               "paged_decode_rope: cos/sin tables must be [positions, head_dim]");
@@ -1084,7 +1124,7 @@ torch::Tensor paged_decode_rope(torch::Tensor qkv, int64_t n_heads, torch::Tenso
   auto slots = slot_mapping.to(torch::kInt64).contiguous();
   auto c = cos_t.to(torch::kFloat32).contiguous(), s = sin_t.to(torch::kFloat32).contiguous();
   return launch_paged_decode(qkv.contiguous(), n_heads, k_cache, v_cache, block_tables, context_lens, max_context,
-                             scale, part, true, slots, c, s);
+                             scale, part, counters, true, slots, c, s);
 }
 
 // ---------------------------------------------------------------- paged prefill / verification attention
@@ -2524,11 +2564,12 @@ torch::Tensor rope_and_cache(torch::Tensor q, torch::Tensor k, torch::Tensor v, 
                              torch::Tensor v_cache, torch::Tensor slot_mapping);
 torch::Tensor paged_decode(torch::Tensor q, torch::Tensor k_cache, torch::Tensor v_cache,
                            torch::Tensor block_tables, torch::Tensor context_lens, int64_t max_context,
-                           double scale, int64_t part);
+                           double scale, int64_t part, c10::optional<torch::Tensor> counters);
 torch::Tensor paged_decode_rope(torch::Tensor qkv, int64_t n_heads, torch::Tensor k_cache, torch::Tensor v_cache,
                                 torch::Tensor block_tables, torch::Tensor context_lens,
                                 torch::Tensor slot_mapping, torch::Tensor cos_t, torch::Tensor sin_t,
-                                int64_t max_context, double scale, int64_t part);
+                                int64_t max_context, double scale, int64_t part,
+                                c10::optional<torch::Tensor> counters);
 torch::Tensor paged_prefill(torch::Tensor q, torch::Tensor k_cache, torch::Tensor v_cache,
                             torch::Tensor block_tables, torch::Tensor query_start_loc,
                             torch::Tensor context_lens, int64_t max_query_len, double scale, bool tensor_cores,
@@ -2597,24 +2638,36 @@ def cuda_extension():
 
 USE_CUDA_KERNELS = os.environ.get("NANOSERVE_KERNELS", "cuda") != "ref"
 USE_CPU_FAST_PATHS = USE_CUDA_KERNELS      # paged_attention_cpu, PyTorch's int8/int4 CPU kernels
-DECODE_MIN_PART = 256             # fewest keys per Flash-Decoding split worth a merge
 DECODE_SMEM_BYTES = 200 * 1024    # paged_decode's shared memory budget at most (H100/H200: 227 KB)
+# One round of paged_decode's loads: 256 threads, each with 4 rows' 16-byte loads in flight.
+DECODE_ROUND_BYTES = 256 * 4 * 16
+
+
+def decode_min_part(head_dim: int) -> int:
+    """The fewest keys a Flash-Decoding split gets: one round of the block's loads of 16-bit
+    rows (128 keys at head_dim 64, 64 at 128). A shorter split leaves lanes without a row;
+    a longer one makes a block wait on its memory several times in turn while other SMs
+    may have nothing to do."""
+    return max(32, DECODE_ROUND_BYTES // (2 * head_dim) // 32 * 32)
 
 
 def decode_partition(S: int, n_kv: int, group: int, head_dim: int, max_context: int, sm_count: int,
                      smem_bytes: int = DECODE_SMEM_BYTES) -> int:
     """Keys per split for paged_decode (Flash-Decoding). The grid is S x Hkv x splits blocks:
     enough splits to fill the GPU (two blocks per SM) when S x Hkv alone does not, no more
-    (each split adds a partial result to write and merge; one split needs no merge), never
-    fewer keys per split than DECODE_MIN_PART, never more than the block's shared memory
-    holds (the G x part scores). Depends only on the host-side sizes, so a CUDA graph
-    bucket (fixed S and max_context) always gets the same grid.
+    (each split adds a partial result to write, count and merge; one split needs none),
+    never fewer keys per split than decode_min_part, never more than the block's shared
+    memory holds (the G x part scores). A split costs no launch (the group's last block
+    merges), so a short context at a small batch is split too: at batch 1, a 200-token
+    context over 4 KV heads runs on 8 blocks, not 4 that each read 200 rows in turn.
+    Depends only on the host-side sizes, so a CUDA graph bucket (fixed S and max_context)
+    always gets the same grid.
     -> part, a multiple of 32; splits = ceil(max_context / part)."""
     # q and each warp's P V partials, then per key G scores and (block size 1 at worst) a block id
     most = (smem_bytes // 4 - (1 + 256 // 32) * group * head_dim - 2) // (group + 1)
     most = max(32, most // 32 * 32)
     want = -(-2 * sm_count // max(1, S * n_kv))                     # splits that fill the GPU
-    splits = max(1, min(want, -(-max_context // DECODE_MIN_PART)), -(-max_context // most))
+    splits = max(1, min(want, -(-max_context // decode_min_part(head_dim))), -(-max_context // most))
     part = -(-max(max_context, 1) // splits)
     return min(most, -(-part // 32) * 32)            # rounded up: the splits may be a few fewer
 
@@ -2692,14 +2745,18 @@ def _decode_kernel_fits(q: Tensor, k_cache: Tensor) -> bool:
 
 def paged_attention_cuda(q: Tensor, k_cache: Tensor, v_cache: Tensor, block_tables: Tensor,
                          query_start_loc: Tensor, context_lens: Tensor, scale: float,
-                         max_context_len: int | None = None, max_query_len: int | None = None) -> Tensor:
+                         max_context_len: int | None = None, max_query_len: int | None = None,
+                         counters: Tensor | None = None) -> Tensor:
     """paged_attention on the kernels: paged_decode for one query per sequence in a layout it
-    takes, paged_prefill for the rest (on tensor cores where the GPU has them)."""
+    takes, paged_prefill for the rest (on tensor cores where the GPU has them). counters:
+    paged_decode's split counters, int32 zeros, at least S x Hkv (the model runner owns one
+    buffer: every launch leaves it zero); None zeroes a new one when the context is split."""
     if q.shape[0] == block_tables.shape[0] and _decode_kernel_fits(q, k_cache):   # decode
         max_len = max_context_len if max_context_len is not None else int(context_lens.max())
         part = decode_partition(q.shape[0], k_cache.shape[2], q.shape[1] // k_cache.shape[2], q.shape[2], max_len,
                                 *_decode_device(q.device))
-        return cuda_extension().paged_decode(q, k_cache, v_cache, block_tables, context_lens, max_len, scale, part)
+        return cuda_extension().paged_decode(q, k_cache, v_cache, block_tables, context_lens, max_len, scale, part,
+                                             counters)
     if max_query_len is None:
         max_query_len = int((query_start_loc[1:] - query_start_loc[:-1]).max())
     return cuda_extension().paged_prefill(q, k_cache, v_cache, block_tables, query_start_loc, context_lens,
@@ -2709,35 +2766,38 @@ def paged_attention_cuda(q: Tensor, k_cache: Tensor, v_cache: Tensor, block_tabl
 def paged_attention(q: Tensor, k_cache: Tensor, v_cache: Tensor, block_tables: Tensor,
                     query_start_loc: Tensor, context_lens: Tensor, scale: float,
                     max_context_len: int | None = None, max_query_len: int | None = None,
-                    plan: CpuStepPlan | None = None) -> Tensor:
+                    plan: CpuStepPlan | None = None, counters: Tensor | None = None) -> Tensor:
     """max_context_len / max_query_len: host-side maxima (they size the grid); computed
-    from the tensors, with a device sync, when not given. plan: as for rope_and_cache."""
+    from the tensors, with a device sync, when not given. plan: as for rope_and_cache;
+    counters: as for paged_attention_cuda."""
     if plan is not None and not q.is_cuda:         # the runner made a plan: the CPU path
         return paged_attention_cpu(q, k_cache, v_cache, plan, scale)
     if not _cuda(q):
         return paged_attention_ref(q, k_cache, v_cache, block_tables, query_start_loc, context_lens, scale)
     return paged_attention_cuda(q, k_cache, v_cache, block_tables, query_start_loc, context_lens, scale,
-                                max_context_len, max_query_len)
+                                max_context_len, max_query_len, counters)
 
 
 def decode_attention_with_rope(qkv: Tensor, n_heads: int, k_cache: Tensor, v_cache: Tensor, block_tables: Tensor,
                                query_start_loc: Tensor, context_lens: Tensor, slot_mapping: Tensor, cos: Tensor,
-                               sin: Tensor, scale: float, max_context_len: int) -> Tensor:
+                               sin: Tensor, scale: float, max_context_len: int,
+                               counters: Tensor | None = None) -> Tensor:
     """A decode step's RoPE, cache write and attention: qkv (S, H + 2 Hkv, hd) as projected
     (q's H heads, then k's and v's), one token per sequence at position context_lens - 1 ->
     (S, H, hd). On the kernels one launch, paged_decode_rope, where paged_decode takes the
     shape: a layer's decode step launches no rope_and_cache. Elsewhere the two steps in turn
-    (rope_and_cache, then paged_attention), which is also its twin."""
+    (rope_and_cache, then paged_attention), which is also its twin. counters: as for
+    paged_attention_cuda."""
     H, Hkv = n_heads, k_cache.shape[2]
     q, k, v = qkv.split([H, Hkv, Hkv], dim=1)                     # (S, H, hd), 2 x (S, Hkv, hd)
     if _cuda(qkv) and _decode_kernel_fits(q, k_cache):
         part = decode_partition(qkv.shape[0], Hkv, H // Hkv, qkv.shape[2], max_context_len, *_decode_device(qkv.device))
         return cuda_extension().paged_decode_rope(qkv, H, k_cache, v_cache, block_tables, context_lens, slot_mapping,
-                                                  cos, sin, max_context_len, scale, part)
+                                                  cos, sin, max_context_len, scale, part, counters)
     positions = (context_lens.long() - 1).clamp(min=0)             # a padding row (context 0) writes nothing
     q = rope_and_cache(q, k, v, positions, cos, sin, k_cache, v_cache, slot_mapping)
     return paged_attention(q, k_cache, v_cache, block_tables, query_start_loc, context_lens, scale,
-                           max_context_len, 1)
+                           max_context_len, 1, counters=counters)
 
 
 # Where quant_linear_cuda changes kernel, by rows of x. Up to QUANT_MMA_MAX_ROWS (16, one
@@ -2959,14 +3019,16 @@ def _check_decode_attention(dev: str, dtype: torch.dtype, quick: bool, full: boo
     (decode_partition); quick: paged_decode with a 64-key partition, so that short contexts
     span several splits. Each group size takes its instantiation (G rounded up to 1/2/4/8)
     and, from 2 heads over as many lanes, the reduce-scatter; G = 16 and head_dim 80 take the
-    prefill kernel. Context 0 (a CUDA-graph padding row), one split (no merge) and several
-    with empty ones; block sizes of 12 (a division, not a shift), 16 and 32; a 320-key
+    prefill kernel. Context 0 (a CUDA-graph padding row, alone and beside a split context:
+    all its splits empty), one split (no merge) and several with empty ones; block sizes of 12 (a division, not a shift), 16 and 32; a 320-key
     partition over 300 keys (several steps of each loop: the software pipeline's hand-over
-    from one step to the next)."""
+    from one step to the next). Each case runs twice on one buffer of split counters: the
+    second result must equal the first to the bit and the counters must be left zero (a
+    CUDA graph replays the launch on the same buffer), or the case's error is 1."""
     ext, dn, rows = cuda_extension(), str(dtype).removeprefix("torch."), []
     groups = ((1, 64), (4, 64), (8, 64), (3, 64), (8, 32), (16, 32), (2, 80), (2, 64), (6, 128), (5, 32)) \
         if quick else ((1, 128), (4, 128), (8, 128), (3, 128), (16, 64), (4, 80), (2, 128), (6, 128))
-    ctxs = ([0], [1, 17, 0, 40], [130, 5], [64]) if quick else \
+    ctxs = ([0], [1, 17, 0, 40], [130, 5, 0], [64]) if quick else \
         ([0], [1, 17, 100, 0], [4097, 333], [16000], [512], [32768], [2048] * 64)
     cases = [(G, hd, bs, ctx, None) for G, hd in groups[:None if full else 2]
              for bs in ((16,) if quick else (16, 32)) for ctx in ctxs]
@@ -2980,16 +3042,19 @@ def _check_decode_attention(dev: str, dtype: torch.dtype, quick: bool, full: boo
         part = given or (64 if quick else decode_partition(len(ctx), 2, G, hd, max(ctx),
                                                            *_decode_device(torch.device(dev))))
         splits = -(-max(ctx) // part) if via == "decode" else 1
+        counters = torch.zeros(2 * len(ctx), device=dev, dtype=torch.int32)
         if via == "decode" and (quick or given):
-            run = lambda: ext.paged_decode(q, kc, vc, bt, lens, max(ctx), hd ** -0.5, part)
+            run = lambda: ext.paged_decode(q, kc, vc, bt, lens, max(ctx), hd ** -0.5, part, counters)
         else:
-            run = lambda: paged_attention_cuda(q, kc, vc, bt, starts, lens, hd ** -0.5, max(ctx), 1)
+            run = lambda: paged_attention_cuda(q, kc, vc, bt, starts, lens, hd ** -0.5, max(ctx), 1, counters)
         out = run()
+        again = run()
         t = _bench(run, dev)
         gbs = 2 * sum(ctx) * 2 * hd * kc.element_size() / t / 1e9 if t else 0.0
         shown = ctx if len(ctx) <= 4 else f"{len(ctx)} x {ctx[0]}"
+        same = torch.equal(out, again) and not counters.any()
         rows.append((f"paged decode ({via}) {dn} G={G} hd={hd} bs={bs} ctx={shown} splits={max(splits, 1)}"
-                     + (f" ({gbs:.0f} GB/s)" if t else ""), _rel(out, ref), 1e3 * t))
+                     + (f" ({gbs:.0f} GB/s)" if t else ""), _rel(out, ref) if same else 1.0, 1e3 * t))
     return rows
 
 
@@ -3001,7 +3066,7 @@ def _check_decode_rope(dev: str, dtype: torch.dtype, quick: bool, full: bool) ->
     token in the last; groups 1, 4 (pipelined loops) and 8 (not); block size 12."""
     ext, dn, rows = cuda_extension(), str(dtype).removeprefix("torch."), []
     hd_big = 64 if quick else 128
-    cases = [(4, 64, 16, [1, 17, 0, 40], 64), (1, hd_big, 16, [130, 5], 64), (8, 64, 12, [70, 3], 32),
+    cases = [(4, 64, 16, [1, 17, 0, 40], 64), (1, hd_big, 16, [130, 5, 0], 64), (8, 64, 12, [70, 3], 32),
              (4, 64, 16, [300, 7], 320)]
     for G, hd, bs, ctx, part in cases[:None if full else 2]:
         Hkv, H = 2, 2 * G
@@ -3012,14 +3077,14 @@ def _check_decode_rope(dev: str, dtype: torch.dtype, quick: bool, full: bool) ->
                              device=dev)
         starts = torch.arange(len(ctx) + 1, device=dev, dtype=torch.int32)
         scale, kc2, vc2, kc3, vc3 = hd ** -0.5, kc.clone(), vc.clone(), kc.clone(), vc.clone()
-        run = lambda: ext.paged_decode_rope(qkv, H, kc, vc, bt, lens, slots, cos, sin, max(ctx), scale, part)
+        run = lambda: ext.paged_decode_rope(qkv, H, kc, vc, bt, lens, slots, cos, sin, max(ctx), scale, part, None)
         out = run()
         q, k, v = qkv.split([H, Hkv, Hkv], dim=1)
         pos = (lens.long() - 1).clamp(min=0)
         ref = paged_attention_ref(rope_and_cache_ref(q, k, v, pos, cos, sin, kc2, vc2, slots), kc2, vc2, bt, starts,
                                   lens, scale)
         two = ext.paged_decode(ext.rope_and_cache(q, k, v, pos, cos, sin, kc3, vc3, slots), kc3, vc3, bt, lens,
-                               max(ctx), scale, part)
+                               max(ctx), scale, part, None)
         same = torch.equal(out, two) and torch.equal(kc, kc3) and torch.equal(vc, vc3)
         err = max(_rel(out, ref), _rel(kc, kc2), _rel(vc, vc2)) if same else 1.0
         rows.append((f"decode with RoPE + cache write {dn} G={G} hd={hd} bs={bs} ctx={ctx} part={part}"

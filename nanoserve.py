@@ -743,6 +743,10 @@ class AttentionMetadata:
     # instead of two a layer, kernels.decode_attention_with_rope): project then hands over q,
     # k and v as projected. The runner sets it for decode steps on a GPU.
     rope_in_attention: bool = False
+    # (max_num_seqs * Hkv,) int32 zeros: how many of a decode group's Flash-Decoding splits
+    # are done, so that the last one merges them (kernels.paged_attention_cuda). The runner
+    # owns one buffer; every launch leaves it zero. None: a launch zeroes one of its own.
+    split_counters: Tensor | None = None
 
 
 INPUT_MAJOR_MIN_WEIGHTS = 1 << 16
@@ -860,11 +864,12 @@ class LlamaAttention(nn.Module):
         if meta.rope_in_attention:
             o = kernels.decode_attention_with_rope(q, self.n_heads, k_cache, v_cache, meta.block_tables,
                                                    meta.query_start_loc, meta.context_lens, meta.slot_mapping,
-                                                   *rope, self.scale, meta.max_context_len)   # (T, H, hd)
+                                                   *rope, self.scale, meta.max_context_len,
+                                                   meta.split_counters)                      # (T, H, hd)
         else:
             o = kernels.paged_attention(q, k_cache, v_cache, meta.block_tables, meta.query_start_loc,
                                         meta.context_lens, self.scale, meta.max_context_len, meta.max_query_len,
-                                        plan=meta.cpu_plan)                       # (T, H, hd)
+                                        plan=meta.cpu_plan, counters=meta.split_counters)   # (T, H, hd)
         return o.reshape(q.shape[0], self.n_heads * self.head_dim)
 
 
@@ -2452,23 +2457,26 @@ class DecodeGraphs:
     to slot -1, which the cache write skips, and attend over a context of 0 tokens).
     Attention's Flash-Decoding grid (how many splits of the context, kernels.decode_partition)
     is fixed in a graph too, sized for a bound on the context: so that short contexts are
-    not split (and merged) as a 32k one would be, the bound is bucketed as well, by powers
-    of two up to max_context_len, and a step takes the smallest bucket its longest context
-    fits. The smallest bucket is kernels.DECODE_MIN_PART, the fewest keys a split gets: a
-    context that short takes one split, so its step launches no merge.
+    not split as a 32k one would be (into blocks that find no keys), the bound is bucketed
+    as well, by powers of two up to max_context_len, and a step takes the smallest bucket
+    its longest context fits. The smallest bucket is MIN_CONTEXT_BUCKET keys: below it a
+    smaller bound would save only a few empty blocks, at the price of more graphs.
     Graphs are captured on first use of a bucket and share one memory pool (vLLM captures
     every bucket at start-up instead; a capture waits for the device, once per bucket).
     capture=False runs the same padded static-buffer path eagerly: the CPU tests check it,
     a GPU captures it.
     """
 
+    MIN_CONTEXT_BUCKET = 256
+
     def __init__(self, model: LlamaForCausalLM, kv_cache: Tensor, max_batch: int, max_blocks: int,
-                 max_context_len: int, capture: bool = True):
+                 max_context_len: int, capture: bool = True, split_counters: Tensor | None = None):
         self.model, self.kv_cache, self.capture = model, kv_cache, capture
+        self.split_counters = split_counters            # AttentionMetadata's
         top = min(max_batch, 256)                      # larger decode batches run eagerly
         self.buckets = [b for b in (1, 2, 4, *range(8, 257, 8)) if b < top] + [top]
         self.max_blocks = max_blocks
-        first = kernels.DECODE_MIN_PART.bit_length() - 1                 # 256 -> 2^8
+        first = self.MIN_CONTEXT_BUCKET.bit_length() - 1                 # 256 -> 2^8
         self.context_buckets = sorted({min(1 << k, max_context_len) for k in range(first, 31)})
         dev = kv_cache.device
         # A step's inputs cross to the device in one copy: written on the host into one int32
@@ -2514,7 +2522,8 @@ class DecodeGraphs:
     def _forward(self, b: int, ctx: int) -> Tensor:
         self._spread(b)
         meta = AttentionMetadata(self.slot_mapping[:b], self.block_tables[:b], self.query_start_loc[:b + 1],
-                                 self.context_lens[:b], max_context_len=ctx, max_query_len=1, rope_in_attention=True)
+                                 self.context_lens[:b], max_context_len=ctx, max_query_len=1, rope_in_attention=True,
+                                 split_counters=self.split_counters)
         return self.model(self.input_ids[:b], self.positions[:b], self.kv_cache, meta)   # (b, D)
 
     def run(self, ids: list[int], positions: list[int], slots: list[int], tables: list[list[int]],
@@ -2676,6 +2685,10 @@ class ModelRunner:
         model.init_rope(max_positions, self.device)
         fuse_projections(model)
         self.kv_cache: Tensor | None = None
+        # Decode attention's split counters (AttentionMetadata.split_counters), one per
+        # sequence and KV head of the largest step: one buffer, whose address graphs keep.
+        self.split_counters = torch.zeros(cfg.max_num_seqs * model.config.num_key_value_heads, dtype=torch.int32,
+                                          device=self.device)
         # CUDA graphs for decode steps, made on first use. Only with the CUDA kernels: the
         # reference attention syncs with the host, which a graph cannot record.
         self.use_graphs = self.device.type == "cuda" and not cfg.enforce_eager and kernels.USE_CUDA_KERNELS
@@ -2761,7 +2774,7 @@ class ModelRunner:
             if self.graphs is None:
                 self.graphs = DecodeGraphs(self.model, self.kv_cache, self.cfg.max_num_seqs,
                                            -(-self.max_positions // bs), self.max_positions,
-                                           capture=self.device.type == "cuda")
+                                           capture=self.device.type == "cuda", split_counters=self.split_counters)
             if self.graphs.fits(len(tokens), width):
                 return self.graphs.run(ids, pos, slots, tables, pending), rows[:-1]
         S, T = len(tokens), len(ids)
@@ -2787,7 +2800,8 @@ class ModelRunner:
             slot_mapping=slot_mapping, block_tables=block_tables.view(S, W),
             query_start_loc=starts_loc, context_lens=context_lens,
             max_context_len=max(lens), max_query_len=max(map(len, tokens)),
-            rope_in_attention=T == S and self.device.type == "cuda" and not piecewise)
+            rope_in_attention=T == S and self.device.type == "cuda" and not piecewise,
+            split_counters=self.split_counters)
         if piecewise:
             if self.piecewise is None:
                 self.piecewise = PiecewiseGraphs(self.model, self.kv_cache, self.piecewise_max_tokens,

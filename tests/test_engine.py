@@ -335,14 +335,15 @@ def test_graph_path_copies_changed_block_table_entries_only_and_matches_eager(mo
 def test_decode_graphs_bucket_the_context_bound_for_the_split_count():
     """A decode graph fixes attention's Flash-Decoding grid for a bound on the context: the
     step takes the smallest power-of-two bucket (256 up to max_context_len) that holds its
-    longest context (position + 1), so short contexts are not split as a long one is; up to
-    256 (DECODE_MIN_PART keys) not at all, even where the GPU has many SMs to fill."""
+    longest context (position + 1), so short contexts are not split as a long one is: into
+    rounds of the block's loads (decode_min_part keys), not into 264 blocks' worth."""
     g = nanoserve.DecodeGraphs(None, torch.zeros(1), max_batch=12, max_blocks=400, max_context_len=5000,
                                capture=False)
     assert g.context_buckets == [256, 512, 1024, 2048, 4096, 5000]
     one_kv_head = dict(S=1, n_kv=1, group=8, head_dim=128, sm_count=132)       # 264 blocks wanted
-    assert nanoserve.kernels.decode_partition(max_context=256, **one_kv_head) >= 256            # one split
-    assert nanoserve.kernels.decode_partition(max_context=512, **one_kv_head) < 512             # two
+    assert nanoserve.kernels.decode_partition(max_context=256, **one_kv_head) == 64             # 4 splits
+    assert nanoserve.kernels.decode_partition(max_context=512, **one_kv_head) == 64             # 8
+    assert nanoserve.kernels.decode_partition(max_context=256, **{**one_kv_head, "head_dim": 64}) == 128
     seen = []
     g._forward = lambda b, ctx: (g._spread(b), seen.append((b, ctx)), torch.zeros(b, 8))[2]
     for positions, want in (([10, 20, 30], (4, 256)), ([255], (1, 256)), ([256], (1, 512)), ([5, 511], (2, 512)),
@@ -885,8 +886,9 @@ def test_fused_projections_equal_the_separate_linears_and_keep_the_checkpoint():
 def test_decode_split_policy_fills_the_gpu_fits_shared_memory_and_merges_only_when_needed():
     """kernels.decode_partition (Flash-Decoding's keys per split, chosen on the host): on an
     H100 (132 SMs) a lone long sequence is split until the grid has two blocks per SM, a
-    large batch that already fills the GPU gets one split (no merge pass), no split is
-    shorter than DECODE_MIN_PART keys, and the scores always fit the shared-memory budget."""
+    large batch that already fills the GPU gets one split (nothing to merge), no split is
+    shorter than one round of the block's loads (decode_min_part), and the scores always
+    fit the shared-memory budget."""
     sms = 132
     for S in (1, 4, 64, 256):
         for n_kv, G, hd in ((8, 4, 128), (8, 8, 128), (2, 4, 64), (1, 8, 256), (32, 1, 128)):
@@ -896,10 +898,12 @@ def test_decode_split_policy_fills_the_gpu_fits_shared_memory_and_merges_only_wh
                 assert part % 32 == 0 and part >= 32 and splits * part >= ctx
                 # scores, q, the warps' partials, and the partition's block ids (block size 1 at worst)
                 assert (9 * G * hd + G * part + part + 2) * 4 <= kernels.DECODE_SMEM_BYTES, (S, n_kv, G, hd, ctx)
-                assert splits <= max(1, -(-ctx // kernels.DECODE_MIN_PART)) or part * G * 4 > 150_000
+                least = kernels.decode_min_part(hd)
+                assert least == {64: 128, 128: 64, 256: 32}[hd]                 # 16 KB of 16-bit rows
+                assert splits <= max(1, -(-ctx // least)) or part * G * 4 > 150_000
                 if S * n_kv >= 2 * sms and (9 * G * hd + (G + 1) * ctx + 64) * 4 <= kernels.DECODE_SMEM_BYTES:
                     assert splits == 1                                  # the batch fills the GPU
-                if ctx >= 2 * sms * kernels.DECODE_MIN_PART:
+                if ctx >= 2 * sms * least:
                     assert S * n_kv * splits >= 0.9 * 2 * sms           # long contexts fill it too
                                                                         # (parts rounded up to 32 keys)
     assert kernels.decode_partition(1, 8, 4, 128, 32768, sms) == kernels.decode_partition(1, 8, 4, 128, 32768, sms)

@@ -27,6 +27,13 @@ def test_ptxas_report_reads_registers_spills_and_shared_memory():
     (big, *r1), (small, *r2) = kernel_bench.ptxas_report(PTXAS_LOG)
     assert big.startswith(("big", "_Z3big")) and r1 == [32, 688 + 1004, 0]
     assert small.startswith(("small", "_Z5small")) and r2 == [10, 0, 256]
+    # A device function the kernels call (not inlined) gets properties but no entry or
+    # register line: where it spills, it is reported too.
+    callee = ("ptxas info    : Function properties for _Z6helperv\n"
+              "    8 bytes stack frame, {} bytes spill stores, {} bytes spill loads\n")
+    assert len(kernel_bench.ptxas_report(PTXAS_LOG + callee.format(0, 0))) == 2
+    *_, (helper, *r3) = kernel_bench.ptxas_report(PTXAS_LOG + callee.format(4, 4))
+    assert helper.startswith(("helper", "_Z6helper")) and r3 == [0, 8, 0]
 
 
 def test_compile_check_fails_on_a_spill_and_passes_without_one(monkeypatch, capsys):

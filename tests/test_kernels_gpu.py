@@ -203,6 +203,41 @@ def test_prefill_kernel_serves_chunked_prefill_and_verification(model_dirs):
         assert [o.token_ids for o in gpu] == [o.token_ids for o in cpu]
 
 
+@cuda
+def test_split_decode_merges_in_its_own_launch_and_replays_in_a_graph():
+    """Decode attention over several splits is one kernel (the last split of each group to
+    finish merges the group's partials): with the caller's counters it launches nothing
+    else; captured in a CUDA graph and replayed on the same counters, it gives the eager
+    result to the bit every time and leaves the counters zero."""
+    from torch.profiler import ProfilerActivity, profile
+    ext = kernels.cuda_extension()
+    q, kc, vc, bt, lens = kernels._random_paged(3, [1000, 37, 0], 4, 8, 64, 16, torch.bfloat16, "cuda")
+    starts = torch.arange(4, device="cuda", dtype=torch.int32)
+    counters = torch.zeros(3 * 4, device="cuda", dtype=torch.int32)
+    run = lambda: ext.paged_decode(q, kc, vc, bt, lens, 1024, 0.125, 128, counters)     # 8 splits
+    eager = run()
+    ref = kernels.paged_attention_ref(q, kc, vc, bt, starts, lens, 0.125)
+    assert (eager.float() - ref.float()).abs().max() < 2e-2 * ref.float().abs().max()
+    with profile(activities=[ProfilerActivity.CUDA]) as prof:
+        run()
+        torch.cuda.synchronize()
+    kernels_run = {e.name for e in prof.events() if e.device_type == torch.autograd.DeviceType.CUDA}
+    assert len(kernels_run) == 1 and "paged_decode_kernel" in next(iter(kernels_run)), kernels_run
+    side = torch.cuda.Stream()
+    side.wait_stream(torch.cuda.current_stream())
+    with torch.cuda.stream(side):
+        run()
+    torch.cuda.current_stream().wait_stream(side)
+    graph = torch.cuda.CUDAGraph()
+    with torch.cuda.graph(graph):
+        out = run()
+    for _ in range(3):
+        out.zero_()
+        graph.replay()
+        torch.cuda.synchronize()
+        assert torch.equal(out, eager) and not counters.any()
+
+
 def test_decode_kernel_takes_only_the_layouts_it_was_written_for():
     """paged_decode reads a cached row as 16-byte loads over a power-of-two number of lanes
     and keeps G <= 8 heads' sums in registers; other shapes are routed to paged_prefill."""

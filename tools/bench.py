@@ -265,7 +265,7 @@ KERNEL_KINDS = (   # (kind, substrings of a GPU kernel's or CPU op's name), firs
     ("quantized matmul", ("quant_gemv", "quant_gemm", "dequantize")),
     ("matmul", ("gemm", "gemv", "cutlass", "xmma", "nvjet", "cublas", "aten::mm", "aten::addmm", "aten::linear",
                 "aten::matmul", "aten::bmm", "_weight_int")),
-    ("attention", ("paged_decode", "merge_splits", "paged_prefill", "attention", "sdpa", "flash")),
+    ("attention", ("paged_decode", "paged_prefill", "attention", "sdpa", "flash")),
     ("RMSNorm", ("rms_norm",)),
     ("RoPE + cache write", ("rope", "index_copy")),
     ("SiLU x up", ("silu",)),

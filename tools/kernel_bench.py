@@ -93,16 +93,39 @@ def gpu_goals(device: str = "cuda") -> list[tuple[str, str]]:
 
     # Decode attention, Llama-3-8B's attention shape (32 query heads over 8 KV heads, head_dim
     # 128), bf16 cache of 16-token blocks: bytes = the K and V rows the batch attends to.
+    # The split counters are one buffer, as the model runner's (every launch leaves it zero).
     Hkv, G, hd, bs = 8, 4, 128, 16
+    ext = cuda_extension()
+    counters = torch.zeros(64 * 32, device=dev, dtype=torch.int32)
     for S, ctx in ((64, 2048), (1, 32768)):
         kv_bytes = 2 * S * ctx * Hkv * hd * 2
         sets = [_random_paged(S, [ctx] * S, Hkv, G, hd, bs, bf16, device) for _ in range(copies(kv_bytes))]
         part = decode_partition(S, Hkv, G, hd, ctx, *_decode_device(dev))
-        ext = cuda_extension()
-        t = time_cuda(lambda i: ext.paged_decode(*sets[i % len(sets)], ctx, hd ** -0.5, part))
+        t = time_cuda(lambda i: ext.paged_decode(*sets[i % len(sets)], ctx, hd ** -0.5, part, counters))
         rows.append((f"paged_decode bf16 {S} x {ctx} tokens, 32/8 heads, hd 128 ({-(-ctx // part)} splits)",
                      f"{t * 1e6:.1f} us, {kv_bytes / t / 1e9:.0f} GB/s = {100 * kv_bytes / t / copy_bw:.0f}% "
                      f"of copy (goal >= 80%)"))
+        del sets
+    # Short contexts at batch 1, as a decode graph runs them (the grid sized for the context
+    # bucket, a power of two): TinyLlama's attention (32/4 heads, hd 64) at 200 and 1,000
+    # tokens, Llama-2-7B's (32/32, hd 128) at 300. Goal: within 1.5x of the KV bytes at copy
+    # bandwidth plus one launch (a one-element kernel in the same graph); beside it the same
+    # call unsplit (one block per KV head). A call reads little, so as many calls as copies
+    # of its cache (up to 1,000): in a decode step the weights between two layers' attention
+    # have pushed the cache out of L2.
+    one = torch.zeros(1, device=dev)
+    launch = time_cuda(lambda i: one.add_(1.0), reps=50)
+    for kv, grp, dim, ctx, bucket in ((4, 8, 64, 200, 256), (4, 8, 64, 1000, 1024), (32, 1, 128, 300, 512)):
+        kv_bytes = 2 * ctx * kv * dim * 2
+        sets = [_random_paged(1, [ctx], kv, grp, dim, bs, bf16, device) for _ in range(min(1000, copies(kv_bytes)))]
+        part = decode_partition(1, kv, grp, dim, bucket, *_decode_device(dev))
+        t = time_cuda(lambda i: ext.paged_decode(*sets[i], bucket, dim ** -0.5, part, counters), reps=len(sets))
+        t1 = time_cuda(lambda i: ext.paged_decode(*sets[i], bucket, dim ** -0.5, bucket, counters), reps=len(sets))
+        ideal = kv_bytes / copy_bw + launch
+        rows.append((f"paged_decode bf16 1 x {ctx} tokens (bucket {bucket}), {kv * grp}/{kv} heads, hd {dim} "
+                     f"({-(-bucket // part)} splits)",
+                     f"{t * 1e6:.1f} us = {t / ideal:.2f}x the KV bytes at copy + one launch "
+                     f"({ideal * 1e6:.1f} us, launch {launch * 1e6:.1f}; goal <= 1.5x); unsplit {t1 * 1e6:.1f} us"))
         del sets
 
     # Prefill: one 4,096-token prompt, causal, 32/8 heads, hd 128, against PyTorch's SDPA
@@ -303,17 +326,22 @@ def print_sass_report(pattern: str) -> int:
 
 def ptxas_report(log: str) -> list[tuple[str, int, int, int]]:
     """ptxas -v output -> per kernel (demangled name, registers, spill store + load bytes,
-    static shared memory bytes)."""
-    rows, name, spills = [], None, 0
+    static shared memory bytes); then each device function that kernels call (not inlined)
+    and that spills, with 0 registers and 0 shared memory (ptxas reports only its frame)."""
+    rows, name, spills, current = [], None, {}, None
     for line in log.splitlines():
         if m := re.search(r"Compiling entry function '(\w+)'", line):
             name = m.group(1)
-        elif (m := re.search(r"(\d+) bytes spill stores, (\d+) bytes spill loads", line)) and name:
-            spills = int(m.group(1)) + int(m.group(2))
+        elif m := re.search(r"Function properties for (\w+)", line):
+            current = m.group(1)
+        elif (m := re.search(r"(\d+) bytes spill stores, (\d+) bytes spill loads", line)) and current:
+            spills[current] = int(m.group(1)) + int(m.group(2))
         elif (m := re.search(r"Used (\d+) registers", line)) and name:
             smem = re.search(r"(\d+) bytes smem", line)
-            rows.append((name, int(m.group(1)), spills, int(smem.group(1)) if smem else 0))
-            name, spills = None, 0
+            rows.append((name, int(m.group(1)), spills.get(name, 0), int(smem.group(1)) if smem else 0))
+            name = None
+    kernels = {r[0] for r in rows}
+    rows += [(f, 0, sp, 0) for f, sp in spills.items() if sp and f not in kernels]
     names = demangle([r[0] for r in rows])
     return [(n, *r[1:]) for n, r in zip(names, rows)]
 
