@@ -727,6 +727,7 @@ __device__ __attribute__((noinline)) void merge_splits_if_last(
   __threadfence();
   __syncthreads();
   if (threadIdx.x == 0) {
+    __threadfence();          // the release for the block's writes, which the barrier ordered before it
     int* count = counters + (int64_t)s * Hkv + kvh;
     const bool last = atomicAdd(count, 1) == splits - 1;
     if (last) *count = 0;
@@ -1053,7 +1054,7 @@ static torch::Tensor launch_paged_decode(torch::Tensor qkv, int64_t H, torch::Te
   auto m_part = torch::empty({splits > 1 ? S : 0, H, splits}, f32);
   auto l_part = torch::empty({splits > 1 ? S : 0, H, splits}, f32);
   torch::Tensor count;
-  if (splits > 1 && counters.has_value()) {
+  if (counters.has_value()) {
     count = *counters;
     TORCH_CHECK(count.scalar_type() == torch::kInt32 && count.is_contiguous() && count.device() == qkv.device() &&
                 count.numel() >= (int64_t)S * Hkv, "paged_decode: counters must be int32, contiguous, on q's device, "
@@ -3061,7 +3062,8 @@ def _check_decode_attention(dev: str, dtype: torch.dtype, quick: bool, full: boo
 def _check_decode_rope(dev: str, dtype: torch.dtype, quick: bool, full: bool) -> Rows:
     """paged_decode_rope (decode attention applying the step's RoPE and cache write) against
     its twin, and against rope_and_cache then paged_decode, which it must equal to the bit
-    (outputs and caches; an error of 1 marks a difference). Contexts of 1 (only the new
+    (outputs and caches; an error of 1 marks a difference), run twice on one buffer of split
+    counters (the same result, the counters left zero). Contexts of 1 (only the new
     token), 0 (a padding row, slot -1, nothing written) and several splits with the new
     token in the last; groups 1, 4 (pipelined loops) and 8 (not); block size 12."""
     ext, dn, rows = cuda_extension(), str(dtype).removeprefix("torch."), []
@@ -3077,15 +3079,19 @@ def _check_decode_rope(dev: str, dtype: torch.dtype, quick: bool, full: bool) ->
                              device=dev)
         starts = torch.arange(len(ctx) + 1, device=dev, dtype=torch.int32)
         scale, kc2, vc2, kc3, vc3 = hd ** -0.5, kc.clone(), vc.clone(), kc.clone(), vc.clone()
-        run = lambda: ext.paged_decode_rope(qkv, H, kc, vc, bt, lens, slots, cos, sin, max(ctx), scale, part, None)
+        counters = torch.zeros(Hkv * len(ctx), device=dev, dtype=torch.int32)
+        run = lambda: ext.paged_decode_rope(qkv, H, kc, vc, bt, lens, slots, cos, sin, max(ctx), scale, part,
+                                            counters)
         out = run()
+        again = run()                    # writes the same row again: the same result, counters left zero
         q, k, v = qkv.split([H, Hkv, Hkv], dim=1)
         pos = (lens.long() - 1).clamp(min=0)
         ref = paged_attention_ref(rope_and_cache_ref(q, k, v, pos, cos, sin, kc2, vc2, slots), kc2, vc2, bt, starts,
                                   lens, scale)
         two = ext.paged_decode(ext.rope_and_cache(q, k, v, pos, cos, sin, kc3, vc3, slots), kc3, vc3, bt, lens,
                                max(ctx), scale, part, None)
-        same = torch.equal(out, two) and torch.equal(kc, kc3) and torch.equal(vc, vc3)
+        same = torch.equal(out, two) and torch.equal(kc, kc3) and torch.equal(vc, vc3) and torch.equal(out, again) \
+            and not counters.any()
         err = max(_rel(out, ref), _rel(kc, kc2), _rel(vc, vc2)) if same else 1.0
         rows.append((f"decode with RoPE + cache write {dn} G={G} hd={hd} bs={bs} ctx={ctx} part={part}"
                      f" (bit-equal to the two kernels: {same})", err, 1e3 * _bench(run, dev)))

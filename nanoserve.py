@@ -2686,7 +2686,9 @@ class ModelRunner:
         fuse_projections(model)
         self.kv_cache: Tensor | None = None
         # Decode attention's split counters (AttentionMetadata.split_counters), one per
-        # sequence and KV head of the largest step: one buffer, whose address graphs keep.
+        # sequence and KV head of the largest step: one buffer, whose address graphs keep
+        # (run grows it for an eager step past max_num_seqs: a request's samples join the
+        # running batch after its admission, see Scheduler._fork).
         self.split_counters = torch.zeros(cfg.max_num_seqs * model.config.num_key_value_heads, dtype=torch.int32,
                                           device=self.device)
         # CUDA graphs for decode steps, made on first use. Only with the CUDA kernels: the
@@ -2779,6 +2781,9 @@ class ModelRunner:
                 return self.graphs.run(ids, pos, slots, tables, pending), rows[:-1]
         S, T = len(tokens), len(ids)
         lens = [c + len(t) for c, t in zip(starts, tokens)]
+        if S * self.model.config.num_key_value_heads > len(self.split_counters):
+            self.split_counters = torch.zeros(S * self.model.config.num_key_value_heads, dtype=torch.int32,
+                                              device=self.device)
         piecewise = self.use_piecewise_graphs and T <= self.piecewise_max_tokens
         # The CPU plan gathers the cache through indices of its own, made from the table
         # lists; the padded tables are for the other paths (the piecewise graphs' pieces, which

@@ -354,6 +354,25 @@ def test_decode_graphs_bucket_the_context_bound_for_the_split_count():
         assert g.context_lens[:len(positions)].tolist() == [p + 1 for p in positions]
 
 
+def test_split_counters_hold_every_decode_step_past_max_num_seqs(tiny_model_dir, monkeypatch):
+    """Decode attention's split counters (AttentionMetadata.split_counters, one per sequence
+    and KV head) hold every step's sequences, also when a request's samples (n) take the
+    running batch past max_num_seqs: they join it after the request's admission."""
+    seen = []
+    forward = nanoserve.LlamaForCausalLM.forward
+
+    def spy(self, ids, positions, kv_cache, meta):
+        S = meta.query_start_loc.numel() - 1
+        seen.append((S * self.config.num_key_value_heads, meta.split_counters.numel()))
+        return forward(self, ids, positions, kv_cache, meta)
+
+    monkeypatch.setattr(nanoserve.LlamaForCausalLM, "forward", spy)
+    llm = LLM(tiny_model_dir, device="cpu", max_num_seqs=2)
+    out = llm.generate([[1, 5, 9]], SamplingParams(n=6, max_tokens=5, temperature=1.0, ignore_eos=True, seed=3))
+    assert len(out[0].outputs) == 6 and max(need for need, _ in seen) == 6 * 2
+    assert all(need <= held for need, held in seen)
+
+
 def test_decode_graphs_fill_in_pending_ids_inside_the_graph_and_past_its_buffer():
     """With async scheduling a decode's input is the previous step's sampled id, still on the
     device (-1 - its row): the graph's first kernels fill it in from a static copy of those
