@@ -1,0 +1,82 @@
+"""The engine on the CUDA kernels without a GPU: kernels.py's CUDA source run by kemu, the CPU
+emulator in ../shared/tools/kemu (every CUDA thread executes the kernel code), against the same
+engine on the PyTorch twins. kemu's run_self_check.py checks each kernel alone; this checks
+what the engine hands them: the runner's metadata, its split counters over layers and steps,
+the decode graphs' inputs (run without capture, as on the CPU) and the fused RoPE kernel.
+Skipped with a reason where ../shared is not beside the checkout."""
+
+import re
+
+import pytest
+
+import kernels
+import nanoserve
+from conftest import SHARED
+from nanoserve import LLM, SamplingParams
+
+KEMU = SHARED / "tools" / "kemu"
+pytestmark = pytest.mark.skipif(not (KEMU / "kemu_build.py").is_file(),
+                                reason="../shared/tools/kemu is not beside this checkout (only in the project's CI)")
+MODEL = nanoserve.DEFAULT_MODEL.parent / "nanocoder-5m"
+
+
+@pytest.fixture(scope="module")
+def emulated():
+    """kernels.py's CUDA extension built by kemu (the build run_self_check.py makes: cached)."""
+    import sys
+    sys.path.insert(0, str(KEMU))
+    import kemu_build
+    src = open(kernels.__file__).read()
+    functions = re.findall(r"[\"'](\w+)[\"']", re.search(r"functions\s*=\s*\[([^\]]*)\]", src).group(1))
+    return kemu_build.build(kernels.__file__, functions=functions)
+
+
+class Counted:
+    """The extension, counting calls by function."""
+    def __init__(self, ext):
+        self.ext, self.calls = ext, {}
+
+    def __getattr__(self, name):
+        def call(*args):
+            self.calls[name] = self.calls.get(name, 0) + 1
+            return getattr(self.ext, name)(*args)
+        return call
+
+
+def generate(monkeypatch, ext, graphs: bool, prompts, params, **kw):
+    """Token ids of each sample, on the emulated kernels (ext) or on the twins (None); with
+    graphs, decode steps take the decode graphs' path (uncaptured on the CPU) -> (ids, runner)."""
+    monkeypatch.setattr(kernels, "USE_CPU_FAST_PATHS", False)        # attention through the kernels
+    monkeypatch.setattr(kernels, "_cuda", (lambda t: True) if ext is not None else (lambda t: False))
+    monkeypatch.setattr(kernels, "cuda_extension", lambda: ext)
+    llm = LLM(MODEL, device="cpu", dtype="float32", num_blocks=128, block_size=16, max_model_len=256,
+              max_num_batched_tokens=64, **kw)
+    llm.engine.runner.use_graphs = graphs
+    return [[c.token_ids for c in o.outputs] for o in llm.generate(prompts, params)], llm.engine.runner
+
+
+@pytest.mark.parametrize("graphs", [False, True])
+def test_engine_on_emulated_kernels_equals_the_twins(emulated, monkeypatch, graphs):
+    """fp32 greedy tokens equal the twins' through chunked prefill (paged_prefill) and decode
+    (paged_decode; with graphs paged_decode_rope, the step's RoPE and cache write inside),
+    the contexts split (keys per split forced down to 32: several splits at these lengths, so
+    the kernel's last block merges them) on the runner's one counter buffer, left zero; then
+    n = 4 seeded samples of a request with max_num_seqs = 2 (decode steps past the buffer's
+    first size)."""
+    splits = []
+    partition = kernels.decode_partition
+    monkeypatch.setattr(kernels, "decode_min_part", lambda head_dim: 32)
+    monkeypatch.setattr(kernels, "decode_partition",
+                        lambda *a: (lambda part: (splits.append(-(-a[4] // part)), part)[1])(partition(*a)))
+    prompts = [[(37 * i + 11 * j) % 1900 + 3 for j in range(n)] for i, n in enumerate((5, 60, 23, 90, 41, 9))]
+    greedy = SamplingParams(temperature=0, max_tokens=24, ignore_eos=True)
+    ext = Counted(emulated)
+    ref, _ = generate(monkeypatch, None, graphs, prompts, greedy, max_num_seqs=6)
+    got, runner = generate(monkeypatch, ext, graphs, prompts, greedy, max_num_seqs=6)
+    assert got == ref and max(splits) >= 4 and not runner.split_counters.any()
+    assert ext.calls["paged_prefill"] and ext.calls["paged_decode_rope" if graphs else "paged_decode"] > 100
+    samples = SamplingParams(n=4, temperature=0.8, seed=5, max_tokens=16, ignore_eos=True)
+    ref, _ = generate(monkeypatch, None, graphs, prompts[3:4], samples, max_num_seqs=2)
+    got, runner = generate(monkeypatch, ext, graphs, prompts[3:4], samples, max_num_seqs=2)
+    assert got == ref and len(got[0]) == 4 and not runner.split_counters.any()
+    assert emulated.kemu_reports(True) == []
