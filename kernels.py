@@ -1081,9 +1081,10 @@ static torch::Tensor launch_paged_decode(torch::Tensor qkv, int64_t H, torch::Te
       ALLOW_SMEM(kernel, smem);
       kernel<<<grid, PD_THREADS, smem, stream>>>(
           out.data_ptr<scalar_t>(), o_part.data_ptr<float>(), m_part.data_ptr<float>(), l_part.data_ptr<float>(),
-          splits > 1 ? count.data_ptr<int>() : nullptr, q_ptr, k_cache.data_ptr<scalar_t>(), v_cache.data_ptr<scalar_t>(), tables.data_ptr<int>(),
-          lens.data_ptr<int>(), (int)H, Hkv, hd, block_size, bs_shift, (int)tables.size(1), (int)part, splits,
-          (int)max_context, (float)scale, q_stride, rope ? q_ptr + H * hd : nullptr,
+          splits > 1 ? count.data_ptr<int>() : nullptr, q_ptr, k_cache.data_ptr<scalar_t>(),
+          v_cache.data_ptr<scalar_t>(), tables.data_ptr<int>(), lens.data_ptr<int>(), (int)H, Hkv, hd, block_size,
+          bs_shift, (int)tables.size(1), (int)part, splits, (int)max_context, (float)scale, q_stride,
+          rope ? q_ptr + H * hd : nullptr,
           rope ? q_ptr + (H + Hkv) * hd : nullptr, slot_ptr, k_cache.size(0) * k_cache.size(1), cos_ptr, sin_ptr,
           rope ? cos_t.size(0) : 0, k_dst, v_dst);
     };
@@ -3021,9 +3022,9 @@ def _check_decode_attention(dev: str, dtype: torch.dtype, quick: bool, full: boo
     span several splits. Each group size takes its instantiation (G rounded up to 1/2/4/8)
     and, from 2 heads over as many lanes, the reduce-scatter; G = 16 and head_dim 80 take the
     prefill kernel. Context 0 (a CUDA-graph padding row, alone and beside a split context:
-    all its splits empty), one split (no merge) and several with empty ones; block sizes of 12 (a division, not a shift), 16 and 32; a 320-key
-    partition over 300 keys (several steps of each loop: the software pipeline's hand-over
-    from one step to the next). Each case runs twice on one buffer of split counters: the
+    all its splits empty), one split (no merge) and several with empty ones; block sizes of
+    12 (a division, not a shift), 16 and 32; a 320-key partition over 300 keys (several
+    steps of each loop: the software pipeline's hand-over from one step to the next). Each case runs twice on one buffer of split counters: the
     second result must equal the first to the bit and the counters must be left zero (a
     CUDA graph replays the launch on the same buffer), or the case's error is 1."""
     ext, dn, rows = cuda_extension(), str(dtype).removeprefix("torch."), []
