@@ -2060,8 +2060,7 @@ __device__ __forceinline__ uint4 silu_mul8(const uint4& g, const uint4& u) {
 // ACT: the SiLU prologue. x is the fused gate/up projection's output [rows, 2K] (gate, then
 // up) and the product's input is silu(gate) up, made as each piece of x is loaded: the MLP's
 // silu_and_mul launch folded into its down projection. Every block computes it for all of K
-// (a SiLU per input and row for each block: two special-function instructions each, beside
-// the codes' loads), so the host takes this path at a few rows only.
+// (a SiLU per input and row for each block), so the host takes this path at a few rows only.
 template <typename T, int BITS, int J, int U, bool R16, bool PORTABLE, bool ACT = false>
 __global__ void __launch_bounds__(QX_WARPS * 32)
 quant_mma_kernel(T* __restrict__ y,                // [rows, N]
@@ -2146,9 +2145,7 @@ quant_mma_kernel(T* __restrict__ y,                // [rows, N]
 #pragma unroll
         for (int v = 0; v < XV; ++v) {
           uint4 q = make_uint4(0u, 0u, 0u, 0u);
-          // ACT: a B column past x's rows stays zero rather than repeating the last row (its
-          // results are not stored either way), so a block makes rows x K SiLUs, not 8 x K.
-          if (k0 + t * CODES < K && (!ACT || g + 8 * r < nr)) {
+          if (k0 + t * CODES < K) {
             q = __ldg(reinterpret_cast<const uint4*>(xrow[r] + k0) + v);
             if constexpr (ACT) q = silu_mul8<T>(q, __ldg(reinterpret_cast<const uint4*>(xrow[r] + K + k0) + v));
           }
@@ -2935,13 +2932,10 @@ def quant_linear(x: Tensor, qweight: Tensor, scales: Tensor, zeros: Tensor | Non
 
 
 # Rows up to which the MLP's SiLU x up runs inside its quantized down projection
-# (quant_mma_silu, which takes at most 8): each block makes the SiLU of every input it
-# reads, two special-function instructions each, so that work grows with rows times blocks.
-# At one row it is about a fifth of the codes' streaming time at Llama-2-7B's down_proj
-# (int4: 2.8M SiLUs over 132 SMs' 16 a clock, ~1.5 us, against ~7 us of codes), issued
-# beside the loads; at 4 rows it would be most of it. An estimate until kernel_bench.py
-# goals times the fold against the two launches at 1, 4 and 8 rows.
-QUANT_SILU_MAX_ROWS = 1
+# (quant_mma_silu): each block makes the SiLU of every input it reads, so that work grows
+# with rows times blocks; at a few rows it hides under the codes' loads (an estimate until
+# kernel_bench.py goals times the two ways).
+QUANT_SILU_MAX_ROWS = 4
 
 
 def silu_mul_quant_linear(gate_up: Tensor, qweight: Tensor, scales: Tensor, zeros: Tensor | None, bits: int,
@@ -2953,7 +2947,7 @@ def silu_mul_quant_linear(gate_up: Tensor, qweight: Tensor, scales: Tensor, zero
     K = gate_up.shape[-1] // 2
     rows = gate_up.numel() // max(1, 2 * K)
     kbits = 4 if bits <= 4 else 8
-    if (_cuda(gate_up) and rows <= min(QUANT_SILU_MAX_ROWS, 8) and gate_up.dtype in (torch.float16, torch.bfloat16)
+    if (_cuda(gate_up) and rows <= QUANT_SILU_MAX_ROWS and gate_up.dtype in (torch.float16, torch.bfloat16)
             and _tensor_cores(gate_up.device) and K % 32 == 0 and (group_size or K) % 32 == 0
             and _quant_mma_fits(kbits, group_size, K)):
         y = cuda_extension().quant_mma_silu(gate_up.reshape(rows, 2 * K), qweight, scales, zeros, kbits, group_size,

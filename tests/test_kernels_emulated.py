@@ -85,14 +85,13 @@ def test_engine_on_emulated_kernels_equals_the_twins(emulated, monkeypatch, grap
 
 
 def test_quantized_mlp_folds_silu_into_its_down_projection_on_emulated_kernels(emulated, monkeypatch):
-    """A quantized (int4, groups of 128; int8 per channel) bf16 model on the emulated kernels,
-    three sequences a step: with QUANT_SILU_MAX_ROWS 4 the MLP's SiLU x up runs inside the
-    down projection's mma kernel (quant_mma_silu, no silu_and_mul launch), and the tokens
-    equal those of the same kernels unfolded (QUANT_SILU_MAX_ROWS 0), which they equal to
-    the bit."""
+    """A quantized (int4, groups of 128; int8 per channel) bf16 model on the emulated kernels:
+    at up to QUANT_SILU_MAX_ROWS rows the MLP's SiLU x up runs inside the down projection's
+    mma kernel (quant_mma_silu, no silu_and_mul launch), and the tokens equal those of the
+    same kernels unfolded (QUANT_SILU_MAX_ROWS 0), which they equal to the bit."""
     prompts = [[(37 * i + 11 * j) % 1900 + 3 for j in range(n)] for i, n in enumerate((5, 40, 23))]
     greedy = SamplingParams(temperature=0, max_tokens=12, ignore_eos=True)
-    fold_rows = 4
+    fold_rows = kernels.QUANT_SILU_MAX_ROWS
     for bits, group in ((4, 128), (8, 0)):
         runs = {}
         for most in (fold_rows, 0):

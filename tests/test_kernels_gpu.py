@@ -2,8 +2,6 @@
 
 Skipped without a GPU (CI has none); run them on a GPU machine."""
 
-import re
-
 import pytest
 import torch
 
@@ -244,8 +242,8 @@ def test_split_decode_merges_in_its_own_launch_and_replays_in_a_graph():
 @cuda
 def test_quantized_decode_makes_silu_inside_the_down_projection(model_dirs, monkeypatch):
     """A quantized bf16 model's eager decode step (batch 1) launches no silu_mul_kernel: the
-    down projection's mma kernel (its SiLU variant) makes SiLU x up itself; the tokens equal
-    the unfolded kernels' (QUANT_SILU_MAX_ROWS 0), which the fold equals to the bit."""
+    down projection's mma kernel makes SiLU x up itself; the tokens equal the unfolded
+    kernels' (QUANT_SILU_MAX_ROWS 0), which the fold equals to the bit."""
     from torch.profiler import ProfilerActivity, profile
     p = SamplingParams(temperature=0, max_tokens=8, ignore_eos=True)
     outs, fold_rows = {}, kernels.QUANT_SILU_MAX_ROWS
@@ -262,7 +260,6 @@ def test_quantized_decode_makes_silu_inside_the_down_projection(model_dirs, monk
             eng.step()
         names = " ".join(e.name for e in decode.events())
         assert ("silu_mul_kernel" in names) == (most == 0), most
-        assert bool(re.search(r"quant_mma_kernel<[^>]*, true>", names)) == (most > 0), most   # the ACT kernel
         while eng.has_unfinished():
             eng.step()
         outs[most] = llm.generate([[1, 5, 9, 14]], p)[0].token_ids
