@@ -571,18 +571,12 @@ std::vector<torch::Tensor> rms_norm(torch::Tensor x, torch::Tensor w, c10::optio
 }
 
 // ---------------------------------------------------------------- SiLU and multiply
-// silu(g) u = g / (1 + e^-g) u, silu(g) rounded to T first (as the reference twin stores it).
-// quant_mma's SiLU prologue computes the same values through the same function.
-template <typename T>
-__device__ __forceinline__ T silu_mul_one(T g, T u) {
-  const float a = to_f(g);
-  return from_f<T>(to_f(from_f<T>(a / (1.f + __expf(-a)))) * to_f(u));
-}
-
 template <typename T>
 __global__ void silu_mul_kernel(T* __restrict__ out, const T* __restrict__ g, const T* __restrict__ u, int64_t n) {
-  for (int64_t i = blockIdx.x * (int64_t)blockDim.x + threadIdx.x; i < n; i += (int64_t)gridDim.x * blockDim.x)
-    out[i] = silu_mul_one(g[i], u[i]);
+  for (int64_t i = blockIdx.x * (int64_t)blockDim.x + threadIdx.x; i < n; i += (int64_t)gridDim.x * blockDim.x) {
+    float a = to_f(g[i]);
+    out[i] = from_f<T>(to_f(from_f<T>(a / (1.f + __expf(-a)))) * to_f(u[i]));
+  }
 }
 
 torch::Tensor silu_and_mul(torch::Tensor gate, torch::Tensor up) {
@@ -2046,25 +2040,10 @@ __device__ __forceinline__ void x_pairs(const uint32_t* xw, int st, uint32_t& lo
 constexpr int QX_WARPS = 8;                   // warps per block, each on its own steps of K
 constexpr uint32_t BF16_128_PAIR = 0x43004300u;
 
-// 8 inputs of the SiLU prologue (ACT below) from 16-byte pieces of gate and up.
-template <typename T>
-__device__ __forceinline__ uint4 silu_mul8(const uint4& g, const uint4& u) {
-  uint4 r;
-  const T *ge = reinterpret_cast<const T*>(&g), *ue = reinterpret_cast<const T*>(&u);
-  T* re = reinterpret_cast<T*>(&r);
-#pragma unroll
-  for (int e = 0; e < 8; ++e) re[e] = silu_mul_one(ge[e], ue[e]);
-  return r;
-}
-
-// ACT: the SiLU prologue. x is the fused gate/up projection's output [rows, 2K] (gate, then
-// up) and the product's input is silu(gate) up, made as each piece of x is loaded: the MLP's
-// silu_and_mul launch folded into its down projection. Every block computes it for all of K
-// (a SiLU per input and row for each block), so the host takes this path at a few rows only.
-template <typename T, int BITS, int J, int U, bool R16, bool PORTABLE, bool ACT = false>
+template <typename T, int BITS, int J, int U, bool R16, bool PORTABLE>
 __global__ void __launch_bounds__(QX_WARPS * 32)
 quant_mma_kernel(T* __restrict__ y,                // [rows, N]
-                 const T* __restrict__ x,          // [rows, K] (ACT: [rows, 2K]), 16-byte aligned rows
+                 const T* __restrict__ x,          // [rows, K], 16-byte aligned rows
                  const uint8_t* __restrict__ qw,   // int4: [N, K/2] packed; int8: [N, K]; dense: [N, K] of T
                  const T* __restrict__ scales,     // [N, n_groups]; dense: null
                  const T* __restrict__ zeros,      // [N, n_groups] or null
@@ -2104,9 +2083,8 @@ quant_mma_kernel(T* __restrict__ y,                // [rows, N]
   // x's rows g (and g + 8): B's column g; past x's rows, its last row (B's column m gives D's
   // column m alone, and D's columns past x's rows are not stored).
   const T* xrow[XH];
-  const int64_t xs = ACT ? 2 * (int64_t)K : K;    // x's row stride
 #pragma unroll
-  for (int r = 0; r < XH; ++r) xrow[r] = x + (int64_t)(row0 + min(g + 8 * r, nr - 1)) * xs + t * CODES;
+  for (int r = 0; r < XH; ++r) xrow[r] = x + (int64_t)(row0 + min(g + 8 * r, nr - 1)) * K + t * CODES;
   float acc[J][XH][4];
 #pragma unroll
   for (int j = 0; j < J; ++j)
@@ -2144,11 +2122,8 @@ quant_mma_kernel(T* __restrict__ y,                // [rows, N]
         uint32_t xw[CODES / 2];
 #pragma unroll
         for (int v = 0; v < XV; ++v) {
-          uint4 q = make_uint4(0u, 0u, 0u, 0u);
-          if (k0 + t * CODES < K) {
-            q = __ldg(reinterpret_cast<const uint4*>(xrow[r] + k0) + v);
-            if constexpr (ACT) q = silu_mul8<T>(q, __ldg(reinterpret_cast<const uint4*>(xrow[r] + K + k0) + v));
-          }
+          const uint4 q = k0 + t * CODES < K ? __ldg(reinterpret_cast<const uint4*>(xrow[r] + k0) + v)
+                                             : make_uint4(0u, 0u, 0u, 0u);
           xw[4 * v] = q.x; xw[4 * v + 1] = q.y; xw[4 * v + 2] = q.z; xw[4 * v + 3] = q.w;
         }
 #pragma unroll
@@ -2214,24 +2189,25 @@ quant_mma_kernel(T* __restrict__ y,                // [rows, N]
   }
 }
 
-// The launch for quant_mma and quant_mma_silu (act: x is [rows, 2K], gate then up, and the
-// product's input is silu(gate) up; at most 8 rows).
-static torch::Tensor launch_quant_mma(torch::Tensor x, torch::Tensor qweight, torch::Tensor scales,
-                                      c10::optional<torch::Tensor> zeros, int64_t bits, int64_t group_size,
-                                      int64_t tiles, bool portable, bool act) {
-  const char* name = act ? "quant_mma_silu" : "quant_mma";
-  TORCH_CHECK(x.dim() == 2 && x.size(0) <= INT32_MAX, name, ": x must be [rows, K] (with SiLU [rows, 2K])");
-  TORCH_CHECK(x.scalar_type() == at::kHalf || x.scalar_type() == at::kBFloat16, name, ": fp16 or bf16 x");
-  TORCH_CHECK(tiles == 1 || tiles == 2, name, ": tiles must be 1 or 2");
-  TORCH_CHECK(!portable || tiles == 1, name, ": the portable mma runs with one tile per warp");
-  TORCH_CHECK(!act || (x.size(1) % 2 == 0 && x.size(0) <= 8), name, ": gate and up side by side, at most 8 rows");
+// fp16 / bf16 x of any number of rows (past 16, in chunks of 16 that each read the codes;
+// the dispatch sends it 1-16); the group size a multiple of 128 (int4) or 64 (int8), or one
+// group per row. tiles: J, 16-channel tiles per warp (1 or 2; the host picks by the GPU's
+// size). portable: the mma's twin instead of the instruction, one tile per warp (the
+// self-check compares the two on a GPU).
+torch::Tensor quant_mma(torch::Tensor x, torch::Tensor qweight, torch::Tensor scales,
+                        c10::optional<torch::Tensor> zeros, int64_t bits, int64_t group_size, int64_t tiles,
+                        bool portable) {
+  TORCH_CHECK(x.dim() == 2 && x.size(0) <= INT32_MAX, "quant_mma: x must be [rows, K]");
+  TORCH_CHECK(x.scalar_type() == at::kHalf || x.scalar_type() == at::kBFloat16, "quant_mma: fp16 or bf16 x");
+  TORCH_CHECK(tiles == 1 || tiles == 2, "quant_mma: tiles must be 1 or 2");
+  TORCH_CHECK(!portable || tiles == 1, "quant_mma: the portable mma runs with one tile per warp");
   const at::cuda::OptionalCUDAGuard guard(device_of(x));
   x = x.contiguous();
   if (reinterpret_cast<uintptr_t>(x.data_ptr()) % 16) x = x.clone();   // 16-byte loads
-  const QuantWeight w = quant_weight(name, qweight, scales, zeros, bits, group_size, x.size(1) / (act ? 2 : 1),
+  const QuantWeight w = quant_weight("quant_mma", qweight, scales, zeros, bits, group_size, x.size(1),
                                      x.scalar_type());
   TORCH_CHECK(w.n_groups == 1 || w.G % (bits == 4 ? 128 : 64) == 0,
-              name, ": group_size must be a multiple of 128 (int4) or 64 (int8), or cover the row");
+              "quant_mma: group_size must be a multiple of 128 (int4) or 64 (int8), or cover the row");
   const torch::Tensor qw = w.qw, sc = w.sc, z = w.z;   // plain names (kemu's bounds checker)
   const int rows = x.size(0);
   auto y = torch::empty({rows, w.N}, x.options());
@@ -2241,26 +2217,25 @@ static torch::Tensor launch_quant_mma(torch::Tensor x, torch::Tensor qweight, to
   if (w.n_groups == 1) shift = 30;                     // every input index < 2^30 maps to group 0
   else if ((w.G & (w.G - 1)) == 0) for (shift = 0; (1 << shift) < w.G; ++shift) {}
   dim3 grid((rows + 15) / 16, (w.N + 16 * tiles - 1) / (16 * tiles));   // x: chunks of 16 rows
-  TORCH_CHECK(grid.y <= 65535, name, ": at most 65535 tiles of 16 x tiles channels");
+  TORCH_CHECK(grid.y <= 65535, "quant_mma: at most 65535 tiles of 16 x tiles channels");
   const uint8_t* qp = reinterpret_cast<const uint8_t*>(qw.data_ptr());
   auto launch = [&](auto* x_ptr, auto* sc_ptr) {       // x's 16-bit type, from the pointers
     using T = std::remove_pointer_t<decltype(x_ptr)>;
     const T* zp = z.defined() ? z.data_ptr<T>() : nullptr;
     const uint32_t magic = std::is_same<T, c10::Half>::value ? FP16_1024_PAIR : BF16_128_PAIR;
-    auto pick = [&](auto bits_c, auto r16_c, auto act_c) {
+    auto pick = [&](auto bits_c, auto r16_c) {
       constexpr int B = decltype(bits_c)::value;
-      constexpr bool R16 = decltype(r16_c)::value, ACT = decltype(act_c)::value;
-      if (portable) return quant_mma_kernel<T, B, 1, 2, R16, true, ACT>;
-      if (tiles == 1) return quant_mma_kernel<T, B, 1, 2, R16, false, ACT>;
-      return quant_mma_kernel<T, B, 2, 1, R16, false, ACT>;
+      constexpr bool R16 = decltype(r16_c)::value;
+      if (portable) return quant_mma_kernel<T, B, 1, 2, R16, true>;
+      if (tiles == 1) return quant_mma_kernel<T, B, 1, 2, R16, false>;
+      return quant_mma_kernel<T, B, 2, 1, R16, false>;
     };
     using I4 = std::integral_constant<int, 4>;
     using I8 = std::integral_constant<int, 8>;
     using R16 = std::true_type;
     using R8 = std::false_type;
-    auto kernel = act ? (bits == 4 ? pick(I4(), R8(), std::true_type()) : pick(I8(), R8(), std::true_type()))
-                : bits == 4 ? (rows > 8 ? pick(I4(), R16(), std::false_type()) : pick(I4(), R8(), std::false_type()))
-                            : (rows > 8 ? pick(I8(), R16(), std::false_type()) : pick(I8(), R8(), std::false_type()));
+    auto kernel = bits == 4 ? (rows > 8 ? pick(I4(), R16()) : pick(I4(), R8()))
+                            : (rows > 8 ? pick(I8(), R16()) : pick(I8(), R8()));
     kernel<<<grid, QX_WARPS * 32, 0, at::cuda::getCurrentCUDAStream()>>>(
         y.data_ptr<T>(), x_ptr, qp, sc_ptr, zp, rows, w.N, w.K, w.G, w.n_groups, shift, w.is_signed, magic);
   };
@@ -2268,25 +2243,6 @@ static torch::Tensor launch_quant_mma(torch::Tensor x, torch::Tensor qweight, to
   else launch(x.data_ptr<c10::BFloat16>(), sc.data_ptr<c10::BFloat16>());
   C10_CUDA_KERNEL_LAUNCH_CHECK();
   return y;
-}
-
-// fp16 / bf16 x of any number of rows (past 16, in chunks of 16 that each read the codes;
-// the dispatch sends it 1-16); the group size a multiple of 128 (int4) or 64 (int8), or one
-// group per row. tiles: J, 16-channel tiles per warp (1 or 2; the host picks by the GPU's
-// size). portable: the mma's twin instead of the instruction, one tile per warp (the
-// self-check compares the two on a GPU).
-torch::Tensor quant_mma(torch::Tensor x, torch::Tensor qweight, torch::Tensor scales,
-                        c10::optional<torch::Tensor> zeros, int64_t bits, int64_t group_size, int64_t tiles,
-                        bool portable) {
-  return launch_quant_mma(x, qweight, scales, zeros, bits, group_size, tiles, portable, false);
-}
-
-// quant_mma of silu(gate) up for gate_up [rows <= 8, 2K] (gate, then up): silu_and_mul
-// folded into the product, equal to the bit to silu_and_mul then quant_mma.
-torch::Tensor quant_mma_silu(torch::Tensor gate_up, torch::Tensor qweight, torch::Tensor scales,
-                             c10::optional<torch::Tensor> zeros, int64_t bits, int64_t group_size, int64_t tiles,
-                             bool portable) {
-  return launch_quant_mma(gate_up, qweight, scales, zeros, bits, group_size, tiles, portable, true);
 }
 
 // y = x W^T for fp16/bf16 x [rows, K] and a dense W [N, K] of x's dtype: the kernel above
@@ -2629,9 +2585,6 @@ torch::Tensor quant_gemm(torch::Tensor x, torch::Tensor qweight, torch::Tensor s
 torch::Tensor quant_mma(torch::Tensor x, torch::Tensor qweight, torch::Tensor scales,
                         c10::optional<torch::Tensor> zeros, int64_t bits, int64_t group_size, int64_t tiles,
                         bool portable);
-torch::Tensor quant_mma_silu(torch::Tensor gate_up, torch::Tensor qweight, torch::Tensor scales,
-                             c10::optional<torch::Tensor> zeros, int64_t bits, int64_t group_size, int64_t tiles,
-                             bool portable);
 torch::Tensor dense_mma(torch::Tensor x, torch::Tensor weight, int64_t tiles, bool portable);
 """
 
@@ -2670,7 +2623,7 @@ def cuda_extension():
     verbose = os.environ.get("NANOSERVE_PTXAS_VERBOSE") == "1"
     return load_inline(
         name="nanoserve_kernels" + ("_ptxas" if verbose else ""), cpp_sources=CPP_SOURCE, cuda_sources=CUDA_SOURCE,
-        functions=["rms_norm", "silu_and_mul", "rope_and_cache", "paged_decode", "paged_decode_rope", "paged_prefill", "quant_gemv", "quant_mma", "quant_mma_silu", "dense_mma", "quant_gemm", "dequantize"],
+        functions=["rms_norm", "silu_and_mul", "rope_and_cache", "paged_decode", "paged_decode_rope", "paged_prefill", "quant_gemv", "quant_mma", "dense_mma", "quant_gemm", "dequantize"],
         extra_cuda_cflags=["-O3", "--use_fast_math"] + (["-Xptxas=-v"] if verbose else []),
         extra_include_paths=cuda_library_includes(), verbose=verbose)
 
@@ -2929,32 +2882,6 @@ def quant_linear(x: Tensor, qweight: Tensor, scales: Tensor, zeros: Tensor | Non
         if cpu_cache[key] is not None:
             return quant_linear_cpu(x, cpu_cache[key])
     return quant_linear_ref(x, qweight, scales, zeros, bits, group_size)
-
-
-# Rows up to which the MLP's SiLU x up runs inside its quantized down projection
-# (quant_mma_silu): each block makes the SiLU of every input it reads, so that work grows
-# with rows times blocks; at a few rows it hides under the codes' loads (an estimate until
-# kernel_bench.py goals times the two ways).
-QUANT_SILU_MAX_ROWS = 4
-
-
-def silu_mul_quant_linear(gate_up: Tensor, qweight: Tensor, scales: Tensor, zeros: Tensor | None, bits: int,
-                          group_size: int, cpu_cache: dict | None = None) -> Tensor:
-    """quant_linear(silu_and_mul(gate, up)) for gate_up (..., 2F) as the fused gate/up
-    projection gives it (gate, then up). On the kernels, up to QUANT_SILU_MAX_ROWS rows, one
-    launch (quant_mma_silu: the SiLU made as the product loads its input, rounded as
-    silu_and_mul rounds it, so equal to the bit); elsewhere the two in turn, also its twin."""
-    K = gate_up.shape[-1] // 2
-    rows = gate_up.numel() // max(1, 2 * K)
-    kbits = 4 if bits <= 4 else 8
-    if (_cuda(gate_up) and rows <= QUANT_SILU_MAX_ROWS and gate_up.dtype in (torch.float16, torch.bfloat16)
-            and _tensor_cores(gate_up.device) and K % 32 == 0 and (group_size or K) % 32 == 0
-            and _quant_mma_fits(kbits, group_size, K)):
-        y = cuda_extension().quant_mma_silu(gate_up.reshape(rows, 2 * K), qweight, scales, zeros, kbits, group_size,
-                                            _quant_mma_tiles(qweight.shape[0], gate_up.device), False)
-        return y.view(*gate_up.shape[:-1], -1)
-    gate, up = gate_up.chunk(2, dim=-1)                                   # (..., 2F) -> 2 x (..., F)
-    return quant_linear(silu_and_mul(gate, up), qweight, scales, zeros, bits, group_size, cpu_cache)
 
 
 # Dense fp16/bf16 products of up to this many rows (decode steps) run on dense_mma instead
@@ -3281,29 +3208,6 @@ def _check_quant_mma(dev: str, dtype: torch.dtype, quick: bool, full: bool) -> R
     return rows
 
 
-def _check_quant_mma_silu(dev: str, dtype: torch.dtype, quick: bool, full: bool) -> Rows:
-    """quant_mma_silu (silu_and_mul folded into the mma kernel's loads of x) against
-    silu_and_mul then quant_mma, which it must equal to the bit (an error of 1 marks a
-    difference), and against the twins: int4 and int8, 1-8 rows, a last loop step partly
-    inside K (K = 160, 288), 1 and 2 tiles a warp, the portable twin."""
-    dn, rows, ext = str(dtype).removeprefix("torch."), [], cuda_extension()
-    if dtype == torch.float32 or not _tensor_cores(torch.device(dev)):
-        return rows
-    for bits, G, asym, N, K, M, tiles, portable in ((4, 0, False, 24, 160, 1, 1, False), (4, 128, True, 40, 256, 3, 2, False),
-                                                    (8, 0, True, 33, 288, 8, 1, False),
-                                                    (4, 128, False, 17, 256, 4, 1, True)):
-        gate_up = 4 * torch.randn(M, 2 * K, device=dev, dtype=dtype)
-        qw, sc, zp = _random_quant(N, K, bits, G, asym, dtype, dev)
-        y = ext.quant_mma_silu(gate_up, qw, sc, zp, bits, G, tiles, portable)
-        two = ext.quant_mma(ext.silu_and_mul(*gate_up.chunk(2, dim=-1)), qw, sc, zp, bits, G, tiles, portable)
-        ref = quant_linear_ref(silu_and_mul_ref(*gate_up.chunk(2, dim=-1)), qw, sc, zp, bits, G)
-        same = torch.equal(y, two)
-        rows.append((f"W{bits}A16 mma with SiLU x up ({tiles} tile{'s' * (tiles > 1)}{', portable' * portable}) "
-                     f"{dn} {N}x{K} M={M} g={G}{' asym' if asym else ''} (bit-equal to the two kernels: {same})",
-                     _rel(y, ref) if same else 1.0, 0.0))
-    return rows
-
-
 def _check_dense_mma(dev: str, dtype: torch.dtype, quick: bool, full: bool) -> Rows:
     """The mma kernel on dense fp16/bf16 weights (dense_mma): 1-8, 9-16, 20 and 37 rows, 1 and 2
     channel tiles a warp, N cut short (24, 40, 17), a last loop step partly inside K (K = 40,
@@ -3372,8 +3276,8 @@ def self_check(device: str = "cuda", quick: bool = False) -> Rows:
     for dtype in (torch.float16, torch.bfloat16, torch.float32):
         full = dtype != torch.float32 or not quick          # all of a check's cases
         for check in (_check_norms, _check_rope_and_cache, _check_decode_attention, _check_decode_rope,
-                      _check_prefill_attention, _check_quant_linear, _check_quant_mma, _check_quant_mma_silu,
-                      _check_dense_mma, _check_quant_gemv, _check_quant_gemm):
+                      _check_prefill_attention, _check_quant_linear, _check_quant_mma, _check_dense_mma,
+                      _check_quant_gemv, _check_quant_gemm):
             rows += check(device, dtype, quick, full)
     return rows
 

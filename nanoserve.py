@@ -885,14 +885,7 @@ class LlamaMLP(nn.Module):
 
     def forward(self, x: Tensor) -> Tensor:
         if self.gate_up is not None and self.gate_up.holds(self.gate_proj, self.up_proj):
-            gate_up = self.gate_up(x)                                       # (T, 2F)
-            # A quantized down projection (QuantLinear.forward_gate_up) makes the SiLU x up
-            # itself, in its kernel at a few rows: one launch less. Not past forward hooks,
-            # which must see down_proj's input.
-            fold = getattr(self.down_proj, "forward_gate_up", None)
-            if fold is not None and not (self.down_proj._forward_pre_hooks or self.down_proj._forward_hooks):
-                return fold(gate_up)
-            gate, up = gate_up.chunk(2, dim=-1)                             # 2 x (T, F)
+            gate, up = self.gate_up(x).chunk(2, dim=-1)                 # (T, 2F) -> 2 x (T, F)
             return self.down_proj(kernels.silu_and_mul(gate, up))
         return self.separate(x)
 
@@ -1150,16 +1143,6 @@ class QuantLinear(nn.Module):
             x = x.index_select(-1, self.perm)                              # (..., in), channels by group
         y = kernels.quant_linear(x, self.qweight, self.scales, self.zeros, self.bits, self.group_size,
                                  self.cpu_cache)
-        return y if self.bias is None else y + self.bias.to(y.dtype)
-
-    def forward_gate_up(self, gate_up: Tensor) -> Tensor:
-        """self(silu(gate) * up) for gate_up (..., 2 in_features), gate then up, as the MLP's
-        fused gate/up projection gives it: on the kernels at a few rows one launch
-        (kernels.silu_mul_quant_linear), equal to the bit to the two."""
-        if self.perm is not None:                 # act order: the product's input is permuted first
-            return self(kernels.silu_and_mul(*gate_up.chunk(2, dim=-1)))
-        y = kernels.silu_mul_quant_linear(gate_up, self.qweight, self.scales, self.zeros, self.bits, self.group_size,
-                                          self.cpu_cache)
         return y if self.bias is None else y + self.bias.to(y.dtype)
 
     # New or reloaded buffers invalidate the CPU repacking.
@@ -2613,21 +2596,21 @@ class PiecewiseGraphs:
     another; the residual stream passes between graphs in a third. A step is padded up to
     a bucket of tokens (padding tokens write their K/V to slot -1, which the cache write
     skips, and belong to no sequence, so nobody attends to them). The buckets' edges include
-    the quantized matmuls' kernel thresholds (4, 16 and 255 rows: kernels.quant_linear_cuda
-    and silu_mul_quant_linear pick their kernels by rows), so padding never sends a step to
-    another kernel than its own size takes, with powers of two between and 3 below (a
-    verification window of a few draft tokens is not padded to 16). Every bucket's L + 1
-    graphs are captured at the first step that needs one, largest bucket first (the smaller
-    ones then fit in the memory its capture took), into one pool; a capture waits for the
-    device, so it happens once, not whenever a new size comes. capture=False runs the same
-    pieces eagerly (the CPU tests check it, a GPU captures it).
+    the quantized matmul's kernel thresholds (16 and 255 rows: kernels.quant_linear_cuda
+    picks its kernel by rows), so padding never sends a step to another kernel than its own
+    size takes, with powers of two between and 3 below (a verification window of a few draft
+    tokens is not padded to 16). Every bucket's L + 1 graphs are captured at the
+    first step that needs one, largest bucket first (the smaller ones then fit in the memory
+    its capture took), into one pool; a capture waits for the device, so it happens once,
+    not whenever a new size comes. capture=False runs the same pieces eagerly (the CPU tests
+    check it, a GPU captures it).
     """
 
     def __init__(self, model: LlamaForCausalLM, kv_cache: Tensor, max_tokens: int, capture: bool = True):
         self.model, self.kv_cache, self.capture = model, kv_cache, capture
         self.layers = model.model.layers
-        edges = sorted({3, kernels.QUANT_SILU_MAX_ROWS, kernels.QUANT_MMA_MAX_ROWS, 32, 64, 128,
-                        kernels.QUANT_GEMM_MAX_ROWS - 1, kernels.DENSE_MMA_MAX_ROWS} - {0})   # 0: switched off
+        edges = sorted({3, kernels.QUANT_MMA_MAX_ROWS, 32, 64, 128, kernels.QUANT_GEMM_MAX_ROWS - 1} |
+                       ({kernels.DENSE_MMA_MAX_ROWS} if kernels.DENSE_MMA_MAX_ROWS else set()))
         self.buckets = [b for b in edges if b < max_tokens] + [max_tokens]
         c, top, dev = model.config, max_tokens, kv_cache.device
         dtype = model.model.embed_tokens.weight.dtype                  # the activations'

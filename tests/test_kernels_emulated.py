@@ -8,11 +8,9 @@ Skipped with a reason where ../shared is not beside the checkout."""
 import re
 
 import pytest
-import torch
 
 import kernels
 import nanoserve
-import quant
 from conftest import SHARED
 from nanoserve import LLM, SamplingParams
 
@@ -81,31 +79,4 @@ def test_engine_on_emulated_kernels_equals_the_twins(emulated, monkeypatch, grap
     ref, _ = generate(monkeypatch, None, graphs, prompts[3:4], samples, max_num_seqs=2)
     got, runner = generate(monkeypatch, ext, graphs, prompts[3:4], samples, max_num_seqs=2)
     assert got == ref and len(got[0]) == 4 and not runner.split_counters.any()
-    assert emulated.kemu_reports(True) == []
-
-
-def test_quantized_mlp_folds_silu_into_its_down_projection_on_emulated_kernels(emulated, monkeypatch):
-    """A quantized (int4, groups of 128; int8 per channel) bf16 model on the emulated kernels:
-    at up to QUANT_SILU_MAX_ROWS rows the MLP's SiLU x up runs inside the down projection's
-    mma kernel (quant_mma_silu, no silu_and_mul launch), and the tokens equal those of the
-    same kernels unfolded (QUANT_SILU_MAX_ROWS 0), which they equal to the bit."""
-    prompts = [[(37 * i + 11 * j) % 1900 + 3 for j in range(n)] for i, n in enumerate((5, 40, 23))]
-    greedy = SamplingParams(temperature=0, max_tokens=12, ignore_eos=True)
-    fold_rows = kernels.QUANT_SILU_MAX_ROWS
-    for bits, group in ((4, 128), (8, 0)):
-        runs = {}
-        for most in (fold_rows, 0):
-            monkeypatch.setattr(kernels, "QUANT_SILU_MAX_ROWS", most)
-            monkeypatch.setattr(kernels, "USE_CPU_FAST_PATHS", False)
-            monkeypatch.setattr(kernels, "_cuda", lambda t: True)
-            ext = Counted(emulated)
-            monkeypatch.setattr(kernels, "cuda_extension", lambda: ext)
-            llm = LLM(MODEL, device="cpu", dtype="bfloat16", num_blocks=64, block_size=16, max_model_len=128)
-            quant.quantize_model(llm.engine.model, torch.zeros(1, 8, dtype=torch.long), "rtn", bits, group)
-            nanoserve.fuse_projections(llm.engine.model)
-            runs[most] = [o.token_ids for o in llm.generate(prompts, greedy)], ext.calls
-        (folded, calls), (unfolded, plain) = runs[fold_rows], runs[0]
-        assert folded == unfolded, (bits, group)
-        assert calls.get("quant_mma_silu", 0) > 0 and "quant_mma_silu" not in plain
-        assert calls["silu_and_mul"] < plain["silu_and_mul"]
     assert emulated.kemu_reports(True) == []

@@ -6,7 +6,6 @@ import pytest
 import torch
 
 import kernels
-import nanoserve
 import quant
 from nanoserve import LLM, SamplingParams
 
@@ -237,33 +236,6 @@ def test_split_decode_merges_in_its_own_launch_and_replays_in_a_graph():
         graph.replay()
         torch.cuda.synchronize()
         assert torch.equal(out, eager) and not counters.any()
-
-
-@cuda
-def test_quantized_decode_makes_silu_inside_the_down_projection(model_dirs, monkeypatch):
-    """A quantized bf16 model's eager decode step (batch 1) launches no silu_mul_kernel: the
-    down projection's mma kernel makes SiLU x up itself; the tokens equal the unfolded
-    kernels' (QUANT_SILU_MAX_ROWS 0), which the fold equals to the bit."""
-    from torch.profiler import ProfilerActivity, profile
-    p = SamplingParams(temperature=0, max_tokens=8, ignore_eos=True)
-    outs, fold_rows = {}, kernels.QUANT_SILU_MAX_ROWS
-    for most in (fold_rows, 0):
-        monkeypatch.setattr(kernels, "QUANT_SILU_MAX_ROWS", most)
-        llm = LLM(model_dirs[0], device="cuda", dtype="bfloat16", enforce_eager=True, async_scheduling=False)
-        model = llm.engine.model
-        quant.quantize_model(model, torch.zeros(1, 8, dtype=torch.long, device="cuda"), "rtn", 8, 0)
-        nanoserve.fuse_projections(model)
-        eng = llm.engine
-        eng.add_request([1, 5, 9, 14], p)
-        eng.step()                                                   # prefill
-        with profile(activities=[ProfilerActivity.CUDA]) as decode:
-            eng.step()
-        names = " ".join(e.name for e in decode.events())
-        assert ("silu_mul_kernel" in names) == (most == 0), most
-        while eng.has_unfinished():
-            eng.step()
-        outs[most] = llm.generate([[1, 5, 9, 14]], p)[0].token_ids
-    assert outs[fold_rows] == outs[0]
 
 
 def test_decode_kernel_takes_only_the_layouts_it_was_written_for():

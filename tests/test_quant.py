@@ -180,33 +180,6 @@ def test_quantized_projections_fuse_into_one_matmul_with_the_same_results(small_
     assert not a.qkv.holds(a.q_proj, a.k_proj, a.v_proj)
 
 
-def test_a_quantized_down_projection_takes_the_gate_up_output_and_hooks_still_see_its_input(small_model):
-    """QuantLinear.forward_gate_up(gate_up) is down(silu(gate) * up) to the bit, bias and an
-    act-order permutation included (on the CPU that composition; on a GPU, at a few rows, one
-    kernel: tests/test_kernels_emulated.py). A quantized model's MLP takes it, unless
-    down_proj has forward hooks, which then see down_proj's input as before."""
-    torch.manual_seed(0)
-    m = nanoserve.QuantLinear.from_codes(*quant.quantize_rtn(torch.randn(64, 128), 4, 32), 4, 32, torch.float32,
-                                         bias=torch.randn(64))
-    gate_up = torch.randn(3, 256)
-    assert torch.equal(m.forward_gate_up(gate_up), m(kernels.silu_and_mul(*gate_up.chunk(2, -1))))
-    m.perm = torch.randperm(128)
-    assert torch.equal(m.forward_gate_up(gate_up), m(kernels.silu_and_mul(*gate_up.chunk(2, -1))))
-    model = LLM(small_model, device="cpu").engine.model
-    quant.quantize_model(model, torch.randint(3, 100, (2, 16)), "rtn", 4, 32)
-    nanoserve.fuse_projections(model)
-    mlp = model.model.layers[0].mlp
-    x = torch.randn(3, model.config.hidden_size)
-    folded = []
-    original = mlp.down_proj.forward_gate_up
-    mlp.down_proj.forward_gate_up = lambda gu: (folded.append(gu.shape), original(gu))[1]
-    assert torch.equal(mlp(x), mlp.separate(x)) and folded == [(3, 2 * model.config.intermediate_size)]
-    seen = []
-    mlp.down_proj.register_forward_hook(lambda mod, args, out: seen.append(args[0].shape))
-    assert torch.equal(mlp(x), mlp.separate(x)) and len(folded) == 1
-    assert seen == [(3, model.config.intermediate_size)] * 2           # mlp(x), then separate(x)
-
-
 def test_projections_of_different_formats_or_input_orders_stay_separate():
     torch.manual_seed(0)
     W = torch.randn(64, 128)

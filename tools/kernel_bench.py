@@ -29,9 +29,9 @@ import torch
 
 ROOT = Path(__file__).resolve().parent.parent
 sys.path.insert(0, str(ROOT))
-from kernels import (QUANT_GEMM_MAX_ROWS, QUANT_MMA_MAX_ROWS, QUANT_SILU_MAX_ROWS, _decode_device,  # noqa: E402
-                     _quant_gemm_splits, _quant_mma_tiles, _random_paged, _tensor_cores, cuda_extension,
-                     decode_partition, gather_kv_ref, quant_linear)
+from kernels import (QUANT_GEMM_MAX_ROWS, QUANT_MMA_MAX_ROWS, _decode_device, _quant_gemm_splits,  # noqa: E402
+                     _quant_mma_tiles, _random_paged, _tensor_cores, cuda_extension, decode_partition,
+                     gather_kv_ref, quant_linear)
 
 
 def time_cuda(fn, reps: int = 30, trials: int = 5) -> float:
@@ -193,27 +193,6 @@ def gpu_goals(device: str = "cuda") -> list[tuple[str, str]]:
                               f"{other / td:.2f}x; the mma kernel in chunks of 16 rows {chunks / td:.2f}x")
                 rows.append((f"W{bits}A16 {'g' + str(group) if group else 'per channel'} {N}x{K}, {M} rows", figure))
             del ws, dense
-
-    # The MLP's SiLU x up inside its quantized down projection (quant_mma_silu) against the two
-    # launches it replaces (silu_and_mul, then the mma kernel), Llama-2-7B's down_proj: whether
-    # the fold pays, and up to how many rows (kernels.QUANT_SILU_MAX_ROWS).
-    N, K = 4096, 11008
-    for bits, group in ((4, 128), (8, 0)):
-        ws = [(torch.randint(0, 256, (N, K // 2), device=dev, dtype=torch.uint8) if bits == 4 else
-               torch.randint(-127, 128, (N, K), device=dev, dtype=torch.int8),
-               torch.rand(N, K // (group or K), device=dev, dtype=bf16) / 50) for _ in range(copies(N * K * bits // 8))]
-        tiles = _quant_mma_tiles(N, dev)
-        for M in (1, 4, 8):
-            gate_up = torch.randn(M, 2 * K, device=dev, dtype=bf16)
-            fused = time_cuda(lambda i: cuda_extension().quant_mma_silu(gate_up, *ws[i % len(ws)], None, bits, group,
-                                                                        tiles, False), reps=20)
-            two = time_cuda(lambda i: cuda_extension().quant_mma(cuda_extension().silu_and_mul(*gate_up.chunk(2, -1)),
-                                                                 *ws[i % len(ws)], None, bits, group, tiles, False),
-                            reps=20)
-            rows.append((f"W{bits}A16 {'g' + str(group) if group else 'per channel'} {N}x{K}, {M} rows: SiLU x up "
-                         f"inside the mma kernel", f"{fused * 1e6:.1f} us against {two * 1e6:.1f} us for silu_and_mul "
-                         f"+ the mma kernel ({two / fused:.2f}x; QUANT_SILU_MAX_ROWS is {QUANT_SILU_MAX_ROWS})"))
-        del ws
 
     # Dense bf16 at decode sizes: the mma kernel on the weights as they are (dense_mma: its K
     # split ends inside the block) against cuBLAS, whose decode-sized GEMMs add a split-K
