@@ -175,9 +175,16 @@ def gpu_goals(device: str = "cuda") -> list[tuple[str, str]]:
                 if M <= QUANT_MMA_MAX_ROWS:                  # the mma kernel; the GEMV beside it
                     tg = time_cuda(lambda i: cuda_extension().quant_gemv(x, *ws[i % len(ws)], None, bits, group, 0),
                                    reps=20)
+                    # The other tile count: one tile a warp (picked below ~2 blocks of 32 channels
+                    # per SM) issues ~1.3x the instructions per byte of two (sm_90 SASS, bf16 int4:
+                    # 0.25 a byte at 1-8 rows, about what an SM issues at copy bandwidth).
+                    tiles = _quant_mma_tiles(N, x.device)
+                    to = time_cuda(lambda i: cuda_extension().quant_mma(x, *ws[i % len(ws)], None, bits, group,
+                                                                        3 - tiles, False), reps=20)
                     figure = (f"{packed / tq / 1e9:.0f} GB/s = {100 * packed / tq / copy_bw:.0f}% of copy (goal >= 80%); "
                               f"bf16 cuBLAS {2 * N * K / td / 1e9:.0f} GB/s; int{bits} at {td / tq:.2f}x bf16's speed; "
-                              f"the GEMV {packed / tg / 1e9:.0f} GB/s")
+                              f"the GEMV {packed / tg / 1e9:.0f} GB/s; {tiles} tile{'s' * (tiles > 1)} a warp "
+                              f"(the mma kernel with {3 - tiles}: {packed / to / 1e9:.0f} GB/s)")
                 else:
                     splits = _quant_gemm_splits(M, N, K, bits, x.device)
                     fused = lambda i: cuda_extension().quant_gemm(x, *ws[i % len(ws)], None, bits, group, splits)
