@@ -6,6 +6,7 @@ import pytest
 import torch
 
 import kernels
+import nanoserve
 import quant
 from nanoserve import LLM, SamplingParams
 
@@ -223,14 +224,7 @@ def test_split_decode_merges_in_its_own_launch_and_replays_in_a_graph():
         torch.cuda.synchronize()
     launched = [e.name for e in prof.events() if e.device_type == torch.autograd.DeviceType.CUDA]
     assert len(launched) == 1 and "paged_decode_kernel" in launched[0], launched
-    side = torch.cuda.Stream()
-    side.wait_stream(torch.cuda.current_stream())
-    with torch.cuda.stream(side):
-        run()
-    torch.cuda.current_stream().wait_stream(side)
-    graph = torch.cuda.CUDAGraph()
-    with torch.cuda.graph(graph):
-        out = run()
+    graph, out = nanoserve.capture_graph(run, None)      # as DecodeGraphs captures a step
     for _ in range(3):
         out.zero_()
         graph.replay()
