@@ -401,7 +401,6 @@ CUDA_SOURCE = r"""
 #include <cuda_fp16.h>
 #include <cuda_bf16.h>
 #include <cuda_pipeline.h>
-#include <mma.h>
 
 // fp32, fp16 and bf16: the dtypes the model runs in (double would only add instantiations).
 #define DISPATCH(T, NAME, ...) AT_DISPATCH_SWITCH(T, NAME, \
@@ -709,12 +708,29 @@ torch::Tensor rope_and_cache(torch::Tensor q, torch::Tensor k, torch::Tensor v, 
 // rather than from the cache it has just written (no other block reads it this step).
 constexpr int PD_THREADS = 256, PD_MAX_G = 8, PD_UNROLL = 4;
 
-// Once a split's partials (o, m, l) are written, by a block of paged_decode_kernel: every
-// thread fences its own writes (visible GPU-wide before the count moves), one thread counts
-// the split in, and the block whose count completes its group (sequence, KV head) reads all
-// the group's partials (from L2, __ldcg: other SMs wrote them) and merges them into out.
-// It resets the count, which nothing else of this launch touches again, for the next launch
-// (a CUDA graph's replay, the next layer). A call, not inlined (noinline, GNU's spelling of
+// Whether this block is the last of its group's splits to arrive here, called by every
+// thread of each split's block once its partial results are written: every thread fences its
+// own writes (visible GPU-wide before the count moves), one thread counts the split in, and
+// the block whose count completes the group goes on to read all the group's partials (from
+// L2, __ldcg: other SMs wrote them). That block resets the count, which nothing else of this
+// launch touches again, for the next launch (a CUDA graph's replay, the next layer).
+__device__ __forceinline__ bool last_of_splits(int* count, int splits) {
+  __shared__ int last_sh[1];
+  __threadfence();
+  __syncthreads();
+  if (threadIdx.x == 0) {
+    __threadfence();          // the release for the block's writes, which the barrier ordered before it
+    const bool last = atomicAdd(count, 1) == splits - 1;
+    if (last) *count = 0;
+    __threadfence();
+    last_sh[0] = last;
+  }
+  __syncthreads();
+  return last_sh[0];
+}
+
+// Once a split's partials (o, m, l) are written, by a block of paged_decode_kernel: the last
+// of its group's (sequence, KV head) splits merges them into out. A call, not inlined (noinline, GNU's spelling of
 // __noinline__): inlined at the kernel's two exits it cost the groups of 8 a register spill
 // (two blocks per SM allow 128 registers).
 template <typename T>
@@ -722,20 +738,8 @@ __device__ __attribute__((noinline)) void merge_splits_if_last(
     T* __restrict__ out, const float* __restrict__ o_part, const float* __restrict__ m_part,
     const float* __restrict__ l_part, int* __restrict__ counters, int H, int Hkv, int hd, int splits,
     float* m_sh, float* l_sh) {                        // m_sh, l_sh: [G] of the block's shared memory
-  __shared__ int last_sh[1];
   const int s = blockIdx.x, kvh = blockIdx.y, G = H / Hkv;
-  __threadfence();
-  __syncthreads();
-  if (threadIdx.x == 0) {
-    __threadfence();          // the release for the block's writes, which the barrier ordered before it
-    int* count = counters + (int64_t)s * Hkv + kvh;
-    const bool last = atomicAdd(count, 1) == splits - 1;
-    if (last) *count = 0;
-    __threadfence();
-    last_sh[0] = last;
-  }
-  __syncthreads();
-  if (!last_sh[0]) return;
+  if (!last_of_splits(counters + (int64_t)s * Hkv + kvh, splits)) return;
   const int lane = threadIdx.x & 31, nw = blockDim.x >> 5;
   const int64_t row0 = ((int64_t)s * H + (int64_t)kvh * G) * splits;   // (s, h0, split 0)
   for (int g = threadIdx.x >> 5; g < G; g += nw) {   // a warp per head: its m and l
@@ -1287,6 +1291,29 @@ __device__ __forceinline__ uint32_t float2_to_pair(float lo, float hi, __nv_bflo
   return *reinterpret_cast<const uint32_t*>(&v);
 }
 
+// The twin is a call (noinline): inlined into a kernel with many accumulators, its shuffles
+// scheduled side by side spilled registers in sm_90 code (the tiled quantized kernel's).
+template <typename W>
+__device__ __attribute__((noinline)) void mma_16816_twin(float (&d)[4], const uint32_t (&a)[4], const uint32_t (&b)[2]) {
+  const int lane = threadIdx.x & 31, quad = lane & ~3, t = lane & 3;
+#pragma unroll
+  for (int h = 0; h < 2; ++h)                 // k 0-7 (a[0], a[1], b[0]), then k 8-15 (a[2], a[3], b[1])
+#pragma unroll
+    for (int s = 0; s < 4; ++s) {             // lane quad + s holds k = 2s, 2s + 1 (+ 8h)
+      float2 ar[2], bc[2];                    // A's rows g, g + 8 and B's columns 2t, 2t + 1 at those k
+#pragma unroll
+      for (int r = 0; r < 2; ++r) ar[r] = pair_to_float2(__shfl_sync(0xffffffffu, a[2 * h + r], quad + s), W());
+#pragma unroll
+      for (int c = 0; c < 2; ++c)             // column n is held by lanes 4n .. 4n + 3
+        bc[c] = pair_to_float2(__shfl_sync(0xffffffffu, b[h], 4 * (2 * t + c) + s), W());
+#pragma unroll
+      for (int i = 0; i < 4; ++i) {
+        d[i] = fmaf(ar[i >> 1].x, bc[i & 1].x, d[i]);
+        d[i] = fmaf(ar[i >> 1].y, bc[i & 1].y, d[i]);
+      }
+    }
+}
+
 template <typename W, bool PORTABLE>
 __device__ __forceinline__ void mma_16816(float (&d)[4], const uint32_t (&a)[4], const uint32_t (&b)[2]) {
 #if defined(__CUDA_ARCH__) && __CUDA_ARCH__ >= 800
@@ -1302,28 +1329,7 @@ __device__ __forceinline__ void mma_16816(float (&d)[4], const uint32_t (&a)[4],
     return;
   }
 #endif
-  const int lane = threadIdx.x & 31, quad = lane & ~3, t = lane & 3;
-  float ar[2][16], bc[2][16];                 // A's rows g, g + 8 and B's columns 2t, 2t + 1, all 16 k
-#pragma unroll
-  for (int s = 0; s < 4; ++s) {               // lane quad + s holds k = 2s, 2s + 1 and 2s + 8, 2s + 9
-#pragma unroll
-    for (int r = 0; r < 4; ++r) {
-      const float2 v = pair_to_float2(__shfl_sync(0xffffffffu, a[r], quad + s), W());
-      const int k = 2 * s + 8 * (r >> 1);
-      ar[r & 1][k] = v.x; ar[r & 1][k + 1] = v.y;
-    }
-#pragma unroll
-    for (int c = 0; c < 2; ++c)               // column n is held by lanes 4n .. 4n + 3
-#pragma unroll
-      for (int r = 0; r < 2; ++r) {
-        const float2 v = pair_to_float2(__shfl_sync(0xffffffffu, b[r], 4 * (2 * t + c) + s), W());
-        bc[c][2 * s + 8 * r] = v.x; bc[c][2 * s + 8 * r + 1] = v.y;
-      }
-  }
-#pragma unroll
-  for (int i = 0; i < 4; ++i)
-#pragma unroll
-    for (int k = 0; k < 16; ++k) d[i] = fmaf(ar[i >> 1][k], bc[i & 1][k], d[i]);
+  mma_16816_twin<W>(d, a, b);
 }
 
 // ldmatrix.x4: four 8 x 8 tiles of 16-bit values from shared memory into one register each,
@@ -2287,222 +2293,323 @@ torch::Tensor dense_mma(torch::Tensor x, torch::Tensor weight, int64_t tiles, bo
   return y;
 }
 
-// A and B fragments from shared memory: wmma::load_matrix_sync, except for bf16 on the GPU.
-// NVVM proves an fp16 fragment's pointer is in shared memory and emits wmma.load...shared.f16
-// (one ldmatrix, LDSM, per fragment), but leaves the bf16 load generic, and ptxas makes that
-// four generic 32-bit loads (LD.E) per fragment: nvcc 13.0's sm_90 code for every bf16 WMMA
-// kernel here had no LDSM at all. The same PTX instruction with the state space named gives
-// the fp16 kernels' code (the same LDSM.16.M88.4 / MT88.4 feeding HMMA.16816, registers in
-// the builtin's order). kemu, and any compile without __CUDA_ARCH__ >= 800, take the call.
-template <typename Use, typename Layout>
-__device__ __forceinline__ void load_frag(nvcuda::wmma::fragment<Use, 16, 16, 16, __nv_bfloat16, Layout>& f,
-                                          const __nv_bfloat16* p, unsigned ldm) {
-#if defined(__CUDA_ARCH__) && __CUDA_ARCH__ >= 800
-  uint32_t* r = reinterpret_cast<uint32_t*>(&f.x[0]);
-  const uint32_t s = static_cast<uint32_t>(__cvta_generic_to_shared(p));
-  constexpr bool a = std::is_same<Use, nvcuda::wmma::matrix_a>::value;
-  constexpr bool row = std::is_same<Layout, nvcuda::wmma::row_major>::value;
-#define WMMA_LOAD_SHARED_BF16(AB, L)                                                                    \
-  asm volatile("wmma.load." AB ".sync.aligned." L ".m16n16k16.shared.bf16 {%0, %1, %2, %3}, [%4], %5;" \
-               : "=r"(r[0]), "=r"(r[1]), "=r"(r[2]), "=r"(r[3]) : "r"(s), "r"(ldm))
-  if constexpr (a && row) WMMA_LOAD_SHARED_BF16("a", "row");
-  else if constexpr (a) WMMA_LOAD_SHARED_BF16("a", "col");
-  else if constexpr (row) WMMA_LOAD_SHARED_BF16("b", "row");
-  else WMMA_LOAD_SHARED_BF16("b", "col");
-#undef WMMA_LOAD_SHARED_BF16
-#else
-  nvcuda::wmma::load_matrix_sync(f, p, ldm);
-#endif
-}
-template <typename Use, typename Layout>
-__device__ __forceinline__ void load_frag(nvcuda::wmma::fragment<Use, 16, 16, 16, __half, Layout>& f,
-                                          const __half* p, unsigned ldm) {
-  nvcuda::wmma::load_matrix_sync(f, p, ldm);
-}
-
 // ---------------------------------------------------------------- W4A16 / W8A16 on tensor cores, 17-255 rows
-// Past 16 rows the mma kernel above would run its 16-row tile once per 16 rows, reading the
-// codes again each time. This one is a tiled GEMM that dequantizes its B operand on the
-// way in (the fused dequantize-GEMM of Marlin and AWQ's kernels, here with WMMA and the tile
-// staged in shared memory; Marlin dequantizes into mma registers, as the kernel above does at
-// 1-16 rows). A block of 4 warps owns 64 rows x 64 channels (each warp 32 x 32, 2 x 2
-// accumulators), and per step of 64 inputs
-//   A: x's 64 x 64 tile arrives by cp.async (16 bytes per copy, 4 per thread),
-//   B: each thread dequantizes 32 codes of one channel (one 16-byte load of int4, two of
-//      int8) into [n][k] rows,
-// then 4 x 2 x 2 mma 16x16x16. Two shared-memory stages of both: x of step k + 1 and the
-// codes of step k + 2 (held in registers until dequantized) are issued before step k is
-// multiplied, and one barrier per step separates writing a stage from reading it. Each code
-// is read once per 64 rows, so up to 64 rows cost what one row does in weight traffic, and
-// the dense weight is never materialised (no temporary, unlike the dequantize path below,
-// which takes over where the GEMM is compute-bound). The grid is (channel tiles, row tiles,
-// splits of K); with several splits each writes fp32 partial sums that the host adds
-// (deterministic, unlike atomics).
-constexpr int QM_M = 64, QM_N = 64, QM_K = 64, QM_LD = QM_K + 8;   // row tile, channel tile, K step, padded row
-constexpr int QM_THREADS = 128;                                     // 4 warps, 2 x 2 over the tile
-constexpr int QM_SMEM = 2 * (QM_M + QM_N) * QM_LD * 2;              // A and B, two stages each, 16-bit: 36 KB
-static_assert(QM_M * (QM_N + 4) * 4 <= QM_SMEM, "the fp32 output tile reuses the stages' shared memory");
+// Past 16 rows the mma kernel above would run once per 16 rows, decoding every code again
+// each time. This is its tiled version, in Marlin's structure: a block of 8 warps owns
+// QG_N = 128 channels (one 16-channel tile a warp: A's rows, as above) and 16 x MT rows
+// (MT = 2 or 4: B's columns), and per loop step a warp decodes its codes once into A
+// registers, then multiplies them by each of x's 2 x MT tiles of 8 rows. The decode, a
+// fixed cost per code, is shared by up to 64 rows instead of 16. Both operands reach the
+// warps through shared memory, QG_STAGES loop steps ahead by cp.async (bytes in flight for
+// the memory latency, without registers to hold them):
+//   x:     the block's rows x SPAN inputs, read by all 8 warps: x leaves L2 once per 128
+//          channels, where the mma kernel reads it once per 16 or 32;
+//   codes: the block's 128 channels x SPAN inputs (64 bytes each), every lane then reading
+//          the 16 bytes it would have loaded in the mma kernel (int4 in an order of its own,
+//          PairCodes below): no repacking of the checkpoint, and no dequantized tile in
+//          shared memory (each code goes from its 16-byte load to registers to the tensor
+//          cores).
+// Each lane reads its x pieces from shared memory with 16-byte loads, 8 lanes at a time; a
+// row's pieces are stored in the order the lanes read them, and odd rows with the halves
+// of each 128 bytes swapped, so those 8 lanes (rows g and g + 1, 4 lanes each) touch 8
+// different 16-byte bank groups.
+// K is split over gridDim.z blocks, so that a narrow layer still gives every SM work: each
+// split writes fp32 partial sums, and the last of a tile's splits to finish (counted as in
+// decode attention's merge) adds them in split order, so the sum is the same whichever
+// block comes last. In sm_90 code a warp's loop step (bf16, int4) is 401 instructions with
+// 64 mma at 64 rows, 317 with 32 at 32 rows, so a block issues 3,208 or 2,536 per 8 KB of
+// codes, where an H200 SM has ~2,000 issue slots in the time 8 KB take at copy bandwidth
+// (4.2 TB/s over 132 SMs at 1.98 GHz: 16 bytes a clock). Issue, not memory, sets the pace:
+// 1.24x those slots at 17-32 rows, 1.57x at 33-64 (a bf16 GEMM of up to 64 rows reads 4x
+// the bytes at about copy bandwidth).
+// The tiled kernel's int4 codes, fp16 and bf16 alike: the two nibbles of a byte (adjacent
+// inputs) become one pair, so that x's B registers are x's pairs as they lie in memory. A
+// warp here builds 4-8 B tiles per loop step for each A tile, and the mma kernel's order
+// (nibbles 4 apart, one logic op a pair) would cost two byte permutes per pair of x per
+// 8 rows: 128 instructions a step at 64 rows. Instead one __byte_perm per pair of codes puts
+// byte k of the word and byte k of the word shifted down by 4 (nibbles 2k and 2k + 1, each
+// now in a low nibble) into the two halves, one logic op keeps those nibbles and sets
+// magic's exponent (1024 in fp16, 128 in bf16: 10 or 7 mantissa bits hold a nibble exactly),
+// and one subtract of magic + z leaves c - z exactly. A word costs a shift and 3
+// instructions a pair, against about 2.75 in the mma kernel's order. STEPS k-steps a load:
+//   b[2i + h] = bytes 2h and 2h + 1 of word i: inputs 8i + 4h .. 8i + 4h + 3 in order.
+template <typename W> struct PairCodes {
+  static constexpr int STEPS = 8;
+  using W2 = std::conditional_t<std::is_same<W, __half>::value, __half2, __nv_bfloat162>;
+  W2 zsub;
+  uint32_t magic;
+  __device__ __forceinline__ static W2 pair_of(float v) {
+    if constexpr (std::is_same<W, __half>::value) return __float2half2_rn(v);
+    else return __float2bfloat162_rn(v);
+  }
+  __device__ __forceinline__ PairCodes(float z, uint32_t magic_, uint32_t)
+      : zsub(pair_of((std::is_same<W, __half>::value ? 1024.f : 128.f) + z)), magic(magic_) {}
+  __device__ __forceinline__ void operator()(const uint4& q, uint32_t (&b)[STEPS][2]) const {
+    const uint32_t words[4] = {q.x, q.y, q.z, q.w};
+#pragma unroll
+    for (int i = 0; i < 4; ++i) {
+      const uint32_t high = words[i] >> 4;
+#pragma unroll
+      for (int k = 0; k < 4; ++k) {             // byte k -> halves (nibble 2k, nibble 2k + 1)
+        uint32_t u = (__byte_perm(words[i], high, 0x4400 + 0x1111 * k) & 0x000F000Fu) | magic;
+        const W2 v = __hsub2(*reinterpret_cast<W2*>(&u), zsub);
+        b[2 * i + k / 2][k % 2] = *reinterpret_cast<const uint32_t*>(&v);
+      }
+    }
+  }
+};
 
-// __launch_bounds__ with two blocks per SM (what the host's splits aim for): without a
-// minimum, ptxas held this kernel to 128 registers and spilled the bf16 int4 one.
-template <typename T, int BITS>
-__global__ void __launch_bounds__(QM_THREADS, 2)
-quant_gemm_kernel(T* __restrict__ y,                 // [rows, N] with one split, else null
-                  float* __restrict__ part,          // [splits, rows, N] fp32 partial sums with several, else null
+// A 64-row block holds 32 accumulators a lane and 32 registers of decoded codes, and runs
+// one to an SM (174 registers in sm_90 code; its stages take 96 KB for int4); a 32-row
+// block runs two (at most 128 registers; 2 x 64 KB), except with the mma's portable twin
+// (the self-check's; its shuffled operands need more).
+constexpr int QG_WARPS = 8, QG_N = 16 * QG_WARPS;      // channels per block: a tile of 16 a warp
+constexpr int QG_STAGES = 4;                           // loop steps of both operands in shared memory
+constexpr int QG_CODE_BYTES = 64;                      // a channel's codes per loop step (4 x 16 bytes)
+
+template <typename T, int BITS, int MT> __host__ __device__ constexpr int quant_gemm_smem() {
+  return QG_STAGES * (16 * MT * 4 * (128 / BITS) * (int)sizeof(T) + QG_N * QG_CODE_BYTES);
+}
+
+template <typename T, int BITS, int MT, bool PORTABLE>
+__global__ void __launch_bounds__(QG_WARPS * 32, MT == 2 && !PORTABLE ? 2 : 1)   // blocks per SM: see above
+quant_gemm_kernel(T* __restrict__ y,                 // [rows, N]
+                  float* __restrict__ part,          // [splits, rows, N] fp32 partial sums, with several splits
+                  int* __restrict__ counters,        // [row tiles x channel tiles] splits done, with several
                   const T* __restrict__ x,           // [rows, K], 16-byte aligned rows
                   const uint8_t* __restrict__ qw,    // int4: [N, K/2] packed; int8: [N, K]
                   const T* __restrict__ scales,      // [N, n_groups]
                   const T* __restrict__ zeros,       // [N, n_groups] or null
-                  int rows, int N, int K, int G, int n_groups, int k_per_split, bool is_signed,
-                  uint32_t fp16_1024_pair) {
-#if !defined(__CUDA_ARCH__) || __CUDA_ARCH__ >= 800     // bf16 WMMA and cp.async: sm_80+ (the host checks)
-  using namespace nvcuda;
+                  int rows, int N, int K, int G, int n_groups,
+                  int group_shift,                   // input -> group: >> group_shift, or / G if < 0
+                  int steps_per_split, bool is_signed, uint32_t magic) {
+#if !defined(__CUDA_ARCH__) || __CUDA_ARCH__ >= 800     // mma.sync on 16-bit types and cp.async: sm_80+ (the host checks)
   using W = typename mma_type<T>::type;
-  constexpr int CODES = BITS == 4 ? 32 : 16;            // codes per 16-byte load
-  constexpr int LOADS = QM_K / 2 / CODES;               // per thread per step: half a channel's step, 1 or 2 loads
-  constexpr int PER16 = 16 / sizeof(T);                 // x values per 16-byte copy
-  constexpr int A_COPIES = QM_M * QM_K / PER16 / QM_THREADS;   // 4
-  extern __shared__ __align__(128) uint8_t qm_smem[];   // QM_SMEM bytes
-  W* a_sh = reinterpret_cast<W*>(qm_smem);              // [2][QM_M][QM_LD] x's rows [m][k], zero outside
-  W* b_sh = a_sh + 2 * QM_M * QM_LD;                    // [2][QM_N][QM_LD] dequantized weights [n][k]
-  float* c_sh = reinterpret_cast<float*>(qm_smem);      // [QM_M][QM_N + 4] the output tile, after the loop
-  const int t = threadIdx.x, warp = t / 32, wm = (warp / 2) * 32, wn = (warp % 2) * 32;
-  const int n0 = blockIdx.x * QM_N, m0 = blockIdx.y * QM_M;
-  const int k_begin = blockIdx.z * k_per_split, k_end = min(K, k_begin + k_per_split);
-  const int64_t row_bytes = BITS == 4 ? K / 2 : K;
-  const CodeDecoder<BITS> decode(is_signed, fp16_1024_pair);
-  // Thread t dequantizes channel n0 + t / 2, inputs (t % 2) * 32 to + 32 of each step: a
-  // channel's 32 (int4) or 64 (int8) bytes per step come from two neighbouring threads.
-  const int nl = t / 2, n = n0 + nl, kc = (t % 2) * (QM_K / 2);
-  const int64_t nrow = min(n, N - 1);
-  // A step's codes with their scales and zeros, loaded two steps ahead (a ring of two in
-  // registers: they come from HBM, hundreds of cycles away); x's tile, mostly from L2, one.
-  struct Chunks { uint4 codes[LOADS]; float sc[LOADS], zp[LOADS]; };
-  Chunks ring0, ring1;
-  auto load_b = [&](int k0, Chunks& r) {
+  using Codes = std::conditional_t<BITS == 4, PairCodes<W>, MmaCodes<W, BITS>>;   // both: x's pairs as they lie
+  constexpr int CODES = 128 / BITS, STEPS = Codes::STEPS, SPAN = 4 * CODES;   // as in the mma kernel
+  constexpr int BM = 16 * MT;                          // rows per block
+  constexpr int PER16 = 16 / sizeof(T);                // x values per 16-byte piece
+  constexpr int XP = SPAN / PER16;                     // pieces of a row per step: 16 (int4), 8 (int8)
+  constexpr int XV = CODES / PER16;                    // of which a lane reads XV: 4, 2
+  constexpr int X_BYTES = BM * SPAN * (int)sizeof(T), STAGE = X_BYTES + QG_N * QG_CODE_BYTES;
+  constexpr int THREADS = QG_WARPS * 32;
+  static_assert(STAGE * QG_STAGES == quant_gemm_smem<T, BITS, MT>(), "the host sizes shared memory the same way");
+  static_assert(BM * (QG_N + 4) * 4 <= STAGE * QG_STAGES, "the fp32 output tile reuses the stages' shared memory");
+  static_assert(BM * XP % THREADS == 0 && THREADS % (2 * XP) == 0 && THREADS % 4 == 0, "whole rounds of copies");
+  extern __shared__ __align__(128) uint8_t qg_smem[];  // QG_STAGES x [x: BM x XP pieces | codes: QG_N x 64 bytes]
+  const int tid = threadIdx.x, warp = tid >> 5, lane = tid & 31, g = lane >> 2, t = lane & 3;
+  const int n0 = blockIdx.x * QG_N, m0 = blockIdx.y * BM;
+  const int steps = (K + SPAN - 1) / SPAN;
+  const int first = blockIdx.z * steps_per_split, last = min(steps, first + steps_per_split);
+  const float off = is_signed ? (BITS == 4 ? 8.f : 128.f) : 0.f;
+  const uint32_t flip = BITS == 8 && is_signed ? 0x80808080u : 0u;
+  // Piece p of a row (inputs PER16 p ..) is read by lane t = p / XV as its piece v = p % XV;
+  // stored at 4 v + t, each 128 bytes' halves swapped in odd rows (see above).
+  auto x_slot = [](int m, int t_, int v) { return (4 * v + t_) ^ (4 * (m & 1)); };
+  // Step st's operands into stage s: x's pieces (zero past x's rows or K) and the codes of
+  // each channel (past N, the last channel's, not stored; past K, the row's last CODES codes,
+  // which meet x's zeros). A thread copies the same piece of XR rows, XS apart, and the same
+  // piece of CR channels, 64 apart: the pointers' loop-invariant parts are set once here.
+  constexpr int XR = BM * XP / THREADS, XS = THREADS / XP, CR = QG_N * 4 / THREADS;
+  const int xp = tid % XP, xm = tid / XP;              // x: piece xp of rows xm + XS i
+  const int x_dst = xm * XP + x_slot(xm, xp / XV, xp % XV);   // (XS is even: the same slot in each row)
+  const T* x_src = x + (int64_t)(m0 + xm) * K + xp * PER16;
+  const int cp = tid % 4, cc = tid / 4;                // codes: piece cp of channels cc + 64 i
+  int c_row[CR];                                       // byte offsets (the host checks they fit)
 #pragma unroll
-    for (int u = 0; u < LOADS; ++u) {
-      const int k = k0 + kc + u * CODES;
-      const bool in = n < N && k < K;                   // a chunk is inside K or outside whole (K % 32 == 0)
-      const int64_t gi = nrow * n_groups + min(k, K - 1) / G;   // a chunk lies in one group (G % 32 == 0)
-      r.codes[u] = in ? *reinterpret_cast<const uint4*>(qw + nrow * row_bytes + (int64_t)k * BITS / 8)
-                      : make_uint4(0u, 0u, 0u, 0u);
-      r.sc[u] = in ? to_f(scales[gi]) : 0.f;            // scale 0: the weights outside are zero
-      r.zp[u] = in && zeros ? to_f(zeros[gi]) : 0.f;
+  for (int i = 0; i < CR; ++i) c_row[i] = min(n0 + cc + 64 * i, N - 1) * (K * BITS / 8);
+  auto issue = [&](int st, int s) {
+    uint8_t* stage = qg_smem + s * STAGE;
+    const int k0 = st * SPAN, xk = k0 + xp * PER16, ck = min(k0 + cp * CODES, K - CODES);
+#pragma unroll
+    for (int i = 0; i < XR; ++i) {
+      uint4* dst = reinterpret_cast<uint4*>(stage) + x_dst + i * XS * XP;
+      if (m0 + xm + i * XS < rows && xk < K) __pipeline_memcpy_async(dst, x_src + (int64_t)i * XS * K + k0, 16);
+      else *dst = make_uint4(0u, 0u, 0u, 0u);
+    }
+#pragma unroll
+    for (int i = 0; i < CR; ++i)
+      __pipeline_memcpy_async(stage + X_BYTES + (cc + 64 * i) * QG_CODE_BYTES + cp * 16, qw + c_row[i] + ck * BITS / 8, 16);
+  };
+  // This lane's channels (A's rows g and g + 8 of the warp's tile) and their scales and zero
+  // points, loaded a step ahead (global memory, mostly L2).
+  int nrow[2];
+#pragma unroll
+  for (int h = 0; h < 2; ++h) nrow[h] = min(n0 + 16 * warp + g + 8 * h, N - 1) * n_groups;
+  auto group_of = [&](int st) { const int k0 = st * SPAN; return group_shift >= 0 ? k0 >> group_shift : k0 / G; };
+  float sc[2], zp[2], sc_next[2], zp_next[2];
+  auto load_sz = [&](int st, float (&s_)[2], float (&z_)[2]) {
+    const int grp = group_of(st);
+#pragma unroll
+    for (int h = 0; h < 2; ++h) {
+      s_[h] = to_f(scales[nrow[h] + grp]);
+      z_[h] = (zeros ? to_f(zeros[nrow[h] + grp]) : 0.f) + off;
     }
   };
-  auto load_a = [&](int k0, int s) {                    // x's tile of step k0 into stage s by cp.async
+  float acc[2 * MT][4];
 #pragma unroll
-    for (int j = 0; j < A_COPIES; ++j) {
-      const int p = t + j * QM_THREADS, m = p / (QM_K / PER16), c = p % (QM_K / PER16), k = k0 + c * PER16;
-      W* dst = a_sh + (s * QM_M + m) * QM_LD + c * PER16;
-      if (m0 + m < rows && k < K) __pipeline_memcpy_async(dst, x + (int64_t)(m0 + m) * K + k, 16);
-      else *reinterpret_cast<uint4*>(dst) = make_uint4(0u, 0u, 0u, 0u);
-    }
-  };
-  wmma::fragment<wmma::accumulator, 16, 16, 16, float> acc[2][2];
+  for (int r = 0; r < 2 * MT; ++r)
 #pragma unroll
-  for (int i = 0; i < 2; ++i)
+    for (int i = 0; i < 4; ++i) acc[r][i] = 0.f;
 #pragma unroll
-    for (int j = 0; j < 2; ++j) wmma::fill_fragment(acc[i][j], 0.f);
-  // One step: the codes in r (step k0) dequantized into stage s, the next loads issued, the
-  // stage multiplied.
-  auto step = [&](int k0, Chunks& r, int s) {
-    // B into stage s: last read by the mma two steps ago, which every warp finished before
-    // the previous step's barrier.
-#pragma unroll
-    for (int u = 0; u < LOADS; ++u) {
-      float c[CODES];
-      decode(r.codes[u], c);
-      store_dequantized<T, CODES>(reinterpret_cast<T*>(b_sh + (s * QM_N + nl) * QM_LD + kc + u * CODES), c,
-                                  r.zp[u], r.sc[u]);
-    }
-    __pipeline_wait_prior(0);                           // this thread's copies of x for step k0 landed
-    __syncthreads();                                    // stage s complete; stage s ^ 1 no longer read
-    if (k0 + QM_K < k_end) load_a(k0 + QM_K, s ^ 1);    // in flight during the mma
-    if (k0 + 2 * QM_K < k_end) load_b(k0 + 2 * QM_K, r);
+  for (int i = 0; i < QG_STAGES - 1; ++i) {
+    if (first + i < last) issue(first + i, i);
+    __pipeline_commit();
+  }
+  if (first < last) load_sz(first, sc_next, zp_next);
+  for (int st = first; st < last; ++st) {
+    const int s = (st - first) % QG_STAGES;
+    __pipeline_wait_prior(QG_STAGES - 2);              // this thread's copies of step st landed
+    __syncthreads();                                   // everyone's; and step st - 1's stage is read
+    if (st + QG_STAGES - 1 < last) issue(st + QG_STAGES - 1, (s + QG_STAGES - 1) % QG_STAGES);
     __pipeline_commit();
 #pragma unroll
-    for (int kk = 0; kk < QM_K; kk += 16) {
-      wmma::fragment<wmma::matrix_a, 16, 16, 16, W, wmma::row_major> af[2];
-      wmma::fragment<wmma::matrix_b, 16, 16, 16, W, wmma::col_major> bf[2];   // B[k][n] = b_sh[n][k]
+    for (int h = 0; h < 2; ++h) { sc[h] = sc_next[h]; zp[h] = zp_next[h]; }
+    if (st + 1 < last) load_sz(st + 1, sc_next, zp_next);
+    const uint8_t* stage = qg_smem + s * STAGE;
+    // A: channels g and g + 8 of the warp's tile, c - z, decoded once for all of x's rows.
+    uint32_t c[2][STEPS][2];
 #pragma unroll
-      for (int i = 0; i < 2; ++i) load_frag(af[i], a_sh + (s * QM_M + wm + 16 * i) * QM_LD + kk, QM_LD);
-#pragma unroll
-      for (int j = 0; j < 2; ++j) load_frag(bf[j], b_sh + (s * QM_N + wn + 16 * j) * QM_LD + kk, QM_LD);
-#pragma unroll
-      for (int i = 0; i < 2; ++i)
-#pragma unroll
-        for (int j = 0; j < 2; ++j) wmma::mma_sync(acc[i][j], af[i], bf[j], acc[i][j]);
+    for (int h = 0; h < 2; ++h) {
+      const Codes decode(zp[h], magic, flip);
+      decode(*reinterpret_cast<const uint4*>(stage + X_BYTES + (16 * warp + g + 8 * h) * QG_CODE_BYTES + 16 * t),
+             c[h]);
     }
-  };
-  if (k_begin < k_end) { load_a(k_begin, 0); load_b(k_begin, ring0); }
-  if (k_begin + QM_K < k_end) load_b(k_begin + QM_K, ring1);
-  __pipeline_commit();
-  for (int k0 = k_begin; k0 < k_end; k0 += 2 * QM_K) {  // two steps a pass: the ring's slots by name
-    step(k0, ring0, 0);
-    if (k0 + QM_K < k_end) step(k0 + QM_K, ring1, 1);
+    const uint4* xs = reinterpret_cast<const uint4*>(stage);
+#pragma unroll
+    for (int r = 0; r < 2 * MT; ++r) {                 // x's rows 8 r .. 8 r + 7: B's columns, row 8 r + g here
+      const int m = 8 * r + g;
+      uint32_t xw[CODES / 2];
+#pragma unroll
+      for (int v = 0; v < XV; ++v) {
+        const uint4 q = xs[m * XP + x_slot(m, t, v)];
+        xw[4 * v] = q.x; xw[4 * v + 1] = q.y; xw[4 * v + 2] = q.z; xw[4 * v + 3] = q.w;
+      }
+      float d[4] = {0.f, 0.f, 0.f, 0.f};             // the step's products, then times the scales
+#pragma unroll
+      for (int k = 0; k < STEPS; ++k) {
+        const uint32_t b[2] = {xw[2 * k], xw[2 * k + 1]};
+        const uint32_t a[4] = {c[0][k][0], c[1][k][0], c[0][k][1], c[1][k][1]};
+        mma_16816<W, PORTABLE>(d, a, b);
+      }
+#pragma unroll
+      for (int i = 0; i < 4; ++i) acc[r][i] = fmaf(sc[i >> 1], d[i], acc[r][i]);
+    }
   }
-  __syncthreads();                                      // every mma done: the stages become the output tile
-#pragma unroll
-  for (int i = 0; i < 2; ++i)
-#pragma unroll
-    for (int j = 0; j < 2; ++j)
-      wmma::store_matrix_sync(c_sh + (wm + 16 * i) * (QM_N + 4) + wn + 16 * j, acc[i][j], QM_N + 4,
-                              wmma::mem_row_major);
+  // The block's tile through shared memory (the stages, now read by every warp), then out in
+  // rows of consecutive channels: lane 4g + t's acc[r] holds channels 16 warp + g (i = 0, 1)
+  // and + 8 (i = 2, 3) of rows 8 r + 2t (i even) and 8 r + 2t + 1 (i odd).
+  __pipeline_wait_prior(0);
   __syncthreads();
-  for (int i = t; i < QM_M * QM_N; i += QM_THREADS) {  // consecutive threads on consecutive channels
-    const int m = m0 + i / QM_N, nn = n0 + i % QM_N;
-    if (m >= rows || nn >= N) continue;
-    const float v = c_sh[(i / QM_N) * (QM_N + 4) + i % QM_N];
-    if (y) y[(int64_t)m * N + nn] = from_f<T>(v);
-    else part[((int64_t)blockIdx.z * rows + m) * N + nn] = v;
+  float* c_sh = reinterpret_cast<float*>(qg_smem);     // [BM][QG_N + 4]
+#pragma unroll
+  for (int r = 0; r < 2 * MT; ++r)
+#pragma unroll
+    for (int i = 0; i < 4; ++i)
+      c_sh[(8 * r + 2 * t + (i & 1)) * (QG_N + 4) + 16 * warp + g + 8 * (i >> 1)] = acc[r][i];
+  __syncthreads();
+  const int nr = min(BM, rows - m0), splits = gridDim.z;
+  for (int e = tid; e < nr * QG_N; e += THREADS) {
+    const int m = e / QG_N, cl = e % QG_N;
+    if (n0 + cl >= N) continue;
+    const float v = c_sh[m * (QG_N + 4) + cl];
+    if (splits == 1) y[(int64_t)(m0 + m) * N + n0 + cl] = from_f<T>(v);
+    else part[((int64_t)blockIdx.z * rows + m0 + m) * N + n0 + cl] = v;
+  }
+  if (splits == 1 || !last_of_splits(counters + (int64_t)blockIdx.y * gridDim.x + blockIdx.x, splits)) return;
+  for (int e = tid; e < nr * QG_N; e += THREADS) {
+    const int m = e / QG_N, cl = e % QG_N;
+    if (n0 + cl >= N) continue;
+    float v = 0.f;
+    for (int j = 0; j < splits; ++j) v += __ldcg(part + ((int64_t)j * rows + m0 + m) * N + n0 + cl);
+    y[(int64_t)(m0 + m) * N + n0 + cl] = from_f<T>(v);
   }
 #endif
 }
 
-// -> y = x W^T, [rows, N] in x's dtype (16-bit). splits: of K, in whole steps of 64 inputs;
-// with more than one the kernel writes fp32 partial sums and this adds them.
+// -> y = x W^T, [rows, N] in x's dtype (16-bit), for groups of a multiple of 128 (int4) or 64
+// (int8) inputs or one group per row, K a multiple of 32. splits: of K, in whole loop steps
+// (clamped so that each split has one). counters: int32 zeros, one per tile of 128 channels
+// x 64 rows (32 with 32 rows or fewer) at least, left zero (the layer's own, so that a CUDA
+// graph replays without a memset); none: zeroed here. portable: the mma's twin instead of
+// the instruction (the self-check compares the two on a GPU), 32-row tiles.
 torch::Tensor quant_gemm(torch::Tensor x, torch::Tensor qweight, torch::Tensor scales,
-                         c10::optional<torch::Tensor> zeros, int64_t bits, int64_t group_size, int64_t splits) {
-  TORCH_CHECK(x.dim() == 2, "quant_gemm: x must be [rows, K]");
+                         c10::optional<torch::Tensor> zeros, int64_t bits, int64_t group_size, int64_t splits,
+                         c10::optional<torch::Tensor> counters, bool portable) {
+  TORCH_CHECK(x.dim() == 2 && x.size(0) <= INT32_MAX / 2, "quant_gemm: x must be [rows, K]");
   TORCH_CHECK(x.scalar_type() == at::kHalf || x.scalar_type() == at::kBFloat16, "quant_gemm: fp16 or bf16 x");
   const at::cuda::OptionalCUDAGuard guard(device_of(x));
   x = x.contiguous();
   if (reinterpret_cast<uintptr_t>(x.data_ptr()) % 16) x = x.clone();   // 16-byte copies
   const QuantWeight w = quant_weight("quant_gemm", qweight, scales, zeros, bits, group_size, x.size(1),
                                      x.scalar_type());
-  const torch::Tensor qw = w.qw, sc = w.sc, z = w.z;
+  TORCH_CHECK(w.n_groups == 1 || w.G % (bits == 4 ? 128 : 64) == 0,
+              "quant_gemm: group_size must be a multiple of 128 (int4) or 64 (int8), or cover the row");
+  TORCH_CHECK(w.K % 32 == 0, "quant_gemm: K must be a multiple of 32");
+  TORCH_CHECK(w.qw.numel() <= INT32_MAX && (int64_t)w.N * w.n_groups <= INT32_MAX,
+              "quant_gemm: at most 2^31 bytes of codes and 2^31 scales (32-bit offsets)");
+  const torch::Tensor qw = w.qw, sc = w.sc, z = w.z;   // plain names (kemu's bounds checker)
   const int64_t rows = x.size(0);
   auto y = torch::empty({rows, w.N}, x.options());
   if (rows == 0 || w.N == 0) return y;
   if (w.K == 0) return y.zero_();
-  const int64_t steps = (w.K + QM_K - 1) / QM_K;
+  const int span = bits == 4 ? 128 : 64, mt = rows > 32 && !portable ? 4 : 2;
+  const int64_t steps = (w.K + span - 1) / span;
   splits = std::max<int64_t>(1, std::min<int64_t>(splits, steps));
-  const int k_per_split = (int)((steps + splits - 1) / splits) * QM_K;
-  splits = (w.K + k_per_split - 1) / k_per_split;
-  const int64_t m_tiles = (rows + QM_M - 1) / QM_M;
-  TORCH_CHECK(m_tiles <= 65535 && splits <= 65535, "quant_gemm: at most 65535 row tiles (of 64) and splits");
-  TORCH_CHECK(rows <= INT32_MAX / 2, "quant_gemm: too many rows");
-  torch::Tensor part;
-  if (splits > 1) part = torch::empty({splits, rows, w.N}, x.options().dtype(torch::kFloat));
-  dim3 grid((w.N + QM_N - 1) / QM_N, (unsigned)m_tiles, (unsigned)splits);
+  const int per = (int)((steps + splits - 1) / splits);
+  splits = (steps + per - 1) / per;                    // every split has steps
+  dim3 grid((w.N + QG_N - 1) / QG_N, (unsigned)((rows + 16 * mt - 1) / (16 * mt)), (unsigned)splits);
+  TORCH_CHECK(grid.y <= 65535 && grid.z <= 65535, "quant_gemm: at most 65535 row tiles and splits");
+  torch::Tensor part, count;
+  if (splits > 1) {
+    part = torch::empty({splits, rows, w.N}, x.options().dtype(torch::kFloat));
+    const int64_t tiles = (int64_t)grid.x * grid.y;
+    if (counters.has_value()) {
+      count = *counters;
+      TORCH_CHECK(count.scalar_type() == torch::kInt32 && count.is_contiguous() && count.device() == x.device() &&
+                  count.numel() >= tiles, "quant_gemm: counters must be int32, contiguous, on x's device, at least ",
+                  tiles, " of them (a tile of 128 channels x ", 16 * mt, " rows each), and zero");
+    } else {
+      count = torch::zeros({tiles}, x.options().dtype(torch::kInt32));
+    }
+  }
+  int shift = -1;                                      // a power-of-two group: a shift, not a division
+  if (w.n_groups == 1) shift = 30;                     // every input index < 2^30 maps to group 0
+  else if ((w.G & (w.G - 1)) == 0) for (shift = 0; (1 << shift) < w.G; ++shift) {}
   const uint8_t* qp = reinterpret_cast<const uint8_t*>(qw.data_ptr());
   float* pp = splits > 1 ? part.data_ptr<float>() : nullptr;
-  auto launch = [&](auto* y_ptr, auto* x_ptr, auto* sc_ptr) {   // x's 16-bit type, from the pointers
+  int* cp = splits > 1 ? count.data_ptr<int>() : nullptr;
+  auto launch = [&](auto* x_ptr, auto* sc_ptr) {       // x's 16-bit type, from the pointers
     using T = std::remove_pointer_t<decltype(x_ptr)>;
     const T* zp = z.defined() ? z.data_ptr<T>() : nullptr;
-    auto kernel = bits == 4 ? quant_gemm_kernel<T, 4> : quant_gemm_kernel<T, 8>;
-    kernel<<<grid, QM_THREADS, QM_SMEM, at::cuda::getCurrentCUDAStream()>>>(
-        splits > 1 ? nullptr : y_ptr, pp, x_ptr, qp, sc_ptr, zp, (int)rows, w.N, w.K, w.G, w.n_groups, k_per_split,
-        w.is_signed, FP16_1024_PAIR);
+    const uint32_t magic = std::is_same<T, c10::Half>::value ? FP16_1024_PAIR : BF16_128_PAIR;
+    auto run = [&](auto bits_c, auto mt_c, auto portable_c) {   // std::integral_constant<int, BITS>, ...
+      constexpr int B = decltype(bits_c)::value, MT = decltype(mt_c)::value;
+      auto kernel = quant_gemm_kernel<T, B, MT, decltype(portable_c)::value>;
+      constexpr int smem = quant_gemm_smem<T, B, MT>();
+      ALLOW_SMEM(kernel, smem);
+      kernel<<<grid, QG_WARPS * 32, smem, at::cuda::getCurrentCUDAStream()>>>(
+          y.data_ptr<T>(), pp, cp, x_ptr, qp, sc_ptr, zp, (int)rows, w.N, w.K, w.G, w.n_groups, shift, per,
+          w.is_signed, magic);
+    };
+    using I2 = std::integral_constant<int, 2>;
+    using I4 = std::integral_constant<int, 4>;
+    using I8 = std::integral_constant<int, 8>;
+    using Yes = std::true_type;
+    using No = std::false_type;
+    if (bits == 4) {
+      if (portable) run(I4(), I2(), Yes());
+      else if (mt == 2) run(I4(), I2(), No());
+      else run(I4(), I4(), No());
+    } else {
+      if (portable) run(I8(), I2(), Yes());
+      else if (mt == 2) run(I8(), I2(), No());
+      else run(I8(), I4(), No());
+    }
   };
-  if (x.scalar_type() == at::kHalf)
-    launch(y.data_ptr<c10::Half>(), x.data_ptr<c10::Half>(), sc.data_ptr<c10::Half>());
-  else
-    launch(y.data_ptr<c10::BFloat16>(), x.data_ptr<c10::BFloat16>(), sc.data_ptr<c10::BFloat16>());
+  if (x.scalar_type() == at::kHalf) launch(x.data_ptr<c10::Half>(), sc.data_ptr<c10::Half>());
+  else launch(x.data_ptr<c10::BFloat16>(), sc.data_ptr<c10::BFloat16>());
   C10_CUDA_KERNEL_LAUNCH_CHECK();
-  if (splits > 1) y.copy_(part.sum(0));
   return y;
 }
 
@@ -2581,7 +2688,8 @@ torch::Tensor quant_gemv(torch::Tensor x, torch::Tensor qweight, torch::Tensor s
 torch::Tensor dequantize(torch::Tensor qweight, torch::Tensor scales, c10::optional<torch::Tensor> zeros,
                          int64_t bits, int64_t group_size, int64_t in_features);
 torch::Tensor quant_gemm(torch::Tensor x, torch::Tensor qweight, torch::Tensor scales,
-                         c10::optional<torch::Tensor> zeros, int64_t bits, int64_t group_size, int64_t splits);
+                         c10::optional<torch::Tensor> zeros, int64_t bits, int64_t group_size, int64_t splits,
+                         c10::optional<torch::Tensor> counters, bool portable);
 torch::Tensor quant_mma(torch::Tensor x, torch::Tensor qweight, torch::Tensor scales,
                         c10::optional<torch::Tensor> zeros, int64_t bits, int64_t group_size, int64_t tiles,
                         bool portable);
@@ -2689,7 +2797,7 @@ def _decode_device(device: torch.device) -> tuple[int, int]:
 
 @functools.lru_cache(maxsize=None)
 def _tensor_cores(device: torch.device) -> bool:
-    """Whether the tensor-core kernels may run: mma.sync and WMMA on bf16, ldmatrix and
+    """Whether the tensor-core kernels may run: mma.sync on bf16, ldmatrix and
     cp.async need compute capability 8.0 (Ampere) or newer. Another device says yes: kemu, the
     CPU emulator (CPU tensors here, as for _decode_device), runs their portable twins."""
     return device.type != "cuda" or torch.cuda.get_device_capability(device) >= (8, 0)
@@ -2826,33 +2934,47 @@ def _quant_mma_tiles(N: int, device: torch.device) -> int:
     return 2 if -(-N // 32) >= 2 * _decode_device(device)[0] else 1
 
 
+def _quant_gemm_tiles(rows: int, N: int) -> int:
+    """quant_gemm's output tiles: 128 channels x 32 rows up to 32 rows, x 64 rows beyond."""
+    return -(-N // 128) * -(-rows // (32 if rows <= 32 else 64))
+
+
 def _quant_gemm_splits(rows: int, N: int, K: int, bits: int, device: torch.device) -> int:
-    """How many ways the tiled GEMM splits K: until the grid has ~2 blocks (of 64 x 64) per
-    SM, while the fp32 partial sums stay under half the code bytes
+    """How many ways quant_gemm splits K: until the grid fills every SM once (one block of 64
+    rows or two of 32 each), while the fp32 partial sums stay under half the code bytes
     (splits * rows * N * 4 <= N * K * bits / 16)."""
-    blocks = -(-N // 64) * -(-rows // 64)
-    return max(1, min(-(-2 * _decode_device(device)[0] // blocks), K * bits // (64 * rows)))
+    per_sm = 1 if rows > 32 else 2
+    return max(1, min(-(-per_sm * _decode_device(device)[0] // _quant_gemm_tiles(rows, N)), K * bits // (64 * rows)))
 
 
 def quant_linear_cuda(x: Tensor, qweight: Tensor, scales: Tensor, zeros: Tensor | None, bits: int,
-                      group_size: int) -> Tensor:
+                      group_size: int, cache: dict | None = None) -> Tensor:
     """quant_linear on the kernels (K and the group size multiples of 32), by the rows of x:
-    1-16 the mma kernel (the codes dequantized into tensor-core registers and read once;
-    groups of 128 inputs or a multiple, or per channel: other groups take the GEMV), 17-255 the tiled tensor-core GEMM that dequantizes into shared memory (codes read once
-    per 64 rows, no dense temporary), 256 and more the dequantize kernel and cuBLAS
-    (compute-bound). fp32, or a GPU older than Ampere: the GEMV (CUDA cores, an FMA per code
-    and row) up to 16 rows, dequantize + cuBLAS beyond."""
+    1-16 the mma kernel (the codes dequantized into tensor-core registers and read once),
+    17-255 its tiled version quant_gemm (the same, each code decoded once per 64 rows), both
+    for groups of 128 inputs or a multiple, or per channel; 256 and more the dequantize
+    kernel and cuBLAS (compute-bound). Other groups, fp32, or a GPU older than Ampere: the
+    GEMV (CUDA cores, an FMA per code and row) up to 16 rows, dequantize + cuBLAS beyond.
+    cache: the layer's dict (quant_linear), where quant_gemm's split counters are kept (made
+    on first use: zeros, which every launch leaves zero, so a CUDA graph replays on them)."""
     K = x.shape[-1]
     rows = x.numel() // K
     kbits = 4 if bits <= 4 else 8                     # the kernels' code widths (3-bit codes are packed as 4)
     tc = x.dtype in (torch.float16, torch.bfloat16) and _tensor_cores(x.device)
-    if tc and rows <= QUANT_MMA_MAX_ROWS and _quant_mma_fits(kbits, group_size, K):
+    fits = tc and _quant_mma_fits(kbits, group_size, K)
+    if fits and rows <= QUANT_MMA_MAX_ROWS:
         y = cuda_extension().quant_mma(x.reshape(rows, K), qweight, scales, zeros, kbits, group_size,
                                        _quant_mma_tiles(qweight.shape[0], x.device), False)
         return y.view(*x.shape[:-1], -1)
-    if tc and 16 < rows < QUANT_GEMM_MAX_ROWS:
+    if fits and rows < QUANT_GEMM_MAX_ROWS:
+        N = qweight.shape[0]
+        counters = None if cache is None else cache.get("split_counters")
+        if cache is not None and (counters is None or counters.device != x.device or
+                                  len(counters) < _quant_gemm_tiles(rows, N)):
+            counters = cache["split_counters"] = torch.zeros(_quant_gemm_tiles(QUANT_GEMM_MAX_ROWS - 1, N),
+                                                             dtype=torch.int32, device=x.device)
         y = cuda_extension().quant_gemm(x.reshape(rows, K), qweight, scales, zeros, kbits, group_size,
-                                        _quant_gemm_splits(rows, qweight.shape[0], K, kbits, x.device))
+                                        _quant_gemm_splits(rows, N, K, kbits, x.device), counters, False)
         return y.view(*x.shape[:-1], -1)
     if rows <= QUANT_MMA_MAX_ROWS:
         y = cuda_extension().quant_gemv(x.reshape(rows, K), qweight, scales, zeros, kbits, group_size, 0)
@@ -2865,22 +2987,22 @@ def quant_linear_cuda(x: Tensor, qweight: Tensor, scales: Tensor, zeros: Tensor 
 
 
 def quant_linear(x: Tensor, qweight: Tensor, scales: Tensor, zeros: Tensor | None, bits: int,
-                 group_size: int, cpu_cache: dict | None = None) -> Tensor:
+                 group_size: int, cache: dict | None = None) -> Tensor:
     """y = x W^T for a weight-only quantized W: on a GPU the kernels (quant_linear_cuda) where
     K and the group size are multiples of 32, else the twin. On the CPU, PyTorch's weight-only
-    kernels where the layout fits. cpu_cache: a dict the caller keeps per layer, holding the
-    CPU repacking (made on first use, keyed by dtype and the buffers' addresses so a reloaded
-    weight repacks)."""
+    kernels where the layout fits. cache: a dict the caller keeps per layer for what the
+    kernels keep between calls: on the CPU the weight's repacking (made on first use, keyed by
+    dtype and the buffers' addresses so a reloaded weight repacks), on a GPU split counters."""
     K = x.shape[-1]
     if _cuda(x) and K % 32 == 0 and (group_size or K) % 32 == 0:
-        return quant_linear_cuda(x, qweight, scales, zeros, bits, group_size)
-    if USE_CPU_FAST_PATHS and cpu_cache is not None and not x.is_cuda:
+        return quant_linear_cuda(x, qweight, scales, zeros, bits, group_size, cache)
+    if USE_CPU_FAST_PATHS and cache is not None and not x.is_cuda:
         key = (x.dtype, qweight.data_ptr(), scales.data_ptr())
-        if key not in cpu_cache:
-            cpu_cache.clear()
-            cpu_cache[key] = pack_for_cpu(qweight, scales, zeros, bits, group_size, K, x.dtype)
-        if cpu_cache[key] is not None:
-            return quant_linear_cpu(x, cpu_cache[key])
+        if key not in cache:
+            cache.clear()
+            cache[key] = pack_for_cpu(qweight, scales, zeros, bits, group_size, K, x.dtype)
+        if cache[key] is not None:
+            return quant_linear_cpu(x, cache[key])
     return quant_linear_ref(x, qweight, scales, zeros, bits, group_size)
 
 
@@ -3149,9 +3271,11 @@ def _check_prefill_attention(dev: str, dtype: torch.dtype, quick: bool, full: bo
 
 def _check_quant_linear(dev: str, dtype: torch.dtype, quick: bool, full: bool) -> Rows:
     """W4A16 / W8A16, symmetric and asymmetric, per channel and per group with a partial last
-    group, each row count on the kernel quant_linear_cuda picks for it: 1-16 the mma kernel
-    (fp32, or int4 groups of 32: the GEMV), 17-255 the tiled tensor-core GEMM, 256 dequantize + cuBLAS; K = 100
-    (not a multiple of 32) takes quant_linear's own choice, the twin."""
+    group, each row count on the kernel quant_linear_cuda picks for it: 1-16 the mma kernel,
+    17-255 its tiled version (fp32, or int4 groups of 32: the GEMV, then dequantize +
+    cuBLAS), 256 dequantize + cuBLAS; K = 100 (not a multiple of 32) takes quant_linear's own
+    choice, the twin. The tiled kernel keeps its split counters in a per-layer cache, as
+    QuantLinear does."""
     dn, rows = str(dtype).removeprefix("torch."), []
     shapes = ((64, 128), (32, 96)) if quick else ((4096, 4096), (4096, 11008))
     for bits, G, asym in ((4, 128, False), (4, 32, True), (8, 0, False), (8, 64, True))[:None if full else 1]:
@@ -3162,11 +3286,12 @@ def _check_quant_linear(dev: str, dtype: torch.dtype, quick: bool, full: bool) -
                 ref = quant_linear_ref(x, qw, sc, zp, bits, G)
                 aligned = K % 32 == 0 and (G or K) % 32 == 0
                 tc16 = dtype != torch.float32 and _tensor_cores(torch.device(dev))
-                mma = tc16 and M <= QUANT_MMA_MAX_ROWS and _quant_mma_fits(bits, G, K)
-                via = ("twin" if not aligned else "mma" if mma else
+                fits = tc16 and _quant_mma_fits(bits, G, K)
+                via = ("twin" if not aligned else "mma" if fits and M <= QUANT_MMA_MAX_ROWS else
                        "GEMV" if M <= QUANT_MMA_MAX_ROWS else
-                       "tiled tensor-core GEMM" if tc16 and M < QUANT_GEMM_MAX_ROWS else "dequantize + cuBLAS")
-                run = (lambda: quant_linear_cuda(x, qw, sc, zp, bits, G)) if aligned else \
+                       "tiled mma" if fits and M < QUANT_GEMM_MAX_ROWS else "dequantize + cuBLAS")
+                cache: dict = {}
+                run = (lambda: quant_linear_cuda(x, qw, sc, zp, bits, G, cache)) if aligned else \
                     (lambda: quant_linear(x, qw, sc, zp, bits, G))
                 y = run()
                 t = _bench(run, dev)
@@ -3250,20 +3375,33 @@ def _check_quant_gemv(dev: str, dtype: torch.dtype, quick: bool, full: bool) -> 
 
 
 def _check_quant_gemm(dev: str, dtype: torch.dtype, quick: bool, full: bool) -> Rows:
-    """The tiled tensor-core GEMM called directly (fp16/bf16): two row tiles (the second
-    partial), 130 rows (three), a channel tile cut short (N = 72, 33, 40), a last step of 32
-    inputs (K = 352, 96, 160), groups of 32 and 96 (a chunk's own group), K split 1-3 ways."""
+    """The tiled mma kernel called directly (fp16/bf16): tiles of 64 rows (33, 70: the second
+    tile partial, 130: three) and of 32 (17, 20), channel tiles cut short (N = 72, 16, 40) and
+    a second one nearly empty (N = 130, 200), a last loop step partly inside K (K = 352, 288,
+    608: lanes past K read other codes, times x's zeros), groups by a shift (128, 64, per
+    channel) and by a division (384), signed and asymmetric codes, K split 1-3 ways, and
+    splits of 6 and 10 loop steps (the ring of shared-memory stages wraps around). Each
+    case runs twice on one buffer of split counters: the second result must equal the first
+    to the bit and the counters be left zero (the last split resets them; the merge adds
+    the splits in a fixed order). With 32-row tiles, the mma's portable twin too."""
     dn, rows = str(dtype).removeprefix("torch."), []
     if dtype == torch.float32 or not _tensor_cores(torch.device(dev)):
         return rows
-    for bits, G, asym, N, K, M, splits in ((4, 64, False, 72, 352, 70, 3), (8, 96, True, 33, 288, 65, 2),
-                                           (4, 32, True, 16, 96, 130, 2), (8, 0, False, 40, 160, 20, 1)):
+    for bits, G, asym, N, K, M, splits in ((4, 128, False, 72, 352, 70, 3), (8, 64, True, 200, 288, 33, 2),
+                                           (4, 0, True, 16, 512, 130, 2), (8, 0, False, 40, 608, 20, 1),
+                                           (4, 384, False, 130, 1536, 17, 2)):
         x = torch.randn(M, K, device=dev, dtype=dtype)
         qw, sc, zp = _random_quant(N, K, bits, G, asym, dtype, dev)
-        y = cuda_extension().quant_gemm(x, qw, sc, zp, bits, G, splits)
-        rows.append((f"W{bits}A16 (tiled tensor-core GEMM, K in {splits} split{'s' * (splits > 1)}) {dn} "
-                     f"{N}x{K} M={M} g={G}{' asym' if asym else ''}", _rel(y, quant_linear_ref(x, qw, sc, zp, bits, G)),
-                     0.0))
+        counters = torch.zeros(_quant_gemm_tiles(M, N), device=dev, dtype=torch.int32)
+        run = lambda portable: cuda_extension().quant_gemm(x, qw, sc, zp, bits, G, splits, counters, portable)
+        y, again = run(False), run(False)
+        name = f"{dn} {N}x{K} M={M} g={G}{' asym' if asym else ''}"
+        err = _rel(y, quant_linear_ref(x, qw, sc, zp, bits, G))
+        rows.append((f"W{bits}A16 (tiled mma, K in {splits} split{'s' * (splits > 1)}; twice on one counter buffer) "
+                     f"{name}", err if torch.equal(y, again) and not counters.any() else float("inf"), 0.0))
+        if M <= 32:
+            rows.append((f"W{bits}A16 (tiled mma's portable twin against the instruction) {name}",
+                         _rel(run(True), y), 0.0))
     return rows
 
 

@@ -1087,9 +1087,9 @@ class QuantLinear(nn.Module):
         bias    (out,) float, when the layer has one (Qwen2's q/k/v), kept in float
         perm    (in,) int64, act-order GPTQ checkpoints only: x is read in this order
     The forward pass is kernels.quant_linear: the reference twin dequantizes, then
-    multiplies; the CUDA kernels read the packed weights directly up to 255 rows (a GEMV,
-    then tensor cores dequantizing into shared memory), dequantize once for cuBLAS beyond,
-    and on the CPU PyTorch's int8/int4 weight-only kernels do (kernels.pack_for_cpu).
+    multiplies; the CUDA kernels read the packed weights directly up to 255 rows (codes
+    decoded in registers straight into tensor-core operands), dequantize once for cuBLAS
+    beyond, and on the CPU PyTorch's int8/int4 weight-only kernels do (kernels.pack_for_cpu).
     """
 
     def __init__(self, in_features: int, out_features: int, bits: int, group_size: int,
@@ -1116,7 +1116,7 @@ class QuantLinear(nn.Module):
             self.register_buffer("perm", torch.empty(in_features, dtype=torch.int64, device=device))
         else:
             self.perm = None
-        self.cpu_cache: dict = {}     # the weight repacked for PyTorch's CPU kernels, made on first use
+        self.cache: dict = {}         # kernels.quant_linear's: the CPU repacking or the GPU split counters
 
     @classmethod
     def from_codes(cls, codes: Tensor, scale: Tensor, zero: Tensor | None, bits: int, group_size: int,
@@ -1142,16 +1142,16 @@ class QuantLinear(nn.Module):
         if self.perm is not None:
             x = x.index_select(-1, self.perm)                              # (..., in), channels by group
         y = kernels.quant_linear(x, self.qweight, self.scales, self.zeros, self.bits, self.group_size,
-                                 self.cpu_cache)
+                                 self.cache)
         return y if self.bias is None else y + self.bias.to(y.dtype)
 
-    # New or reloaded buffers invalidate the CPU repacking.
+    # New or reloaded buffers invalidate the CPU repacking (and the cache with it).
     def _apply(self, fn, *args, **kwargs):
-        self.cpu_cache.clear()
+        self.cache.clear()
         return super()._apply(fn, *args, **kwargs)
 
     def _load_from_state_dict(self, *args, **kwargs):
-        self.cpu_cache.clear()
+        self.cache.clear()
         super()._load_from_state_dict(*args, **kwargs)
 
     def extra_repr(self) -> str:
@@ -1173,7 +1173,7 @@ class FusedQuantLinear(FusedLinear):
         first = linears[0]
         self.in_features, self.out_features = first.in_features, sum(m.out_features for m in linears)
         self.bits, self.group_size, self.perm = first.bits, first.group_size, first.perm
-        self.cpu_cache: dict = {}                 # the fused weight's CPU repacking (QuantLinear's)
+        self.cache: dict = {}                     # the fused weight's kernel cache (QuantLinear's)
         for name in ("qweight", "scales", "zeros", "bias"):
             whole = None if getattr(first, name) is None else torch.cat([getattr(m, name) for m in linears])
             row = 0
@@ -1187,7 +1187,7 @@ class FusedQuantLinear(FusedLinear):
         # reload, a move) clears it too.
         self.parts = [dict(m._buffers) for m in linears]           # name -> buffer, as made here
         for m in linears:
-            m.cpu_cache = self.cpu_cache
+            m.cache = self.cache
 
     def holds(self, *linears: nn.Module) -> bool:
         return all(m._buffers.keys() == made.keys() and all(m._buffers[k] is b for k, b in made.items())

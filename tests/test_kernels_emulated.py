@@ -80,3 +80,31 @@ def test_engine_on_emulated_kernels_equals_the_twins(emulated, monkeypatch, grap
     got, runner = generate(monkeypatch, ext, graphs, prompts[3:4], samples, max_num_seqs=2)
     assert got == ref and len(got[0]) == 4 and not runner.split_counters.any()
     assert emulated.kemu_reports(True) == []
+
+
+def test_quantized_layer_on_the_tiled_kernel_keeps_its_split_counters(emulated, monkeypatch):
+    """A bf16 int4 QuantLinear (groups of 128) at 17-40 rows takes the tiled mma kernel
+    (quant_gemm) with K split up to 3 ways; the layer's cache holds one buffer of split
+    counters, made on the first call (sized for every row count up to 255) and reused, left
+    zero by every call; the results match the twin (bf16: 2e-2 of the output's max, as the
+    self-check allows) and a repeated call gives the same bits."""
+    import quant
+    import torch
+    monkeypatch.setattr(kernels, "_cuda", lambda t: True)
+    ext = Counted(emulated)
+    monkeypatch.setattr(kernels, "cuda_extension", lambda: ext)
+    torch.manual_seed(0)
+    layer = nanoserve.QuantLinear.from_codes(*quant.quantize_rtn(torch.randn(200, 1024), 4, 128, True), 4, 128,
+                                             torch.bfloat16)
+    buffers = set()
+    for rows in (17, 20, 40):
+        x = torch.randn(rows, 1024, dtype=torch.bfloat16)
+        y, again = layer(x), layer(x)
+        ref = kernels.quant_linear_ref(x, layer.qweight, layer.scales, layer.zeros, 4, 128)
+        counters = layer.cache["split_counters"]
+        buffers.add(counters.data_ptr())
+        assert torch.equal(y, again) and not counters.any()
+        assert (y.float() - ref.float()).abs().max() <= 2e-2 * ref.float().abs().max()
+    assert ext.calls == {"quant_gemm": 6} and len(buffers) == 1
+    assert max(kernels._quant_gemm_splits(r, 200, 1024, 4, torch.device("cpu")) for r in (17, 20, 40)) == 3
+    assert emulated.kemu_reports(True) == []

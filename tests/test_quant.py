@@ -56,7 +56,7 @@ def test_cpu_weight_only_kernels_match_the_reference_twin(bits, group_size, symm
                                          dtype)
     x = torch.randn(2, 5, 512, dtype=dtype)
     y = layer(x)                                                       # the CPU kernels
-    assert layer.cpu_cache and next(iter(layer.cpu_cache.values())) is not None
+    assert layer.cache and next(iter(layer.cache.values())) is not None
     ref = kernels.quant_linear_ref(x, layer.qweight, layer.scales, layer.zeros, bits, group_size)
     tol = 1e-5 if dtype == torch.float32 else 2e-2
     assert y.shape == (2, 5, 96)

@@ -261,8 +261,10 @@ def bench_overhead(llm: LLM, batches: tuple[int, ...] = (1, 64), new_tokens: int
     return {"rows": rows}
 
 
-KERNEL_KINDS = (   # (kind, substrings of a GPU kernel's or CPU op's name), first match wins
-    ("quantized matmul", ("quant_gemv", "quant_gemm", "dequantize")),
+# (kind, substrings of a GPU kernel's or CPU op's name), first match wins. dense_mma, which runs
+# quant_mma_kernel on 16-bit weights, counts as a quantized matmul here.
+KERNEL_KINDS = (
+    ("quantized matmul", ("quant_gemv", "quant_mma", "quant_gemm", "dequantize")),
     ("matmul", ("gemm", "gemv", "cutlass", "xmma", "nvjet", "cublas", "aten::mm", "aten::addmm", "aten::linear",
                 "aten::matmul", "aten::bmm", "_weight_int")),
     ("attention", ("paged_decode", "paged_prefill", "attention", "sdpa", "flash")),
@@ -887,7 +889,7 @@ def bench_quant(model: str, engine_kw: dict, prompt_len: int = 256, new_tokens: 
     """Decode and prefill speed of int8 (per channel) and int4 (groups of 128) weights,
     RTN, against bf16; with batches, also each batch's decode speed (output tokens per second
     of batch B, B / the mean time per output token, 128-token prompts), where quantized
-    matmuls of B rows take the mma kernel (up to 16) or the tiled GEMM.
+    matmuls of B rows take the mma kernel (up to 16) or its tiled version (17-255).
 
     Weight-only quantization cuts the bytes a decode step must read; prefill is bound by
     arithmetic, which dequantized weights do not reduce (the dequantization adds to it).
