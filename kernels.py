@@ -1965,10 +1965,14 @@ torch::Tensor quant_gemv(torch::Tensor x, torch::Tensor qweight, torch::Tensor s
 // multiply per code.
 //
 // The block: 8 warps share 16 x J output channels (J tiles of 16) and split K between them,
-// U loop steps at a time, and add their fp32 sums through shared memory at the end: K is
-// split with no second kernel and no atomics. Each lane has 2 x J x U = 4 loads in flight while
-// it multiplies the previous ones. The host picks J (1 or 2, U = 2 / J) so that the grid has
-// about two blocks per SM.
+// U loop steps at a time, and add their fp32 sums through shared memory at the end. Each
+// lane has 2 x J x U = 4 loads in flight while it multiplies the previous ones. Quantized
+// layers take J = 2 (U = 1): each x value a lane loads then feeds 32 channels, and the sm_90
+// loop issues 0.18 (1-8 rows) or 0.21 (9-16) instructions per byte of int4 codes against one
+// tile's 0.25 and 0.39, where an H200 SM has about 0.25 in the time a byte takes at copy
+// bandwidth. A narrow layer then has fewer blocks than SMs want, so K is also split over
+// blocks (gridDim.z): each split writes fp32 partial sums, and the last split of a tile to
+// finish adds them in split order (last_of_splits, as decode attention merges its splits).
 //
 // Dense 16-bit weights (BITS = 16, dense_mma) take the same kernel with the conversion and
 // the scales left out: a 16-byte load is 8 consecutive inputs of a channel, already A's
@@ -2049,13 +2053,15 @@ constexpr uint32_t BF16_128_PAIR = 0x43004300u;
 template <typename T, int BITS, int J, int U, bool R16, bool PORTABLE>
 __global__ void __launch_bounds__(QX_WARPS * 32)
 quant_mma_kernel(T* __restrict__ y,                // [rows, N]
+                 float* __restrict__ part,         // [splits, rows, N] fp32 partial sums, with several splits
+                 int* __restrict__ counters,       // [channel tiles x row chunks] splits done, with several
                  const T* __restrict__ x,          // [rows, K], 16-byte aligned rows
                  const uint8_t* __restrict__ qw,   // int4: [N, K/2] packed; int8: [N, K]; dense: [N, K] of T
                  const T* __restrict__ scales,     // [N, n_groups]; dense: null
                  const T* __restrict__ zeros,      // [N, n_groups] or null
                  int rows, int N, int K, int G, int n_groups,
                  int group_shift,                  // input -> group: >> group_shift, or / G if < 0
-                 bool is_signed, uint32_t magic) {
+                 int supers_per_split, bool is_signed, uint32_t magic) {
   using W = typename mma_type<T>::type;
   using Codes = MmaCodes<W, BITS>;
   constexpr int CODES = 128 / BITS;               // codes in a lane's 16-byte load: 32, 16 (dense: 8)
@@ -2099,6 +2105,8 @@ quant_mma_kernel(T* __restrict__ y,                // [rows, N]
 #pragma unroll
       for (int i = 0; i < 4; ++i) acc[j][r][i] = 0.f;
   const int steps = (K + SPAN - 1) / SPAN, supers = (steps + U - 1) / U;
+  // This block's share of K: loop steps first * U .. last * U - 1 (blockIdx.z's split).
+  const int first = blockIdx.z * supers_per_split, last = min(supers, first + supers_per_split);
   // The codes of loop steps sup * U .. + U - 1. A lane whose inputs lie past K (the last step
   // of a K that is not a multiple of SPAN, or a step past the last) reads the row's last
   // CODES codes instead: finite, and multiplied by x's zeros there.
@@ -2114,9 +2122,9 @@ quant_mma_kernel(T* __restrict__ y,                // [rows, N]
     }
   };
   uint4 cur[U][J][2], nxt[U][J][2];
-  if (warp < supers) load(warp, cur);
-  for (int sup = warp; sup < supers; sup += QX_WARPS) {
-    if (sup + QX_WARPS < supers) load(sup + QX_WARPS, nxt);     // in flight during this step's math
+  if (first + warp < last) load(first + warp, cur);
+  for (int sup = first + warp; sup < last; sup += QX_WARPS) {
+    if (sup + QX_WARPS < last) load(sup + QX_WARPS, nxt);       // in flight during this step's math
 #pragma unroll
     for (int u = 0; u < U; ++u) {
       const int k0 = (sup * U + u) * SPAN;      // the step's first input
@@ -2185,24 +2193,49 @@ quant_mma_kernel(T* __restrict__ y,                // [rows, N]
 #pragma unroll
       for (int i = 0; i < 4; ++i) red[warp][j][r][i][lane] = acc[j][r][i];
   __syncthreads();
+  const int splits = gridDim.z;
   for (int e = threadIdx.x; e < nr * 16 * J; e += blockDim.x) {
     const int m = e / (16 * J), nl = e % (16 * J), j = nl / 16, c = nl % 16;
     const int src = 4 * (c & 7) + (m & 7) / 2, i = 2 * (c >> 3) + (m & 1);
     float v = 0.f;
 #pragma unroll
     for (int w = 0; w < QX_WARPS; ++w) v += red[w][j][m >> 3][i][src];
-    if (n0 + nl < N) y[(int64_t)(row0 + m) * N + n0 + nl] = from_f<T>(v);
+    if (n0 + nl >= N) continue;
+    if (splits == 1) y[(int64_t)(row0 + m) * N + n0 + nl] = from_f<T>(v);
+    else part[((int64_t)blockIdx.z * rows + row0 + m) * N + n0 + nl] = v;
   }
+  // With K split over blocks, the last split of this tile adds the partial sums, in split order.
+  if (splits == 1 || !last_of_splits(counters + (int64_t)blockIdx.y * gridDim.x + blockIdx.x, splits)) return;
+  for (int e = threadIdx.x; e < nr * 16 * J; e += blockDim.x) {
+    const int m = e / (16 * J), nl = e % (16 * J);
+    if (n0 + nl >= N) continue;
+    float v = 0.f;
+    for (int z = 0; z < splits; ++z) v += __ldcg(part + ((int64_t)z * rows + row0 + m) * N + n0 + nl);
+    y[(int64_t)(row0 + m) * N + n0 + nl] = from_f<T>(v);
+  }
+}
+
+// The split counters of a launch that splits K over blocks, one per output tile: the
+// caller's (int32 zeros, which every launch leaves zero, so that a layer keeps one buffer and
+// a CUDA graph replays on it without a memset), else zeroed here.
+torch::Tensor split_counters(const c10::optional<torch::Tensor>& counters, int64_t tiles, const torch::Tensor& x,
+                             const char* name) {
+  if (!counters.has_value()) return torch::zeros({tiles}, x.options().dtype(torch::kInt32));
+  const torch::Tensor& c = *counters;
+  TORCH_CHECK(c.scalar_type() == torch::kInt32 && c.is_contiguous() && c.device() == x.device() && c.numel() >= tiles,
+              name, ": counters must be int32 zeros, contiguous, on x's device, at least ", tiles, " of them");
+  return c;
 }
 
 // fp16 / bf16 x of any number of rows (past 16, in chunks of 16 that each read the codes;
 // the dispatch sends it 1-16); the group size a multiple of 128 (int4) or 64 (int8), or one
-// group per row. tiles: J, 16-channel tiles per warp (1 or 2; the host picks by the GPU's
-// size). portable: the mma's twin instead of the instruction, one tile per warp (the
-// self-check compares the two on a GPU).
+// group per row. tiles: J, 16-channel tiles per warp (1 or 2). splits: of K's loop steps over
+// blocks (clamped so that each split has some), whose fp32 partial sums the last split of
+// each tile adds; counters: for those splits (split_counters). portable: the mma's twin
+// instead of the instruction, one tile per warp (the self-check compares the two on a GPU).
 torch::Tensor quant_mma(torch::Tensor x, torch::Tensor qweight, torch::Tensor scales,
                         c10::optional<torch::Tensor> zeros, int64_t bits, int64_t group_size, int64_t tiles,
-                        bool portable) {
+                        int64_t splits, c10::optional<torch::Tensor> counters, bool portable) {
   TORCH_CHECK(x.dim() == 2 && x.size(0) <= INT32_MAX, "quant_mma: x must be [rows, K]");
   TORCH_CHECK(x.scalar_type() == at::kHalf || x.scalar_type() == at::kBFloat16, "quant_mma: fp16 or bf16 x");
   TORCH_CHECK(tiles == 1 || tiles == 2, "quant_mma: tiles must be 1 or 2");
@@ -2222,8 +2255,20 @@ torch::Tensor quant_mma(torch::Tensor x, torch::Tensor qweight, torch::Tensor sc
   int shift = -1;                                      // a power-of-two group: a shift, not a division
   if (w.n_groups == 1) shift = 30;                     // every input index < 2^30 maps to group 0
   else if ((w.G & (w.G - 1)) == 0) for (shift = 0; (1 << shift) < w.G; ++shift) {}
-  dim3 grid((rows + 15) / 16, (w.N + 16 * tiles - 1) / (16 * tiles));   // x: chunks of 16 rows
-  TORCH_CHECK(grid.y <= 65535, "quant_mma: at most 65535 tiles of 16 x tiles channels");
+  const int64_t span = bits == 4 ? 128 : 64, u = tiles == 2 ? 1 : 2;   // a loop step's inputs; steps a pass
+  const int64_t supers = ((w.K + span - 1) / span + u - 1) / u;
+  splits = std::max<int64_t>(1, std::min<int64_t>(splits, supers));
+  const int per = (int)((supers + splits - 1) / splits);
+  splits = (supers + per - 1) / per;                   // every split has steps
+  dim3 grid((rows + 15) / 16, (w.N + 16 * tiles - 1) / (16 * tiles), (unsigned)splits);   // x: chunks of 16 rows
+  TORCH_CHECK(grid.y <= 65535 && grid.z <= 65535, "quant_mma: at most 65535 tiles of 16 x tiles channels and splits");
+  torch::Tensor part, count;
+  if (splits > 1) {
+    part = torch::empty({splits, rows, w.N}, x.options().dtype(torch::kFloat));
+    count = split_counters(counters, (int64_t)grid.x * grid.y, x, "quant_mma");
+  }
+  float* pp = splits > 1 ? part.data_ptr<float>() : nullptr;
+  int* cp = splits > 1 ? count.data_ptr<int>() : nullptr;
   const uint8_t* qp = reinterpret_cast<const uint8_t*>(qw.data_ptr());
   auto launch = [&](auto* x_ptr, auto* sc_ptr) {       // x's 16-bit type, from the pointers
     using T = std::remove_pointer_t<decltype(x_ptr)>;
@@ -2243,7 +2288,8 @@ torch::Tensor quant_mma(torch::Tensor x, torch::Tensor qweight, torch::Tensor sc
     auto kernel = bits == 4 ? (rows > 8 ? pick(I4(), R16()) : pick(I4(), R8()))
                             : (rows > 8 ? pick(I8(), R16()) : pick(I8(), R8()));
     kernel<<<grid, QX_WARPS * 32, 0, at::cuda::getCurrentCUDAStream()>>>(
-        y.data_ptr<T>(), x_ptr, qp, sc_ptr, zp, rows, w.N, w.K, w.G, w.n_groups, shift, w.is_signed, magic);
+        y.data_ptr<T>(), pp, cp, x_ptr, qp, sc_ptr, zp, rows, w.N, w.K, w.G, w.n_groups, shift, per, w.is_signed,
+        magic);
   };
   if (x.scalar_type() == at::kHalf) launch(x.data_ptr<c10::Half>(), sc.data_ptr<c10::Half>());
   else launch(x.data_ptr<c10::BFloat16>(), sc.data_ptr<c10::BFloat16>());
@@ -2284,8 +2330,8 @@ torch::Tensor dense_mma(torch::Tensor x, torch::Tensor weight, int64_t tiles, bo
     };
     auto kernel = rows > 8 ? pick(std::true_type()) : pick(std::false_type());
     const T* none = nullptr;
-    kernel<<<grid, QX_WARPS * 32, 0, at::cuda::getCurrentCUDAStream()>>>(
-        y.data_ptr<T>(), x_ptr, wp, none, none, rows, N, K, K, 1, 30, false, 0u);
+    kernel<<<grid, QX_WARPS * 32, 0, at::cuda::getCurrentCUDAStream()>>>(          // K in one split
+        y.data_ptr<T>(), nullptr, nullptr, x_ptr, wp, none, none, rows, N, K, K, 1, 30, INT32_MAX, false, 0u);
   };
   if (x.scalar_type() == at::kHalf) launch(x.data_ptr<c10::Half>());
   else launch(x.data_ptr<c10::BFloat16>());
@@ -2563,15 +2609,7 @@ torch::Tensor quant_gemm(torch::Tensor x, torch::Tensor qweight, torch::Tensor s
   torch::Tensor part, count;
   if (splits > 1) {
     part = torch::empty({splits, rows, w.N}, x.options().dtype(torch::kFloat));
-    const int64_t tiles = (int64_t)grid.x * grid.y;
-    if (counters.has_value()) {
-      count = *counters;
-      TORCH_CHECK(count.scalar_type() == torch::kInt32 && count.is_contiguous() && count.device() == x.device() &&
-                  count.numel() >= tiles, "quant_gemm: counters must be int32, contiguous, on x's device, at least ",
-                  tiles, " of them (a tile of 128 channels x ", 16 * mt, " rows each), and zero");
-    } else {
-      count = torch::zeros({tiles}, x.options().dtype(torch::kInt32));
-    }
+    count = split_counters(counters, (int64_t)grid.x * grid.y, x, "quant_gemm");   // tiles of 128 x 16 mt
   }
   int shift = -1;                                      // a power-of-two group: a shift, not a division
   if (w.n_groups == 1) shift = 30;                     // every input index < 2^30 maps to group 0
@@ -2692,7 +2730,7 @@ torch::Tensor quant_gemm(torch::Tensor x, torch::Tensor qweight, torch::Tensor s
                          c10::optional<torch::Tensor> counters, bool portable);
 torch::Tensor quant_mma(torch::Tensor x, torch::Tensor qweight, torch::Tensor scales,
                         c10::optional<torch::Tensor> zeros, int64_t bits, int64_t group_size, int64_t tiles,
-                        bool portable);
+                        int64_t splits, c10::optional<torch::Tensor> counters, bool portable);
 torch::Tensor dense_mma(torch::Tensor x, torch::Tensor weight, int64_t tiles, bool portable);
 """
 
@@ -2927,11 +2965,23 @@ def _quant_mma_fits(bits: int, group_size: int, K: int) -> bool:
     return G >= K or G % (128 if bits <= 4 else 64) == 0
 
 
-def _quant_mma_tiles(N: int, device: torch.device) -> int:
-    """16-channel tiles per warp for quant_mma: 2 where the grid still has about two blocks
+def _dense_mma_tiles(N: int, device: torch.device) -> int:
+    """16-channel tiles per warp for dense_mma: 2 where the grid still has about two blocks
     (of 32 channels) per SM, else 1. Two tiles share each x value among more channels; one
     gives a narrow layer enough blocks to keep every SM loading."""
     return 2 if -(-N // 32) >= 2 * _decode_device(device)[0] else 1
+
+
+def _quant_mma_splits(rows: int, N: int, K: int, bits: int, device: torch.device) -> int:
+    """How many ways quant_mma, with two 16-channel tiles a warp, splits K over blocks: until
+    the grid has about two blocks per SM, each split keeping its block's 8 warps at a loop
+    step or more. Two tiles share each x value among 32 channels: in sm_90 code 0.18-0.21
+    instructions per byte of int4 codes against one tile's 0.25-0.39, where an H200 SM
+    issues about 0.25 in the time a byte takes at copy bandwidth; the splits give narrow
+    layers back the blocks that one tile a warp gave them."""
+    blocks = -(-N // 32) * -(-rows // 16)
+    steps = -(-K // (128 if bits <= 4 else 64))
+    return max(1, min(-(-2 * _decode_device(device)[0] // blocks), steps // 8))
 
 
 def _quant_gemm_tiles(rows: int, N: int) -> int:
@@ -2947,6 +2997,19 @@ def _quant_gemm_splits(rows: int, N: int, K: int, bits: int, device: torch.devic
     return max(1, min(-(-per_sm * _decode_device(device)[0] // _quant_gemm_tiles(rows, N)), K * bits // (64 * rows)))
 
 
+def _split_counters(cache: dict | None, N: int, device: torch.device) -> Tensor | None:
+    """The layer's split counters for quant_mma and quant_gemm (one buffer serves both, and
+    every launch leaves it zero), kept in its cache; made on first use, sized for any row
+    count they take. None without a cache: the kernels zero their own."""
+    if cache is None:
+        return None
+    need = max(-(-N // 32), _quant_gemm_tiles(QUANT_GEMM_MAX_ROWS - 1, N))
+    counters = cache.get("split_counters")
+    if counters is None or counters.device != device or len(counters) < need:
+        counters = cache["split_counters"] = torch.zeros(need, dtype=torch.int32, device=device)
+    return counters
+
+
 def quant_linear_cuda(x: Tensor, qweight: Tensor, scales: Tensor, zeros: Tensor | None, bits: int,
                       group_size: int, cache: dict | None = None) -> Tensor:
     """quant_linear on the kernels (K and the group size multiples of 32), by the rows of x:
@@ -2955,26 +3018,22 @@ def quant_linear_cuda(x: Tensor, qweight: Tensor, scales: Tensor, zeros: Tensor 
     for groups of 128 inputs or a multiple, or per channel; 256 and more the dequantize
     kernel and cuBLAS (compute-bound). Other groups, fp32, or a GPU older than Ampere: the
     GEMV (CUDA cores, an FMA per code and row) up to 16 rows, dequantize + cuBLAS beyond.
-    cache: the layer's dict (quant_linear), where quant_gemm's split counters are kept (made
-    on first use: zeros, which every launch leaves zero, so a CUDA graph replays on them)."""
+    Both mma kernels split K over blocks where the layer is narrow; cache: the layer's dict
+    (quant_linear), where their split counters are kept (_split_counters)."""
     K = x.shape[-1]
-    rows = x.numel() // K
+    rows, N = x.numel() // K, qweight.shape[0]
     kbits = 4 if bits <= 4 else 8                     # the kernels' code widths (3-bit codes are packed as 4)
     tc = x.dtype in (torch.float16, torch.bfloat16) and _tensor_cores(x.device)
     fits = tc and _quant_mma_fits(kbits, group_size, K)
     if fits and rows <= QUANT_MMA_MAX_ROWS:
-        y = cuda_extension().quant_mma(x.reshape(rows, K), qweight, scales, zeros, kbits, group_size,
-                                       _quant_mma_tiles(qweight.shape[0], x.device), False)
+        splits = _quant_mma_splits(rows, N, K, kbits, x.device)
+        y = cuda_extension().quant_mma(x.reshape(rows, K), qweight, scales, zeros, kbits, group_size, 2, splits,
+                                       _split_counters(cache, N, x.device) if splits > 1 else None, False)
         return y.view(*x.shape[:-1], -1)
     if fits and rows < QUANT_GEMM_MAX_ROWS:
-        N = qweight.shape[0]
-        counters = None if cache is None else cache.get("split_counters")
-        if cache is not None and (counters is None or counters.device != x.device or
-                                  len(counters) < _quant_gemm_tiles(rows, N)):
-            counters = cache["split_counters"] = torch.zeros(_quant_gemm_tiles(QUANT_GEMM_MAX_ROWS - 1, N),
-                                                             dtype=torch.int32, device=x.device)
-        y = cuda_extension().quant_gemm(x.reshape(rows, K), qweight, scales, zeros, kbits, group_size,
-                                        _quant_gemm_splits(rows, N, K, kbits, x.device), counters, False)
+        splits = _quant_gemm_splits(rows, N, K, kbits, x.device)
+        y = cuda_extension().quant_gemm(x.reshape(rows, K), qweight, scales, zeros, kbits, group_size, splits,
+                                        _split_counters(cache, N, x.device) if splits > 1 else None, False)
         return y.view(*x.shape[:-1], -1)
     if rows <= QUANT_MMA_MAX_ROWS:
         y = cuda_extension().quant_gemv(x.reshape(rows, K), qweight, scales, zeros, kbits, group_size, 0)
@@ -3026,7 +3085,7 @@ def linear(x: Tensor, weight: Tensor, bias: Tensor | None = None) -> Tensor:
         K = x.shape[-1]
         rows = x.numel() // K if K else 0
         if 0 < rows <= DENSE_MMA_MAX_ROWS:
-            y = cuda_extension().dense_mma(x.reshape(rows, K), weight, _quant_mma_tiles(weight.shape[0], x.device),
+            y = cuda_extension().dense_mma(x.reshape(rows, K), weight, _dense_mma_tiles(weight.shape[0], x.device),
                                            False)
             y = y.view(*x.shape[:-1], -1)
             return y if bias is None else y + bias
@@ -3311,25 +3370,31 @@ def _check_quant_mma(dev: str, dtype: torch.dtype, quick: bool, full: bool) -> R
     K (K = 160, 288, 32: lanes past K read other codes, times x's zeros), groups by a shift (128,
     64, per channel) and by a division (192, 384, whose last group is partial), 1-8 rows
     (A's rows 8-15 left zero) and 9-16, 20 and 37 (chunks of 16 rows, the last one short),
-    signed and asymmetric codes. With one tile, the mma's portable twin too: on a GPU the
-    instruction and the twin must agree (the fragment layouts); under kemu both are the twin."""
+    signed and asymmetric codes, K split over 2 or 3 blocks (the last split shorter, and
+    with 37 rows over several tiles). Each case runs twice on one buffer of split counters:
+    the same bits, the counters left zero. With one tile, the mma's portable twin too: on a
+    GPU the instruction and the twin must agree (the fragment layouts); under kemu both are
+    the twin."""
     dn, rows = str(dtype).removeprefix("torch."), []
     if dtype == torch.float32 or not _tensor_cores(torch.device(dev)):
         return rows
-    for bits, G, asym, N, K, M, tiles in ((4, 0, False, 24, 160, 1, 1), (4, 128, True, 40, 256, 5, 2),
-                                          (8, 192, False, 33, 288, 9, 2), (4, 384, True, 72, 640, 16, 2),
-                                          (8, 0, True, 16, 96, 16, 1), (8, 64, False, 8, 128, 3, 2),
-                                          (4, 128, False, 17, 256, 12, 1), (4, 0, False, 16, 32, 2, 1),
-                                          (4, 128, True, 40, 256, 37, 2), (8, 0, False, 24, 96, 20, 1)):
+    for bits, G, asym, N, K, M, tiles, splits in (
+            (4, 0, False, 24, 160, 1, 1, 1), (4, 128, True, 40, 256, 5, 2, 2), (8, 192, False, 33, 288, 9, 2, 3),
+            (4, 384, True, 72, 640, 16, 2, 3), (8, 0, True, 16, 512, 16, 1, 2), (8, 64, False, 8, 128, 3, 2, 1),
+            (4, 128, False, 17, 256, 12, 1, 1), (4, 0, False, 16, 32, 2, 1, 1), (4, 128, True, 40, 256, 37, 2, 2),
+            (8, 0, False, 24, 96, 20, 1, 1)):
         x = torch.randn(M, K, device=dev, dtype=dtype)
         qw, sc, zp = _random_quant(N, K, bits, G, asym, dtype, dev)
         ref = quant_linear_ref(x, qw, sc, zp, bits, G)
         name = f"{dn} {N}x{K} M={M} g={G}{' asym' if asym else ''}"
-        y = cuda_extension().quant_mma(x, qw, sc, zp, bits, G, tiles, False)
-        rows.append((f"W{bits}A16 (mma, {tiles} tile{'s' * (tiles > 1)} a warp) {name}", _rel(y, ref), 0.0))
+        counters = torch.zeros(-(-M // 16) * -(-N // (16 * tiles)), device=dev, dtype=torch.int32)
+        run = lambda t, portable: cuda_extension().quant_mma(x, qw, sc, zp, bits, G, t, splits, counters, portable)
+        y, again = run(tiles, False), run(tiles, False)
+        err = _rel(y, ref) if torch.equal(y, again) and not counters.any() else float("inf")
+        rows.append((f"W{bits}A16 (mma, {tiles} tile{'s' * (tiles > 1)} a warp, K in {splits} "
+                     f"split{'s' * (splits > 1)}) {name}", err, 0.0))
         if tiles == 1:
-            twin = cuda_extension().quant_mma(x, qw, sc, zp, bits, G, 1, True)
-            rows.append((f"W{bits}A16 (mma's portable twin against the instruction) {name}", _rel(twin, y), 0.0))
+            rows.append((f"W{bits}A16 (mma's portable twin against the instruction) {name}", _rel(run(1, True), y), 0.0))
     return rows
 
 

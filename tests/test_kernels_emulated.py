@@ -82,29 +82,32 @@ def test_engine_on_emulated_kernels_equals_the_twins(emulated, monkeypatch, grap
     assert emulated.kemu_reports(True) == []
 
 
-def test_quantized_layer_on_the_tiled_kernel_keeps_its_split_counters(emulated, monkeypatch):
-    """A bf16 int4 QuantLinear (groups of 128) at 17-40 rows takes the tiled mma kernel
-    (quant_gemm) with K split up to 3 ways; the layer's cache holds one buffer of split
-    counters, made on the first call (sized for every row count up to 255) and reused, left
-    zero by every call; the results match the twin (bf16: 2e-2 of the output's max, as the
-    self-check allows) and a repeated call gives the same bits."""
+def test_quantized_layer_keeps_one_buffer_of_split_counters(emulated, monkeypatch):
+    """A bf16 int4 QuantLinear (groups of 128) at 1 and 16 rows takes the mma kernel, at 17
+    and 40 its tiled version, each with K split over blocks (2-6 ways here); the layer's cache
+    holds one buffer of split counters for both, made on the first call (sized for every row
+    count they take) and reused, left zero by every call; the results match the twin (bf16:
+    2e-2 of the output's max, as the self-check allows) and a repeated call gives the same bits."""
     import quant
     import torch
     monkeypatch.setattr(kernels, "_cuda", lambda t: True)
     ext = Counted(emulated)
     monkeypatch.setattr(kernels, "cuda_extension", lambda: ext)
     torch.manual_seed(0)
-    layer = nanoserve.QuantLinear.from_codes(*quant.quantize_rtn(torch.randn(200, 1024), 4, 128, True), 4, 128,
+    N, K = 200, 2048
+    layer = nanoserve.QuantLinear.from_codes(*quant.quantize_rtn(torch.randn(N, K), 4, 128, True), 4, 128,
                                              torch.bfloat16)
     buffers = set()
-    for rows in (17, 20, 40):
-        x = torch.randn(rows, 1024, dtype=torch.bfloat16)
+    for rows in (1, 16, 17, 40):
+        x = torch.randn(rows, K, dtype=torch.bfloat16)
         y, again = layer(x), layer(x)
         ref = kernels.quant_linear_ref(x, layer.qweight, layer.scales, layer.zeros, 4, 128)
         counters = layer.cache["split_counters"]
         buffers.add(counters.data_ptr())
         assert torch.equal(y, again) and not counters.any()
         assert (y.float() - ref.float()).abs().max() <= 2e-2 * ref.float().abs().max()
-    assert ext.calls == {"quant_gemm": 6} and len(buffers) == 1
-    assert max(kernels._quant_gemm_splits(r, 200, 1024, 4, torch.device("cpu")) for r in (17, 20, 40)) == 3
+    assert ext.calls == {"quant_mma": 4, "quant_gemm": 4} and len(buffers) == 1
+    cpu = torch.device("cpu")
+    assert [kernels._quant_mma_splits(r, N, K, 4, cpu) for r in (1, 16)] == [2, 2]
+    assert min(kernels._quant_gemm_splits(r, N, K, 4, cpu) for r in (17, 40)) >= 2
     assert emulated.kemu_reports(True) == []

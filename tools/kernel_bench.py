@@ -29,9 +29,9 @@ import torch
 
 ROOT = Path(__file__).resolve().parent.parent
 sys.path.insert(0, str(ROOT))
-from kernels import (QUANT_GEMM_MAX_ROWS, QUANT_MMA_MAX_ROWS, _decode_device, _quant_gemm_splits,  # noqa: E402
-                     _quant_gemm_tiles, _quant_mma_tiles, _random_paged, _tensor_cores, cuda_extension,
-                     decode_partition, gather_kv_ref, quant_linear)
+from kernels import (QUANT_GEMM_MAX_ROWS, QUANT_MMA_MAX_ROWS, _decode_device, _dense_mma_tiles,  # noqa: E402
+                     _quant_gemm_splits, _quant_gemm_tiles, _quant_mma_splits, _random_paged, _tensor_cores,
+                     cuda_extension, decode_partition, gather_kv_ref, quant_linear)
 
 
 def time_cuda(fn, reps: int = 30, trials: int = 5) -> float:
@@ -176,16 +176,19 @@ def gpu_goals(device: str = "cuda") -> list[tuple[str, str]]:
                 if M <= QUANT_MMA_MAX_ROWS:                  # the mma kernel; the GEMV beside it
                     tg = time_cuda(lambda i: cuda_extension().quant_gemv(x, *ws[i % len(ws)], None, bits, group, 0),
                                    reps=20)
-                    # The other tile count: one tile a warp (picked below ~2 blocks of 32 channels
-                    # per SM) issues ~1.3x the instructions per byte of two (sm_90 SASS, bf16 int4:
-                    # 0.25 a byte at 1-8 rows, about what an SM issues at copy bandwidth).
-                    tiles = _quant_mma_tiles(N, x.device)
+                    # The plan before two tiles a warp and K splits: one tile (picked below ~2
+                    # blocks of 32 channels per SM), K unsplit. One tile issues ~1.3x the
+                    # instructions per byte of two (sm_90 SASS, bf16 int4: 0.25 a byte at
+                    # 1-8 rows, about what an SM issues at copy bandwidth).
+                    splits = _quant_mma_splits(M, N, K, bits, x.device)
+                    tiles = _dense_mma_tiles(N, x.device)
                     to = time_cuda(lambda i: cuda_extension().quant_mma(x, *ws[i % len(ws)], None, bits, group,
-                                                                        3 - tiles, False), reps=20)
+                                                                        tiles, 1, None, False), reps=20)
                     figure = (f"{packed / tq / 1e9:.0f} GB/s = {100 * packed / tq / copy_bw:.0f}% of copy (goal >= 80%); "
                               f"bf16 cuBLAS {2 * N * K / td / 1e9:.0f} GB/s; int{bits} at {td / tq:.2f}x bf16's speed; "
-                              f"the GEMV {packed / tg / 1e9:.0f} GB/s; {tiles} tile{'s' * (tiles > 1)} a warp "
-                              f"(the mma kernel with {3 - tiles}: {packed / to / 1e9:.0f} GB/s)")
+                              f"the GEMV {packed / tg / 1e9:.0f} GB/s; two tiles a warp, K in {splits} "
+                              f"split{'s' * (splits > 1)} (the mma kernel with {tiles} tile{'s' * (tiles > 1)}, "
+                              f"unsplit: {packed / to / 1e9:.0f} GB/s)")
                 else:
                     splits = _quant_gemm_splits(M, N, K, bits, x.device)
                     counters = torch.zeros(_quant_gemm_tiles(M, N), device=dev, dtype=torch.int32)
@@ -193,9 +196,10 @@ def gpu_goals(device: str = "cuda") -> list[tuple[str, str]]:
                                                                   counters, False)
                     dequant = lambda i: x @ cuda_extension().dequantize(*ws[i % len(ws)], None, bits, group, K).T
                     other = time_cuda(dequant if M < QUANT_GEMM_MAX_ROWS else fused, reps=20)
-                    tiles = _quant_mma_tiles(N, x.device)
+                    msplits = _quant_mma_splits(M, N, K, bits, x.device)
+                    mcounters = torch.zeros(-(-M // 16) * -(-N // 32), device=dev, dtype=torch.int32)
                     chunks = time_cuda(lambda i: cuda_extension().quant_mma(x, *ws[i % len(ws)], None, bits, group,
-                                                                            tiles, False), reps=20)
+                                                                            2, msplits, mcounters, False), reps=20)
                     figure = (f"{2 * M * N * K / tq / 1e12:.0f} TFLOP/s ({packed / tq / 1e9:.0f} GB/s of weights), "
                               f"{tq / td:.2f}x bf16 cuBLAS's time "
                               f"({2 * M * N * K / td / 1e12:.0f} TFLOP/s; goal <= 1.1x); "
@@ -212,7 +216,7 @@ def gpu_goals(device: str = "cuda") -> list[tuple[str, str]]:
         dense = [torch.randn(N, K, device=dev, dtype=bf16) for _ in range(copies(2 * N * K))]
         for M in (1, 4, 16):
             x = torch.randn(M, K, device=dev, dtype=bf16)
-            tiles = _quant_mma_tiles(N, x.device)                         # what kernels.linear picks
+            tiles = _dense_mma_tiles(N, x.device)                         # what kernels.linear picks
             td = time_cuda(lambda i: x @ dense[i % len(dense)].T, reps=20)
             tm = time_cuda(lambda i: cuda_extension().dense_mma(x, dense[i % len(dense)], tiles, False), reps=20)
             to = time_cuda(lambda i: cuda_extension().dense_mma(x, dense[i % len(dense)], 3 - tiles, False), reps=20)
