@@ -2975,13 +2975,21 @@ def _dense_mma_tiles(N: int, device: torch.device) -> int:
 def _quant_mma_splits(rows: int, N: int, K: int, bits: int, device: torch.device) -> int:
     """How many ways quant_mma, with two 16-channel tiles a warp, splits K over blocks: until
     the grid has about two blocks per SM, each split keeping its block's 8 warps at a loop
-    step or more. Two tiles share each x value among 32 channels: in sm_90 code 0.18-0.21
-    instructions per byte of int4 codes against one tile's 0.25-0.39, where an H200 SM
-    issues about 0.25 in the time a byte takes at copy bandwidth; the splits give narrow
-    layers back the blocks that one tile a warp gave them."""
+    step or more, its steps rounded up to whole rounds of the 8 (no warp idles while
+    another takes one step more). Two
+    tiles share each x value among 32 channels: in sm_90 code 0.18-0.21 instructions per
+    byte of int4 codes against one tile's 0.25-0.39, where an H200 SM issues about 0.25 in
+    the time a byte takes at copy bandwidth; the splits give narrow layers back the blocks
+    that one tile a warp gave them."""
+    if rows == 0 or N == 0:
+        return 1
     blocks = -(-N // 32) * -(-rows // 16)
     steps = -(-K // (128 if bits <= 4 else 64))
-    return max(1, min(-(-2 * _decode_device(device)[0] // blocks), steps // 8))
+    target = min(-(-2 * _decode_device(device)[0] // blocks), steps // 8)
+    if target <= 1:
+        return 1
+    per = -(-(-(-steps // target)) // 8) * 8          # steps a split, in whole rounds of the block's 8 warps
+    return -(-steps // per)
 
 
 def _quant_gemm_tiles(rows: int, N: int) -> int:
@@ -2993,6 +3001,8 @@ def _quant_gemm_splits(rows: int, N: int, K: int, bits: int, device: torch.devic
     """How many ways quant_gemm splits K: until the grid fills every SM once (one block of 64
     rows or two of 32 each), while the fp32 partial sums stay under half the code bytes
     (splits * rows * N * 4 <= N * K * bits / 16)."""
+    if rows == 0 or N == 0:
+        return 1
     per_sm = 1 if rows > 32 else 2
     return max(1, min(-(-per_sm * _decode_device(device)[0] // _quant_gemm_tiles(rows, N)), K * bits // (64 * rows)))
 
@@ -3000,12 +3010,16 @@ def _quant_gemm_splits(rows: int, N: int, K: int, bits: int, device: torch.devic
 def _split_counters(cache: dict | None, N: int, device: torch.device) -> Tensor | None:
     """The layer's split counters for quant_mma and quant_gemm (one buffer serves both, and
     every launch leaves it zero), kept in its cache; made on first use, sized for any row
-    count they take. None without a cache: the kernels zero their own."""
+    count they take. A CUDA graph holds the buffer's address, so a buffer is never freed
+    while its layer lives: one outgrown (parts of a fused layer share its cache) stays in
+    cache["retired"]. None without a cache: the kernels zero their own."""
     if cache is None:
         return None
     need = max(-(-N // 32), _quant_gemm_tiles(QUANT_GEMM_MAX_ROWS - 1, N))
     counters = cache.get("split_counters")
     if counters is None or counters.device != device or len(counters) < need:
+        if counters is not None:
+            cache.setdefault("retired", []).append(counters)
         counters = cache["split_counters"] = torch.zeros(need, dtype=torch.int32, device=device)
     return counters
 
@@ -3050,18 +3064,18 @@ def quant_linear(x: Tensor, qweight: Tensor, scales: Tensor, zeros: Tensor | Non
     """y = x W^T for a weight-only quantized W: on a GPU the kernels (quant_linear_cuda) where
     K and the group size are multiples of 32, else the twin. On the CPU, PyTorch's weight-only
     kernels where the layout fits. cache: a dict the caller keeps per layer for what the
-    kernels keep between calls: on the CPU the weight's repacking (made on first use, keyed by
-    dtype and the buffers' addresses so a reloaded weight repacks), on a GPU split counters."""
+    kernels keep between calls: on the CPU "cpu", the weight's repacking (made on first use,
+    keyed by dtype and the buffers' addresses so that a reloaded weight repacks), on a GPU
+    "split_counters" (_split_counters)."""
     K = x.shape[-1]
     if _cuda(x) and K % 32 == 0 and (group_size or K) % 32 == 0:
         return quant_linear_cuda(x, qweight, scales, zeros, bits, group_size, cache)
     if USE_CPU_FAST_PATHS and cache is not None and not x.is_cuda:
         key = (x.dtype, qweight.data_ptr(), scales.data_ptr())
-        if key not in cache:
-            cache.clear()
-            cache[key] = pack_for_cpu(qweight, scales, zeros, bits, group_size, K, x.dtype)
-        if cache[key] is not None:
-            return quant_linear_cpu(x, cache[key])
+        if cache.get("cpu", (None,))[0] != key:
+            cache["cpu"] = (key, pack_for_cpu(qweight, scales, zeros, bits, group_size, K, x.dtype))
+        if cache["cpu"][1] is not None:
+            return quant_linear_cpu(x, cache["cpu"][1])
     return quant_linear_ref(x, qweight, scales, zeros, bits, group_size)
 
 
@@ -3442,7 +3456,7 @@ def _check_quant_gemv(dev: str, dtype: torch.dtype, quick: bool, full: bool) -> 
 def _check_quant_gemm(dev: str, dtype: torch.dtype, quick: bool, full: bool) -> Rows:
     """The tiled mma kernel called directly (fp16/bf16): tiles of 64 rows (33, 70: the second
     tile partial, 130: three) and of 32 (17, 20), channel tiles cut short (N = 72, 16, 40) and
-    a second one nearly empty (N = 130, 200), a last loop step partly inside K (K = 352, 288,
+    a second one partial (N = 130: 2 channels, 200: 72), a last loop step partly inside K (K = 352, 288,
     608: lanes past K read other codes, times x's zeros), groups by a shift (128, 64, per
     channel) and by a division (384), signed and asymmetric codes, K split 1-3 ways, and
     splits of 6 and 10 loop steps (the ring of shared-memory stages wraps around). Each

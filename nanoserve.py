@@ -1116,7 +1116,7 @@ class QuantLinear(nn.Module):
             self.register_buffer("perm", torch.empty(in_features, dtype=torch.int64, device=device))
         else:
             self.perm = None
-        self.cache: dict = {}         # kernels.quant_linear's: the CPU repacking or the GPU split counters
+        self.cache: dict = {}         # kernels.quant_linear's: the CPU repacking, the GPU split counters
 
     @classmethod
     def from_codes(cls, codes: Tensor, scale: Tensor, zero: Tensor | None, bits: int, group_size: int,
@@ -1145,13 +1145,15 @@ class QuantLinear(nn.Module):
                                  self.cache)
         return y if self.bias is None else y + self.bias.to(y.dtype)
 
-    # New or reloaded buffers invalidate the CPU repacking (and the cache with it).
+    # New, moved or reloaded buffers make the CPU repacking stale. The GPU split counters
+    # stay: CUDA graphs hold their address, and kernels.quant_linear makes new ones for
+    # another device.
     def _apply(self, fn, *args, **kwargs):
-        self.cache.clear()
+        self.cache.pop("cpu", None)
         return super()._apply(fn, *args, **kwargs)
 
     def _load_from_state_dict(self, *args, **kwargs):
-        self.cache.clear()
+        self.cache.pop("cpu", None)
         super()._load_from_state_dict(*args, **kwargs)
 
     def extra_repr(self) -> str:

@@ -229,7 +229,7 @@ def apply_tp(model: LlamaForCausalLM, tp: TPGroup) -> None:
         if kind in sizes:
             module.in_features, module.out_features = sizes[kind]
         if isinstance(module, QuantLinear):
-            module.cache.clear()                       # a repacking of the whole weight is stale
+            module.cache.pop("cpu", None)              # a repacking of the whole weight is stale
     model.model.embed_tokens = VocabParallelEmbedding(embed.weight, tp.rank * local.vocab_size, tp)
     if tied:
         model.lm_head.weight = model.model.embed_tokens.weight

@@ -56,7 +56,7 @@ def test_cpu_weight_only_kernels_match_the_reference_twin(bits, group_size, symm
                                          dtype)
     x = torch.randn(2, 5, 512, dtype=dtype)
     y = layer(x)                                                       # the CPU kernels
-    assert layer.cache and next(iter(layer.cache.values())) is not None
+    assert layer.cache["cpu"][1] is not None                          # repacked once, kept
     ref = kernels.quant_linear_ref(x, layer.qweight, layer.scales, layer.zeros, bits, group_size)
     tol = 1e-5 if dtype == torch.float32 else 2e-2
     assert y.shape == (2, 5, 96)
@@ -74,6 +74,25 @@ def test_cpu_weight_only_kernels_fall_back_where_the_layout_does_not_fit():
         assert kernels.pack_for_cpu(layer.qweight, layer.scales, layer.zeros, bits, G, K, torch.float32) is None
         x = torch.randn(3, K)
         torch.testing.assert_close(layer(x), kernels.quant_linear_ref(x, layer.qweight, layer.scales, None, bits, G))
+
+
+def test_split_counters_outlive_reloads_casts_and_a_larger_layer():
+    """The GPU kernels' split counters (kernels._split_counters) sit in the layer's cache, and
+    a CUDA graph holds their address: a smaller layer sharing the cache reuses them, a larger
+    one gets a new buffer while the old one stays alive (cache["retired"]), and reloading or
+    casting the layer keeps them (only the CPU repacking goes)."""
+    cpu = torch.device("cpu")
+    layer = nanoserve.QuantLinear.from_codes(*quant.quantize_rtn(torch.randn(200, 256), 4, 128, True), 4, 128,
+                                             torch.bfloat16)
+    layer(torch.randn(3, 256, dtype=torch.bfloat16))                    # the CPU repacking
+    counters = kernels._split_counters(layer.cache, 200, cpu)
+    assert "cpu" in layer.cache and not counters.any()
+    assert kernels._split_counters(layer.cache, 100, cpu) is counters
+    layer.load_state_dict(layer.state_dict())
+    layer.to(torch.float16)
+    assert "cpu" not in layer.cache and layer.cache["split_counters"] is counters
+    bigger = kernels._split_counters(layer.cache, 4000, cpu)
+    assert bigger is not counters and len(bigger) >= 4000 // 32 and layer.cache["retired"] == [counters]
 
 
 def test_gptq_output_error_is_lower_than_rtn_on_calibration_inputs():
