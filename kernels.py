@@ -730,9 +730,9 @@ __device__ __forceinline__ bool last_of_splits(int* count, int splits) {
 }
 
 // Once a split's partials (o, m, l) are written, by a block of paged_decode_kernel: the last
-// of its group's (sequence, KV head) splits merges them into out. A call, not inlined (noinline, GNU's spelling of
-// __noinline__): inlined at the kernel's two exits it cost the groups of 8 a register spill
-// (two blocks per SM allow 128 registers).
+// of its group's (sequence, KV head) splits merges them into out. A call, not inlined
+// (noinline, GNU's spelling of __noinline__): inlined at the kernel's two exits it cost the
+// groups of 8 a register spill (two blocks per SM allow 128 registers).
 template <typename T>
 __device__ __attribute__((noinline)) void merge_splits_if_last(
     T* __restrict__ out, const float* __restrict__ o_part, const float* __restrict__ m_part,
@@ -2951,9 +2951,11 @@ def decode_attention_with_rope(qkv: Tensor, n_heads: int, k_cache: Tensor, v_cac
 # Where quant_linear_cuda changes kernel, by rows of x. Up to QUANT_MMA_MAX_ROWS (16, one
 # mma tile of rows) the mma kernel, which streams the codes once whatever the row count. From
 # QUANT_GEMM_MAX_ROWS on, dequantize + cuBLAS: the product is compute-bound and cuBLAS's
-# Hopper GEMM outruns a WMMA kernel by more than the extra pass costs. vLLM's AWQ layer turns
-# at the same 256 tokens; the kernel benchmark (tools/kernel_bench.py) times both sides at
-# 64-2,048 rows, and the mma kernel beside the GEMV at 1-16.
+# Hopper GEMM (wgmma) outruns the tiled kernel's mma.sync by more than the extra pass costs
+# (a guess until measured: its 64-row tile already issues 1.6x what copy bandwidth allows,
+# and 256 rows are 4 such tiles). vLLM's AWQ layer turns at the same 256 tokens; the kernel
+# benchmark (tools/kernel_bench.py) times both sides at 32-2,048 rows, and the mma kernel
+# beside the GEMV at 1-16.
 QUANT_MMA_MAX_ROWS = 16
 QUANT_GEMM_MAX_ROWS = 256
 

@@ -168,7 +168,7 @@ def gpu_goals(device: str = "cuda") -> list[tuple[str, str]]:
                    torch.randint(-127, 128, (N, K), device=dev, dtype=torch.int8),
                    torch.rand(N, K // (group or K), device=dev, dtype=bf16) / 50) for _ in range(copies(packed))]
             dense = [torch.randn(N, K, device=dev, dtype=bf16) for _ in range(copies(2 * N * K))]
-            for M in ((1, 4, 16, 64, 128, 256, 2048) if bits == 4 else (1,)):
+            for M in ((1, 4, 16, 32, 64, 128, 256, 2048) if bits == 4 else (1,)):   # 32: the 32-row tile
                 x = torch.randn(M, K, device=dev, dtype=bf16)
                 cache: dict = {}                             # the layer's (its split counters)
                 tq = time_cuda(lambda i: quant_linear(x, *ws[i % len(ws)], None, bits, group, cache), reps=20)
