@@ -232,6 +232,40 @@ def test_split_decode_merges_in_its_own_launch_and_replays_in_a_graph():
         assert torch.equal(out, eager) and not counters.any()
 
 
+@cuda
+def test_quantized_layer_splits_k_in_one_launch_and_replays_in_a_graph():
+    """A narrow bf16 int4 layer (4,096 x 4,096, Llama-2-7B's o_proj) at 1 and 16 rows (the mma
+    kernel) and 40 rows (its tiled version) splits K over blocks: each call is one kernel
+    launch (the last split of a tile adds the partials), and, captured in a CUDA graph on the
+    layer's split counters and replayed, it gives the eager result to the bit every time and
+    leaves the counters zero."""
+    from torch.profiler import ProfilerActivity, profile
+    torch.manual_seed(0)
+    layer = nanoserve.QuantLinear.from_codes(*quant.quantize_rtn(torch.randn(4096, 4096), 4, 128, True), 4, 128,
+                                             torch.bfloat16).cuda()
+    dev = torch.device("cuda")
+    for rows in (1, 16, 40):
+        x = torch.randn(rows, 4096, device="cuda", dtype=torch.bfloat16)
+        split = (kernels._quant_mma_splits if rows <= kernels.QUANT_MMA_MAX_ROWS else kernels._quant_gemm_splits)
+        assert split(rows, 4096, 4096, 4, dev) > 1
+        run = lambda: layer(x)
+        eager = run()
+        ref = kernels.quant_linear_ref(x, layer.qweight, layer.scales, layer.zeros, 4, 128)
+        assert (eager.float() - ref.float()).abs().max() < 2e-2 * ref.float().abs().max()
+        with profile(activities=[ProfilerActivity.CUDA]) as prof:
+            run()
+            torch.cuda.synchronize()
+        launched = [e.name for e in prof.events() if e.device_type == torch.autograd.DeviceType.CUDA]
+        assert len(launched) == 1 and "quant_" in launched[0], launched
+        graph, out = nanoserve.capture_graph(run, None)
+        counters = layer.cache["split_counters"]
+        for _ in range(3):
+            out.zero_()
+            graph.replay()
+            torch.cuda.synchronize()
+            assert torch.equal(out, eager) and not counters.any()
+
+
 def test_decode_kernel_takes_only_the_layouts_it_was_written_for():
     """paged_decode reads a cached row as 16-byte loads over a power-of-two number of lanes
     and keeps G <= 8 heads' sums in registers; other shapes are routed to paged_prefill."""
