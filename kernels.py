@@ -3061,6 +3061,22 @@ def quant_linear_cuda(x: Tensor, qweight: Tensor, scales: Tensor, zeros: Tensor 
     return F.linear(x, w)
 
 
+def quant_linear_dequantizes(rows: int, K: int, bits: int, group_size: int, dtype: torch.dtype,
+                             device: torch.device) -> bool:
+    """Whether quant_linear on a GPU makes a dense temporary of the weight (dequantize + cuBLAS,
+    or the twin) for x of this many rows, as quant_linear_cuda decides: from
+    QUANT_GEMM_MAX_ROWS rows on; past QUANT_MMA_MAX_ROWS where the mma kernels do not take
+    the layout (int4 groups of 32 or 64, fp32, a GPU before Ampere); at any row count where
+    K or the group size is not a multiple of 32 (the twin). The model runner sets memory
+    aside by it."""
+    if K % 32 or (group_size or K) % 32:
+        return rows > 0
+    if rows < QUANT_GEMM_MAX_ROWS and _quant_mma_fits(4 if bits <= 4 else 8, group_size, K) \
+            and dtype in (torch.float16, torch.bfloat16) and _tensor_cores(device):
+        return False
+    return rows > QUANT_MMA_MAX_ROWS
+
+
 def quant_linear(x: Tensor, qweight: Tensor, scales: Tensor, zeros: Tensor | None, bits: int,
                  group_size: int, cache: dict | None = None) -> Tensor:
     """y = x W^T for a weight-only quantized W: on a GPU the kernels (quant_linear_cuda) where

@@ -2722,10 +2722,10 @@ class ModelRunner:
         """GPU memory this model's steps take beside the KV pool: the activations of the
         largest step, its logits and the penalty counts (Sampler), and for a quantized model
         the dense temporary the largest quantized matmul (a fused one included) dequantizes
-        into when a step has kernels.QUANT_GEMM_MAX_ROWS rows or more (kernels.quant_linear);
-        with piecewise graphs, whose pool keeps what a step of theirs allocates, the
-        activations of their largest step once more, and the temporary if that step makes
-        one. 0 on the CPU (its budget is set apart)."""
+        into when a step has enough rows (kernels.quant_linear_dequantizes: 256, or 17 for
+        layouts the mma kernels do not take); with piecewise graphs, whose pool keeps what a
+        step of theirs allocates, the activations of their largest step once more, and the
+        temporary if that step makes one. 0 on the CPU (its budget is set apart)."""
         if self.device.type != "cuda":
             return 0
         c = self.model.config
@@ -2734,13 +2734,14 @@ class ModelRunner:
             + self.cfg.max_num_seqs * c.vocab_size * 4 * 4 \
             + 2 * (self.cfg.max_num_seqs + 1) * c.vocab_size * 5      # penalty counts, and a copy as they grow
         fused = [f for layer in self.model.model.layers for f in (layer.self_attn.qkv, layer.mlp.gate_up)]
-        dequant = max((m.in_features * m.out_features * self.dtype.itemsize for m in [*self.model.modules(), *fused]
-                       if isinstance(m, (QuantLinear, FusedQuantLinear))), default=0)
+        quantized = [m for m in [*self.model.modules(), *fused] if isinstance(m, (QuantLinear, FusedQuantLinear))]
+        dequant = max((m.in_features * m.out_features * self.dtype.itemsize for m in quantized), default=0)
         graphs = 0
         if self.use_piecewise_graphs:
             graphs = self.piecewise_max_tokens * per_token
-            if self.piecewise_max_tokens >= kernels.QUANT_GEMM_MAX_ROWS:      # its largest bucket dequantizes
-                graphs += dequant
+            if any(kernels.quant_linear_dequantizes(self.piecewise_max_tokens, m.in_features, m.bits, m.group_size,
+                                                    self.dtype, self.device) for m in quantized):
+                graphs += dequant                                         # its largest bucket dequantizes
         return act + dequant + graphs
 
     def allocate_kv_cache(self, num_blocks: int) -> None:

@@ -76,6 +76,21 @@ def test_cpu_weight_only_kernels_fall_back_where_the_layout_does_not_fit():
         torch.testing.assert_close(layer(x), kernels.quant_linear_ref(x, layer.qweight, layer.scales, None, bits, G))
 
 
+def test_the_memory_budget_knows_which_steps_dequantize():
+    """kernels.quant_linear_dequantizes follows quant_linear_cuda's choice of kernel: the mma
+    kernels (no temporary) up to 255 rows for int4 groups of 128 and per-channel int8 in
+    16-bit dtypes; the GEMV (none) up to 16 rows for other groups or fp32; dequantize +
+    cuBLAS past those; the twin (a temporary at every size) where K is not a multiple of 32.
+    (A CPU device counts as one with tensor cores here, as for the emulator.)"""
+    dq = kernels.quant_linear_dequantizes
+    dev, bf16 = torch.device("cpu"), torch.bfloat16
+    assert not any(dq(r, 4096, 4, 128, bf16, dev) for r in (1, 16, 17, 255)) and dq(256, 4096, 4, 128, bf16, dev)
+    assert not dq(200, 4096, 8, 0, bf16, dev) and dq(300, 4096, 8, 0, bf16, dev)
+    assert not dq(16, 4096, 4, 32, bf16, dev) and dq(17, 4096, 4, 32, bf16, dev)
+    assert not dq(16, 4096, 4, 128, torch.float32, dev) and dq(17, 4096, 4, 128, torch.float32, dev)
+    assert dq(1, 172, 4, 0, bf16, dev) and not dq(0, 172, 4, 0, bf16, dev)
+
+
 def test_split_counters_outlive_reloads_casts_and_a_larger_layer():
     """The GPU kernels' split counters (kernels._split_counters) sit in the layer's cache, and
     a CUDA graph holds their address: a smaller layer sharing the cache reuses them, a larger
@@ -237,9 +252,11 @@ def test_quant_cli_writes_a_checkpoint_the_cli_runs(small_model, tmp_path):
 
 
 def test_kv_budget_sets_aside_the_dequantized_weight_of_the_largest_projection(small_model, monkeypatch):
-    """On a GPU a step of more than 16 rows dequantizes each quantized projection into a dense
-    temporary before cuBLAS (kernels.quant_linear); the KV pool is sized around the largest,
-    twice when the piecewise graphs' largest step makes one too (their pool keeps it)."""
+    """On a GPU a large enough step dequantizes each quantized projection into a dense
+    temporary before cuBLAS (kernels.quant_linear_dequantizes: here int4 groups of 32, which
+    the mma kernels do not take, from 17 rows, and a K of 172 at any row count); the KV pool
+    is sized around the largest, twice when the piecewise graphs' largest step makes one too
+    (their pool keeps it)."""
     llm = LLM(small_model, device="cpu")
     model = llm.engine.model
     calib = torch.randint(3, model.config.vocab_size, (4, 32), generator=torch.Generator().manual_seed(0))
@@ -259,8 +276,8 @@ def test_kv_budget_sets_aside_the_dequantized_weight_of_the_largest_projection(s
     quant.quantize_model(model, calib, "rtn", 4, 32)
     largest = max(m.in_features * m.out_features for m in model.modules() if isinstance(m, nanoserve.QuantLinear))
     assert largest >= model.config.hidden_size * model.config.intermediate_size
-    assert dense[0] - budget() == dense[64] - budget(64) == largest * 2
-    assert dense[256] - budget(256) == 2 * largest * 2       # a 256-token step dequantizes
+    assert dense[0] - budget() == largest * 2
+    assert dense[64] - budget(64) == dense[256] - budget(256) == 2 * largest * 2   # graph steps dequantize
     nanoserve.fuse_projections(model)                        # gate and up dequantize as one
     fused = 2 * model.config.hidden_size * model.config.intermediate_size
     assert dense[0] - budget() == max(largest, fused) * 2 and fused > largest
