@@ -1021,6 +1021,19 @@ paged_decode_kernel(T* __restrict__ out,             // [S, H, hd], when splits 
   merge_splits_if_last(out, o_part, m_part, l_part, counters, H, Hkv, hd, splits, m_sh, l_sh);
 }
 
+// The split counters of a launch whose splits the last one to finish merges (last_of_splits),
+// one per group of splits: the caller's (int32 zeros, which every launch leaves zero, so that
+// one buffer serves every launch and a CUDA graph replays on it without a memset), checked
+// even where nothing splits; else zeroed here, where something does.
+torch::Tensor split_counters(const c10::optional<torch::Tensor>& counters, int64_t groups, bool splits,
+                             const torch::Tensor& x, const char* name) {
+  if (!counters.has_value()) return splits ? torch::zeros({groups}, x.options().dtype(torch::kInt32)) : torch::Tensor();
+  const torch::Tensor& c = *counters;
+  TORCH_CHECK(c.scalar_type() == torch::kInt32 && c.is_contiguous() && c.device() == x.device() && c.numel() >= groups,
+              name, ": counters must be int32 zeros, contiguous, on the input's device, at least ", groups, " of them");
+  return c;
+}
+
 // The launch for both forms. qkv: [S, H(+ 2 Hkv), hd], contiguous; rope: its k and v follow
 // q in each row, and the kernel applies RoPE and writes them to the cache (slots, cos, sin).
 static torch::Tensor launch_paged_decode(torch::Tensor qkv, int64_t H, torch::Tensor k_cache, torch::Tensor v_cache,
@@ -1057,15 +1070,7 @@ static torch::Tensor launch_paged_decode(torch::Tensor qkv, int64_t H, torch::Te
   auto o_part = torch::empty({splits > 1 ? S : 0, H, splits, hd}, f32);
   auto m_part = torch::empty({splits > 1 ? S : 0, H, splits}, f32);
   auto l_part = torch::empty({splits > 1 ? S : 0, H, splits}, f32);
-  torch::Tensor count;
-  if (counters.has_value()) {
-    count = *counters;
-    TORCH_CHECK(count.scalar_type() == torch::kInt32 && count.is_contiguous() && count.device() == qkv.device() &&
-                count.numel() >= (int64_t)S * Hkv, "paged_decode: counters must be int32, contiguous, on q's device, "
-                "at least S x Hkv of them, and zero");
-  } else if (splits > 1) {
-    count = torch::zeros({(int64_t)S * Hkv}, qkv.options().dtype(torch::kInt32));
-  }
+  const torch::Tensor count = split_counters(counters, (int64_t)S * Hkv, splits > 1, qkv, "paged_decode");
   int G = H / Hkv;
   size_t smem = (size_t)(G * hd + G * part + (PD_THREADS / 32) * G * hd) * sizeof(float) +
                 (size_t)(part / block_size + 2) * sizeof(int);
@@ -2047,6 +2052,21 @@ __device__ __forceinline__ void x_pairs(const uint32_t* xw, int st, uint32_t& lo
   }
 }
 
+// The block that finished a tile's splits last (last_of_splits): y = the sum of the tile's
+// fp32 partials ([splits, rows, N]), in split order, for rows row0 .. row0 + nr - 1 and the
+// channels n0 .. n0 + width - 1 below N.
+template <typename T>
+__device__ void add_split_sums(T* __restrict__ y, const float* __restrict__ part, int rows, int N, int row0, int nr,
+                               int n0, int width, int splits) {
+  for (int e = threadIdx.x; e < nr * width; e += blockDim.x) {
+    const int m = e / width, c = e % width;
+    if (n0 + c >= N) continue;
+    float v = 0.f;
+    for (int z = 0; z < splits; ++z) v += __ldcg(part + ((int64_t)z * rows + row0 + m) * N + n0 + c);
+    y[(int64_t)(row0 + m) * N + n0 + c] = from_f<T>(v);
+  }
+}
+
 constexpr int QX_WARPS = 8;                   // warps per block, each on its own steps of K
 constexpr uint32_t BF16_128_PAIR = 0x43004300u;
 
@@ -2205,26 +2225,8 @@ quant_mma_kernel(T* __restrict__ y,                // [rows, N]
     else part[((int64_t)blockIdx.z * rows + row0 + m) * N + n0 + nl] = v;
   }
   // With K split over blocks, the last split of this tile adds the partial sums, in split order.
-  if (splits == 1 || !last_of_splits(counters + (int64_t)blockIdx.y * gridDim.x + blockIdx.x, splits)) return;
-  for (int e = threadIdx.x; e < nr * 16 * J; e += blockDim.x) {
-    const int m = e / (16 * J), nl = e % (16 * J);
-    if (n0 + nl >= N) continue;
-    float v = 0.f;
-    for (int z = 0; z < splits; ++z) v += __ldcg(part + ((int64_t)z * rows + row0 + m) * N + n0 + nl);
-    y[(int64_t)(row0 + m) * N + n0 + nl] = from_f<T>(v);
-  }
-}
-
-// The split counters of a launch that splits K over blocks, one per output tile: the
-// caller's (int32 zeros, which every launch leaves zero, so that a layer keeps one buffer and
-// a CUDA graph replays on it without a memset), else zeroed here.
-torch::Tensor split_counters(const c10::optional<torch::Tensor>& counters, int64_t tiles, const torch::Tensor& x,
-                             const char* name) {
-  if (!counters.has_value()) return torch::zeros({tiles}, x.options().dtype(torch::kInt32));
-  const torch::Tensor& c = *counters;
-  TORCH_CHECK(c.scalar_type() == torch::kInt32 && c.is_contiguous() && c.device() == x.device() && c.numel() >= tiles,
-              name, ": counters must be int32 zeros, contiguous, on x's device, at least ", tiles, " of them");
-  return c;
+  if (splits > 1 && last_of_splits(counters + (int64_t)blockIdx.y * gridDim.x + blockIdx.x, splits))
+    add_split_sums(y, part, rows, N, row0, nr, n0, 16 * J, splits);
 }
 
 // fp16 / bf16 x of any number of rows (past 16, in chunks of 16 that each read the codes;
@@ -2265,7 +2267,7 @@ torch::Tensor quant_mma(torch::Tensor x, torch::Tensor qweight, torch::Tensor sc
   torch::Tensor part, count;
   if (splits > 1) {
     part = torch::empty({splits, rows, w.N}, x.options().dtype(torch::kFloat));
-    count = split_counters(counters, (int64_t)grid.x * grid.y, x, "quant_mma");
+    count = split_counters(counters, (int64_t)grid.x * grid.y, true, x, "quant_mma");
   }
   float* pp = splits > 1 ? part.data_ptr<float>() : nullptr;
   int* cp = splits > 1 ? count.data_ptr<int>() : nullptr;
@@ -2562,14 +2564,8 @@ quant_gemm_kernel(T* __restrict__ y,                 // [rows, N]
     if (splits == 1) y[(int64_t)(m0 + m) * N + n0 + cl] = from_f<T>(v);
     else part[((int64_t)blockIdx.z * rows + m0 + m) * N + n0 + cl] = v;
   }
-  if (splits == 1 || !last_of_splits(counters + (int64_t)blockIdx.y * gridDim.x + blockIdx.x, splits)) return;
-  for (int e = tid; e < nr * QG_N; e += THREADS) {
-    const int m = e / QG_N, cl = e % QG_N;
-    if (n0 + cl >= N) continue;
-    float v = 0.f;
-    for (int j = 0; j < splits; ++j) v += __ldcg(part + ((int64_t)j * rows + m0 + m) * N + n0 + cl);
-    y[(int64_t)(m0 + m) * N + n0 + cl] = from_f<T>(v);
-  }
+  if (splits > 1 && last_of_splits(counters + (int64_t)blockIdx.y * gridDim.x + blockIdx.x, splits))
+    add_split_sums(y, part, rows, N, m0, nr, n0, QG_N, splits);
 #endif
 }
 
@@ -2591,7 +2587,6 @@ torch::Tensor quant_gemm(torch::Tensor x, torch::Tensor qweight, torch::Tensor s
                                      x.scalar_type());
   TORCH_CHECK(w.n_groups == 1 || w.G % (bits == 4 ? 128 : 64) == 0,
               "quant_gemm: group_size must be a multiple of 128 (int4) or 64 (int8), or cover the row");
-  TORCH_CHECK(w.K % 32 == 0, "quant_gemm: K must be a multiple of 32");
   TORCH_CHECK(w.qw.numel() <= INT32_MAX && (int64_t)w.N * w.n_groups <= INT32_MAX,
               "quant_gemm: at most 2^31 bytes of codes and 2^31 scales (32-bit offsets)");
   const torch::Tensor qw = w.qw, sc = w.sc, z = w.z;   // plain names (kemu's bounds checker)
@@ -2609,7 +2604,7 @@ torch::Tensor quant_gemm(torch::Tensor x, torch::Tensor qweight, torch::Tensor s
   torch::Tensor part, count;
   if (splits > 1) {
     part = torch::empty({splits, rows, w.N}, x.options().dtype(torch::kFloat));
-    count = split_counters(counters, (int64_t)grid.x * grid.y, x, "quant_gemm");   // tiles of 128 x 16 mt
+    count = split_counters(counters, (int64_t)grid.x * grid.y, true, x, "quant_gemm");   // tiles of 128 x 16 mt
   }
   int shift = -1;                                      // a power-of-two group: a shift, not a division
   if (w.n_groups == 1) shift = 30;                     // every input index < 2^30 maps to group 0

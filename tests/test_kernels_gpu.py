@@ -204,13 +204,30 @@ def test_prefill_kernel_serves_chunked_prefill_and_verification(model_dirs):
         assert [o.token_ids for o in gpu] == [o.token_ids for o in cpu]
 
 
+def launches_and_replays(run, eager: torch.Tensor, counters: torch.Tensor) -> list[str]:
+    """run() once more under the profiler -> the CUDA kernels it launched; then run() captured
+    as a CUDA graph (as DecodeGraphs captures a step) must replay to eager's bits three times,
+    leaving the split counters zero."""
+    from torch.profiler import ProfilerActivity, profile
+    with profile(activities=[ProfilerActivity.CUDA]) as prof:
+        run()
+        torch.cuda.synchronize()
+    launched = [e.name for e in prof.events() if e.device_type == torch.autograd.DeviceType.CUDA]
+    graph, out = nanoserve.capture_graph(run, None)
+    for _ in range(3):
+        out.zero_()
+        graph.replay()
+        torch.cuda.synchronize()
+        assert torch.equal(out, eager) and not counters.any()
+    return launched
+
+
 @cuda
 def test_split_decode_merges_in_its_own_launch_and_replays_in_a_graph():
     """Decode attention over several splits is one kernel (the last split of each group to
     finish merges the group's partials): with the caller's counters it launches nothing
     else; captured in a CUDA graph and replayed on the same counters, it gives the eager
     result to the bit every time and leaves the counters zero."""
-    from torch.profiler import ProfilerActivity, profile
     ext = kernels.cuda_extension()
     q, kc, vc, bt, lens = kernels._random_paged(3, [1000, 37, 0], 4, 8, 64, 16, torch.bfloat16, "cuda")
     starts = torch.arange(4, device="cuda", dtype=torch.int32)
@@ -219,17 +236,8 @@ def test_split_decode_merges_in_its_own_launch_and_replays_in_a_graph():
     eager = run()
     ref = kernels.paged_attention_ref(q, kc, vc, bt, starts, lens, 0.125)
     assert (eager.float() - ref.float()).abs().max() < 2e-2 * ref.float().abs().max()
-    with profile(activities=[ProfilerActivity.CUDA]) as prof:
-        run()
-        torch.cuda.synchronize()
-    launched = [e.name for e in prof.events() if e.device_type == torch.autograd.DeviceType.CUDA]
+    launched = launches_and_replays(run, eager, counters)
     assert len(launched) == 1 and "paged_decode_kernel" in launched[0], launched
-    graph, out = nanoserve.capture_graph(run, None)      # as DecodeGraphs captures a step
-    for _ in range(3):
-        out.zero_()
-        graph.replay()
-        torch.cuda.synchronize()
-        assert torch.equal(out, eager) and not counters.any()
 
 
 @cuda
@@ -239,7 +247,6 @@ def test_quantized_layer_splits_k_in_one_launch_and_replays_in_a_graph():
     launch (the last split of a tile adds the partials), and, captured in a CUDA graph on the
     layer's split counters and replayed, it gives the eager result to the bit every time and
     leaves the counters zero."""
-    from torch.profiler import ProfilerActivity, profile
     torch.manual_seed(0)
     layer = nanoserve.QuantLinear.from_codes(*quant.quantize_rtn(torch.randn(4096, 4096), 4, 128, True), 4, 128,
                                              torch.bfloat16).cuda()
@@ -252,18 +259,8 @@ def test_quantized_layer_splits_k_in_one_launch_and_replays_in_a_graph():
         eager = run()
         ref = kernels.quant_linear_ref(x, layer.qweight, layer.scales, layer.zeros, 4, 128)
         assert (eager.float() - ref.float()).abs().max() < 2e-2 * ref.float().abs().max()
-        with profile(activities=[ProfilerActivity.CUDA]) as prof:
-            run()
-            torch.cuda.synchronize()
-        launched = [e.name for e in prof.events() if e.device_type == torch.autograd.DeviceType.CUDA]
+        launched = launches_and_replays(run, eager, layer.cache["split_counters"])
         assert len(launched) == 1 and "quant_" in launched[0], launched
-        graph, out = nanoserve.capture_graph(run, None)
-        counters = layer.cache["split_counters"]
-        for _ in range(3):
-            out.zero_()
-            graph.replay()
-            torch.cuda.synchronize()
-            assert torch.equal(out, eager) and not counters.any()
 
 
 def test_decode_kernel_takes_only_the_layouts_it_was_written_for():
