@@ -478,24 +478,29 @@ __global__ void rms_norm_kernel(T* __restrict__ out,        // [rows, D]
 // loads (x, residual, weight: up to RN_CHUNKS 16-byte chunks each) at once, keeps the sum
 // x + residual in registers for the second pass instead of re-reading it. Same roundings
 // as the kernel above.
-constexpr int RN_CHUNKS = 4;
+//
+// One row by one block, as a device function: a quantized matmul's launch ends with the
+// norm of its output through it too (quant_mma's fold, below). Thread i takes chunks i,
+// i + blockDim.x, ..., so the sums and their order depend on the block's size alone, and
+// RN_THREADS threads sum exactly as a smaller block of one chunk a thread does (the extra
+// threads add zeros). rms_norm launches RN_THREADS (or fewer) wherever the fold can run, so
+// that the fold and the two launches it replaces give the same bits.
+constexpr int RN_CHUNKS = 4, RN_THREADS = 256;
 
 template <typename T>
-__global__ void rms_norm_vec_kernel(T* __restrict__ out, T* __restrict__ res_out, const T* __restrict__ x,
-                                    const T* __restrict__ res, const T* __restrict__ w, int D, float eps) {
+__device__ void rms_norm_row(T* __restrict__ out, T* __restrict__ res_out, const T* __restrict__ x,
+                             const T* __restrict__ res, const T* __restrict__ w, int D, float eps, float* sh) {
   constexpr int PER = 16 / sizeof(T);
-  __shared__ float sh[32];
-  const int64_t base = (int64_t)blockIdx.x * D;
   const int n = D / PER;                                  // 16-byte chunks in the row
   uint4 v[RN_CHUNKS], wv[RN_CHUNKS];
 #pragma unroll
-  for (int c = 0; c < RN_CHUNKS; ++c) {                   // every load first
-    const int k = threadIdx.x + c * blockDim.x;
+  for (int c = 0; c < RN_CHUNKS; ++c) {                   // every load first; x and residual from
+    const int k = threadIdx.x + c * blockDim.x;           // L2 (another block of a fold wrote x)
     if (k < n) {
-      v[c] = reinterpret_cast<const uint4*>(x + base)[k];
+      v[c] = __ldcg(reinterpret_cast<const uint4*>(x) + k);
       wv[c] = reinterpret_cast<const uint4*>(w)[k];
       if (res) {
-        const uint4 r = reinterpret_cast<const uint4*>(res + base)[k];
+        const uint4 r = __ldcg(reinterpret_cast<const uint4*>(res) + k);
         T* e = reinterpret_cast<T*>(&v[c]);
         const T* re = reinterpret_cast<const T*>(&r);
 #pragma unroll
@@ -508,7 +513,7 @@ __global__ void rms_norm_vec_kernel(T* __restrict__ out, T* __restrict__ res_out
   for (int c = 0; c < RN_CHUNKS; ++c) {
     const int k = threadIdx.x + c * blockDim.x;
     if (k < n) {
-      if (res) reinterpret_cast<uint4*>(res_out + base)[k] = v[c];
+      if (res) reinterpret_cast<uint4*>(res_out)[k] = v[c];
       const T* e = reinterpret_cast<const T*>(&v[c]);
 #pragma unroll
       for (int i = 0; i < PER; ++i) ss += to_f(e[i]) * to_f(e[i]);
@@ -525,9 +530,17 @@ __global__ void rms_norm_vec_kernel(T* __restrict__ out, T* __restrict__ res_out
       const T* we = reinterpret_cast<const T*>(&wv[c]);
 #pragma unroll
       for (int i = 0; i < PER; ++i) oe[i] = from_f<T>(to_f(we[i]) * to_f(from_f<T>(to_f(e[i]) * inv)));
-      reinterpret_cast<uint4*>(out + base)[k] = o;
+      reinterpret_cast<uint4*>(out)[k] = o;
     }
   }
+}
+
+template <typename T>
+__global__ void rms_norm_vec_kernel(T* __restrict__ out, T* __restrict__ res_out, const T* __restrict__ x,
+                                    const T* __restrict__ res, const T* __restrict__ w, int D, float eps) {
+  __shared__ float sh[32];
+  const int64_t base = (int64_t)blockIdx.x * D;
+  rms_norm_row(out + base, res ? res_out + base : nullptr, x + base, res ? res + base : nullptr, w, D, eps, sh);
 }
 
 std::vector<torch::Tensor> rms_norm(torch::Tensor x, torch::Tensor w, c10::optional<torch::Tensor> residual,
@@ -550,7 +563,7 @@ std::vector<torch::Tensor> rms_norm(torch::Tensor x, torch::Tensor w, c10::optio
                          reinterpret_cast<uintptr_t>(w_.data_ptr()) % 16 == 0 &&
                          (!res.defined() || reinterpret_cast<uintptr_t>(res.data_ptr()) % 16 == 0);
     if (D % PER == 0 && aligned && chunks <= 1024 * RN_CHUNKS) {
-      const int threads = std::min(1024, (chunks + 31) / 32 * 32);
+      const int threads = std::min(chunks <= RN_THREADS * RN_CHUNKS ? RN_THREADS : 1024, (chunks + 31) / 32 * 32);
       rms_norm_vec_kernel<scalar_t><<<rows, threads, 0, at::cuda::getCurrentCUDAStream()>>>(
           out.data_ptr<scalar_t>(), res.defined() ? res_out.data_ptr<scalar_t>() : nullptr,
           x.data_ptr<scalar_t>(), res.defined() ? res.data_ptr<scalar_t>() : nullptr,
@@ -1983,6 +1996,17 @@ torch::Tensor quant_gemv(torch::Tensor x, torch::Tensor qweight, torch::Tensor s
 // the scales left out: a 16-byte load is 8 consecutive inputs of a channel, already A's
 // pairs. At 1-16 rows it is a GEMV whose K split ends inside the block, where cuBLAS's
 // decode-sized GEMMs add a split-K reduce kernel after most projections.
+//
+// The fold (quant_mma_add_norm). Attention's output projection and the MLP's down projection
+// each feed "add + RMSNorm": the residual stream plus the projection, then the norm that is
+// the next matmul's input. The launch can do both: every tile stores its outputs plus the
+// residual, and the last tile of a chunk of rows to be stored (a counter after the splits',
+// last_of_splits again) norms those rows, so a decode step launches two kernels a layer
+// fewer. A norm needs its row's every output, which exist only once every tile is stored,
+// hence one last block rather than the next matmul's prologue: there each block would read
+// the whole row and sum its squares again, or, to skip that, multiply its x by the norm's
+// weight inside the loop (about 20 more instructions a step on a loop at the SM's issue
+// budget) and scale the sums by the row's 1 / rms at the end, with other roundings.
 
 // One 16-byte load of a channel's codes -> its A register pairs for STEPS mma k-steps ([st][0]
 // for k slots 2t, 2t + 1 and [st][1] for 2t + 8, 2t + 9): c - z as exact 16-bit pairs, in
@@ -2052,36 +2076,63 @@ __device__ __forceinline__ void x_pairs(const uint32_t* xw, int st, uint32_t& lo
   }
 }
 
+// A finished output of the matmul, v (fp32), stored to y[i] as T; with a residual (the fold
+// below), the sum x W^T + residual instead, rounded as the two ops round it: the product to
+// T first, as the matmul alone stores it, then the sum, as fused add + RMSNorm stores it.
+template <typename T>
+__device__ __forceinline__ void store_out(T* __restrict__ y, const T* __restrict__ res, int64_t i, float v) {
+  y[i] = res ? from_f<T>(to_f(from_f<T>(v)) + to_f(res[i])) : from_f<T>(v);
+}
+
 // The block that finished a tile's splits last (last_of_splits): y = the sum of the tile's
 // fp32 partials ([splits, rows, N]), in split order, for rows row0 .. row0 + nr - 1 and the
-// channels n0 .. n0 + width - 1 below N.
+// channels n0 .. n0 + width - 1 below N (plus the residual, with one).
 template <typename T>
-__device__ void add_split_sums(T* __restrict__ y, const float* __restrict__ part, int rows, int N, int row0, int nr,
-                               int n0, int width, int splits) {
+__device__ void add_split_sums(T* __restrict__ y, const T* __restrict__ res, const float* __restrict__ part, int rows,
+                               int N, int row0, int nr, int n0, int width, int splits) {
   for (int e = threadIdx.x; e < nr * width; e += blockDim.x) {
     const int m = e / width, c = e % width;
     if (n0 + c >= N) continue;
     float v = 0.f;
     for (int z = 0; z < splits; ++z) v += __ldcg(part + ((int64_t)z * rows + row0 + m) * N + n0 + c);
-    y[(int64_t)(row0 + m) * N + n0 + c] = from_f<T>(v);
+    store_out(y, res, (int64_t)(row0 + m) * N + n0 + c, v);
   }
 }
 
 constexpr int QX_WARPS = 8;                   // warps per block, each on its own steps of K
 constexpr uint32_t BF16_128_PAIR = 0x43004300u;
 
+// The fold's last step, by the block that finished the last channel tile of its rows
+// (last_of_splits over the tiles): out = RMSNorm of rows row0 .. row0 + nr - 1 of y (the
+// matmul's output plus the residual, as every tile stored it), a row after another, each
+// by rms_norm_row (so with rms_norm's sums in rms_norm's order). A call, not inlined: the
+// matmul's loop keeps its registers, and the norm's (a thread's 4 chunks of the row and of
+// the weight, 8 16-byte values) are needed only after it.
+template <typename T>
+__device__ __attribute__((noinline)) void norm_rows(T* __restrict__ out, const T* __restrict__ y,
+                                                    const T* __restrict__ w, int N, int row0, int nr, float eps) {
+  __shared__ float sh[32];
+  for (int m = row0; m < row0 + nr; ++m)
+    rms_norm_row(out + (int64_t)m * N, static_cast<T*>(nullptr), y + (int64_t)m * N, static_cast<const T*>(nullptr),
+                 w, N, eps, sh);
+}
+
 template <typename T, int BITS, int J, int U, bool R16, bool PORTABLE>
 __global__ void __launch_bounds__(QX_WARPS * 32)
 quant_mma_kernel(T* __restrict__ y,                // [rows, N]
                  float* __restrict__ part,         // [splits, rows, N] fp32 partial sums, with several splits
-                 int* __restrict__ counters,       // [channel tiles x row chunks] splits done, with several
+                 int* __restrict__ counters,       // [tiles x row chunks] splits done; the fold: then
+                                                   // [row chunks] tiles stored
                  const T* __restrict__ x,          // [rows, K], 16-byte aligned rows
                  const uint8_t* __restrict__ qw,   // int4: [N, K/2] packed; int8: [N, K]; dense: [N, K] of T
                  const T* __restrict__ scales,     // [N, n_groups]; dense: null
                  const T* __restrict__ zeros,      // [N, n_groups] or null
                  int rows, int N, int K, int G, int n_groups,
                  int group_shift,                  // input -> group: >> group_shift, or / G if < 0
-                 int supers_per_split, bool is_signed, uint32_t magic) {
+                 int supers_per_split, bool is_signed, uint32_t magic,
+                 const T* __restrict__ res,        // [rows, N] residual, or null: y = x W^T + res
+                 T* __restrict__ normed,           // [rows, N] or null: RMSNorm(y) by the weight norm_w
+                 const T* __restrict__ norm_w, float eps) {
   using W = typename mma_type<T>::type;
   using Codes = MmaCodes<W, BITS>;
   constexpr int CODES = 128 / BITS;               // codes in a lane's 16-byte load: 32, 16 (dense: 8)
@@ -2221,23 +2272,29 @@ quant_mma_kernel(T* __restrict__ y,                // [rows, N]
 #pragma unroll
     for (int w = 0; w < QX_WARPS; ++w) v += red[w][j][m >> 3][i][src];
     if (n0 + nl >= N) continue;
-    if (splits == 1) y[(int64_t)(row0 + m) * N + n0 + nl] = from_f<T>(v);
+    if (splits == 1) store_out(y, res, (int64_t)(row0 + m) * N + n0 + nl, v);
     else part[((int64_t)blockIdx.z * rows + row0 + m) * N + n0 + nl] = v;
   }
   // With K split over blocks, the last split of this tile adds the partial sums, in split order.
-  if (splits > 1 && last_of_splits(counters + (int64_t)blockIdx.y * gridDim.x + blockIdx.x, splits))
-    add_split_sums(y, part, rows, N, row0, nr, n0, 16 * J, splits);
+  bool stored = splits == 1;                      // this block stored its tile's outputs (block-uniform)
+  if (splits > 1 && last_of_splits(counters + (int64_t)blockIdx.y * gridDim.x + blockIdx.x, splits)) {
+    add_split_sums(y, res, part, rows, N, row0, nr, n0, 16 * J, splits);
+    stored = true;
+  }
+  // The fold: the last tile of these rows to be stored norms them (its counter follows the tiles').
+  if (normed && stored && last_of_splits(counters + (int64_t)gridDim.x * gridDim.y + blockIdx.x, gridDim.y))
+    norm_rows(normed, y, norm_w, N, row0, nr, eps);
 }
 
-// fp16 / bf16 x of any number of rows (past 16, in chunks of 16 that each read the codes;
-// the dispatch sends it 1-16); the group size a multiple of 128 (int4) or 64 (int8), or one
-// group per row. tiles: J, 16-channel tiles per warp (1 or 2). splits: of K's loop steps over
-// blocks (clamped so that each split has some), whose fp32 partial sums the last split of
-// each tile adds; counters: for those splits (split_counters). portable: the mma's twin
-// instead of the instruction, one tile per warp (the self-check compares the two on a GPU).
-torch::Tensor quant_mma(torch::Tensor x, torch::Tensor qweight, torch::Tensor scales,
-                        c10::optional<torch::Tensor> zeros, int64_t bits, int64_t group_size, int64_t tiles,
-                        int64_t splits, c10::optional<torch::Tensor> counters, bool portable) {
+// The launch for both entries below; norm: the fold's residual [rows, N] (contiguous) and
+// norm weight [N] (x's dtype, 16-byte aligned: rms_norm_row loads it in chunks), and its
+// output normed [rows, N].
+struct AddNorm { torch::Tensor residual, weight, normed; double eps; };
+
+static torch::Tensor launch_quant_mma(torch::Tensor x, torch::Tensor qweight, torch::Tensor scales,
+                                      c10::optional<torch::Tensor> zeros, int64_t bits, int64_t group_size,
+                                      int64_t tiles, int64_t splits, c10::optional<torch::Tensor> counters,
+                                      bool portable, AddNorm* norm) {
   TORCH_CHECK(x.dim() == 2 && x.size(0) <= INT32_MAX, "quant_mma: x must be [rows, K]");
   TORCH_CHECK(x.scalar_type() == at::kHalf || x.scalar_type() == at::kBFloat16, "quant_mma: fp16 or bf16 x");
   TORCH_CHECK(tiles == 1 || tiles == 2, "quant_mma: tiles must be 1 or 2");
@@ -2253,28 +2310,32 @@ torch::Tensor quant_mma(torch::Tensor x, torch::Tensor qweight, torch::Tensor sc
   const int rows = x.size(0);
   auto y = torch::empty({rows, w.N}, x.options());
   if (rows == 0 || w.N == 0) return y;
-  if (w.K == 0) return y.zero_();
+  if (w.K == 0 && !norm) return y.zero_();
   int shift = -1;                                      // a power-of-two group: a shift, not a division
   if (w.n_groups == 1) shift = 30;                     // every input index < 2^30 maps to group 0
   else if ((w.G & (w.G - 1)) == 0) for (shift = 0; (1 << shift) < w.G; ++shift) {}
   const int64_t span = bits == 4 ? 128 : 64, u = tiles == 2 ? 1 : 2;   // a loop step's inputs; steps a pass
-  const int64_t supers = ((w.K + span - 1) / span + u - 1) / u;
+  const int64_t supers = std::max<int64_t>(1, ((w.K + span - 1) / span + u - 1) / u);
   splits = std::max<int64_t>(1, std::min<int64_t>(splits, supers));
   const int per = (int)((supers + splits - 1) / splits);
   splits = (supers + per - 1) / per;                   // every split has steps
   dim3 grid((rows + 15) / 16, (w.N + 16 * tiles - 1) / (16 * tiles), (unsigned)splits);   // x: chunks of 16 rows
   TORCH_CHECK(grid.y <= 65535 && grid.z <= 65535, "quant_mma: at most 65535 tiles of 16 x tiles channels and splits");
   torch::Tensor part, count;
-  if (splits > 1) {
-    part = torch::empty({splits, rows, w.N}, x.options().dtype(torch::kFloat));
-    count = split_counters(counters, (int64_t)grid.x * grid.y, true, x, "quant_mma");
-  }
+  if (splits > 1) part = torch::empty({splits, rows, w.N}, x.options().dtype(torch::kFloat));
+  if (splits > 1 || norm)     // the tiles' counters, then (the fold) one per chunk of rows
+    count = split_counters(counters, (int64_t)grid.x * grid.y + (norm ? grid.x : 0), true, x, "quant_mma");
   float* pp = splits > 1 ? part.data_ptr<float>() : nullptr;
-  int* cp = splits > 1 ? count.data_ptr<int>() : nullptr;
+  int* cp = count.defined() ? count.data_ptr<int>() : nullptr;
   const uint8_t* qp = reinterpret_cast<const uint8_t*>(qw.data_ptr());
+  const torch::Tensor res = norm ? norm->residual : torch::Tensor(), nw = norm ? norm->weight : torch::Tensor(),
+                      normed = norm ? norm->normed : torch::Tensor();
   auto launch = [&](auto* x_ptr, auto* sc_ptr) {       // x's 16-bit type, from the pointers
     using T = std::remove_pointer_t<decltype(x_ptr)>;
     const T* zp = z.defined() ? z.data_ptr<T>() : nullptr;
+    const T* rp = norm ? res.data_ptr<T>() : nullptr;
+    T* np = norm ? normed.data_ptr<T>() : nullptr;
+    const T* wp = norm ? nw.data_ptr<T>() : nullptr;
     const uint32_t magic = std::is_same<T, c10::Half>::value ? FP16_1024_PAIR : BF16_128_PAIR;
     auto pick = [&](auto bits_c, auto r16_c) {
       constexpr int B = decltype(bits_c)::value;
@@ -2291,12 +2352,51 @@ torch::Tensor quant_mma(torch::Tensor x, torch::Tensor qweight, torch::Tensor sc
                             : (rows > 8 ? pick(I8(), R16()) : pick(I8(), R8()));
     kernel<<<grid, QX_WARPS * 32, 0, at::cuda::getCurrentCUDAStream()>>>(
         y.data_ptr<T>(), pp, cp, x_ptr, qp, sc_ptr, zp, rows, w.N, w.K, w.G, w.n_groups, shift, per, w.is_signed,
-        magic);
+        magic, rp, np, wp, (float)(norm ? norm->eps : 0.0));
   };
   if (x.scalar_type() == at::kHalf) launch(x.data_ptr<c10::Half>(), sc.data_ptr<c10::Half>());
   else launch(x.data_ptr<c10::BFloat16>(), sc.data_ptr<c10::BFloat16>());
   C10_CUDA_KERNEL_LAUNCH_CHECK();
   return y;
+}
+
+// fp16 / bf16 x of any number of rows (past 16, in chunks of 16 that each read the codes;
+// the dispatch sends it 1-16); the group size a multiple of 128 (int4) or 64 (int8), or one
+// group per row. tiles: J, 16-channel tiles per warp (1 or 2). splits: of K's loop steps over
+// blocks (clamped so that each split has some), whose fp32 partial sums the last split of
+// each tile adds; counters: for those splits (split_counters). portable: the mma's twin
+// instead of the instruction, one tile per warp (the self-check compares the two on a GPU).
+torch::Tensor quant_mma(torch::Tensor x, torch::Tensor qweight, torch::Tensor scales,
+                        c10::optional<torch::Tensor> zeros, int64_t bits, int64_t group_size, int64_t tiles,
+                        int64_t splits, c10::optional<torch::Tensor> counters, bool portable) {
+  return launch_quant_mma(x, qweight, scales, zeros, bits, group_size, tiles, splits, counters, portable, nullptr);
+}
+
+// The fold: {RMSNorm(x W^T + residual) by norm_weight, x W^T + residual}, both [rows, N], in one
+// launch of quant_mma (two tiles a warp) whose tiles store the sum with the residual and
+// whose last tile of a row chunk to finish norms the chunk's rows; what rms_norm(x W^T,
+// norm_weight, residual, eps) computes, bit for bit (where that takes its vector kernel:
+// the weight and the residual 16-byte aligned, as the model's always are). N a multiple of
+// 8, at most 8 x RN_THREADS x RN_CHUNKS (one rms_norm_row of 256 threads). counters: as for
+// quant_mma, with one more per chunk of 16 rows (zeros made here if none).
+std::vector<torch::Tensor> quant_mma_add_norm(torch::Tensor x, torch::Tensor qweight, torch::Tensor scales,
+                                              c10::optional<torch::Tensor> zeros, int64_t bits, int64_t group_size,
+                                              int64_t splits, c10::optional<torch::Tensor> counters,
+                                              torch::Tensor residual, torch::Tensor norm_weight, double eps) {
+  TORCH_CHECK(qweight.dim() == 2, "quant_mma_add_norm: qweight must be [N, packed K]");
+  const int64_t N = qweight.size(0);
+  TORCH_CHECK(x.dim() == 2 && residual.sizes() == torch::IntArrayRef({x.size(0), N}) &&
+              residual.scalar_type() == x.scalar_type() && residual.device() == x.device(),
+              "quant_mma_add_norm: residual must be [rows, N] of x's dtype, on its device");
+  TORCH_CHECK(norm_weight.dim() == 1 && norm_weight.size(0) == N && norm_weight.device() == x.device(),
+              "quant_mma_add_norm: norm_weight must be [N] on x's device");
+  TORCH_CHECK(N % 8 == 0 && N / 8 <= RN_THREADS * RN_CHUNKS,
+              "quant_mma_add_norm: N must be a multiple of 8, at most ", 8 * RN_THREADS * RN_CHUNKS);
+  torch::Tensor res = residual.contiguous(), nw = norm_weight.to(x.scalar_type()).contiguous();
+  if (reinterpret_cast<uintptr_t>(nw.data_ptr()) % 16) nw = nw.clone();    // 16-byte loads
+  AddNorm norm{res, nw, torch::empty({x.size(0), N}, x.options()), eps};
+  torch::Tensor y = launch_quant_mma(x, qweight, scales, zeros, bits, group_size, 2, splits, counters, false, &norm);
+  return {norm.normed, y};
 }
 
 // y = x W^T for fp16/bf16 x [rows, K] and a dense W [N, K] of x's dtype: the kernel above
@@ -2333,7 +2433,8 @@ torch::Tensor dense_mma(torch::Tensor x, torch::Tensor weight, int64_t tiles, bo
     auto kernel = rows > 8 ? pick(std::true_type()) : pick(std::false_type());
     const T* none = nullptr;
     kernel<<<grid, QX_WARPS * 32, 0, at::cuda::getCurrentCUDAStream()>>>(          // K in one split
-        y.data_ptr<T>(), nullptr, nullptr, x_ptr, wp, none, none, rows, N, K, K, 1, 30, INT32_MAX, false, 0u);
+        y.data_ptr<T>(), nullptr, nullptr, x_ptr, wp, none, none, rows, N, K, K, 1, 30, INT32_MAX, false, 0u,
+        none, nullptr, none, 0.f);
   };
   if (x.scalar_type() == at::kHalf) launch(x.data_ptr<c10::Half>());
   else launch(x.data_ptr<c10::BFloat16>());
@@ -2565,7 +2666,7 @@ quant_gemm_kernel(T* __restrict__ y,                 // [rows, N]
     else part[((int64_t)blockIdx.z * rows + m0 + m) * N + n0 + cl] = v;
   }
   if (splits > 1 && last_of_splits(counters + (int64_t)blockIdx.y * gridDim.x + blockIdx.x, splits))
-    add_split_sums(y, part, rows, N, m0, nr, n0, QG_N, splits);
+    add_split_sums(y, static_cast<const T*>(nullptr), part, rows, N, m0, nr, n0, QG_N, splits);
 #endif
 }
 
@@ -2726,6 +2827,10 @@ torch::Tensor quant_gemm(torch::Tensor x, torch::Tensor qweight, torch::Tensor s
 torch::Tensor quant_mma(torch::Tensor x, torch::Tensor qweight, torch::Tensor scales,
                         c10::optional<torch::Tensor> zeros, int64_t bits, int64_t group_size, int64_t tiles,
                         int64_t splits, c10::optional<torch::Tensor> counters, bool portable);
+std::vector<torch::Tensor> quant_mma_add_norm(torch::Tensor x, torch::Tensor qweight, torch::Tensor scales,
+                                              c10::optional<torch::Tensor> zeros, int64_t bits, int64_t group_size,
+                                              int64_t splits, c10::optional<torch::Tensor> counters,
+                                              torch::Tensor residual, torch::Tensor norm_weight, double eps);
 torch::Tensor dense_mma(torch::Tensor x, torch::Tensor weight, int64_t tiles, bool portable);
 """
 
@@ -2764,7 +2869,8 @@ def cuda_extension():
     verbose = os.environ.get("NANOSERVE_PTXAS_VERBOSE") == "1"
     return load_inline(
         name="nanoserve_kernels" + ("_ptxas" if verbose else ""), cpp_sources=CPP_SOURCE, cuda_sources=CUDA_SOURCE,
-        functions=["rms_norm", "silu_and_mul", "rope_and_cache", "paged_decode", "paged_decode_rope", "paged_prefill", "quant_gemv", "quant_mma", "dense_mma", "quant_gemm", "dequantize"],
+        functions=["rms_norm", "silu_and_mul", "rope_and_cache", "paged_decode", "paged_decode_rope", "paged_prefill",
+                   "quant_gemv", "quant_mma", "quant_mma_add_norm", "dense_mma", "quant_gemm", "dequantize"],
         extra_cuda_cflags=["-O3", "--use_fast_math"] + (["-Xptxas=-v"] if verbose else []),
         extra_include_paths=cuda_library_includes(), verbose=verbose)
 
@@ -3005,14 +3111,15 @@ def _quant_gemm_splits(rows: int, N: int, K: int, bits: int, device: torch.devic
 
 
 def _split_counters(cache: dict | None, N: int, device: torch.device) -> Tensor | None:
-    """The layer's split counters for quant_mma and quant_gemm (one buffer serves both, and
-    every launch leaves it zero), kept in its cache; made on first use, sized for any row
-    count they take. A CUDA graph holds the buffer's address, so a buffer is never freed
-    while its layer lives: one outgrown (parts of a fused layer share its cache) stays in
-    cache["retired"]. None without a cache: the kernels zero their own."""
+    """The layer's split counters for quant_mma, quant_mma_add_norm (one more, for its norm)
+    and quant_gemm (one buffer serves all three, and every launch leaves it zero), kept in
+    its cache; made on first use, sized for any row count they take. A CUDA graph holds the
+    buffer's address, so a buffer is never freed while its layer lives: one outgrown (parts
+    of a fused layer share its cache) stays in cache["retired"]. None without a cache: the
+    kernels zero their own."""
     if cache is None:
         return None
-    need = max(-(-N // 32), _quant_gemm_tiles(QUANT_GEMM_MAX_ROWS - 1, N))
+    need = max(-(-N // 32) + 1, _quant_gemm_tiles(QUANT_GEMM_MAX_ROWS - 1, N))   # + the fold's
     counters = cache.get("split_counters")
     if counters is None or counters.device != device or len(counters) < need:
         if counters is not None:
@@ -3090,6 +3197,43 @@ def quant_linear(x: Tensor, qweight: Tensor, scales: Tensor, zeros: Tensor | Non
         if cache["cpu"][1] is not None:
             return quant_linear_cpu(x, cache["cpu"][1])
     return quant_linear_ref(x, qweight, scales, zeros, bits, group_size)
+
+
+# Attention's output projection and the MLP's down projection each feed add + RMSNorm
+# (fused_add_rms_norm). A quantized one of up to this many rows does both in its own launch
+# (quant_mma_add_norm: its last block to finish norms the rows), one launch a projection
+# fewer. That block norms the rows one after another, where rms_norm's launch gives each
+# row a block; 4 is an estimate (about a microsecond a row against a launch) until
+# tools/kernel_bench.py goals times the two. NANOSERVE_NORM_FOLD_ROWS=0 turns it off.
+_NORM_FOLD_ROWS = os.environ.get("NANOSERVE_NORM_FOLD_ROWS", "4")
+if not _NORM_FOLD_ROWS.isdigit():
+    raise ValueError(f"NANOSERVE_NORM_FOLD_ROWS must be a row count (0 or more), got {_NORM_FOLD_ROWS!r}")
+NORM_FOLD_MAX_ROWS = min(int(_NORM_FOLD_ROWS), QUANT_MMA_MAX_ROWS)
+NORM_ROW_MAX_WIDTH = 8 * 256 * 4      # the fold's norm: RN_THREADS x RN_CHUNKS 16-byte chunks of a 16-bit row
+
+
+def quant_linear_add_rms_norm(x: Tensor, qweight: Tensor, scales: Tensor, zeros: Tensor | None, bits: int,
+                              group_size: int, residual: Tensor, weight: Tensor, eps: float,
+                              cache: dict | None = None) -> tuple[Tensor, Tensor]:
+    """fused_add_rms_norm(quant_linear(x, ...), residual, weight, eps): (RMSNorm(y + residual),
+    y + residual) for y = x W^T, the new residual stream its second. On a GPU, at 1 to
+    NORM_FOLD_MAX_ROWS rows where the mma kernel takes the layer and the norm's row fits
+    one block (N a multiple of 8, at most NORM_ROW_MAX_WIDTH), one launch: the same kernel,
+    splits and sums as quant_linear, the same norm as rms_norm's vector kernel, so the same
+    bits as the two (given a 16-byte aligned residual and weight, as the model's are)."""
+    K = x.shape[-1]
+    rows, N = x.numel() // K if K else 0, qweight.shape[0]
+    kbits = 4 if bits <= 4 else 8
+    if _cuda(x) and 0 < rows <= NORM_FOLD_MAX_ROWS and K % 32 == 0 and (group_size or K) % 32 == 0 \
+            and x.dtype in (torch.float16, torch.bfloat16) and _tensor_cores(x.device) \
+            and _quant_mma_fits(kbits, group_size, K) and N % 8 == 0 and N <= NORM_ROW_MAX_WIDTH \
+            and residual.dtype == x.dtype and residual.shape == (*x.shape[:-1], N):
+        splits = _quant_mma_splits(rows, N, K, kbits, x.device)
+        h, r = cuda_extension().quant_mma_add_norm(x.reshape(rows, K), qweight, scales, zeros, kbits, group_size,
+                                                   splits, _split_counters(cache, N, x.device),
+                                                   residual.reshape(rows, N), weight, eps)
+        return h.view(residual.shape), r.view(residual.shape)
+    return fused_add_rms_norm(quant_linear(x, qweight, scales, zeros, bits, group_size, cache), residual, weight, eps)
 
 
 # Dense fp16/bf16 products of up to this many rows (decode steps) run on dense_mma instead
@@ -3401,7 +3545,7 @@ def _check_quant_mma(dev: str, dtype: torch.dtype, quick: bool, full: bool) -> R
     with 37 rows over several tiles). Each case runs twice on one buffer of split counters:
     the same bits, the counters left zero. With one tile, the mma's portable twin too: on a
     GPU the instruction and the twin must agree (the fragment layouts); under kemu both are
-    the twin."""
+    the twin. Then the fold (quant_mma_add_norm), below."""
     dn, rows = str(dtype).removeprefix("torch."), []
     if dtype == torch.float32 or not _tensor_cores(torch.device(dev)):
         return rows
@@ -3422,6 +3566,25 @@ def _check_quant_mma(dev: str, dtype: torch.dtype, quick: bool, full: bool) -> R
                      f"split{'s' * (splits > 1)}) {name}", err, 0.0))
         if tiles == 1:
             rows.append((f"W{bits}A16 (mma's portable twin against the instruction) {name}", _rel(run(1, True), y), 0.0))
+    # The fold (quant_mma_add_norm) must give the bits of quant_mma then rms_norm with the
+    # residual: K split 1-3 ways, 1, 4 and 20 rows (two chunks, each normed by its own last
+    # tile), channel tiles cut short (N = 40, 24) and a norm row of 257 16-byte chunks (N =
+    # 2,056: a thread of the 256 takes two); twice on one counter buffer, left zero.
+    ext = cuda_extension()
+    for bits, G, asym, N, K, M, splits in ((4, 128, True, 40, 256, 1, 2), (8, 0, False, 24, 128, 4, 1),
+                                           (4, 0, False, 2056, 128, 3, 1), (8, 64, True, 48, 192, 20, 3)):
+        x, res = torch.randn(M, K, device=dev, dtype=dtype), torch.randn(M, N, device=dev, dtype=dtype)
+        w = torch.randn(N, device=dev, dtype=dtype)
+        qw, sc, zp = _random_quant(N, K, bits, G, asym, dtype, dev)
+        counters = torch.zeros(-(-M // 16) * (-(-N // 32) + 1), device=dev, dtype=torch.int32)
+        run = lambda: ext.quant_mma_add_norm(x, qw, sc, zp, bits, G, splits, counters, res, w, 1e-5)
+        (h, r), (h2, r2) = run(), run()
+        want = ext.rms_norm(ext.quant_mma(x, qw, sc, zp, bits, G, 2, splits, None, False), w, res, 1e-5)
+        same = all(map(torch.equal, (h, r, h2, r2), (*want, *want))) and not counters.any()
+        ref = fused_add_rms_norm_ref(quant_linear_ref(x, qw, sc, zp, bits, G), res, w, 1e-5)
+        rows.append((f"W{bits}A16 (mma) + residual + RMSNorm in one launch, K in {splits} split"
+                     f"{'s' * (splits > 1)} {dn} {N}x{K} M={M} g={G}{' asym' if asym else ''}",
+                     max(_rel(h, ref[0]), _rel(r, ref[1])) if same else float("inf"), 0.0))
     return rows
 
 

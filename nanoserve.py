@@ -749,6 +749,26 @@ class AttentionMetadata:
     split_counters: Tensor | None = None
 
 
+class RMSNorm(nn.Module):
+    def __init__(self, dim: int, eps: float):
+        super().__init__()
+        self.weight = nn.Parameter(torch.ones(dim))
+        self.eps = eps
+
+    def forward(self, x: Tensor, residual: Tensor | None = None) -> Tensor | tuple[Tensor, Tensor]:
+        """x (T, D) -> RMSNorm(x); with the residual stream, (RMSNorm(x + residual), x + residual)."""
+        if residual is None:
+            return kernels.rms_norm(x, self.weight, self.eps)
+        return kernels.fused_add_rms_norm(x, residual, self.weight, self.eps)
+
+    def after(self, proj: nn.Module, x: Tensor, residual: Tensor) -> tuple[Tensor, Tensor]:
+        """self(proj(x), residual): a projection whose output joins the residual stream, then
+        this norm. A projection that can add and norm in its own launch (QuantLinear's
+        add_rms_norm, one kernel where there were two) does so."""
+        fold = getattr(proj, "add_rms_norm", None)
+        return fold(x, residual, self) if fold is not None else self(proj(x), residual)
+
+
 INPUT_MAJOR_MIN_WEIGHTS = 1 << 16
 
 
@@ -884,26 +904,18 @@ class LlamaMLP(nn.Module):
         self.gate_up: FusedLinear | None = None   # gate and up as one matmul, once fuse_projections ran
 
     def forward(self, x: Tensor) -> Tensor:
+        return self.down_proj(self.activation(x))
+
+    def activation(self, x: Tensor) -> Tensor:
+        """(T, D) -> silu(gate(x)) * up(x), (T, F): the MLP up to its down projection."""
         if self.gate_up is not None and self.gate_up.holds(self.gate_proj, self.up_proj):
             gate, up = self.gate_up(x).chunk(2, dim=-1)                 # (T, 2F) -> 2 x (T, F)
-            return self.down_proj(kernels.silu_and_mul(gate, up))
-        return self.separate(x)
+            return kernels.silu_and_mul(gate, up)
+        return kernels.silu_and_mul(self.gate_proj(x), self.up_proj(x))
 
     def separate(self, x: Tensor) -> Tensor:
         """Through each projection module (what forward hooks, e.g. quant.py's, observe)."""
         return self.down_proj(kernels.silu_and_mul(self.gate_proj(x), self.up_proj(x)))
-
-
-class RMSNorm(nn.Module):
-    def __init__(self, dim: int, eps: float):
-        super().__init__()
-        self.weight = nn.Parameter(torch.ones(dim))
-        self.eps = eps
-
-    def forward(self, x: Tensor, residual: Tensor | None = None) -> Tensor | tuple[Tensor, Tensor]:
-        if residual is None:
-            return kernels.rms_norm(x, self.weight, self.eps)
-        return kernels.fused_add_rms_norm(x, residual, self.weight, self.eps)
 
 
 class LlamaDecoderLayer(nn.Module):
@@ -916,25 +928,23 @@ class LlamaDecoderLayer(nn.Module):
 
     # The layer in two halves around attention: the model runner's piecewise graphs replay
     # them (one layer's second half with the next layer's first), attention run between.
-    def before_attention(self, x: Tensor, residual: Tensor | None, positions: Tensor, kv_cache: Tensor,
-                         meta: AttentionMetadata, rope: tuple[Tensor, Tensor]) -> tuple[Tensor, Tensor]:
-        """-> (q (T, H, hd), residual (T, D)), the new tokens' K/V cached."""
-        # The residual stream is carried separately so that "add + norm" is one fused op.
-        if residual is None:
-            h, residual = self.input_layernorm(x), x
-        else:
-            h, residual = self.input_layernorm(x, residual)
-        return self.self_attn.project(h, positions, kv_cache, meta, rope), residual
+    # The residual stream is carried beside the normed activations, so that each "add +
+    # norm" is one op, and each half ends in one: attention's output projection joins the
+    # stream before post_attention_layernorm, the MLP's down projection before the next
+    # layer's input_layernorm (the model's final norm after the last layer). A quantized
+    # projection does that add and norm in its own launch (RMSNorm.after).
+    def after_attention(self, o: Tensor, residual: Tensor, next_norm: RMSNorm) -> tuple[Tensor, Tensor]:
+        """Attention's output o (T, H * hd) -> (next_norm of the layer's output, the residual
+        stream), both (T, D)."""
+        h, residual = self.post_attention_layernorm.after(self.self_attn.o_proj, o, residual)
+        return next_norm.after(self.mlp.down_proj, self.mlp.activation(h), residual)
 
-    def after_attention(self, o: Tensor, residual: Tensor) -> tuple[Tensor, Tensor]:
-        """Attention's output o (T, H * hd) -> (the MLP's output, residual), both (T, D)."""
-        h, residual = self.post_attention_layernorm(self.self_attn.o_proj(o), residual)
-        return self.mlp(h), residual
-
-    def forward(self, x: Tensor, residual: Tensor | None, positions: Tensor, kv_cache: Tensor,
-                meta: AttentionMetadata, rope: tuple[Tensor, Tensor]) -> tuple[Tensor, Tensor]:
-        q, residual = self.before_attention(x, residual, positions, kv_cache, meta, rope)
-        return self.after_attention(self.self_attn.attend(q, kv_cache, meta, rope), residual)
+    def forward(self, h: Tensor, residual: Tensor, positions: Tensor, kv_cache: Tensor, meta: AttentionMetadata,
+                rope: tuple[Tensor, Tensor], next_norm: RMSNorm) -> tuple[Tensor, Tensor]:
+        """h: input_layernorm of the residual stream (T, D) -> (next_norm of the layer's
+        output, the residual stream)."""
+        q = self.self_attn.project(h, positions, kv_cache, meta, rope)
+        return self.after_attention(self.self_attn.attend(q, kv_cache, meta, rope), residual, next_norm)
 
     def forward_dense(self, x: Tensor, rope: tuple[Tensor, Tensor]) -> Tensor:
         """(B, T, D) -> (B, T, D): the same layer on whole sequences, SDPA instead of the cache."""
@@ -1027,11 +1037,16 @@ class LlamaForCausalLM(nn.Module):
     def forward(self, input_ids: Tensor, positions: Tensor, kv_caches: Tensor,
                 meta: AttentionMetadata) -> Tensor:
         """input_ids, positions: (T,); kv_caches: (L, 2, blocks, block_size, Hkv, hd) -> (T, D)."""
-        x, residual = self.model.embed_tokens(input_ids), None               # (T, D)
+        x = self.model.embed_tokens(input_ids)                               # (T, D)
+        h, residual = self.model.layers[0].input_layernorm(x), x
         for i, layer in enumerate(self.model.layers):
-            x, residual = layer(x, residual, positions, kv_caches[i], meta, self.rope)
-        x, _ = self.model.norm(x, residual)
-        return x
+            h, residual = layer(h, residual, positions, kv_caches[i], meta, self.rope, self.norm_after(i))
+        return h
+
+    def norm_after(self, i: int) -> RMSNorm:
+        """The norm that ends layer i: the next layer's input_layernorm, or the final norm."""
+        layers = self.model.layers
+        return layers[i + 1].input_layernorm if i + 1 < len(layers) else self.model.norm
 
     def compute_logits(self, hidden: Tensor) -> Tensor:
         """(N, D) -> (N, V) fp32."""
@@ -1144,6 +1159,18 @@ class QuantLinear(nn.Module):
         y = kernels.quant_linear(x, self.qweight, self.scales, self.zeros, self.bits, self.group_size,
                                  self.cache)
         return y if self.bias is None else y + self.bias.to(y.dtype)
+
+    def add_rms_norm(self, x: Tensor, residual: Tensor, norm: RMSNorm) -> tuple[Tensor, Tensor]:
+        """norm(self(x), residual) (RMSNorm.after): on a GPU at a few rows in the matmul's own
+        launch (kernels.quant_linear_add_rms_norm), the same bits as the two ops. Not with a
+        bias, or where hooks watch the output: tensor parallelism sums it over the ranks
+        (parallel.py's forward hooks) before it may join the residual stream."""
+        if self.bias is not None or self._forward_hooks or self._forward_pre_hooks:
+            return norm(self(x), residual)
+        if self.perm is not None:
+            x = x.index_select(-1, self.perm)                              # (..., in), channels by group
+        return kernels.quant_linear_add_rms_norm(x, self.qweight, self.scales, self.zeros, self.bits, self.group_size,
+                                                 residual, norm.weight, norm.eps, self.cache)
 
     # New, moved or reloaded buffers make the CPU repacking stale. The GPU split counters
     # stay: CUDA graphs hold their address, and kernels.quant_linear makes new ones for
@@ -2476,7 +2503,8 @@ class DecodeGraphs:
         self.model, self.kv_cache, self.capture = model, kv_cache, capture
         self.split_counters = split_counters            # AttentionMetadata's
         top = min(max_batch, 256)                      # larger decode batches run eagerly
-        self.buckets = [b for b in (1, 2, 4, *range(8, 257, 8)) if b < top] + [top]
+        sizes = sorted({1, 2, 4, *range(8, 257, 8), kernels.NORM_FOLD_MAX_ROWS} - {0})   # the fold's bound too
+        self.buckets = [b for b in sizes if b < top] + [top]
         self.max_blocks = max_blocks
         first = self.MIN_CONTEXT_BUCKET.bit_length() - 1                 # 256 -> 2^8
         self.context_buckets = sorted({min(1 << k, max_context_len) for k in range(first, 31)})
@@ -2599,20 +2627,20 @@ class PiecewiseGraphs:
     a bucket of tokens (padding tokens write their K/V to slot -1, which the cache write
     skips, and belong to no sequence, so nobody attends to them). The buckets' edges include
     the quantized matmul's kernel thresholds (16 and 255 rows: kernels.quant_linear_cuda
-    picks its kernel by rows), so padding never sends a step to another kernel than its own
-    size takes, with powers of two between and 3 below (a verification window of a few draft
-    tokens is not padded to 16). Every bucket's L + 1 graphs are captured at the
-    first step that needs one, largest bucket first (the smaller ones then fit in the memory
-    its capture took), into one pool; a capture waits for the device, so it happens once,
-    not whenever a new size comes. capture=False runs the same pieces eagerly (the CPU tests
-    check it, a GPU captures it).
+    picks its kernel by rows; the add + norm fold's, kernels.NORM_FOLD_MAX_ROWS), so padding
+    never sends a step to another kernel than its own size takes, with powers of two between
+    and 3 below (a verification window of a few draft tokens is not padded to 16). Every
+    bucket's L + 1 graphs are captured at the first step that needs one, largest bucket
+    first (the smaller ones then fit in the memory its capture took), into one pool; a
+    capture waits for the device, so it happens once, not whenever a new size comes.
+    capture=False runs the same pieces eagerly (the CPU tests check it, a GPU captures it).
     """
 
     def __init__(self, model: LlamaForCausalLM, kv_cache: Tensor, max_tokens: int, capture: bool = True):
         self.model, self.kv_cache, self.capture = model, kv_cache, capture
         self.layers = model.model.layers
         edges = sorted({3, kernels.QUANT_MMA_MAX_ROWS, 32, 64, 128, kernels.QUANT_GEMM_MAX_ROWS - 1} |
-                       ({kernels.DENSE_MMA_MAX_ROWS} if kernels.DENSE_MMA_MAX_ROWS else set()))
+                       {r for r in (kernels.DENSE_MMA_MAX_ROWS, kernels.NORM_FOLD_MAX_ROWS) if r})
         self.buckets = [b for b in edges if b < max_tokens] + [max_tokens]
         c, top, dev = model.config, max_tokens, kv_cache.device
         dtype = model.model.embed_tokens.weight.dtype                  # the activations'
@@ -2630,15 +2658,16 @@ class PiecewiseGraphs:
     def _piece(self, i: int, b: int) -> Tensor | None:
         """Graph i's work on the first b tokens; the last piece returns the hidden states (b, D)."""
         if i == 0:
-            x, residual = self.model.model.embed_tokens(self.input_ids[:b]), None               # (b, D)
+            x = self.model.model.embed_tokens(self.input_ids[:b])                               # (b, D)
+            h, residual = self.layers[0].input_layernorm(x), x
         else:
-            x, residual = self.layers[i - 1].after_attention(self.o[:b], self.residual[:b])
+            h, residual = self.layers[i - 1].after_attention(self.o[:b], self.residual[:b],
+                                                             self.model.norm_after(i - 1))
         if i == len(self.layers):
-            return self.model.model.norm(x, residual)[0]
+            return h
         # The pieces write the cache and do not attend: of the metadata, only the slots are read.
         meta = AttentionMetadata(self.slot_mapping[:b], self.no_index.view(0, 0), self.no_index, self.no_index, 0, 0)
-        q, residual = self.layers[i].before_attention(x, residual, self.positions[:b], self.kv_cache[i], meta,
-                                                      self.model.rope)
+        q = self.layers[i].self_attn.project(h, self.positions[:b], self.kv_cache[i], meta, self.model.rope)
         self.q[:b].copy_(q)
         self.residual[:b].copy_(residual)
         return None

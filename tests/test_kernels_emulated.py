@@ -111,3 +111,72 @@ def test_quantized_layer_keeps_one_buffer_of_split_counters(emulated, monkeypatc
     assert [kernels._quant_mma_splits(r, N, K, 4, cpu) for r in (1, 16)] == [2, 2]
     assert min(kernels._quant_gemm_splits(r, N, K, 4, cpu) for r in (17, 40)) >= 2
     assert emulated.kemu_reports(True) == []
+
+
+def test_quantized_projection_adds_and_norms_in_its_own_launch(emulated, monkeypatch):
+    """RMSNorm.after(a bf16 int4 QuantLinear, x, residual), the step that ends each half of a
+    decoder layer: up to kernels.NORM_FOLD_MAX_ROWS rows one launch (quant_mma_add_norm, K
+    split 2 ways, 4,096 channels: 512 16-byte chunks a norm row, two a thread), beyond that
+    quant_mma then rms_norm; either way the bits of the layer then the norm, the layer's
+    counters left zero. A forward hook on the layer (tensor parallelism's all-reduce) turns
+    the fold off: the hook's output is what joins the residual stream."""
+    import quant
+    import torch
+    monkeypatch.setattr(kernels, "_cuda", lambda t: True)
+    ext = Counted(emulated)
+    monkeypatch.setattr(kernels, "cuda_extension", lambda: ext)
+    torch.manual_seed(0)
+    N, K = 4096, 2048
+    layer = nanoserve.QuantLinear.from_codes(*quant.quantize_rtn(torch.randn(N, K), 4, 128, True), 4, 128,
+                                             torch.bfloat16)
+    norm = nanoserve.RMSNorm(N, 1e-5).to(torch.bfloat16)
+    norm.weight.data.normal_()
+    monkeypatch.setattr(kernels, "NORM_FOLD_MAX_ROWS", 4)               # the default, whatever the environment says
+    assert kernels._quant_mma_splits(1, N, K, 4, torch.device("cpu")) == 2
+    for rows in (1, 4, 5):
+        x, residual = torch.randn(rows, K, dtype=torch.bfloat16), torch.randn(rows, N, dtype=torch.bfloat16)
+        ext.calls.clear()
+        h, r = norm.after(layer, x, residual)
+        assert ext.calls == ({"quant_mma_add_norm": 1} if rows <= 4 else {"quant_mma": 1, "rms_norm": 1})
+        want = norm(layer(x), residual)
+        assert torch.equal(h, want[0]) and torch.equal(r, want[1]) and not layer.cache["split_counters"].any()
+    layer.register_forward_hook(lambda module, args, y: 2 * y)
+    ext.calls.clear()
+    h, r = norm.after(layer, x[:1], residual[:1])
+    assert ext.calls == {"quant_mma": 1, "rms_norm": 1}
+    assert torch.equal(r, layer(x[:1]) + residual[:1])                     # the hook's 2 y, as layer(x) gives
+    assert emulated.kemu_reports(True) == []
+
+
+def test_quantized_model_folds_its_norms_into_the_projections(emulated, monkeypatch):
+    """A bf16 int4 model (nanocoder-5m, RTN, groups of 128) on the emulated kernels through the
+    decode graphs' path: at up to kernels.NORM_FOLD_MAX_ROWS (4) sequences a decode step's
+    output and down projections each add and norm in their own launch (quant_mma_add_norm,
+    2 a layer), leaving one rms_norm launch a step (layer 0's input norm), and the greedy
+    tokens are those of the same kernels with the fold off (NORM_FOLD_MAX_ROWS = 0)."""
+    import quant
+    import torch
+    prompts = [[(37 * i + 11 * j) % 1900 + 3 for j in range(n)] for i, n in enumerate((5, 23, 9))]
+    greedy = SamplingParams(temperature=0, max_tokens=8, ignore_eos=True)
+
+    def run(fold_rows):
+        monkeypatch.setattr(kernels, "NORM_FOLD_MAX_ROWS", fold_rows)
+        monkeypatch.setattr(kernels, "_cuda", lambda t: False)       # quantize on the CPU
+        llm = LLM(MODEL, device="cpu", dtype="bfloat16", num_blocks=64, block_size=16, max_model_len=128)
+        model = llm.engine.model
+        calib = torch.randint(3, model.config.vocab_size, (2, 32), generator=torch.Generator().manual_seed(0))
+        quant.quantize_model(model, calib, "rtn", 4, 128)
+        nanoserve.fuse_projections(model)
+        ext = Counted(emulated)
+        monkeypatch.setattr(kernels, "_cuda", lambda t: True)
+        monkeypatch.setattr(kernels, "cuda_extension", lambda: ext)
+        llm.engine.runner.use_graphs = True
+        return [o.outputs[0].token_ids for o in llm.generate(prompts, greedy)], ext.calls
+
+    folded, calls = run(4)
+    plain, plain_calls = run(0)
+    layers, steps = 6, calls["paged_decode_rope"] // 6                    # decode steps
+    assert folded == plain and steps >= 7
+    assert calls["quant_mma_add_norm"] == 2 * layers * steps and "quant_mma_add_norm" not in plain_calls
+    assert plain_calls["rms_norm"] - calls["rms_norm"] == 2 * layers * steps
+    assert emulated.kemu_reports(True) == []

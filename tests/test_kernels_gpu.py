@@ -124,7 +124,8 @@ def test_piecewise_graph_prefill_equals_eager_prefill(model_dirs):
                     ref = [next(iter(d.values())) for d in w.prompt_logprobs[1:]]
                     assert max(abs(a - b) for a, b in zip(lp, ref)) < 1e-3
         pieces = llm.engine.runner.piecewise
-        assert pieces.capture and pieces.buckets == [3, 16, 32, 64, 128] and set(pieces.graphs) == set(pieces.buckets)
+        assert pieces.capture and set(pieces.graphs) == set(pieces.buckets)
+        assert pieces.buckets == sorted({3, 16, 32, 64, 128, kernels.NORM_FOLD_MAX_ROWS} - {0})
         assert all(len(g) == len(llm.engine.model.model.layers) + 1 for g, _ in pieces.graphs.values())
         captured, steps = dict(pieces.graphs), pieces.steps
         llm.generate(prompts, p)
@@ -261,6 +262,28 @@ def test_quantized_layer_splits_k_in_one_launch_and_replays_in_a_graph():
         assert (eager.float() - ref.float()).abs().max() < 2e-2 * ref.float().abs().max()
         launched = launches_and_replays(run, eager, layer.cache["split_counters"])
         assert len(launched) == 1 and "quant_" in launched[0], launched
+
+
+@cuda
+def test_quantized_projection_adds_and_norms_in_one_launch_and_replays_in_a_graph():
+    """Llama-2-7B's o_proj in bf16 int4 and the add + RMSNorm after it (RMSNorm.after): at 1
+    and kernels.NORM_FOLD_MAX_ROWS rows one kernel launch (the projection's last block norms
+    the rows), past it two; either way the bits of the projection then fused add + RMSNorm,
+    and, captured in a CUDA graph on the layer's counters and replayed, the eager bits every
+    time with the counters left zero."""
+    torch.manual_seed(0)
+    layer = nanoserve.QuantLinear.from_codes(*quant.quantize_rtn(torch.randn(4096, 4096), 4, 128, True), 4, 128,
+                                             torch.bfloat16).cuda()
+    norm = nanoserve.RMSNorm(4096, 1e-5).to("cuda", torch.bfloat16)
+    norm.weight.data.normal_()
+    for rows in (1, kernels.NORM_FOLD_MAX_ROWS, kernels.NORM_FOLD_MAX_ROWS + 1):
+        x = torch.randn(rows, 4096, device="cuda", dtype=torch.bfloat16)
+        residual = torch.randn(rows, 4096, device="cuda", dtype=torch.bfloat16)
+        h, r = norm.after(layer, x, residual)
+        want = norm(layer(x), residual)
+        assert torch.equal(h, want[0]) and torch.equal(r, want[1])
+        launched = launches_and_replays(lambda: norm.after(layer, x, residual)[0], h, layer.cache["split_counters"])
+        assert len(launched) == (1 if rows <= kernels.NORM_FOLD_MAX_ROWS else 2), launched
 
 
 def test_decode_kernel_takes_only_the_layouts_it_was_written_for():

@@ -208,6 +208,35 @@ def gpu_goals(device: str = "cuda") -> list[tuple[str, str]]:
                 rows.append((f"W{bits}A16 {'g' + str(group) if group else 'per channel'} {N}x{K}, {M} rows", figure))
             del ws, dense
 
+    # The fold: attention's output projection and the MLP's down projection followed by add +
+    # RMSNorm, in one launch (quant_mma_add_norm: the last block norms the rows one after
+    # another) against the two launches it replaces (quant_linear, then rms_norm with the
+    # residual), for Llama-2-7B's and TinyLlama's shapes in int4 g128 and int8 per channel.
+    # Where the fold stops paying, by rows, sets NORM_FOLD_MAX_ROWS (now 4).
+    for N, K in ((4096, 4096), (4096, 11008), (2048, 2048), (2048, 5632)):
+        for bits, group in ((4, 128), (8, 0)):
+            packed = N * (K // 2 if bits == 4 else K) + N * (K // (group or K)) * 2
+            ws = [(torch.randint(0, 256, (N, K // 2), device=dev, dtype=torch.uint8) if bits == 4 else
+                   torch.randint(-127, 128, (N, K), device=dev, dtype=torch.int8),
+                   torch.rand(N, K // (group or K), device=dev, dtype=bf16) / 50) for _ in range(copies(packed))]
+            w = torch.randn(N, device=dev, dtype=bf16)
+            by_rows = []
+            for M in (1, 2, 4, 8, 16):
+                x = torch.randn(M, K, device=dev, dtype=bf16)
+                res = torch.randn(M, N, device=dev, dtype=bf16)
+                cache: dict = {}
+                splits = _quant_mma_splits(M, N, K, bits, x.device)
+                counters = torch.zeros(-(-N // 32) + 1, device=dev, dtype=torch.int32)
+                tf = time_cuda(lambda i: cuda_extension().quant_mma_add_norm(x, *ws[i % len(ws)], None, bits, group,
+                                                                             splits, counters, res, w, 1e-5), reps=20)
+                tt = time_cuda(lambda i: cuda_extension().rms_norm(quant_linear(x, *ws[i % len(ws)], None, bits, group,
+                                                                                cache), w, res, 1e-5), reps=20)
+                by_rows.append(f"{M} row{'s' * (M > 1)} {tf * 1e6:.1f} us against {tt * 1e6:.1f} "
+                               f"(the fold {tt / tf:.2f}x as fast)")
+            rows.append((f"W{bits}A16 {'g' + str(group) if group else 'per channel'} {N}x{K} + residual + RMSNorm: "
+                         f"one launch (the fold) against two", "; ".join(by_rows)))
+            del ws
+
     # Dense bf16 at decode sizes: the mma kernel on the weights as they are (dense_mma: its K
     # split ends inside the block) against cuBLAS, whose decode-sized GEMMs add a split-K
     # reduce kernel (issue 33's profile: 114 us a 7B step). Whether the model should route its
