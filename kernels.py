@@ -2101,6 +2101,7 @@ __device__ void add_split_sums(T* __restrict__ y, const T* __restrict__ res, con
 
 constexpr int QX_WARPS = 8;                   // warps per block, each on its own steps of K
 constexpr uint32_t BF16_128_PAIR = 0x43004300u;
+static_assert(QX_WARPS * 32 == RN_THREADS, "the fold norms its rows with the matmul's block: rms_norm's order");
 
 // The fold's last step, by the block that finished the last channel tile of its rows
 // (last_of_splits over the tiles): out = RMSNorm of rows row0 .. row0 + nr - 1 of y (the
@@ -2291,6 +2292,23 @@ quant_mma_kernel(T* __restrict__ y,                // [rows, N]
 // output normed [rows, N].
 struct AddNorm { torch::Tensor residual, weight, normed; double eps; };
 
+// The fold's arguments checked, and its output made: residual [rows, N] of x's dtype, the
+// norm's weight [N] (cast to x's dtype), N a multiple of 8 and at most 8 x RN_THREADS x
+// RN_CHUNKS (one rms_norm_row of 256 threads).
+static AddNorm add_norm_args(const torch::Tensor& x, int64_t N, const torch::Tensor& residual,
+                             const torch::Tensor& norm_weight, double eps, const char* name) {
+  TORCH_CHECK(x.dim() == 2 && residual.sizes() == torch::IntArrayRef({x.size(0), N}) &&
+              residual.scalar_type() == x.scalar_type() && residual.device() == x.device(),
+              name, ": residual must be [rows, N] of x's dtype, on its device");
+  TORCH_CHECK(norm_weight.dim() == 1 && norm_weight.size(0) == N && norm_weight.device() == x.device(),
+              name, ": norm_weight must be [N] on x's device");
+  TORCH_CHECK(N % 8 == 0 && N / 8 <= RN_THREADS * RN_CHUNKS,
+              name, ": N must be a multiple of 8, at most ", 8 * RN_THREADS * RN_CHUNKS);
+  torch::Tensor nw = norm_weight.to(x.scalar_type()).contiguous();
+  if (reinterpret_cast<uintptr_t>(nw.data_ptr()) % 16) nw = nw.clone();    // 16-byte loads
+  return AddNorm{residual.contiguous(), nw, torch::empty({x.size(0), N}, x.options()), eps};
+}
+
 static torch::Tensor launch_quant_mma(torch::Tensor x, torch::Tensor qweight, torch::Tensor scales,
                                       c10::optional<torch::Tensor> zeros, int64_t bits, int64_t group_size,
                                       int64_t tiles, int64_t splits, c10::optional<torch::Tensor> counters,
@@ -2376,32 +2394,23 @@ torch::Tensor quant_mma(torch::Tensor x, torch::Tensor qweight, torch::Tensor sc
 // launch of quant_mma (two tiles a warp) whose tiles store the sum with the residual and
 // whose last tile of a row chunk to finish norms the chunk's rows; what rms_norm(x W^T,
 // norm_weight, residual, eps) computes, bit for bit (where that takes its vector kernel:
-// the weight and the residual 16-byte aligned, as the model's always are). N a multiple of
-// 8, at most 8 x RN_THREADS x RN_CHUNKS (one rms_norm_row of 256 threads). counters: as for
-// quant_mma, with one more per chunk of 16 rows (zeros made here if none).
+// the weight and the residual 16-byte aligned, as the model's always are). N: as
+// add_norm_args takes it. counters: as for quant_mma, with one more per chunk of 16 rows
+// (zeros made here if none).
 std::vector<torch::Tensor> quant_mma_add_norm(torch::Tensor x, torch::Tensor qweight, torch::Tensor scales,
                                               c10::optional<torch::Tensor> zeros, int64_t bits, int64_t group_size,
                                               int64_t splits, c10::optional<torch::Tensor> counters,
                                               torch::Tensor residual, torch::Tensor norm_weight, double eps) {
   TORCH_CHECK(qweight.dim() == 2, "quant_mma_add_norm: qweight must be [N, packed K]");
-  const int64_t N = qweight.size(0);
-  TORCH_CHECK(x.dim() == 2 && residual.sizes() == torch::IntArrayRef({x.size(0), N}) &&
-              residual.scalar_type() == x.scalar_type() && residual.device() == x.device(),
-              "quant_mma_add_norm: residual must be [rows, N] of x's dtype, on its device");
-  TORCH_CHECK(norm_weight.dim() == 1 && norm_weight.size(0) == N && norm_weight.device() == x.device(),
-              "quant_mma_add_norm: norm_weight must be [N] on x's device");
-  TORCH_CHECK(N % 8 == 0 && N / 8 <= RN_THREADS * RN_CHUNKS,
-              "quant_mma_add_norm: N must be a multiple of 8, at most ", 8 * RN_THREADS * RN_CHUNKS);
-  torch::Tensor res = residual.contiguous(), nw = norm_weight.to(x.scalar_type()).contiguous();
-  if (reinterpret_cast<uintptr_t>(nw.data_ptr()) % 16) nw = nw.clone();    // 16-byte loads
-  AddNorm norm{res, nw, torch::empty({x.size(0), N}, x.options()), eps};
+  AddNorm norm = add_norm_args(x, qweight.size(0), residual, norm_weight, eps, "quant_mma_add_norm");
   torch::Tensor y = launch_quant_mma(x, qweight, scales, zeros, bits, group_size, 2, splits, counters, false, &norm);
   return {norm.normed, y};
 }
 
 // y = x W^T for fp16/bf16 x [rows, K] and a dense W [N, K] of x's dtype: the kernel above
-// with the weights as they are. tiles, portable: as for quant_mma.
-torch::Tensor dense_mma(torch::Tensor x, torch::Tensor weight, int64_t tiles, bool portable) {
+// with the weights as they are, K in one split; norm, counters: the fold, as for quant_mma.
+static torch::Tensor launch_dense_mma(torch::Tensor x, torch::Tensor weight, int64_t tiles, bool portable,
+                                      c10::optional<torch::Tensor> counters, AddNorm* norm) {
   TORCH_CHECK(x.dim() == 2 && x.size(0) <= INT32_MAX, "dense_mma: x must be [rows, K]");
   TORCH_CHECK(x.scalar_type() == at::kHalf || x.scalar_type() == at::kBFloat16, "dense_mma: fp16 or bf16 x");
   TORCH_CHECK(weight.dim() == 2 && weight.size(1) == x.size(1) && weight.scalar_type() == x.scalar_type(),
@@ -2418,10 +2427,15 @@ torch::Tensor dense_mma(torch::Tensor x, torch::Tensor weight, int64_t tiles, bo
   const int rows = x.size(0), N = w.size(0), K = w.size(1);
   auto y = torch::empty({rows, N}, x.options());
   if (rows == 0 || N == 0) return y;
-  if (K == 0) return y.zero_();
+  if (K == 0 && !norm) return y.zero_();
   dim3 grid((rows + 15) / 16, (N + 16 * tiles - 1) / (16 * tiles));     // x: chunks of 16 rows
   TORCH_CHECK(grid.y <= 65535, "dense_mma: at most 65535 tiles of 16 x tiles channels");
+  torch::Tensor count;                                 // the fold's: one a chunk of rows, after the tiles'
+  if (norm) count = split_counters(counters, (int64_t)grid.x * grid.y + grid.x, true, x, "dense_mma");
+  int* cp = norm ? count.data_ptr<int>() : nullptr;
   const uint8_t* wp = reinterpret_cast<const uint8_t*>(w.data_ptr());
+  const torch::Tensor res = norm ? norm->residual : torch::Tensor(), nw = norm ? norm->weight : torch::Tensor(),
+                      normed = norm ? norm->normed : torch::Tensor();
   auto launch = [&](auto* x_ptr) {                     // x's 16-bit type, from the pointer
     using T = std::remove_pointer_t<decltype(x_ptr)>;
     auto pick = [&](auto r16_c) {
@@ -2432,14 +2446,32 @@ torch::Tensor dense_mma(torch::Tensor x, torch::Tensor weight, int64_t tiles, bo
     };
     auto kernel = rows > 8 ? pick(std::true_type()) : pick(std::false_type());
     const T* none = nullptr;
+    const T* rp = norm ? res.data_ptr<T>() : nullptr;
+    T* np = norm ? normed.data_ptr<T>() : nullptr;
+    const T* nwp = norm ? nw.data_ptr<T>() : nullptr;
     kernel<<<grid, QX_WARPS * 32, 0, at::cuda::getCurrentCUDAStream()>>>(          // K in one split
-        y.data_ptr<T>(), nullptr, nullptr, x_ptr, wp, none, none, rows, N, K, K, 1, 30, INT32_MAX, false, 0u,
-        none, nullptr, none, 0.f);
+        y.data_ptr<T>(), nullptr, cp, x_ptr, wp, none, none, rows, N, K, K, 1, 30, INT32_MAX, false, 0u,
+        rp, np, nwp, (float)(norm ? norm->eps : 0.0));
   };
   if (x.scalar_type() == at::kHalf) launch(x.data_ptr<c10::Half>());
   else launch(x.data_ptr<c10::BFloat16>());
   C10_CUDA_KERNEL_LAUNCH_CHECK();
   return y;
+}
+
+torch::Tensor dense_mma(torch::Tensor x, torch::Tensor weight, int64_t tiles, bool portable) {
+  return launch_dense_mma(x, weight, tiles, portable, c10::nullopt, nullptr);
+}
+
+// The fold on dense weights: {RMSNorm(x W^T + residual), x W^T + residual}, as
+// quant_mma_add_norm on quantized ones (the same conditions, the two launches' bits).
+std::vector<torch::Tensor> dense_mma_add_norm(torch::Tensor x, torch::Tensor weight, int64_t tiles,
+                                              c10::optional<torch::Tensor> counters, torch::Tensor residual,
+                                              torch::Tensor norm_weight, double eps) {
+  TORCH_CHECK(weight.dim() == 2, "dense_mma_add_norm: weight must be [N, K]");
+  AddNorm norm = add_norm_args(x, weight.size(0), residual, norm_weight, eps, "dense_mma_add_norm");
+  torch::Tensor y = launch_dense_mma(x, weight, tiles, false, counters, &norm);
+  return {norm.normed, y};
 }
 
 // ---------------------------------------------------------------- W4A16 / W8A16 on tensor cores, 17-255 rows
@@ -2832,6 +2864,9 @@ std::vector<torch::Tensor> quant_mma_add_norm(torch::Tensor x, torch::Tensor qwe
                                               int64_t splits, c10::optional<torch::Tensor> counters,
                                               torch::Tensor residual, torch::Tensor norm_weight, double eps);
 torch::Tensor dense_mma(torch::Tensor x, torch::Tensor weight, int64_t tiles, bool portable);
+std::vector<torch::Tensor> dense_mma_add_norm(torch::Tensor x, torch::Tensor weight, int64_t tiles,
+                                              c10::optional<torch::Tensor> counters, torch::Tensor residual,
+                                              torch::Tensor norm_weight, double eps);
 """
 
 @functools.cache
@@ -2870,7 +2905,8 @@ def cuda_extension():
     return load_inline(
         name="nanoserve_kernels" + ("_ptxas" if verbose else ""), cpp_sources=CPP_SOURCE, cuda_sources=CUDA_SOURCE,
         functions=["rms_norm", "silu_and_mul", "rope_and_cache", "paged_decode", "paged_decode_rope", "paged_prefill",
-                   "quant_gemv", "quant_mma", "quant_mma_add_norm", "dense_mma", "quant_gemm", "dequantize"],
+                   "quant_gemv", "quant_mma", "quant_mma_add_norm", "dense_mma", "dense_mma_add_norm", "quant_gemm",
+                   "dequantize"],
         extra_cuda_cflags=["-O3", "--use_fast_math"] + (["-Xptxas=-v"] if verbose else []),
         extra_include_paths=cuda_library_includes(), verbose=verbose)
 
@@ -3111,15 +3147,16 @@ def _quant_gemm_splits(rows: int, N: int, K: int, bits: int, device: torch.devic
 
 
 def _split_counters(cache: dict | None, N: int, device: torch.device) -> Tensor | None:
-    """The layer's split counters for quant_mma, quant_mma_add_norm (one more, for its norm)
-    and quant_gemm (one buffer serves all three, and every launch leaves it zero), kept in
-    its cache; made on first use, sized for any row count they take. A CUDA graph holds the
+    """The layer's split counters for quant_mma, quant_gemm and the fold (quant_mma_add_norm,
+    dense_mma_add_norm: one more, for the norm; one buffer serves them all, and every
+    launch leaves it zero), kept in its cache; made on first use, sized for any grid they
+    launch (up to a 16-channel tile a warp). A CUDA graph holds the
     buffer's address, so a buffer is never freed while its layer lives: one outgrown (parts
     of a fused layer share its cache) stays in cache["retired"]. None without a cache: the
     kernels zero their own."""
     if cache is None:
         return None
-    need = max(-(-N // 32) + 1, _quant_gemm_tiles(QUANT_GEMM_MAX_ROWS - 1, N))   # + the fold's
+    need = max(-(-N // 16) + 1, _quant_gemm_tiles(QUANT_GEMM_MAX_ROWS - 1, N))   # + the fold's
     counters = cache.get("split_counters")
     if counters is None or counters.device != device or len(counters) < need:
         if counters is not None:
@@ -3202,7 +3239,7 @@ def quant_linear(x: Tensor, qweight: Tensor, scales: Tensor, zeros: Tensor | Non
 # Attention's output projection and the MLP's down projection each feed add + RMSNorm
 # (fused_add_rms_norm). A quantized one of up to this many rows does both in its own launch
 # (quant_mma_add_norm: its last block to finish norms the rows), one launch a projection
-# fewer. That block norms the rows one after another, where rms_norm's launch gives each
+# fewer; so does a dense one where dense_mma takes it (dense_mma_add_norm). That block norms the rows one after another, where rms_norm's launch gives each
 # row a block; 4 is an estimate (about a microsecond a row against a launch) until
 # tools/kernel_bench.py goals times the two. NANOSERVE_NORM_FOLD_ROWS=0 turns it off.
 _NORM_FOLD_ROWS = os.environ.get("NANOSERVE_NORM_FOLD_ROWS", "4")
@@ -3245,22 +3282,45 @@ if not _DENSE_MMA_ROWS.isdigit():
 DENSE_MMA_MAX_ROWS = int(_DENSE_MMA_ROWS)
 
 
-def linear(x: Tensor, weight: Tensor, bias: Tensor | None = None) -> Tensor:
-    """y = x W^T + b: F.linear (cuBLAS on a GPU), or dense_mma for an fp16/bf16 product of up
-    to DENSE_MMA_MAX_ROWS rows on the kernels (no autograd there). Every projection of every
-    step comes here, so with DENSE_MMA_MAX_ROWS 0 the test is one comparison."""
+def _dense_mma_rows(x: Tensor, weight: Tensor) -> int:
+    """The rows of x when dense_mma takes the product x W^T (an fp16/bf16 product of 1 to
+    DENSE_MMA_MAX_ROWS rows on the kernels, no autograd there), else 0. Every projection of
+    every step asks, so with DENSE_MMA_MAX_ROWS 0 the test is one comparison."""
     if DENSE_MMA_MAX_ROWS and _cuda(x) and x.dtype in (torch.float16, torch.bfloat16) \
             and type(weight) in (Tensor, torch.nn.Parameter) and weight.dtype == x.dtype and weight.is_contiguous() \
             and x.shape[-1] % 8 == 0 and _tensor_cores(x.device) \
             and not (torch.is_grad_enabled() and (x.requires_grad or weight.requires_grad)):
         K = x.shape[-1]
         rows = x.numel() // K if K else 0
-        if 0 < rows <= DENSE_MMA_MAX_ROWS:
-            y = cuda_extension().dense_mma(x.reshape(rows, K), weight, _dense_mma_tiles(weight.shape[0], x.device),
-                                           False)
-            y = y.view(*x.shape[:-1], -1)
-            return y if bias is None else y + bias
+        return rows if rows <= DENSE_MMA_MAX_ROWS else 0
+    return 0
+
+
+def linear(x: Tensor, weight: Tensor, bias: Tensor | None = None) -> Tensor:
+    """y = x W^T + b: F.linear (cuBLAS on a GPU), or dense_mma where it takes the product
+    (_dense_mma_rows)."""
+    rows = _dense_mma_rows(x, weight)
+    if rows:
+        y = cuda_extension().dense_mma(x.reshape(rows, -1), weight, _dense_mma_tiles(weight.shape[0], x.device), False)
+        y = y.view(*x.shape[:-1], -1)
+        return y if bias is None else y + bias
     return F.linear(x, weight, bias)
+
+
+def linear_add_rms_norm(x: Tensor, weight: Tensor, bias: Tensor | None, residual: Tensor, norm_weight: Tensor,
+                        eps: float, cache: dict | None = None) -> tuple[Tensor, Tensor]:
+    """fused_add_rms_norm(linear(x, weight, bias), residual, norm_weight, eps), in one launch
+    (dense_mma_add_norm) where dense_mma takes the product at up to NORM_FOLD_MAX_ROWS rows,
+    with no bias: the fold of quant_linear_add_rms_norm on dense weights, the same bits as
+    the two. cache: the layer's dict, for the norm's counter (_split_counters)."""
+    rows, N = _dense_mma_rows(x, weight), weight.shape[0]
+    if 0 < rows <= NORM_FOLD_MAX_ROWS and bias is None and N % 8 == 0 and N <= NORM_ROW_MAX_WIDTH \
+            and residual.dtype == x.dtype and residual.shape == (*x.shape[:-1], N):
+        h, r = cuda_extension().dense_mma_add_norm(x.reshape(rows, -1), weight, _dense_mma_tiles(N, x.device),
+                                                   _split_counters(cache, N, x.device), residual.reshape(rows, N),
+                                                   norm_weight, eps)
+        return h.view(residual.shape), r.view(residual.shape)
+    return fused_add_rms_norm(linear(x, weight, bias), residual, norm_weight, eps)
 
 
 # ----------------------------------------------------------------------------- self-check
@@ -3592,7 +3652,7 @@ def _check_dense_mma(dev: str, dtype: torch.dtype, quick: bool, full: bool) -> R
     """The mma kernel on dense fp16/bf16 weights (dense_mma): 1-8, 9-16, 20 and 37 rows, 1 and 2
     channel tiles a warp, N cut short (24, 40, 17), a last loop step partly inside K (K = 40,
     168: lanes past K read other weights, times x's zeros), K past one block's loop; with one
-    tile the portable twin against the instruction as well."""
+    tile the portable twin against the instruction as well. Then the fold, below."""
     dn, rows = str(dtype).removeprefix("torch."), []
     if dtype == torch.float32 or not _tensor_cores(torch.device(dev)):
         return rows
@@ -3610,6 +3670,21 @@ def _check_dense_mma(dev: str, dtype: torch.dtype, quick: bool, full: bool) -> R
         if tiles == 1:
             twin = cuda_extension().dense_mma(x, w, 1, True)
             rows.append((f"dense mma (portable twin against the instruction) {name}", _rel(twin, y), 0.0))
+    # The fold (dense_mma_add_norm): the bits of dense_mma then rms_norm with the residual, at
+    # 1, 4 and 20 rows (two chunks of rows), 1 and 2 tiles a warp, tiles cut short (N = 40);
+    # twice on one counter buffer, left zero.
+    ext = cuda_extension()
+    for N, K, M, tiles in ((40, 168, 1, 1), (48, 256, 4, 2), (64, 96, 20, 1)):
+        x, res = torch.randn(M, K, device=dev, dtype=dtype), torch.randn(M, N, device=dev, dtype=dtype)
+        w, nw = torch.randn(N, K, device=dev, dtype=dtype) / K ** 0.5, torch.randn(N, device=dev, dtype=dtype)
+        counters = torch.zeros(-(-M // 16) * (-(-N // (16 * tiles)) + 1), device=dev, dtype=torch.int32)
+        run = lambda: ext.dense_mma_add_norm(x, w, tiles, counters, res, nw, 1e-5)
+        (h, r), (h2, r2) = run(), run()
+        want = ext.rms_norm(ext.dense_mma(x, w, tiles, False), nw, res, 1e-5)
+        same = all(map(torch.equal, (h, r, h2, r2), (*want, *want))) and not counters.any()
+        ref = fused_add_rms_norm_ref((x.float() @ w.float().T).to(dtype), res, nw, 1e-5)
+        rows.append((f"dense mma + residual + RMSNorm in one launch ({tiles} tile{'s' * (tiles > 1)} a warp) "
+                     f"{dn} {N}x{K} M={M}", max(_rel(h, ref[0]), _rel(r, ref[1])) if same else float("inf"), 0.0))
     return rows
 
 

@@ -763,8 +763,9 @@ class RMSNorm(nn.Module):
 
     def after(self, proj: nn.Module, x: Tensor, residual: Tensor) -> tuple[Tensor, Tensor]:
         """self(proj(x), residual): a projection whose output joins the residual stream, then
-        this norm. A projection that can add and norm in its own launch (QuantLinear's
-        add_rms_norm, one kernel where there were two) does so."""
+        this norm. A projection that can add and norm in its own launch (add_rms_norm of
+        Linear and QuantLinear: one kernel where there were two, on a GPU at a few rows)
+        does so."""
         fold = getattr(proj, "add_rms_norm", None)
         return fold(x, residual, self) if fold is not None else self(proj(x), residual)
 
@@ -791,8 +792,20 @@ class Linear(nn.Linear):
     cuBLAS, or on a GPU the kernels' own decode-sized matmul where kernels.DENSE_MMA_MAX_ROWS
     turns it on."""
 
+    def __init__(self, *args, **kwargs):
+        super().__init__(*args, **kwargs)
+        self.cache: dict = {}         # kernels.linear_add_rms_norm's: the GPU counters of its fold
+
     def forward(self, x: Tensor) -> Tensor:
         return kernels.linear(x, self.weight, self.bias)
+
+    def add_rms_norm(self, x: Tensor, residual: Tensor, norm: RMSNorm) -> tuple[Tensor, Tensor]:
+        """norm(self(x), residual) (RMSNorm.after): in the matmul's own launch where the kernels'
+        dense_mma takes it (kernels.linear_add_rms_norm), the same bits as the two ops. Not where
+        hooks watch the output (tensor parallelism sums it over the ranks first)."""
+        if self._forward_hooks or self._forward_pre_hooks:
+            return norm(self(x), residual)
+        return kernels.linear_add_rms_norm(x, self.weight, self.bias, residual, norm.weight, norm.eps, self.cache)
 
 
 class FusedLinear:

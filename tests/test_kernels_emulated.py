@@ -113,9 +113,9 @@ def test_quantized_layer_keeps_one_buffer_of_split_counters(emulated, monkeypatc
     assert emulated.kemu_reports(True) == []
 
 
-def test_quantized_projection_adds_and_norms_in_its_own_launch(emulated, monkeypatch):
+def test_projection_adds_and_norms_in_its_own_launch(emulated, monkeypatch):
     """RMSNorm.after(a bf16 int4 QuantLinear, x, residual), the step that ends each half of a
-    decoder layer: up to kernels.NORM_FOLD_MAX_ROWS rows one launch (quant_mma_add_norm, K
+    decoder layer (and a dense bf16 Linear on dense_mma, at the end): up to kernels.NORM_FOLD_MAX_ROWS rows one launch (quant_mma_add_norm, K
     split 2 ways, 4,096 channels: 512 16-byte chunks a norm row, two a thread), beyond that
     quant_mma then rms_norm; either way the bits of the layer then the norm, the layer's
     counters left zero. A forward hook on the layer (tensor parallelism's all-reduce) turns
@@ -145,28 +145,44 @@ def test_quantized_projection_adds_and_norms_in_its_own_launch(emulated, monkeyp
     h, r = norm.after(layer, x[:1], residual[:1])
     assert ext.calls == {"quant_mma": 1, "rms_norm": 1}
     assert torch.equal(r, layer(x[:1]) + residual[:1])                     # the hook's 2 y, as layer(x) gives
+    # A dense bf16 Linear of the same shape, with dense_mma on (DENSE_MMA_MAX_ROWS): the same
+    # fold (dense_mma_add_norm) at 1 and 4 rows, dense_mma then rms_norm at 5, the same bits.
+    monkeypatch.setattr(kernels, "DENSE_MMA_MAX_ROWS", 16)
+    dense = nanoserve.Linear(K, N, bias=False).to(torch.bfloat16).requires_grad_(False)   # as served
+    for rows in (1, 4, 5):
+        x, residual = torch.randn(rows, K, dtype=torch.bfloat16), torch.randn(rows, N, dtype=torch.bfloat16)
+        ext.calls.clear()
+        h, r = norm.after(dense, x, residual)
+        assert ext.calls == ({"dense_mma_add_norm": 1} if rows <= 4 else {"dense_mma": 1, "rms_norm": 1})
+        want = norm(dense(x), residual)
+        assert torch.equal(h, want[0]) and torch.equal(r, want[1]) and not dense.cache["split_counters"].any()
     assert emulated.kemu_reports(True) == []
 
 
-def test_quantized_model_folds_its_norms_into_the_projections(emulated, monkeypatch):
-    """A bf16 int4 model (nanocoder-5m, RTN, groups of 128) on the emulated kernels through the
-    decode graphs' path: at up to kernels.NORM_FOLD_MAX_ROWS (4) sequences a decode step's
-    output and down projections each add and norm in their own launch (quant_mma_add_norm,
-    2 a layer), leaving one rms_norm launch a step (layer 0's input norm), and the greedy
-    tokens are those of the same kernels with the fold off (NORM_FOLD_MAX_ROWS = 0)."""
+@pytest.mark.parametrize("weights", ["int4", "bf16"])
+def test_model_folds_its_norms_into_the_projections(emulated, monkeypatch, weights):
+    """A bf16 model (nanocoder-5m: int4 by RTN in groups of 128, or its bf16 weights on
+    dense_mma, kernels.DENSE_MMA_MAX_ROWS = 16) on the emulated kernels through the decode
+    graphs' path: at up to kernels.NORM_FOLD_MAX_ROWS (4) sequences a decode step's output
+    and down projections each add and norm in their own launch (quant_mma_add_norm or
+    dense_mma_add_norm, 2 a layer), leaving one rms_norm launch a step (layer 0's input
+    norm), and the greedy tokens are those of the same kernels with the fold off
+    (NORM_FOLD_MAX_ROWS = 0)."""
     import quant
     import torch
     prompts = [[(37 * i + 11 * j) % 1900 + 3 for j in range(n)] for i, n in enumerate((5, 23, 9))]
     greedy = SamplingParams(temperature=0, max_tokens=8, ignore_eos=True)
+    monkeypatch.setattr(kernels, "DENSE_MMA_MAX_ROWS", 16 if weights == "bf16" else 0)
 
     def run(fold_rows):
         monkeypatch.setattr(kernels, "NORM_FOLD_MAX_ROWS", fold_rows)
-        monkeypatch.setattr(kernels, "_cuda", lambda t: False)       # quantize on the CPU
+        monkeypatch.setattr(kernels, "_cuda", lambda t: False)       # load (and quantize) on the CPU
         llm = LLM(MODEL, device="cpu", dtype="bfloat16", num_blocks=64, block_size=16, max_model_len=128)
-        model = llm.engine.model
-        calib = torch.randint(3, model.config.vocab_size, (2, 32), generator=torch.Generator().manual_seed(0))
-        quant.quantize_model(model, calib, "rtn", 4, 128)
-        nanoserve.fuse_projections(model)
+        if weights == "int4":
+            model = llm.engine.model
+            calib = torch.randint(3, model.config.vocab_size, (2, 32), generator=torch.Generator().manual_seed(0))
+            quant.quantize_model(model, calib, "rtn", 4, 128)
+            nanoserve.fuse_projections(model)
         ext = Counted(emulated)
         monkeypatch.setattr(kernels, "_cuda", lambda t: True)
         monkeypatch.setattr(kernels, "cuda_extension", lambda: ext)
@@ -175,8 +191,9 @@ def test_quantized_model_folds_its_norms_into_the_projections(emulated, monkeypa
 
     folded, calls = run(4)
     plain, plain_calls = run(0)
+    fold = "quant_mma_add_norm" if weights == "int4" else "dense_mma_add_norm"
     layers, steps = 6, calls["paged_decode_rope"] // 6                    # decode steps
     assert folded == plain and steps >= 7
-    assert calls["quant_mma_add_norm"] == 2 * layers * steps and "quant_mma_add_norm" not in plain_calls
+    assert calls[fold] == 2 * layers * steps and fold not in plain_calls
     assert plain_calls["rms_norm"] - calls["rms_norm"] == 2 * layers * steps
     assert emulated.kemu_reports(True) == []

@@ -70,7 +70,8 @@ for r in bench.bench_sparse_speed(torch.device('cuda'))['rows']:
     step llama7b 200 $PY tools/bench.py latency profile quant --model random:llama-2-7b --dtype bfloat16 \
         --max-model-len 1024 --out "$OUT/llama7b.json"
     #    The same batch-1 decode with its bf16 matmuls of up to 16 rows on dense_mma instead of
-    #    cuBLAS (kernels.DENSE_MMA_MAX_ROWS; goals has the kernel beside cuBLAS).
+    #    cuBLAS (kernels.DENSE_MMA_MAX_ROWS; goals has the kernel beside cuBLAS), the output and
+    #    down projections adding and norming in their own launch.
     step llama7b_dense_mma 70 env NANOSERVE_DENSE_MMA_ROWS=16 $PY tools/bench.py latency --model random:llama-2-7b \
         --dtype bfloat16 --max-model-len 1024 --out "$OUT/llama7b_dense_mma.json"
     #    A 4,096-token prompt's time to first token against SDPA over the same layers (issue 34).
@@ -83,9 +84,13 @@ if [ "$PART" = 2 ] || [ "$PART" = all ]; then
     step tinyllama 190 $PY tools/bench.py latency profile throughput --model random:tinyllama-1.1b \
         --dtype bfloat16 --no-transformers --out "$OUT/tinyllama.json"
     step gptfast_tiny 130 $PY "$PEER" tinyllama-1.1b
+    #    TinyLlama's batch-1 decode with its bf16 matmuls on dense_mma, whose output and down
+    #    projections then add and norm in their own launch (kernels.NORM_FOLD_MAX_ROWS).
+    step tinyllama_dense_mma 60 env NANOSERVE_DENSE_MMA_ROWS=16 $PY tools/bench.py latency \
+        --model random:tinyllama-1.1b --dtype bfloat16 --no-transformers --out "$OUT/tinyllama_dense_mma.json"
     # 4. The engine's own time per decode step, model stubbed (issue 32), on this machine's host.
     step host 60 $PY tools/bench.py host --out "$OUT/host.json"
-    names="$names tinyllama gptfast_tiny host"
+    names="$names tinyllama gptfast_tiny tinyllama_dense_mma host"
 fi
 
 echo

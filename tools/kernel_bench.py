@@ -255,6 +255,27 @@ def gpu_goals(device: str = "cuda") -> list[tuple[str, str]]:
                          f"cuBLAS {2 * N * K / td / 1e9:.0f} GB/s = {100 * 2 * N * K / td / copy_bw:.0f}%; "
                          f"dense_mma at {td / tm:.2f}x cuBLAS's speed"))
         del dense
+    # The fold on dense weights (dense_mma_add_norm) for the output and down projections'
+    # shapes, against dense_mma then rms_norm and against cuBLAS then rms_norm (the bf16
+    # model's path while DENSE_MMA_MAX_ROWS is 0).
+    for N, K in ((4096, 4096), (4096, 11008), (2048, 2048), (2048, 5632)):
+        dense = [torch.randn(N, K, device=dev, dtype=bf16) for _ in range(copies(2 * N * K))]
+        w = torch.randn(N, device=dev, dtype=bf16)
+        tiles = _dense_mma_tiles(N, dev)
+        counters = torch.zeros(-(-N // 16) + 1, device=dev, dtype=torch.int32)
+        by_rows = []
+        for M in (1, 4):
+            x, res = torch.randn(M, K, device=dev, dtype=bf16), torch.randn(M, N, device=dev, dtype=bf16)
+            tf = time_cuda(lambda i: cuda_extension().dense_mma_add_norm(x, dense[i % len(dense)], tiles, counters,
+                                                                         res, w, 1e-5), reps=20)
+            tm = time_cuda(lambda i: cuda_extension().rms_norm(cuda_extension().dense_mma(x, dense[i % len(dense)],
+                                                                                          tiles, False), w, res, 1e-5),
+                           reps=20)
+            tc = time_cuda(lambda i: cuda_extension().rms_norm(x @ dense[i % len(dense)].T, w, res, 1e-5), reps=20)
+            by_rows.append(f"{M} row{'s' * (M > 1)} {tf * 1e6:.1f} us against {tm * 1e6:.1f} (dense_mma, rms_norm) "
+                           f"and {tc * 1e6:.1f} (cuBLAS, rms_norm)")
+        rows.append((f"dense bf16 {N}x{K} + residual + RMSNorm: one launch (the fold) against two", "; ".join(by_rows)))
+        del dense
     return rows
 
 
