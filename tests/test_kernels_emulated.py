@@ -115,11 +115,12 @@ def test_quantized_layer_keeps_one_buffer_of_split_counters(emulated, monkeypatc
 
 def test_projection_adds_and_norms_in_its_own_launch(emulated, monkeypatch):
     """RMSNorm.after(a bf16 int4 QuantLinear, x, residual), the step that ends each half of a
-    decoder layer (and a dense bf16 Linear on dense_mma, at the end): up to kernels.NORM_FOLD_MAX_ROWS rows one launch (quant_mma_add_norm, K
+    decoder layer: up to kernels.NORM_FOLD_MAX_ROWS rows one launch (quant_mma_add_norm, K
     split 2 ways, 4,096 channels: 512 16-byte chunks a norm row, two a thread), beyond that
     quant_mma then rms_norm; either way the bits of the layer then the norm, the layer's
     counters left zero. A forward hook on the layer (tensor parallelism's all-reduce) turns
-    the fold off: the hook's output is what joins the residual stream."""
+    the fold off: the hook's output is what joins the residual stream. Then a dense bf16
+    Linear on dense_mma, the same way."""
     import quant
     import torch
     monkeypatch.setattr(kernels, "_cuda", lambda t: True)

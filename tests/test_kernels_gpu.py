@@ -265,15 +265,20 @@ def test_quantized_layer_splits_k_in_one_launch_and_replays_in_a_graph():
 
 
 @cuda
-def test_quantized_projection_adds_and_norms_in_one_launch_and_replays_in_a_graph():
-    """Llama-2-7B's o_proj in bf16 int4 and the add + RMSNorm after it (RMSNorm.after): at 1
-    and kernels.NORM_FOLD_MAX_ROWS rows one kernel launch (the projection's last block norms
-    the rows), past it two; either way the bits of the projection then fused add + RMSNorm,
-    and, captured in a CUDA graph on the layer's counters and replayed, the eager bits every
-    time with the counters left zero."""
+@pytest.mark.parametrize("weights", ["int4", "bf16"])
+def test_projection_adds_and_norms_in_one_launch_and_replays_in_a_graph(monkeypatch, weights):
+    """Llama-2-7B's o_proj (bf16 int4, or bf16 on dense_mma) and the add + RMSNorm after it
+    (RMSNorm.after): at 1 and kernels.NORM_FOLD_MAX_ROWS rows one kernel launch (the
+    projection's last block norms the rows), past it two; either way the bits of the
+    projection then fused add + RMSNorm, and, captured in a CUDA graph on the layer's
+    counters and replayed, the eager bits every time with the counters left zero."""
     torch.manual_seed(0)
-    layer = nanoserve.QuantLinear.from_codes(*quant.quantize_rtn(torch.randn(4096, 4096), 4, 128, True), 4, 128,
-                                             torch.bfloat16).cuda()
+    if weights == "int4":
+        layer = nanoserve.QuantLinear.from_codes(*quant.quantize_rtn(torch.randn(4096, 4096), 4, 128, True), 4, 128,
+                                                 torch.bfloat16).cuda()
+    else:
+        monkeypatch.setattr(kernels, "DENSE_MMA_MAX_ROWS", 16)
+        layer = nanoserve.Linear(4096, 4096, bias=False).to("cuda", torch.bfloat16).requires_grad_(False)
     norm = nanoserve.RMSNorm(4096, 1e-5).to("cuda", torch.bfloat16)
     norm.weight.data.normal_()
     for rows in (1, kernels.NORM_FOLD_MAX_ROWS, kernels.NORM_FOLD_MAX_ROWS + 1):
