@@ -583,12 +583,18 @@ std::vector<torch::Tensor> rms_norm(torch::Tensor x, torch::Tensor w, c10::optio
 }
 
 // ---------------------------------------------------------------- SiLU and multiply
+// silu(g) x u of one gate and up value as stored (T), rounded as stored: one function, so that
+// a matmul that ends in it (quant_mma's SiLU epilogue) gives this kernel's bits.
+template <typename T>
+__device__ __forceinline__ T silu_mul(T g, T u) {
+  const float a = to_f(g);
+  return from_f<T>(to_f(from_f<T>(a / (1.f + __expf(-a)))) * to_f(u));
+}
+
 template <typename T>
 __global__ void silu_mul_kernel(T* __restrict__ out, const T* __restrict__ g, const T* __restrict__ u, int64_t n) {
-  for (int64_t i = blockIdx.x * (int64_t)blockDim.x + threadIdx.x; i < n; i += (int64_t)gridDim.x * blockDim.x) {
-    float a = to_f(g[i]);
-    out[i] = from_f<T>(to_f(from_f<T>(a / (1.f + __expf(-a)))) * to_f(u[i]));
-  }
+  for (int64_t i = blockIdx.x * (int64_t)blockDim.x + threadIdx.x; i < n; i += (int64_t)gridDim.x * blockDim.x)
+    out[i] = silu_mul(g[i], u[i]);
 }
 
 torch::Tensor silu_and_mul(torch::Tensor gate, torch::Tensor up) {
@@ -2103,6 +2109,23 @@ constexpr int QX_WARPS = 8;                   // warps per block, each on its ow
 constexpr uint32_t BF16_128_PAIR = 0x43004300u;
 static_assert(QX_WARPS * 32 == RN_THREADS, "the fold norms its rows with the matmul's block: rms_norm's order");
 
+// The SiLU epilogue's merge, by the block that finished a tile's splits last: y [rows, F] =
+// silu(gate) x up of the tile's 16 channels n0 .. n0 + 15 below F, each side summed over the
+// splits in split order ([splits, rows, 2F] partials, up F channels after gate) and rounded
+// to T first, as the matmul alone stores it.
+template <typename T>
+__device__ void add_split_sums_silu(T* __restrict__ y, const float* __restrict__ part, int rows, int F, int row0,
+                                    int nr, int n0, int splits) {
+  for (int e = threadIdx.x; e < nr * 16; e += blockDim.x) {
+    const int m = e / 16, c = e % 16;
+    if (n0 + c >= F) continue;
+    float v[2] = {0.f, 0.f};
+    for (int j = 0; j < 2; ++j)
+      for (int z = 0; z < splits; ++z) v[j] += __ldcg(part + ((int64_t)z * rows + row0 + m) * 2 * F + n0 + c + j * F);
+    y[(int64_t)(row0 + m) * F + n0 + c] = silu_mul(from_f<T>(v[0]), from_f<T>(v[1]));
+  }
+}
+
 // The fold's last step, by the block that finished the last channel tile of its rows
 // (last_of_splits over the tiles): out = RMSNorm of rows row0 .. row0 + nr - 1 of y (the
 // matmul's output plus the residual, as every tile stored it), a row after another, each
@@ -2118,7 +2141,7 @@ __device__ __attribute__((noinline)) void norm_rows(T* __restrict__ out, const T
                  w, N, eps, sh);
 }
 
-template <typename T, int BITS, int J, int U, bool R16, bool PORTABLE>
+template <typename T, int BITS, int J, int U, bool R16, bool PORTABLE, bool SILU = false>
 __global__ void __launch_bounds__(QX_WARPS * 32)
 quant_mma_kernel(T* __restrict__ y,                // [rows, N]
                  float* __restrict__ part,         // [splits, rows, N] fp32 partial sums, with several splits
@@ -2133,7 +2156,9 @@ quant_mma_kernel(T* __restrict__ y,                // [rows, N]
                  int supers_per_split, bool is_signed, uint32_t magic,
                  const T* __restrict__ res,        // [rows, N] residual, or null: y = x W^T + res
                  T* __restrict__ normed,           // [rows, N] or null: RMSNorm(y) by the weight norm_w
-                 const T* __restrict__ norm_w, float eps) {
+                 const T* __restrict__ norm_w, float eps,
+                 int silu_F) {                     // SILU: the epilogue's F, N = 2 F (gate, then up)
+  static_assert(!SILU || (J == 2 && BITS != 16), "the SiLU epilogue holds gate and up in a warp's two tiles");
   using W = typename mma_type<T>::type;
   using Codes = MmaCodes<W, BITS>;
   constexpr int CODES = 128 / BITS;               // codes in a lane's 16-byte load: 32, 16 (dense: 8)
@@ -2143,7 +2168,9 @@ quant_mma_kernel(T* __restrict__ y,                // [rows, N]
   constexpr int XH = R16 ? 2 : 1;                 // mma per tile and k-step: x's rows 0-7 (and 8-15)
   __shared__ float red[QX_WARPS][J][XH][4][32];   // each warp's sums, added over warps at the end
   const int warp = threadIdx.x >> 5, lane = threadIdx.x & 31, g = lane >> 2, t = lane & 3;
-  const int n0 = blockIdx.y * 16 * J;             // tile j: channels n0 + 16 j .. + 15
+  // Tile j: channels n0 + 16 j .. + 15; with the SiLU epilogue (J = 2) gate's n0 .. n0 + 15
+  // and up's, silu_F channels on, so that a block holds both sides of its 16 outputs.
+  const int n0 = blockIdx.y * 16 * (SILU ? 1 : J);
   // Past 16 rows, blockIdx.x takes rows 16 x .. 16 x + 15 (row0 on, nr of them), each chunk
   // reading the codes again; x varies fastest, so a channel tile's chunks run side by side
   // and the later ones find its codes in L2.
@@ -2159,7 +2186,7 @@ quant_mma_kernel(T* __restrict__ y,                // [rows, N]
   for (int j = 0; j < J; ++j)
 #pragma unroll
     for (int h = 0; h < 2; ++h) {
-      const int n = min(n0 + 16 * j + g + 8 * h, N - 1);
+      const int n = SILU ? min(n0 + g + 8 * h, silu_F - 1) + j * silu_F : min(n0 + 16 * j + g + 8 * h, N - 1);
       wrow[j][h] = qw + (int64_t)n * K * BITS / 8;
       zrow[j][h] = zeros ? zeros + (int64_t)n * n_groups : nullptr;
       srow[j][h] = scales ? scales + (int64_t)n * n_groups : nullptr;
@@ -2266,20 +2293,40 @@ quant_mma_kernel(T* __restrict__ y,                // [rows, N]
       for (int i = 0; i < 4; ++i) red[warp][j][r][i][lane] = acc[j][r][i];
   __syncthreads();
   const int splits = gridDim.z;
-  for (int e = threadIdx.x; e < nr * 16 * J; e += blockDim.x) {
-    const int m = e / (16 * J), nl = e % (16 * J), j = nl / 16, c = nl % 16;
+  auto warp_sum_of = [&](int m, int j, int c) {   // output (row m, tile j, channel c): the warps' sum
     const int src = 4 * (c & 7) + (m & 7) / 2, i = 2 * (c >> 3) + (m & 1);
     float v = 0.f;
 #pragma unroll
     for (int w = 0; w < QX_WARPS; ++w) v += red[w][j][m >> 3][i][src];
-    if (n0 + nl >= N) continue;
-    if (splits == 1) store_out(y, res, (int64_t)(row0 + m) * N + n0 + nl, v);
-    else part[((int64_t)blockIdx.z * rows + row0 + m) * N + n0 + nl] = v;
+    return v;
+  };
+  if constexpr (SILU) {                           // y [rows, silu_F] = silu(gate) x up
+    for (int e = threadIdx.x; e < nr * 16; e += blockDim.x) {
+      const int m = e / 16, c = e % 16;
+      const float gate = warp_sum_of(m, 0, c), up = warp_sum_of(m, J - 1, c);
+      if (n0 + c >= silu_F) continue;
+      if (splits == 1) {
+        y[(int64_t)(row0 + m) * silu_F + n0 + c] = silu_mul(from_f<T>(gate), from_f<T>(up));
+      } else {
+        float* p = part + ((int64_t)blockIdx.z * rows + row0 + m) * N + n0 + c;
+        p[0] = gate;
+        p[silu_F] = up;
+      }
+    }
+  } else {
+    for (int e = threadIdx.x; e < nr * 16 * J; e += blockDim.x) {
+      const int m = e / (16 * J), nl = e % (16 * J);
+      const float v = warp_sum_of(m, nl / 16, nl % 16);
+      if (n0 + nl >= N) continue;
+      if (splits == 1) store_out(y, res, (int64_t)(row0 + m) * N + n0 + nl, v);
+      else part[((int64_t)blockIdx.z * rows + row0 + m) * N + n0 + nl] = v;
+    }
   }
   // With K split over blocks, the last split of this tile adds the partial sums, in split order.
   bool stored = splits == 1;                      // this block stored its tile's outputs (block-uniform)
   if (splits > 1 && last_of_splits(counters + (int64_t)blockIdx.y * gridDim.x + blockIdx.x, splits)) {
-    add_split_sums(y, res, part, rows, N, row0, nr, n0, 16 * J, splits);
+    if constexpr (SILU) add_split_sums_silu(y, part, rows, silu_F, row0, nr, n0, splits);
+    else add_split_sums(y, res, part, rows, N, row0, nr, n0, 16 * J, splits);
     stored = true;
   }
   // The fold: the last tile of these rows to be stored norms them (its counter follows the tiles').
@@ -2312,7 +2359,7 @@ static AddNorm add_norm_args(const torch::Tensor& x, int64_t N, const torch::Ten
 static torch::Tensor launch_quant_mma(torch::Tensor x, torch::Tensor qweight, torch::Tensor scales,
                                       c10::optional<torch::Tensor> zeros, int64_t bits, int64_t group_size,
                                       int64_t tiles, int64_t splits, c10::optional<torch::Tensor> counters,
-                                      bool portable, AddNorm* norm) {
+                                      bool portable, AddNorm* norm, bool silu = false) {
   TORCH_CHECK(x.dim() == 2 && x.size(0) <= INT32_MAX, "quant_mma: x must be [rows, K]");
   TORCH_CHECK(x.scalar_type() == at::kHalf || x.scalar_type() == at::kBFloat16, "quant_mma: fp16 or bf16 x");
   TORCH_CHECK(tiles == 1 || tiles == 2, "quant_mma: tiles must be 1 or 2");
@@ -2326,9 +2373,12 @@ static torch::Tensor launch_quant_mma(torch::Tensor x, torch::Tensor qweight, to
               "quant_mma: group_size must be a multiple of 128 (int4) or 64 (int8), or cover the row");
   const torch::Tensor qw = w.qw, sc = w.sc, z = w.z;   // plain names (kemu's bounds checker)
   const int rows = x.size(0);
-  auto y = torch::empty({rows, w.N}, x.options());
+  TORCH_CHECK(!silu || (w.N % 2 == 0 && tiles == 2 && !portable && !norm),
+              "quant_mma: the SiLU epilogue needs [gate; up] weights (an even N), two tiles a warp");
+  const int silu_F = silu ? w.N / 2 : 0;
+  auto y = torch::empty({rows, silu ? silu_F : w.N}, x.options());
   if (rows == 0 || w.N == 0) return y;
-  if (w.K == 0 && !norm) return y.zero_();
+  if (w.K == 0 && !norm && !silu) return y.zero_();
   int shift = -1;                                      // a power-of-two group: a shift, not a division
   if (w.n_groups == 1) shift = 30;                     // every input index < 2^30 maps to group 0
   else if ((w.G & (w.G - 1)) == 0) for (shift = 0; (1 << shift) < w.G; ++shift) {}
@@ -2337,7 +2387,8 @@ static torch::Tensor launch_quant_mma(torch::Tensor x, torch::Tensor qweight, to
   splits = std::max<int64_t>(1, std::min<int64_t>(splits, supers));
   const int per = (int)((supers + splits - 1) / splits);
   splits = (supers + per - 1) / per;                   // every split has steps
-  dim3 grid((rows + 15) / 16, (w.N + 16 * tiles - 1) / (16 * tiles), (unsigned)splits);   // x: chunks of 16 rows
+  // x: chunks of 16 rows; y: tiles of 16 x tiles channels (SiLU: 16 gate and 16 up channels)
+  dim3 grid((rows + 15) / 16, silu ? (silu_F + 15) / 16 : (w.N + 16 * tiles - 1) / (16 * tiles), (unsigned)splits);
   TORCH_CHECK(grid.y <= 65535 && grid.z <= 65535, "quant_mma: at most 65535 tiles of 16 x tiles channels and splits");
   torch::Tensor part, count;
   if (splits > 1) part = torch::empty({splits, rows, w.N}, x.options().dtype(torch::kFloat));
@@ -2360,6 +2411,7 @@ static torch::Tensor launch_quant_mma(torch::Tensor x, torch::Tensor qweight, to
       constexpr bool R16 = decltype(r16_c)::value;
       if (portable) return quant_mma_kernel<T, B, 1, 2, R16, true>;
       if (tiles == 1) return quant_mma_kernel<T, B, 1, 2, R16, false>;
+      if (silu) return quant_mma_kernel<T, B, 2, 1, R16, false, true>;
       return quant_mma_kernel<T, B, 2, 1, R16, false>;
     };
     using I4 = std::integral_constant<int, 4>;
@@ -2370,7 +2422,7 @@ static torch::Tensor launch_quant_mma(torch::Tensor x, torch::Tensor qweight, to
                             : (rows > 8 ? pick(I8(), R16()) : pick(I8(), R8()));
     kernel<<<grid, QX_WARPS * 32, 0, at::cuda::getCurrentCUDAStream()>>>(
         y.data_ptr<T>(), pp, cp, x_ptr, qp, sc_ptr, zp, rows, w.N, w.K, w.G, w.n_groups, shift, per, w.is_signed,
-        magic, rp, np, wp, (float)(norm ? norm->eps : 0.0));
+        magic, rp, np, wp, (float)(norm ? norm->eps : 0.0), silu_F);
   };
   if (x.scalar_type() == at::kHalf) launch(x.data_ptr<c10::Half>(), sc.data_ptr<c10::Half>());
   else launch(x.data_ptr<c10::BFloat16>(), sc.data_ptr<c10::BFloat16>());
@@ -2405,6 +2457,17 @@ std::vector<torch::Tensor> quant_mma_add_norm(torch::Tensor x, torch::Tensor qwe
   AddNorm norm = add_norm_args(x, qweight.size(0), residual, norm_weight, eps, "quant_mma_add_norm");
   torch::Tensor y = launch_quant_mma(x, qweight, scales, zeros, bits, group_size, 2, splits, counters, false, &norm);
   return {norm.normed, y};
+}
+
+// The MLP's activation in its gate/up matmul's launch: silu(x G^T) x (x U^T), [rows, F], for
+// the fused weight [G; U] (2F rows, gate's first: FusedQuantLinear's layout). Each block
+// holds 16 gate and the same 16 up channels (its two tiles) and stores silu(gate) x up
+// itself: what quant_mma then silu_and_mul computes, bit for bit, with one launch fewer
+// and no [rows, 2F] product in memory. splits, counters: as for quant_mma.
+torch::Tensor quant_mma_silu_and_mul(torch::Tensor x, torch::Tensor qweight, torch::Tensor scales,
+                                     c10::optional<torch::Tensor> zeros, int64_t bits, int64_t group_size,
+                                     int64_t splits, c10::optional<torch::Tensor> counters) {
+  return launch_quant_mma(x, qweight, scales, zeros, bits, group_size, 2, splits, counters, false, nullptr, true);
 }
 
 // y = x W^T for fp16/bf16 x [rows, K] and a dense W [N, K] of x's dtype: the kernel above
@@ -2451,7 +2514,7 @@ static torch::Tensor launch_dense_mma(torch::Tensor x, torch::Tensor weight, int
     const T* nwp = norm ? nw.data_ptr<T>() : nullptr;
     kernel<<<grid, QX_WARPS * 32, 0, at::cuda::getCurrentCUDAStream()>>>(          // K in one split
         y.data_ptr<T>(), nullptr, cp, x_ptr, wp, none, none, rows, N, K, K, 1, 30, INT32_MAX, false, 0u,
-        rp, np, nwp, (float)(norm ? norm->eps : 0.0));
+        rp, np, nwp, (float)(norm ? norm->eps : 0.0), 0);
   };
   if (x.scalar_type() == at::kHalf) launch(x.data_ptr<c10::Half>());
   else launch(x.data_ptr<c10::BFloat16>());
@@ -2867,6 +2930,9 @@ torch::Tensor dense_mma(torch::Tensor x, torch::Tensor weight, int64_t tiles, bo
 std::vector<torch::Tensor> dense_mma_add_norm(torch::Tensor x, torch::Tensor weight, int64_t tiles,
                                               c10::optional<torch::Tensor> counters, torch::Tensor residual,
                                               torch::Tensor norm_weight, double eps);
+torch::Tensor quant_mma_silu_and_mul(torch::Tensor x, torch::Tensor qweight, torch::Tensor scales,
+                                     c10::optional<torch::Tensor> zeros, int64_t bits, int64_t group_size,
+                                     int64_t splits, c10::optional<torch::Tensor> counters);
 """
 
 @functools.cache
@@ -2905,8 +2971,8 @@ def cuda_extension():
     return load_inline(
         name="nanoserve_kernels" + ("_ptxas" if verbose else ""), cpp_sources=CPP_SOURCE, cuda_sources=CUDA_SOURCE,
         functions=["rms_norm", "silu_and_mul", "rope_and_cache", "paged_decode", "paged_decode_rope", "paged_prefill",
-                   "quant_gemv", "quant_mma", "quant_mma_add_norm", "dense_mma", "dense_mma_add_norm", "quant_gemm",
-                   "dequantize"],
+                   "quant_gemv", "quant_mma", "quant_mma_add_norm", "quant_mma_silu_and_mul", "dense_mma",
+                   "dense_mma_add_norm", "quant_gemm", "dequantize"],
         extra_cuda_cflags=["-O3", "--use_fast_math"] + (["-Xptxas=-v"] if verbose else []),
         extra_include_paths=cuda_library_includes(), verbose=verbose)
 
@@ -3273,6 +3339,26 @@ def quant_linear_add_rms_norm(x: Tensor, qweight: Tensor, scales: Tensor, zeros:
     return fused_add_rms_norm(quant_linear(x, qweight, scales, zeros, bits, group_size, cache), residual, weight, eps)
 
 
+def quant_linear_silu_and_mul(x: Tensor, qweight: Tensor, scales: Tensor, zeros: Tensor | None, bits: int,
+                              group_size: int, cache: dict | None = None) -> Tensor:
+    """silu_and_mul(gate, up) of y = quant_linear(x, ...) = [gate, up] for the fused weight of
+    the MLP's gate and up projections (2F rows, gate's first) -> (..., F). On a GPU where the
+    mma kernel takes the layer (1-16 rows) one launch (quant_mma_silu_and_mul: each block
+    holds the same channels of gate and up and stores silu(gate) x up), the same bits as
+    the two ops."""
+    K = x.shape[-1]
+    rows, N = x.numel() // K if K else 0, qweight.shape[0]
+    kbits = 4 if bits <= 4 else 8
+    if _cuda(x) and 0 < rows <= QUANT_MMA_MAX_ROWS and K % 32 == 0 and (group_size or K) % 32 == 0 \
+            and x.dtype in (torch.float16, torch.bfloat16) and _tensor_cores(x.device) \
+            and _quant_mma_fits(kbits, group_size, K) and N % 2 == 0:
+        splits = _quant_mma_splits(rows, N, K, kbits, x.device)
+        y = cuda_extension().quant_mma_silu_and_mul(x.reshape(rows, K), qweight, scales, zeros, kbits, group_size,
+                                                    splits, _split_counters(cache, N, x.device) if splits > 1 else None)
+        return y.view(*x.shape[:-1], N // 2)
+    return silu_and_mul(*quant_linear(x, qweight, scales, zeros, bits, group_size, cache).chunk(2, dim=-1))
+
+
 # Dense fp16/bf16 products of up to this many rows (decode steps) run on dense_mma instead
 # of cuBLAS. 0, cuBLAS everywhere, until a GPU run has measured the two side by side
 # (tools/kernel_bench.py goals, and the engine with NANOSERVE_DENSE_MMA_ROWS=16).
@@ -3605,7 +3691,7 @@ def _check_quant_mma(dev: str, dtype: torch.dtype, quick: bool, full: bool) -> R
     with 37 rows over several tiles). Each case runs twice on one buffer of split counters:
     the same bits, the counters left zero. With one tile, the mma's portable twin too: on a
     GPU the instruction and the twin must agree (the fragment layouts); under kemu both are
-    the twin. Then the fold (quant_mma_add_norm), below."""
+    the twin. Then the folds (quant_mma_add_norm, quant_mma_silu_and_mul), below."""
     dn, rows = str(dtype).removeprefix("torch."), []
     if dtype == torch.float32 or not _tensor_cores(torch.device(dev)):
         return rows
@@ -3645,6 +3731,21 @@ def _check_quant_mma(dev: str, dtype: torch.dtype, quick: bool, full: bool) -> R
         rows.append((f"W{bits}A16 (mma) + residual + RMSNorm in one launch, K in {splits} split"
                      f"{'s' * (splits > 1)} {dn} {N}x{K} M={M} g={G}{' asym' if asym else ''}",
                      max(_rel(h, ref[0]), _rel(r, ref[1])) if same else float("inf"), 0.0))
+    # The SiLU epilogue (quant_mma_silu_and_mul) on [gate; up] weights of 2 Fu rows must give
+    # the bits of quant_mma then silu_and_mul: Fu = 24 (the second 16-channel tile cut short), 40,
+    # 1, 9 and 20 rows (two chunks), K in 1-3 splits; twice on one counter buffer, left zero.
+    for bits, G, asym, Fu, K, M, splits in ((4, 128, True, 24, 256, 1, 2), (8, 0, False, 40, 128, 9, 1),
+                                           (4, 0, False, 40, 384, 20, 3), (8, 64, True, 24, 192, 4, 3)):
+        x = torch.randn(M, K, device=dev, dtype=dtype)
+        qw, sc, zp = _random_quant(2 * Fu, K, bits, G, asym, dtype, dev)
+        counters = torch.zeros(-(-M // 16) * -(-Fu // 16), device=dev, dtype=torch.int32)
+        run = lambda: ext.quant_mma_silu_and_mul(x, qw, sc, zp, bits, G, splits, counters)
+        y, again = run(), run()
+        want = ext.silu_and_mul(*ext.quant_mma(x, qw, sc, zp, bits, G, 2, splits, None, False).chunk(2, dim=-1))
+        same = torch.equal(y, want) and torch.equal(again, want) and not counters.any()
+        ref = silu_and_mul_ref(*quant_linear_ref(x, qw, sc, zp, bits, G).chunk(2, dim=-1))
+        rows.append((f"W{bits}A16 (mma) + SiLU x up in one launch, K in {splits} split{'s' * (splits > 1)} "
+                     f"{dn} 2x{Fu}x{K} M={M} g={G}{' asym' if asym else ''}", _rel(y, ref) if same else float("inf"), 0.0))
     return rows
 
 

@@ -845,6 +845,11 @@ class FusedLinear:
     def __call__(self, x: Tensor) -> Tensor:
         return kernels.linear(x, self.weight, self.bias)
 
+    def silu_and_mul(self, x: Tensor) -> Tensor:
+        """For gate and up fused: silu(gate(x)) * up(x), (T, F), from the (T, 2F) product."""
+        gate, up = self(x).chunk(2, dim=-1)                             # (T, 2F) -> 2 x (T, F)
+        return kernels.silu_and_mul(gate, up)
+
     @staticmethod
     def fusable(linears: list[nn.Module]) -> bool:
         """Plain linears of one dtype and device, all with or all without a bias (a QuantLinear
@@ -922,8 +927,7 @@ class LlamaMLP(nn.Module):
     def activation(self, x: Tensor) -> Tensor:
         """(T, D) -> silu(gate(x)) * up(x), (T, F): the MLP up to its down projection."""
         if self.gate_up is not None and self.gate_up.holds(self.gate_proj, self.up_proj):
-            gate, up = self.gate_up(x).chunk(2, dim=-1)                 # (T, 2F) -> 2 x (T, F)
-            return kernels.silu_and_mul(gate, up)
+            return self.gate_up.silu_and_mul(x)
         return kernels.silu_and_mul(self.gate_proj(x), self.up_proj(x))
 
     def separate(self, x: Tensor) -> Tensor:
@@ -1236,6 +1240,16 @@ class FusedQuantLinear(FusedLinear):
                    for m, made in zip(linears, self.parts))
 
     __call__ = QuantLinear.forward                # the layer's own forward, on the fused buffers
+
+    def silu_and_mul(self, x: Tensor) -> Tensor:
+        """FusedLinear.silu_and_mul: on a GPU at 1-16 rows in the matmul's own launch
+        (kernels.quant_linear_silu_and_mul), the same bits as the two ops."""
+        if self.bias is not None:
+            return super().silu_and_mul(x)
+        if self.perm is not None:
+            x = x.index_select(-1, self.perm)                              # (..., in), channels by group
+        return kernels.quant_linear_silu_and_mul(x, self.qweight, self.scales, self.zeros, self.bits, self.group_size,
+                                                 self.cache)
 
     @staticmethod
     def fusable(linears: list[nn.Module]) -> bool:

@@ -160,6 +160,32 @@ def test_projection_adds_and_norms_in_its_own_launch(emulated, monkeypatch):
     assert emulated.kemu_reports(True) == []
 
 
+def test_fused_gate_up_stores_silu_times_up_in_its_own_launch(emulated, monkeypatch):
+    """A bf16 int4 MLP's gate and up fused (FusedQuantLinear, 2 x 1,040 channels: the last
+    16-channel tile cut short; K in 2 splits at 1 row): LlamaMLP.activation at 1 and 16 rows
+    is one launch (quant_mma_silu_and_mul), at 17 the tiled matmul then silu_and_mul; either
+    way the bits of silu_and_mul over the fused product's halves, the counters left zero."""
+    import quant
+    import torch
+    monkeypatch.setattr(kernels, "_cuda", lambda t: True)
+    ext = Counted(emulated)
+    monkeypatch.setattr(kernels, "cuda_extension", lambda: ext)
+    torch.manual_seed(0)
+    F, K = 1040, 2048
+    gate, up = (nanoserve.QuantLinear.from_codes(*quant.quantize_rtn(torch.randn(F, K), 4, 128, True), 4, 128,
+                                                 torch.bfloat16) for _ in range(2))
+    fused = nanoserve.FusedQuantLinear([gate, up])
+    assert kernels._quant_mma_splits(1, 2 * F, K, 4, torch.device("cpu")) == 2
+    for rows in (1, 16, 17):
+        x = torch.randn(rows, K, dtype=torch.bfloat16)
+        ext.calls.clear()
+        y = fused.silu_and_mul(x)
+        assert ext.calls == ({"quant_mma_silu_and_mul": 1} if rows <= 16 else {"quant_gemm": 1, "silu_and_mul": 1})
+        want = kernels.silu_and_mul(*fused(x).chunk(2, dim=-1))
+        assert y.shape == (rows, F) and torch.equal(y, want) and not fused.cache["split_counters"].any()
+    assert emulated.kemu_reports(True) == []
+
+
 @pytest.mark.parametrize("weights", ["int4", "bf16"])
 def test_model_folds_its_norms_into_the_projections(emulated, monkeypatch, weights):
     """A bf16 model (nanocoder-5m: int4 by RTN in groups of 128, or its bf16 weights on
@@ -197,4 +223,6 @@ def test_model_folds_its_norms_into_the_projections(emulated, monkeypatch, weigh
     assert folded == plain and steps >= 7
     assert calls[fold] == 2 * layers * steps and fold not in plain_calls
     assert plain_calls["rms_norm"] - calls["rms_norm"] == 2 * layers * steps
+    if weights == "int4":                 # the gate/up matmul's SiLU epilogue, at every step of 1-16 rows
+        assert calls["quant_mma_silu_and_mul"] >= layers * steps
     assert emulated.kemu_reports(True) == []
