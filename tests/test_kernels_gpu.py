@@ -291,6 +291,24 @@ def test_projection_adds_and_norms_in_one_launch_and_replays_in_a_graph(monkeypa
         assert len(launched) == (1 if rows <= kernels.NORM_FOLD_MAX_ROWS else 2), launched
 
 
+@cuda
+def test_fused_gate_up_stores_silu_times_up_in_one_launch_and_replays_in_a_graph():
+    """Llama-2-7B's gate and up in bf16 int4, fused: LlamaMLP's activation at 1 and 16 rows is
+    one kernel launch (quant_mma_silu_and_mul), the bits of the fused matmul then
+    silu_and_mul, and replays in a CUDA graph to the bit with the counters left zero."""
+    torch.manual_seed(0)
+    parts = [nanoserve.QuantLinear.from_codes(*quant.quantize_rtn(torch.randn(11008, 4096), 4, 128, True), 4, 128,
+                                              torch.bfloat16).cuda() for _ in range(2)]
+    fused = nanoserve.FusedQuantLinear(parts)
+    counters = kernels._split_counters(fused.cache, 2 * 11008, torch.device("cuda"))   # the layer's, if it splits
+    for rows in (1, 16):
+        x = torch.randn(rows, 4096, device="cuda", dtype=torch.bfloat16)
+        y = fused.silu_and_mul(x)
+        assert torch.equal(y, kernels.silu_and_mul(*fused(x).chunk(2, dim=-1)))
+        launched = launches_and_replays(lambda: fused.silu_and_mul(x), y, counters)
+        assert len(launched) == 1 and "quant_mma" in launched[0], launched
+
+
 def test_decode_kernel_takes_only_the_layouts_it_was_written_for():
     """paged_decode reads a cached row as 16-byte loads over a power-of-two number of lanes
     and keeps G <= 8 heads' sums in registers; other shapes are routed to paged_prefill."""

@@ -237,6 +237,27 @@ def gpu_goals(device: str = "cuda") -> list[tuple[str, str]]:
                          f"one launch (the fold) against two", "; ".join(by_rows)))
             del ws
 
+    # The SiLU epilogue: the fused gate/up matmul storing silu(gate) x up (quant_mma_silu_and_mul)
+    # against quant_linear then silu_and_mul, for Llama-2-7B's and TinyLlama's gate/up in int4.
+    for N, K in ((22016, 4096), (11264, 2048)):
+        packed = N * K // 2 + N * (K // 128) * 2
+        ws = [(torch.randint(0, 256, (N, K // 2), device=dev, dtype=torch.uint8),
+               torch.rand(N, K // 128, device=dev, dtype=bf16) / 50) for _ in range(copies(packed))]
+        by_rows = []
+        for M in (1, 4, 16):
+            x = torch.randn(M, K, device=dev, dtype=bf16)
+            cache: dict = {}
+            splits = _quant_mma_splits(M, N, K, 4, x.device)
+            counters = torch.zeros(-(-N // 16) + 1, device=dev, dtype=torch.int32)
+            tf = time_cuda(lambda i: cuda_extension().quant_mma_silu_and_mul(x, *ws[i % len(ws)], None, 4, 128, splits,
+                                                                             counters), reps=20)
+            tt = time_cuda(lambda i: cuda_extension().silu_and_mul(
+                *quant_linear(x, *ws[i % len(ws)], None, 4, 128, cache).chunk(2, dim=-1)), reps=20)
+            by_rows.append(f"{M} row{'s' * (M > 1)} {tf * 1e6:.1f} us against {tt * 1e6:.1f} "
+                           f"(the fold {tt / tf:.2f}x as fast)")
+        rows.append((f"W4A16 g128 gate/up {N}x{K} + SiLU x up: one launch against two", "; ".join(by_rows)))
+        del ws
+
     # Dense bf16 at decode sizes: the mma kernel on the weights as they are (dense_mma: its K
     # split ends inside the block) against cuBLAS, whose decode-sized GEMMs add a split-K
     # reduce kernel (issue 33's profile: 114 us a 7B step). Whether the model should route its
