@@ -2013,6 +2013,12 @@ torch::Tensor quant_gemv(torch::Tensor x, torch::Tensor qweight, torch::Tensor s
 // the whole row and sum its squares again, or, to skip that, multiply its x by the norm's
 // weight inside the loop (about 20 more instructions a step on a loop at the SM's issue
 // budget) and scale the sums by the row's 1 / rms at the end, with other roundings.
+//
+// The SiLU epilogue (quant_mma_silu_and_mul, template flag SILU). The MLP's fused gate/up
+// weight is [gate; up]; a block's two tiles take the same 16 channels of each (rows F apart)
+// and the block stores silu(gate) x up, so the activation needs no launch of its own and
+// no [rows, 2F] product in memory. A flag of the template, not of the launch: the plain
+// kernels' code stays as it was (a runtime switch cost the 1-8-row int4 loop 11 instructions).
 
 // One 16-byte load of a channel's codes -> its A register pairs for STEPS mma k-steps ([st][0]
 // for k slots 2t, 2t + 1 and [st][1] for 2t + 8, 2t + 9): c - z as exact 16-bit pairs, in
