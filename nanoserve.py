@@ -948,8 +948,9 @@ class LlamaDecoderLayer(nn.Module):
     # The residual stream is carried beside the normed activations, so that each "add +
     # norm" is one op, and each half ends in one: attention's output projection joins the
     # stream before post_attention_layernorm, the MLP's down projection before the next
-    # layer's input_layernorm (the model's final norm after the last layer). A quantized
-    # projection does that add and norm in its own launch (RMSNorm.after).
+    # layer's input_layernorm (the model's final norm after the last layer). On a GPU a
+    # projection on the kernels' mma GEMV (quantized, or dense on dense_mma) does that add and
+    # norm in its own launch (RMSNorm.after), as a fused quantized gate/up ends in SiLU x up.
     def after_attention(self, o: Tensor, residual: Tensor, next_norm: RMSNorm) -> tuple[Tensor, Tensor]:
         """Attention's output o (T, H * hd) -> (next_norm of the layer's output, the residual
         stream), both (T, D)."""
