@@ -2017,8 +2017,9 @@ torch::Tensor quant_gemv(torch::Tensor x, torch::Tensor qweight, torch::Tensor s
 // The SiLU epilogue (quant_mma_silu_and_mul, template flag SILU). The MLP's fused gate/up
 // weight is [gate; up]; a block's two tiles take the same 16 channels of each (rows F apart)
 // and the block stores silu(gate) x up, so the activation needs no launch of its own and
-// no [rows, 2F] product in memory. A flag of the template, not of the launch: the plain
-// kernels' code stays as it was (a runtime switch cost the 1-8-row int4 loop 11 instructions).
+// no [rows, 2F] product in memory. A flag of the template, not of the launch, so that the
+// plain kernels carry none of its code: as a runtime switch it cost their 1-8-row int4 loop
+// 11 instructions a step (sm_90) and one fp16 int8 kernel a spill.
 
 // One 16-byte load of a channel's codes -> its A register pairs for STEPS mma k-steps ([st][0]
 // for k slots 2t, 2t + 1 and [st][1] for 2t + 8, 2t + 9): c - z as exact 16-bit pairs, in
@@ -3321,6 +3322,19 @@ NORM_FOLD_MAX_ROWS = min(int(_NORM_FOLD_ROWS), QUANT_MMA_MAX_ROWS)
 NORM_ROW_MAX_WIDTH = 8 * 256 * 4      # the fold's norm: RN_THREADS x RN_CHUNKS 16-byte chunks of a 16-bit row
 
 
+def _quant_mma_rows(x: Tensor, bits: int, group_size: int) -> int:
+    """The rows of x when quant_linear takes the mma kernel for it (quant_linear's kernel
+    condition, then quant_linear_cuda's first case), else 0. The folds below run that kernel
+    with an epilogue of their own only where it would run anyway, so as to give its bits."""
+    K = x.shape[-1]
+    rows = x.numel() // K if K else 0
+    if _cuda(x) and 0 < rows <= QUANT_MMA_MAX_ROWS and K % 32 == 0 and (group_size or K) % 32 == 0 \
+            and x.dtype in (torch.float16, torch.bfloat16) and _tensor_cores(x.device) \
+            and _quant_mma_fits(4 if bits <= 4 else 8, group_size, K):
+        return rows
+    return 0
+
+
 def quant_linear_add_rms_norm(x: Tensor, qweight: Tensor, scales: Tensor, zeros: Tensor | None, bits: int,
                               group_size: int, residual: Tensor, weight: Tensor, eps: float,
                               cache: dict | None = None) -> tuple[Tensor, Tensor]:
@@ -3330,12 +3344,8 @@ def quant_linear_add_rms_norm(x: Tensor, qweight: Tensor, scales: Tensor, zeros:
     one block (N a multiple of 8, at most NORM_ROW_MAX_WIDTH), one launch: the same kernel,
     splits and sums as quant_linear, the same norm as rms_norm's vector kernel, so the same
     bits as the two (given a 16-byte aligned residual and weight, as the model's are)."""
-    K = x.shape[-1]
-    rows, N = x.numel() // K if K else 0, qweight.shape[0]
-    kbits = 4 if bits <= 4 else 8
-    if _cuda(x) and 0 < rows <= NORM_FOLD_MAX_ROWS and K % 32 == 0 and (group_size or K) % 32 == 0 \
-            and x.dtype in (torch.float16, torch.bfloat16) and _tensor_cores(x.device) \
-            and _quant_mma_fits(kbits, group_size, K) and N % 8 == 0 and N <= NORM_ROW_MAX_WIDTH \
+    rows, N, K, kbits = _quant_mma_rows(x, bits, group_size), qweight.shape[0], x.shape[-1], 4 if bits <= 4 else 8
+    if 0 < rows <= NORM_FOLD_MAX_ROWS and N % 8 == 0 and N <= NORM_ROW_MAX_WIDTH \
             and residual.dtype == x.dtype and residual.shape == (*x.shape[:-1], N):
         splits = _quant_mma_splits(rows, N, K, kbits, x.device)
         h, r = cuda_extension().quant_mma_add_norm(x.reshape(rows, K), qweight, scales, zeros, kbits, group_size,
@@ -3352,12 +3362,8 @@ def quant_linear_silu_and_mul(x: Tensor, qweight: Tensor, scales: Tensor, zeros:
     mma kernel takes the layer (1-16 rows) one launch (quant_mma_silu_and_mul: each block
     holds the same channels of gate and up and stores silu(gate) x up), the same bits as
     the two ops."""
-    K = x.shape[-1]
-    rows, N = x.numel() // K if K else 0, qweight.shape[0]
-    kbits = 4 if bits <= 4 else 8
-    if _cuda(x) and 0 < rows <= QUANT_MMA_MAX_ROWS and K % 32 == 0 and (group_size or K) % 32 == 0 \
-            and x.dtype in (torch.float16, torch.bfloat16) and _tensor_cores(x.device) \
-            and _quant_mma_fits(kbits, group_size, K) and N % 2 == 0:
+    rows, N, K, kbits = _quant_mma_rows(x, bits, group_size), qweight.shape[0], x.shape[-1], 4 if bits <= 4 else 8
+    if rows and N % 2 == 0:
         splits = _quant_mma_splits(rows, N, K, kbits, x.device)
         y = cuda_extension().quant_mma_silu_and_mul(x.reshape(rows, K), qweight, scales, zeros, kbits, group_size,
                                                     splits, _split_counters(cache, N, x.device) if splits > 1 else None)

@@ -43,6 +43,23 @@ class Counted:
         return call
 
 
+@pytest.fixture
+def on_emulator(emulated, monkeypatch):
+    """Every tensor dispatched to the emulated kernels, their calls counted (Counted)."""
+    ext = Counted(emulated)
+    monkeypatch.setattr(kernels, "_cuda", lambda t: True)
+    monkeypatch.setattr(kernels, "cuda_extension", lambda: ext)
+    return ext
+
+
+def int4_layer(N: int, K: int):
+    """A bf16 QuantLinear of random weights, int4 by RTN in groups of 128."""
+    import quant
+    import torch
+    return nanoserve.QuantLinear.from_codes(*quant.quantize_rtn(torch.randn(N, K), 4, 128, True), 4, 128,
+                                             torch.bfloat16)
+
+
 def generate(monkeypatch, ext, graphs: bool, prompts, params, **kw):
     """Token ids of each sample, on the emulated kernels (ext) or on the twins (None); with
     graphs, decode steps take the decode graphs' path (uncaptured on the CPU) -> (ids, runner)."""
@@ -82,21 +99,17 @@ def test_engine_on_emulated_kernels_equals_the_twins(emulated, monkeypatch, grap
     assert emulated.kemu_reports(True) == []
 
 
-def test_quantized_layer_keeps_one_buffer_of_split_counters(emulated, monkeypatch):
+def test_quantized_layer_keeps_one_buffer_of_split_counters(emulated, on_emulator):
     """A bf16 int4 QuantLinear (groups of 128) at 1 and 16 rows takes the mma kernel, at 17
     and 40 its tiled version, each with K split over blocks (2-6 ways here); the layer's cache
     holds one buffer of split counters for both, made on the first call (sized for every row
     count they take) and reused, left zero by every call; the results match the twin (bf16:
     2e-2 of the output's max, as the self-check allows) and a repeated call gives the same bits."""
-    import quant
     import torch
-    monkeypatch.setattr(kernels, "_cuda", lambda t: True)
-    ext = Counted(emulated)
-    monkeypatch.setattr(kernels, "cuda_extension", lambda: ext)
+    ext = on_emulator
     torch.manual_seed(0)
     N, K = 200, 2048
-    layer = nanoserve.QuantLinear.from_codes(*quant.quantize_rtn(torch.randn(N, K), 4, 128, True), 4, 128,
-                                             torch.bfloat16)
+    layer = int4_layer(N, K)
     buffers = set()
     for rows in (1, 16, 17, 40):
         x = torch.randn(rows, K, dtype=torch.bfloat16)
@@ -113,7 +126,7 @@ def test_quantized_layer_keeps_one_buffer_of_split_counters(emulated, monkeypatc
     assert emulated.kemu_reports(True) == []
 
 
-def test_projection_adds_and_norms_in_its_own_launch(emulated, monkeypatch):
+def test_projection_adds_and_norms_in_its_own_launch(emulated, on_emulator, monkeypatch):
     """RMSNorm.after(a bf16 int4 QuantLinear, x, residual), the step that ends each half of a
     decoder layer: up to kernels.NORM_FOLD_MAX_ROWS rows one launch (quant_mma_add_norm, K
     split 2 ways, 4,096 channels: 512 16-byte chunks a norm row, two a thread), beyond that
@@ -121,15 +134,11 @@ def test_projection_adds_and_norms_in_its_own_launch(emulated, monkeypatch):
     counters left zero. A forward hook on the layer (tensor parallelism's all-reduce) turns
     the fold off: the hook's output is what joins the residual stream. Then a dense bf16
     Linear on dense_mma, the same way."""
-    import quant
     import torch
-    monkeypatch.setattr(kernels, "_cuda", lambda t: True)
-    ext = Counted(emulated)
-    monkeypatch.setattr(kernels, "cuda_extension", lambda: ext)
+    ext = on_emulator
     torch.manual_seed(0)
     N, K = 4096, 2048
-    layer = nanoserve.QuantLinear.from_codes(*quant.quantize_rtn(torch.randn(N, K), 4, 128, True), 4, 128,
-                                             torch.bfloat16)
+    layer = int4_layer(N, K)
     norm = nanoserve.RMSNorm(N, 1e-5).to(torch.bfloat16)
     norm.weight.data.normal_()
     monkeypatch.setattr(kernels, "NORM_FOLD_MAX_ROWS", 4)               # the default, whatever the environment says
@@ -160,21 +169,16 @@ def test_projection_adds_and_norms_in_its_own_launch(emulated, monkeypatch):
     assert emulated.kemu_reports(True) == []
 
 
-def test_fused_gate_up_stores_silu_times_up_in_its_own_launch(emulated, monkeypatch):
+def test_fused_gate_up_stores_silu_times_up_in_its_own_launch(emulated, on_emulator):
     """A bf16 int4 MLP's gate and up fused (FusedQuantLinear, 2 x 1,040 channels: the last
     16-channel tile cut short; K in 2 splits at 1 row): LlamaMLP.activation at 1 and 16 rows
     is one launch (quant_mma_silu_and_mul), at 17 the tiled matmul then silu_and_mul; either
     way the bits of silu_and_mul over the fused product's halves, the counters left zero."""
-    import quant
     import torch
-    monkeypatch.setattr(kernels, "_cuda", lambda t: True)
-    ext = Counted(emulated)
-    monkeypatch.setattr(kernels, "cuda_extension", lambda: ext)
+    ext = on_emulator
     torch.manual_seed(0)
     F, K = 1040, 2048
-    gate, up = (nanoserve.QuantLinear.from_codes(*quant.quantize_rtn(torch.randn(F, K), 4, 128, True), 4, 128,
-                                                 torch.bfloat16) for _ in range(2))
-    fused = nanoserve.FusedQuantLinear([gate, up])
+    fused = nanoserve.FusedQuantLinear([int4_layer(F, K), int4_layer(F, K)])
     assert kernels._quant_mma_splits(1, 2 * F, K, 4, torch.device("cpu")) == 2
     for rows in (1, 16, 17):
         x = torch.randn(rows, K, dtype=torch.bfloat16)
